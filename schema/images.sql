@@ -1,0 +1,14 @@
+-- description: A probe image seen by a run.
+-- sort: image_id
+CREATE TABLE images (
+    dataset      VARCHAR,    -- probe set id: probe world id or a hash of the image folder
+    image_id     VARCHAR,    -- id within the dataset (relative path or world index)
+    path         VARCHAR,    -- absolute path of the image file
+    width        INTEGER,    -- pixels
+    height       INTEGER,    -- pixels
+    label        VARCHAR,    -- class name when known (probe world: main object's shape)
+    caption      VARCHAR,    -- caption when known
+    split        VARCHAR,    -- 'train', 'test', 'probe', ...
+    has_cue      BOOLEAN,    -- probe world: the spurious cue is drawn in this image
+    run_id       VARCHAR     -- run that wrote the row
+);
