@@ -57,6 +57,14 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
+@app.command()
+def version() -> None:
+    """Print neurostore's version.  Example: neurostore version"""
+    from . import __version__
+
+    console.print(__version__)
+
+
 # ---- store and query commands ---------------------------------------------------------------
 
 # ---- world commands ---------------------------------------------------------------------------
