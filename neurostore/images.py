@@ -1,0 +1,281 @@
+"""Probe images: stream a folder (or a list of files) in batches, converting odd images to RGB and
+skipping the ones that cannot be used, with the reason recorded.
+
+    source = ImageFolder("photos/")                 # recursive, sorted, image_id = relative path
+    for batch in source.batches(target.preprocess, batch_size=64):
+        batch.image_ids, batch.pixels               # list[str], [b, 3, S, S]
+    source.rejects_table()                          # schema/rejects.sql minus run_id
+    source.images_table()                           # schema/images.sql minus run_id
+
+Conversions (the run goes on): CMYK, palette, grayscale, YCbCr, LAB and HSV become RGB; RGBA,
+LA and palette-with-transparency are composited over white (transparent pixels hold arbitrary
+colours that would otherwise leak in); 16-bit and 32-bit grayscale are scaled to 8 bits; EXIF
+orientation is applied; animated images use their first frame.
+
+Rejects (skipped, recorded with the reason): zero bytes, not an image, truncated or corrupt,
+too small (shorter side < `min_side`, default 16 px), too large (more than `max_pixels`, default
+50 MP — a decompression bomb is refused from its header, before any pixel is decoded).
+
+Memory is bounded by the batch size: files are decoded one at a time as the batches are drawn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .errors import BadInput
+
+MIN_SIDE = 16
+MAX_PIXELS = 50_000_000
+
+
+class RejectedImage(Exception):
+    """Raised by `load_image` with the reason a file cannot be used (not a user error: the run
+    records it and goes on)."""
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB."""
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode == "P":
+        # Palette images may carry a transparent index; go through RGBA so it is composited.
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+        mode = im.mode
+        if mode == "RGB":
+            return im
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if mode == "F":
+            top = 1.0 if a.size and np.nanmax(a) <= 1.0 else 255.0
+        elif mode.startswith("I;16") or (a.size and a.max() > 255):
+            top = 65535.0
+        else:
+            top = 255.0
+        a = np.clip(np.nan_to_num(a) / top * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX
+
+
+def load_image(path: str | os.PathLike, min_side: int = MIN_SIDE,
+               max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode one file to an RGB PIL image, or raise RejectedImage(reason)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise RejectedImage(f"unreadable: {e.strerror or e}") from e
+    if size == 0:
+        raise RejectedImage("zero bytes")
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel limit decides; PIL's bomb warning would only add noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except UnidentifiedImageError:
+        raise RejectedImage("not an image") from None
+    except Image.DecompressionBombError as e:
+        raise RejectedImage(f"too large: {e}") from None
+    except OSError as e:
+        raise RejectedImage(f"corrupt: {e}") from None
+    with im:
+        w, h = im.size
+        if w * h > max_pixels:
+            raise RejectedImage(f"too large: {w}x{h} px is more than {max_pixels / 1e6:g} MP")
+        if min(w, h) < min_side:
+            raise RejectedImage(f"too small: {w}x{h} px, the shorter side must be >= {min_side}")
+        if ImageFile.LOAD_TRUNCATED_IMAGES:
+            # Another library may have flipped this global; we want truncation to be reported.
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            im.load()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            msg = str(e)
+            kind = "truncated" if "truncated" in msg.lower() else "corrupt"
+            raise RejectedImage(f"{kind} {im.format or 'image'}: {msg}") from None
+        try:
+            im = ImageOps.exif_transpose(im)
+        except Exception:  # a broken EXIF block should not cost the image
+            pass
+        return _to_rgb(im).copy()
+
+
+@dataclass
+class Batch:
+    indices: list[int]                # positions of the images in the source (0..n-1)
+    image_ids: list[str]
+    pixels: torch.Tensor              # [b, 3, S, S] preprocessed
+    sizes: list[tuple[int, int]]      # original (width, height)
+    rejects: list[dict] = field(default_factory=list)
+
+
+class _Files(torch.utils.data.Dataset):
+    """Map-style dataset over (image_id, path); an item is ("ok", ...) or ("reject", ...), so
+    rejects travel back through the DataLoader even when decoding runs in worker processes."""
+
+    def __init__(self, items, preprocess, min_side, max_pixels):
+        self.items, self.preprocess = items, preprocess
+        self.min_side, self.max_pixels = min_side, max_pixels
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        image_id, path = self.items[i]
+        try:
+            im = load_image(path, self.min_side, self.max_pixels)
+        except RejectedImage as e:
+            return ("reject", i, image_id, str(path), str(e))
+        return ("ok", i, image_id, self.preprocess(im), im.size)
+
+
+def _collate(items):
+    ok = [it for it in items if it[0] == "ok"]
+    rejects = [{"path": p, "reason": r, "image_id": iid} for _, _, iid, p, r in
+               (it for it in items if it[0] == "reject")]
+    pixels = torch.stack([it[3] for it in ok]) if ok else torch.zeros(0)
+    return Batch([it[1] for it in ok], [it[2] for it in ok], pixels, [it[4] for it in ok], rejects)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9_.-]+", "-", text.lower()).strip("-.") or "images"
+
+
+class ImageSource:
+    """An ordered list of (image_id, path) pairs under one dataset id, streamed in batches."""
+
+    def __init__(self, dataset: str, items: list[tuple[str, str]], *, min_side: int = MIN_SIDE,
+                 max_pixels: int = MAX_PIXELS, labels: dict | None = None):
+        self.dataset = dataset
+        self.items = items
+        self.min_side, self.max_pixels = min_side, max_pixels
+        self.labels = labels or {}
+        self.rejects: list[dict] = []          # filled while streaming
+        self.sizes: dict[str, tuple[int, int]] = {}
+        self._paths = dict(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @classmethod
+    def from_table(cls, dataset: str, table: pa.Table, **kw) -> "ImageSource":
+        """From an images table (schema/images.sql): the probe world's `world.images()`."""
+        ids = table.column("image_id").to_pylist()
+        paths = table.column("path").to_pylist()
+        labels = dict(zip(ids, table.column("label").to_pylist())) if "label" in table.column_names else None
+        return cls(dataset, list(zip(ids, paths)), labels=labels, **kw)
+
+    def load(self, image_id: str) -> Image.Image:
+        """The RGB image with this id (for the patch pass)."""
+        return load_image(self._paths[image_id], self.min_side, self.max_pixels)
+
+    def batches(self, preprocess: Callable[[Image.Image], torch.Tensor], batch_size: int = 64,
+                num_workers: int = 0, progress: bool = False) -> Iterator[Batch]:
+        """Decoded, preprocessed batches in source order. Rejected files are appended to
+        `self.rejects` and left out of the batches; a batch can hence be smaller than asked."""
+        self.rejects = []
+        ds = _Files(self.items, preprocess, self.min_side, self.max_pixels)
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+            collate_fn=_collate, persistent_workers=False,
+        )
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ds), desc=f"images {self.dataset}", unit="img", leave=False)
+        try:
+            for batch in loader:
+                for r in batch.rejects:
+                    self.rejects.append({"dataset": self.dataset, "path": r["path"],
+                                         "reason": r["reason"]})
+                for iid, size in zip(batch.image_ids, batch.sizes):
+                    self.sizes[iid] = size
+                if bar is not None:
+                    bar.update(len(batch.image_ids) + len(batch.rejects))
+                if batch.image_ids:
+                    yield batch
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def rejects_table(self) -> pa.Table:
+        """schema/rejects.sql minus run_id."""
+        return pa.table({
+            "dataset": pa.array([r["dataset"] for r in self.rejects], pa.string()),
+            "path": pa.array([r["path"] for r in self.rejects], pa.string()),
+            "reason": pa.array([r["reason"] for r in self.rejects], pa.string()),
+        })
+
+    def images_table(self) -> pa.Table:
+        """schema/images.sql minus run_id, for the images decoded so far (after `batches`)."""
+        ids = [iid for iid, _ in self.items if iid in self.sizes]
+        return pa.table({
+            "dataset": pa.array([self.dataset] * len(ids), pa.string()),
+            "image_id": pa.array(ids, pa.string()),
+            "path": pa.array([str(Path(self._paths[i]).resolve()) for i in ids], pa.string()),
+            "width": pa.array([self.sizes[i][0] for i in ids], pa.int32()),
+            "height": pa.array([self.sizes[i][1] for i in ids], pa.int32()),
+            "label": pa.array([self.labels.get(i) for i in ids], pa.string()),
+            "caption": pa.array([None] * len(ids), pa.string()),
+            "split": pa.array(["probe"] * len(ids), pa.string()),
+            "has_cue": pa.array([None] * len(ids), pa.bool_()),
+        })
+
+
+class ImageFolder(ImageSource):
+    """Every file under `root`, recursively, in sorted order; image_id = the relative path with
+    '/' separators. Hidden files and folders (starting with '.') are ignored; every other file is
+    a candidate, and PIL decides by content, not extension, whether it is an image (a README in
+    the folder is reported as 'not an image')."""
+
+    def __init__(self, root: str | os.PathLike, dataset: str | None = None, **kw):
+        root = Path(root)
+        if not root.is_dir():
+            raise BadInput(f"Image folder '{root}' does not exist or is not a folder. Give a folder "
+                           "of images (searched recursively).")
+        self.root = root.resolve()
+        files = sorted(_walk(self.root))
+        if not files:
+            raise BadInput(f"Image folder '{root}' has no files. Put images (jpg, png, ...) in it.")
+        items = [(rel, str(self.root / rel)) for rel in files]
+        super().__init__(dataset or folder_dataset_id(self.root, files), items, **kw)
+
+
+def _walk(root: Path) -> Iterable[str]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel = os.path.relpath(dirpath, root)
+        for f in filenames:
+            if not f.startswith("."):
+                yield f if rel == "." else f"{rel}/{f}".replace(os.sep, "/")
+
+
+def folder_dataset_id(root: Path, files: list[str]) -> str:
+    """'<folder name>-<hash8>': the hash covers the absolute path, the relative paths and the
+    file sizes, so the same folder gives the same id and a changed folder a new one."""
+    h = hashlib.sha1(str(root).encode())
+    for f in files:
+        try:
+            size = (root / f).stat().st_size
+        except OSError:
+            size = -1
+        h.update(f"\0{f}\0{size}".encode())
+    return f"{_slug(root.name)}-{h.hexdigest()[:8]}"

@@ -1,0 +1,189 @@
+"""OpenCLIP models through OpenCLIP's own loading functions.
+
+Specs (after `open_clip:`):
+
+    MODEL/TAG          a registry model and pretrained tag: ViT-B-32/laion2b_s34b_b79k
+                       (open_clip.create_model_and_transforms(MODEL, pretrained=TAG); downloads
+                       the weights once, like any OpenCLIP user).
+    MODEL/PATH         a registry model and a local checkpoint file (pretrained=PATH).
+    MODEL/random       the architecture with random weights (tests, smoke runs).
+    DIR                a local folder in OpenCLIP's hub layout: open_clip_config.json (model_cfg,
+                       preprocess_cfg) and the weights (open_clip_model.safetensors, *.bin, *.pth)
+                       — what `save_openclip(model, cfg, DIR)` writes and what `hf-hub:` fetches
+                       (OpenCLIP's `local-dir:` schema).
+    FILE               a weights file whose folder holds open_clip_config.json, or a torch file
+                       holding {"model_name": MODEL, "state_dict": ...}.
+    hf-hub:ORG/REPO    passed to OpenCLIP as is (online).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .encoders import Encoder
+from .errors import BadInput, UnknownEncoder, unknown
+
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def _is_path(text: str) -> bool:
+    return text.startswith(("/", "./", "../", "~")) or text.endswith(WEIGHT_SUFFIXES) or Path(text).exists()
+
+
+def create_openclip(rest: str):
+    """(model in eval mode, preprocess, info) for a spec without the 'open_clip:' prefix.
+    info: model_name, model_id (short, for ids), id (provenance), image_size, tokenizer_name."""
+    import open_clip
+
+    rest = rest.strip()
+    if not rest:
+        raise UnknownEncoder("Empty OpenCLIP spec. Use open_clip:MODEL/TAG, e.g. "
+                             "open_clip:ViT-B-32/laion2b_s34b_b79k, or open_clip:/path/to/checkpoint.")
+    if rest.startswith("hf-hub:"):
+        model_name, pretrained, tok, short = rest, None, rest, rest.split("/")[-1]
+        kwargs = {}
+    elif _is_path(rest):
+        model_name, pretrained, kwargs, tok, short = _local(Path(rest).expanduser())
+    else:
+        name, _, tag = rest.partition("/")
+        valid = open_clip.list_models()
+        if name not in valid:
+            raise UnknownEncoder(unknown("OpenCLIP model", name, valid,
+                                        "Example: open_clip:ViT-B-32/laion2b_s34b_b79k."))
+        tok, short, kwargs = name, name, {}
+        if not tag:
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            raise UnknownEncoder(f"OpenCLIP spec '{rest}' has no pretrained tag. Use "
+                                 f"open_clip:{name}/TAG with TAG one of {', '.join(tags) or '(none)'}, "
+                                 f"a checkpoint path, or open_clip:{name}/random.")
+        if tag.lower() in ("random", "none"):
+            pretrained, short = None, f"{name}-random"
+        elif _is_path(tag):
+            p = Path(tag).expanduser()
+            if not p.is_file():
+                raise BadInput(f"OpenCLIP checkpoint '{p}' does not exist. Give an existing weights "
+                               "file, or a pretrained tag.")
+            pretrained, short = str(p), f"{name}-{p.stem}"
+        else:
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            if tag not in tags:
+                raise UnknownEncoder(unknown(f"pretrained tag for OpenCLIP {name}", tag,
+                                            tags + ["random"], "Or give a local checkpoint path."))
+            pretrained, short = tag, f"{name}-{tag}"
+        model_name = name
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained, **kwargs)
+    except (RuntimeError, ValueError, FileNotFoundError, KeyError) as e:
+        raise UnknownEncoder(f"OpenCLIP could not load '{rest}': {e}") from e
+    model.eval()
+    size = model.visual.image_size
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    info = {"model_name": model_name, "model_id": short, "image_size": size, "tokenizer_name": tok,
+            "id": f"open_clip:{rest}"}
+    return model, preprocess, info
+
+
+def _local(path: Path):
+    """Resolve a local file or folder to (model_name, pretrained, kwargs, tokenizer name, short id)."""
+    if not path.exists():
+        raise BadInput(f"OpenCLIP checkpoint '{path}' does not exist. Give a folder with "
+                       "open_clip_config.json and weights, a weights file, or open_clip:MODEL/TAG.")
+    if path.is_dir():
+        if not (path / "open_clip_config.json").is_file():
+            raise BadInput(f"OpenCLIP folder '{path}' has no open_clip_config.json. Save models with "
+                           "neurostore.openclip.save_openclip or give open_clip:MODEL/PATH.")
+        name = f"local-dir:{path.resolve()}"
+        return name, None, {}, name, model_slug(path.name)
+    sibling = path.parent / "open_clip_config.json"
+    if sibling.is_file():
+        others = [p for p in path.parent.iterdir() if p.suffix in WEIGHT_SUFFIXES and p != path]
+        if not others:
+            name = f"local-dir:{path.parent.resolve()}"
+            return name, None, {}, name, model_slug(path.parent.name)
+        # Several weight files: build from the config, then load this one explicitly.
+        cfg = json.loads(sibling.read_text())["model_cfg"]
+        cname = f"neurostore-local-{path.stem}"
+        _register_config(cname, cfg)
+        return cname, str(path), {}, cname, model_slug(path.stem)
+    if path.suffix == ".safetensors":
+        raise BadInput(f"OpenCLIP weights '{path}' have no open_clip_config.json beside them, so the "
+                       "architecture is unknown. Use open_clip:MODEL/PATH with the model name.")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BadInput(f"Could not read OpenCLIP checkpoint '{path}': {e}") from e
+    if isinstance(obj, dict) and "model_name" in obj:
+        import open_clip
+
+        name = str(obj["model_name"])
+        if name not in open_clip.list_models():
+            raise UnknownEncoder(unknown("OpenCLIP model", name, open_clip.list_models(),
+                                        f"(named in checkpoint '{path}')"))
+        return name, str(path), {}, name, model_slug(path.stem)
+    raise BadInput(f"OpenCLIP checkpoint '{path}' does not say which model it is. Use "
+                   "open_clip:MODEL/PATH (e.g. open_clip:ViT-B-32/" + str(path) + ").")
+
+
+def _register_config(name: str, model_cfg: dict) -> None:
+    from open_clip import factory
+
+    factory._MODEL_CONFIGS[name] = model_cfg  # the registry add_model_config() fills from files
+
+
+def model_slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9_.-]+", "-", text.lower()).strip("-") or "open_clip"
+
+
+def save_openclip(model, model_cfg: dict, folder: str | Path, preprocess_cfg: dict | None = None) -> Path:
+    """Write `model` in OpenCLIP's hub layout (open_clip_config.json + open_clip_model.safetensors)
+    so `open_clip:FOLDER` loads it back with OpenCLIP's own functions."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or {}}
+    (folder / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+class OpenClipEncoder(Encoder):
+    """Image and text embeddings from an OpenCLIP model; rows of unit length."""
+
+    def __init__(self, model, preprocess, tokenizer, id: str, image_size: int):
+        self.model = model.eval()
+        self._preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.id = id
+        self.image_size = image_size
+        with torch.no_grad():
+            self.dim = int(self.encode_texts(["a photo"]).shape[1])
+
+    @classmethod
+    def from_spec(cls, rest: str) -> "OpenClipEncoder":
+        import open_clip
+
+        model, preprocess, info = create_openclip(rest)
+        tokenizer = open_clip.get_tokenizer(info["tokenizer_name"])
+        return cls(model, preprocess, tokenizer, info["id"], info["image_size"])
+
+    def preprocess(self, image):
+        return self._preprocess(image)
+
+    @torch.no_grad()
+    def encode_images(self, batch: torch.Tensor) -> torch.Tensor:
+        out = self.model.encode_image(batch)
+        return torch.nn.functional.normalize(out.float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        if not texts:
+            return torch.zeros(0, getattr(self, "dim", 0))
+        out = self.model.encode_text(self.tokenizer(list(texts)))
+        return torch.nn.functional.normalize(out.float(), dim=-1)
