@@ -1,0 +1,95 @@
+"""Everything a store connection gets besides its views: semantic text UDFs and the SQL macros.
+
+`prepare_connection(con)` is the one function that prepares every connection (STYLE: UDFs are
+registered in one place). The UDFs use the offline MiniLM (`neurostore.textembed`), loaded
+lazily on the first call of a semantic function, so plain SQL never pays its load time.
+
+SQL functions:
+    text_embedding(phrase)  -> FLOAT[384]   MiniLM embedding (unit length)
+    text_similarity(a, b)   -> DOUBLE       cosine similarity of two phrases
+    similar_concepts(phrase, k := 10)       table macro: nearest stored concept embeddings
+plus the macros in queries/_macros.sql (concept_neurons, neuron_concepts, layer_concept_counts, ...).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+MINILM_ID = "minilm:all-MiniLM-L6-v2"
+MINILM_DIM = 384
+MACROS_FILE = Path(__file__).resolve().parent.parent / "queries" / "_macros.sql"
+
+# Phrase -> unit vector, per process: SQL calls the UDFs once per chunk of rows, often with the
+# same few phrases; MiniLM runs only on phrases not seen before.
+_cache: dict[str, np.ndarray] = {}
+_cache_lock = threading.Lock()
+_CACHE_MAX = 200_000
+
+
+def embed_texts(texts: list[str]) -> np.ndarray:
+    """[n, 384] float32 unit MiniLM vectors, cached per phrase."""
+    with _cache_lock:
+        missing = [t for t in dict.fromkeys(texts) if t not in _cache]
+    if missing:
+        from .textembed import get_text_embedder
+
+        vecs = get_text_embedder().encode(missing)
+        with _cache_lock:
+            if len(_cache) + len(missing) > _CACHE_MAX:
+                _cache.clear()
+            _cache.update(zip(missing, vecs))
+    with _cache_lock:
+        out = np.stack([_cache[t] for t in texts]) if texts else np.zeros((0, MINILM_DIM), np.float32)
+    return out.astype(np.float32, copy=False)
+
+
+def _strings(arr) -> list:
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    return arr.to_pylist()
+
+
+def _udf_text_embedding(phrases) -> pa.Array:
+    vals = _strings(phrases)
+    present = [v for v in vals if v is not None]
+    vecs = embed_texts(present)
+    flat = np.zeros((len(vals), MINILM_DIM), np.float32)
+    mask = np.array([v is None for v in vals], bool)
+    flat[~mask] = vecs
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel(), pa.float32()), MINILM_DIM,
+                                             mask=pa.array(mask) if mask.any() else None)
+
+
+def _udf_text_similarity(a, b) -> pa.Array:
+    va, vb = _strings(a), _strings(b)
+    ok = [x is not None and y is not None for x, y in zip(va, vb)]
+    xs = [x for x, k in zip(va, ok) if k]
+    ys = [y for y, k in zip(vb, ok) if k]
+    sims = np.einsum("ij,ij->i", embed_texts(xs), embed_texts(ys)) if xs else np.zeros(0)
+    out, it = [], iter(sims.tolist())
+    for k in ok:
+        out.append(next(it) if k else None)
+    return pa.array(out, pa.float64())
+
+
+def macro_statements(path: Path = MACROS_FILE) -> list[str]:
+    """The CREATE MACRO statements of queries/_macros.sql."""
+    return [s.query for s in duckdb.extract_statements(path.read_text())]
+
+
+def prepare_connection(con: duckdb.DuckDBPyConnection, macros: bool = True) -> duckdb.DuckDBPyConnection:
+    """Register the semantic UDFs and (when the store views exist) the macros on `con`."""
+    varchar = duckdb.sqltype("VARCHAR")
+    con.create_function("text_embedding", _udf_text_embedding, [varchar], duckdb.sqltype(f"FLOAT[{MINILM_DIM}]"),
+                        type="arrow", null_handling="special", side_effects=False)
+    con.create_function("text_similarity", _udf_text_similarity, [varchar, varchar], duckdb.sqltype("DOUBLE"),
+                        type="arrow", null_handling="special", side_effects=False)
+    if macros:
+        for stmt in macro_statements():
+            con.execute(stmt)
+    return con

@@ -1,0 +1,826 @@
+"""The store: a folder of Parquet files, a manifest that says which files are committed, and
+DuckDB views over them. See docs/store.md for the layout and the commit protocol.
+
+    store = Store.open("neurostore-store")
+    with store.run("dissect", params={"model": "resnet50"}) as run:
+        run.write("scores", arrow_or_pandas)     # validated against schema/, run_id filled in
+    store.sql("SELECT * FROM scores WHERE unit = $u", {"u": 7})   # -> pyarrow.Table
+
+Only this module writes files into a store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import __version__
+from .errors import (
+    BadInput,
+    QueryError,
+    SchemaMismatch,
+    StoreNotFound,
+    StoreVersionError,
+    UnknownTable,
+    unknown,
+)
+from .schema import TableSchema, conform, load_schemas, schema_version
+
+FORMAT = "neurostore"
+FORMAT_VERSION = 1
+
+# Physical layout. Tables looked up by a few keys (one neuron, one concept) get small row groups so
+# that a point lookup decodes ~8k rows; the writer sorts by the table's `-- sort:` columns so the
+# row groups' min/max statistics prune everything else.
+POINT_LOOKUP_ROW_GROUP = 8192
+ROW_GROUP_ROWS = {t: POINT_LOOKUP_ROW_GROUP for t in
+                  ("scores", "concept_units", "activations", "explanations", "units", "effects", "embeddings", "masks",
+                   "patches")}
+DEFAULT_ROW_GROUP = 122_880
+
+# concept_units is derived by the store from scores at commit: for every (model, concept, scorer)
+# the best CONCEPT_UNITS_TOP units across the model's layers, so "concept -> units" reads one row
+# group per model instead of scanning every score.
+DERIVED_TABLES = ("concept_units",)
+CONCEPT_UNITS_TOP = 100
+
+# Files dropped from the manifest (replaced by a re-run) are deleted only after this many seconds,
+# so a reader whose query started on the previous manifest never finds a file missing.
+GRACE_SECONDS = 300.0
+# A staging folder without a held lock this old belongs to a dead writer.
+STALE_STAGING_SECONDS = 60.0
+
+PARTITION_RULES = {
+    "model": (re.compile(r"^[a-z0-9][a-z0-9_.\-]*$"), "lowercase letters, digits and _ . - (e.g. 'resnet50')"),
+    "layer": (re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.]*$"), "a module path of letters, digits, _ and . (e.g. 'layer3.1.conv2')"),
+}
+
+
+def hive_types(partition) -> str:
+    """DuckDB hive_types for a table's partition columns: always text (a layer named '0' stays '0')."""
+    return "{" + ", ".join(f"'{c}': VARCHAR" for c in partition) + "}"
+
+
+VERSION_PACKAGES = ("neurostore", "duckdb", "pyarrow", "numpy", "pandas", "torch", "torchvision", "open_clip_torch",
+                    "timm", "sentence-transformers")
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def work_key(command: str, params: dict | None) -> str:
+    """Identity of a piece of work: a re-run with the same key replaces the earlier rows."""
+    blob = json.dumps({"command": command, "params": params or {}}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for name in VERSION_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    out["neurostore"] = __version__
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def git_revision() -> str | None:
+    """The git revision of neurostore when it runs from a checkout, else None."""
+    repo = Path(__file__).resolve().parent.parent
+    if not (repo / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write, fsync, then os.replace: readers see the old file or the new one, never a mix."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(3)}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sql_str(s: str) -> str:
+    return "'" + str(s).replace("'", "''") + "'"
+
+
+def _part_dir(partition: dict[str, str]) -> str:
+    return "/".join(f"{k}={v}" for k, v in partition.items())
+
+
+def check_partition_value(table: str, column: str, value: Any) -> str:
+    pattern, valid = PARTITION_RULES[column]
+    if value is None or not isinstance(value, str) or not pattern.match(value):
+        raise SchemaMismatch(
+            f"Table '{table}', column '{column}': {value!r} is not a valid {column} (partition directory). "
+            f"Use {valid}."
+        )
+    return value
+
+
+def _empty_manifest() -> dict:
+    return {"format": "neurostore-manifest", "generation": 0, "updated_at": None, "tables": {}, "retired": []}
+
+
+class Store:
+    """A neurostore store folder. Open with `Store.open(path)`."""
+
+    def __init__(self, path: Path, read_only: bool, info: dict):
+        self.path = path
+        self.read_only = read_only
+        self.info = info
+        self.schemas: dict[str, TableSchema] = load_schemas()
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._sig = None
+        self._mutex = threading.RLock()
+
+    # ---- opening ---------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, read_only: bool = False, create: bool | None = None) -> "Store":
+        """Open the store at `path`; create it when missing unless `read_only` (or create=False)."""
+        path = Path(path).expanduser().resolve()
+        create = (not read_only) if create is None else create
+        info_path = path / "store.json"
+        if not info_path.exists():
+            if not create or read_only:
+                raise StoreNotFound(
+                    f"No neurostore store at '{path}'. Create one with 'neurostore demo --store {path}' "
+                    "(or any command that writes), or pass --store PATH / set $NEUROSTORE_STORE."
+                )
+            if path.exists() and not path.is_dir():
+                raise BadInput(f"'{path}' is a file, not a store folder. Pass --store with a folder path.")
+            if path.exists() and any(p.name != ".lock" for p in path.iterdir()):
+                raise BadInput(
+                    f"'{path}' exists and is not a neurostore store (no store.json). Pass an empty or new folder."
+                )
+            cls._create(path)
+        info = json.loads(info_path.read_text())
+        if info.get("format") != FORMAT:
+            raise BadInput(f"'{path}' is not a neurostore store (store.json has format {info.get('format')!r}).")
+        mine = schema_version()
+        theirs = int(info.get("schema_version", 0))
+        if theirs > mine or int(info.get("format_version", 0)) > FORMAT_VERSION:
+            raise StoreVersionError(
+                f"Store '{path}' was written with schema version {theirs} (format {info.get('format_version')}); "
+                f"this neurostore {__version__} understands schema version {mine} (format {FORMAT_VERSION}). "
+                "Upgrade neurostore (pip install -U neurostore) to open it."
+            )
+        return cls(path, read_only, info)
+
+    @classmethod
+    def _create(cls, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        with _locked(path):
+            if (path / "store.json").exists():  # another process created it meanwhile
+                return
+            (path / "tables").mkdir(exist_ok=True)
+            (path / "staging").mkdir(exist_ok=True)
+            _atomic_write(path / "manifest.json", json.dumps(_empty_manifest(), indent=1))
+            info = {"format": FORMAT, "format_version": FORMAT_VERSION, "schema_version": schema_version(),
+                    "created_at": _utcnow().isoformat() + "Z", "created_by": f"neurostore {__version__}"}
+            # store.json last: its presence marks a complete store.
+            _atomic_write(path / "store.json", json.dumps(info, indent=1))
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._con is not None:
+                self._con.close()
+                self._con = None
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r}, read_only={self.read_only})"
+
+    # ---- manifest --------------------------------------------------------------------------
+
+    def manifest(self) -> dict:
+        """The committed snapshot: which files make up each table."""
+        try:
+            return json.loads((self.path / "manifest.json").read_text())
+        except FileNotFoundError:
+            return _empty_manifest()
+
+    def _manifest_sig(self):
+        st = os.stat(self.path / "manifest.json")
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    def view_sql(self, table: str, manifest: dict, root: str | None = None) -> str:
+        """SELECT that reads a table's committed files (or none), in DDL column order."""
+        ts = self.schemas[table]
+        root = str(self.path) if root is None else root
+        files = [e["path"] for e in manifest.get("tables", {}).get(table, [])]
+        cols = []
+        for c in ts.columns:
+            # JSON is stored as text; give readers the JSON type back.
+            cols.append(f"CAST({c.name} AS JSON) AS {c.name}" if c.type == "JSON" else c.name)
+        if not files:
+            return "SELECT " + ", ".join(f"CAST(NULL AS {c.type}) AS {c.name}" for c in ts.columns) + " LIMIT 0"
+        paths = "[" + ", ".join(_sql_str(os.path.join(root, f) if root else f) for f in files) + "]"
+        hive = f", hive_partitioning=true, hive_types={hive_types(ts.partition)}" if ts.partition else ", hive_partitioning=false"
+        return f"SELECT {', '.join(cols)} FROM read_parquet({paths}{hive})"
+
+    def _create_views(self, con, manifest: dict) -> None:
+        for name in self.schemas:
+            con.execute(f'CREATE OR REPLACE VIEW "{name}" AS {self.view_sql(name, manifest)}')
+
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        """A new in-memory DuckDB connection with the committed tables as views, the macros and the
+        semantic UDFs. The caller owns (and closes) it; views reflect the manifest at this moment."""
+        from .sqlfuncs import prepare_connection
+
+        con = duckdb.connect(":memory:")
+        # Parquet footers are re-read on every query otherwise; the files are immutable, so caching is safe.
+        con.execute("SET parquet_metadata_cache = true")
+        self._create_views(con, self.manifest())
+        prepare_connection(con)
+        return con
+
+    def _connection(self) -> duckdb.DuckDBPyConnection:
+        """The store's own connection, with views rebuilt whenever the manifest was replaced."""
+        sig = self._manifest_sig()
+        if self._con is None:
+            self._con = self.connect()
+            self._sig = sig
+        elif sig != self._sig:
+            self._create_views(self._con, self.manifest())
+            self._sig = sig
+        return self._con
+
+    def sql(self, query: str, params: dict | list | None = None) -> pa.Table:
+        """Run DuckDB SQL over the store's views; values in `params` are bound ($name or ?)."""
+        with self._mutex:
+            con = self._connection()
+            try:
+                rel = con.sql(query, params=params) if params else con.sql(query)
+                return rel.to_arrow_table() if rel is not None else pa.table({})
+            except duckdb.Error as e:
+                raise self._query_error(e) from None
+
+    def df(self, query: str, params: dict | list | None = None):
+        """`sql()` as a pandas DataFrame."""
+        return self.sql(query, params).to_pandas()
+
+    def _query_error(self, e: Exception) -> Exception:
+        msg = " ".join(str(e).split())
+        m = re.search(r"Table with name (\w+) does not exist", msg)
+        if m:
+            return UnknownTable(unknown("table", m.group(1), self.schemas, "See 'neurostore tables'."))
+        if "Parameter" in msg and ("missing" in msg.lower() or "not found" in msg.lower()):
+            return QueryError(f"{msg} Pass every $name the SQL uses with --param name=value.")
+        return QueryError(f"{msg} See 'neurostore tables' and 'neurostore schema TABLE'.")
+
+    def query(self, name: str, params: dict | None = None) -> pa.Table:
+        """Run the named query `queries/<name>.sql` with typed, bound parameters."""
+        from .queries import get_query
+
+        q = get_query(name)
+        return self.sql(q.sql, q.bind(params or {}))
+
+    def queries(self) -> list:
+        """The named queries (name, title, description, params)."""
+        from .queries import list_queries
+
+        return list(list_queries().values())
+
+    def tables(self) -> list[str]:
+        return sorted(self.schemas)
+
+    def table_counts(self) -> dict[str, int]:
+        """Committed rows per table (from the manifest; no file is read)."""
+        man = self.manifest()
+        return {t: sum(e.get("rows", 0) for e in man.get("tables", {}).get(t, [])) for t in self.tables()}
+
+    def table_summary(self) -> list[dict]:
+        """Per table: name, rows, files, description."""
+        man = self.manifest()
+        out = []
+        for t in self.tables():
+            entries = man.get("tables", {}).get(t, [])
+            out.append({"table": t, "rows": sum(e.get("rows", 0) for e in entries), "files": len(entries),
+                        "description": self.schemas[t].description})
+        return out
+
+    def _table(self, table: str) -> TableSchema:
+        if table not in self.schemas:
+            raise UnknownTable(unknown("table", table, self.schemas, "See 'neurostore tables'."))
+        return self.schemas[table]
+
+    def schema(self, table: str) -> list[tuple[str, str, str]]:
+        """(column, type, comment) for each column of `table`."""
+        return [(c.name, c.type, c.comment) for c in self._table(table).columns]
+
+    def describe(self, table: str) -> dict:
+        """Everything about a table: description, partition and sort columns, rows, columns."""
+        ts = self._table(table)
+        return {"table": ts.name, "description": ts.description, "partition": list(ts.partition),
+                "sort": list(ts.sort), "rows": self.table_counts()[table],
+                "derived": table in DERIVED_TABLES,
+                "columns": [{"column": c.name, "type": c.type, "comment": c.comment} for c in ts.columns]}
+
+    def runs(self) -> pa.Table:
+        """Every recorded run, newest first."""
+        return self.sql("SELECT * FROM runs ORDER BY started_at DESC")
+
+    # ---- writing ---------------------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise BadInput(f"Store '{self.path}' was opened read-only; open it with read_only=False to write.")
+
+    def run(self, command: str, params: dict | None = None, work_key: str | None = None,
+            replace: str = "work") -> "Run":
+        """A run: every write belongs to one. Use as a context manager: commits on normal exit,
+        records a failed run (and keeps none of its rows) on an exception.
+
+        replace='work' (default): committing drops earlier files of the same (table, partition,
+        work_key). replace='partition': drops every earlier file of the partitions written."""
+        self._check_writable()
+        if replace not in ("work", "partition"):
+            raise BadInput(f"Unknown replace mode '{replace}'. Valid: work, partition.")
+        return Run(self, command, params or {}, work_key, replace)
+
+    def write(self, table: str, data, run: "Run | None" = None, command: str | None = None,
+              params: dict | None = None) -> dict:
+        """Write `data` to `table` inside `run`, or in a run of its own that commits at once.
+
+        A one-shot write without params is keyed by its content, so writing the same rows twice
+        keeps one copy."""
+        if run is not None:
+            return {"table": table, "rows": run.write(table, data), "run_id": run.run_id}
+        arrow = conform(self._table(table), data, fill={"run_id": ""})
+        if params is None:
+            sink = pa.BufferOutputStream()
+            pq.write_table(arrow, sink)
+            params = {"table": table, "content": hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()[:16]}
+        with self.run(command or f"write {table}", params) as r:
+            n = r.write(table, arrow)
+        return {"table": table, "rows": n, "run_id": r.run_id}
+
+    @contextlib.contextmanager
+    def _lock(self):
+        with _locked(self.path):
+            yield
+
+    def _commit(self, run: "Run", sealed: list[dict], status: str, error: str | None) -> dict:
+        """Under the store lock: move sealed files into tables/, derive, record the run, swap the
+        manifest. The manifest replace is the single moment the run becomes visible."""
+        with self._lock():
+            man = self.manifest()
+            tables = man.setdefault("tables", {})
+            now = time.time()
+            retired = man.setdefault("retired", [])
+            touched_models = set()
+            for s in sealed:
+                dest = self.path / s["path"]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(s["src"], dest)
+                entries = tables.setdefault(s["table"], [])
+                keep = []
+                for e in entries:
+                    same_part = e["partition"] == s["partition"]
+                    drop = same_part and (run.replace == "partition" or e["work_key"] == run.work_key) \
+                        and e["run_id"] != run.run_id
+                    (retired.append({"path": e["path"], "at": now}) if drop else keep.append(e))
+                keep.append({k: s[k] for k in ("path", "run_id", "work_key", "partition", "rows", "bytes")})
+                tables[s["table"]] = keep
+                if s["table"] == "scores":
+                    touched_models.add(s["partition"]["model"])
+            for model in sorted(touched_models):
+                self._derive_concept_units(man, model, run)
+            # The run's provenance row, committed together with its data.
+            run_file = f"tables/runs/{run.run_id}.parquet"
+            row = run.runs_row(status, error)
+            (self.path / "tables/runs").mkdir(parents=True, exist_ok=True)
+            pq.write_table(conform(self.schemas["runs"], pa.Table.from_pylist([row])), self.path / run_file)
+            _fsync_file(self.path / run_file)
+            tables.setdefault("runs", []).append({"path": run_file, "run_id": run.run_id, "work_key": run.work_key,
+                                                  "partition": {}, "rows": 1,
+                                                  "bytes": (self.path / run_file).stat().st_size})
+            self._collect_garbage(man, now)
+            man["generation"] = int(man.get("generation", 0)) + 1
+            man["updated_at"] = _utcnow().isoformat() + "Z"
+            _atomic_write(self.path / "manifest.json", json.dumps(man, separators=(",", ":")))
+            self._write_load_sql(man)
+        return row
+
+    def _derive_concept_units(self, man: dict, model: str, run: "Run") -> None:
+        """Recompute concept_units for one model from its committed scores (new manifest)."""
+        tables = man["tables"]
+        files = [str(self.path / e["path"]) for e in tables.get("scores", []) if e["partition"]["model"] == model]
+        old = [e for e in tables.get("concept_units", []) if e["partition"]["model"] == model]
+        now = time.time()
+        man["retired"].extend({"path": e["path"], "at": now} for e in old)
+        tables["concept_units"] = [e for e in tables.get("concept_units", []) if e["partition"]["model"] != model]
+        if not files:
+            return
+        rel = f"tables/concept_units/model={model}/{run.run_id}-cu.parquet"
+        dest = self.path / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        src = "[" + ", ".join(_sql_str(f) for f in files) + "]"
+        cols = [c.name for c in self.schemas["concept_units"].file_columns]
+        con = _work_connection(self.path / "staging" / run.run_id)
+        try:
+            con.execute(f"""
+                COPY (
+                    SELECT {', '.join(cols)} FROM (
+                        SELECT concept, scorer,
+                               CAST(row_number() OVER (PARTITION BY concept, scorer
+                                                       ORDER BY score DESC, layer, unit) - 1 AS INTEGER) AS rank,
+                               layer, unit, score, confidence, vocabulary, encoder, run_id
+                        FROM read_parquet({src}, hive_partitioning=true, hive_types={hive_types(("model", "layer"))})
+                        WHERE concept IS NOT NULL AND score IS NOT NULL
+                        QUALIFY rank < {CONCEPT_UNITS_TOP}
+                    ) ORDER BY concept, scorer, rank
+                ) TO {_sql_str(dest)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {ROW_GROUP_ROWS['concept_units']})
+            """)
+            rows = con.execute(f"SELECT count(*) FROM read_parquet({_sql_str(dest)})").fetchone()[0]
+        finally:
+            con.close()
+        _fsync_file(dest)
+        tables["concept_units"].append({"path": rel, "run_id": run.run_id, "work_key": "derived:concept_units",
+                                        "partition": {"model": model}, "rows": int(rows),
+                                        "bytes": dest.stat().st_size})
+
+    def _collect_garbage(self, man: dict, now: float) -> None:
+        """Under the lock: delete retired files past the grace period, files no manifest lists
+        (left by a writer killed mid-commit) and staging folders of dead runs."""
+        still = []
+        for r in man.get("retired", []):
+            if now - r["at"] >= GRACE_SECONDS:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.path / r["path"]).unlink()
+            else:
+                still.append(r)
+        man["retired"] = still
+        known = {e["path"] for entries in man.get("tables", {}).values() for e in entries}
+        known |= {r["path"] for r in still}
+        tables_dir = self.path / "tables"
+        for f in tables_dir.rglob("*.parquet") if tables_dir.exists() else []:
+            rel = f.relative_to(self.path).as_posix()
+            if rel not in known:
+                with contextlib.suppress(FileNotFoundError):
+                    f.unlink()
+        staging = self.path / "staging"
+        for d in staging.iterdir() if staging.exists() else []:
+            if d.is_dir() and _staging_is_dead(d):
+                shutil.rmtree(d, ignore_errors=True)
+
+    def gc(self) -> dict:
+        """Clean garbage now (writers also do it at every commit)."""
+        self._check_writable()
+        with self._lock():
+            man = self.manifest()
+            before = len(man.get("retired", []))
+            self._collect_garbage(man, time.time())
+            man["generation"] = int(man.get("generation", 0)) + 1
+            _atomic_write(self.path / "manifest.json", json.dumps(man, separators=(",", ":")))
+        return {"retired_deleted": before - len(man["retired"])}
+
+    def _write_load_sql(self, man: dict) -> None:
+        """<store>/load.sql: views over the committed files, for plain duckdb run from the store folder."""
+        _atomic_write(self.path / "load.sql", self._load_sql(man, root=""))
+
+    def _load_sql(self, man: dict, root: str) -> str:
+        lines = ["-- Recreates the neurostore views over this snapshot's Parquet files.",
+                 "-- Run from this folder: duckdb -c \".read load.sql\" (paths are relative to it).", ""]
+        for name in self.tables():
+            lines.append(f"-- {self.schemas[name].description}")
+            lines.append(f'CREATE OR REPLACE VIEW "{name}" AS {self.view_sql(name, man, root=root)};')
+        return "\n".join(lines) + "\n"
+
+    # ---- export ----------------------------------------------------------------------------
+
+    def export(self, to: str | os.PathLike, overwrite: bool = False) -> dict:
+        """Copy every committed table as plain Parquet (same Hive layout) to `to`, with load.sql and
+        the schema DDL. The copy is a consistent snapshot of one manifest."""
+        to = Path(to).expanduser().resolve()
+        if to == self.path or self.path in to.parents:
+            raise BadInput(f"Cannot export into the store itself ('{to}'). Pick a folder outside it.")
+        if to.exists() and any(to.iterdir()):
+            if not overwrite:
+                raise BadInput(f"Export folder '{to}' is not empty. Pick an empty folder or pass overwrite=True (--overwrite).")
+            shutil.rmtree(to / "tables", ignore_errors=True)
+        man = self.manifest()
+        out_man = {"tables": {}}
+        counts = {}
+        n_files = 0
+        for name in self.tables():
+            entries = man.get("tables", {}).get(name, [])
+            out_man["tables"][name] = []
+            for e in entries:
+                src = self.path / e["path"]
+                dest = to / e["path"]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                try:  # committed files are immutable, so a hard link is a faithful, instant copy
+                    os.link(src, dest)
+                except OSError:
+                    shutil.copy2(src, dest)
+                out_man["tables"][name].append(e)
+                n_files += 1
+            counts[name] = sum(e.get("rows", 0) for e in entries)
+        (to / "schema").mkdir(parents=True, exist_ok=True)
+        for ts in self.schemas.values():
+            if ts.path is not None:
+                shutil.copy2(ts.path, to / "schema" / ts.path.name)
+        (to / "load.sql").write_text(self._load_sql(out_man, root=""))
+        return {"to": str(to), "tables": counts, "files": n_files, "rows": sum(counts.values())}
+
+    # ---- semantic helpers --------------------------------------------------------------------
+
+    def embed_concepts(self, vocabulary: str | None = None, concepts: Iterable[str] | None = None) -> dict:
+        """Embed concepts with MiniLM and store them in `embeddings` (kind='concept'), so SQL's
+        similar_concepts(phrase, k) can find them. Takes the concepts of `vocabulary` from the
+        concepts table (all vocabularies when None), or an explicit list."""
+        from .sqlfuncs import MINILM_ID, embed_texts
+
+        if concepts is None:
+            where, p = ("WHERE vocabulary = $v", {"v": vocabulary}) if vocabulary else ("", None)
+            got = self.sql(f"SELECT DISTINCT concept FROM concepts {where} ORDER BY concept", p)
+            concepts = [c for c in got.column("concept").to_pylist() if c]
+            if not concepts:
+                from .errors import UnknownVocabulary
+
+                have = self.sql("SELECT DISTINCT vocabulary FROM concepts").column("vocabulary").to_pylist()
+                raise UnknownVocabulary(unknown("vocabulary", vocabulary or "(any)", [v for v in have if v],
+                                                "Write its concepts to the concepts table first."))
+        concepts = sorted(dict.fromkeys(concepts))
+        vecs = embed_texts(concepts)
+        table = pa.table({
+            "encoder": [MINILM_ID] * len(concepts),
+            "kind": ["concept"] * len(concepts),
+            "item_id": concepts,
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel(), pa.float32()), vecs.shape[1]),
+        })
+        params = {"vocabulary": vocabulary, "encoder": MINILM_ID} if vocabulary or concepts is None \
+            else {"concepts": hashlib.sha256("\n".join(concepts).encode()).hexdigest()[:16], "encoder": MINILM_ID}
+        with self.run("embed concepts", params) as run:
+            run.write("embeddings", table)
+        return {"concepts": len(concepts), "encoder": MINILM_ID, "run_id": run.run_id}
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """The store's exclusive writer lock (fcntl.flock on <store>/.lock)."""
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _staging_is_dead(d: Path) -> bool:
+    """A staging folder is dead when nobody holds its lock (its writer exited or was killed)."""
+    lock = d / ".lock"
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        # Either being created right now or left half-made by a crash: wait until it is old.
+        try:
+            return time.time() - d.stat().st_mtime > STALE_STAGING_SECONDS
+        except FileNotFoundError:
+            return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # closing releases the probe's lock again
+    return True
+
+
+def _work_connection(spill_dir: Path) -> duckdb.DuckDBPyConnection:
+    """A private DuckDB connection for sorting and deriving: bounded memory, spills to staging."""
+    con = duckdb.connect(":memory:")
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    con.execute(f"SET temp_directory = {_sql_str(spill_dir / 'spill')}")
+    con.execute("SET memory_limit = '2GB'")
+    con.execute("SET preserve_insertion_order = true")
+    return con
+
+
+class Run:
+    """One unit of work. Rows written through it are staged privately and become visible
+    all at once when it commits; a crash or an exception leaves none of them visible."""
+
+    def __init__(self, store: Store, command: str, params: dict, key: str | None, replace: str):
+        self.store = store
+        self.command = command
+        self.params = json.loads(json.dumps(params, default=str))  # what is recorded is what is keyed
+        self.work_key = key or work_key(command, self.params)
+        self.replace = replace
+        self.started_at = _utcnow()
+        self.run_id = self.started_at.strftime("%Y%m%dT%H%M%S") + "Z-" + secrets.token_hex(4)
+        self.staging = store.path / "staging" / self.run_id
+        self.staging.mkdir(parents=True)
+        # Held for the run's lifetime: the kernel drops it when this process dies, which is how
+        # later writers know the staging folder is garbage.
+        self._lock_fd = os.open(self.staging / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        (self.staging / "run.json").write_text(json.dumps(
+            {"run_id": self.run_id, "command": command, "params": self.params, "pid": os.getpid()}))
+        self._chunks: dict[tuple[str, str], list[Path]] = {}
+        self._partitions: dict[tuple[str, str], dict] = {}
+        self.rows: dict[str, int] = {}
+        self.state = "open"
+        self.summary: dict | None = None
+
+    def __repr__(self) -> str:
+        return f"Run({self.run_id!r}, {self.command!r}, state={self.state!r})"
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.state != "open":
+            return False
+        if exc_type is None:
+            self.commit()
+        else:
+            self.fail(exc if exc is not None else exc_type())
+        return False
+
+    def write(self, table: str, data) -> int:
+        """Validate `data` against schema/<table>.sql and stage it. Returns rows written."""
+        if self.state != "open":
+            raise BadInput(f"Run {self.run_id} is {self.state}; start a new run with store.run(...).")
+        ts = self.store._table(table)
+        if table == "runs":
+            raise BadInput("Table 'runs' is written by the store itself (one row per run at commit); "
+                           "pass provenance as store.run(command, params).")
+        if table in DERIVED_TABLES:
+            raise BadInput(f"Table '{table}' is derived by the store from scores at commit; write scores instead.")
+        arrow = conform(ts, data, fill={"run_id": self.run_id})
+        if arrow.num_rows == 0:
+            return 0
+        for part, chunk in _split_partitions(ts, arrow):
+            pdir = _part_dir(part)
+            key = (table, pdir)
+            files = self._chunks.setdefault(key, [])
+            self._partitions[key] = part
+            d = self.staging / "chunks" / table / pdir
+            d.mkdir(parents=True, exist_ok=True)
+            p = d / f"{len(files):05d}.parquet"
+            pq.write_table(chunk.drop_columns(list(ts.partition)), p, compression="lz4")
+            files.append(p)
+        self.rows[table] = self.rows.get(table, 0) + arrow.num_rows
+        return arrow.num_rows
+
+    def _seal(self) -> list[dict]:
+        """Sort each staged (table, partition) into one final file with the table's row-group size.
+        Runs before the store lock is taken: sorting is the slow part and staging is private."""
+        sealed = []
+        if not self._chunks:
+            return sealed
+        con = _work_connection(self.staging)
+        try:
+            for i, ((table, pdir), files) in enumerate(sorted(self._chunks.items())):
+                ts = self.store.schemas[table]
+                name = f"{self.run_id}-{i}.parquet"
+                out = self.staging / "sealed" / table / pdir / name
+                out.parent.mkdir(parents=True, exist_ok=True)
+                src = "[" + ", ".join(_sql_str(f) for f in files) + "]"
+                cols = ", ".join(c.name for c in ts.file_columns)
+                order = f" ORDER BY {', '.join(ts.sort)}" if ts.sort else ""
+                rg = ROW_GROUP_ROWS.get(table, DEFAULT_ROW_GROUP)
+                con.execute(f"COPY (SELECT {cols} FROM read_parquet({src}){order}) TO {_sql_str(out)} "
+                            f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {rg})")
+                _fsync_file(out)
+                rows = pq.ParquetFile(out).metadata.num_rows
+                sealed.append({"table": table, "partition": self._partitions[(table, pdir)], "src": out,
+                               "path": f"tables/{table}/{pdir}/{name}" if pdir else f"tables/{table}/{name}",
+                               "run_id": self.run_id, "work_key": self.work_key, "rows": rows,
+                               "bytes": out.stat().st_size})
+        finally:
+            con.close()
+        return sealed
+
+    def runs_row(self, status: str, error: str | None) -> dict:
+        return {"run_id": self.run_id, "command": self.command, "params": json.dumps(self.params, sort_keys=True),
+                "work_key": self.work_key, "versions": json.dumps(package_versions(), sort_keys=True),
+                "git_rev": git_revision(), "host": socket.gethostname(), "started_at": self.started_at,
+                "ended_at": _utcnow(), "status": status, "error": error,
+                "tables": json.dumps(self.rows, sort_keys=True)}
+
+    def commit(self) -> dict:
+        """Make every row of this run visible at once (one manifest replace)."""
+        if self.state != "open":
+            raise BadInput(f"Run {self.run_id} is already {self.state}.")
+        try:
+            sealed = self._seal()
+            self.summary = self.store._commit(self, sealed, "committed", None)
+            self.state = "committed"
+        except BaseException as e:
+            if self.state == "open":
+                self.fail(e)
+            raise
+        finally:
+            self._cleanup()
+        return self.summary
+
+    def fail(self, exc: BaseException | str) -> None:
+        """Discard the staged rows and record the run as failed."""
+        if self.state != "open":
+            return
+        self.state = "failed"
+        self._chunks.clear()
+        msg = exc if isinstance(exc, str) else (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        try:
+            self.store._commit(self, [], "failed", msg)
+        finally:
+            self._cleanup()
+
+    def _cleanup(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _split_partitions(ts: TableSchema, table: pa.Table) -> list[tuple[dict, pa.Table]]:
+    """Rows grouped by their partition values (validated as safe directory names)."""
+    if not ts.partition:
+        return [({}, table)]
+    import pyarrow.compute as pc
+
+    combos = table.select(list(ts.partition)).group_by(list(ts.partition)).aggregate([]).to_pylist()
+    for combo in combos:
+        for col, value in combo.items():
+            check_partition_value(ts.name, col, value)
+    if len(combos) == 1:
+        return [({c: combos[0][c] for c in ts.partition}, table)]
+    out = []
+    for combo in combos:
+        mask = None
+        for col in ts.partition:
+            m = pc.equal(table.column(col), combo[col])
+            mask = m if mask is None else pc.and_(mask, m)
+        out.append(({c: combo[c] for c in ts.partition}, table.filter(mask)))
+    return out
+
+
+def open_store(path: str | os.PathLike, read_only: bool = False, create: bool | None = None) -> Store:
+    """Alias of Store.open."""
+    return Store.open(path, read_only=read_only, create=create)

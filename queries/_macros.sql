@@ -1,0 +1,40 @@
+-- Macros for the core questions, created on every store connection (neurostore.sqlfuncs).
+-- This file is not a named query (its name starts with '_'). Macro parameters are named so they
+-- never shadow a column (concept_name, not concept).
+
+-- Concept -> the units that fit it best, across every model and layer. Reads concept_units (the
+-- store keeps the top units per model, concept and scorer there, sorted by concept).
+CREATE OR REPLACE MACRO concept_neurons(concept_name, top_n := 50, scorer_name := NULL) AS TABLE
+    SELECT model, layer, unit, concept, scorer, score, confidence, rank AS rank_in_model,
+           vocabulary, encoder, run_id
+    FROM concept_units
+    WHERE concept = concept_name AND (scorer_name IS NULL OR scorer = scorer_name)
+    ORDER BY score DESC, model, layer, unit
+    LIMIT top_n;
+
+-- Neuron -> its ranked concepts, per scorer.
+CREATE OR REPLACE MACRO neuron_concepts(model_id, layer_name, unit_index, scorer_name := NULL) AS TABLE
+    SELECT model, layer, unit, scorer, rank, concept, score, confidence, vocabulary, encoder, run_id
+    FROM scores
+    WHERE model = model_id AND layer = layer_name AND unit = unit_index
+      AND (scorer_name IS NULL OR scorer = scorer_name)
+    ORDER BY scorer, rank;
+
+-- Per layer: how many units have each concept as their best (rank 0) concept.
+CREATE OR REPLACE MACRO layer_concept_counts(model_id := NULL, scorer_name := NULL) AS TABLE
+    SELECT model, layer, scorer, concept, count(*) AS n_units
+    FROM scores
+    WHERE rank = 0 AND (model_id IS NULL OR model = model_id) AND (scorer_name IS NULL OR scorer = scorer_name)
+    GROUP BY model, layer, scorer, concept
+    ORDER BY model, layer, scorer, n_units DESC, concept;
+
+-- Free text -> the nearest stored concepts by MiniLM cosine similarity (store.embed_concepts()
+-- stores the concept vectors; text_embedding() embeds the phrase, once per phrase and process).
+CREATE OR REPLACE MACRO similar_concepts(phrase, k := 10) AS TABLE
+    SELECT item_id AS concept,
+           max(array_cosine_similarity(CAST(vector AS FLOAT[384]), text_embedding(phrase))) AS similarity
+    FROM embeddings
+    WHERE kind = 'concept' AND encoder = 'minilm:all-MiniLM-L6-v2'
+    GROUP BY item_id
+    ORDER BY similarity DESC, concept
+    LIMIT k;

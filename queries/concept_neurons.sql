@@ -1,0 +1,6 @@
+-- title: Concept to neurons
+-- description: Units whose top concepts include a concept, across models and layers, best score first.
+-- param concept VARCHAR: the concept word or phrase, e.g. 'striped'
+-- param top INTEGER = 50: how many units
+-- param scorer VARCHAR = NULL: only this scorer, e.g. 'patch' (default: every scorer)
+SELECT * FROM concept_neurons($concept, top_n := $top, scorer_name := $scorer)
