@@ -1,0 +1,256 @@
+"""Receptive-field patches: where in each top image a unit fired, cut out, deduplicated.
+
+For every (layer, unit, rank) of a recording, the unit's activation map on that image is
+recomputed (a second, light pass over just the top images, so maps are never stored), upsampled
+bilinearly to the model's input size, and thresholded at a per-map quantile `q` (default 0.95:
+the top 5% of the map's pixels). The box is the bounding box of the connected region above the
+threshold that contains the maximum, grown around its centre to at least `min_frac` (default
+1/4) of the input side so that a vision-language encoder sees some context, then mapped back to
+the original image's pixels through the input's crop geometry (`Target.crop_fraction`).
+
+(Network Dissection thresholds with the unit's dataset-wide 0.995 quantile over all positions;
+recording keeps no per-position statistics, and the per-map quantile on a unit's *top* images
+plays the same role: it selects where the unit fired most on an image where it fired strongly.)
+
+Deduplication: a patch is identified by dataset, image and box (`patch_id` = 16 hex of a SHA-1).
+Identical boxes share one patch, and so do near-identical ones: on the same image, a box whose
+IoU with an already kept box is >= `dedup_iou` (default 0.8) reuses that patch. Boxes are
+visited in (layer, unit, rank) order, so the result is deterministic. Each patch is embedded
+once per encoder (`embed_patches`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .models import Target
+from .record import RecordResult, activation_maps
+
+THUMB = 96
+
+
+def patch_id(dataset: str, image_id: str, box: tuple[int, int, int, int]) -> str:
+    key = f"{dataset}/{image_id}/{box[0]},{box[1]},{box[2]},{box[3]}"
+    return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def iou(a, b) -> float:
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def boxes_for_maps(maps: torch.Tensor, size: int, q: float = 0.95, min_frac: float = 0.25) -> list[tuple]:
+    """maps [n, h, w] -> n boxes in input pixels (x0, y0, x1, y1), x1/y1 exclusive."""
+    from scipy import ndimage
+
+    n = maps.shape[0]
+    if n == 0:
+        return []
+    if maps.shape[1] * maps.shape[2] == 1:  # a pooled / linear unit: no place, the whole input
+        return [(0, 0, size, size)] * n
+    # Threshold and label at a working resolution of at most 64 px (boxes to 1/64 of the side:
+    # ample for a crop, and labelling 64x64 instead of 224x224 is what keeps this pass cheap).
+    full, size = size, min(size, 64)
+    up = F.interpolate(maps[:, None].float(), size=(size, size), mode="bilinear",
+                       align_corners=False)[:, 0]            # [n, size, size]
+    flat = up.reshape(n, -1)
+    kth = max(1, min(flat.shape[1], int(np.ceil(q * flat.shape[1]))))
+    thr = flat.kthvalue(kth, dim=1).values                   # [n] per-map quantile q
+    peak = flat.argmax(dim=1)                                # [n]
+    mask = (up >= thr[:, None, None]).numpy()
+    peak = peak.numpy()
+    min_side = max(1, int(round(min_frac * size)))
+    boxes = []
+    for i in range(n):
+        py, px = divmod(int(peak[i]), size)
+        labels, _ = ndimage.label(mask[i])
+        region = labels == labels[py, px]
+        ys = np.nonzero(region.any(1))[0]
+        xs = np.nonzero(region.any(0))[0]
+        x0, x1, y0, y1 = int(xs[0]), int(xs[-1]) + 1, int(ys[0]), int(ys[-1]) + 1
+        x0, x1 = _grow(x0, x1, min_side, size)
+        y0, y1 = _grow(y0, y1, min_side, size)
+        f = full / size
+        boxes.append((int(round(x0 * f)), int(round(y0 * f)), int(round(x1 * f)), int(round(y1 * f))))
+    return boxes
+
+
+def _grow(a: int, b: int, min_side: int, size: int) -> tuple[int, int]:
+    """Grow [a, b) around its centre to at least min_side, shifted to stay inside [0, size)."""
+    if b - a >= min_side:
+        return a, b
+    c = (a + b) / 2
+    a = int(round(c - min_side / 2))
+    a = min(max(a, 0), size - min_side)
+    return a, a + min_side
+
+
+def to_image_box(box, size: int, width: int, height: int, crop_fraction: float | None):
+    """A box in model-input pixels -> the same region in the original image's pixels."""
+    x0, y0, x1, y1 = box
+    if crop_fraction is None:  # the whole image was resized to size x size
+        sx, sy, ox, oy = width / size, height / size, 0.0, 0.0
+    else:  # resize + centre crop: the input shows a central square of the shorter side
+        side = crop_fraction * min(width, height)
+        sx = sy = side / size
+        ox, oy = (width - side) / 2, (height - side) / 2
+    X0 = int(np.clip(np.floor(ox + x0 * sx), 0, width - 1))
+    Y0 = int(np.clip(np.floor(oy + y0 * sy), 0, height - 1))
+    X1 = int(np.clip(np.ceil(ox + x1 * sx), X0 + 1, width))
+    Y1 = int(np.clip(np.ceil(oy + y1 * sy), Y0 + 1, height))
+    return X0, Y0, X1, Y1
+
+
+def thumbnail_png(crop: Image.Image, side: int = THUMB) -> bytes:
+    im = crop.copy()
+    im.thumbnail((side, side), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+@dataclass
+class PatchSet:
+    dataset: str
+    rows: list[dict] = field(default_factory=list)           # schema/patches.sql minus run_id
+    assignment: dict = field(default_factory=dict)           # (layer, unit, rank) -> patch_id
+    embeddings: dict = field(default_factory=dict)           # encoder id -> [n_patches, dim]
+    n_boxes: int = 0                                         # (unit, image) boxes cut
+
+    @property
+    def patch_ids(self) -> list[str]:
+        return [r["patch_id"] for r in self.rows]
+
+    def table(self) -> pa.Table:
+        cols = ("patch_id", "dataset", "image_id", "x0", "y0", "x1", "y1", "thumbnail")
+        types = (pa.string(), pa.string(), pa.string(), pa.int32(), pa.int32(), pa.int32(),
+                 pa.int32(), pa.binary())
+        return pa.table({c: pa.array([r[c] for r in self.rows], t) for c, t in zip(cols, types)})
+
+    def fill_activations(self, activations: pa.Table) -> pa.Table:
+        """The activations table with patch_id filled from this set."""
+        layers = activations.column("layer").to_pylist()
+        units = activations.column("unit").to_pylist()
+        ranks = activations.column("rank").to_pylist()
+        ids = [self.assignment.get((l, u, r)) for l, u, r in zip(layers, units, ranks)]
+        i = activations.column_names.index("patch_id")
+        return activations.set_column(i, "patch_id", pa.array(ids, pa.string()))
+
+    def crops(self, source) -> list[Image.Image]:
+        """The crops as RGB PIL images, in `rows` order (each image loaded once)."""
+        out: list[Image.Image | None] = [None] * len(self.rows)
+        by_image = defaultdict(list)
+        for i, r in enumerate(self.rows):
+            by_image[r["image_id"]].append(i)
+        for image_id, idx in by_image.items():
+            im = source.load(image_id)
+            for i in idx:
+                r = self.rows[i]
+                out[i] = im.crop((r["x0"], r["y0"], r["x1"], r["y1"]))
+        return out
+
+
+def extract_patches(target: Target, result: RecordResult, source, layers: Sequence[str] | None = None,
+                    q: float = 0.95, min_frac: float = 0.25, dedup_iou: float = 0.8,
+                    batch_size: int = 32, encoders: Sequence = (), progress: bool = True) -> PatchSet:
+    """Cut the receptive-field patch of every (layer, unit, top image) of `result`.
+
+    `source.load(image_id)` must return the RGB image (ImageSource does). When `encoders` are
+    given, each unique patch is embedded once per encoder in the same pass (no second decode);
+    `PatchSet.embeddings[encoder.id]` is then [n_patches, dim] in `rows` order."""
+    layers = list(layers or result.layers)
+    # Which (layer, unit, rank) need each image: image index -> list of jobs.
+    jobs: dict[int, list[tuple[str, int, int]]] = defaultdict(list)
+    for name in layers:
+        lr = result.layers[name]
+        for u, r in zip(*np.nonzero(lr.top_idx >= 0)):
+            jobs[int(lr.top_idx[u, r])].append((name, int(u), int(r)))
+    order = sorted(jobs)
+    ps = PatchSet(result.dataset)
+    kept: dict[str, list[tuple[tuple, str]]] = defaultdict(list)  # image_id -> [(box, patch_id)]
+    pending: dict[str, list] = {enc.id: [] for enc in encoders}
+    emb_parts: dict[str, list] = {enc.id: [] for enc in encoders}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(order), desc="patches", unit="img", leave=False)
+
+    def flush(force=False):
+        for enc in encoders:
+            buf = pending[enc.id]
+            while buf and (force or len(buf) >= batch_size):
+                chunk, pending[enc.id] = buf[:batch_size], buf[batch_size:]
+                buf = pending[enc.id]
+                emb_parts[enc.id].append(enc.encode_images(torch.stack([enc.preprocess(c) for c in chunk])))
+
+    S = target.input_size
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        ids = [result.image_ids[i] for i in idx]
+        pils = [source.load(iid) for iid in ids]
+        pixels = torch.stack([target.preprocess(im) for im in pils])  # [b, 3, S, S]
+        maps = activation_maps(target, layers, pixels)                 # layer -> [b, units, h, w]
+        for j, (i, iid, im) in enumerate(zip(idx, ids, pils)):
+            W, H = im.size
+            todo, boxes = [], []
+            for name in layers:  # layers differ in grid size: one stack per layer
+                mine = [job for job in jobs[i] if job[0] == name]
+                if mine:
+                    sel = maps[name][j, [u for _, u, _ in mine]]       # [n_jobs, h, w]
+                    todo += mine
+                    boxes += boxes_for_maps(sel, S, q, min_frac)
+            for (l, u, r), box in zip(todo, boxes):
+                ps.n_boxes += 1
+                ibox = to_image_box(box, S, W, H, target.crop_fraction)
+                pid = None
+                for kbox, kid in kept[iid]:
+                    if kbox == ibox or iou(kbox, ibox) >= dedup_iou:
+                        pid = kid
+                        break
+                if pid is None:
+                    pid = patch_id(result.dataset, iid, ibox)
+                    kept[iid].append((ibox, pid))
+                    crop = im.crop(ibox)
+                    ps.rows.append({"patch_id": pid, "dataset": result.dataset, "image_id": iid,
+                                    "x0": ibox[0], "y0": ibox[1], "x1": ibox[2], "y1": ibox[3],
+                                    "thumbnail": thumbnail_png(crop)})
+                    for enc in encoders:
+                        pending[enc.id].append(crop)
+                ps.assignment[(l, u, r)] = pid
+        del maps
+        flush()
+        if bar is not None:
+            bar.update(len(idx))
+    flush(force=True)
+    if bar is not None:
+        bar.close()
+    for enc in encoders:
+        parts = emb_parts[enc.id]
+        ps.embeddings[enc.id] = (torch.cat(parts).numpy() if parts else np.zeros((0, enc.dim), np.float32))
+    return ps
+
+
+@torch.no_grad()
+def embed_patches(crops: Sequence[Image.Image], encoder, batch_size: int = 64) -> np.ndarray:
+    """Unique patch crops -> [n_patches, dim] float32 unit rows, in batches."""
+    if not crops:
+        return np.zeros((0, encoder.dim), np.float32)
+    out = []
+    for i in range(0, len(crops), batch_size):
+        batch = torch.stack([encoder.preprocess(c) for c in crops[i : i + batch_size]])
+        out.append(encoder.encode_images(batch).float())
+    return torch.cat(out).numpy()
