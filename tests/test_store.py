@@ -1,0 +1,385 @@
+"""The store on real DuckDB and Parquet in temp folders: commit, crash, re-run, schema checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from neurostore import store as store_mod
+from neurostore.errors import BadInput, SchemaMismatch, StoreNotFound, StoreVersionError, UnknownTable
+from neurostore.store import Store
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def scores_table(model="m1", layer="layer1", n_units=10, k=5, seed=0, concepts=13):
+    rng = np.random.default_rng(seed)
+    unit = np.repeat(np.arange(n_units), k)
+    rank = np.tile(np.arange(k), n_units)
+    score = np.sort(rng.random((n_units, k)), axis=1)[:, ::-1].ravel()
+    return pa.table({
+        "unit": unit, "scorer": ["patch"] * len(unit), "rank": rank,
+        "concept": [f"c{(u * 7 + r) % concepts}" for u, r in zip(unit, rank)],
+        "score": score, "confidence": score, "vocabulary": ["v"] * len(unit), "encoder": ["enc"] * len(unit),
+        "model": [model] * len(unit), "layer": [layer] * len(unit),
+    })
+
+
+def count(store, table="scores") -> int:
+    return store.sql(f"SELECT count(*) AS n FROM {table}").column("n")[0].as_py()
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store.open(tmp_path / "st")
+    yield s
+    s.close()
+
+
+# ---- opening --------------------------------------------------------------------------------
+
+
+def test_missing_store_read_only_is_not_created(tmp_path):
+    with pytest.raises(StoreNotFound, match=r"No neurostore store at '.*nope'\. Create one with"):
+        Store.open(tmp_path / "nope", read_only=True)
+    assert not (tmp_path / "nope").exists()
+
+
+def test_create_layout_and_version(tmp_path):
+    s = Store.open(tmp_path / "st")
+    info = json.loads((tmp_path / "st/store.json").read_text())
+    assert info["format"] == "neurostore" and info["schema_version"] == int((REPO / "schema/version.txt").read_text())
+    assert (tmp_path / "st/manifest.json").exists() and (tmp_path / "st/tables").is_dir()
+    # every table exists as an empty view with the DDL's columns
+    assert set(s.tables()) >= {"runs", "scores", "concept_units", "embeddings"}
+    got = s.sql("SELECT * FROM scores")
+    assert got.num_rows == 0 and got.column_names == [c for c, _, _ in s.schema("scores")]
+    s.close()
+
+
+def test_newer_store_version_is_refused(tmp_path):
+    Store.open(tmp_path / "st").close()
+    p = tmp_path / "st/store.json"
+    info = json.loads(p.read_text())
+    info["schema_version"] += 1
+    p.write_text(json.dumps(info))
+    with pytest.raises(StoreVersionError, match=r"schema version \d+.*Upgrade neurostore"):
+        Store.open(tmp_path / "st")
+
+
+def test_non_store_folder_is_refused(tmp_path):
+    (tmp_path / "stuff").mkdir()
+    (tmp_path / "stuff/file.txt").write_text("x")
+    with pytest.raises(BadInput, match="is not a neurostore store"):
+        Store.open(tmp_path / "stuff")
+
+
+def test_read_only_store_refuses_writes(tmp_path):
+    Store.open(tmp_path / "st").close()
+    ro = Store.open(tmp_path / "st", read_only=True)
+    with pytest.raises(BadInput, match="read-only"):
+        ro.run("x")
+
+
+# ---- writing and reading ----------------------------------------------------------------------
+
+
+def test_write_read_layout_and_plain_readers(store):
+    with store.run("test", {"a": 1}) as run:
+        assert run.write("scores", scores_table("m1", "layer1", 10)) == 50
+        run.write("scores", scores_table("m1", "layer2.0.conv", 8).to_pandas())  # pandas works too
+    assert count(store) == 90
+    ids = store.sql("SELECT DISTINCT run_id FROM scores").column("run_id").to_pylist()
+    assert ids == [run.run_id]
+    # Hive layout: model/layer are directories, not file columns
+    files = sorted((store.path / "tables/scores").rglob("*.parquet"))
+    assert [f.parent.relative_to(store.path / "tables/scores").as_posix() for f in files] == [
+        "model=m1/layer=layer1", "model=m1/layer=layer2.0.conv"]
+    assert "model" not in pq.read_schema(files[0]).names
+    # plain pyarrow reads the folder with partitions restored
+    t = ds.dataset(store.path / "tables/scores", partitioning="hive", format="parquet").to_table()
+    assert t.num_rows == 90 and set(t.column("layer").to_pylist()) == {"layer1", "layer2.0.conv"}
+    # plain duckdb through load.sql, run from the store folder
+    con = duckdb.connect()
+    cwd = os.getcwd()
+    try:
+        os.chdir(store.path)
+        con.execute((store.path / "load.sql").read_text())
+        assert con.execute("SELECT count(*) FROM scores").fetchone()[0] == 90
+        assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == 1
+    finally:
+        os.chdir(cwd)
+        con.close()
+    # runs row: provenance
+    r = store.runs().to_pylist()[0]
+    assert r["command"] == "test" and r["status"] == "committed" and json.loads(r["params"]) == {"a": 1}
+    assert json.loads(r["tables"]) == {"scores": 90} and "duckdb" in json.loads(r["versions"])
+    assert r["ended_at"] >= r["started_at"] and r["host"]
+    assert store.df("SELECT * FROM scores LIMIT 3").shape == (3, 11)
+
+
+def test_writer_sorts_and_uses_point_lookup_row_groups(store):
+    t = scores_table(n_units=3000, k=5)
+    shuffled = t.take(np.random.default_rng(1).permutation(t.num_rows))
+    with store.run("sorted") as run:
+        run.write("scores", shuffled.slice(0, 7000))
+        run.write("scores", shuffled.slice(7000))  # two chunks, merged into one sorted file
+    (f,) = list((store.path / "tables/scores").rglob("*.parquet"))
+    meta = pq.ParquetFile(f).metadata
+    assert meta.num_rows == 15000 and meta.num_row_groups >= 2
+    assert max(meta.row_group(i).num_rows for i in range(meta.num_row_groups)) <= store_mod.POINT_LOOKUP_ROW_GROUP
+    back = pq.read_table(f)
+    keys = list(zip(back.column("unit").to_pylist(), back.column("rank").to_pylist()))
+    assert keys == sorted(keys)
+
+
+def test_uncommitted_rows_are_invisible_until_commit(store):
+    run = store.run("slow")
+    run.write("scores", scores_table())
+    assert count(store) == 0
+    run.commit()
+    assert count(store) == 50
+
+
+def test_exception_discards_rows_and_records_failed_run(store):
+    with pytest.raises(RuntimeError):
+        with store.run("boom", {"x": 1}) as run:
+            run.write("scores", scores_table())
+            raise RuntimeError("disk on fire")
+    assert count(store) == 0
+    r = store.runs().to_pylist()
+    assert [(x["status"], x["error"]) for x in r] == [("failed", "RuntimeError: disk on fire")]
+    assert not list((store.path / "staging").iterdir())
+    assert not list((store.path / "tables/scores").rglob("*.parquet")) if (store.path / "tables/scores").exists() else True
+
+
+def test_rerun_replaces_and_other_work_appends(store):
+    for _ in range(3):
+        with store.run("dissect", {"model": "m1"}) as run:
+            run.write("scores", scores_table("m1", "layer1", 10))
+            run.write("scores", scores_table("m1", "layer2", 4))
+    assert count(store) == 70
+    with store.run("dissect", {"model": "m2"}) as run:
+        run.write("scores", scores_table("m2", "layer1", 10))
+    assert count(store) == 120
+    assert store.sql("SELECT count(DISTINCT run_id) n FROM scores").column("n")[0].as_py() == 2
+    assert count(store, "runs") == 4
+    # one-shot writes are keyed by content
+    store.write("concepts", {"vocabulary": ["v", "v"], "concept": ["a", "b"], "category": [None, None]})
+    store.write("concepts", {"vocabulary": ["v", "v"], "concept": ["a", "b"], "category": [None, None]})
+    store.write("concepts", {"vocabulary": ["w"], "concept": ["c"], "category": ["x"]})
+    assert count(store, "concepts") == 3
+
+
+def test_replaced_files_are_deleted_after_grace(store, monkeypatch):
+    with store.run("dissect", {"model": "m1"}) as run:
+        run.write("scores", scores_table())
+    old = {e["path"] for e in store.manifest()["tables"]["scores"]}
+    with store.run("dissect", {"model": "m1"}) as run:
+        run.write("scores", scores_table())
+    man = store.manifest()
+    assert {r["path"] for r in man["retired"]} >= old and all((store.path / p).exists() for p in old)
+    monkeypatch.setattr(store_mod, "GRACE_SECONDS", 0.0)
+    store.gc()
+    assert not any((store.path / p).exists() for p in old)
+    assert count(store) == 50
+
+
+def test_concept_units_derived_from_scores(store):
+    with store.run("a") as run:
+        run.write("scores", scores_table("m1", "layer1", 30, seed=1))
+        run.write("scores", scores_table("m1", "layer2", 30, seed=2))
+    brute = store.sql("""
+        SELECT concept, layer, unit, score FROM scores WHERE model = 'm1' AND concept = 'c3'
+        ORDER BY score DESC, layer, unit""").to_pylist()
+    got = store.sql("SELECT concept, layer, unit, score, rank FROM concept_units WHERE concept = 'c3' ORDER BY rank").to_pylist()
+    assert [(g["layer"], g["unit"]) for g in got] == [(b["layer"], b["unit"]) for b in brute][:store_mod.CONCEPT_UNITS_TOP]
+    assert [g["rank"] for g in got] == list(range(len(got)))
+    with pytest.raises(BadInput, match="derived by the store from scores"):
+        with store.run("x") as run:
+            run.write("concept_units", {"concept": ["a"]})
+
+
+# ---- validation --------------------------------------------------------------------------------
+
+
+def test_schema_mismatch_names_table_and_column(store):
+    t = scores_table()
+    with store.run("v") as run:
+        with pytest.raises(SchemaMismatch, match=r"^Table 'scores' is missing column 'concept' \(VARCHAR"):
+            run.write("scores", t.drop_columns(["concept"]))
+        with pytest.raises(SchemaMismatch, match=r"^Table 'scores' has no column 'scroe'\. Did you mean score, "):
+            run.write("scores", t.append_column("scroe", t.column("score")))
+        with pytest.raises(SchemaMismatch, match=r"^Table 'scores', column 'unit': expected INTEGER, got Arrow type string"):
+            run.write("scores", t.set_column(0, "unit", pa.array([str(x) for x in t.column("unit").to_pylist()])))
+        with pytest.raises(SchemaMismatch, match=r"^Table 'scores', column 'unit': values do not fit INTEGER"):
+            run.write("scores", t.set_column(0, "unit", pa.array([2**40] * t.num_rows, pa.int64())))
+        with pytest.raises(SchemaMismatch, match=r"column 'model': 'ResNet 50' is not a valid model"):
+            run.write("scores", t.set_column(t.schema.get_field_index("model"), "model", pa.array(["ResNet 50"] * t.num_rows)))
+        with pytest.raises(SchemaMismatch, match=r"column 'layer': '../x' is not a valid layer"):
+            run.write("scores", t.set_column(t.schema.get_field_index("layer"), "layer", pa.array(["../x"] * t.num_rows)))
+        with pytest.raises(UnknownTable, match=r"^Unknown table 'score'\. Did you mean scores"):
+            run.write("score", t)
+        # safe widenings: int64 -> INTEGER when the values fit, float64 -> FLOAT
+        assert t.schema.field("unit").type == pa.int64() and t.schema.field("score").type == pa.float64()
+        assert run.write("scores", t) == 50
+    assert store.sql("SELECT typeof(unit) u, typeof(score) s FROM scores LIMIT 1").to_pylist() == [
+        {"u": "INTEGER", "s": "FLOAT"}]
+
+
+def test_list_json_timestamp_and_blob_columns(store):
+    with store.run("types") as run:
+        run.write("embeddings", {"encoder": ["e"], "kind": ["concept"], "item_id": ["x"],
+                                 "vector": pa.array([np.arange(4, dtype=np.float64)], pa.list_(pa.float64()))})
+        run.write("patches", {"patch_id": ["p"], "dataset": ["d"], "image_id": ["i"], "x0": [0], "y0": [0],
+                              "x1": [4], "y1": [4], "thumbnail": [b"\x89PNG"]})
+    got = store.sql("SELECT vector, typeof(vector) t FROM embeddings").to_pylist()[0]
+    assert got["t"] == "FLOAT[]" and got["vector"] == [0.0, 1.0, 2.0, 3.0]
+    assert store.sql("SELECT thumbnail FROM patches").to_pylist()[0]["thumbnail"] == b"\x89PNG"
+    assert store.sql("SELECT typeof(params) t, typeof(started_at) s FROM runs").to_pylist()[0] == {
+        "t": "JSON", "s": "TIMESTAMP"}
+
+
+# ---- crashes and concurrency ------------------------------------------------------------------
+
+WRITER = textwrap.dedent("""
+    import sys, time, numpy as np, pyarrow as pa
+    sys.path.insert(0, {tests!r})
+    from test_store import scores_table
+    from neurostore.store import Store
+    s = Store.open({path!r})
+    with s.run("dissect", {{"model": "m1"}}) as run:
+        for i in range(4):
+            run.write("scores", scores_table("m1", f"layer{{i}}", 25))
+        {extra}
+""")
+
+
+def _spawn(path, extra):
+    code = WRITER.format(tests=str(Path(__file__).parent), path=str(path), extra=extra)
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_mid_run_leaves_nothing_and_rerun_is_exact(tmp_path):
+    path = tmp_path / "st"
+    Store.open(path).close()
+    p = _spawn(path, 'print("READY", flush=True); time.sleep(120)')
+    assert p.stdout.readline().strip() == "READY", p.stderr.read()
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait(timeout=10)
+    assert p.returncode == -signal.SIGKILL
+    dead = list((path / "staging").iterdir())
+    assert len(dead) == 1  # the killed run's staged files are still on disk, but not visible
+    s = Store.open(path)
+    assert count(s) == 0 and count(s, "runs") == 0
+    # a re-run completes with exact counts, and cleans the dead run's staging folder
+    with s.run("dissect", {"model": "m1"}) as run:
+        for i in range(4):
+            run.write("scores", scores_table("m1", f"layer{i}", 25))
+    assert count(s) == 500 and count(s, "runs") == 1
+    assert not (path / "staging" / dead[0].name).exists()
+    s.close()
+
+
+def test_sigkill_inside_commit_before_manifest_swap(tmp_path):
+    """Worst moment: files already moved into tables/, manifest not yet replaced."""
+    path = tmp_path / "st"
+    s = Store.open(path)
+    with s.run("earlier") as run:
+        run.write("scores", scores_table("m0", "layer0", 10))
+    extra = textwrap.dedent("""
+        import os, signal
+        from neurostore import store as sm
+        real = sm._atomic_write
+        def killer(p, text):
+            if p.name == "manifest.json":
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(p, text)
+        sm._atomic_write = killer
+    """).replace("\n", "\n        ")
+    p = _spawn(path, extra)
+    p.wait(timeout=60)
+    assert p.returncode == -signal.SIGKILL, p.stderr.read()
+    assert len(list((path / "tables/scores/model=m1").rglob("*.parquet"))) == 4  # orphans on disk
+    assert count(s) == 50 and count(s, "runs") == 1  # ... but invisible
+    with s.run("dissect", {"model": "m1"}) as run:
+        for i in range(4):
+            run.write("scores", scores_table("m1", f"layer{i}", 25))
+    assert count(s) == 550
+    assert len(list((path / "tables/scores/model=m1").rglob("*.parquet"))) == 4  # orphans collected
+    s.close()
+
+
+def test_reader_never_sees_half_a_run(tmp_path):
+    path = tmp_path / "st"
+    writer = Store.open(path)
+    per_run = 4 * 50  # each run writes 4 partitions of 50 rows
+    seen, errors, stop = [], [], threading.Event()
+
+    def read_loop():
+        reader = Store.open(path, read_only=True)
+        try:
+            while not stop.is_set():
+                seen.append(count(reader))
+        except Exception as e:  # any error fails the test
+            errors.append(e)
+        finally:
+            reader.close()
+
+    t = threading.Thread(target=read_loop)
+    t.start()
+    try:
+        for i in range(6):
+            # runs 0..3 are new work; 4 and 5 re-run earlier work (replacement while reading)
+            with writer.run("dissect", {"model": f"m{i % 4}"}) as run:
+                for layer in range(4):
+                    run.write("scores", scores_table(f"m{i % 4}", f"layer{layer}", 10))
+            time.sleep(0.05)
+    finally:
+        time.sleep(0.2)
+        stop.set()
+        t.join(timeout=30)
+    assert not errors, errors
+    assert len(seen) > 10
+    assert all(n % per_run == 0 for n in seen), sorted(set(seen))
+    assert seen[-1] == 4 * per_run and count(writer) == 4 * per_run
+    writer.close()
+
+
+# ---- export ------------------------------------------------------------------------------------
+
+
+def test_export_is_plain_parquet_with_load_sql(store, tmp_path):
+    with store.run("a") as run:
+        run.write("scores", scores_table("m1", "layer1", 10))
+        run.write("concepts", {"vocabulary": ["v"], "concept": ["red"], "category": ["colour"]})
+    out = store.export(tmp_path / "exp")
+    assert out["tables"]["scores"] == 50 and out["tables"]["concepts"] == 1 and out["tables"]["runs"] == 1
+    assert (tmp_path / "exp/schema/scores.sql").exists()
+    con = duckdb.connect()
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path / "exp")
+        con.execute((tmp_path / "exp/load.sql").read_text())
+        assert con.execute("SELECT count(*) FROM scores").fetchone()[0] == 50
+        assert con.execute("SELECT count(*) FROM concept_units").fetchone()[0] == store.table_counts()["concept_units"]
+        assert con.execute("SELECT count(*) FROM images").fetchone()[0] == 0
+    finally:
+        os.chdir(cwd)
+        con.close()
+    with pytest.raises(BadInput, match="is not empty"):
+        store.export(tmp_path / "exp")
