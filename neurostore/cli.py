@@ -67,9 +67,232 @@ def version() -> None:
 
 # ---- store and query commands ---------------------------------------------------------------
 
+QUERY_FORMATS = ("table", "csv", "json", "parquet")
+TABLE_MAX_ROWS = 200  # rich output is for reading; csv/json/parquet give every row
+
+
+def open_store_ro(store: Optional[Path]):
+    """The store for a reading command: never creates one."""
+    from .store import Store
+
+    return Store.open(store_path(store), read_only=True)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, dict)):
+        return json.dumps(v, default=str)
+    return str(v)
+
+
+def emit_table(table, fmt: str = "table", output: Optional[Path] = None, title: Optional[str] = None) -> None:
+    """Print an Arrow table as a rich table, CSV, JSON (an array of row objects) or Parquet (--output)."""
+    import pyarrow as pa
+
+    from .errors import BadInput, unknown
+
+    if fmt not in QUERY_FORMATS:
+        raise BadInput(unknown("format", fmt, QUERY_FORMATS, "Pass --format table, csv, json or parquet."))
+    if fmt == "parquet":
+        if output is None:
+            raise BadInput("--format parquet writes a file: pass --output FILE.parquet.")
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, output)
+        err_console.print(f"Wrote {table.num_rows} rows to {output}", highlight=False)
+        return
+    if fmt == "table":
+        if output is not None:
+            raise BadInput("--output needs --format csv, json or parquet.")
+        from rich.table import Table
+
+        t = Table(title=title, show_lines=False, header_style="bold")
+        for name in table.column_names:
+            t.add_column(name, overflow="fold")
+        for row in table.slice(0, TABLE_MAX_ROWS).to_pylist():
+            t.add_row(*[_cell(v) for v in row.values()])
+        console.print(t)
+        more = table.num_rows - TABLE_MAX_ROWS
+        if more > 0:
+            err_console.print(f"… {more} more rows (use --format csv or json for all)", highlight=False)
+        else:
+            err_console.print(f"{table.num_rows} rows", highlight=False)
+        return
+    rows = table.to_pylist()
+    if fmt == "json":
+        text = json.dumps(rows, default=str) + "\n"
+    else:
+        import csv
+        import io
+
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(table.column_names)
+        for r in rows:
+            w.writerow([json.dumps(v, default=str) if isinstance(v, (list, dict)) else ("" if v is None else v)
+                        for v in r.values()])
+        text = buf.getvalue()
+    if output is not None:
+        Path(output).write_text(text)
+        err_console.print(f"Wrote {len(rows)} rows to {output}", highlight=False)
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+ParamOpt = typer.Option(None, "--param", "-p", help="A parameter as key=value; repeat for more.")
+
+
+@app.command("sql")
+def sql_cmd(
+    query: str = typer.Argument(..., help="DuckDB SQL over the store's tables, macros and text functions."),
+    param: Optional[list[str]] = ParamOpt,
+    store: Optional[Path] = StoreOpt,
+    fmt: str = FormatOpt,
+    output: Optional[Path] = OutputOpt,
+) -> None:
+    """Run SQL over the store; values passed with --param are bound to $key, never pasted in.
+
+    Example: neurostore sql "SELECT layer, count(*) AS n FROM scores WHERE model = $m GROUP BY layer" -p m=resnet50
+    """
+    from .queries import parse_sql_params
+
+    emit_table(open_store_ro(store).sql(query, parse_sql_params(param)), fmt, output)
+
+
+@app.command("query")
+def query_cmd(
+    name: Optional[str] = typer.Argument(None, help="Named query (a file in queries/); see --list."),
+    param: Optional[list[str]] = ParamOpt,
+    list_: bool = typer.Option(False, "--list", "-l", help="List the named queries and their parameters."),
+    store: Optional[Path] = StoreOpt,
+    fmt: str = FormatOpt,
+    output: Optional[Path] = OutputOpt,
+) -> None:
+    """Run a named query with typed, bound parameters.
+
+    Example: neurostore query concept_neurons --param concept=striped --param top=20
+    """
+    from .errors import BadParameter
+    from .queries import list_queries, parse_param_pairs
+
+    if list_:
+        import pyarrow as pa
+
+        qs = [q.to_dict() for q in list_queries().values()]
+        rows = [{"name": q["name"], "description": q["description"],
+                 "params": "; ".join(f"{p['name']} {p['type']}" + ("" if p["required"] else
+                                     f" = {'NULL' if p['default'] is None else p['default']}") + f": {p['help']}"
+                                     for p in q["params"])} for q in qs]
+        if fmt == "json":
+            print_json({"queries": qs})
+        else:
+            emit_table(pa.Table.from_pylist(rows), fmt, output, title="Named queries")
+        return
+    if name is None:
+        raise BadParameter("Give a query name, e.g. 'neurostore query concept_neurons -p concept=striped', "
+                           "or list them with 'neurostore query --list'.")
+    emit_table(open_store_ro(store).query(name, parse_param_pairs(param)), fmt, output)
+
+
+@app.command("tables")
+def tables_cmd(
+    store: Optional[Path] = StoreOpt,
+    fmt: str = FormatOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """List the store's tables with committed row counts.  Example: neurostore tables --store ./my-store"""
+    import pyarrow as pa
+
+    s = open_store_ro(store)
+    summary = s.table_summary()
+    if as_json:
+        print_json({"store": str(s.path), "tables": summary})
+    else:
+        emit_table(pa.Table.from_pylist(summary), fmt, None, title=str(s.path))
+
+
+@app.command("schema")
+def schema_cmd(
+    table: str = typer.Argument(..., help="Table name; see 'neurostore tables'."),
+    store: Optional[Path] = StoreOpt,
+    fmt: str = FormatOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Show a table's columns, types and comments (from schema/TABLE.sql).  Example: neurostore schema scores"""
+    import pyarrow as pa
+
+    d = open_store_ro(store).describe(table)
+    if as_json:
+        print_json(d)
+        return
+    title = f"{d['table']}: {d['description']} ({d['rows']} rows"
+    title += f"; partitioned by {', '.join(d['partition'])}" if d["partition"] else ""
+    title += f"; sorted by {', '.join(d['sort'])})" if d["sort"] else ")"
+    emit_table(pa.Table.from_pylist(d["columns"]), fmt, None, title=title)
+
+
+@app.command("export")
+def export_cmd(
+    to: Path = typer.Option(..., "--to", help="Empty folder to write the Parquet files and load.sql into."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export in the folder."),
+    store: Optional[Path] = StoreOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Write every table as plain Parquet plus a load.sql that recreates the views in any DuckDB.
+
+    Example: neurostore export --store ./my-store --to ./my-export && cd my-export && duckdb -c ".read load.sql"
+    """
+    out = open_store_ro(store).export(to, overwrite=overwrite)
+    if as_json:
+        print_json(out)
+    else:
+        console.print(f"Exported {out['rows']} rows in {out['files']} files to {out['to']} "
+                      f"(views: {out['to']}/load.sql)", highlight=False)
+
+
+@app.command("runs")
+def runs_cmd(
+    limit: int = typer.Option(20, "--limit", "-n", help="How many runs, newest first."),
+    store: Optional[Path] = StoreOpt,
+    fmt: str = FormatOpt,
+    output: Optional[Path] = OutputOpt,
+) -> None:
+    """Show recent runs: command, status, rows written, time taken.  Example: neurostore runs -n 5"""
+    emit_table(open_store_ro(store).query("runs", {"limit": limit}), fmt, output)
+
+
 # ---- world commands ---------------------------------------------------------------------------
 
 # ---- pipeline commands ------------------------------------------------------------------------
+
+
+@app.command("layers")
+def layers_cmd(
+    model: str = typer.Argument(..., help="Model spec: torchvision:NAME[@WEIGHTS], timm:NAME, "
+                                "open_clip:MODEL/TAG, probe:cnn, a checkpoint path or pkg.mod:factory."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", help="Side of the input in pixels."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """List a model's hookable layers (module paths) with kind, output shape and units.
+
+    Example: neurostore layers torchvision:resnet18@random
+    """
+    from .models import layers
+
+    rows = layers(model, input_size=input_size)
+    if as_json:
+        print_json({"model": model, "layers": rows})
+        return
+    from rich.table import Table
+
+    table = Table("layer", "kind", "output shape", "units", box=None)
+    for r in rows:
+        table.add_row(r["layer"], r["kind"], "x".join(str(s) for s in r["shape"]), str(r["n_units"]))
+    console.print(table)
 
 # ---- analysis commands ------------------------------------------------------------------------
 

@@ -52,7 +52,7 @@ class Param:
         return f"{self.name} {self.type}{d}: {self.help}"
 
 
-def convert(value: Any, type_: str, what: str) -> Any:
+def convert(value: Any, type_: str, what: str, name: str | None = None) -> Any:
     """`value` (a Python value or the text of --param) as the declared type; None stays NULL."""
     if value is None:
         return None
@@ -82,7 +82,8 @@ def convert(value: Any, type_: str, what: str) -> Any:
         pass
     example = {"VARCHAR": "text", "INTEGER": "50", "BIGINT": "50", "DOUBLE": "0.5", "FLOAT": "0.5",
                "BOOLEAN": "true"}[type_]
-    raise BadParameter(f"{what} must be {type_}, got {value!r}. Pass e.g. {example}.")
+    hint = f"--param {name}={example}" if name else example
+    raise BadParameter(f"{what} must be {type_}, got {value!r}. Pass e.g. {hint}.")
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ class NamedQuery:
         out = {}
         for p in self.params:
             if p.name in given:
-                out[p.name] = convert(given[p.name], p.type, f"Parameter '{p.name}' of query '{self.name}'")
+                out[p.name] = convert(given[p.name], p.type, f"Parameter '{p.name}' of query '{self.name}'", p.name)
             elif p.required:
                 raise MissingParameter(
                     f"Query '{self.name}' needs parameter '{p.name}' ({p.type}: {p.help}). "
