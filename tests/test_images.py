@@ -1,0 +1,140 @@
+"""Image streaming: sorted recursive ids, every kind of odd file converted or rejected with a reason."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from neurostore.errors import BadInput
+from neurostore.images import ImageFolder, ImageSource, RejectedImage, load_image
+
+
+def _to_tensor(im):
+    return torch.from_numpy(np.asarray(im.resize((16, 16)), dtype=np.float32)).permute(2, 0, 1) / 255
+
+
+@pytest.fixture()
+def zoo(tmp_path):
+    """One file of every kind; returns (folder, expected reject reasons by name)."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    d = tmp_path / "imgs"
+    (d / "sub").mkdir(parents=True)
+    Image.fromarray(rgb).save(d / "a_rgb.jpg")
+    Image.fromarray(rgb).convert("CMYK").save(d / "b_cmyk.jpg")
+    Image.fromarray((rng.integers(0, 65535, (40, 40))).astype(np.uint16)).save(d / "c_16bit.png")
+    pal = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    pal.info["transparency"] = 0
+    pal.save(d / "d_palette.png", transparency=0)
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE).save(d / "d_palette2.gif")
+    rgba = np.dstack([rgb, np.zeros((40, 50), np.uint8)])  # fully transparent: composited on white
+    Image.fromarray(rgba, "RGBA").save(d / "e_rgba.png")
+    Image.fromarray(rgb[:, :, 0]).save(d / "sub" / "f_gray.png")
+    Image.fromarray(rgb[:8, :8]).save(d / "sub" / "g_tiny.png")
+    (d / "h_zero.jpg").write_bytes(b"")
+    (d / "i_text.jpg").write_text("this is not an image")
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(buf, "JPEG", quality=95)
+    (d / "j_truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    png = io.BytesIO()
+    Image.fromarray(rgb).save(png, "PNG")
+    raw = bytearray(png.getvalue())
+    raw[60:200] = bytes(140)  # damage the compressed pixel data, keep the header
+    (d / "k_corrupt.png").write_bytes(bytes(raw))
+    # A decompression bomb: 9000 x 9000 one-bit pixels is a tiny file but 81 MP.
+    Image.new("1", (9000, 9000)).save(d / "l_bomb.png")
+    (d / ".hidden.png").write_bytes(b"ignored")
+    expected = {"h_zero.jpg": "zero bytes", "i_text.jpg": "not an image",
+                "j_truncated.jpg": "truncated", "k_corrupt.png": "", "sub/g_tiny.png": "too small",
+                "l_bomb.png": "too large"}
+    return d, expected
+
+
+def test_folder_streams_sorted_converts_and_rejects(zoo):
+    d, expected = zoo
+    src = ImageFolder(d)
+    assert [iid for iid, _ in src.items] == sorted(iid for iid, _ in src.items)
+    assert ".hidden.png" not in dict(src.items)
+    assert "sub/f_gray.png" in dict(src.items)
+    ids, sizes = [], []
+    for batch in src.batches(_to_tensor, batch_size=3):
+        assert batch.pixels.shape[1:] == (3, 16, 16) and batch.pixels.shape[0] <= 3
+        ids += batch.image_ids
+    assert ids == ["a_rgb.jpg", "b_cmyk.jpg", "c_16bit.png", "d_palette.png", "d_palette2.gif",
+                   "e_rgba.png", "sub/f_gray.png"]
+    rejected = {r["path"][len(str(d)) + 1:]: r["reason"] for r in src.rejects}
+    assert set(rejected) == set(expected)
+    for name, reason in expected.items():
+        assert rejected[name].startswith(reason), (name, rejected[name])
+    assert "PNG" in rejected["k_corrupt.png"] or "corrupt" in rejected["k_corrupt.png"]
+    t = src.rejects_table()
+    assert t.column_names == ["dataset", "path", "reason"] and t.num_rows == len(expected)
+    images = src.images_table()
+    assert images.column_names == ["dataset", "image_id", "path", "width", "height", "label",
+                                   "caption", "split", "has_cue"]
+    assert images.num_rows == 7 and images.column("width").to_pylist()[0] == 50
+
+
+def test_conversions_are_rgb_and_sensible(zoo):
+    d, _ = zoo
+    for name in ["b_cmyk.jpg", "c_16bit.png", "d_palette.png", "e_rgba.png", "sub/f_gray.png"]:
+        im = load_image(d / name)
+        assert im.mode == "RGB", name
+    # Fully transparent RGBA composites to white, not to the hidden colours.
+    assert np.asarray(load_image(d / "e_rgba.png")).min() == 255
+    # 16-bit values are scaled into 0..255, not clipped to white.
+    a16 = np.asarray(load_image(d / "c_16bit.png"))[:, :, 0].astype(float)
+    assert 80 < a16.mean() < 175 and a16.std() > 30
+
+
+def test_limits_are_parameters(zoo):
+    d, _ = zoo
+    with pytest.raises(RejectedImage, match="too large"):
+        load_image(d / "a_rgb.jpg", max_pixels=1000)
+    assert load_image(d / "sub/g_tiny.png", min_side=4).size == (8, 8)
+
+
+def test_missing_or_empty_folder(tmp_path):
+    with pytest.raises(BadInput, match="does not exist"):
+        ImageFolder(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BadInput, match="no files"):
+        ImageFolder(tmp_path / "empty")
+
+
+def test_dataset_id_is_stable_and_changes_with_content(zoo):
+    d, _ = zoo
+    a, b = ImageFolder(d).dataset, ImageFolder(d).dataset
+    assert a == b and a.startswith("imgs-")
+    Image.new("RGB", (20, 20)).save(d / "z_new.png")
+    assert ImageFolder(d).dataset != a
+
+
+def test_memory_is_bounded_by_batch(tmp_path):
+    """Batches are decoded lazily: drawing the first batch decodes only that batch."""
+    for i in range(20):
+        Image.new("RGB", (20, 20), (i, 0, 0)).save(tmp_path / f"{i:02d}.png")
+    seen = []
+
+    def pre(im):
+        seen.append(im.getpixel((0, 0))[0])
+        return _to_tensor(im)
+
+    it = ImageFolder(tmp_path).batches(pre, batch_size=4)
+    first = next(it)
+    assert first.image_ids == ["00.png", "01.png", "02.png", "03.png"] and seen == [0, 1, 2, 3]
+
+
+def test_source_from_table_and_load(zoo):
+    import pyarrow as pa
+
+    d, _ = zoo
+    t = pa.table({"image_id": ["x", "y"], "path": [str(d / "a_rgb.jpg"), str(d / "h_zero.jpg")],
+                  "label": ["cat", "dog"]})
+    src = ImageSource.from_table("w", t)
+    assert src.load("x").size == (50, 40)
+    batches = list(src.batches(_to_tensor, 8))
+    assert batches[0].image_ids == ["x"] and src.rejects[0]["reason"] == "zero bytes"
+    assert src.images_table().column("label").to_pylist() == ["cat"]
