@@ -1,0 +1,127 @@
+"""The store and query commands, run through the real entry point (`main()`), exit codes and the
+exact `Error:` lines."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_store import scores_table  # noqa: E402
+
+from neurostore import cli  # noqa: E402
+from neurostore.store import Store  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "st"
+    with Store.open(path) as s:
+        with s.run("dissect", {"m": 1}) as run:
+            run.write("scores", scores_table("m1", "layer1", 10))
+            run.write("scores", scores_table("m2", "layer1", 10))
+    return path
+
+
+def run_cli(capsys, monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", ["neurostore", *map(str, args)])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_query_csv_json_parquet(store_dir, capsys, monkeypatch, tmp_path):
+    code, out, _ = run_cli(capsys, monkeypatch, "query", "concept_neurons", "-p", "concept=c3", "--param", "top=4",
+                           "--store", store_dir, "--format", "csv")
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert len(rows) == 4 and {r["concept"] for r in rows} == {"c3"}
+    code, out, _ = run_cli(capsys, monkeypatch, "query", "neuron_concepts", "-p", "model=m1", "-p", "layer=layer1",
+                           "-p", "unit=3", "--store", store_dir, "-f", "json")
+    assert code == 0 and [r["rank"] for r in json.loads(out)] == [0, 1, 2, 3, 4]
+    dest = tmp_path / "out.parquet"
+    code, _, _ = run_cli(capsys, monkeypatch, "sql", "SELECT * FROM scores WHERE model = $m", "-p", "m=m2",
+                         "--store", store_dir, "-f", "parquet", "-o", dest)
+    assert code == 0 and pq.read_table(dest).num_rows == 50
+
+
+def test_env_store_and_table_output(store_dir, capsys, monkeypatch):
+    monkeypatch.setenv("NEUROSTORE_STORE", str(store_dir))
+    code, out, _ = run_cli(capsys, monkeypatch, "tables", "--json")
+    assert code == 0
+    got = json.loads(out)
+    assert {t["table"]: t["rows"] for t in got["tables"]}["scores"] == 100
+    code, out, _ = run_cli(capsys, monkeypatch, "schema", "scores")
+    assert code == 0 and "channel / neuron index" in out and "INTEGER" in out
+    code, out, _ = run_cli(capsys, monkeypatch, "runs", "-f", "json")
+    assert code == 0 and json.loads(out)[0]["status"] == "committed"
+    code, out, _ = run_cli(capsys, monkeypatch, "query", "--list", "-f", "json")
+    names = [q["name"] for q in json.loads(out)["queries"]]
+    assert code == 0 and "concept_neurons" in names
+
+
+def test_injection_through_cli_is_data(store_dir, capsys, monkeypatch):
+    evil = "x'; DROP TABLE runs; --"
+    code, out, _ = run_cli(capsys, monkeypatch, "query", "concept_neurons", "-p", f"concept={evil}",
+                           "--store", store_dir, "-f", "json")
+    assert code == 0 and json.loads(out) == []
+    code, out, _ = run_cli(capsys, monkeypatch, "sql", "SELECT count(*) AS n FROM runs", "--store", store_dir, "-f", "json")
+    assert json.loads(out) == [{"n": 1}]
+
+
+def test_export(store_dir, capsys, monkeypatch, tmp_path):
+    code, out, _ = run_cli(capsys, monkeypatch, "export", "--store", store_dir, "--to", tmp_path / "exp", "--json")
+    assert code == 0 and json.loads(out)["tables"]["scores"] == 100
+    assert (tmp_path / "exp/load.sql").exists()
+
+
+@pytest.mark.parametrize("args, line", [
+    (["tables", "--store", "{missing}"],
+     "Error: No neurostore store at '{missing}'. Create one with 'neurostore demo --store {missing}' (or any "
+     "command that writes), or pass --store PATH / set $NEUROSTORE_STORE."),
+    (["query", "nope", "--store", "{store}"],
+     "Error: Unknown query 'nope'. Valid: concept_neurons, layer_concept_counts, model_concept_diff, "
+     "neuron_concepts, runs, similar_concepts, top_units_for_concept. See 'neurostore query --list'."),
+    (["query", "concept_neurons", "--store", "{store}"],
+     "Error: Query 'concept_neurons' needs parameter 'concept' (VARCHAR: the concept word or phrase, e.g. "
+     "'striped'). Pass --param concept=VALUE."),
+    (["query", "concept_neurons", "-p", "concept=a", "-p", "top=lots", "--store", "{store}"],
+     "Error: Parameter 'top' of query 'concept_neurons' must be INTEGER, got 'lots'. Pass e.g. --param top=50."),
+    (["schema", "scorez", "--store", "{store}"],
+     "Error: Unknown table 'scorez'. Did you mean scores? Valid: activations, concept_units, concepts, effects, "
+     "embeddings, evaluations, explanations, images, layers, masks, models, patches, pooled, rejects, runs, scores, "
+     "units, vocabularies. See 'neurostore tables'."),
+    (["sql", "SELECT * FROM scorez", "--store", "{store}"],
+     "Error: Unknown table 'scorez'. Did you mean scores? Valid: activations, concept_units, concepts, effects, "
+     "embeddings, evaluations, explanations, images, layers, masks, models, patches, pooled, rejects, runs, scores, "
+     "units, vocabularies. See 'neurostore tables'."),
+    (["sql", "SELECT 1", "--store", "{store}", "-f", "parquet"],
+     "Error: --format parquet writes a file: pass --output FILE.parquet."),
+    (["sql", "SELECT 1", "--store", "{store}", "-f", "xml"],
+     "Error: Unknown format 'xml'. Valid: csv, json, parquet, table. Pass --format table, csv, json or parquet."),
+])
+def test_error_lines(store_dir, tmp_path, capsys, monkeypatch, args, line):
+    missing = tmp_path / "no-store"
+    fill = lambda s: s.format(missing=missing, store=store_dir)  # noqa: E731
+    code, out, err = run_cli(capsys, monkeypatch, *[fill(a) for a in args])
+    assert code == 1 and out == ""
+    assert err.strip() == fill(line)
+    assert not missing.exists()  # a reading command never creates a store
+
+
+def test_every_store_command_has_an_example():
+    import typer.main
+
+    group = typer.main.get_command(cli.app)
+    for name in ("sql", "query", "tables", "schema", "export", "runs"):
+        assert "Example:" in (group.commands[name].help or ""), name
