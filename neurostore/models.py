@@ -417,17 +417,17 @@ def layers_table_rows(target: Target, layers: list[str]) -> list[dict]:
 
 def resolve_layer(target: Target, name: str) -> str:
     """The module path for `name`: a full path passes through; an integer (e.g. -1) indexes the
-    hookable layers of kind conv/linear/vit_mlp; anything else fails with the close matches."""
+    hookable layers of kind conv/linear/vit_mlp/logits; anything else fails with the close matches."""
     modules = dict(target.module.named_modules())
     if name in modules and name:
         return name
     if re.fullmatch(r"-?\d+", name.strip()):
-        units = [li.layer for li in list_layers(target) if li.kind in ("conv", "linear", "vit_mlp")]
+        units = [li.layer for li in list_layers(target) if li.kind in ("conv", "linear", "vit_mlp", "logits")]
         i = int(name)
         if -len(units) <= i < len(units):
             return units[i]
         raise UnknownLayer(f"Layer index {i} is out of range for {target.id}: it has {len(units)} "
-                           f"conv/linear/MLP layers. See 'neurostore layers {target.spec}'.")
+                           f"conv/linear/MLP/logit layers. See 'neurostore layers {target.spec}'.")
     valid = [n for n in modules if n]
     raise UnknownLayer(unknown(f"layer for {target.id}", name, valid,
                                f"See 'neurostore layers {target.spec}'."))

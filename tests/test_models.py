@@ -1,0 +1,137 @@
+"""Target models by spec, layer listing and the layer resolver. Nothing downloads: @random."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from neurostore.errors import BadInput, UnknownLayer, UnknownModel
+from neurostore.models import (_torchvision_weights, layers_table_rows, list_layers, load_target,
+                               resolve_layer)
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return load_target("torchvision:resnet18@random", input_size=64)
+
+
+def test_torchvision_random(resnet):
+    t = resnet
+    assert t.id == "resnet18-random" and t.spec == "torchvision:resnet18@random"
+    assert not t.module.training and t.classes is None and t.input_size == 64
+    x = t.preprocess(Image.new("RGB", (100, 80), (200, 10, 10)))
+    assert x.shape == (3, 64, 64)
+    assert t.model_row()["arch"] == "ResNet" and t.model_row()["n_params"] > 1_000_000
+
+
+def test_list_layers_resnet(resnet):
+    infos = {li.layer: li for li in list_layers(resnet)}
+    assert infos["layer4.1.conv2"].kind == "conv" and infos["layer4.1.conv2"].shape == (512, 2, 2)
+    assert infos["layer1.0.bn1"].kind == "norm"
+    assert infos["fc"].kind == "logits" and infos["fc"].n_units == 1000
+    assert infos["layer3"].n_units == 256 and (infos["layer3"].grid_h, infos["layer3"].grid_w) == (4, 4)
+    rows = layers_table_rows(resnet, ["conv1", "fc"])
+    assert rows[0]["depth"] == 0 and rows[1]["depth_frac"] == 1.0 and rows[1]["model"] == "resnet18-random"
+
+
+def test_resolve_layer(resnet):
+    assert resolve_layer(resnet, "layer4.1.conv2") == "layer4.1.conv2"
+    assert resolve_layer(resnet, "-1") == "fc"
+    assert resolve_layer(resnet, "0") == "conv1"
+    with pytest.raises(UnknownLayer) as e:
+        resolve_layer(resnet, "layer9")
+    msg = str(e.value)
+    assert msg.startswith("Unknown layer for resnet18-random 'layer9'. Did you mean layer1, layer2, layer3?")
+    assert "neurostore layers torchvision:resnet18@random" in msg
+    with pytest.raises(UnknownLayer, match="out of range"):
+        resolve_layer(resnet, "-999")
+
+
+def test_unknown_models():
+    with pytest.raises(UnknownModel, match=r"Unknown torchvision model 'resnet5'\. Did you mean"):
+        load_target("torchvision:resnet5")
+    with pytest.raises(UnknownModel, match=r"Unknown weights for torchvision:resnet18 'IMAGENET9'"):
+        load_target("torchvision:resnet18@IMAGENET9")
+    with pytest.raises(UnknownModel, match="Unknown timm model 'vit_tiny_patch16_22'"):
+        load_target("timm:vit_tiny_patch16_22@random")
+    with pytest.raises(UnknownModel, match="Unknown model spec 'bogus'"):
+        load_target("bogus")
+
+
+def test_torchvision_weights_enum_and_classes_without_download():
+    w = _torchvision_weights("resnet50", "IMAGENET1K_V2")
+    assert w.meta["categories"][0] == "tench" and len(w.meta["categories"]) == 1000
+    assert _torchvision_weights("resnet50", "ResNet50_Weights.IMAGENET1K_V1").name == "IMAGENET1K_V1"
+    assert _torchvision_weights("resnet50", "random") is None
+
+
+def test_timm_vit_tokens_become_a_grid():
+    t = load_target("timm:vit_tiny_patch16_224@random", input_size=64)
+    assert t.num_prefix_tokens == 1 and t.grid_size == (4, 4)
+    infos = {li.layer: li for li in list_layers(t)}
+    fc1 = infos["blocks.0.mlp.fc1"]
+    assert fc1.kind == "vit_mlp" and fc1.shape == (17, 768) and (fc1.grid_h, fc1.grid_w) == (4, 4)
+
+
+def test_checkpoint_whole_module_and_factory_dict(tmp_path, monkeypatch):
+    pkg = tmp_path / "mymodels.py"
+    pkg.write_text(textwrap.dedent("""
+        from torch import nn
+        def tiny(width=4):
+            return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 2))
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import mymodels
+
+    m = mymodels.tiny(width=5)
+    torch.save(m, tmp_path / "whole.pt")
+    t = load_target(str(tmp_path / "whole.pt"), input_size=32)
+    assert t.id == "whole" and [li.layer for li in list_layers(t)] == ["0", "1", "2", "3", "4"]
+    torch.save({"factory": "mymodels:tiny", "kwargs": {"width": 5}, "state_dict": m.state_dict(),
+                "classes": ["a", "b"], "input_size": 32}, tmp_path / "dict.pth")
+    t2 = load_target(str(tmp_path / "dict.pth"))
+    assert t2.classes == ["a", "b"] and t2.input_size == 32
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(t2.module(x), m.eval()(x))
+    t3 = load_target("mymodels:tiny", input_size=32)
+    assert t3.id == "tiny" and list_layers(t3)[0].shape == (4, 32, 32)
+    with pytest.raises(BadInput, match="does not exist"):
+        load_target(str(tmp_path / "missing.pt"))
+    torch.save({"weights": 1}, tmp_path / "bad.pt")
+    with pytest.raises(BadInput, match="not an nn.Module"):
+        load_target(str(tmp_path / "bad.pt"))
+    with pytest.raises(UnknownModel, match="Unknown factory in mymodels 'tinny'. Did you mean tiny"):
+        load_target("mymodels:tinny")
+
+
+def test_probe_world_target():
+    world = pytest.importorskip("neurostore.world")
+    if not hasattr(world, "load_world"):
+        pytest.skip("neurostore.world has no load_world yet (built by another engineer)")
+    t = load_target("probe:cnn")
+    assert t.id == "probe-cnn" and t.classes and list_layers(t)
+
+
+def test_cli_layers_json_and_error():
+    from typer.testing import CliRunner
+
+    from neurostore.cli import app
+
+    r = CliRunner().invoke(app, ["layers", "torchvision:resnet18@random", "--input-size", "32", "--json"])
+    assert r.exit_code == 0, r.output
+    import json
+
+    out = json.loads(r.stdout)
+    assert out["layers"][0] == {"layer": "conv1", "kind": "conv", "shape": [64, 16, 16], "n_units": 64,
+                                "grid_h": 16, "grid_w": 16}
+    p = subprocess.run([sys.executable, "-m", "neurostore.cli", "layers", "torchvision:resnet1"],
+                       capture_output=True, text=True)
+    assert p.returncode == 1
+    assert p.stderr.startswith("Error: Unknown torchvision model 'resnet1'. Did you mean resnet18")
