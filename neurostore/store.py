@@ -439,7 +439,7 @@ class Store:
                 keep = []
                 for e in entries:
                     same_part = e["partition"] == s["partition"]
-                    drop = same_part and (run.replace == "partition" or e["work_key"] == run.work_key) \
+                    drop = same_part and (run.replace == "partition" or e["work_key"] == s["work_key"]) \
                         and e["run_id"] != run.run_id
                     (retired.append({"path": e["path"], "at": now}) if drop else keep.append(e))
                 keep.append({k: s[k] for k in ("path", "run_id", "work_key", "partition", "rows", "bytes")})
@@ -702,8 +702,13 @@ class Run:
             self.fail(exc if exc is not None else exc_type())
         return False
 
-    def write(self, table: str, data) -> int:
-        """Validate `data` against schema/<table>.sql and stage it. Returns rows written."""
+    def write(self, table: str, data, key: str | None = None) -> int:
+        """Validate `data` against schema/<table>.sql and stage it. Returns rows written.
+
+        `key` names the work these rows are the result of (default: the run's work_key); at
+        commit they replace earlier rows of the same table, partition and key. A pipeline run
+        writes several kinds of work at once, e.g. images keyed by dataset and scores keyed by
+        scorer, so re-running one piece replaces exactly that piece."""
         if self.state != "open":
             raise BadInput(f"Run {self.run_id} is {self.state}; start a new run with store.run(...).")
         ts = self.store._table(table)
@@ -717,10 +722,10 @@ class Run:
             return 0
         for part, chunk in _split_partitions(ts, arrow):
             pdir = _part_dir(part)
-            key = (table, pdir)
-            files = self._chunks.setdefault(key, [])
-            self._partitions[key] = part
-            d = self.staging / "chunks" / table / pdir
+            slot = (table, pdir, key or self.work_key)
+            files = self._chunks.setdefault(slot, [])
+            self._partitions[slot] = part
+            d = self.staging / "chunks" / table / pdir / hashlib.sha1(slot[2].encode()).hexdigest()[:12]
             d.mkdir(parents=True, exist_ok=True)
             p = d / f"{len(files):05d}.parquet"
             pq.write_table(chunk.drop_columns(list(ts.partition)), p, compression="lz4")
@@ -736,7 +741,7 @@ class Run:
             return sealed
         con = _work_connection(self.staging)
         try:
-            for i, ((table, pdir), files) in enumerate(sorted(self._chunks.items())):
+            for i, ((table, pdir, wkey), files) in enumerate(sorted(self._chunks.items())):
                 ts = self.store.schemas[table]
                 name = f"{self.run_id}-{i}.parquet"
                 out = self.staging / "sealed" / table / pdir / name
@@ -749,9 +754,9 @@ class Run:
                             f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {rg})")
                 _fsync_file(out)
                 rows = pq.ParquetFile(out).metadata.num_rows
-                sealed.append({"table": table, "partition": self._partitions[(table, pdir)], "src": out,
+                sealed.append({"table": table, "partition": self._partitions[(table, pdir, wkey)], "src": out,
                                "path": f"tables/{table}/{pdir}/{name}" if pdir else f"tables/{table}/{name}",
-                               "run_id": self.run_id, "work_key": self.work_key, "rows": rows,
+                               "run_id": self.run_id, "work_key": wkey, "rows": rows,
                                "bytes": out.stat().st_size})
         finally:
             con.close()
