@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import BadInput, UnknownLayer, UnknownModel, unknown
+from .errors import BadInput, UnknownLayer, UnknownModel, did_you_mean, unknown
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -429,8 +429,9 @@ def resolve_layer(target: Target, name: str) -> str:
         raise UnknownLayer(f"Layer index {i} is out of range for {target.id}: it has {len(units)} "
                            f"conv/linear/MLP/logit layers. See 'neurostore layers {target.spec}'.")
     valid = [n for n in modules if n]
-    raise UnknownLayer(unknown(f"layer for {target.id}", name, valid,
-                               f"See 'neurostore layers {target.spec}'."))
+    raise UnknownLayer(f"Unknown layer '{name}' for {target.id}.{did_you_mean(name, valid)} "
+                       f"Layers are module paths ({len(valid)} in all); see "
+                       f"'neurostore layers {target.spec}'.")
 
 
 def layers(spec: str, input_size: int | None = None) -> list[dict]:

@@ -47,7 +47,7 @@ def test_resolve_layer(resnet):
     with pytest.raises(UnknownLayer) as e:
         resolve_layer(resnet, "layer9")
     msg = str(e.value)
-    assert msg.startswith("Unknown layer for resnet18-random 'layer9'. Did you mean layer1, layer2, layer3?")
+    assert msg.startswith("Unknown layer 'layer9' for resnet18-random. Did you mean layer4, layer3, layer2?")
     assert "neurostore layers torchvision:resnet18@random" in msg
     with pytest.raises(UnknownLayer, match="out of range"):
         resolve_layer(resnet, "-999")
