@@ -46,7 +46,7 @@ def create_openclip(rest: str):
     if rest.startswith("hf-hub:"):
         model_name, pretrained, tok, short = rest, None, rest, rest.split("/")[-1]
         kwargs = {}
-    elif _is_path(rest):
+    elif rest.partition("/")[0] not in open_clip.list_models() and _is_path(rest):
         model_name, pretrained, kwargs, tok, short = _local(Path(rest).expanduser())
     else:
         name, _, tag = rest.partition("/")

@@ -1,0 +1,108 @@
+"""OpenCLIP adapter: a small random OpenCLIP model saved to disk and loaded back by path, through
+OpenCLIP's own loading functions, exactly as a user would; and the errors a user gets."""
+
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from neurostore.encoders import load_encoder
+from neurostore.errors import BadInput, UnknownEncoder
+from neurostore.models import list_layers, load_target
+from neurostore.openclip import save_openclip
+from neurostore.record import activation_maps
+
+torch.set_num_threads(2)
+
+TINY = {"embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(**TINY).eval()
+    folder = save_openclip(model, TINY, tmp_path_factory.mktemp("oc") / "tiny-clip")
+    return model, folder
+
+
+def _images():
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(3)]
+
+
+def test_load_folder_by_path(saved):
+    model, folder = saved
+    enc = load_encoder(f"open_clip:{folder}")
+    assert enc.id == f"open_clip:{folder}" and enc.dim == 32 and enc.image_size == 32
+    imgs = enc.embed_pil(_images())
+    assert imgs.shape == (3, 32) and torch.allclose(imgs.norm(dim=1), torch.ones(3), atol=1e-5)
+    txt = enc.encode_texts(["a red square", "a blue circle"])
+    assert txt.shape == (2, 32) and torch.allclose(txt.norm(dim=1), torch.ones(2), atol=1e-5)
+    # The weights on disk are the weights in use: same embeddings as the original model.
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(model.encode_image(torch.stack([enc.preprocess(i) for i in _images()])), dim=-1)
+    assert torch.allclose(imgs, ref, atol=1e-5)
+
+
+def test_load_weights_file_beside_config(saved):
+    _, folder = saved
+    enc = load_encoder(f"open_clip:{folder / 'open_clip_model.safetensors'}")
+    assert enc.dim == 32
+
+
+def test_model_name_and_checkpoint_file(saved, tmp_path):
+    """open_clip:MODEL/PATH with a model registered through add_model_config, and a .pt that names
+    its model."""
+    model, _ = saved
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "neurostore-tiny.json").write_text(json.dumps(TINY))
+    open_clip.add_model_config(tmp_path / "cfg")
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    enc = load_encoder(f"open_clip:neurostore-tiny/{tmp_path / 'weights.pt'}")
+    torch.save({"model_name": "neurostore-tiny", "state_dict": model.state_dict()}, tmp_path / "named.pt")
+    enc2 = load_encoder(f"open_clip:{tmp_path / 'named.pt'}")
+    x = enc.embed_pil(_images())
+    assert torch.allclose(x, enc2.embed_pil(_images()), atol=1e-6)
+
+
+def test_errors(tmp_path):
+    with pytest.raises(UnknownEncoder, match=r"Unknown OpenCLIP model 'ViT-B-33'\. Did you mean ViT-B-32"):
+        load_encoder("open_clip:ViT-B-33/laion2b_s34b_b79k")
+    with pytest.raises(UnknownEncoder, match=r"Unknown pretrained tag for OpenCLIP ViT-B-32 'laion9'"):
+        load_encoder("open_clip:ViT-B-32/laion9")
+    with pytest.raises(UnknownEncoder, match="has no pretrained tag.*laion2b_s34b_b79k"):
+        load_encoder("open_clip:ViT-B-32")
+    with pytest.raises(BadInput, match=r"OpenCLIP checkpoint '.*missing\.pt' does not exist"):
+        load_encoder(f"open_clip:{tmp_path / 'missing.pt'}")
+    with pytest.raises(BadInput, match="does not exist"):
+        load_encoder(f"open_clip:ViT-B-32/{tmp_path / 'missing.pt'}")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(BadInput, match="no open_clip_config.json"):
+        load_encoder(f"open_clip:{tmp_path / 'plain'}")
+    torch.save({"a": torch.zeros(1)}, tmp_path / "anon.pt")
+    with pytest.raises(BadInput, match="does not say which model"):
+        load_encoder(f"open_clip:{tmp_path / 'anon.pt'}")
+
+
+def test_visual_tower_as_target(saved):
+    _, folder = saved
+    t = load_target(f"open_clip:{folder}")
+    assert t.id == "tiny-clip" and t.num_prefix_tokens == 1 and t.grid_size == (4, 4)
+    assert t.token_layout == "btc"  # open_clip 3.x runs its transformer batch-first
+    infos = {li.layer: li for li in list_layers(t)}
+    assert infos["transformer.resblocks.1.mlp.c_fc"].kind == "vit_mlp"
+    x = torch.stack([t.preprocess(i) for i in _images()])
+    captured = {}
+    h = t.module.transformer.resblocks[1].mlp.c_fc.register_forward_hook(
+        lambda m, i, o: captured.setdefault("out", o))
+    maps = activation_maps(t, ["transformer.resblocks.1.mlp.c_fc"], x)["transformer.resblocks.1.mlp.c_fc"]
+    h.remove()
+    out = captured["out"]  # [batch, 1 + 16 tokens, 128]
+    assert maps.shape == (3, 128, 4, 4)
+    # Patch token (row 2, col 3) is token 1 + 2*4 + 3; the class token is dropped.
+    assert torch.allclose(maps[:, :, 2, 3], out[:, 1 + 2 * 4 + 3, :])

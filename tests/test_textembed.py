@@ -1,0 +1,33 @@
+"""The text embedder: the bundled MiniLM loads offline and behaves like a sentence model."""
+
+import numpy as np
+import pytest
+
+from neurostore.errors import UnknownEncoder
+from neurostore.textembed import TextEmbedder, get_text_embedder
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return get_text_embedder()
+
+
+def test_loads_offline_unit_norms(minilm):
+    assert minilm.id == "minilm:all-MiniLM-L6-v2" and minilm.dim == 384
+    v = minilm.encode(["striped", "a red circle", "striped"])
+    assert v.shape == (3, 384) and v.dtype == np.float32
+    assert np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+    assert np.array_equal(v[0], v[2])
+    assert minilm.encode([]).shape == (0, 384)
+
+
+def test_similarity_sanity(minilm):
+    s = minilm.similarity(["cat"], ["kitten", "truck", "spreadsheet"])[0]
+    assert s[0] > s[1] and s[0] > s[2]
+    s2 = minilm.similarity(["zebra stripes"], ["striped pattern", "polka dots"])[0]
+    assert s2[0] > s2[1]
+
+
+def test_bad_local_path(tmp_path):
+    with pytest.raises(UnknownEncoder, match=r"Could not load text model '.*nope'.*Use 'minilm'"):
+        TextEmbedder(str(tmp_path / "nope"))
