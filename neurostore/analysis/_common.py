@@ -1,0 +1,314 @@
+"""Shared pieces of the analysis layer: opening stores, finding what a model was dissected on,
+loading its probe images, zeroing units, and MiniLM relatedness of words.
+
+A neuron is `(model, layer, unit)` everywhere; as text `layer/unit` within a model, or
+`model/layer/unit` across models (`parse_neuron`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ..errors import BadInput, BadParameter, UnknownLayer, UnknownModel, unknown
+from ..store import Store
+
+# Images pushed through a model per forward pass in ablations and contributions: small models
+# of the probe world fit thousands, real ones a few dozen; 64 keeps memory flat for both.
+BATCH = 64
+
+
+def open_store(store: Store | str | Path, read_only: bool = False) -> Store:
+    """A Store from a Store or a path (analysis commands never create a store: it must hold a
+    dissection already)."""
+    if isinstance(store, Store):
+        return store
+    return Store.open(store, read_only=read_only, create=False)
+
+
+def stored_models(store: Store) -> list[str]:
+    return [m for m in store.sql("SELECT DISTINCT model FROM models ORDER BY model").column("model").to_pylist() if m]
+
+
+def check_models(store: Store, models: Iterable[str]) -> list[str]:
+    """The given model ids, each checked against the models table."""
+    have = stored_models(store)
+    out = []
+    for m in models:
+        if m not in have:
+            raise UnknownModel(unknown("model", m, have, "Dissect it first: 'neurostore dissect MODEL'; "
+                                                       "stored models are in 'neurostore sql \"SELECT * FROM models\"'."))
+        out.append(m)
+    return out
+
+
+def model_row(store: Store, model: str) -> dict:
+    check_models(store, [model])
+    rows = store.sql("SELECT * FROM models WHERE model = $m ORDER BY run_id DESC LIMIT 1", {"m": model}).to_pylist()
+    return rows[0]
+
+
+def model_dataset(store: Store, model: str) -> str | None:
+    """The probe set a model was recorded on (the most recent when there are several)."""
+    rows = store.sql("SELECT dataset, max(run_id) AS r FROM units WHERE model = $m GROUP BY dataset ORDER BY r DESC",
+                     {"m": model}).to_pylist()
+    return rows[0]["dataset"] if rows else None
+
+
+def model_layers(store: Store, model: str) -> list[dict]:
+    """Rows of the layers table for a model, in depth order."""
+    return store.sql("SELECT layer, kind, n_units, depth, depth_frac FROM layers WHERE model = $m "
+                     "ORDER BY depth, layer", {"m": model}).to_pylist()
+
+
+@functools.lru_cache(maxsize=8)
+def _load_target_cached(spec: str):
+    from ..models import load_target
+
+    return load_target(spec)
+
+
+def load_model(store: Store, model: str):
+    """The target model behind a stored model id, loaded from its recorded spec."""
+    row = model_row(store, model)
+    spec = row.get("spec")
+    if not spec:
+        raise BadInput(f"Model '{model}' has no spec in the models table, so it cannot be re-loaded for "
+                       "ablations or gradients. Dissect it again with 'neurostore dissect SPEC'.")
+    t = _load_target_cached(spec)
+    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    return t
+
+
+def world_of(target) -> object | None:
+    """The probe world a target belongs to (probe:* specs), else None."""
+    return (target.extra or {}).get("world")
+
+
+# ---- neurons ------------------------------------------------------------------------------------
+
+_NEURON_RE = re.compile(r"^(?:(?P<model>[a-z0-9][a-z0-9_.\-]*)/)?(?P<layer>[A-Za-z0-9_][A-Za-z0-9_.]*)[/:](?P<units>[\d,\- ]+)$")
+
+
+def parse_units(specs: Sequence[str] | str, layer: str | None = None) -> dict[str, list[int]]:
+    """Unit selections -> {layer: [units]}.  Accepts 'conv4:3', 'conv4/3', 'conv4:3,7,9',
+    'conv4:0-7' (a range), or bare unit numbers when `layer` is given."""
+    if isinstance(specs, str):
+        specs = [specs]
+    out: dict[str, list[int]] = {}
+    for raw in specs:
+        for part in [p for p in re.split(r"\s+(?=[A-Za-z_])", raw.strip()) if p]:
+            m = _NEURON_RE.match(part.strip())
+            if m:
+                lay, units = m.group("layer"), m.group("units")
+            elif layer is not None and re.fullmatch(r"[\d,\- ]+", part.strip()):
+                lay, units = layer, part
+            else:
+                raise BadParameter(f"Cannot read unit selection '{part}'. Use LAYER:UNIT[,UNIT...] or "
+                                   "LAYER:FIRST-LAST, e.g. --units conv4:3,7 or --units blocks.3.mlp.fc1:0-15.")
+            for tok in [t for t in units.replace(" ", "").split(",") if t]:
+                if "-" in tok:
+                    a, b = tok.split("-", 1)
+                    if not a or not b or int(b) < int(a):
+                        raise BadParameter(f"Bad unit range '{tok}' in '{part}'. Use FIRST-LAST, e.g. 0-7.")
+                    out.setdefault(lay, []).extend(range(int(a), int(b) + 1))
+                else:
+                    out.setdefault(lay, []).append(int(tok))
+    if not out:
+        raise BadParameter("No units given. Pass e.g. --units conv4:3,7.")
+    return {k: sorted(set(v)) for k, v in out.items()}
+
+
+def check_units(target, units: dict[str, list[int]]) -> None:
+    """Every layer exists in the model and every unit is in range."""
+    from ..models import list_layers
+
+    infos = {li.layer: li for li in list_layers(target)}
+    for layer, us in units.items():
+        if layer not in infos:
+            raise UnknownLayer(unknown(f"layer for {target.id}", layer, infos, f"See 'neurostore layers {target.spec}'."))
+        n = infos[layer].n_units
+        bad = [u for u in us if not 0 <= u < n]
+        if bad:
+            raise BadParameter(f"Unit {bad[0]} is out of range for {target.id} layer {layer}: it has units 0..{n - 1}.")
+
+
+def neuron_names(units: dict[str, list[int]]) -> list[str]:
+    return [f"{layer}/{u}" for layer in units for u in units[layer]]
+
+
+# ---- zeroing units --------------------------------------------------------------------------------
+
+
+def _channel_dim(target, out: torch.Tensor) -> int:
+    # conv maps [b, c, h, w] and linear outputs [b, c] carry units on dim 1; token layers carry
+    # them on the last dim in both layouts ([b, t, c] and [t, b, c]).
+    return 1 if out.dim() in (2, 4) else out.dim() - 1
+
+
+@contextlib.contextmanager
+def zeroed(target, units: dict[str, list[int]]):
+    """Forward hooks that set the given units of each layer to 0 (every position and token: the
+    whole unit is removed, as in the papers' ablation studies). Handles are removed on exit."""
+    modules = dict(target.module.named_modules())
+    handles = []
+    try:
+        for layer, us in units.items():
+            idx = torch.tensor(sorted(us), dtype=torch.long)
+
+            def hook(_m, _inp, out, idx=idx):
+                first = out[0] if isinstance(out, (tuple, list)) else out
+                z = first.clone()  # never in place: a later in-place op could see the original
+                z.index_fill_(_channel_dim(target, z), idx, 0.0)
+                if isinstance(out, tuple):
+                    return (z, *out[1:])
+                if isinstance(out, list):
+                    return [z, *out[1:]]
+                return z
+
+            handles.append(modules[layer].register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def logits_of(target, x: torch.Tensor) -> torch.Tensor:
+    out = target.module(x)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if isinstance(out, dict):
+        out = out.get("logits", next(iter(out.values())))
+    return out  # [b, classes]
+
+
+@torch.no_grad()
+def predict(target, pixels: torch.Tensor, units: dict[str, list[int]] | None = None, batch: int = BATCH) -> np.ndarray:
+    """Predicted class index per image, optionally with `units` zeroed."""
+    preds = []
+    ctx = zeroed(target, units) if units else contextlib.nullcontext()
+    with ctx:
+        for i in range(0, len(pixels), batch):
+            preds.append(logits_of(target, pixels[i : i + batch]).argmax(1).numpy())
+    return np.concatenate(preds) if preds else np.zeros(0, np.int64)
+
+
+def per_class_accuracy(preds: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> dict[str, tuple[float, int]]:
+    """{class: (accuracy, n_images)} over the classes that have images."""
+    out = {}
+    for ci, c in enumerate(classes):
+        m = labels == ci
+        if m.any():
+            out[c] = (float((preds[m] == ci).mean()), int(m.sum()))
+    return out
+
+
+def cue_flip_rate(p_clean: np.ndarray, p_cued: np.ndarray, labels: np.ndarray, class_index: int) -> tuple[float, int]:
+    """Among other-class scenes not predicted as the class without the cue, the fraction predicted
+    as the class once the cue is drawn (the probe world's measure of reliance on the cue)."""
+    base = (labels != class_index) & (p_clean != class_index)
+    if not base.any():
+        return 0.0, 0
+    return float((p_cued[base] == class_index).mean()), int(base.sum())
+
+
+# ---- probe images -------------------------------------------------------------------------------
+
+
+@dataclass
+class ProbeSet:
+    dataset: str
+    image_ids: list[str]
+    pixels: torch.Tensor     # [n, 3, S, S] preprocessed for the target
+    labels: np.ndarray       # [n] class index into target.classes
+    classes: list[str]
+
+
+def probe_images(store: Store, model: str, target, max_images: int = 2000, split: str | None = None,
+                 seed: int = 0) -> ProbeSet:
+    """The labelled images of the probe set `model` was dissected on, preprocessed for it.
+
+    Which images: the model's dataset (units table), rows of the images table with a label that
+    is one of the model's classes; of split `split` when given, else the 'probe' split when the
+    dataset has one (what was dissected), else every split. At most `max_images`, drawn evenly
+    per class with a fixed seed so re-runs see the same images."""
+    from PIL import Image
+
+    classes = list(target.classes or [])
+    if not classes:
+        raise BadInput(f"Model '{model}' has no class names (models.classes is empty), so per-class "
+                       "accuracy cannot be measured. Give a model with a classifier head and known classes.")
+    dataset = model_dataset(store, model)
+    if dataset is None:
+        raise BadInput(f"Model '{model}' has no recorded activations in this store. Dissect it first: "
+                       "'neurostore dissect SPEC'.")
+    rows = store.sql("SELECT image_id, path, label, split FROM images WHERE dataset = $d AND label IS NOT NULL "
+                     "ORDER BY image_id", {"d": dataset}).to_pylist()
+    rows = [r for r in rows if r["label"] in classes]
+    splits = {r["split"] for r in rows}
+    want = split if split is not None else ("probe" if "probe" in splits else None)
+    if want is not None:
+        if want not in splits:
+            raise BadParameter(unknown(f"split of dataset {dataset}", want, [s for s in splits if s]))
+        rows = [r for r in rows if r["split"] == want]
+    if not rows:
+        raise BadInput(f"Dataset '{dataset}' of model '{model}' has no images labelled with the model's classes "
+                       f"({', '.join(classes[:6])}…). Ablations and audits need labelled probe images.")
+    if len(rows) > max_images:
+        rng = np.random.default_rng(seed)
+        by_class: dict[str, list[int]] = {}
+        for i, r in enumerate(rows):
+            by_class.setdefault(r["label"], []).append(i)
+        per = max(1, max_images // len(by_class))
+        keep = sorted(int(j) for idx in by_class.values()
+                      for j in rng.choice(idx, min(per, len(idx)), replace=False))
+        rows = [rows[i] for i in keep]
+    pix = []
+    for r in rows:
+        with Image.open(r["path"]) as im:
+            pix.append(target.preprocess(im.convert("RGB")))
+    index = {c: i for i, c in enumerate(classes)}
+    return ProbeSet(dataset, [r["image_id"] for r in rows], torch.stack(pix),
+                    np.array([index[r["label"]] for r in rows], np.int64), classes)
+
+
+# ---- words ------------------------------------------------------------------------------------------
+
+
+def minilm(texts: Sequence[str]) -> np.ndarray:
+    """[n, 384] unit MiniLM vectors (cached per phrase by sqlfuncs)."""
+    from ..sqlfuncs import embed_texts
+
+    return embed_texts(list(texts))
+
+
+def relatedness(a: Sequence[str], b: Sequence[str]) -> np.ndarray:
+    """[len(a), len(b)] MiniLM cosine similarities of words/phrases."""
+    if not len(a) or not len(b):
+        return np.zeros((len(a), len(b)), np.float32)
+    return minilm(a) @ minilm(b).T
+
+
+def vector_column(m: np.ndarray) -> pa.Array:
+    m = np.ascontiguousarray(m, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(m.ravel(), pa.float32()), m.shape[1])
+
+
+def matrix(column) -> np.ndarray:
+    """A list/array column of equal-length float vectors -> [n, d] float32."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array([], pa.list_(pa.float32()))
+    n = len(column)
+    if n == 0:
+        return np.zeros((0, 0), np.float32)
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    flat = np.asarray(flat, dtype=np.float32)
+    return flat.reshape(n, -1)

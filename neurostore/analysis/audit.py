@@ -1,0 +1,391 @@
+"""Spurious-concept audit: for each class, the units that drive it, what they detect, whether
+that is unrelated to the class, and whether removing them removes the model's reliance on it.
+
+    from neurostore.analysis import audit
+    res = audit("store/")                          # every model with classes, every class
+    res.headlines      # per model: the class and concept of the main finding, verified or not
+    res.findings       # Arrow rows of schema/audit_findings.sql
+    res.units          # Arrow rows of schema/audit_units.sql
+
+Per model and class, on the labelled probe images the model was dissected on:
+
+1. contributions. gradient x activation toward the class logit for every unit of every
+   dissected layer (the layers table), summed over positions/tokens and averaged over the
+   class's images; and, for the layer whose pooled output is the classifier head's input
+   (found by comparing tensors, not names), weight x activation (W[class, unit] x input).
+2. driving units: the `top_units` units with the largest positive grad x act (all layers).
+3. ablation: each driving unit zeroed alone -> change of the class's accuracy.
+4. explanations: each unit's label (top concept) under `scorer` from the store; relatedness =
+   MiniLM cosine(label, class name); flagged when below `threshold`.
+   THRESHOLD = 0.5, calibrated on the probe world: a class name scores 1.0 with itself, other
+   shape names score 0.26-0.56 with it, and every cue, colour and texture word scores at most
+   0.46 with every shape name ('dot' vs 'circle' 0.45 is the closest), so 0.5 flags every
+   cue word for every class while a unit labelled with the class's own name is never
+   flagged. (Single-word MiniLM cosines between unrelated everyday words sit at 0.1-0.45.)
+5. findings: flagged units grouped by label -> (class, concept, neurons, contribution).
+   Each is verified by zeroing its units together: class accuracy before/after and, in the
+   probe world, the cue flip rate toward the class (other-class scenes that become the class
+   once the cue is drawn, from world.cue_pairs) before/after. verified when the flip rate
+   drops by at least max(0.05, 0.3 x before). The headline of a model is its verified finding
+   with the largest drop (else the flagged finding with the largest contribution).
+
+Everything is written in one run per audit (re-running the same model and classes replaces
+it): audit_units, audit_findings, and effects rows (grad_x_act and weight_x_act of the driving
+units, single-unit and set ablations).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ..errors import BadInput, BadParameter, NeurostoreError, unknown
+from ..models import list_layers
+from ..store import Store
+from ._common import (BATCH, check_models, logits_of, model_layers, open_store, per_class_accuracy, predict,
+                      probe_images, relatedness, stored_models, world_of, load_model, cue_flip_rate)
+from .ablate import cue_pairs_for
+from .compare import explanations, pick_scorer
+
+THRESHOLD = 0.5
+TOP_UNITS = 10
+VERIFY_TOP = 3          # findings verified per class (by contribution)
+MIN_DROP = 0.05         # verified: flip rate drops by at least max(MIN_DROP, REL_DROP x before)
+REL_DROP = 0.3
+
+
+@dataclass
+class AuditResult:
+    models: list[str]
+    threshold: float
+    units: pa.Table
+    findings: pa.Table
+    headlines: list[dict]
+    notes: list[str] = field(default_factory=list)
+    run_ids: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"models": self.models, "threshold": self.threshold, "headlines": self.headlines,
+                "findings": self.findings.to_pylist(), "notes": self.notes, "run_ids": self.run_ids,
+                "units": self.units.to_pylist()}
+
+
+# ---- contributions ----------------------------------------------------------------------------------
+
+
+def _sum_positions(target, g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """grad x act summed over every position/token -> [batch, units]."""
+    ga = g * a
+    if ga.dim() == 4:
+        return ga.sum((2, 3))                           # [b, c, h, w] -> [b, c]
+    if ga.dim() == 3:
+        return ga.sum(0 if target.token_layout == "tbc" else 1)  # tokens -> [b, c]
+    return ga                                           # [b, c]
+
+
+def _poolings(target, out: torch.Tensor) -> list[torch.Tensor]:
+    """Ways a layer's output can become a head's input: [b, c] each."""
+    if out.dim() == 4:
+        return [out.mean((2, 3)), torch.relu(out).mean((2, 3)), out.amax((2, 3))]
+    if out.dim() == 3:
+        x = out.transpose(0, 1) if target.token_layout == "tbc" else out  # [b, t, c]
+        return [x[:, 0], x.mean(1), x[:, target.num_prefix_tokens:].mean(1)]
+    return [out, torch.relu(out)]
+
+
+def head_of(target) -> tuple[str, torch.nn.Linear] | None:
+    """The classifier head: the last Linear layer the forward pass calls."""
+    modules = dict(target.module.named_modules())
+    for li in reversed(list_layers(target)):
+        m = modules.get(li.layer)
+        if isinstance(m, torch.nn.Linear) and li.kind == "logits":
+            return li.layer, m
+    return None
+
+
+@torch.no_grad()
+def head_input_layer(target, pixels: torch.Tensor) -> str | None:
+    """The layer whose (pooled) output is exactly the head's input, found by comparing tensors."""
+    head = head_of(target)
+    if head is None:
+        return None
+    name, lin = head
+    infos = [li for li in list_layers(target) if li.n_units == lin.in_features and li.layer != name]
+    modules = dict(target.module.named_modules())
+    got, inp = {}, {}
+    hs = [modules[li.layer].register_forward_hook(
+        lambda _m, _i, o, n=li.layer: got.__setitem__(n, o[0] if isinstance(o, (tuple, list)) else o)) for li in infos]
+    hs.append(lin.register_forward_pre_hook(lambda _m, i: inp.__setitem__("x", i[0])))
+    try:
+        logits_of(target, pixels[:16])
+    finally:
+        for h in hs:
+            h.remove()
+    x = inp.get("x")
+    if x is None or x.dim() != 2:
+        return None
+    for li in reversed(infos):
+        out = got.get(li.layer)
+        if out is None:
+            continue
+        for p in _poolings(target, out):
+            if p.shape == x.shape and torch.allclose(p, x, atol=1e-5, rtol=1e-4):
+                return li.layer
+    return None
+
+
+def contributions(target, probe, layers: Sequence[str], head_layer: str | None) -> dict:
+    """Mean grad x act per (layer, class) [classes, units] over each class's images (toward its
+    own logit), and weight x act at the head input [classes, units]."""
+    modules = dict(target.module.named_modules())
+    n_cls = len(probe.classes)
+    sums = {layer: None for layer in layers}
+    wxa = None
+    counts = np.bincount(probe.labels, minlength=n_cls).astype(np.float64)
+    head = head_of(target)
+    for i in range(0, len(probe.pixels), BATCH):
+        x = probe.pixels[i : i + BATCH]
+        y = torch.from_numpy(probe.labels[i : i + BATCH])
+        outs, inp = {}, {}
+        hs = [modules[layer].register_forward_hook(
+            lambda _m, _i, o, n=layer: outs.__setitem__(n, o[0] if isinstance(o, (tuple, list)) else o))
+            for layer in layers]
+        if head is not None and head_layer is not None:
+            hs.append(head[1].register_forward_pre_hook(lambda _m, inp_, d=inp: d.__setitem__("x", inp_[0])))
+        try:
+            with torch.enable_grad():
+                xg = x.clone().requires_grad_(True)  # so every activation is part of the graph
+                logits = logits_of(target, xg)
+                sel = logits.gather(1, y[:, None]).sum()
+                names = [n for n in layers if n in outs]
+                grads = torch.autograd.grad(sel, [outs[n] for n in names], allow_unused=True)
+        finally:
+            for h in hs:
+                h.remove()
+        onehot = torch.nn.functional.one_hot(y, n_cls).double()  # [b, classes]
+        for n, g in zip(names, grads):
+            a = outs[n].detach()
+            g = torch.zeros_like(a) if g is None else g
+            per = _sum_positions(target, g, a).double()           # [b, units]
+            s = onehot.T @ per                                    # [classes, units]
+            sums[n] = s if sums[n] is None else sums[n] + s
+        if "x" in inp:
+            W = head[1].weight.detach().double()                  # [classes, f]
+            contrib = W[y] * inp["x"].detach().double()           # [b, f]: W[label, f] x input f
+            s = onehot.T @ contrib
+            wxa = s if wxa is None else wxa + s
+    denom = np.clip(counts, 1, None)[:, None]
+    out = {"grad_x_act": {n: (s.numpy() / denom) for n, s in sums.items() if s is not None}}
+    out["weight_x_act"] = (wxa.numpy() / denom) if wxa is not None else None
+    return out
+
+
+# ---- audit --------------------------------------------------------------------------------------------
+
+
+def _verified(before: float | None, after: float | None) -> bool | None:
+    if before is None or after is None:
+        return None
+    return (before - after) >= max(MIN_DROP, REL_DROP * before)
+
+
+def audit_model(st: Store, model: str, classes: Sequence[str] | None, scorer: str | None, top_units: int,
+                threshold: float, max_images: int, verify_top: int, progress: bool) -> dict:
+    from tqdm import tqdm
+
+    target = load_model(st, model)
+    probe = probe_images(st, model, target, max_images=max_images)
+    want = list(classes) if classes else list(probe.classes)
+    bad = [c for c in want if c not in probe.classes]
+    if bad:
+        raise BadParameter(unknown(f"class of {model}", bad[0], probe.classes))
+    scorer = pick_scorer(st, [model], scorer)
+    expl = explanations(st, model, scorer)
+    module_names = dict(target.module.named_modules())
+    layers = [r["layer"] for r in model_layers(st, model) if r["layer"] in module_names]
+    if not layers:
+        raise BadInput(f"Model '{model}' has no dissected layers in the store that exist in '{target.spec}'.")
+    head_layer = head_input_layer(target, probe.pixels)
+    contrib = contributions(target, probe, layers, head_layer)
+    world = world_of(target)
+    pairs = cue_pairs_for(world, target)
+    base_preds = predict(target, probe.pixels)
+    base = per_class_accuracy(base_preds, probe.labels, probe.classes)
+    if pairs is not None:
+        clean, cued, plabels = pairs
+        base_clean, base_cued = predict(target, clean), predict(target, cued)
+
+    def cue_stats(ci: int, units=None):
+        if pairs is None:
+            return None, None, 0
+        pc = base_clean if units is None else predict(target, clean, units)
+        pq = base_cued if units is None else predict(target, cued, units)
+        flip, n = cue_flip_rate(pc, pq, plabels, ci)
+        m = plabels != ci
+        return flip, float((pq[m] == plabels[m]).mean()) if m.any() else None, n
+
+    ci_of = {c: i for i, c in enumerate(probe.classes)}
+    rel = dict(zip(want, relatedness(want, sorted({e["label"] for e in expl.values() if e["label"]})).tolist())) \
+        if expl else {}
+    labels_sorted = sorted({e["label"] for e in expl.values() if e["label"]})
+    unit_rows, finding_rows, effect_rows = [], [], []
+    single_cache: dict[tuple, dict] = {}
+    for c in tqdm(want, desc=f"audit {model}", disable=not progress, leave=False):
+        ci = ci_of[c]
+        if c not in base:
+            continue
+        acc_b, n_img = base[c]
+        cands = []
+        for layer in layers:
+            g = contrib["grad_x_act"].get(layer)
+            if g is None:
+                continue
+            pos = np.clip(g[ci], 0, None).sum()
+            for u, v in enumerate(g[ci]):
+                if v > 0:
+                    cands.append((float(v), layer, u, float(v / pos) if pos > 0 else 0.0))
+        cands.sort(key=lambda t: (-t[0], t[1], t[2]))
+        top = cands[:top_units]
+        for rank, (v, layer, u, share) in enumerate(top):
+            key = (layer, u)
+            if key not in single_cache:
+                preds = predict(target, probe.pixels, {layer: [u]})
+                single_cache[key] = per_class_accuracy(preds, probe.labels, probe.classes)
+            acc_a = single_cache[key][c][0]
+            e = expl.get(key, {})
+            label = e.get("label")
+            r = rel[c][labels_sorted.index(label)] if label in labels_sorted and c in rel else None
+            w = None
+            if head_layer == layer and contrib["weight_x_act"] is not None:
+                w = float(contrib["weight_x_act"][ci, u])
+            unit_rows.append({"class": c, "rank": rank, "layer": layer, "unit": u, "grad_x_act": v, "weight_x_act": w,
+                              "share": share, "ablation_effect": acc_a - acc_b, "label": label,
+                              "label_confidence": e.get("confidence"), "relatedness": r, "threshold": threshold,
+                              "flagged": bool(r is not None and r < threshold), "scorer": scorer, "n_images": n_img,
+                              "dataset": probe.dataset, "model": model})
+            effect_rows.append({"layer": layer, "unit": u, "units": None, "class": c, "kind": "grad_x_act", "value": v,
+                                "baseline": None, "ablated": None, "n_images": n_img, "dataset": probe.dataset,
+                                "model": model})
+            if w is not None:
+                effect_rows.append({"layer": layer, "unit": u, "units": None, "class": c, "kind": "weight_x_act",
+                                    "value": w, "baseline": None, "ablated": None, "n_images": n_img,
+                                    "dataset": probe.dataset, "model": model})
+            effect_rows.append({"layer": layer, "unit": u, "units": None, "class": c, "kind": "ablation",
+                                "value": acc_a - acc_b, "baseline": acc_b, "ablated": acc_a, "n_images": n_img,
+                                "dataset": probe.dataset, "model": model})
+        # Findings: flagged units grouped by their label.
+        groups: dict[str, list[dict]] = {}
+        for row in unit_rows:
+            if row["class"] == c and row["flagged"]:
+                groups.setdefault(row["label"], []).append(row)
+        ordered = sorted(groups.items(), key=lambda kv: (-sum(r["grad_x_act"] for r in kv[1]), kv[0]))
+        flip_b, cued_b, n_pairs = cue_stats(ci)
+        for frank, (concept, rows) in enumerate(ordered):
+            units: dict[str, list[int]] = {}
+            for r in rows:
+                units.setdefault(r["layer"], []).append(r["unit"])
+            acc_a = flip_a = cued_a = None
+            if frank < verify_top:
+                preds = predict(target, probe.pixels, units)
+                acc_a = per_class_accuracy(preds, probe.labels, probe.classes)[c][0]
+                flip_a, cued_a, _ = cue_stats(ci, units)
+                for layer, us in units.items():
+                    effect_rows.append({"layer": layer, "unit": None, "units": sorted(us), "class": c, "kind": "ablation",
+                                        "value": acc_a - acc_b, "baseline": acc_b, "ablated": acc_a, "n_images": n_img,
+                                        "dataset": probe.dataset, "model": model})
+            drop = (flip_b - flip_a) if flip_b is not None and flip_a is not None else None
+            finding_rows.append({
+                "class": c, "concept": concept, "rank": frank,
+                "neurons": [f"{r['layer']}/{r['unit']}" for r in rows], "n_units": len(rows),
+                "contribution": float(sum(r["grad_x_act"] for r in rows)), "relatedness": rows[0]["relatedness"],
+                "threshold": threshold, "accuracy_before": acc_b, "accuracy_after": acc_a,
+                "cue_flip_before": flip_b if frank < verify_top else None, "cue_flip_after": flip_a,
+                "cued_accuracy_before": cued_b if frank < verify_top else None, "cued_accuracy_after": cued_a,
+                "reliance_drop": drop, "verified": _verified(flip_b, flip_a) if frank < verify_top else None,
+                "headline": False, "scorer": scorer, "n_images": n_img, "n_pairs": n_pairs if pairs is not None else None,
+                "dataset": probe.dataset, "model": model})
+    # Headline: the verified finding with the largest reliance drop, else the largest contribution.
+    headline = None
+    verified = [f for f in finding_rows if f["verified"]]
+    if verified:
+        headline = max(verified, key=lambda f: (f["reliance_drop"], f["contribution"]))
+    elif finding_rows:
+        headline = max(finding_rows, key=lambda f: f["contribution"])
+    if headline is not None:
+        headline["headline"] = True
+    summary = {"model": model, "scorer": scorer, "dataset": probe.dataset, "n_images": len(probe.image_ids),
+               "head_layer": head_layer, "layers": layers, "classes": want,
+               "class": headline["class"] if headline else None, "concept": headline["concept"] if headline else None,
+               "verified": headline["verified"] if headline else None,
+               "neurons": headline["neurons"] if headline else [],
+               "cue_flip_before": headline["cue_flip_before"] if headline else None,
+               "cue_flip_after": headline["cue_flip_after"] if headline else None,
+               "reliance_drop": headline["reliance_drop"] if headline else None}
+    return {"summary": summary, "units": unit_rows, "findings": finding_rows, "effects": effect_rows}
+
+
+
+def audit(store: Store | str | Path, model: str | Sequence[str] | None = None, classes: str | Sequence[str] | None = None,
+          *, scorer: str | None = None, top_units: int = TOP_UNITS, threshold: float = THRESHOLD,
+          max_images: int = 2000, verify_top: int = VERIFY_TOP, write: bool = True,
+          progress: bool = True) -> AuditResult:
+    """Audit `model` (a stored model id, several, or every model with classes when None) for
+    spurious concepts in `classes` (default every class). See the module doc."""
+    from ..schema import load_schemas
+
+    if top_units < 1 or verify_top < 0:
+        raise BadParameter(f"--top-units must be at least 1 and --verify-top at least 0 (got {top_units}, {verify_top}).")
+    if not -1.0 <= threshold <= 1.0:
+        raise BadParameter(f"--threshold is a cosine similarity in [-1, 1], got {threshold}.")
+    st = open_store(store, read_only=not write)
+    if isinstance(classes, str):
+        classes = [classes]
+    if model is None:
+        models = stored_models(st)
+        if not models:
+            raise BadInput(f"Store '{st.path}' holds no dissected models. Dissect one first: 'neurostore dissect MODEL'.")
+    else:
+        models = check_models(st, [model] if isinstance(model, str) else list(model))
+    notes, results = [], []
+    for m in models:
+        try:
+            results.append(audit_model(st, m, classes, scorer, top_units, threshold, max_images, verify_top, progress))
+        except NeurostoreError as e:
+            if model is not None:
+                raise  # the user asked for this model: tell them why it cannot be audited
+            notes.append(f"{m}: skipped ({e})")
+    if not results:
+        raise BadInput("No model could be audited: " + "; ".join(notes))
+    schemas = load_schemas()
+    units = pa.Table.from_pylist([r for res in results for r in res["units"]], schema=_schema(schemas["audit_units"]))
+    findings = pa.Table.from_pylist([r for res in results for r in res["findings"]],
+                                    schema=_schema(schemas["audit_findings"]))
+    out = AuditResult(models=[r["summary"]["model"] for r in results], threshold=threshold, units=units,
+                      findings=findings, headlines=[r["summary"] for r in results], notes=notes)
+    if write:
+        for res in results:
+            m = res["summary"]["model"]
+            params = {"model": m, "classes": res["summary"]["classes"], "scorer": res["summary"]["scorer"],
+                      "top_units": top_units, "threshold": threshold, "max_images": max_images,
+                      "verify_top": verify_top, "dataset": res["summary"]["dataset"]}
+            key = "audit:" + ("*" if not classes else ",".join(sorted(classes)))
+            with st.run("audit", params) as run:
+                if res["units"]:
+                    run.write("audit_units", pa.Table.from_pylist(res["units"]), key=key)
+                if res["findings"]:
+                    run.write("audit_findings", pa.Table.from_pylist(res["findings"]), key=key)
+                if res["effects"]:
+                    run.write("effects", pa.Table.from_pylist(res["effects"]), key=key)
+            out.run_ids[m] = run.run_id
+    return out
+
+
+def _schema(ts) -> pa.Schema:
+    """The table's Arrow schema without run_id (the store fills it in)."""
+    s = ts.arrow_schema()
+    return pa.schema([f for f in s if f.name != "run_id"])

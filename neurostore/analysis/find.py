@@ -1,0 +1,321 @@
+"""Concept -> neurons: which units of which models detect a phrase, and where in each network
+the concept lives.
+
+    from neurostore.analysis import find
+    res = find("store/", "striped")              # exact + semantic + open vocabulary
+    res.units        # Arrow: model, layer, unit, depth_frac, method, concept, similarity, score, confidence, ...
+    res.profile      # Arrow: best evidence per (model, layer, method), with depth_frac
+
+Three methods, each answered from the store without re-dissecting:
+
+exact     the phrase is a stored concept: its rows in `concept_units` (the top units per model,
+          concept and scorer that the store derives from `scores`).
+semantic  stored concepts whose MiniLM similarity to the phrase is at least `min_similarity`
+          (default 0.6; the best `max_concepts`), and their units. `similarity` is kept on
+          every row: it is the relatedness the match used.
+open      open vocabulary: for every encoder whose patch embeddings are stored, the phrase is
+          embedded with that encoder and each unit is scored exactly as the `patch` scorer would
+          have scored it had the phrase been in the vocabulary: the activation-weighted mean
+          cosine of the unit's top-k patches (activations.patch_id -> embeddings kind='patch')
+          minus the mean cosine over every patch of the model (the contrast that stops generic
+          phrases winning everywhere). `confidence` uses the scorers' calibration: the phrase's
+          score against a null of the same unit's scores over (up to 2000 of) the vocabulary's
+          concepts stored for that encoder, Phi(robust z) ** C; without stored concept vectors
+          the null is the phrase's scores over all units instead.
+
+The depth profile is the best confidence (and raw score) per model, layer and method, with
+the layer's depth_frac (0 = input end, 1 = output): where in each network the concept lives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from ..errors import BadParameter, NeurostoreError, UnknownScorer, unknown
+from ..sqlfuncs import MINILM_ID
+from ..store import Store
+from ._common import check_models, matrix, minilm, open_store
+
+METHODS = ("exact", "semantic", "open")
+MIN_SIMILARITY = 0.6
+MAX_CONCEPTS = 5
+NULL_CONCEPTS = 2000
+PROFILE_CONFIDENT = 0.5  # units counted as "confident" in the depth profile
+
+UNIT_COLUMNS = ("model", "layer", "unit", "depth_frac", "method", "concept", "similarity", "score", "confidence",
+                "scorer", "encoder", "rank")
+
+
+@dataclass
+class FindResult:
+    phrase: str
+    units: pa.Table                      # top units per method (UNIT_COLUMNS)
+    profile: pa.Table                    # model, layer, depth_frac, method, best_score, best_confidence, ...
+    concepts: list[dict]                 # concepts matched: concept, similarity, method
+    encoders: list[str]                  # encoders used for the open-vocabulary search
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"phrase": self.phrase, "concepts": self.concepts, "encoders": self.encoders, "notes": self.notes,
+                "units": self.units.to_pylist(), "profile": self.profile.to_pylist()}
+
+
+def _layer_depths(st: Store) -> dict[tuple[str, str], tuple[int, float]]:
+    rows = st.sql("SELECT model, layer, min(depth) AS depth, min(depth_frac) AS depth_frac FROM layers "
+                  "GROUP BY model, layer").to_pylist()
+    return {(r["model"], r["layer"]): (r["depth"], r["depth_frac"]) for r in rows}
+
+
+def _filters(models, layers, prefix: str = "") -> tuple[str, dict]:
+    where, p = [], {}
+    if models:
+        where.append(f"list_contains($models, {prefix}model)")
+        p["models"] = list(models)
+    if layers:
+        where.append(f"list_contains($layers, {prefix}layer)")
+        p["layers"] = list(layers)
+    return (" AND " + " AND ".join(where)) if where else "", p
+
+
+def _concept_rows(st: Store, concepts: Sequence[str], scorer, models, layers) -> list[dict]:
+    if not concepts:
+        return []
+    extra, p = _filters(models, layers)
+    p.update({"concepts": list(concepts)})
+    if scorer:
+        extra += " AND scorer = $scorer"
+        p["scorer"] = scorer
+    return st.sql(f"""SELECT model, layer, unit, concept, scorer, score, confidence, encoder
+                      FROM concept_units WHERE list_contains($concepts, concept){extra}""", p).to_pylist()
+
+
+def _semantic_concepts(st: Store, phrase: str, models, min_similarity: float, max_concepts: int) -> list[dict]:
+    """Stored concepts nearest the phrase by MiniLM cosine (stored vectors when present)."""
+    extra, p = _filters(models, None)
+    names = st.sql(f"SELECT DISTINCT concept FROM concept_units WHERE concept IS NOT NULL{extra}", p or None) \
+        .column("concept").to_pylist()
+    if not names:
+        return []
+    stored = st.sql("SELECT item_id, any_value(vector) AS vector FROM embeddings WHERE kind = 'concept' "
+                    "AND encoder = $e AND list_contains($names, item_id) GROUP BY item_id",
+                    {"e": MINILM_ID, "names": names})
+    vecs = dict(zip(stored.column("item_id").to_pylist(), matrix(stored.column("vector")))) if stored.num_rows else {}
+    missing = [n for n in names if n not in vecs]
+    if missing:
+        vecs.update(zip(missing, minilm(missing)))
+    m = np.stack([vecs[n] for n in names]).astype(np.float32)
+    sims = m @ minilm([phrase])[0]
+    order = np.argsort(-sims, kind="stable")
+    out = []
+    for i in order:
+        if sims[i] < min_similarity or len(out) >= max_concepts:
+            break
+        if names[i] != phrase:
+            out.append({"concept": names[i], "similarity": float(sims[i]), "method": "semantic"})
+    return out
+
+
+def _open_vocabulary(st: Store, phrase: str, encoder_id: str, models, layers, notes: list[str]) -> list[dict]:
+    """Every unit with stored patches, scored for the phrase with `encoder_id` (module doc)."""
+    import torch
+
+    from ..encoders import load_encoder
+    from ..scorers import confidence as calibrate
+
+    try:
+        enc = load_encoder(encoder_id)
+    except NeurostoreError as e:
+        notes.append(f"open vocabulary: encoder '{encoder_id}' could not be loaded, skipped ({e})")
+        return []
+    except (OSError, RuntimeError, ValueError, ImportError) as e:  # weights missing offline, etc.
+        notes.append(f"open vocabulary: encoder '{encoder_id}' could not be loaded, skipped ({type(e).__name__}: {e})")
+        return []
+    with torch.no_grad():
+        q = enc.encode_texts([phrase]).float().numpy()[0]
+    q = q / max(np.linalg.norm(q), 1e-12)
+    extra, p = _filters(models, layers, prefix="a.")
+    p["e"] = encoder_id
+    acts = st.sql(f"""SELECT a.model, a.layer, a.unit, a.patch_id, a.act_value
+                      FROM activations a
+                      WHERE a.patch_id IS NOT NULL AND a.patch_id <> ''{extra}
+                        AND a.patch_id IN (SELECT item_id FROM embeddings WHERE encoder = $e AND kind = 'patch')
+                      ORDER BY a.model, a.layer, a.unit, a.rank""", p)
+    if acts.num_rows == 0:
+        return []
+    pids = sorted(set(acts.column("patch_id").to_pylist()))
+    emb = st.sql("SELECT item_id, any_value(vector) AS vector FROM embeddings WHERE encoder = $e AND kind = 'patch' "
+                 "AND list_contains($ids, item_id) GROUP BY item_id", {"e": encoder_id, "ids": pids})
+    row = {pid: i for i, pid in enumerate(emb.column("item_id").to_pylist())}
+    P = matrix(emb.column("vector"))
+    P = P / np.clip(np.linalg.norm(P, axis=1, keepdims=True), 1e-12, None)  # [patches, d]
+    models_col = acts.column("model").to_pylist()
+    keys = list(zip(models_col, acts.column("layer").to_pylist(), acts.column("unit").to_pylist()))
+    prow = np.array([row[pid] for pid in acts.column("patch_id").to_pylist()])
+    w = np.nan_to_num(np.asarray(acts.column("act_value").to_numpy(zero_copy_only=False), np.float64), nan=0.0)
+    w = np.clip(w, 0, None)
+    # Group the rows (sorted by model, layer, unit) into units.
+    uniq, start = [], []
+    for i, k in enumerate(keys):
+        if not uniq or uniq[-1] != k:
+            uniq.append(k)
+            start.append(i)
+    start.append(len(keys))
+    U = np.zeros((len(uniq), P.shape[1]), np.float64)  # activation-weighted mean patch per unit
+    for j in range(len(uniq)):
+        a, b = start[j], start[j + 1]
+        ww = w[a:b] if w[a:b].sum() > 0 else np.ones(b - a)
+        U[j] = (ww[:, None] * P[prow[a:b]]).sum(0) / ww.sum()
+    # The contrast: every patch of the unit's model (the patches its dissection cut).
+    base = {}
+    for m in sorted(set(models_col)):
+        rows_m = np.unique(prow[np.array(models_col) == m])
+        base[m] = P[rows_m].mean(0)
+    B = np.stack([base[k[0]] for k in uniq])
+    D = (U - B).astype(np.float32)                     # [units, d]
+    scores = D @ q                                      # [units]
+    # Null: the same units' scores over the vocabulary's concepts stored for this encoder.
+    cv = st.sql("SELECT item_id, any_value(vector) AS vector FROM embeddings WHERE encoder = $e AND kind = 'concept' "
+                "AND item_id <> $phrase GROUP BY item_id ORDER BY item_id", {"e": encoder_id, "phrase": phrase})
+    if cv.num_rows >= 10:
+        C = matrix(cv.column("vector"))
+        if len(C) > NULL_CONCEPTS:
+            C = C[np.random.default_rng(0).choice(len(C), NULL_CONCEPTS, replace=False)]
+        C = C / np.clip(np.linalg.norm(C, axis=1, keepdims=True), 1e-12, None)
+        full = np.concatenate([D @ C.T, scores[:, None]], axis=1)
+        conf = calibrate(torch.from_numpy(full)).numpy()[:, -1]
+    else:
+        notes.append(f"open vocabulary: no concept vectors stored for '{encoder_id}'; confidence is calibrated "
+                     "across units instead of across the vocabulary")
+        conf = calibrate(torch.from_numpy(scores[None, :].astype(np.float32))).numpy()[0]
+    return [{"model": k[0], "layer": k[1], "unit": int(k[2]), "concept": phrase, "scorer": "patch",
+             "score": float(s), "confidence": float(c), "encoder": encoder_id, "similarity": None}
+            for k, s, c in zip(uniq, scores, conf)]
+
+
+def _rank(rows: list[dict], method: str, depths: dict, top: int) -> list[dict]:
+    def key(r):
+        sim = 1.0 if r.get("similarity") is None else r["similarity"]
+        return (-(r["confidence"] or 0.0) * sim, -(r["score"] or 0.0), r["model"], r["layer"], r["unit"])
+
+    best: dict[tuple, dict] = {}
+    for r in sorted(rows, key=key):  # one row per unit and method: its best concept/scorer
+        best.setdefault((r["model"], r["layer"], r["unit"]), r)
+    out = []
+    for i, r in enumerate(list(best.values())[:top]):
+        d = depths.get((r["model"], r["layer"]), (None, None))[1]
+        out.append({"model": r["model"], "layer": r["layer"], "unit": r["unit"], "depth_frac": d, "method": method,
+                    "concept": r["concept"], "similarity": r.get("similarity"), "score": r["score"],
+                    "confidence": r["confidence"], "scorer": r.get("scorer"), "encoder": r.get("encoder"), "rank": i})
+    return out
+
+
+def _profile(all_rows: dict[str, list[dict]], depths: dict, models) -> list[dict]:
+    """Best evidence per (model, layer, method); every stored layer of the models appears for
+    each method that found anything in that model (0 units where the concept is absent)."""
+    out = []
+    for method, rows in all_rows.items():
+        agg: dict[tuple, dict] = {}
+        for r in rows:
+            a = agg.setdefault((r["model"], r["layer"]), {"best_confidence": -1.0, "best_score": None, "best_unit": None,
+                                                          "n_confident": 0, "units": set()})
+            conf = r["confidence"] or 0.0
+            if conf > a["best_confidence"]:
+                a.update(best_confidence=conf, best_score=r["score"], best_unit=r["unit"], concept=r["concept"])
+            if conf >= PROFILE_CONFIDENT and r["unit"] not in a["units"]:
+                a["units"].add(r["unit"])
+                a["n_confident"] += 1
+        found_models = {m for m, _ in agg}
+        for (m, layer), (depth, frac) in sorted(depths.items(), key=lambda kv: (kv[0][0], kv[1][0] or 0)):
+            if m not in found_models or (models and m not in models):
+                continue
+            a = agg.get((m, layer))
+            out.append({"model": m, "layer": layer, "depth": depth, "depth_frac": frac, "method": method,
+                        "best_confidence": a["best_confidence"] if a else 0.0,
+                        "best_score": a["best_score"] if a else None,
+                        "best_unit": a["best_unit"] if a else None,
+                        "concept": a.get("concept") if a else None,
+                        "n_confident": a["n_confident"] if a else 0})
+    return out
+
+
+_UNIT_SCHEMA = pa.schema([("model", pa.string()), ("layer", pa.string()), ("unit", pa.int32()),
+                          ("depth_frac", pa.float32()), ("method", pa.string()), ("concept", pa.string()),
+                          ("similarity", pa.float32()), ("score", pa.float32()), ("confidence", pa.float32()),
+                          ("scorer", pa.string()), ("encoder", pa.string()), ("rank", pa.int32())])
+_PROFILE_SCHEMA = pa.schema([("model", pa.string()), ("layer", pa.string()), ("depth", pa.int32()),
+                             ("depth_frac", pa.float32()), ("method", pa.string()), ("best_confidence", pa.float32()),
+                             ("best_score", pa.float32()), ("best_unit", pa.int32()), ("concept", pa.string()),
+                             ("n_confident", pa.int32())])
+
+
+def find(store: Store | str | Path, phrase: str, *, models: Sequence[str] | None = None,
+         layers: Sequence[str] | None = None, scorer: str | None = None, top: int = 20,
+         methods: Sequence[str] = METHODS, min_similarity: float = MIN_SIMILARITY,
+         max_concepts: int = MAX_CONCEPTS, encoders: Sequence[str] | None = None) -> FindResult:
+    """Units that detect `phrase`, by exact concept, semantic match and open vocabulary (module
+    doc), best `top` per method, and the depth profile. Reads the store only."""
+    phrase_in = phrase
+    phrase = " ".join(str(phrase).lower().split())
+    if not phrase:
+        raise BadParameter("The phrase is empty. Pass a word or phrase, e.g. neurostore find striped.")
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise BadParameter(unknown("method", bad[0], METHODS, "Pass e.g. --method exact --method open."))
+    if top < 1:
+        raise BadParameter(f"--top must be at least 1, got {top}.")
+    st = open_store(store, read_only=True)
+    if models:
+        check_models(st, models)
+    if scorer:
+        have = st.sql("SELECT DISTINCT scorer FROM scores").column("scorer").to_pylist()
+        if scorer not in have:
+            raise UnknownScorer(unknown("scorer in this store", scorer, [h for h in have if h]))
+    depths = _layer_depths(st)
+    notes: list[str] = []
+    concepts: list[dict] = []
+    found: dict[str, list[dict]] = {}
+    if "exact" in methods:
+        rows = _concept_rows(st, [phrase], scorer, models, layers)
+        for r in rows:
+            r["similarity"] = 1.0
+        found["exact"] = rows
+        if rows:
+            concepts.append({"concept": phrase, "similarity": 1.0, "method": "exact"})
+    if "semantic" in methods:
+        sem = _semantic_concepts(st, phrase, models, min_similarity, max_concepts)
+        concepts += sem
+        sim_of = {c["concept"]: c["similarity"] for c in sem}
+        rows = _concept_rows(st, list(sim_of), scorer, models, layers)
+        for r in rows:
+            r["similarity"] = sim_of[r["concept"]]
+        found["semantic"] = rows
+    used: list[str] = []
+    if "open" in methods:
+        have = st.sql("SELECT DISTINCT encoder FROM embeddings WHERE kind = 'patch' ORDER BY encoder") \
+            .column("encoder").to_pylist()
+        pick = [e for e in have if e and (encoders is None or e in encoders)]
+        if encoders:
+            missing = [e for e in encoders if e not in have]
+            if missing:
+                raise BadParameter(unknown("patch encoder in this store", missing[0], [h for h in have if h]))
+        rows = []
+        for enc in pick:
+            got = _open_vocabulary(st, phrase, enc, models, layers, notes)
+            if got:
+                used.append(enc)
+            rows += got
+        found["open"] = rows
+        if not have:
+            notes.append("open vocabulary: the store holds no patch embeddings (dissect with patches first)")
+    unit_rows = [r for m in METHODS if m in found for r in _rank(found[m], m, depths, top)]
+    profile = _profile(found, depths, models)
+    if not any(found.values()):
+        notes.append(f"nothing found for '{phrase_in}': not a stored concept, no stored concept within "
+                     f"MiniLM similarity {min_similarity}, and no patch embeddings to search")
+    return FindResult(phrase, pa.Table.from_pylist(unit_rows, schema=_UNIT_SCHEMA),
+                      pa.Table.from_pylist(profile, schema=_PROFILE_SCHEMA), concepts, used, notes)
