@@ -10,13 +10,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e '.[test]'
 	touch $(STAMP)
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench browser
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/neurostore demo
 
-test: $(STAMP)
+# Headless Chromium for the browser tests (tests/test_browser.py); installed once, idempotent.
+browser:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+
+test: $(STAMP) browser
 	$(BIN)/pytest -q
 
 bench: $(STAMP)

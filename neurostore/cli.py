@@ -299,6 +299,52 @@ def layers_cmd(
 # ---- report and web commands ------------------------------------------------------------------
 
 
+@app.command("report")
+def report_cmd(
+    out: Path = typer.Option(Path("neurostore-report"), "--out", "-o", help="Folder to write the HTML report into."),
+    model: Optional[list[str]] = typer.Option(None, "--model", "-m", help="Only this model; repeat for more."),
+    max_units: Optional[int] = typer.Option(None, "--max-units", help="Only the first N units of each layer."),
+    store: Optional[Path] = StoreOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Write a static HTML report (models, layers, neuron cards with patches, findings) that works
+    opened from disk.
+
+    Example: neurostore report --store ./neurostore-store --out ./neurostore-report
+    """
+    from .report import build_report
+
+    summary = build_report(store_path(store), out, models=model or None, max_units=max_units, progress=not as_json)
+    if as_json:
+        print_json(summary)
+    else:
+        console.print(f"Wrote {summary['pages']} pages ({summary['neurons']} neuron cards, {summary['layers']} layers, "
+                      f"{summary['models']} models) and {summary['images']} patch images in {summary['seconds']} s. "
+                      f"Open {summary['index']}", highlight=False)
+
+
+@app.command("serve")
+def serve_cmd(
+    port: int = typer.Option(8765, "--port", "-p", help="Port to listen on (0 = any free port)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; the default is this machine only."),
+    timeout: float = typer.Option(5.0, "--timeout", help="Time limit per query, in seconds."),
+    max_rows: int = typer.Option(1000, "--max-rows", help="Rows a console query returns at most."),
+    store: Optional[Path] = StoreOpt,
+) -> None:
+    """Browse the store in a local, read-only web app: models, neuron cards, concept search, SQL console.
+
+    Example: neurostore serve --store ./neurostore-store --port 8765
+    """
+    from .web import serve
+
+    def ready(server):
+        err_console.print(f"Serving {store_path(store)} read-only at {server.url}  (Ctrl-C to stop)", highlight=False)
+        sys.stdout.write(server.url + "\n")
+        sys.stdout.flush()
+
+    serve(store_path(store), host=host, port=port, timeout=timeout, max_rows=max_rows, on_ready=ready)
+
+
 def main() -> None:
     """Console entry point: run the app, translating neurostore errors into one line."""
     try:

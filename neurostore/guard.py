@@ -106,7 +106,7 @@ class ConsoleResult:
 def snapshot_database(store, path: Path, max_table_bytes: int = DEFAULT_MAX_TABLE_BYTES) -> dict:
     """Copy the store's committed tables (one manifest) into a DuckDB database file at `path`,
     with the SQL macros. Returns {"tables": {name: rows}, "skipped": {name: reason}}."""
-    from .sqlfuncs import macro_statements
+    from .sqlfuncs import prepare_connection
 
     man = store.manifest()
     info = {"tables": {}, "skipped": {}, "generation": man.get("generation")}
@@ -121,11 +121,10 @@ def snapshot_database(store, path: Path, max_table_bytes: int = DEFAULT_MAX_TABL
                 con.execute(f'CREATE TABLE "{name}" AS {store.view_sql(name, {"tables": {}})}')
             else:
                 con.execute(f'CREATE TABLE "{name}" AS {store.view_sql(name, man)}')
-            info["tables"][name] = con.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0]
-        # Macros only reference tables and UDFs by name; they bind when called, so they can be
-        # stored now and the UDFs registered on the read-only connection later.
-        for stmt in macro_statements():
-            con.execute(stmt)
+            info["tables"][name] = con.execute(f'SELECT count(*) FROM "{name}"').fetchall()[0][0]
+        # Table macros are checked against the UDFs when created, so register them here too; the
+        # stored macros call them by name, and the read-only connection registers them again.
+        prepare_connection(con, macros=True)
         con.execute("CHECKPOINT")
     finally:
         con.close()

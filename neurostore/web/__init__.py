@@ -33,7 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from ..errors import NeurostoreError
+from ..errors import NeurostoreError, UnknownLayer, UnknownModel
 from ..guard import DEFAULT_MAX_ROWS, DEFAULT_TIMEOUT, QueryRefused, QueryTimeout, SafeDB
 from . import data as D
 from .render import PATCH_ID_RE, Links, jsonable, render, stylesheet, to_json
@@ -55,8 +55,7 @@ SQL_EXAMPLES = [
 ]
 
 
-class NotFound(NeurostoreError):
-    pass
+NotFound = D.NoSuchPage
 
 
 class App:
@@ -111,7 +110,7 @@ class App:
             return self._error(400, "Query stopped", str(e), as_json, "timeout")
         except QueryRefused as e:
             return self._error(400, "Query refused", str(e), as_json, "refused")
-        except NotFound as e:
+        except (NotFound, UnknownLayer, UnknownModel) as e:
             return self._error(404, "Not found", str(e), as_json)
         except NeurostoreError as e:
             return self._error(400, "Cannot show this page", str(e), as_json)

@@ -14,7 +14,13 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
+from ..errors import NeurostoreError
+
 Run = Callable[..., pa.Table]
+
+
+class NoSuchPage(NeurostoreError):
+    """A model, layer or unit that is not in the store (the web app answers 404)."""
 
 TOP_PATCHES = 12
 TOP_CONCEPTS = 8
@@ -215,12 +221,10 @@ def neuron_cards(run: Run, model: str, layer: str, unit: int | None = None, top_
 def neuron_card(run: Run, model: str, layer: str, unit: int, **kw) -> dict:
     cards = neuron_cards(run, model, layer, unit, **kw)
     if unit not in cards:
-        from ..errors import BadInput
-
         page = layer_page(run, model, layer)  # raises UnknownLayer/model with the valid names
         have = [u["unit"] for u in page["units"]]
         rng = f"{min(have)}..{max(have)}" if have else "none"
-        raise BadInput(f"No unit {unit} recorded in {model}/{layer} (units recorded: {rng}). "
+        raise NoSuchPage(f"No unit {unit} recorded in {model}/{layer} (units recorded: {rng}). "
                        f"See the layer page of {model}/{layer}.")
     return cards[unit]
 
