@@ -155,3 +155,33 @@ def build(store) -> dict:
     n_units = sum(n for ls in LAYERS.values() for _, _, n in ls)
     return {"n_units": n_units, "n_layers": sum(len(ls) for ls in LAYERS.values()), "n_patches": len(patches),
             "truth": truth, "patch_ids": [p["patch_id"] for p in patches]}
+
+
+_built: dict = {}
+
+
+def shared_store(tmp_path_factory):
+    """The fixture store, built once per test process and shared by every test module."""
+    if "store" not in _built:
+        from neurostore.store import Store
+
+        path = tmp_path_factory.mktemp("webstore") / "store"
+        store = Store.open(path)
+        info = build(store)
+        store.close()
+        _built["store"] = (path, info)
+    return _built["store"]
+
+
+def shared_server(tmp_path_factory, timeout: float = 2.0):
+    """One web server (any free port, background thread) over the shared store."""
+    if "server" not in _built:
+        import threading
+
+        from neurostore.web import make_server
+
+        path, info = shared_store(tmp_path_factory)
+        server = make_server(path, port=0, quiet=True, timeout=timeout)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        _built["server"] = server
+    return _built["server"]
