@@ -296,6 +296,201 @@ def layers_cmd(
 
 # ---- analysis commands ------------------------------------------------------------------------
 
+ANALYSIS_BAR = 24  # characters of a full bar in the terminal depth plot
+
+
+def _rows_table(rows: list[dict], columns: list[str], title: Optional[str] = None):
+    from rich.table import Table
+
+    t = Table(title=title, header_style="bold", box=None)
+    for c in columns:
+        t.add_column(c, overflow="fold")
+    for r in rows:
+        t.add_row(*[_cell(r.get(c)) for c in columns])
+    return t
+
+
+def _depth_plot(profile: list[dict]) -> None:
+    """Per model, one line per layer in depth order: a bar of the best confidence per method."""
+    from rich.text import Text
+
+    marks = {"exact": ("█", "green"), "semantic": ("▓", "yellow"), "open": ("▒", "cyan")}
+    by_model: dict[str, dict] = {}
+    for r in profile:
+        by_model.setdefault(r["model"], {}).setdefault((r["depth"] or 0, r["layer"], r["depth_frac"]), {})[r["method"]] = r
+    for model, layers in by_model.items():
+        console.print(Text(f"{model}: where the concept lives (bar = best confidence; "
+                           + ", ".join(f"{ch} {m}" for m, (ch, _) in marks.items()) + ")", style="bold"))
+        width = max(len(k[1]) for k in layers)
+        for (_, layer, frac), methods in sorted(layers.items()):
+            line = Text(f"  {layer:<{width}}  d={0.0 if frac is None else frac:4.2f} ")
+            for m, (ch, style) in marks.items():
+                if m in methods:
+                    v = max(0.0, float(methods[m]["best_confidence"] or 0.0))
+                    n = round(v * ANALYSIS_BAR)
+                    line.append(ch * n + " " * (ANALYSIS_BAR - n), style=style)
+                    line.append(f" {v:4.2f}  ")
+            console.print(line)
+
+
+@app.command("find")
+def find_cmd(
+    phrase: str = typer.Argument(..., help="A concept word or any phrase, e.g. striped or 'zebra stripes'."),
+    models: Optional[list[str]] = typer.Option(None, "--models", "-m", help="Only these model ids (repeat)."),
+    layers: Optional[list[str]] = typer.Option(None, "--layers", "-l", help="Only these layers (repeat)."),
+    scorer: Optional[str] = typer.Option(None, "--scorer", help="Only this scorer for exact/semantic matches."),
+    top: int = typer.Option(20, "--top", "-n", help="Units per method."),
+    method: Optional[list[str]] = typer.Option(None, "--method", help="exact, semantic, open (repeat; default all)."),
+    min_similarity: float = typer.Option(0.6, "--min-similarity", help="MiniLM similarity a stored concept needs "
+                                         "to count as a semantic match."),
+    store: Optional[Path] = StoreOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Concept -> neurons: units that detect a phrase (exact concept, semantic match, open vocabulary
+    over stored patch embeddings) and where in each network it lives.
+
+    Example: neurostore find striped --models probe-cnn --top 10
+    """
+    from .analysis import find
+
+    res = find(store_path(store), phrase, models=models or None, layers=layers or None, scorer=scorer, top=top,
+               methods=tuple(method) if method else ("exact", "semantic", "open"), min_similarity=min_similarity)
+    if as_json:
+        print_json(res.to_dict())
+        return
+    if res.concepts:
+        console.print("Matched concepts: " + ", ".join(f"{c['concept']} ({c['method']}, {c['similarity']:.2f})"
+                                                       for c in res.concepts), highlight=False)
+    if res.encoders:
+        console.print("Open vocabulary via: " + ", ".join(res.encoders), highlight=False)
+    cols = ["method", "model", "layer", "unit", "depth_frac", "concept", "similarity", "score", "confidence", "scorer"]
+    console.print(_rows_table(res.units.to_pylist(), cols, title=f"Units for '{res.phrase}'"))
+    if res.profile.num_rows:
+        _depth_plot(res.profile.to_pylist())
+    for n in res.notes:
+        err_console.print(f"note: {n}", highlight=False)
+
+
+@app.command("compare")
+def compare_cmd(
+    model_a: str = typer.Argument(..., help="A stored model id, e.g. probe-cnn."),
+    model_b: str = typer.Argument(..., help="Another stored model id, e.g. probe-vit."),
+    scorer: Optional[str] = typer.Option(None, "--scorer", help="Scorer whose explanations are compared "
+                                         "(default: patch when both have it)."),
+    min_confidence: float = typer.Option(0.9, "--min-confidence", help="Explanation confidence a label needs to count."),
+    max_units: int = typer.Option(4096, "--max-units", help="Bound on units per model for the matching."),
+    store: Optional[Path] = StoreOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Model vs model: per-layer concept coverage, concepts one has and the other lacks, one-to-one unit
+    matching by activation correlation and by explanation, and how often they agree. Stored in
+    comparisons and unit_matches.
+
+    Example: neurostore compare probe-cnn probe-vit
+    """
+    from .analysis import compare
+
+    res = compare(store_path(store), model_a, model_b, scorer=scorer, min_confidence=min_confidence,
+                  max_units=max_units)
+    if as_json:
+        print_json(res.to_dict())
+        return
+    console.print(_rows_table(res.coverage, ["model", "layer", "depth_frac", "n_units", "n_labelled", "n_concepts"],
+                              title=f"Coverage ({res.scorer}, confidence >= {res.min_confidence})"))
+    c = res.concepts
+    console.print(f"Only in {model_a}: " + (", ".join(x["concept"] for x in c["only_in_a"][:20]) or "-"), highlight=False)
+    console.print(f"Only in {model_b}: " + (", ".join(x["concept"] for x in c["only_in_b"][:20]) or "-"), highlight=False)
+    console.print("Shared: " + (", ".join(x["concept"] for x in c["shared"][:20]) or "-"), highlight=False)
+    console.print(_rows_table(res.summary["layer_correspondence"],
+                              ["layer", "depth_frac", "n_matched", "mean_corr", "top_partner_layer", "partner_depth_frac"],
+                              title=f"Layer correspondence {model_a} -> {model_b} (activation matching)"))
+    s = res.summary
+    keys = ["n_images", "activation_pairs", "mean_matched_corr", "explanation_pairs", "partner_agreement",
+            "partner_agreement_chance", "label_agreement", "label_agreement_chance", "matched_label_similarity",
+            "matched_label_similarity_chance"]
+    console.print(_rows_table([{"figure": k, "value": s[k]} for k in keys], ["figure", "value"], title="Matching"))
+    top = sorted([r for r in res.matches.to_pylist() if r["model"] == model_a and r["method"] == "activation"],
+                 key=lambda r: -r["score"])[:15]
+    console.print(_rows_table(top, ["layer", "unit", "other_layer", "other_unit", "corr", "label", "other_label", "agree"],
+                              title="Best activation matches"))
+    err_console.print(f"run {res.run_id}: neurostore query compare_models -p model_a={model_a} -p model_b={model_b}",
+                      highlight=False)
+
+
+@app.command("audit")
+def audit_cmd(
+    model: Optional[list[str]] = typer.Option(None, "--model", "-m", help="Model id to audit (repeat; default: every "
+                                              "stored model with classes)."),
+    class_: Optional[list[str]] = typer.Option(None, "--class", "-c", help="Class to audit (repeat; default: all)."),
+    scorer: Optional[str] = typer.Option(None, "--scorer", help="Scorer whose explanations label the units."),
+    top_units: int = typer.Option(10, "--top-units", help="Driving units examined per class."),
+    threshold: float = typer.Option(0.5, "--threshold", help="MiniLM relatedness (label, class) below which a "
+                                    "driving unit is flagged."),
+    store: Optional[Path] = StoreOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Spurious-concept audit: per class, the units that drive it (grad x act, weight x act, ablation),
+    their explanations, a flag where the concept is unrelated to the class, and verification by
+    zeroing the flagged units (reliance on the cue before/after). Stored in audit_findings.
+
+    Example: neurostore audit --store ./neurostore-store --model probe-cnn --class star
+    """
+    from .analysis import audit
+
+    res = audit(store_path(store), model or None, class_ or None, scorer=scorer, top_units=top_units,
+                threshold=threshold)
+    if as_json:
+        print_json(res.to_dict())
+        return
+    for h in res.headlines:
+        if h["concept"]:
+            v = {True: "verified by ablation", False: "NOT verified by ablation", None: "no cue pairs to verify"}[h["verified"]]
+            flip = (f"; cue flip rate {h['cue_flip_before']:.2f} -> {h['cue_flip_after']:.2f}"
+                    if h["cue_flip_before"] is not None and h["cue_flip_after"] is not None else "")
+            console.print(f"[bold]{h['model']}[/bold]: class '{h['class']}' is driven by '{h['concept']}' "
+                          f"({len(h['neurons'])} units: {', '.join(h['neurons'][:6])}){flip} — {v}")
+        else:
+            console.print(f"[bold]{h['model']}[/bold]: no driving unit has a label unrelated to its class.")
+    rows = res.findings.to_pylist()
+    console.print(_rows_table(rows, ["model", "class", "concept", "n_units", "contribution", "relatedness",
+                                     "cue_flip_before", "cue_flip_after", "accuracy_before", "accuracy_after",
+                                     "verified", "headline"], title=f"Findings (threshold {res.threshold})"))
+    for n in res.notes:
+        err_console.print(f"note: {n}", highlight=False)
+
+
+@app.command("ablate")
+def ablate_cmd(
+    model: str = typer.Argument(..., help="A stored model id, e.g. probe-cnn."),
+    units: list[str] = typer.Option(..., "--units", "-u", help="LAYER:UNIT[,UNIT...] or LAYER:FIRST-LAST (repeat)."),
+    individually: bool = typer.Option(False, "--individually", help="Also ablate each unit alone."),
+    max_images: int = typer.Option(2000, "--max-images", help="Probe images to measure on (even per class)."),
+    store: Optional[Path] = StoreOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Zero units and measure per-class accuracy on the probe images; stored in effects (kind 'ablation').
+
+    Example: neurostore ablate probe-cnn --units conv4:3,7 --individually
+    """
+    from .analysis import ablate
+
+    res = ablate(store_path(store), model, units, individually=individually, max_images=max_images)
+    if as_json:
+        print_json(res.to_dict())
+        return
+    for a in res.ablations:
+        rows = [{"class": c, **v} for c, v in a.per_class.items()]
+        if a.cue:
+            for r in rows:
+                r["cue_flip_before"] = a.cue["flip_rate_before"][r["class"]]
+                r["cue_flip_after"] = a.cue["flip_rate_after"][r["class"]]
+        cols = ["class", "baseline", "ablated", "change", "n_images"] + (["cue_flip_before", "cue_flip_after"] if a.cue else [])
+        console.print(_rows_table(rows, cols, title=f"{model}: zero {', '.join(a.neurons[:8])}"
+                                                    f"{'…' if len(a.neurons) > 8 else ''} — accuracy "
+                                                    f"{a.accuracy_before:.3f} -> {a.accuracy_after:.3f}"))
+    err_console.print(f"run {res.run_id}: neurostore query ablation_effects -p model={model}", highlight=False)
+
+
 # ---- report and web commands ------------------------------------------------------------------
 
 
