@@ -1,0 +1,103 @@
+"""The static report: pages that work opened from disk, images written once and referenced."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from _webstore import shared_store
+from neurostore.errors import BadInput, UnknownModel
+from neurostore.plots import depth_profile_svg, histogram_svg
+from neurostore.report import build_report
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    path, info = shared_store(tmp_path_factory)
+    out = tmp_path_factory.mktemp("report")
+    summary = build_report(path, out, progress=False)
+    return out, summary, info
+
+
+def test_summary_counts(report):
+    out, s, info = report
+    assert s["models"] == 2 and s["layers"] == info["n_layers"] and s["neurons"] == info["n_units"]
+    assert s["images"] == info["n_patches"]
+    # index + 2 model pages + layers + neurons + audit + compare
+    assert s["pages"] == 1 + 2 + info["n_layers"] + info["n_units"] + 2
+    assert (out / "index.html").exists() and (out / "style.css").exists()
+
+
+def test_images_written_once_and_referenced(report):
+    out, s, info = report
+    pngs = sorted((out / "patches").glob("*.png"))
+    assert len(pngs) == info["n_patches"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    page = (out / "neuron/toy-cnn/conv1/0.html").read_text()
+    srcs = re.findall(r'<img[^>]+src="([^"]+)"', page)
+    assert len(srcs) == 6 and all(s.startswith("../../../patches/") for s in srcs)
+    for html in out.rglob("*.html"):
+        assert "data:image" not in html.read_text()  # referenced, never inlined
+
+
+def test_every_local_link_resolves(report):
+    out, _, _ = report
+    broken = []
+    for html in out.rglob("*.html"):
+        for ref in re.findall(r'(?:href|src)="([^"#?]+)"', html.read_text()):
+            if ref.startswith(("http:", "https:", "/")):
+                broken.append((html, ref, "absolute"))
+                continue
+            if not (html.parent / ref).resolve().exists():
+                broken.append((html.relative_to(out), ref))
+    assert broken == []
+
+
+def test_neuron_page_content(report):
+    out, _, info = report
+    html = (out / "neuron/toy-vit/blocks.1.mlp.fc1/2.html").read_text()
+    truth = info["truth"][("toy-vit", "blocks.1.mlp.fc1", 2)]
+    assert f"Fires on {truth} things" in html
+    assert "Activation histogram" in html and "<svg" in html
+    assert "patch" in html and "iou" in html
+    layer = (out / "layer/toy-cnn/fc.html").read_text()
+    assert 'class="tick hl"' in layer and "Concepts by depth" in layer
+    assert "No findings yet" in (out / "audit.html").read_text()
+
+
+def test_report_refuses_the_store_folder_and_unknown_models(tmp_path_factory):
+    path, _ = shared_store(tmp_path_factory)
+    with pytest.raises(BadInput, match="into the store itself"):
+        build_report(path, path / "report", progress=False)
+    with pytest.raises(UnknownModel, match="Unknown model 'toy-cn'.*Did you mean toy-cnn"):
+        build_report(path, tmp_path_factory.mktemp("r2"), models=["toy-cn"], progress=False)
+
+
+def test_cli_report_json(tmp_path_factory, tmp_path):
+    path, info = shared_store(tmp_path_factory)
+    out = subprocess.run([sys.executable, "-m", "neurostore.cli", "report", "--store", str(path), "--out",
+                          str(tmp_path / "r"), "--model", "toy-vit", "--json"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = [l for l in out.stdout.splitlines() if l.strip()]
+    assert len(lines) == 1
+    s = json.loads(lines[0])
+    assert s["models"] == 1 and s["neurons"] == 10 and Path(s["index"]).exists()
+    bad = subprocess.run([sys.executable, "-m", "neurostore.cli", "report", "--store", str(tmp_path / "none"),
+                          "--out", str(tmp_path / "r3")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and bad.stderr.startswith("Error: No neurostore store at")
+
+
+def test_plots():
+    svg = histogram_svg([0, 1, 2, 3], [1, 5, 2], marks={"q99": 2.9})
+    assert svg.count('class="bar"') == 3 and "q99" in svg and "5 images" in svg
+    assert "no histogram" in histogram_svg(None, None)
+    assert "no histogram" in histogram_svg([0, 1], [1, 2])  # edges and counts disagree
+    svg = depth_profile_svg({"shape": [0.0, 0.5, 1.0], "colour": [1.0, None, 0.0]}, ["a", "b", "c"],
+                            highlight="b")
+    assert svg.count("<path") == 2 and 'class="tick hl"' in svg and "shape at c: 100%" in svg
+    assert "no layers" in depth_profile_svg({}, [])
+    assert "&lt;script&gt;" in depth_profile_svg({"<script>": [1.0]}, ["x"])

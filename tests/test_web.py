@@ -1,0 +1,238 @@
+"""The web app over HTTP: pages, JSON twins, patch images, search, console refusals, deadline."""
+
+import json
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import duckdb
+import pytest
+
+from _webstore import shared_server, shared_store
+from neurostore.web import data as D
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    return shared_server(tmp_path_factory)
+
+
+def get(server, path, method="GET"):
+    req = urllib.request.Request(server.url.rstrip("/") + path, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.headers.get("Content-Type", ""), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Content-Type", ""), e.read()
+
+
+def get_json(server, path):
+    status, ctype, body = get(server, path)
+    assert ctype.startswith("application/json"), (path, ctype)
+    return status, json.loads(body)
+
+
+def sql_path(sql, json_=False, **params):
+    return "/sql" + (".json" if json_ else "") + "?" + urllib.parse.urlencode({"q": sql, **params})
+
+
+def test_binds_localhost_by_default(server):
+    assert server.server_address[0] == "127.0.0.1"
+
+
+def test_index_lists_models_and_layers(server):
+    status, ctype, body = get(server, "/")
+    html = body.decode()
+    assert status == 200 and ctype.startswith("text/html")
+    for name in ("toy-cnn", "toy-vit", "layer1.0.conv2", "blocks.1.mlp.fc1"):
+        assert name in html
+    status, data = get_json(server, "/index.json")
+    assert [m["model"] for m in data["models"]] == ["toy-cnn", "toy-vit"]
+    cnn = data["models"][0]
+    assert [l["layer"] for l in cnn["layers"]] == ["conv1", "layer1.0.conv2", "fc"]  # depth order
+    assert cnn["layers"][0]["n_scored"] == 6 and cnn["layers"][0]["scorers"] == ["iou", "patch"]
+
+
+def test_model_and_layer_pages_show_the_depth_plot(server):
+    status, _, body = get(server, "/model/toy-cnn")
+    assert status == 200 and b"<svg" in body and b"Concepts by depth" in body
+    status, data = get_json(server, "/model/toy-cnn.json")
+    prof = data["profile"]
+    assert prof["by"] == "category" and prof["layers"] == ["conv1", "layer1.0.conv2", "fc"]
+    # The fixture's truth: colour early, texture middle, shape late.
+    assert prof["series"]["colour"] == [1.0, 0.0, 0.0]
+    assert prof["series"]["shape"] == [0.0, 0.0, 1.0]
+    status, _, body = get(server, "/layer/toy-cnn/layer1.0.conv2")
+    html = body.decode()
+    assert status == 200 and html.count('href="/neuron/toy-cnn/layer1.0.conv2/') >= 6
+    assert 'class="tick hl"' in html  # this layer highlighted in the plot
+    status, data = get_json(server, "/layer/toy-cnn/layer1.0.conv2.json")
+    assert len(data["units"]) == 6 and data["units"][0]["top_patch"]
+
+
+def test_neuron_card_has_patches_concepts_summary_histogram(server, tmp_path_factory):
+    _, info = shared_store(tmp_path_factory)
+    status, _, body = get(server, "/neuron/toy-cnn/conv1/0")
+    html = body.decode()
+    assert status == 200
+    imgs = re.findall(r'<img[^>]+src="(/patch/[0-9a-f]+\.png)"', html)
+    assert len(imgs) == 6
+    assert "Fires on red things" in html           # the LLM summary
+    assert "act <b>" in html and "Activation histogram" in html
+    for scorer in ("patch", "iou"):
+        assert f"<h3 style=\"margin-top:0\">{scorer}" in html
+    status, card = get_json(server, "/neuron/toy-cnn/conv1/0.json")
+    assert card["id"] == "toy-cnn/conv1/0"
+    assert [p["rank"] for p in card["patches"]] == list(range(6))
+    assert all(p["image_label"] for p in card["patches"])
+    values = [p["act_value"] for p in card["patches"]]
+    assert values == sorted(values, reverse=True)
+    best = {s["scorer"]: s["concepts"][0]["concept"] for s in card["scorers"]}
+    assert best == {"patch": info["truth"][("toy-cnn", "conv1", 0)], "iou": info["truth"][("toy-cnn", "conv1", 0)]}
+    assert len(card["stats"]["hist_counts"]) == len(card["stats"]["hist_edges"]) - 1
+    # Every patch image the page references is served as a PNG.
+    for src in imgs:
+        status, ctype, png = get(server, src)
+        assert status == 200 and ctype == "image/png" and png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fc_card_shows_effects(server):
+    status, card = get_json(server, "/neuron/toy-cnn/fc/1.json")
+    assert card["effects"][0]["class"] == "square" and card["effects"][0]["value"] == pytest.approx(-0.3)
+
+
+@pytest.mark.parametrize("path,status", [
+    ("/neuron/toy-cnn/conv1/99", 404), ("/layer/toy-cnn/conv9", 404), ("/model/resnet", 404),
+    ("/nowhere", 404), ("/patch/deadbeef.png", 404), ("/patch/..%2F..%2Fetc%2Fpasswd.png", 404),
+])
+def test_missing_things_are_404_with_a_message(server, path, status):
+    got, _, body = get(server, path)
+    assert got == status
+    if path.startswith("/layer"):
+        assert b"Did you mean" in body or b"Valid:" in body
+
+
+def test_read_only_methods(server):
+    assert get(server, "/sql?q=SELECT+1", method="POST")[0] == 405
+    assert get(server, "/", method="HEAD")[0] == 200
+
+
+def test_search_exact(server):
+    status, data = get_json(server, "/search.json?q=striped&mode=exact")
+    assert status == 200 and data["units"]
+    assert {u["concept"] for u in data["units"]} == {"striped"}
+    # Most confident first: the units whose best concept is 'striped' (fixture: middle layer, units 0 and 3).
+    assert {(u["layer"], u["unit"]) for u in data["units"][:4]} == {("layer1.0.conv2", 0), ("layer1.0.conv2", 3)}
+    confs = [u["confidence"] for u in data["units"]]
+    assert confs == sorted(confs, reverse=True)
+    status, data = get_json(server, "/search.json?q=stripd&mode=exact")
+    assert data["units"] == [] and "striped" in data["did_you_mean"]
+    status, _, body = get(server, "/search?q=striped&mode=exact")
+    assert b'href="/neuron/toy-cnn/layer1.0.conv2/' in body
+
+
+def test_search_semantic_finds_related_concepts(server):
+    status, data = get_json(server, "/search.json?q=zebra+stripes&mode=semantic")
+    assert status == 200
+    assert data["concepts"][0]["concept"] == "striped"
+    assert data["concepts"][0]["units"]
+
+
+def test_search_open_vocabulary_reports_missing_patch_embeddings(server):
+    status, data = get_json(server, "/search.json?q=red+circle&mode=open")
+    assert status == 200 and data["units"] == [] and "patch embeddings" in data["note"]
+
+
+def test_search_bad_mode(server):
+    status, data = get_json(server, "/search.json?q=x&mode=fuzzy")
+    assert "Unknown search mode 'fuzzy'" in data["error"]
+
+
+def test_console_html_and_json(server):
+    status, _, body = get(server, sql_path("SELECT concept, count(*) AS n FROM scores WHERE rank = 0 GROUP BY concept ORDER BY n DESC"))
+    assert status == 200 and b"<table>" in body and b"red" in body
+    status, data = get_json(server, sql_path("SELECT unit, concept FROM scores WHERE model = $m AND layer = $l AND rank = 0 ORDER BY unit",
+                                             True, m="toy-cnn", l="conv1"))
+    assert status == 200 and data["ok"] is True
+    assert data["result"]["columns"] == ["unit", "concept"]
+    assert data["result"]["rows"][0] == [0, "red"]
+    assert data["result"]["truncated"] is False
+
+
+def test_console_truncates_at_the_row_cap(server):
+    status, data = get_json(server, sql_path("SELECT * FROM range(5000)", True))
+    assert data["result"]["truncated"] is True and data["result"]["row_count"] == 1000
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT * FROM read_csv('/etc/passwd')",
+    "SELECT * FROM read_parquet('/etc/hostname')",
+    "COPY scores TO '/tmp/neurostore-web-test-leak.csv'",
+    "ATTACH '/tmp/neurostore-web-test-leak.duckdb'",
+    "INSTALL httpfs", "LOAD httpfs",
+    "SET enable_external_access = true",
+    "PRAGMA version",
+    "CREATE TABLE x AS SELECT 1", "DROP TABLE scores", "INSERT INTO models (model) VALUES ('x')",
+    "SELECT 1; SELECT 2",
+])
+def test_console_refusals_over_http(server, sql):
+    import os
+
+    status, data = get_json(server, sql_path(sql, True))
+    assert status == 400 and data["ok"] is False and data["error_type"] == "refused"
+    assert "root:" not in json.dumps(data)
+    status, _, body = get(server, sql_path(sql))
+    assert status == 400 and b'class="error"' in body
+    assert not os.path.exists("/tmp/neurostore-web-test-leak.csv")
+    assert not os.path.exists("/tmp/neurostore-web-test-leak.duckdb")
+
+
+def test_console_stops_a_slow_query(server):
+    status, data = get_json(server, sql_path("SELECT count(*) FROM range(1000000000) a, range(1000000000) b", True))
+    assert status == 400 and data["error_type"] == "timeout" and "time limit" in data["error"]
+
+
+def test_named_queries(server):
+    status, _, body = get(server, "/query/concept_neurons")
+    assert status == 200 and b'name="concept"' in body
+    status, data = get_json(server, "/query/concept_neurons.json?concept=dotted&top=4")
+    assert status == 200 and data["result"]["row_count"] == 4
+    status, data = get_json(server, "/query/nope.json")
+    assert status == 400 and "Unknown query 'nope'" in data["error"]
+
+
+def test_tables_page_and_findings_placeholders(server):
+    status, _, body = get(server, "/tables")
+    assert status == 200 and b"scores" in body
+    for kind, cmd in (("audit", b"neurostore audit"), ("compare", b"neurostore compare")):
+        status, _, body = get(server, f"/{kind}")
+        assert status == 200 and b"No findings yet" in body and cmd in body
+
+
+def test_findings_render_any_audit_or_comparison_table():
+    con = duckdb.connect()
+    con.execute("CREATE TABLE audit_findings AS SELECT 'toy-cnn' AS model, 'fc' AS layer, 1 AS unit, "
+                "'star' AS class, 'watermark' AS concept, 0.8 AS score")
+    con.execute("CREATE TABLE comparisons AS SELECT 'toy-cnn' AS model_a, 'toy-vit' AS model_b, 0.5 AS overlap")
+    con.execute("CREATE TABLE unrelated AS SELECT 1 AS x")
+
+    def run(sql, params=None):
+        return con.sql(sql, params=params).to_arrow_table()
+
+    audit = D.findings(run, "audit")
+    assert [t["table"] for t in audit["tables"]] == ["audit_findings"] and not audit["empty"]
+    from neurostore.web.render import Links, render
+
+    html = render("findings.html", audit, Links())
+    assert 'href="/neuron/toy-cnn/fc/1"' in html and "watermark" in html
+    assert [t["table"] for t in D.findings(run, "compare")["tables"]] == ["comparisons"]
+
+
+def test_store_files_untouched(server, tmp_path_factory):
+    path, _ = shared_store(tmp_path_factory)
+    before = sorted((p.relative_to(path), p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file())
+    get(server, "/neuron/toy-cnn/conv1/1")
+    get(server, sql_path("SELECT * FROM scores LIMIT 5"))
+    after = sorted((p.relative_to(path), p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file())
+    assert before == after
