@@ -1,0 +1,698 @@
+"""Scorers: how well each concept explains each unit, as a [units, concepts] matrix, plus a
+bounded confidence next to every raw score.
+
+    name        inputs                                           source
+    patch       patch embeddings, a unit's top patches, texts    MILAN / the paper's patch method
+    soft_wpmi   image-text similarity [n, c], pooled acts [n, u] CLIP-Dissect (default there)
+    wpmi        same                                             CLIP-Dissect
+    cos_cubed   same                                             CLIP-Dissect (cos_similarity_cubed)
+    iou         activation maps, per-pixel concept masks         Network Dissection
+
+The CLIP-Dissect formulas follow the published code (Trustworthy-ML-Lab/CLIP-dissect,
+similarity.py) exactly, including its quirks: p(d) in soft_wpmi/wpmi is the mean over the
+*units given* of p(d | unit), so call them with all units of a layer at once; the membership
+weights run `p_start - r/top_k * (p_start - p_end)` for r = 0..top_k-1 (arange, so the last one
+stops one step short of p_end). `_soft_wpmi_reference` & co. are line-by-line transcriptions used
+by tests and bench/soft_wpmi.py to check the fast versions to 1e-4.
+
+The fast soft_wpmi / wpmi replace "sum of logs" by "log of products of up to G factors", G
+chosen from the smallest possible factor so a product cannot underflow float32 (G = 11 for the
+defaults), and walk concepts in cache-sized tiles without the reference's temporaries: the
+same numbers with ~G times fewer logarithms.
+
+Confidence (`confidence()`), the same for every scorer so values are comparable: per unit, the
+scores over all C concepts are fitted with a robust normal null (median, 1.4826 x MAD; the
+standard deviation when the MAD is 0), and a score s with robust z-score z gets
+
+    confidence = Phi(z) ** C        (the chance that the best of C null concepts scores below s)
+
+Why: a rank or plain percentile always hands the top concept of every unit ~1.0, even for a
+unit that explains nothing; Phi(z) alone does the same with 20,000 concepts (the max of 20,000
+normal draws sits near z = 4). Raising to the power C calibrates for the size of the search:
+the top concept of a unit with no signal gets a value spread over (0, 1) (about 0.5 on
+average), a concept that stands well above the vocabulary gets ~1, and the number means the
+same for a 61-word and a 20,000-word vocabulary and for bounded (iou) and unbounded (soft_wpmi)
+raw scores.
+
+`top_concepts()` and `top_units()` turn a result into the Arrow rows of schema/scores.sql and
+schema/concept_units.sql; `merge_concept_units()` re-ranks concept -> units across layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from .errors import BadInput, BadParameter, UnknownScorer, unknown
+
+# --------------------------------------------------------------------------------------------
+# similarities
+
+
+@torch.no_grad()
+def image_text_similarity(image_emb: torch.Tensor, text_emb: torch.Tensor,
+                          chunk: int = 4096) -> torch.Tensor:
+    """Cosine similarity of every image to every concept: [n, d] x [c, d] -> [n, c] float32
+    (CLIP-Dissect's clip_feats: both sides L2-normalised, then a matrix product)."""
+    img = F.normalize(image_emb.float(), dim=-1)
+    txt = F.normalize(text_emb.float(), dim=-1)
+    out = torch.empty(img.shape[0], txt.shape[0], dtype=torch.float32)
+    for i in range(0, img.shape[0], chunk):
+        torch.matmul(img[i : i + chunk], txt.T, out=out[i : i + chunk])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# CLIP-Dissect: fast versions
+
+
+def membership_weights(top_k: int, p_start: float = 0.998, p_end: float = 0.97) -> torch.Tensor:
+    """soft_wpmi's weight of the r-th most activating image, r = 0..top_k-1 (published code)."""
+    return p_start - (torch.arange(start=0, end=top_k) / top_k * (p_start - p_end))
+
+
+def _check_acts(sim: torch.Tensor, acts: torch.Tensor, top_k: Optional[int] = None) -> None:
+    if sim.dim() != 2 or acts.dim() != 2 or sim.shape[0] != acts.shape[0]:
+        raise BadInput(
+            f"similarities {tuple(sim.shape)} and activations {tuple(acts.shape)} must be "
+            "[n_images, concepts] and [n_images, units] over the same images.")
+    if top_k is not None and not 1 <= top_k <= sim.shape[0]:
+        raise BadParameter(f"top_k={top_k} must be between 1 and the number of images "
+                           f"({sim.shape[0]}).")
+
+
+@torch.no_grad()
+def _sum_log_factors(
+    sim: torch.Tensor,
+    acts: torch.Tensor,
+    top_k: int,
+    a: float,
+    coef_a: torch.Tensor,   # [top_k]: factor = coef_a[r] + coef_b[r] * p(concept | image)
+    coef_b: torch.Tensor,   # [top_k]
+    concept_chunk: Optional[int] = None,
+    progress: bool = False,
+    unit_chunk: Optional[int] = None,
+) -> torch.Tensor:
+    """sum_r log(coef_a[r] + coef_b[r] * softmax(a * sim)[top_r(unit), c]) -> [units, concepts]
+    float64.
+
+    Sums of logs are computed as logs of products of G consecutive factors (G from the smallest
+    factor in the tile, so a product stays above 1e-30 and cannot underflow float32), over
+    concept tiles: the softmax of a tile comes from each row's log-sum-exp, and for each group
+    of G ranks every unit's images are gathered at once ([G * units, tile] in one index_select),
+    so there are few, large tensor operations. The sums are kept in float64: log p(c | unit) is
+    a sum of 100 terms around -5, so its float32 rounding alone would be ~1e-4."""
+    sim = sim.float()
+    n, n_concepts = sim.shape
+    n_units = acts.shape[1]
+    if float(coef_b.min()) <= 0 or float(coef_a.min()) <= 0:
+        raise BadParameter("membership weights must lie in (0, 1] and min_prob must be > 0.")
+    # topk along rows of the transposed matrix: same indices as topk over dim 0, ~10x faster.
+    inds = torch.topk(acts.float().T.contiguous(), dim=1, k=top_k)[1].T.contiguous()  # [top_k, u]
+    lse = torch.logsumexp(a * sim, dim=1, keepdim=True)          # [n, 1] softmax denominators
+    ca, cb = coef_a.double(), coef_b.double()
+    # a_r + b_r p = b_r (p + a_r / b_r): the b_r factor out as one constant, sum_r log b_r,
+    # added at the end, which saves a multiplication per gathered value.
+    kappa = (ca / cb).float().view(-1, 1, 1)                      # [top_k, 1, 1]
+    out = torch.zeros(n_units, n_concepts, dtype=torch.float64)  # [units, concepts]
+    if concept_chunk is None:
+        concept_chunk = 256
+    if unit_chunk is None:
+        # About 1M gathered values per operation: large enough that the per-op overhead and
+        # the threads' start-up vanish, small enough to stay in the last-level cache.
+        unit_chunk = max(1, (1 << 20) // (11 * concept_chunk))
+    chunks = range(0, n_concepts, concept_chunk)
+    if progress:
+        from tqdm import tqdm
+
+        chunks = tqdm(chunks, desc="scoring concepts", unit="chunk", leave=False)
+    for c0 in chunks:
+        c1 = min(c0 + concept_chunk, n_concepts)
+        probs = torch.exp(a * sim[:, c0:c1] - lse)               # [n, cc] p(concept | image)
+        f_min = float((ca / cb + float(probs.min())).min())
+        f_max = float((ca / cb).max()) + 1.0
+        # G factors in [f_min, f_max] multiply to a number in [1e-30, 1e30]: no under/overflow.
+        group = max(1, int(math.floor(30.0 / max(-math.log10(f_min), math.log10(f_max), 1e-9))))
+        group = min(group, top_k)
+        for u0 in range(0, n_units, unit_chunk):
+            u1 = min(u0 + unit_chunk, n_units)
+            tile = out[u0:u1, c0:c1]
+            for r0 in range(0, top_k, group):
+                r1 = min(top_k, r0 + group)
+                g = probs.index_select(0, inds[r0:r1, u0:u1].reshape(-1))  # [(r1-r0)*uc, cc]
+                g = g.view(r1 - r0, u1 - u0, c1 - c0)
+                g.add_(kappa[r0:r1])                              # p + a_r / b_r
+                tile.add_(g.prod(dim=0).log_())                   # [uc, cc]
+    out.add_(float(torch.log(cb).sum()))
+    return out
+
+
+@torch.no_grad()
+def soft_wpmi(
+    sim: torch.Tensor,
+    acts: torch.Tensor,
+    top_k: int = 100,
+    a: float = 10.0,
+    lam: float = 1.0,
+    min_prob: float = 1e-7,
+    p_start: float = 0.998,
+    p_end: float = 0.97,
+    concept_chunk: Optional[int] = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """CLIP-Dissect's SoftWPMI. sim: image-concept cosine similarities [n, c]; acts: pooled
+    activations [n, u] of all units of one layer. Returns [u, c] (higher = better).
+
+    log p(c | unit) = sum_r log(1 + w_r (p(c | img_r) - 1) + min_prob) over the unit's top_k
+    images img_r, with p(c | img) = softmax over concepts of a * sim and membership weights w_r
+    from p_start down toward p_end; log p(c) = log mean over units of p(c | unit);
+    score = log p(c | unit) - lam * log p(c)."""
+    _check_acts(sim, acts, top_k)
+    if not (0 <= p_end <= 1 and 0 <= p_start <= 1):
+        raise BadParameter(f"p_start={p_start} and p_end={p_end} must lie in [0, 1].")
+    w = membership_weights(top_k, p_start, p_end).double()
+    # 1 + w (p - 1) + min_prob  ==  w p + (1 - w + min_prob), without the cancellation of p - 1
+    log_p = _sum_log_factors(sim, acts, top_k, a, 1 - w + min_prob, w, concept_chunk, progress)
+    return _pmi(log_p, lam)
+
+
+@torch.no_grad()
+def wpmi(
+    sim: torch.Tensor,
+    acts: torch.Tensor,
+    top_k: int = 28,
+    a: float = 2.0,
+    lam: float = 0.6,
+    min_prob: float = 1e-7,
+    concept_chunk: Optional[int] = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """CLIP-Dissect's WPMI: log p(c | unit) = sum over the top_k images of log(p(c | img) +
+    min_prob); p(c) and the score as in `soft_wpmi`. Returns [u, c]."""
+    _check_acts(sim, acts, top_k)
+    ones = torch.ones(top_k, dtype=torch.float64)
+    log_p = _sum_log_factors(sim, acts, top_k, a, ones * min_prob, ones, concept_chunk, progress)
+    return _pmi(log_p, lam)
+
+
+def _pmi(log_p: torch.Tensor, lam: float) -> torch.Tensor:
+    # log p(c) = logsumexp over units - log(units): the mean over units of p(c | unit).
+    # In float64: the result is a small difference of two numbers around -500.
+    log_pd = torch.logsumexp(log_p, dim=0, keepdim=True) - math.log(log_p.shape[0])
+    return log_p.sub_(lam * log_pd).float()
+
+
+@torch.no_grad()
+def cos_cubed(
+    sim: torch.Tensor,
+    acts: torch.Tensor,
+    min_norm: float = 1e-3,
+    concept_chunk: int = 4096,
+) -> torch.Tensor:
+    """CLIP-Dissect's cos_similarity_cubed: centre each concept's and each unit's column over
+    images, cube, L2-normalise over images (norm clipped below at min_norm), and take the
+    cosine. Returns [u, c], bounded in [-1, 1]."""
+    _check_acts(sim, acts)
+    t = acts.float() - acts.float().mean(dim=0, keepdim=True)
+    t = t.pow_(3)
+    t = t / torch.clip(torch.norm(t, p=2, dim=0, keepdim=True), min_norm)   # [n, u]
+    mean = sim.float().mean(dim=0, keepdim=True)
+    out = torch.empty(acts.shape[1], sim.shape[1])
+    for c0 in range(0, sim.shape[1], concept_chunk):
+        c = sim[:, c0 : c0 + concept_chunk].float() - mean[:, c0 : c0 + concept_chunk]
+        c = c.pow_(3)
+        c = c / torch.clip(torch.norm(c, p=2, dim=0, keepdim=True), min_norm)
+        torch.matmul(t.T, c, out=out[:, c0 : c0 + concept_chunk])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# CLIP-Dissect: direct transcriptions of the published code (for tests and the benchmark)
+
+
+@torch.no_grad()
+def _soft_wpmi_reference(clip_feats, target_feats, top_k=100, a=10, lam=1, min_prob=1e-7,
+                         p_start=0.998, p_end=0.97):
+    """similarity.soft_wpmi of CLIP-Dissect, transcribed (CUDA calls and prints removed)."""
+    clip_feats = torch.nn.functional.softmax(a * clip_feats, dim=1)
+    inds = torch.topk(target_feats, dim=0, k=top_k)[1]
+    prob_d_given_e = []
+    p_in_examples = p_start - (torch.arange(start=0, end=top_k) / top_k * (p_start - p_end)).unsqueeze(1)
+    for orig_id in range(target_feats.shape[1]):
+        curr_clip_feats = clip_feats.gather(0, inds[:, orig_id:orig_id + 1].expand(-1, clip_feats.shape[1]))
+        curr_p_d_given_e = 1 + p_in_examples * (curr_clip_feats - 1)
+        curr_p_d_given_e = torch.sum(torch.log(curr_p_d_given_e + min_prob), dim=0, keepdim=True)
+        prob_d_given_e.append(curr_p_d_given_e)
+    prob_d_given_e = torch.cat(prob_d_given_e, dim=0)
+    prob_d = (torch.logsumexp(prob_d_given_e, dim=0, keepdim=True)
+              - torch.log(prob_d_given_e.shape[0] * torch.ones([1])))
+    return prob_d_given_e - lam * prob_d
+
+
+@torch.no_grad()
+def _wpmi_reference(clip_feats, target_feats, top_k=28, a=2, lam=0.6, min_prob=1e-7):
+    """similarity.wpmi of CLIP-Dissect, transcribed."""
+    clip_feats = torch.nn.functional.softmax(a * clip_feats, dim=1)
+    inds = torch.topk(target_feats, dim=0, k=top_k)[1]
+    prob_d_given_e = []
+    for orig_id in range(target_feats.shape[1]):
+        curr_clip_feats = clip_feats.gather(0, inds[:, orig_id:orig_id + 1].expand(-1, clip_feats.shape[1]))
+        curr_p_d_given_e = torch.sum(torch.log(curr_clip_feats + min_prob), dim=0, keepdim=True)
+        prob_d_given_e.append(curr_p_d_given_e)
+    prob_d_given_e = torch.cat(prob_d_given_e, dim=0)
+    prob_d = (torch.logsumexp(prob_d_given_e, dim=0, keepdim=True)
+              - torch.log(prob_d_given_e.shape[0] * torch.ones([1])))
+    return prob_d_given_e - lam * prob_d
+
+
+@torch.no_grad()
+def _cos_cubed_reference(clip_feats, target_feats, batch_size=10000, min_norm=1e-3):
+    """similarity.cos_similarity_cubed of CLIP-Dissect, transcribed."""
+    clip_feats = clip_feats - torch.mean(clip_feats, dim=0, keepdim=True)
+    target_feats = target_feats - torch.mean(target_feats, dim=0, keepdim=True)
+    clip_feats = clip_feats ** 3
+    target_feats = target_feats ** 3
+    clip_feats = clip_feats / torch.clip(torch.norm(clip_feats, p=2, dim=0, keepdim=True), min_norm)
+    target_feats = target_feats / torch.clip(torch.norm(target_feats, p=2, dim=0, keepdim=True), min_norm)
+    similarities = []
+    for t_i in range(math.ceil(target_feats.shape[1] / batch_size)):
+        curr_similarities = []
+        curr_target = target_feats[:, t_i * batch_size:(t_i + 1) * batch_size].T
+        for c_i in range(math.ceil(clip_feats.shape[1] / batch_size)):
+            curr_similarities.append(curr_target @ clip_feats[:, c_i * batch_size:(c_i + 1) * batch_size])
+        similarities.append(torch.cat(curr_similarities, dim=1))
+    return torch.cat(similarities, dim=0)
+
+
+# --------------------------------------------------------------------------------------------
+# patch
+
+
+@torch.no_grad()
+def patch_scores(
+    patch_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    unit_patches: torch.Tensor,
+    unit_weights: Optional[torch.Tensor] = None,
+    mode: str = "diff",
+) -> torch.Tensor:
+    """The patch method: how much closer a unit's top patches are to a concept than patches in
+    general are.
+
+    patch_emb [P, d]: every patch of the run; text_emb [c, d]; unit_patches [u, k]: indices into
+    patch_emb of each unit's top-k patches (-1 pads units with fewer); unit_weights [u, k]: their
+    activations (negatives count as 0; all-zero rows fall back to equal weights).
+
+    mode 'diff' (default): activation-weighted mean cos(unit patch, concept) minus the mean
+    cos(any patch, concept). The contrast stops generic concepts that sit close to every patch
+    ("photo", "image", "thing") from winning for every unit.
+    mode 'z': the same difference divided by the standard deviation of cos(any patch, concept),
+    so concepts whose similarity varies little across patches are not penalised.
+
+    Cosine similarity is linear in the patch vector, so the weighted mean of similarities is the
+    similarity to the weighted mean patch: [u, d] x [d, c] instead of gathering [u, k, c]."""
+    if mode not in ("diff", "z"):
+        raise BadParameter(f"patch mode '{mode}' is not known; use 'diff' or 'z'.")
+    if unit_patches.dim() != 2:
+        raise BadInput(f"unit_patches must be [units, k] indices, got {tuple(unit_patches.shape)}.")
+    P = F.normalize(patch_emb.float(), dim=-1)                    # [P, d]
+    T = F.normalize(text_emb.float(), dim=-1)                     # [c, d]
+    idx = unit_patches.long()
+    valid = idx >= 0
+    if idx.numel() and int(idx.max()) >= P.shape[0]:
+        raise BadInput(f"unit_patches refers to patch {int(idx.max())} but only {P.shape[0]} "
+                       "patch embeddings were given.")
+    w = torch.ones(idx.shape) if unit_weights is None else unit_weights.float().clamp(min=0)
+    w = w * valid
+    empty = w.sum(dim=1, keepdim=True) == 0
+    w = torch.where(empty, valid.float(), w)
+    w = w / w.sum(dim=1, keepdim=True).clamp(min=1e-12)           # [u, k] rows sum to 1
+    unit_mean = torch.einsum("uk,ukd->ud", w, P[idx.clamp(min=0)])  # [u, d]
+    all_mean = P.mean(dim=0, keepdim=True)                        # [1, d]
+    scores = (unit_mean - all_mean) @ T.T                         # [u, c]
+    if mode == "z":
+        centred = P - all_mean
+        cov = centred.T @ centred / max(1, P.shape[0] - 1)          # [d, d]
+        sd = torch.sqrt(torch.einsum("cd,de,ce->c", T, cov, T).clamp(min=1e-12))
+        scores = scores / sd
+    # Units without any patch have no evidence: the lowest score.
+    scores[~valid.any(dim=1)] = float("nan")
+    return scores
+
+
+def _patch_scores_reference(patch_emb, text_emb, unit_patches, unit_weights=None):
+    """Direct form of mode 'diff', for tests: gather every similarity, average, subtract."""
+    P = F.normalize(patch_emb.float(), dim=-1)
+    T = F.normalize(text_emb.float(), dim=-1)
+    sims = P @ T.T                                                # [P, c]
+    out = torch.empty(unit_patches.shape[0], T.shape[0])
+    for u in range(unit_patches.shape[0]):
+        keep = unit_patches[u] >= 0
+        idx = unit_patches[u][keep]
+        w = (torch.ones(len(idx)) if unit_weights is None
+             else unit_weights[u][keep].float().clamp(min=0))
+        if w.sum() == 0:
+            w = torch.ones(len(idx))
+        out[u] = (w[:, None] * sims[idx]).sum(0) / w.sum() - sims.mean(0)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# iou (Network Dissection)
+
+
+class TopQuantile:
+    """Streaming per-unit threshold T_u with P(a_u > T_u) = top_fraction over all activation
+    values of all images (Network Dissection: top_fraction = 0.005), exact.
+
+    It keeps each unit's ceil(top_fraction * total) largest values, so `total` (images x h x w
+    of the raw maps, before upsampling, as Network Dissection does) must be known up front."""
+
+    def __init__(self, n_units: int, total: int, top_fraction: float = 0.005):
+        if not 0 < top_fraction < 1:
+            raise BadParameter(f"top_fraction={top_fraction} must lie in (0, 1).")
+        self.k = max(1, int(math.ceil(top_fraction * total)))
+        self.n_units = n_units
+        self.total = total
+        self.seen = 0
+        self.top = torch.full((n_units, 0), float("-inf"))      # [units, <=k]
+
+    @torch.no_grad()
+    def update(self, act_maps: torch.Tensor) -> None:
+        """act_maps: [b, units, h, w] (or [b, units, tokens])."""
+        flat = act_maps.float().transpose(0, 1).reshape(self.n_units, -1)  # [units, b*h*w]
+        self.seen += flat.shape[1]
+        both = torch.cat([self.top, flat], dim=1)
+        k = min(self.k, both.shape[1])
+        self.top = torch.topk(both, k=k, dim=1).values
+
+    def thresholds(self) -> torch.Tensor:
+        """[units]: the k-th largest value of each unit."""
+        if self.top.shape[1] == 0:
+            raise BadInput("no activations were given to the threshold estimator.")
+        return self.top[:, -1].clone()
+
+
+class IoUAccumulator:
+    """Network Dissection IoU, streamed over image batches: per unit and concept, the summed
+    intersection and union over all images of (upsampled map > T_u) and the concept's mask;
+    IoU = sum |M_u & L_c| / sum |M_u | L_c|, the dataset-level IoU of the paper."""
+
+    def __init__(self, thresholds: torch.Tensor, n_concepts: int, pixel_chunk: int = 1 << 20):
+        self.thr = thresholds.float().view(1, -1, 1, 1)           # [1, units, 1, 1]
+        self.n_units = thresholds.numel()
+        self.n_concepts = n_concepts
+        self.inter = torch.zeros(self.n_units, n_concepts, dtype=torch.float64)
+        self.act_area = torch.zeros(self.n_units, dtype=torch.float64)
+        self.mask_area = torch.zeros(n_concepts, dtype=torch.float64)
+        self.pixel_chunk = pixel_chunk
+
+    @torch.no_grad()
+    def update(self, act_maps: torch.Tensor, masks: torch.Tensor) -> None:
+        """act_maps [b, units, h, w] raw; masks [b, concepts, H, W] bool. Maps are upsampled
+        bilinearly to the mask size, then thresholded."""
+        if act_maps.dim() != 4 or masks.dim() != 4 or act_maps.shape[0] != masks.shape[0]:
+            raise BadInput(f"act_maps {tuple(act_maps.shape)} and masks {tuple(masks.shape)} "
+                           "must be [b, units, h, w] and [b, concepts, H, W] for the same images.")
+        if masks.shape[1] != self.n_concepts or act_maps.shape[1] != self.n_units:
+            raise BadInput(f"expected {self.n_units} units and {self.n_concepts} concepts, got "
+                           f"{act_maps.shape[1]} and {masks.shape[1]}.")
+        H, W = masks.shape[-2:]
+        per_image = H * W
+        step = max(1, self.pixel_chunk // per_image)
+        for i in range(0, act_maps.shape[0], step):
+            a = act_maps[i : i + step].float()
+            if a.shape[-2:] != (H, W):
+                a = F.interpolate(a, size=(H, W), mode="bilinear", align_corners=False)
+            on = (a > self.thr).transpose(0, 1).reshape(self.n_units, -1).float()   # [u, px]
+            m = masks[i : i + step].transpose(0, 1).reshape(self.n_concepts, -1).float()  # [c, px]
+            # 0/1 products summed in float32 are exact below 2**24 pixels per chunk.
+            self.inter += (on @ m.T).double()
+            self.act_area += on.sum(dim=1).double()
+            self.mask_area += m.sum(dim=1).double()
+
+    def result(self) -> torch.Tensor:
+        """[units, concepts] IoU in [0, 1] (0 where both unit and concept are empty)."""
+        union = self.act_area[:, None] + self.mask_area[None, :] - self.inter
+        return torch.where(union > 0, self.inter / union.clamp(min=1), 0.0).float()
+
+
+def iou_scores(act_maps: torch.Tensor, masks: torch.Tensor, top_fraction: float = 0.005,
+               batch_size: int = 64) -> torch.Tensor:
+    """In-memory convenience: thresholds from all maps, then the streamed IoU. [u, c]."""
+    tq = TopQuantile(act_maps.shape[1], act_maps[:, 0].numel(), top_fraction)
+    for i in range(0, act_maps.shape[0], batch_size):
+        tq.update(act_maps[i : i + batch_size])
+    acc = IoUAccumulator(tq.thresholds(), masks.shape[1])
+    for i in range(0, act_maps.shape[0], batch_size):
+        acc.update(act_maps[i : i + batch_size], masks[i : i + batch_size])
+    return acc.result()
+
+
+# --------------------------------------------------------------------------------------------
+# confidence
+
+
+@torch.no_grad()
+def confidence(scores: torch.Tensor, unit_chunk: int = 1024) -> torch.Tensor:
+    """[u, c] raw scores -> [u, c] confidence in [0, 1]: Phi(robust z) ** C per unit (module
+    doc). NaN scores get 0; a unit whose scores are all equal gets 0 everywhere."""
+    n_units, n_concepts = scores.shape
+    out = torch.zeros(n_units, n_concepts, dtype=torch.float32)
+    for u0 in range(0, n_units, unit_chunk):
+        s = scores[u0 : u0 + unit_chunk].double()
+        nan = torch.isnan(s)
+        s_f = torch.where(nan, torch.nanmedian(s, dim=1, keepdim=True).values.nan_to_num(0.0), s)
+        med = s_f.median(dim=1, keepdim=True).values
+        mad = (s_f - med).abs().median(dim=1, keepdim=True).values * 1.4826
+        sd = s_f.std(dim=1, keepdim=True, unbiased=False) if n_concepts > 1 else torch.zeros_like(med)
+        scale = torch.where(mad > 1e-12 * (1 + med.abs()), mad, sd)
+        z = (s_f - med) / scale.clamp(min=1e-300)
+        conf = torch.exp(n_concepts * torch.special.log_ndtr(z))
+        conf = torch.where((scale <= 0).expand_as(conf) | nan, 0.0, conf)
+        out[u0 : u0 + unit_chunk] = conf.float()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# registry
+
+
+@dataclass(frozen=True)
+class Scorer:
+    name: str
+    fn: Callable[..., torch.Tensor]
+    defaults: dict[str, Any]
+    inputs: tuple[str, ...]
+    description: str
+    uses_encoder: bool = True
+
+
+@dataclass
+class ScoreResult:
+    """One scorer's output: raw [units, concepts] scores, their confidence, and the full
+    parameters used (defaults merged), which go into the run's provenance."""
+
+    scorer: str
+    params: dict[str, Any]
+    scores: torch.Tensor       # [units, concepts]
+    confidence: torch.Tensor   # [units, concepts] in [0, 1]
+    uses_encoder: bool = True
+
+
+def _run_clip(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def run(inputs: dict[str, Any], **params: Any) -> torch.Tensor:
+        sim = inputs.get("similarity")
+        if sim is None:
+            if "image_emb" not in inputs or "text_emb" not in inputs:
+                raise BadInput("CLIP-Dissect scorers need 'similarity' [n, c] or 'image_emb' "
+                               "and 'text_emb', plus 'pooled' activations [n, u].")
+            sim = image_text_similarity(inputs["image_emb"], inputs["text_emb"])
+        return fn(sim, _need(inputs, "pooled"), **params)
+    return run
+
+
+def _run_patch(inputs: dict[str, Any], **params: Any) -> torch.Tensor:
+    return patch_scores(_need(inputs, "patch_emb"), _need(inputs, "text_emb"),
+                        _need(inputs, "unit_patches"), inputs.get("unit_weights"), **params)
+
+
+def _run_iou(inputs: dict[str, Any], **params: Any) -> torch.Tensor:
+    if inputs.get("accumulator") is not None:
+        return inputs["accumulator"].result()
+    return iou_scores(_need(inputs, "act_maps"), _need(inputs, "masks"), **params)
+
+
+def _need(inputs: dict[str, Any], key: str) -> Any:
+    if inputs.get(key) is None:
+        raise BadInput(f"scorer input '{key}' is missing; given: {', '.join(sorted(inputs)) or 'none'}.")
+    return inputs[key]
+
+
+SCORERS: dict[str, Scorer] = {
+    s.name: s
+    for s in [
+        Scorer("patch", _run_patch, {"mode": "diff"},
+               ("patch_emb", "text_emb", "unit_patches", "unit_weights"),
+               "mean similarity of a unit's top patches to a concept minus that concept's mean "
+               "similarity over all patches (mode 'z': divided by its spread)"),
+        Scorer("soft_wpmi", _run_clip(soft_wpmi),
+               {"top_k": 100, "a": 10.0, "lam": 1.0, "min_prob": 1e-7, "p_start": 0.998,
+                "p_end": 0.97},
+               ("similarity|image_emb+text_emb", "pooled"),
+               "CLIP-Dissect SoftWPMI over whole-image similarities and pooled activations"),
+        Scorer("wpmi", _run_clip(wpmi), {"top_k": 28, "a": 2.0, "lam": 0.6, "min_prob": 1e-7},
+               ("similarity|image_emb+text_emb", "pooled"),
+               "CLIP-Dissect WPMI over whole-image similarities and pooled activations"),
+        Scorer("cos_cubed", _run_clip(cos_cubed), {"min_norm": 1e-3},
+               ("similarity|image_emb+text_emb", "pooled"),
+               "CLIP-Dissect cos_similarity_cubed: cosine of centred, cubed columns"),
+        Scorer("iou", _run_iou, {"top_fraction": 0.005}, ("act_maps+masks|accumulator",),
+               "Network Dissection IoU of the unit's top-0.5% region with per-pixel concept "
+               "masks, summed over images", uses_encoder=False),
+    ]
+}
+
+
+def list_scorers() -> list[dict[str, Any]]:
+    """Name, default parameters, inputs and description of every scorer."""
+    return [{"name": s.name, "defaults": dict(s.defaults), "inputs": list(s.inputs),
+             "description": s.description} for s in SCORERS.values()]
+
+
+def get_scorer(name: str) -> Scorer:
+    if name not in SCORERS:
+        raise UnknownScorer(unknown("scorer", name, SCORERS))
+    return SCORERS[name]
+
+
+def resolve_params(name: str, params: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Defaults overridden by `params`; unknown parameter names raise BadParameter."""
+    s = get_scorer(name)
+    params = dict(params or {})
+    bad = sorted(set(params) - set(s.defaults))
+    if bad:
+        raise BadParameter(f"Scorer '{name}' has no parameter {', '.join(bad)}. Valid: "
+                           f"{', '.join(f'{k}={v}' for k, v in s.defaults.items())}.")
+    return {**s.defaults, **params}
+
+
+def run_scorer(name: str, inputs: dict[str, Any], params: Optional[dict[str, Any]] = None,
+               progress: bool = False) -> ScoreResult:
+    """Score with a named scorer. `inputs` by scorer (see `list_scorers()`):
+    patch: patch_emb, text_emb, unit_patches[, unit_weights];
+    soft_wpmi / wpmi / cos_cubed: similarity (or image_emb and text_emb), pooled;
+    iou: act_maps and masks, or accumulator (a filled IoUAccumulator)."""
+    s = get_scorer(name)
+    full = resolve_params(name, params)
+    extra = {"progress": progress} if name in ("soft_wpmi", "wpmi") else {}
+    scores = s.fn(inputs, **full, **extra)
+    return ScoreResult(name, full, scores, confidence(scores), s.uses_encoder)
+
+
+# --------------------------------------------------------------------------------------------
+# Arrow rows for the store
+
+
+def _constants(n: int, cols: dict[str, Any]) -> dict[str, pa.Array]:
+    return {k: pa.array([v] * n, pa.string()) for k, v in cols.items() if v is not None or k == "encoder"}
+
+
+def top_concepts(
+    result: ScoreResult,
+    concepts: Sequence[str],
+    top_n: int = 5,
+    units: Optional[Sequence[int]] = None,
+    **columns: Any,
+) -> pa.Table:
+    """Top-N concepts per unit (schema/scores.sql minus run_id): unit, scorer, rank, concept,
+    score, confidence, then any of vocabulary / encoder / model / layer given as keyword
+    constants. Ranked by raw score (within a unit, confidence grows with the score). NaN
+    scores rank last. `units` maps rows to unit ids (default 0..u-1)."""
+    s = result.scores.float()
+    n_units, n_concepts = s.shape
+    if len(concepts) != n_concepts:
+        raise BadInput(f"{len(concepts)} concept names for a score matrix of {n_concepts} concepts.")
+    k = min(top_n, n_concepts)
+    key = torch.nan_to_num(s, nan=float("-inf"))
+    vals, idx = torch.topk(key, k=k, dim=1)                       # [u, k]
+    conf = torch.gather(result.confidence, 1, idx)
+    raw = torch.gather(s, 1, idx)
+    unit_ids = np.asarray(units if units is not None else np.arange(n_units), dtype=np.int32)
+    names = np.asarray(concepts, dtype=object)
+    n = n_units * k
+    table = {
+        "unit": pa.array(np.repeat(unit_ids, k), pa.int32()),
+        "scorer": pa.array([result.scorer] * n, pa.string()),
+        "rank": pa.array(np.tile(np.arange(k, dtype=np.int32), n_units), pa.int32()),
+        "concept": pa.array(names[idx.numpy().ravel()], pa.string()),
+        "score": pa.array(raw.numpy().ravel(), pa.float32()),
+        "confidence": pa.array(conf.numpy().ravel(), pa.float32()),
+    }
+    if "encoder" not in columns and not result.uses_encoder:
+        columns["encoder"] = None
+    table.update(_constants(n, columns))
+    return pa.table(table)
+
+
+def top_units(
+    result: ScoreResult,
+    concepts: Sequence[str],
+    top_m: int = 10,
+    layer: Optional[str] = None,
+    units: Optional[Sequence[int]] = None,
+    **columns: Any,
+) -> pa.Table:
+    """Top-M units per concept (schema/concept_units.sql minus run_id): concept, scorer, rank,
+    layer, unit, score, confidence, then keyword constants (vocabulary, encoder, model).
+    Ranked by confidence, then raw score: confidence is the quantity comparable across layers,
+    so `merge_concept_units` can combine layers with the same order."""
+    s = result.scores.float()
+    n_units, n_concepts = s.shape
+    if len(concepts) != n_concepts:
+        raise BadInput(f"{len(concepts)} concept names for a score matrix of {n_concepts} concepts.")
+    m = min(top_m, n_units)
+    raw = torch.nan_to_num(s, nan=float("-inf"))
+    conf = result.confidence.double()
+    # Order by confidence, ties (e.g. saturated at 1.0) by score: rank of score within column
+    # as a fractional tiebreak keeps the sort one topk.
+    score_rank = raw.argsort(dim=0).argsort(dim=0).double() / max(1, n_units)
+    key = conf + score_rank * 1e-9
+    _, idx = torch.topk(key, k=m, dim=0)                          # [m, c]
+    unit_ids = np.asarray(units if units is not None else np.arange(n_units), dtype=np.int32)
+    idx_t = idx.T.contiguous()                                    # [c, m]
+    n = n_concepts * m
+    table = {
+        "concept": pa.array(np.repeat(np.asarray(concepts, dtype=object), m), pa.string()),
+        "scorer": pa.array([result.scorer] * n, pa.string()),
+        "rank": pa.array(np.tile(np.arange(m, dtype=np.int32), n_concepts), pa.int32()),
+        "layer": pa.array([layer] * n, pa.string()),
+        "unit": pa.array(unit_ids[idx_t.numpy().ravel()], pa.int32()),
+        "score": pa.array(torch.gather(s.T, 1, idx_t).numpy().ravel(), pa.float32()),
+        "confidence": pa.array(torch.gather(result.confidence.T, 1, idx_t).numpy().ravel(),
+                               pa.float32()),
+    }
+    if "encoder" not in columns and not result.uses_encoder:
+        columns["encoder"] = None
+    table.update(_constants(n, columns))
+    return pa.table(table)
+
+
+def merge_concept_units(tables: Sequence[pa.Table], top_m: int = 10) -> pa.Table:
+    """Combine `top_units` tables of several layers (same scorer and vocabulary) into the top-M
+    units per concept across the model, re-ranked by confidence then score."""
+    if not tables:
+        raise BadInput("no concept_units tables to merge.")
+    t = pa.concat_tables(tables, promote_options="default")
+    df = t.to_pandas()
+    df = df.sort_values(["concept", "scorer", "confidence", "score"],
+                        ascending=[True, True, False, False], kind="stable")
+    df = df.groupby(["concept", "scorer"], sort=False).head(top_m).copy()
+    df["rank"] = df.groupby(["concept", "scorer"], sort=False).cumcount().astype("int32")
+    return pa.Table.from_pandas(df.reset_index(drop=True), schema=t.schema, preserve_index=False)
