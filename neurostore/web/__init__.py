@@ -48,7 +48,7 @@ SQL_EXAMPLES = [
      "SELECT model, layer, concept, count(*) AS n_units FROM scores WHERE rank = 0\n"
      "GROUP BY ALL ORDER BY n_units DESC LIMIT 20"),
     ("Which neurons encode a concept? (bound parameter)",
-     "SELECT * FROM concept_neurons($concept, top_n := 20)"),
+     "SELECT * FROM concept_neurons($concept, top_n := 20)", {"concept": "striped"}),
     ("Units per layer", "SELECT model, layer, count(*) AS units, round(avg(act_max), 3) AS mean_max\n"
                         "FROM units GROUP BY ALL ORDER BY model, layer"),
     ("Runs", "SELECT run_id, command, status, started_at FROM runs ORDER BY started_at DESC"),

@@ -60,8 +60,8 @@ class Links:
         args = {k: v for k, v in (("q", q), ("mode", mode)) if v}
         return "/search" + ("?" + urlencode(args) if args else "")
 
-    def sql(self, q: str | None = None) -> str:
-        return "/sql" + ("?" + urlencode({"q": q}) if q else "")
+    def sql(self, q: str | None = None, params: dict | None = None) -> str:
+        return "/sql" + ("?" + urlencode({"q": q, **(params or {})}) if q else "")
 
     def named(self, name: str) -> str:
         return f"/query/{self._q(name)}"
