@@ -115,9 +115,9 @@ def ablate(store: Store | str | Path, model: str, units: Sequence[str] | str, *,
     Re-running the same ablation replaces its rows."""
     from tqdm import tqdm
 
+    sel = parse_units(units, layer)  # the user's input first: no model is loaded for a typo
     st = open_store(store)
     target = load_model(st, model)
-    sel = parse_units(units, layer)
     check_units(target, sel)
     probe = probe_images(st, model, target, max_images=max_images, split=split)
     world = world_of(target)

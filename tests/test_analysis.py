@@ -1,0 +1,209 @@
+"""Analysis layer: find, compare, audit, ablate (neurostore.analysis), their tables, named queries
+and CLI commands.
+
+Two kinds of fixture: a small store written directly through the Store API whose truth is known
+by construction (model B's units are a permutation of model A's plus noise, with known labels),
+and the real probe world (a non-default cue kind and class) dissected by the pipeline, for the
+audit, ablation, open-vocabulary and CNN-vs-ViT tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from neurostore.analysis import ablate, audit, compare, find
+from neurostore.analysis._common import parse_units
+from neurostore.errors import BadParameter, NeurostoreError, UnknownModel
+from neurostore.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+CONCEPTS = ["striped", "red", "circle", "dog", "watermark", "sky"]
+
+
+def build_synthetic(path, n_img=60, seed=0):
+    """Two models over the same 60 images. B's 8 units are A's 8 units permuted plus 10% noise,
+    and carry A's labels (except B's first unit, relabelled 'sky')."""
+    rng = np.random.default_rng(seed)
+    st = Store.open(path)
+    base = rng.normal(size=(n_img, 8))
+    perm = rng.permutation(8)
+    acts = {"ma": {"l1": base[:, :4], "l2": base[:, 4:]}}
+    bb = base[:, perm] + 0.1 * rng.normal(size=(n_img, 8))
+    acts["mb"] = {"b1": bb[:, :3], "b2": bb[:, 3:]}
+    keys_a = [("l1", u) for u in range(4)] + [("l2", u) for u in range(4)]
+    keys_b = [("b1", u) for u in range(3)] + [("b2", u) for u in range(5)]
+    lab = {"ma": {k: CONCEPTS[i % 6] for i, k in enumerate(keys_a)}}
+    lab["mb"] = {keys_b[j]: lab["ma"][keys_a[perm[j]]] for j in range(8)}
+    lab["mb"][keys_b[0]] = "sky"
+    images = [f"img{i:03d}" for i in range(n_img)]
+    with st.run("synthetic", {"seed": seed}) as run:
+        run.write("models", pa.Table.from_pylist([
+            {"model": m, "spec": None, "arch": "X", "n_params": 1, "input_size": 32, "classes": None} for m in acts]))
+        rows = [{"layer": l, "kind": "conv", "n_units": X.shape[1], "grid_h": 1, "grid_w": 1, "depth": d,
+                 "depth_frac": float(d), "model": m}
+                for m in acts for d, (l, X) in enumerate(acts[m].items())]
+        run.write("layers", pa.Table.from_pylist(rows))
+        for m in acts:
+            run.write("pooled", pa.Table.from_pylist([
+                {"dataset": "ds", "image_id": iid, "act_mean": X[i].tolist(), "act_max": X[i].tolist(),
+                 "model": m, "layer": l} for l, X in acts[m].items() for i, iid in enumerate(images)]))
+            run.write("units", pa.Table.from_pylist([
+                {"unit": u, "dataset": "ds", "n_images": n_img, "act_mean": 0.0, "act_std": 1.0, "act_max": 1.0,
+                 "frac_active": .5, "q50": 0., "q90": 1., "q99": 2., "hist_edges": None, "hist_counts": None,
+                 "model": m, "layer": l} for l, X in acts[m].items() for u in range(X.shape[1])]))
+        srows, erows = [], []
+        for m in acts:
+            for (l, u), c in lab[m].items():
+                others = [x for x in CONCEPTS if x != c][:2]
+                conf = 0.95 if u % 2 == 0 else 0.6
+                for r, cc in enumerate([c] + others):
+                    srows.append({"unit": u, "scorer": "patch", "rank": r, "concept": cc, "score": 0.1 - 0.02 * r,
+                                  "confidence": conf if r == 0 else 0.2, "vocabulary": "v", "encoder": "e",
+                                  "model": m, "layer": l})
+                erows.append({"unit": u, "scorer": "patch", "label": c, "confidence": conf, "concepts": [c] + others,
+                              "confidences": [conf, .2, .2], "summary": None, "summary_by": None, "vocabulary": "v",
+                              "encoder": "e", "model": m, "layer": l})
+        run.write("scores", pa.Table.from_pylist(srows))
+        run.write("explanations", pa.Table.from_pylist(erows))
+    return st, perm, keys_a, keys_b, lab
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return build_synthetic(tmp_path_factory.mktemp("synth") / "store")
+
+
+def cli(*args, check_rc=None):
+    p = subprocess.run([sys.executable, "-m", "neurostore.cli", *map(str, args)], capture_output=True, text=True,
+                       cwd=ROOT, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+                                      "HOME": str(Path.home())})
+    if check_rc is not None:
+        assert p.returncode == check_rc, p.stderr[-2000:]
+    return p
+
+
+# ---- find ---------------------------------------------------------------------------------------
+
+
+def test_find_exact_lists_the_concepts_units_and_depth_profile(synth):
+    st, _, _, _, lab = synth
+    res = find(st, "Striped", methods=("exact",))
+    want = {(m, l, u) for m in lab for (l, u), c in lab[m].items() if c == "striped"}
+    got = {(r["model"], r["layer"], r["unit"]) for r in res.units.to_pylist() if r["confidence"] >= 0.5}
+    assert got == want
+    assert set(res.units.column("method").to_pylist()) == {"exact"}
+    prof = res.profile.to_pylist()
+    # Every dissected layer of both models appears, with depth; the best confidence is the label's.
+    assert {(r["model"], r["layer"]) for r in prof} == {("ma", "l1"), ("ma", "l2"), ("mb", "b1"), ("mb", "b2")}
+    assert max(r["best_confidence"] for r in prof if r["model"] == "ma") == pytest.approx(0.95)
+
+
+def test_find_semantic_matches_a_phrase_absent_from_the_vocabulary(synth):
+    st = synth[0]
+    res = find(st, "zebra stripes", methods=("exact", "semantic"))
+    assert [c["concept"] for c in res.concepts] == ["striped"]  # not a stored concept; MiniLM finds it
+    sims = {r["similarity"] for r in res.units.to_pylist()}
+    assert len(sims) == 1 and 0.6 <= sims.pop() < 1.0
+    assert set(res.units.column("method").to_pylist()) == {"semantic"}
+    assert find(st, "zebra stripes", methods=("exact",)).units.num_rows == 0
+
+
+def test_find_rejects_bad_input(synth):
+    st = synth[0]
+    with pytest.raises(UnknownModel, match="Unknown model 'nope'.*Valid: ma, mb"):
+        find(st, "striped", models=["nope"])
+    with pytest.raises(BadParameter, match="empty"):
+        find(st, "   ")
+    with pytest.raises(BadParameter, match="Unknown method 'fuzzy'"):
+        find(st, "striped", methods=("fuzzy",))
+
+
+# ---- compare ------------------------------------------------------------------------------------
+
+
+def test_compare_recovers_the_permutation_and_stores_both_sides(synth):
+    st, perm, keys_a, keys_b, lab = synth
+    res = compare(st, "ma", "mb")
+    truth = {keys_a[perm[j]]: keys_b[j] for j in range(8)}
+    got = {(r["layer"], r["unit"]): (r["other_layer"], r["other_unit"])
+           for r in res.matches.to_pylist() if r["model"] == "ma" and r["method"] == "activation"}
+    assert got == truth
+    s = res.summary
+    assert s["mean_matched_corr"] > 0.95
+    assert s["label_agreement"] == pytest.approx(7 / 8)  # one B unit was relabelled
+    assert s["label_agreement"] > s["label_agreement_chance"]
+    assert s["partner_agreement"] > s["partner_agreement_chance"]
+    # concepts: labels with confidence >= 0.9 (even unit indices): B has 'sky' and 'red' that A lacks
+    assert {c["concept"] for c in res.concepts["only_in_b"]} == {
+        c for (l, u), c in lab["mb"].items() if u % 2 == 0} - {c for (l, u), c in lab["ma"].items() if u % 2 == 0}
+    # stored from both sides; a re-run replaces instead of adding
+    n1 = st.sql("SELECT count(*) AS n FROM unit_matches").column("n")[0].as_py()
+    assert n1 == 2 * 2 * 8
+    compare(st, "mb", "ma")
+    assert st.sql("SELECT count(*) AS n FROM unit_matches").column("n")[0].as_py() == n1
+    q = st.query("compare_models", {"model_a": "ma", "model_b": "mb", "section": "matching"}).to_pylist()
+    la = [r["value"] for r in q if r["metric"] == "label_agreement"]
+    assert la and all(v == pytest.approx(7 / 8) for v in la)
+    m = st.query("unit_matches", {"model": "mb", "other_model": "ma"}).to_pylist()
+    assert {(r["layer"], r["unit"]): (r["other_layer"], r["other_unit"]) for r in m} == {v: k for k, v in truth.items()}
+
+
+def test_compare_errors(synth):
+    st = synth[0]
+    with pytest.raises(BadParameter, match="two different models"):
+        compare(st, "ma", "ma", write=False)
+    with pytest.raises(NeurostoreError, match="bounded to 4 per model"):
+        compare(st, "ma", "mb", max_units=4, write=False)
+
+
+def test_concept_depth_profile_query(synth):
+    st = synth[0]
+    rows = st.query("concept_depth_profile", {"concept": "watermark", "min_confidence": 0.9}).to_pylist()
+    assert {(r["model"], r["layer"]) for r in rows} == {("ma", "l1"), ("ma", "l2"), ("mb", "b1"), ("mb", "b2")}
+    assert [r["depth"] for r in rows if r["model"] == "ma"] == [0, 1]
+
+
+# ---- units ----------------------------------------------------------------------------------------
+
+
+def test_parse_units():
+    assert parse_units(["conv4:3,7", "conv3/1"]) == {"conv4": [3, 7], "conv3": [1]}
+    assert parse_units("blocks.3.mlp.fc1:0-3") == {"blocks.3.mlp.fc1": [0, 1, 2, 3]}
+    assert parse_units(["5,2"], layer="conv2") == {"conv2": [2, 5]}
+    with pytest.raises(BadParameter, match="Cannot read unit selection 'conv4'"):
+        parse_units(["conv4"])
+    with pytest.raises(BadParameter, match="Bad unit range '7-3'"):
+        parse_units(["conv4:7-3"])
+
+
+# ---- CLI --------------------------------------------------------------------------------------------
+
+
+def test_cli_find_json_is_one_object(synth):
+    p = cli("find", "striped", "--store", synth[0].path, "--method", "exact", "--json", check_rc=0)
+    obj = json.loads(p.stdout)
+    assert obj["phrase"] == "striped" and obj["units"] and obj["profile"]
+
+
+def test_cli_errors_are_one_line(synth):
+    p = cli("compare", "ma", "zz", "--store", synth[0].path, check_rc=1)
+    assert p.stderr.strip().splitlines()[-1].startswith("Error: Unknown model 'zz'. Valid: ma, mb.")
+    p = cli("ablate", "ma", "--units", "conv4", "--store", synth[0].path, check_rc=1)
+    assert "Error: Cannot read unit selection 'conv4'" in p.stderr
+
+
+def test_cli_help_has_examples():
+    from typer.testing import CliRunner
+
+    from neurostore.cli import app
+
+    for cmd in ("find", "compare", "audit", "ablate"):
+        r = CliRunner().invoke(app, [cmd, "--help"], terminal_width=200)
+        assert r.exit_code == 0
+        assert "Example: neurostore " + cmd in " ".join(r.output.split())
