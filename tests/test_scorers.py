@@ -1,0 +1,314 @@
+"""Scorers: equality with direct transcriptions of the published code, planted signals found by
+every scorer, bounded confidence, hand-computed IoU, registry errors, Arrow rows."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+import torch
+
+from neurostore import scorers as S
+from neurostore.errors import BadInput, BadParameter, UnknownScorer
+
+torch.set_num_threads(2)
+
+
+def _clip_inputs(n=300, c=40, u=12, d=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    img = torch.randn(n, d, generator=g)
+    txt = torch.randn(c, d, generator=g)
+    sim = S.image_text_similarity(img, txt)
+    acts = torch.randn(n, u, generator=g)
+    return sim, acts
+
+
+# ---- equality with the published formulas --------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_soft_wpmi_equals_direct_transcription(seed):
+    sim, acts = _clip_inputs(seed=seed)
+    fast = S.soft_wpmi(sim, acts, top_k=50)
+    # The direct code in float64 is the exact value of the published formula; in float32 its
+    # own rounding is ~1e-4 (sums of 50-100 logs), so that is checked with a looser bound.
+    ref64 = S._soft_wpmi_reference(sim.double(), acts.double(), top_k=50)
+    ref32 = S._soft_wpmi_reference(sim, acts, top_k=50)
+    assert fast.shape == (12, 40) and fast.dtype == torch.float32
+    assert (fast.double() - ref64).abs().max() <= 1e-4
+    assert (fast - ref32).abs().max() <= 5e-4
+
+
+def test_soft_wpmi_defaults_match_clip_dissect():
+    d = S.get_scorer("soft_wpmi").defaults
+    assert (d["top_k"], d["a"], d["lam"], d["p_start"], d["p_end"]) == (100, 10.0, 1.0, 0.998, 0.97)
+    w = S.membership_weights(100)
+    assert w[0] == pytest.approx(0.998) and w[-1] == pytest.approx(0.998 - 0.99 * 0.028)
+    d = S.get_scorer("wpmi").defaults
+    assert (d["top_k"], d["a"], d["lam"]) == (28, 2.0, 0.6)
+
+
+def test_soft_wpmi_full_defaults_and_chunking_do_not_change_result():
+    sim, acts = _clip_inputs(n=400, c=70, u=9, seed=3)
+    ref64 = S._soft_wpmi_reference(sim.double(), acts.double())           # top_k=100
+    for cc, uc in [(None, None), (16, 4), (7, 1)]:
+        got = S._pmi(S._sum_log_factors(sim, acts, 100, 10.0,
+                                        1 - S.membership_weights(100).double() + 1e-7,
+                                        S.membership_weights(100).double(), cc, False, uc), 1.0)
+        assert (got.double() - ref64).abs().max() <= 1e-4
+
+
+def test_wpmi_equals_direct_transcription():
+    sim, acts = _clip_inputs(seed=2)
+    fast = S.wpmi(sim, acts)
+    ref64 = S._wpmi_reference(sim.double(), acts.double())
+    assert (fast.double() - ref64).abs().max() <= 1e-4
+
+
+def test_cos_cubed_equals_direct_transcription():
+    sim, acts = _clip_inputs(seed=4)
+    fast = S.cos_cubed(sim, acts, concept_chunk=7)
+    ref = S._cos_cubed_reference(sim, acts)
+    assert (fast - ref).abs().max() <= 1e-5
+    assert fast.abs().max() <= 1 + 1e-5
+
+
+def test_patch_equals_direct_form():
+    g = torch.Generator().manual_seed(5)
+    patches = torch.randn(60, 16, generator=g)
+    texts = torch.randn(9, 16, generator=g)
+    idx = torch.randint(0, 60, (5, 4), generator=g)
+    idx[2, 3] = -1                                       # a unit with only 3 patches
+    w = torch.rand(5, 4, generator=g)
+    w[4] = 0                                             # all-zero weights -> equal weights
+    fast = S.patch_scores(patches, texts, idx, w)
+    ref = S._patch_scores_reference(patches, texts, idx, w)
+    assert (fast - ref).abs().max() <= 1e-5
+
+
+def test_soft_wpmi_bad_shapes_and_params():
+    sim, acts = _clip_inputs()
+    with pytest.raises(BadInput):
+        S.soft_wpmi(sim, acts[:10])
+    with pytest.raises(BadParameter):
+        S.soft_wpmi(sim, acts, top_k=10_000)
+
+
+# ---- planted signal: every scorer ranks the planted concept first -------------------------
+
+
+def _planted_world(n=1200, c=30, u=6, d=24, seed=7, noise_units=24):
+    """Images are embeddings; unit j < u fires on images close to concept planted[j]; the other
+    `noise_units` units of the layer fire at random (soft_wpmi's p(c) averages over all units
+    of a layer, so a layer made only of planted units would be unrealistic)."""
+    g = torch.Generator().manual_seed(seed)
+    txt = torch.nn.functional.normalize(torch.randn(c, d, generator=g), dim=-1)
+    # Each image shows one concept (plus noise): sims are peaked, as for real photos.
+    shown = torch.randint(0, c, (n,), generator=g)
+    img = torch.nn.functional.normalize(txt[shown] + 0.6 * torch.randn(n, d, generator=g), dim=-1)
+    sim = img @ txt.T                                             # [n, c]
+    planted = torch.randperm(c, generator=g)[:u]
+    acts = 3 * sim[:, planted] + 0.3 * torch.randn(n, u, generator=g)
+    acts = torch.cat([acts, torch.randn(n, noise_units, generator=g)], dim=1)
+    return img, txt, sim, acts, planted
+
+
+@pytest.mark.parametrize("name", ["soft_wpmi", "wpmi", "cos_cubed"])
+def test_planted_concept_ranks_first_clip_scorers(name):
+    _, _, sim, acts, planted = _planted_world()
+    params = {"top_k": 20} if name != "cos_cubed" else {}
+    res = S.run_scorer(name, {"similarity": sim, "pooled": acts}, params)
+    assert torch.equal(res.scores[:6].argmax(dim=1), planted)
+    # Confidence separates the planted units' answers from the noise units' best guesses.
+    planted_conf = res.confidence[:6].gather(1, planted[:, None]).mean()
+    noise_conf = res.confidence[6:].max(dim=1).values.mean()
+    assert planted_conf > noise_conf + 0.15
+
+
+def test_planted_concept_ranks_first_patch():
+    img, txt, sim, acts, planted = _planted_world()
+    # The unit's top patches: its 10 most activating images' embeddings.
+    top = torch.topk(acts[:, :6], k=10, dim=0)
+    unit_patches, unit_weights = top.indices.T, top.values.T
+    for mode in ("diff", "z"):
+        res = S.run_scorer("patch", {"patch_emb": img, "text_emb": txt,
+                                     "unit_patches": unit_patches,
+                                     "unit_weights": unit_weights}, {"mode": mode})
+        assert torch.equal(res.scores.argmax(dim=1), planted), mode
+        assert (res.confidence.gather(1, planted[:, None]) > 0.9).all()
+
+
+def test_patch_contrast_stops_generic_concept():
+    """A concept near every patch wins on raw similarity but not after the contrast."""
+    g = torch.Generator().manual_seed(11)
+    d = 32
+    generic = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+    specific = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+    patches = torch.nn.functional.normalize(
+        2 * generic + 0.5 * torch.randn(200, d, generator=g), dim=-1)
+    patches[:10] = torch.nn.functional.normalize(2 * generic + 1.5 * specific
+                                                 + 0.3 * torch.randn(10, d, generator=g), dim=-1)
+    texts = torch.stack([generic, specific])
+    unit = torch.arange(10)[None, :]
+    raw = (patches[:10] @ texts.T).mean(0)
+    assert raw.argmax() == 0                                     # generic wins without contrast
+    scores = S.patch_scores(patches, texts, unit)
+    assert scores.argmax(dim=1).item() == 1
+
+
+def test_planted_concept_ranks_first_iou():
+    g = torch.Generator().manual_seed(3)
+    n, c, H = 40, 5, 16
+    masks = torch.rand(n, c, H, H, generator=g) > 0.8
+    # Unit 0 fires where concept 3 is; unit 1 where concept 1 is; both on a coarser 8x8 map.
+    def follow(k):
+        m = masks[:, k].float()[:, None]
+        return torch.nn.functional.avg_pool2d(m, 2) + 0.05 * torch.rand(n, 1, 8, 8, generator=g)
+    maps = torch.cat([follow(3), follow(1)], dim=1)              # [n, 2, 8, 8]
+    res = S.run_scorer("iou", {"act_maps": maps, "masks": masks}, {"top_fraction": 0.1})
+    assert res.scores.argmax(dim=1).tolist() == [3, 1]
+    assert ((res.scores >= 0) & (res.scores <= 1)).all()
+
+
+# ---- iou by hand ----------------------------------------------------------------------------
+
+
+def test_iou_matches_hand_computation():
+    # Two images, 1 unit, 2 concepts, 2x2 maps equal to the mask size (no upsampling).
+    maps = torch.tensor([[[[5.0, 1.0], [1.0, 1.0]]],
+                         [[[5.0, 5.0], [1.0, 1.0]]]])               # [2, 1, 2, 2]
+    masks = torch.zeros(2, 2, 2, 2, dtype=torch.bool)
+    masks[0, 0, 0, 0] = True                                      # concept 0: top-left of img 0
+    masks[0, 0, 0, 1] = True                                      # ... and top-right of img 0
+    masks[1, 0, 0, 0] = True                                      # ... top-left of img 1
+    masks[1, 1, 1, :] = True                                      # concept 1: bottom row img 1
+    acc = S.IoUAccumulator(torch.tensor([2.0]), n_concepts=2)
+    acc.update(maps[:1], masks[:1])                               # streamed: one image at a time
+    acc.update(maps[1:], masks[1:])
+    iou = acc.result()
+    # Unit on: img0 {(0,0)}, img1 {(0,0),(0,1)} -> 3 pixels.
+    # Concept 0: img0 {(0,0),(0,1)}, img1 {(0,0)}: inter = 1 + 1 = 2; union = 3 + 3 - 2 = 4.
+    # Concept 1: img1 {(1,0),(1,1)}: inter 0; union 3 + 2 = 5.
+    assert iou[0, 0].item() == pytest.approx(2 / 4)
+    assert iou[0, 1].item() == pytest.approx(0.0)
+
+
+def test_top_quantile_threshold_is_exact():
+    g = torch.Generator().manual_seed(0)
+    maps = torch.randn(50, 3, 4, 4, generator=g)
+    tq = S.TopQuantile(3, total=50 * 16, top_fraction=0.01)      # k = 8 values per unit
+    for i in range(0, 50, 7):
+        tq.update(maps[i : i + 7])
+    flat = maps.transpose(0, 1).reshape(3, -1)
+    expected = torch.sort(flat, dim=1, descending=True).values[:, 7]
+    assert torch.equal(tq.thresholds(), expected)
+    assert ((flat > tq.thresholds()[:, None]).sum(1) == 7).all()
+
+
+def test_iou_upsamples_maps_to_mask_size():
+    maps = torch.zeros(1, 1, 2, 2)
+    maps[0, 0, 0, 0] = 1.0
+    masks = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    masks[0, 0, :4, :4] = True
+    acc = S.IoUAccumulator(torch.tensor([0.5]), 1)
+    acc.update(maps, masks)
+    assert 0.3 < acc.result().item() <= 1.0
+
+
+# ---- confidence -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(S.SCORERS))
+def test_confidence_bounded_for_every_scorer(name):
+    img, txt, sim, acts, planted = _planted_world(seed=1)
+    if name == "patch":
+        top = torch.topk(acts, k=8, dim=0)
+        inputs = {"patch_emb": img, "text_emb": txt, "unit_patches": top.indices.T,
+                  "unit_weights": top.values.T}
+    elif name == "iou":
+        g = torch.Generator().manual_seed(0)
+        inputs = {"act_maps": torch.randn(20, 6, 4, 4, generator=g),
+                  "masks": torch.rand(20, 30, 8, 8, generator=g) > 0.7}
+    else:
+        inputs = {"similarity": sim, "pooled": acts}
+    res = S.run_scorer(name, inputs)
+    assert res.confidence.shape == res.scores.shape
+    assert torch.isfinite(res.confidence).all()
+    assert (res.confidence >= 0).all() and (res.confidence <= 1).all()
+    assert res.params == S.get_scorer(name).defaults
+
+
+def test_confidence_calibrated_under_null_and_high_for_signal():
+    g = torch.Generator().manual_seed(0)
+    null = torch.randn(400, 2000, generator=g)
+    conf = S.confidence(null)
+    top = conf.max(dim=1).values
+    # The best of C null concepts: spread over (0, 1), not pinned at 1 as a rank would be.
+    assert 0.25 < top.mean().item() < 0.75
+    strong = null.clone()
+    strong[:, 0] = 8.0
+    assert (S.confidence(strong)[:, 0] > 0.99).all()
+    flat = torch.ones(2, 10)
+    assert (S.confidence(flat) == 0).all()
+    with_nan = torch.randn(1, 50, generator=g)
+    with_nan[0, 3] = float("nan")
+    c = S.confidence(with_nan)
+    assert c[0, 3] == 0 and torch.isfinite(c).all()
+
+
+# ---- registry -------------------------------------------------------------------------------
+
+
+def test_registry_lists_and_rejects():
+    names = [s["name"] for s in S.list_scorers()]
+    assert names == ["patch", "soft_wpmi", "wpmi", "cos_cubed", "iou"]
+    with pytest.raises(UnknownScorer) as e:
+        S.get_scorer("softwpmi")
+    assert "Did you mean soft_wpmi" in str(e.value) and "cos_cubed" in str(e.value)
+    with pytest.raises(BadParameter) as e:
+        S.resolve_params("wpmi", {"topk": 3})
+    assert "top_k=28" in str(e.value)
+    with pytest.raises(BadInput):
+        S.run_scorer("soft_wpmi", {"similarity": torch.zeros(3, 3)})
+
+
+# ---- Arrow rows -----------------------------------------------------------------------------
+
+
+def test_top_tables_match_schema_columns():
+    _, _, sim, acts, planted = _planted_world(noise_units=0)
+    res = S.run_scorer("cos_cubed", {"similarity": sim, "pooled": acts})
+    concepts = [f"c{i}" for i in range(sim.shape[1])]
+    t = S.top_concepts(res, concepts, top_n=3, vocabulary="v", encoder="enc", model="m",
+                       layer="layer1")
+    assert t.column_names == ["unit", "scorer", "rank", "concept", "score", "confidence",
+                              "vocabulary", "encoder", "model", "layer"]
+    assert t.num_rows == 6 * 3
+    assert t.schema.field("unit").type == pa.int32() and t.schema.field("score").type == pa.float32()
+    rows = t.to_pylist()
+    assert [r["concept"] for r in rows if r["rank"] == 0] == [concepts[i] for i in planted]
+    u = S.top_units(res, concepts, top_m=2, layer="layer1", vocabulary="v", encoder="enc", model="m")
+    assert u.column_names == ["concept", "scorer", "rank", "layer", "unit", "score", "confidence",
+                              "vocabulary", "encoder", "model"]
+    assert u.num_rows == 30 * 2
+    best = {r["concept"]: r["unit"] for r in u.to_pylist() if r["rank"] == 0}
+    for unit, c in enumerate(planted.tolist()):
+        assert best[concepts[c]] == unit
+
+
+def test_top_units_merge_across_layers_and_iou_has_null_encoder():
+    g = torch.Generator().manual_seed(0)
+    scores_a = torch.randn(4, 3, generator=g)
+    scores_b = torch.randn(5, 3, generator=g)
+    scores_b[2, 1] = 50.0                                         # clearly the best for c1
+    ra = S.ScoreResult("iou", {}, scores_a, S.confidence(scores_a), uses_encoder=False)
+    rb = S.ScoreResult("iou", {}, scores_b, S.confidence(scores_b), uses_encoder=False)
+    names = ["c0", "c1", "c2"]
+    ta = S.top_units(ra, names, top_m=2, layer="l1", model="m", vocabulary="v")
+    tb = S.top_units(rb, names, top_m=2, layer="l2", model="m", vocabulary="v")
+    assert ta.column("encoder").null_count == ta.num_rows
+    merged = S.merge_concept_units([ta, tb], top_m=3)
+    assert merged.num_rows == 9
+    first = [r for r in merged.to_pylist() if r["concept"] == "c1" and r["rank"] == 0][0]
+    assert (first["layer"], first["unit"]) == ("l2", 2)
+    ranks = [r["rank"] for r in merged.to_pylist() if r["concept"] == "c0"]
+    assert ranks == [0, 1, 2]
