@@ -12,7 +12,7 @@ way and within one overall deadline:
 - after `max_attempts` attempts or `deadline` seconds, `LLMError` says what happened last.
 
 Configuration: `api_key` / ANTHROPIC_API_KEY, `base_url` / ANTHROPIC_BASE_URL (tests point it
-at a local server), `model` / NEUROSTORE_LLM_MODEL (default claude-sonnet-4-5). Without a key,
+at a local server), `model` / NEUROSTORE_LLM_MODEL (default claude-sonnet-4-6). Without a key,
 callers warn (`warn_no_key`) and use their built-in fallback instead of failing.
 """
 
@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar
 
 from .errors import LLMError
 
-DEFAULT_MODEL = "claude-sonnet-4-5"
+DEFAULT_MODEL = "claude-sonnet-4-6"  # claude-sonnet-4-5 is deprecated in the SDK (EOL 2026-11-30)
 T = TypeVar("T")
 
 
@@ -209,6 +209,12 @@ def _clean_item(item: Any) -> Optional[str]:
     return s
 
 
+def _is_prose(line: str) -> bool:
+    """A sentence rather than a list item: many words and sentence punctuation at the end."""
+    words = _BULLET.sub("", line.strip()).split()
+    return len(words) > MAX_CONCEPT_WORDS and line.strip()[-1:] in ".!?"
+
+
 def parse_concepts(text: str, n: Optional[int] = None) -> list[str]:
     """Concepts from a reply: a JSON list (of strings or of {"concept": ...} objects), possibly
     inside a code fence or surrounded by prose; else a bulleted / numbered / comma-separated
@@ -246,8 +252,8 @@ def parse_concepts(text: str, n: Optional[int] = None) -> list[str]:
         lines = [ln for ln in body.replace("[", "\n").replace("]", "\n").splitlines() if ln.strip()]
         items = []
         for ln in lines:
-            if ln.strip().endswith(":"):
-                continue  # a heading such as "Here are the concepts:"
+            if ln.strip().endswith(":") or _is_prose(ln):
+                continue  # a heading ("Here are the concepts:") or a sentence, not a concept
             items.extend(ln.split(",") if ln.count(",") >= 1 else [ln])
     out: list[str] = []
     seen: set[str] = set()
@@ -270,9 +276,9 @@ def parse_sentence(text: str) -> str:
     s = " ".join(_FENCE.sub(lambda m: m.group(1), text).split())
     s = re.sub(r"^(?:summary|description|sentence|answer)\s*:\s*", "", s, flags=re.I)
     s = s.strip().strip("\"'“”")
-    m = re.match(r"(.+?[.!?])(?:\s|$)", s)
+    m = re.match(r"(.+?[.!?])[\"'”’]?(?:\s|$)", s)
     if m:
-        s = m.group(1)
+        s = m.group(1).strip("\"'“”")
     if len(s) < 8 or not re.search(r"[A-Za-z]{3}", s):
         raise ValueError("no sentence found")
     if len(s) > 400:
