@@ -267,6 +267,126 @@ def runs_cmd(
 
 # ---- world commands ---------------------------------------------------------------------------
 
+world_app = typer.Typer(
+    help="The offline probe world: generated images with per-pixel truth, target models, encoder.",
+    no_args_is_help=True,
+)
+app.add_typer(world_app, name="world")
+
+
+def _world_summary_table(world) -> None:
+    from rich.table import Table
+
+    s = world.summary
+    c = world.config
+    console.print(f"[bold]{world.id}[/] cue={c.cue_kind} on {c.cue_class} "
+                  f"(strength {c.cue_strength}), seed {c.seed}, {c.size}px  [dim]{world.root}[/]")
+    t = Table(title="target models (paired test scenes)")
+    for col in ("model", "clean_accuracy", "cued_accuracy", "cue_flip_rate"):
+        t.add_column(col, justify="right" if col != "model" else "left")
+    for name, m in s["targets"].items():
+        t.add_row(name, f"{m['clean_accuracy']:.3f}", f"{m['cued_accuracy']:.3f}",
+                  f"{m['cue_flip_rate']:.3f}")
+    console.print(t)
+    z = Table(title=f"encoder {s['encoder']['id']}: zero-shot accuracy on held-out crops")
+    for col in ("category", "tight", "loose"):
+        z.add_column(col, justify="right" if col != "category" else "left")
+    for cat, v in s["encoder"]["zero_shot"].items():
+        z.add_row(cat, f"{v['tight']:.3f}", f"{v['loose']:.3f}")
+    console.print(z)
+    b = s.get("build", {})
+    if b:
+        console.print(f"built in {b.get('total_s')} s wall, {b.get('cpu_s')} s CPU")
+
+
+def _world_json(world, cache_hit: Optional[bool] = None) -> dict:
+    out = {"id": world.id, "root": str(world.root), "config": world.meta["config"],
+           "targets": world.summary["targets"], "encoder": world.summary["encoder"],
+           "build": world.summary.get("build", {}), "counts": world.meta.get("counts", {})}
+    if cache_hit is not None:
+        out["cache_hit"] = cache_hit
+    return out
+
+
+@world_app.command("build")
+def world_build_cmd(
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
+    size: Optional[int] = typer.Option(None, "--size", help="Image side in pixels (default 64)."),
+    n_images: Optional[int] = typer.Option(None, "--n-images", help="Training scenes (default 8000)."),
+    cue_kind: Optional[str] = typer.Option(None, "--cue-kind", help="watermark, dot or frame."),
+    cue_class: Optional[str] = typer.Option(None, "--cue-class", help="Shape class that carries the cue (default star)."),
+    cue_strength: Optional[float] = typer.Option(None, "--cue-strength", help="P(cue | cue class) in training."),
+    fast: bool = typer.Option(False, "--fast", help="Small, quick variant (fewer images, shorter training)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if the world is cached."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder. Default: $NEUROSTORE_CACHE or ~/.cache/neurostore."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Build the probe world, its target models and its encoder (cached; a rebuild is instant).
+
+    Example: neurostore world build --cue-kind dot --cue-class ring --json
+    """
+    from .world import WorldConfig, build_world, world_dir
+    from .world.build import with_overrides
+
+    base = WorldConfig.fast() if fast else WorldConfig()
+    config = with_overrides(base, seed=seed, size=size, n_images=n_images, cue_kind=cue_kind,
+                            cue_class=cue_class, cue_strength=cue_strength).validate()
+    hit = (world_dir(config, cache) / "world.json").exists() and not force
+    world = build_world(config, cache, progress=True, force=force)
+    if as_json:
+        print_json(_world_json(world, cache_hit=hit))
+    else:
+        _world_summary_table(world)
+
+
+@world_app.command("info")
+def world_info_cmd(
+    world: Optional[str] = typer.Argument(None, help="World folder or id (default: the default world)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Show a built world's parameters and accuracies.
+
+    Example: neurostore world info probe-1a2b3c4d --json
+    """
+    from .world import load_world
+
+    w = load_world(world, cache)
+    if as_json:
+        print_json(_world_json(w))
+    else:
+        _world_summary_table(w)
+
+
+@world_app.command("ls")
+def world_ls_cmd(
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """List the worlds built in the cache.
+
+    Example: neurostore world ls --json
+    """
+    from rich.table import Table
+
+    from .world import list_worlds
+
+    worlds = list_worlds(cache)
+    rows = [{"id": w.id, "seed": w.config.seed, "size": w.config.size, "cue_kind": w.config.cue_kind,
+             "cue_class": w.config.cue_class, "cue_strength": w.config.cue_strength,
+             "n_images": w.config.n_images, "root": str(w.root)} for w in worlds]
+    if as_json:
+        print_json({"worlds": rows})
+        return
+    t = Table(title=f"{len(rows)} probe world(s)")
+    for col in ("id", "seed", "size", "cue_kind", "cue_class", "cue_strength", "n_images", "root"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(*(str(r[c]) for c in ("id", "seed", "size", "cue_kind", "cue_class",
+                                          "cue_strength", "n_images", "root")))
+    console.print(t)
+
+
 # ---- pipeline commands ------------------------------------------------------------------------
 
 
@@ -293,6 +413,121 @@ def layers_cmd(
     for r in rows:
         table.add_row(r["layer"], r["kind"], "x".join(str(s) for s in r["shape"]), str(r["n_units"]))
     console.print(table)
+
+def _log(quiet: bool):
+    """Progress lines go to stderr, so stdout stays one JSON object under --json."""
+    return (lambda *a, **k: None) if quiet else (lambda msg: err_console.print(msg, markup=False, highlight=False))
+
+
+def _dissect_summary_table(s: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"dissect {s['model']} — run {s['run_id']}", box=None, show_header=False)
+    for k in ("spec", "dataset", "images", "rejects", "layers", "units", "patches", "patch_boxes",
+              "vocabulary", "concepts", "scorers", "encoder", "seconds"):
+        v = s[k]
+        t.add_row(k, ", ".join(map(str, v)) if isinstance(v, list) else str(v))
+    console.print(t)
+    if s.get("evaluation"):
+        _evaluation_table(s["evaluation"])
+
+
+def _evaluation_table(ev: dict) -> None:
+    from rich.table import Table
+
+    metrics = ["top1", "top5", "iou_agreement", "minilm_cosine", "interpretable"]
+    t = Table("model", "layer", "scorer", *metrics, title="evaluation against the probe world's truth")
+    for model, layers in ev.items():
+        for layer, by_scorer in layers.items():
+            for scorer, m in by_scorer.items():
+                t.add_row(model, layer, scorer, *(f"{m[k]:.3f}" if k in m else "" for k in metrics))
+    console.print(t)
+
+
+@app.command("dissect")
+def dissect_cmd(
+    model: str = typer.Argument(..., help="Model spec, e.g. torchvision:resnet50@IMAGENET1K_V2, timm:vit_small_patch16_224, probe:cnn."),
+    images: Optional[Path] = typer.Option(None, "--images", "-i", help="Folder of probe images (searched recursively). Probe-world models default to the world's probe images."),
+    layers: Optional[list[str]] = typer.Option(None, "--layer", "--layers", "-l", help="Layer module path (repeatable; see 'neurostore layers MODEL'). Default: up to 6 layers over the depth."),
+    vocab: str = typer.Option("probe", "--vocab", help="Vocabulary: english, english-20k, imagenet, probe, file:PATH or llm:DOMAIN."),
+    scorers: Optional[list[str]] = typer.Option(None, "--scorer", help="Scorer (repeatable): patch, soft_wpmi, wpmi, cos_cubed, iou. Default: all that apply."),
+    encoder: Optional[str] = typer.Option(None, "--encoder", help="Encoder spec: open_clip:MODEL/TAG, open_clip:/path/ckpt, probe. Default: probe for probe models, else open_clip:ViT-B-32/laion2b_s34b_b79k."),
+    k: int = typer.Option(10, "--k", help="Top images (and patches) kept per unit."),
+    top: int = typer.Option(5, "--top", help="Concepts kept per unit and scorer."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass (bounds memory)."),
+    summarise: Optional[str] = typer.Option(None, "--summarise", help="Scorer whose top concepts an LLM turns into one sentence per unit (needs ANTHROPIC_API_KEY)."),
+    store: Optional[Path] = StoreOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Record, cut patches, score concepts and store explanations for a model's layers.
+
+    Example: neurostore dissect torchvision:resnet50@IMAGENET1K_V2 --images photos/ --layer layer3 --layer layer4 --vocab english-20k
+    """
+    from .pipeline import dissect
+
+    s = dissect(model, store=store_path(store), images=images, layers=layers, vocabulary=vocab,
+                scorers=scorers, encoder=encoder, k=k, top_n=top, batch_size=batch_size,
+                summarise_with=summarise, progress=not as_json, log=_log(as_json))
+    print_json(s) if as_json else _dissect_summary_table(s)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Only this model id (default: every dissected model)."),
+    store: Optional[Path] = StoreOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Measure stored explanations against the probe world's truth; write them to 'evaluations'.
+
+    Example: neurostore eval --model probe-cnn --json
+    """
+    from .evaluate import evaluate
+    from .store import Store
+
+    ev = evaluate(Store.open(store_path(store), create=False), model=model)
+    print_json(ev) if as_json else _evaluation_table(ev)
+
+
+@app.command("demo")
+def demo_cmd(
+    seed: Optional[int] = typer.Option(None, "--seed", help="Probe world seed (default 0)."),
+    cue_kind: Optional[str] = typer.Option(None, "--cue-kind", help="Spurious cue: watermark, dot or frame."),
+    cue_class: Optional[str] = typer.Option(None, "--cue-class", help="Class that carries the cue."),
+    fast: bool = typer.Option(False, "--fast", help="The small, quick probe world (smoke runs)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="World cache folder. Default: $NEUROSTORE_CACHE or ~/.cache/neurostore."),
+    store: Optional[Path] = StoreOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Run everything on the probe world: build it, dissect its CNN and ViT with every scorer,
+    evaluate against the truth, and answer three example questions in SQL.
+
+    Example: neurostore demo --cue-kind dot --cue-class ring --store demo-store
+    """
+    from .pipeline import demo
+
+    s = demo(store_path(store), seed=seed, cue_kind=cue_kind, cue_class=cue_class, fast=fast,
+             cache=cache, progress=not as_json, log=_log(as_json))
+    if as_json:
+        print_json(s)
+        return
+    for name, d in s["dissections"].items():
+        _dissect_summary_table(d)
+    for a in s["answers"]:
+        console.rule(a["question"])
+        console.print(f"[dim]neurostore query {a['query']} " +
+                      " ".join(f"-p {k}={v}" for k, v in a["params"].items()) + "[/dim]")
+        if a["rows"]:
+            emit_table(_arrow_rows(a["rows"]), "table")
+        else:
+            console.print("(no rows)")
+    console.print(f"\nStore: {s['store']}  ({s['seconds']} s). Next: neurostore sql \"SELECT * FROM explanations LIMIT 5\" --store {s['store']}")
+
+
+def _arrow_rows(rows: list[dict]):
+    import pyarrow as pa
+
+    return pa.Table.from_pylist(rows)
+
 
 # ---- analysis commands ------------------------------------------------------------------------
 

@@ -330,3 +330,57 @@ def dissect(model: str, *, store: Store | str | Path, images: str | Path | None 
 
         summary["evaluation"] = run_eval(store, model=target.id, dataset=ds)
     return summary
+
+
+# ---- demo ---------------------------------------------------------------------------------------
+
+DEMO_TARGETS = ("cnn", "vit")
+
+
+def demo_questions(store: Store, world) -> list[dict]:
+    """Three questions a user asks of a fresh store, each answered by a named query."""
+    cue = world.config.cue_kind
+    a, b = (f"probe-{t}" for t in DEMO_TARGETS)
+    asks = [
+        (f"Which neurons encode the spurious cue '{cue}', in any layer of any model?",
+         "concept_neurons", {"concept": cue, "top": 10}),
+        (f"Which concepts does {a} have (as some unit's best concept, patch scorer) that {b} lacks?",
+         "model_concept_diff", {"model_a": a, "model_b": b, "scorer": "patch"}),
+        ("How well do the explanations match the probe world's truth, per model and scorer?",
+         "evaluation_summary", {}),
+    ]
+    out = []
+    for question, name, params in asks:
+        t = store.query(name, params)
+        out.append({"question": question, "query": name, "params": params,
+                    "rows": t.slice(0, 10).to_pylist(), "n_rows": t.num_rows})
+    return out
+
+
+def demo(store: Store | str | Path, *, seed: int | None = None, cue_kind: str | None = None,
+         cue_class: str | None = None, fast: bool = False, cache: str | Path | None = None,
+         progress: bool = True, log=print) -> dict:
+    """Everything on the probe world: build (or reuse) the world, dissect its CNN and ViT on
+    several layers with every scorer, evaluate against the truth, and answer three questions."""
+    from .world import WorldConfig, build_world
+    from .world.build import with_overrides
+
+    t0 = time.time()
+    if not isinstance(store, Store):
+        store = Store.open(store)
+    config = with_overrides(WorldConfig.fast() if fast else WorldConfig(), seed=seed,
+                            cue_kind=cue_kind, cue_class=cue_class).validate()
+    world = build_world(config, cache, progress=progress)
+    log(f"world {world.id} at {world.root}")
+    runs = {}
+    for name in DEMO_TARGETS:
+        runs[name] = dissect(f"probe:{name}@{world.root}", store=store, world=world,
+                             vocabulary="probe", progress=progress, log=log)
+    return {
+        "store": str(store.path),
+        "world": {"id": world.id, "root": str(world.root), "config": world.meta["config"],
+                  "targets": world.summary["targets"], "encoder": world.summary["encoder"]},
+        "dissections": runs,
+        "answers": demo_questions(store, world),
+        "seconds": round(time.time() - t0, 1),
+    }
