@@ -54,6 +54,8 @@ POINT_LOOKUP_ROW_GROUP = 8192
 ROW_GROUP_ROWS = {t: POINT_LOOKUP_ROW_GROUP for t in
                   ("scores", "concept_units", "activations", "explanations", "units", "effects", "embeddings", "masks",
                    "patches")}
+# A concept has at most CONCEPT_UNITS_TOP rows per model: smaller groups decode less per lookup.
+ROW_GROUP_ROWS["concept_units"] = 2048
 DEFAULT_ROW_GROUP = 122_880
 
 # concept_units is derived by the store from scores at commit: for every (model, concept, scorer)
@@ -483,15 +485,16 @@ class Store:
         try:
             con.execute(f"""
                 COPY (
-                    SELECT {', '.join(cols)} FROM (
+                    SELECT {', '.join('unit_rank AS rank' if c == 'rank' else c for c in cols)} FROM (
                         SELECT concept, scorer,
-                               CAST(row_number() OVER (PARTITION BY concept, scorer
-                                                       ORDER BY score DESC, layer, unit) - 1 AS INTEGER) AS rank,
+                               CAST(row_number() OVER w - 1 AS INTEGER) AS unit_rank,
                                layer, unit, score, confidence, vocabulary, encoder, run_id
                         FROM read_parquet({src}, hive_partitioning=true, hive_types={hive_types(("model", "layer"))})
                         WHERE concept IS NOT NULL AND score IS NOT NULL
-                        QUALIFY rank < {CONCEPT_UNITS_TOP}
-                    ) ORDER BY concept, scorer, rank
+                        WINDOW w AS (PARTITION BY concept, scorer ORDER BY score DESC, layer, unit)
+                        -- the window by name: 'rank' is also a column of scores (a concept's rank in its unit)
+                        QUALIFY row_number() OVER w <= {CONCEPT_UNITS_TOP}
+                    ) ORDER BY concept, scorer, unit_rank
                 ) TO {_sql_str(dest)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {ROW_GROUP_ROWS['concept_units']})
             """)
             rows = con.execute(f"SELECT count(*) FROM read_parquet({_sql_str(dest)})").fetchone()[0]

@@ -16,6 +16,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_store import scores_table  # noqa: E402
 
 from neurostore import cli  # noqa: E402
+from neurostore.errors import unknown  # noqa: E402
+from neurostore.queries import list_queries  # noqa: E402
+from neurostore.schema import load_schemas  # noqa: E402
 from neurostore.store import Store  # noqa: E402
 
 
@@ -90,21 +93,16 @@ def test_export(store_dir, capsys, monkeypatch, tmp_path):
      "Error: No neurostore store at '{missing}'. Create one with 'neurostore demo --store {missing}' (or any "
      "command that writes), or pass --store PATH / set $NEUROSTORE_STORE."),
     (["query", "nope", "--store", "{store}"],
-     "Error: Unknown query 'nope'. Valid: concept_neurons, layer_concept_counts, model_concept_diff, "
-     "neuron_concepts, runs, similar_concepts, top_units_for_concept. See 'neurostore query --list'."),
+     "Error: " + unknown("query", "nope", list_queries(), "See 'neurostore query --list'.")),
     (["query", "concept_neurons", "--store", "{store}"],
      "Error: Query 'concept_neurons' needs parameter 'concept' (VARCHAR: the concept word or phrase, e.g. "
      "'striped'). Pass --param concept=VALUE."),
     (["query", "concept_neurons", "-p", "concept=a", "-p", "top=lots", "--store", "{store}"],
      "Error: Parameter 'top' of query 'concept_neurons' must be INTEGER, got 'lots'. Pass e.g. --param top=50."),
     (["schema", "scorez", "--store", "{store}"],
-     "Error: Unknown table 'scorez'. Did you mean scores? Valid: activations, concept_units, concepts, effects, "
-     "embeddings, evaluations, explanations, images, layers, masks, models, patches, pooled, rejects, runs, scores, "
-     "units, vocabularies. See 'neurostore tables'."),
+     "Error: " + unknown("table", "scorez", load_schemas(), "See 'neurostore tables'.")),
     (["sql", "SELECT * FROM scorez", "--store", "{store}"],
-     "Error: Unknown table 'scorez'. Did you mean scores? Valid: activations, concept_units, concepts, effects, "
-     "embeddings, evaluations, explanations, images, layers, masks, models, patches, pooled, rejects, runs, scores, "
-     "units, vocabularies. See 'neurostore tables'."),
+     "Error: " + unknown("table", "scorez", load_schemas(), "See 'neurostore tables'.")),
     (["sql", "SELECT 1", "--store", "{store}", "-f", "parquet"],
      "Error: --format parquet writes a file: pass --output FILE.parquet."),
     (["sql", "SELECT 1", "--store", "{store}", "-f", "xml"],
@@ -116,6 +114,7 @@ def test_error_lines(store_dir, tmp_path, capsys, monkeypatch, args, line):
     code, out, err = run_cli(capsys, monkeypatch, *[fill(a) for a in args])
     assert code == 1 and out == ""
     assert err.strip() == fill(line)
+    assert err.count("\n") == 1  # one line
     assert not missing.exists()  # a reading command never creates a store
 
 

@@ -199,7 +199,8 @@ def test_replaced_files_are_deleted_after_grace(store, monkeypatch):
     assert count(store) == 50
 
 
-def test_concept_units_derived_from_scores(store):
+def test_concept_units_derived_from_scores(store, monkeypatch):
+    monkeypatch.setattr(store_mod, "CONCEPT_UNITS_TOP", 6)
     with store.run("a") as run:
         run.write("scores", scores_table("m1", "layer1", 30, seed=1))
         run.write("scores", scores_table("m1", "layer2", 30, seed=2))
@@ -209,6 +210,9 @@ def test_concept_units_derived_from_scores(store):
     got = store.sql("SELECT concept, layer, unit, score, rank FROM concept_units WHERE concept = 'c3' ORDER BY rank").to_pylist()
     assert [(g["layer"], g["unit"]) for g in got] == [(b["layer"], b["unit"]) for b in brute][:store_mod.CONCEPT_UNITS_TOP]
     assert [g["rank"] for g in got] == list(range(len(got)))
+    # only the best CONCEPT_UNITS_TOP units per (model, concept, scorer) are kept
+    assert store.sql("SELECT max(n) m FROM (SELECT count(*) n FROM concept_units GROUP BY model, concept, scorer)"
+                     ).column("m")[0].as_py() <= store_mod.CONCEPT_UNITS_TOP
     with pytest.raises(BadInput, match="derived by the store from scores"):
         with store.run("x") as run:
             run.write("concept_units", {"concept": ["a"]})
