@@ -529,6 +529,89 @@ def _arrow_rows(rows: list[dict]):
     return pa.Table.from_pylist(rows)
 
 
+vocab_app = typer.Typer(help="Concept vocabularies: builtin lists, your files, LLM-generated.",
+                        no_args_is_help=True)
+app.add_typer(vocab_app, name="vocab")
+
+
+def _vocab_json(v, limit: Optional[int]) -> dict:
+    shown = v.concepts if limit is None else v.concepts[:limit]
+    cats = v.categories[: len(shown)] if v.categories is not None else None
+    return {"vocabulary": v.name, "source": v.source, "description": v.description,
+            "n_concepts": len(v.concepts), "cache_key": v.cache_key, "concepts": shown,
+            "categories": cats}
+
+
+def _vocab_print(v, limit: Optional[int]) -> None:
+    d = _vocab_json(v, limit)
+    console.print(f"[bold]{d['vocabulary']}[/bold]  {d['n_concepts']} concepts  "
+                  f"source {d['source']}\n{d['description']}", highlight=False)
+    if d["categories"] is not None:
+        for c, cat in zip(d["concepts"], d["categories"]):
+            console.print(f"  {c}  [dim]{cat or ''}[/dim]", highlight=False)
+    else:
+        console.print("  " + ", ".join(d["concepts"]), highlight=False, soft_wrap=True)
+    if len(d["concepts"]) < d["n_concepts"]:
+        console.print(f"  … {d['n_concepts'] - len(d['concepts'])} more (--limit)", style="dim")
+
+
+@vocab_app.command("list")
+def vocab_list_cmd(as_json: bool = JsonOpt) -> None:
+    """List the builtin vocabularies and the forms of the others.
+
+    Example: neurostore vocab list
+    """
+    from .vocab import list_vocabularies
+
+    rows = list_vocabularies()
+    if as_json:
+        print_json({"vocabularies": rows})
+        return
+    from rich.table import Table
+
+    t = Table("name", "source", "description", box=None)
+    for r in rows:
+        t.add_row(r["name"], r["source"], r["description"])
+    console.print(t)
+
+
+@vocab_app.command("show")
+def vocab_show_cmd(
+    name: str = typer.Argument(..., help="Vocabulary: english, english-3k, imagenet, probe, file:PATH or llm:DOMAIN."),
+    limit: Optional[int] = typer.Option(30, "--limit", "-n", help="Concepts to show (0 = all)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Show a vocabulary: source, description, size and its first concepts.
+
+    Example: neurostore vocab show imagenet --limit 10
+    """
+    from .vocab import load_vocabulary
+
+    v = load_vocabulary(name)
+    lim = None if not limit else limit
+    print_json(_vocab_json(v, lim)) if as_json else _vocab_print(v, lim)
+
+
+@vocab_app.command("generate")
+def vocab_generate_cmd(
+    domain: str = typer.Option(..., "--domain", "-d", help="What the images show, or a class list, e.g. 'birds of European gardens'."),
+    n: int = typer.Option(200, "--n", help="Concepts to ask for."),
+    model: Optional[str] = typer.Option(None, "--model", help="Anthropic model. Default: $NEUROSTORE_LLM_MODEL or claude-sonnet-4-6."),
+    limit: Optional[int] = typer.Option(30, "--limit", help="Concepts to show (0 = all)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Ask an LLM (Anthropic API) for a vocabulary of visual concepts for a domain. Needs
+    ANTHROPIC_API_KEY; without it, warns and uses the builtin english-5k words closest to the domain.
+
+    Example: neurostore vocab generate --domain "birds of European gardens" --n 300
+    """
+    from .vocab import generate_vocabulary
+
+    v = generate_vocabulary(domain, n=n, model=model)
+    lim = None if not limit else limit
+    print_json(_vocab_json(v, lim)) if as_json else _vocab_print(v, lim)
+
+
 # ---- analysis commands ------------------------------------------------------------------------
 
 ANALYSIS_BAR = 24  # characters of a full bar in the terminal depth plot
