@@ -4,7 +4,7 @@ For every (layer, unit, rank) of a recording, the unit's activation map on that 
 recomputed (a second, light pass over just the top images, so maps are never stored), upsampled
 bilinearly to the model's input size, and thresholded at a per-map quantile `q` (default 0.95:
 the top 5% of the map's pixels). The box is the bounding box of the connected region above the
-threshold that contains the maximum, grown around its centre to at least `min_frac` (default
+threshold that contains the unit's peak grid cell, grown around its centre to at least `min_frac` (default
 1/4) of the input side so that a vision-language encoder sees some context, then mapped back to
 the original image's pixels through the input's crop geometry (`Target.crop_fraction`).
 
@@ -69,14 +69,21 @@ def boxes_for_maps(maps: torch.Tensor, size: int, q: float = 0.95, min_frac: flo
     flat = up.reshape(n, -1)
     kth = max(1, min(flat.shape[1], int(np.ceil(q * flat.shape[1]))))
     thr = flat.kthvalue(kth, dim=1).values                   # [n] per-map quantile q
-    peak = flat.argmax(dim=1)                                # [n]
+    # The region kept is the one around the grid cell where the unit peaked (what `loc_y/loc_x`
+    # record): bilinear smoothing can lift a near-tie elsewhere above the true peak's pixels.
+    h, w = maps.shape[1:]
+    cell = maps.reshape(n, -1).argmax(dim=1).numpy()         # [n] flat index in the grid
+    cy = np.minimum(((cell // w) + 0.5) * size / h, size - 1).astype(int)
+    cx = np.minimum(((cell % w) + 0.5) * size / w, size - 1).astype(int)
+    up_peak = flat.argmax(dim=1).numpy()                     # [n] fallback
     mask = (up >= thr[:, None, None]).numpy()
-    peak = peak.numpy()
     min_side = max(1, int(round(min_frac * size)))
     boxes = []
     for i in range(n):
-        py, px = divmod(int(peak[i]), size)
         labels, _ = ndimage.label(mask[i])
+        py, px = cy[i], cx[i]
+        if labels[py, px] == 0:  # the smoothed peak cell fell under the threshold
+            py, px = divmod(int(up_peak[i]), size)
         region = labels == labels[py, px]
         ys = np.nonzero(region.any(1))[0]
         xs = np.nonzero(region.any(0))[0]

@@ -1,0 +1,114 @@
+"""Receptive-field patches: boxes from maps, geometry back to the image, dedup, thumbnails, embeddings."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from neurostore.images import ImageFolder
+from neurostore.models import load_target
+from neurostore.patches import (boxes_for_maps, embed_patches, extract_patches, iou, patch_id,
+                                to_image_box)
+from neurostore.record import record
+
+torch.set_num_threads(2)
+
+
+def test_box_follows_the_peak_and_has_a_minimum_size():
+    m = torch.zeros(2, 8, 8)
+    m[0, 1, 6] = 5.0             # one hot cell near the top right
+    m[1, 2:6, 1:4] = 3.0         # a broad blob on the left
+    m[1, 7, 7] = 2.0             # a weaker separate cell: not in the max's region
+    b0, b1 = boxes_for_maps(m, 64, q=0.95, min_frac=0.25)
+    x0, y0, x1, y1 = b0
+    assert x1 - x0 >= 16 and y1 - y0 >= 16 and x0 >= 40 and y1 <= 32
+    x0, y0, x1, y1 = b1
+    assert x0 <= 16 and x1 <= 34 and 12 <= y0 and y1 <= 52  # the blob, not the far corner
+    assert boxes_for_maps(torch.ones(3, 1, 1), 64) == [(0, 0, 64, 64)] * 3
+
+
+def test_box_geometry_back_to_the_image():
+    # Centre crop of the shorter side: a 200x100 image shows x in 50..150 at input 50 px.
+    assert to_image_box((0, 0, 50, 50), 50, 200, 100, 1.0) == (50, 0, 150, 100)
+    assert to_image_box((0, 0, 25, 25), 50, 200, 100, 1.0) == (50, 0, 100, 50)
+    # Whole image resized (aspect not kept).
+    assert to_image_box((0, 0, 25, 25), 50, 200, 100, None) == (0, 0, 100, 50)
+
+
+def test_patch_id_and_iou():
+    assert patch_id("d", "a.png", (0, 0, 5, 5)) == patch_id("d", "a.png", (0, 0, 5, 5))
+    assert patch_id("d", "a.png", (0, 0, 5, 5)) != patch_id("d", "b.png", (0, 0, 5, 5))
+    assert len(patch_id("d", "a", (1, 2, 3, 4))) == 16
+    assert iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0 and iou((0, 0, 10, 10), (10, 0, 20, 10)) == 0.0
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(d / f"{i:02d}.png")
+    torch.manual_seed(0)
+    t = load_target("torchvision:resnet18@random", input_size=48)
+    src = ImageFolder(d)
+    res = record(t, ["layer2", "fc"], src, k=3, batch_size=8, progress=False)
+    return t, src, res
+
+
+class _MeanColour:
+    """A real (if simple) encoder: mean RGB of the crop, normalised. Counts calls."""
+    id, dim, image_size = "meancolour", 3, 8
+
+    def __init__(self):
+        self.n = 0
+
+    def preprocess(self, im):
+        return torch.from_numpy(np.asarray(im.resize((8, 8)), np.float32)).permute(2, 0, 1)
+
+    def encode_images(self, batch):
+        self.n += batch.shape[0]
+        return torch.nn.functional.normalize(batch.mean((2, 3)) + 1e-3, dim=-1)
+
+
+def test_extract_dedup_thumbnails_and_embeddings(recorded):
+    t, src, res = recorded
+    enc = _MeanColour()
+    ps = extract_patches(t, res, src, encoders=[enc], batch_size=5, progress=False)
+    assert ps.n_boxes == 3 * (128 + 1000)
+    ids = ps.patch_ids
+    assert len(ids) == len(set(ids)) and len(ids) < ps.n_boxes
+    # fc units have no spatial map: every fc box is the whole view, one patch per image.
+    fc_ids = {ps.assignment[("fc", u, r)] for u in range(1000) for r in range(3)}
+    assert len(fc_ids) <= 12
+    for row in ps.rows[:20]:
+        assert 0 <= row["x0"] < row["x1"] <= 80 and 0 <= row["y0"] < row["y1"] <= 60
+        thumb = Image.open(io.BytesIO(row["thumbnail"]))
+        assert thumb.format == "PNG" and max(thumb.size) <= 96
+    # Embedded once per unique patch, in rows order, equal to embedding the crops afterwards.
+    assert enc.n == len(ids) and ps.embeddings["meancolour"].shape == (len(ids), 3)
+    again = embed_patches(ps.crops(src), _MeanColour(), batch_size=7)
+    np.testing.assert_allclose(ps.embeddings["meancolour"], again, atol=1e-5)
+    acts = ps.fill_activations(res.activations_table())
+    assert acts.column("patch_id").null_count == 0
+    assert set(acts.column("patch_id").to_pylist()) == set(ids)
+    assert ps.table().column_names == ["patch_id", "dataset", "image_id", "x0", "y0", "x1", "y1",
+                                       "thumbnail"]
+
+
+def test_box_is_where_the_unit_fired(recorded):
+    """The recorded location of the max lies inside the unit's box on that image."""
+    t, src, res = recorded
+    ps = extract_patches(t, res, src, layers=["layer2"], dedup_iou=1.01, progress=False)
+    lr = res.layers["layer2"]
+    rows = {r["patch_id"]: r for r in ps.rows}
+    S = t.input_size
+    for u in range(0, 128, 9):
+        iid = res.image_ids[lr.top_idx[u, 0]]
+        r = rows[ps.assignment[("layer2", u, 0)]]
+        W, H = src.load(iid).size
+        cy = (lr.loc_y[u, 0] + 0.5) / lr.grid_h * S
+        cx = (lr.loc_x[u, 0] + 0.5) / lr.grid_w * S
+        X0, Y0, X1, Y1 = to_image_box((cx, cy, cx, cy), S, W, H, t.crop_fraction)
+        assert r["x0"] - 2 <= X0 <= r["x1"] + 2 and r["y0"] - 2 <= Y0 <= r["y1"] + 2, (u, iid, r["image_id"], lr.loc_y[u, 0], lr.loc_x[u, 0], (r["x0"], r["y0"], r["x1"], r["y1"]))
