@@ -157,8 +157,8 @@ def imagenet() -> Vocabulary:
     from torchvision.models import ResNet50_Weights
 
     cats = list(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
-    # Two classes share a name ("crane" bird/machine, "maillot" twice); dedup keeps the first,
-    # since a concept must be unique in its vocabulary. Logit order is kept in meta.
+    # Two classes differ only in case ("Cardigan" the corgi, "cardigan" the sweater): concepts
+    # are lowercase and unique, so they merge into one. Logit order is kept in meta.
     words, _ = normalise_concepts(cats)
     return Vocabulary(
         name="imagenet",
