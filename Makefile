@@ -18,7 +18,7 @@ demo: $(STAMP)
 
 # Headless Chromium for the browser tests (tests/test_browser.py); installed once, idempotent.
 browser:
-	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium)
 
 test: $(STAMP) browser
 	$(BIN)/pytest -q
