@@ -47,15 +47,16 @@ from .schema import TableSchema, conform, load_schemas, schema_version
 FORMAT = "neurostore"
 FORMAT_VERSION = 1
 
-# Physical layout. Tables looked up by a few keys (one neuron, one concept) get small row groups so
-# that a point lookup decodes ~8k rows; the writer sorts by the table's `-- sort:` columns so the
-# row groups' min/max statistics prune everything else.
-POINT_LOOKUP_ROW_GROUP = 8192
+# Physical layout. Tables looked up by a few keys (one neuron, one concept) get smaller row groups
+# than DuckDB's default so a point lookup decodes few rows; the writer sorts by the table's
+# `-- sort:` columns so the row groups' min/max statistics prune everything else. Not too small:
+# DuckDB pays per row group on every scan (bench/query_latency.py: at 20M scores, 2k-row groups
+# made concept lookups 10x slower than 64k-row groups; 8k and 32k were equal for neuron lookups).
+POINT_LOOKUP_ROW_GROUP = 32768
 ROW_GROUP_ROWS = {t: POINT_LOOKUP_ROW_GROUP for t in
                   ("scores", "concept_units", "activations", "explanations", "units", "effects", "embeddings", "masks",
                    "patches")}
-# A concept has at most CONCEPT_UNITS_TOP rows per model: smaller groups decode less per lookup.
-ROW_GROUP_ROWS["concept_units"] = 2048
+ROW_GROUP_ROWS["concept_units"] = 65536  # measured best for concept -> units at 8M rows
 DEFAULT_ROW_GROUP = 122_880
 
 # concept_units is derived by the store from scores at commit: for every (model, concept, scorer)

@@ -132,7 +132,8 @@ def test_write_read_layout_and_plain_readers(store):
     assert store.df("SELECT * FROM scores LIMIT 3").shape == (3, 11)
 
 
-def test_writer_sorts_and_uses_point_lookup_row_groups(store):
+def test_writer_sorts_and_uses_point_lookup_row_groups(store, monkeypatch):
+    monkeypatch.setitem(store_mod.ROW_GROUP_ROWS, "scores", 4096)
     t = scores_table(n_units=3000, k=5)
     shuffled = t.take(np.random.default_rng(1).permutation(t.num_rows))
     with store.run("sorted") as run:
@@ -141,7 +142,7 @@ def test_writer_sorts_and_uses_point_lookup_row_groups(store):
     (f,) = list((store.path / "tables/scores").rglob("*.parquet"))
     meta = pq.ParquetFile(f).metadata
     assert meta.num_rows == 15000 and meta.num_row_groups >= 2
-    assert max(meta.row_group(i).num_rows for i in range(meta.num_row_groups)) <= store_mod.POINT_LOOKUP_ROW_GROUP
+    assert max(meta.row_group(i).num_rows for i in range(meta.num_row_groups)) <= 4096
     back = pq.read_table(f)
     keys = list(zip(back.column("unit").to_pylist(), back.column("rank").to_pylist()))
     assert keys == sorted(keys)
