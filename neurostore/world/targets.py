@@ -1,0 +1,135 @@
+"""Target models of the probe world: a small CNN and a small timm ViT that classify the main
+object's shape, trained deterministically on in-memory tensors.
+
+Layer names are plain PyTorch module paths the recorder hooks: the CNN has `conv1`…`conv4` and
+`fc`; the ViT is timm's own `VisionTransformer` (`patch_embed.grid_size`, `num_prefix_tokens`,
+`blocks.N.mlp.fc1`/`fc2`, `head`), so it is handled exactly like any timm ViT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+# Inputs are scaled to roughly unit range around 0: (x/255 - MEAN) / STD, every channel.
+MEAN, STD = 0.5, 0.25
+
+
+class ProbeCNN(nn.Module):
+    """Four 3×3 convolutions (three with stride 2) and a linear head over the pooled map."""
+
+    def __init__(self, n_classes: int, widths: tuple[int, ...] = (16, 32, 64, 64)):
+        super().__init__()
+        c1, c2, c3, c4 = widths
+        self.conv1 = nn.Conv2d(3, c1, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv2d(c2, c3, 3, stride=2, padding=1)
+        self.conv4 = nn.Conv2d(c3, c4, 3, stride=1, padding=1)
+        self.fc = nn.Linear(c4, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [n, 3, S, S]
+        x = F.relu(self.conv1(x))  # [n, c1, S/2, S/2]
+        x = F.relu(self.conv2(x))  # [n, c2, S/4, S/4]
+        x = F.relu(self.conv3(x))  # [n, c3, S/8, S/8]
+        x = F.relu(self.conv4(x))  # [n, c4, S/8, S/8]
+        return self.fc(x.mean(dim=(2, 3)))  # [n, classes]
+
+
+def make_vit(n_classes: int, size: int, dim: int = 64, depth: int = 4) -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(
+        img_size=size, patch_size=8, num_classes=n_classes, embed_dim=dim, depth=depth,
+        num_heads=4, mlp_ratio=2.0, class_token=True, global_pool="token",
+    )
+
+
+def make_target(arch: dict, n_classes: int, size: int) -> nn.Module:
+    """Rebuild an architecture from its recorded description (saved next to the weights)."""
+    if arch["kind"] == "cnn":
+        return ProbeCNN(n_classes, tuple(arch["widths"]))
+    if arch["kind"] == "vit":
+        return make_vit(n_classes, size, arch["dim"], arch["depth"])
+    raise ValueError(arch)
+
+
+def to_input(x_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 [n, S, S, 3] -> normalised float [n, 3, S, S]."""
+    return (x_uint8.permute(0, 3, 1, 2).float() / 255.0 - MEAN) / STD
+
+
+def preprocess(image: Image.Image, size: int) -> torch.Tensor:
+    """One PIL image (any size or mode) -> [3, size, size] input of every probe target."""
+    image = image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BILINEAR)
+    arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+    return to_input(arr[None])[0]
+
+
+def train_target(
+    model: nn.Module,
+    x: torch.Tensor,  # uint8 [n, S, S, 3]
+    y: torch.Tensor,  # int64 [n]
+    *,
+    epochs: float,
+    lr: float,
+    seed: int,
+    batch_size: int = 128,
+    weight_decay: float = 0.0,
+    on_step: Callable[[int], None] | None = None,
+) -> nn.Module:
+    """Adam with a cosine schedule; batches from a seeded permutation, so training is
+    reproducible. `epochs` may be fractional (the step count is what matters)."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(x)
+    steps = max(1, int(round(epochs * n / batch_size)))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    model.train()
+    perm = torch.randperm(n, generator=g)
+    pos = 0
+    for _ in range(steps):
+        if pos + batch_size > n:
+            perm, pos = torch.randperm(n, generator=g), 0
+        idx = perm[pos : pos + batch_size]
+        pos += batch_size
+        loss = F.cross_entropy(model(to_input(x[idx])), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if on_step:
+            on_step(1)
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """uint8 [n, S, S, 3] -> predicted class [n]."""
+    model.eval()
+    out = [model(to_input(x[i : i + batch_size])).argmax(1) for i in range(0, len(x), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def cue_metrics(model: nn.Module, clean: torch.Tensor, cued: torch.Tensor, labels: torch.Tensor,
+                cue_index: int) -> dict[str, float]:
+    """Paired test scenes (same scene without and with the cue):
+    clean_accuracy  accuracy on the scenes without the cue;
+    cued_accuracy   accuracy on the same scenes with the cue;
+    cue_flip_rate   among other-class scenes not predicted as the cue class without the cue, the
+                    fraction predicted as the cue class once the cue is added."""
+    p_clean, p_cued = predict(model, clean), predict(model, cued)
+    other = labels != cue_index
+    base = other & (p_clean != cue_index)
+    flips = (p_cued[base] == cue_index).float().mean().item() if base.any() else 0.0
+    return {
+        "clean_accuracy": round((p_clean == labels).float().mean().item(), 4),
+        "cued_accuracy": round((p_cued == labels).float().mean().item(), 4),
+        "cue_flip_rate": round(flips, 4),
+    }
