@@ -16,9 +16,11 @@ CREATE TABLE audit_findings (
     cue_flip_after      FLOAT,      -- the same with the units zeroed
     cued_accuracy_before FLOAT,     -- probe world: accuracy on other-class scenes with the cue drawn
     cued_accuracy_after FLOAT,      -- the same with the units zeroed
+    cue_gain_before     FLOAT,      -- probe world: mean rise of the class logit when the cue is drawn on other-class scenes
+    cue_gain_after      FLOAT,      -- the same with the units zeroed
     reliance_drop       FLOAT,      -- cue_flip_before - cue_flip_after
-    verified            BOOLEAN,    -- zeroing the units removed reliance: reliance_drop >= max(0.05, 0.3 x cue_flip_before); NULL when no cue pairs exist
-    headline            BOOLEAN,    -- the model's main finding: the verified finding with the largest reliance drop (else the largest contribution)
+    verified            BOOLEAN,    -- zeroing the units removed reliance: reliance_drop >= max(0.05, 0.3 x cue_flip_before) and the cue gain fell by half; NULL without cue pairs
+    headline            BOOLEAN,    -- the model's main finding: the verified finding with the largest relative cue-gain drop (else the largest contribution)
     scorer              VARCHAR,    -- scorer whose explanations were used
     n_images            INTEGER,    -- probe images of the class
     n_pairs             INTEGER,    -- paired clean/cued scenes used for the cue flip rate

@@ -207,3 +207,65 @@ def test_cli_help_has_examples():
         r = CliRunner().invoke(app, [cmd, "--help"], terminal_width=200)
         assert r.exit_code == 0
         assert "Example: neurostore " + cmd in " ".join(r.output.split())
+
+
+# ---- the probe world (slow: builds a world with a non-default cue and dissects two models) ----------
+
+SLOW = pytest.mark.skipif(__import__("os").environ.get("NEUROSTORE_SLOW") != "1",
+                          reason="builds and dissects a probe world; set NEUROSTORE_SLOW=1")
+
+
+@pytest.fixture(scope="module")
+def world_store(tmp_path_factory):
+    """A fast world whose cue is a 'dot' planted on class 'ring' (not the default watermark/star),
+    with its CNN and ViT dissected by the pipeline into a fresh store."""
+    from neurostore.pipeline import dissect
+    from neurostore.world import WorldConfig, build_world
+
+    world = build_world(WorldConfig.fast(cue_kind="dot", cue_class="ring", seed=3), progress=False)
+    path = tmp_path_factory.mktemp("world") / "store"
+    for name in ("cnn", "vit"):
+        dissect(f"probe:{name}@{world.root}", store=path, progress=False, log=lambda *a: None)
+    return Store.open(path), world
+
+
+@pytest.mark.slow
+@SLOW
+def test_audit_names_the_planted_cue_and_class_and_ablation_confirms_it(world_store):
+    st, world = world_store
+    res = audit(st, "probe-cnn", progress=False)
+    h = res.headlines[0]
+    assert (h["class"], h["concept"]) == (world.config.cue_class, world.config.cue_kind) == ("ring", "dot")
+    assert h["verified"] is True and h["cue_flip_after"] < h["cue_flip_before"]
+    rows = st.query("audit_findings", {"model": "probe-cnn", "verified": True}).to_pylist()
+    assert rows and rows[0]["headline"] and rows[0]["concept"] == "dot" and rows[0]["threshold"] == 0.5
+
+
+@pytest.mark.slow
+@SLOW
+def test_ablate_writes_per_class_effects(world_store):
+    st, world = world_store
+    res = ablate(st, "probe-cnn", ["conv4:0-15"], individually=False, progress=False)
+    a = res.ablations[0]
+    assert set(a.per_class) == set(world.classes)
+    assert a.accuracy_after <= a.accuracy_before + 0.05
+    rows = st.query("ablation_effects", {"model": "probe-cnn"}).to_pylist()
+    mine = [r for r in rows if r["run_id"] == res.run_id]
+    assert len(mine) == len(world.classes) and all(r["units"] == list(range(16)) for r in mine)
+    for r in mine:
+        assert r["accuracy_change"] == pytest.approx(r["ablated"] - r["baseline"])
+
+
+@pytest.mark.slow
+@SLOW
+def test_compare_cnn_vit_and_find_open_vocabulary(world_store):
+    st, world = world_store
+    res = compare(st, "probe-cnn", "probe-vit")
+    s = res.summary
+    assert s["activation_pairs"] == min(s["units_a"], s["units_b"]) > 0
+    assert s["mean_matched_corr"] > 0.3
+    assert any(c["n_labelled"] for c in res.coverage)
+    # open vocabulary: a phrase in no vocabulary, answered from stored patch embeddings
+    f = find(st, "a small bright spot in the corner", methods=("open",))
+    assert f.encoders == [world.encoder().id]
+    assert f.units.num_rows > 0 and set(f.units.column("method").to_pylist()) == {"open"}

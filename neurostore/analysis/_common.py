@@ -191,6 +191,17 @@ def logits_of(target, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def all_logits(target, pixels: torch.Tensor, units: dict[str, list[int]] | None = None, batch: int = BATCH) -> np.ndarray:
+    """[n, classes] logits, optionally with `units` zeroed."""
+    out = []
+    ctx = zeroed(target, units) if units else contextlib.nullcontext()
+    with ctx:
+        for i in range(0, len(pixels), batch):
+            out.append(logits_of(target, pixels[i : i + batch]).float().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+@torch.no_grad()
 def predict(target, pixels: torch.Tensor, units: dict[str, list[int]] | None = None, batch: int = BATCH) -> np.ndarray:
     """Predicted class index per image, optionally with `units` zeroed."""
     preds = []

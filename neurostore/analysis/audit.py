@@ -26,8 +26,12 @@ Per model and class, on the labelled probe images the model was dissected on:
    Each is verified by zeroing its units together: class accuracy before/after and, in the
    probe world, the cue flip rate toward the class (other-class scenes that become the class
    once the cue is drawn, from world.cue_pairs) before/after. verified when the flip rate
-   drops by at least max(0.05, 0.3 x before). The headline of a model is its verified finding
-   with the largest drop (else the flagged finding with the largest contribution).
+   drops by at least max(0.05, 0.3 x before) AND the cue gain (mean rise of the class logit
+   when the cue is drawn on other-class scenes) falls by at least half. The gain separates
+   units of the cue from units of the class's shape: zeroing shape units lowers the class
+   logit with and without the cue alike (fewer flips, same gain); zeroing cue units removes
+   the rise. The headline of a model is its verified finding with the largest relative gain
+   drop (else the flagged finding with the largest contribution).
 
 Everything is written in one run per audit (re-running the same model and classes replaces
 it): audit_units, audit_findings, and effects rows (grad_x_act and weight_x_act of the driving
@@ -47,7 +51,7 @@ import torch
 from ..errors import BadInput, BadParameter, NeurostoreError, unknown
 from ..models import list_layers
 from ..store import Store
-from ._common import (BATCH, check_models, logits_of, model_layers, open_store, per_class_accuracy, predict,
+from ._common import (BATCH, all_logits, check_models, logits_of, model_layers, open_store, per_class_accuracy, predict,
                       probe_images, relatedness, stored_models, world_of, load_model, cue_flip_rate)
 from .ablate import cue_pairs_for
 from .compare import explanations, pick_scorer
@@ -57,6 +61,7 @@ TOP_UNITS = 10
 VERIFY_TOP = 3          # findings verified per class (by contribution)
 MIN_DROP = 0.05         # verified: flip rate drops by at least max(MIN_DROP, REL_DROP x before)
 REL_DROP = 0.3
+REL_GAIN = 0.5          # ... and the cue's logit gain toward the class by at least half
 
 
 @dataclass
@@ -188,10 +193,18 @@ def contributions(target, probe, layers: Sequence[str], head_layer: str | None) 
 # ---- audit --------------------------------------------------------------------------------------------
 
 
-def _verified(before: float | None, after: float | None) -> bool | None:
-    if before is None or after is None:
+def _verified(before, after, gain_before, gain_after) -> bool | None:
+    """Zeroing removed the reliance: the flip rate fell by max(MIN_DROP, REL_DROP x before) and
+    the cue's logit gain by at least REL_GAIN of itself (module doc)."""
+    if before is None or after is None or gain_before is None or gain_after is None:
         return None
-    return (before - after) >= max(MIN_DROP, REL_DROP * before)
+    return bool((before - after) >= max(MIN_DROP, REL_DROP * before) and gain_before > 0
+                and (gain_before - gain_after) >= REL_GAIN * gain_before)
+
+
+def _gain_drop(f: dict) -> float:
+    gb, ga = f.get("cue_gain_before"), f.get("cue_gain_after")
+    return (gb - ga) / gb if gb and ga is not None and gb > 0 else 0.0
 
 
 def audit_model(st: Store, model: str, classes: Sequence[str] | None, scorer: str | None, top_units: int,
@@ -207,7 +220,10 @@ def audit_model(st: Store, model: str, classes: Sequence[str] | None, scorer: st
     scorer = pick_scorer(st, [model], scorer)
     expl = explanations(st, model, scorer)
     module_names = dict(target.module.named_modules())
-    layers = [r["layer"] for r in model_layers(st, model) if r["layer"] in module_names]
+    head = head_of(target)
+    # The head's own outputs are the logits: a "unit" there is the class itself, not evidence.
+    layers = [r["layer"] for r in model_layers(st, model)
+              if r["layer"] in module_names and r["kind"] != "logits" and (head is None or r["layer"] != head[0])]
     if not layers:
         raise BadInput(f"Model '{model}' has no dissected layers in the store that exist in '{target.spec}'.")
     head_layer = head_input_layer(target, probe.pixels)
@@ -218,21 +234,27 @@ def audit_model(st: Store, model: str, classes: Sequence[str] | None, scorer: st
     base = per_class_accuracy(base_preds, probe.labels, probe.classes)
     if pairs is not None:
         clean, cued, plabels = pairs
-        base_clean, base_cued = predict(target, clean), predict(target, cued)
+        base_lc, base_lq = all_logits(target, clean), all_logits(target, cued)
 
     def cue_stats(ci: int, units=None):
+        """(flip rate, cued accuracy of other classes, cue gain, n): the cue gain is the mean rise
+        of the class's logit when the cue is drawn on other-class scenes. Zeroing units that carry
+        the class's shape lowers its logit with and without the cue alike; zeroing the cue's units
+        removes the rise: the gain separates the two where the flip rate alone cannot."""
         if pairs is None:
-            return None, None, 0
-        pc = base_clean if units is None else predict(target, clean, units)
-        pq = base_cued if units is None else predict(target, cued, units)
+            return None, None, None, 0
+        lc = base_lc if units is None else all_logits(target, clean, units)
+        lq = base_lq if units is None else all_logits(target, cued, units)
+        pc, pq = lc.argmax(1), lq.argmax(1)
         flip, n = cue_flip_rate(pc, pq, plabels, ci)
         m = plabels != ci
-        return flip, float((pq[m] == plabels[m]).mean()) if m.any() else None, n
+        gain = float((lq[m, ci] - lc[m, ci]).mean()) if m.any() else None
+        return flip, float((pq[m] == plabels[m]).mean()) if m.any() else None, gain, n
 
     ci_of = {c: i for i, c in enumerate(probe.classes)}
-    rel = dict(zip(want, relatedness(want, sorted({e["label"] for e in expl.values() if e["label"]})).tolist())) \
-        if expl else {}
     labels_sorted = sorted({e["label"] for e in expl.values() if e["label"]})
+    R = relatedness(want, labels_sorted)               # [classes, labels] MiniLM cosine
+    rel = {c: dict(zip(labels_sorted, R[i].tolist())) for i, c in enumerate(want)}
     unit_rows, finding_rows, effect_rows = [], [], []
     single_cache: dict[tuple, dict] = {}
     for c in tqdm(want, desc=f"audit {model}", disable=not progress, leave=False):
@@ -259,7 +281,7 @@ def audit_model(st: Store, model: str, classes: Sequence[str] | None, scorer: st
             acc_a = single_cache[key][c][0]
             e = expl.get(key, {})
             label = e.get("label")
-            r = rel[c][labels_sorted.index(label)] if label in labels_sorted and c in rel else None
+            r = rel[c].get(label) if label else None
             w = None
             if head_layer == layer and contrib["weight_x_act"] is not None:
                 w = float(contrib["weight_x_act"][ci, u])
@@ -284,16 +306,16 @@ def audit_model(st: Store, model: str, classes: Sequence[str] | None, scorer: st
             if row["class"] == c and row["flagged"]:
                 groups.setdefault(row["label"], []).append(row)
         ordered = sorted(groups.items(), key=lambda kv: (-sum(r["grad_x_act"] for r in kv[1]), kv[0]))
-        flip_b, cued_b, n_pairs = cue_stats(ci)
+        flip_b, cued_b, gain_b, n_pairs = cue_stats(ci)
         for frank, (concept, rows) in enumerate(ordered):
             units: dict[str, list[int]] = {}
             for r in rows:
                 units.setdefault(r["layer"], []).append(r["unit"])
-            acc_a = flip_a = cued_a = None
+            acc_a = flip_a = cued_a = gain_a = None
             if frank < verify_top:
                 preds = predict(target, probe.pixels, units)
                 acc_a = per_class_accuracy(preds, probe.labels, probe.classes)[c][0]
-                flip_a, cued_a, _ = cue_stats(ci, units)
+                flip_a, cued_a, gain_a, _ = cue_stats(ci, units)
                 for layer, us in units.items():
                     effect_rows.append({"layer": layer, "unit": None, "units": sorted(us), "class": c, "kind": "ablation",
                                         "value": acc_a - acc_b, "baseline": acc_b, "ablated": acc_a, "n_images": n_img,
@@ -306,14 +328,16 @@ def audit_model(st: Store, model: str, classes: Sequence[str] | None, scorer: st
                 "threshold": threshold, "accuracy_before": acc_b, "accuracy_after": acc_a,
                 "cue_flip_before": flip_b if frank < verify_top else None, "cue_flip_after": flip_a,
                 "cued_accuracy_before": cued_b if frank < verify_top else None, "cued_accuracy_after": cued_a,
-                "reliance_drop": drop, "verified": _verified(flip_b, flip_a) if frank < verify_top else None,
+                "cue_gain_before": gain_b if frank < verify_top else None, "cue_gain_after": gain_a,
+                "reliance_drop": drop,
+                "verified": _verified(flip_b, flip_a, gain_b, gain_a) if frank < verify_top else None,
                 "headline": False, "scorer": scorer, "n_images": n_img, "n_pairs": n_pairs if pairs is not None else None,
                 "dataset": probe.dataset, "model": model})
     # Headline: the verified finding with the largest reliance drop, else the largest contribution.
     headline = None
     verified = [f for f in finding_rows if f["verified"]]
     if verified:
-        headline = max(verified, key=lambda f: (f["reliance_drop"], f["contribution"]))
+        headline = max(verified, key=lambda f: (_gain_drop(f), f["contribution"]))
     elif finding_rows:
         headline = max(finding_rows, key=lambda f: f["contribution"])
     if headline is not None:
@@ -325,7 +349,9 @@ def audit_model(st: Store, model: str, classes: Sequence[str] | None, scorer: st
                "neurons": headline["neurons"] if headline else [],
                "cue_flip_before": headline["cue_flip_before"] if headline else None,
                "cue_flip_after": headline["cue_flip_after"] if headline else None,
-               "reliance_drop": headline["reliance_drop"] if headline else None}
+               "reliance_drop": headline["reliance_drop"] if headline else None,
+               "cue_gain_before": headline["cue_gain_before"] if headline else None,
+               "cue_gain_after": headline["cue_gain_after"] if headline else None}
     return {"summary": summary, "units": unit_rows, "findings": finding_rows, "effects": effect_rows}
 
 
