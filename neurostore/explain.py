@@ -28,8 +28,9 @@ def explanations_table(scores: pa.Table, summaries: dict | None = None) -> pa.Ta
         sentence, by = summaries.get((int(unit), scorer), (None, None))
         row = {"unit": int(unit), "scorer": scorer, "label": concepts[0], "confidence": confs[0],
                "concepts": concepts, "confidences": confs, "summary": sentence, "summary_by": by}
-        for c in keep:
-            row[c] = g[c].iloc[0]
+        for c in keep:  # constant per group; pandas turns a None constant into NaN
+            v = g[c].iloc[0]
+            row[c] = None if v is None or v != v else v
         rows.append(row)
     types = {"unit": pa.int32(), "scorer": pa.string(), "label": pa.string(),
              "confidence": pa.float32(), "concepts": pa.list_(pa.string()),

@@ -45,10 +45,18 @@ DEFAULT_ENCODER_ONLINE = "open_clip:ViT-B-32/laion2b_s34b_b79k"
 UNIT_KINDS = ("conv", "vit_mlp", "linear", "logits")
 
 
+def _is_unit_layer(kind: str, layer: str) -> bool:
+    """Layers whose units are neurons in the papers' sense: conv channels, linear neurons, and in
+    a transformer MLP the hidden neurons (its first linear layer), not its norms or dropouts."""
+    if kind == "vit_mlp":
+        return layer.rsplit(".", 1)[-1] in ("fc1", "c_fc", "lin1")
+    return kind in UNIT_KINDS
+
+
 def default_layers(target: Target, most: int = 6) -> list[str]:
-    """Up to `most` layers spread over the depth of the model (always the last), among conv
-    channels, linear neurons and ViT MLP neurons."""
-    names = [li.layer for li in list_layers(target) if li.kind in UNIT_KINDS]
+    """Up to `most` layers spread over the depth of the model (always the last, whose units are
+    the classes), among conv channels, linear neurons and ViT MLP hidden neurons."""
+    names = [li.layer for li in list_layers(target) if _is_unit_layer(li.kind, li.layer)]
     if len(names) <= most:
         return names
     pick = np.linspace(0, len(names) - 1, most).round().astype(int)
