@@ -15,10 +15,17 @@ weights run `p_start - r/top_k * (p_start - p_end)` for r = 0..top_k-1 (arange, 
 stops one step short of p_end). `_soft_wpmi_reference` & co. are line-by-line transcriptions used
 by tests and bench/soft_wpmi.py to check the fast versions to 1e-4.
 
-The fast soft_wpmi / wpmi replace "sum of logs" by "log of products of up to G factors", G
-chosen from the smallest possible factor so a product cannot underflow float32 (G = 11 for the
-defaults), and walk concepts in cache-sized tiles without the reference's temporaries: the
-same numbers with ~G times fewer logarithms.
+The fast soft_wpmi / wpmi (same inputs, same numbers to 1e-4 of the published code evaluated in
+float64) differ from the transcription in four ways: (1) a factor 1 + w (p - 1) + min_prob is
+written b (p + a / b), so the b's come out as one constant and each gathered value costs one
+addition; (2) sums of logs become logs of products of G consecutive factors, G chosen from the
+tile's smallest factor so a product stays inside [1e-30, 1e30] (G = 11 for the defaults): ~G
+times fewer logarithms; (3) concepts are walked in tiles whose softmax is formed from each
+image's log-sum-exp, and for each group of G ranks all units' top images are gathered in one
+index_select, so memory stays at [n, tile] + [G, units, tile] and there are few, large tensor
+operations; (4) sums are accumulated in float64, since log p(c | unit) is a sum of ~100 terms
+around -5 and the score a difference of two numbers near -500 (the published float32 code is
+itself ~1e-4 away from its float64 value).
 
 Confidence (`confidence()`), the same for every scorer so values are comparable: per unit, the
 scores over all C concepts are fitted with a robust normal null (median, 1.4826 x MAD; the
@@ -105,9 +112,10 @@ def _sum_log_factors(
     Sums of logs are computed as logs of products of G consecutive factors (G from the smallest
     factor in the tile, so a product stays above 1e-30 and cannot underflow float32), over
     concept tiles: the softmax of a tile comes from each row's log-sum-exp, and for each group
-    of G ranks every unit's images are gathered at once ([G * units, tile] in one index_select),
-    so there are few, large tensor operations. The sums are kept in float64: log p(c | unit) is
-    a sum of 100 terms around -5, so its float32 rounding alone would be ~1e-4."""
+    of G ranks a block of units' images is gathered at once ([G * units, tile] in one
+    index_select). Tiles are spread over torch.get_num_threads() Python threads. The sums are
+    kept in float64: log p(c | unit) is a sum of 100 terms around -5, so its float32 rounding
+    alone would be ~1e-4."""
     sim = sim.float()
     n, n_concepts = sim.shape
     n_units = acts.shape[1]
@@ -122,33 +130,67 @@ def _sum_log_factors(
     kappa = (ca / cb).float().view(-1, 1, 1)                      # [top_k, 1, 1]
     out = torch.zeros(n_units, n_concepts, dtype=torch.float64)  # [units, concepts]
     if concept_chunk is None:
-        concept_chunk = 256
+        concept_chunk = 32
     if unit_chunk is None:
-        # About 1M gathered values per operation: large enough that the per-op overhead and
-        # the threads' start-up vanish, small enough to stay in the last-level cache.
-        unit_chunk = max(1, (1 << 20) // (11 * concept_chunk))
-    chunks = range(0, n_concepts, concept_chunk)
+        # ~350k gathered values per operation: few Python round trips, temporaries in cache.
+        unit_chunk = max(1, (1 << 20) // (3 * 11 * concept_chunk))
+    ka = ca / cb
+
+    def score_block(b0: int) -> None:
+        b1 = min(b0 + concept_block, n_concepts)
+        # p(concept | image) for a block of concepts in three large operations; the tiles
+        # below are column views of it, gathered from directly.
+        block = torch.exp(a * sim[:, b0:b1] - lse)               # [n, block]
+        f_min = float((ka + float(block.min())).min())
+        f_max = float(ka.max()) + 1.0
+        # G factors in [f_min, f_max] multiply to a number in [1e-30, 1e30]: no under/overflow
+        # in float32.
+        group = max(1, int(math.floor(30.0 / max(-math.log10(f_min), math.log10(f_max), 1e-9))))
+        group = min(group, top_k)
+        for c0 in range(b0, b1, concept_chunk):
+            c1 = min(c0 + concept_chunk, b1)
+            probs = block[:, c0 - b0 : c1 - b0]                   # [n, cc] view
+            for u0 in range(0, n_units, unit_chunk):
+                u1 = min(u0 + unit_chunk, n_units)
+                tile = out[u0:u1, c0:c1]
+                for r0 in range(0, top_k, group):
+                    r1 = min(top_k, r0 + group)
+                    g = probs.index_select(0, inds[r0:r1, u0:u1].reshape(-1))  # [(r1-r0)*uc, cc]
+                    g = g.view(r1 - r0, u1 - u0, c1 - c0)
+                    g.add_(kappa[r0:r1])                          # p + a_r / b_r
+                    tile.add_(g.prod(dim=0).log_())               # [uc, cc]
+
+    concept_block = max(concept_chunk, 1024)
+    starts = list(range(0, n_concepts, concept_block))
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        chunks = tqdm(chunks, desc="scoring concepts", unit="chunk", leave=False)
-    for c0 in chunks:
-        c1 = min(c0 + concept_chunk, n_concepts)
-        probs = torch.exp(a * sim[:, c0:c1] - lse)               # [n, cc] p(concept | image)
-        f_min = float((ca / cb + float(probs.min())).min())
-        f_max = float((ca / cb).max()) + 1.0
-        # G factors in [f_min, f_max] multiply to a number in [1e-30, 1e30]: no under/overflow.
-        group = max(1, int(math.floor(30.0 / max(-math.log10(f_min), math.log10(f_max), 1e-9))))
-        group = min(group, top_k)
-        for u0 in range(0, n_units, unit_chunk):
-            u1 = min(u0 + unit_chunk, n_units)
-            tile = out[u0:u1, c0:c1]
-            for r0 in range(0, top_k, group):
-                r1 = min(top_k, r0 + group)
-                g = probs.index_select(0, inds[r0:r1, u0:u1].reshape(-1))  # [(r1-r0)*uc, cc]
-                g = g.view(r1 - r0, u1 - u0, c1 - c0)
-                g.add_(kappa[r0:r1])                              # p + a_r / b_r
-                tile.add_(g.prod(dim=0).log_())                   # [uc, cc]
+        bar = tqdm(total=len(starts), desc="scoring concepts", unit="block", leave=False)
+    # Parallelism: one Python thread per core, each scoring its own concept tiles with
+    # single-threaded torch ops (torch releases the GIL inside ops). Intra-op threading would
+    # put a barrier after every small op; on a busy shared machine one preempted thread then
+    # stalls the other, which made the 2-thread intra-op version 30x slower than 1 thread.
+    workers = max(1, min(torch.get_num_threads(), len(starts)))
+    intra = torch.get_num_threads()
+    try:
+        if workers > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            torch.set_num_threads(1)
+            with ThreadPoolExecutor(workers) as pool:
+                for _ in pool.map(score_block, starts):
+                    if bar is not None:
+                        bar.update(1)
+        else:
+            for b0 in starts:
+                score_block(b0)
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        torch.set_num_threads(intra)
+        if bar is not None:
+            bar.close()
     out.add_(float(torch.log(cb).sum()))
     return out
 
@@ -404,14 +446,16 @@ class IoUAccumulator:
     intersection and union over all images of (upsampled map > T_u) and the concept's mask;
     IoU = sum |M_u & L_c| / sum |M_u | L_c|, the dataset-level IoU of the paper."""
 
-    def __init__(self, thresholds: torch.Tensor, n_concepts: int, pixel_chunk: int = 1 << 20):
+    def __init__(self, thresholds: torch.Tensor, n_concepts: int, max_values: int = 1 << 24):
         self.thr = thresholds.float().view(1, -1, 1, 1)           # [1, units, 1, 1]
         self.n_units = thresholds.numel()
         self.n_concepts = n_concepts
         self.inter = torch.zeros(self.n_units, n_concepts, dtype=torch.float64)
         self.act_area = torch.zeros(self.n_units, dtype=torch.float64)
         self.mask_area = torch.zeros(n_concepts, dtype=torch.float64)
-        self.pixel_chunk = pixel_chunk
+        # Upsampled maps of all units for a few images at a time: at most max_values floats
+        # (64 MB) per step, whatever the batch size the caller streams.
+        self.max_values = max_values
 
     @torch.no_grad()
     def update(self, act_maps: torch.Tensor, masks: torch.Tensor) -> None:
@@ -425,7 +469,7 @@ class IoUAccumulator:
                            f"{act_maps.shape[1]} and {masks.shape[1]}.")
         H, W = masks.shape[-2:]
         per_image = H * W
-        step = max(1, self.pixel_chunk // per_image)
+        step = max(1, self.max_values // (per_image * max(self.n_units, self.n_concepts)))
         for i in range(0, act_maps.shape[0], step):
             a = act_maps[i : i + step].float()
             if a.shape[-2:] != (H, W):
