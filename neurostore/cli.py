@@ -517,7 +517,9 @@ def demo_cmd(
         console.print(f"[dim]neurostore query {a['query']} " +
                       " ".join(f"-p {k}={v}" for k, v in a["params"].items()) + "[/dim]")
         if a["rows"]:
-            emit_table(_arrow_rows(a["rows"]), "table")
+            # Provenance columns (run ids, encoder ids) are in the store; the terminal shows the answer.
+            t = _arrow_rows(a["rows"])
+            emit_table(t.drop_columns([c for c in ("run_id", "encoder", "vocabulary") if c in t.column_names]), "table")
         else:
             console.print("(no rows)")
     console.print(f"\nStore: {s['store']}  ({s['seconds']} s). Next: neurostore sql \"SELECT * FROM explanations LIMIT 5\" --store {s['store']}")

@@ -46,7 +46,8 @@ class TextEmbedder:
                 f"Could not load text model '{name}': {e}. Use 'minilm' (offline, bundled) or a "
                 "sentence-transformers model name or local folder."
             ) from e
-        self.dim = int(self.model.get_sentence_embedding_dimension())
+        dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(dim())
 
     def encode(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
         """[n, dim] float32, rows of unit length. Duplicate strings are encoded once."""

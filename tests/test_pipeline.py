@@ -1,0 +1,166 @@
+"""The pipeline end to end on the fast probe world: `neurostore demo` once per session (real
+world, real models, real encoder, real store), then checks on what it wrote."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pytest
+from typer.testing import CliRunner
+
+from neurostore.cli import app
+from neurostore.errors import BadInput, UnknownScorer, UnknownVocabulary
+from neurostore.pipeline import ALL_SCORERS, default_layers, dissect
+from neurostore.store import Store
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, probe_world, probe_world_cache):
+    """`neurostore demo --fast --json` in a subprocess, as a user runs it."""
+    store = tmp_path_factory.mktemp("demo") / "store"
+    env = dict(os.environ, NEUROSTORE_CACHE=str(probe_world_cache))
+    out = subprocess.run([sys.executable, "-m", "neurostore.cli", "demo", "--fast", "--json",
+                          "--store", str(store), "--cache", str(probe_world_cache)],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout), Store.open(store)
+
+
+def test_demo_prints_one_json_object(demo_run):
+    summary, _ = demo_run
+    assert set(summary["dissections"]) == {"cnn", "vit"}
+    assert summary["world"]["id"].startswith("probe-")
+    assert len(summary["answers"]) == 3
+    for a in summary["answers"]:
+        assert a["question"] and a["query"]
+
+
+def test_demo_store_holds_every_stage(demo_run):
+    summary, store = demo_run
+    counts = store.table_counts()
+    for table in ("models", "layers", "images", "masks", "activations", "units", "pooled", "patches",
+                  "embeddings", "vocabularies", "concepts", "scores", "concept_units", "explanations",
+                  "evaluations"):
+        assert counts[table] > 0, table
+    # Every unit of every dissected layer has k activation rows, each with its patch.
+    for name, d in summary["dissections"].items():
+        n = store.sql("SELECT count(*) AS n, count(patch_id) AS p FROM activations WHERE model = $m",
+                      {"m": d["model"]}).to_pylist()[0]
+        assert n["n"] == n["p"] == d["units"] * 10
+        expl = store.sql("SELECT count(*) AS n FROM explanations WHERE model = $m", {"m": d["model"]})
+        assert expl["n"][0].as_py() == d["units"] * len(ALL_SCORERS)
+    # Patches are joined to their embeddings, with the encoder the run recorded.
+    missing = store.sql("""
+        SELECT count(*) AS n FROM patches p
+        LEFT JOIN embeddings e ON e.kind = 'patch' AND e.item_id = p.patch_id
+        WHERE e.item_id IS NULL""")
+    assert missing["n"][0].as_py() == 0
+
+
+def test_scores_have_bounded_confidence_and_provenance(demo_run):
+    _, store = demo_run
+    r = store.sql("""SELECT min(confidence) AS lo, max(confidence) AS hi, count(*) FILTER (WHERE run_id IS NULL) AS no_run,
+                            count(DISTINCT scorer) AS scorers FROM scores""").to_pylist()[0]
+    assert 0.0 <= r["lo"] <= r["hi"] <= 1.0
+    assert r["no_run"] == 0 and r["scorers"] == len(ALL_SCORERS)
+    runs = store.sql("SELECT command, status FROM runs WHERE command = 'dissect'").to_pylist()
+    assert runs and all(x["status"] == "committed" for x in runs)
+
+
+def test_cue_units_are_found_for_the_planted_cue(demo_run):
+    summary, store = demo_run
+    cue = summary["world"]["config"]["cue_kind"]
+    rows = store.query("concept_neurons", {"concept": cue, "top": 5}).to_pylist()
+    assert rows and all(r["concept"] == cue for r in rows)
+
+
+def test_eval_rows_per_model_layer_scorer(demo_run):
+    _, store = demo_run
+    ev = store.sql("SELECT model, metric, value FROM evaluations").to_pylist()
+    metrics = {r["metric"] for r in ev}
+    assert {"top1", "top5", "iou_agreement", "minilm_cosine", "interpretable"} <= metrics
+    assert all(0.0 <= r["value"] <= 1.0 for r in ev if r["metric"] != "minilm_cosine")
+
+
+def test_rerun_replaces_rather_than_duplicates(demo_run, probe_world, tmp_path):
+    """Dissecting one layer twice into the same store leaves one copy of every row."""
+    store = Store.open(tmp_path / "s")
+    kw = dict(store=store, world=probe_world, layers=["conv2"], scorers=["patch"], k=5,
+              progress=False, log=lambda *a: None, evaluate=False)
+    first = dissect(f"probe:cnn@{probe_world.root}", **kw)
+    counts = store.table_counts()
+    dissect(f"probe:cnn@{probe_world.root}", **kw)
+    again = store.table_counts()
+    assert {t: n for t, n in again.items() if t != "runs"} == {t: n for t, n in counts.items() if t != "runs"}
+    assert counts["activations"] == first["units"] * 5
+    # A different scorer is different work: it adds rows beside the patch scores.
+    dissect(f"probe:cnn@{probe_world.root}", **{**kw, "scorers": ["cos_cubed"]})
+    by = {r["scorer"]: r["n"] for r in store.sql("SELECT scorer, count(*) AS n FROM scores GROUP BY scorer").to_pylist()}
+    assert by["patch"] == by["cos_cubed"] == first["units"] * 5
+    assert store.table_counts()["activations"] == counts["activations"]
+
+
+def test_default_layers_are_unit_layers(probe_world):
+    from neurostore.models import load_target
+
+    vit = load_target(f"probe:vit@{probe_world.root}")
+    names = default_layers(vit)
+    assert names[-1] == "head"
+    assert all(n.endswith("mlp.fc1") or n in ("head", "patch_embed.proj") for n in names), names
+
+
+@pytest.mark.parametrize("kwargs, error, text", [
+    ({"scorers": ["nope"]}, UnknownScorer, "Unknown scorer 'nope'"),
+    ({"vocabulary": "klingon"}, UnknownVocabulary, "Unknown vocabulary 'klingon'"),
+    ({"images": "/nonexistent/folder"}, BadInput, "does not exist"),
+])
+def test_bad_input_fails_before_any_work(probe_world, tmp_path, kwargs, error, text):
+    store = Store.open(tmp_path / "s")
+    with pytest.raises(error, match=text):
+        dissect(f"probe:cnn@{probe_world.root}", store=store, world=probe_world, progress=False,
+                log=lambda *a: None, **kwargs)
+    assert store.table_counts()["scores"] == 0
+
+
+def test_iou_needs_masks(probe_world, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (64, 64), (i * 60, 10, 10)).save(folder / f"{i}.png")
+    with pytest.raises(BadInput, match="Scorer 'iou' needs per-pixel concept masks"):
+        dissect(f"probe:cnn@{probe_world.root}", store=tmp_path / "s", images=folder, scorers=["iou"],
+                encoder=f"probe:{probe_world.root}", progress=False, log=lambda *a: None)
+
+
+def test_cli_dissect_on_a_folder_with_a_bad_file(probe_world, tmp_path):
+    """A user's folder: one good image per colour, one file that is not an image. The run goes
+    on, the reject is recorded, and --json prints one object."""
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(12):
+        Image.new("RGB", (64, 64), ((i * 40) % 256, 100, 200)).save(folder / f"{i:02d}.png")
+    (folder / "notes.txt").write_text("not an image")
+    res = CliRunner().invoke(app, ["dissect", f"probe:cnn@{probe_world.root}", "--images", str(folder),
+                                   "--layer", "conv2", "--scorer", "patch", "--scorer", "cos_cubed",
+                                   "--encoder", f"probe:{probe_world.root}", "--k", "3",
+                                   "--store", str(tmp_path / "s"), "--json"])
+    assert res.exit_code == 0, res.output
+    s = json.loads(res.stdout)
+    assert s["images"] == 12 and s["rejects"] == 1
+    rej = Store.open(tmp_path / "s").sql("SELECT path, reason FROM rejects").to_pylist()
+    assert len(rej) == 1 and rej[0]["path"].endswith("notes.txt")
+
+
+def test_cli_eval_on_a_missing_store_is_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "neurostore.cli", "eval", "--store", str(tmp_path / "nothing")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: No neurostore store at"), out.stderr
+    assert not (tmp_path / "nothing").exists()
