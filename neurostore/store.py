@@ -183,6 +183,7 @@ class Store:
         self._con: duckdb.DuckDBPyConnection | None = None
         self._sig = None
         self._mutex = threading.RLock()
+        self._columns_cache: dict[str, frozenset] = {}
 
     # ---- opening ---------------------------------------------------------------------------
 
@@ -281,7 +282,25 @@ class Store:
             return "SELECT " + ", ".join(f"CAST(NULL AS {c.type}) AS {c.name}" for c in ts.columns) + " LIMIT 0"
         paths = "[" + ", ".join(_sql_str(os.path.join(root, f) if root else f) for f in files) + "]"
         hive = f", hive_partitioning=true, hive_types={hive_types(ts.partition)}" if ts.partition else ", hive_partitioning=false"
+        # Files written before a column was added to schema/ lack it: read them by name and
+        # give the column NULL where no file has it, so an older store stays readable.
+        per_file = [self._file_columns(e) for e in manifest["tables"][table]]
+        have = set().union(*per_file) | set(ts.partition)
+        if any(f != per_file[0] for f in per_file) or any(c.name not in have for c in ts.columns):
+            hive += ", union_by_name=true"
+            cols = [col if c.name in have else f"CAST(NULL AS {c.type}) AS {c.name}"
+                    for c, col in zip(ts.columns, cols)]
         return f"SELECT {', '.join(cols)} FROM read_parquet({paths}{hive})"
+
+    def _file_columns(self, entry: dict) -> frozenset:
+        """The columns a committed file holds (from the manifest, or its footer for manifests
+        written before columns were recorded); files are immutable, so this is cached."""
+        if "columns" in entry:
+            return frozenset(entry["columns"])
+        path = entry["path"]
+        if path not in self._columns_cache:
+            self._columns_cache[path] = frozenset(pq.read_schema(self.path / path).names)
+        return self._columns_cache[path]
 
     def _create_views(self, con, manifest: dict) -> None:
         for name in self.schemas:
@@ -445,7 +464,7 @@ class Store:
                     drop = same_part and (run.replace == "partition" or e["work_key"] == s["work_key"]) \
                         and e["run_id"] != run.run_id
                     (retired.append({"path": e["path"], "at": now}) if drop else keep.append(e))
-                keep.append({k: s[k] for k in ("path", "run_id", "work_key", "partition", "rows", "bytes")})
+                keep.append({k: s[k] for k in ("path", "run_id", "work_key", "partition", "rows", "bytes", "columns")})
                 tables[s["table"]] = keep
                 if s["table"] == "scores":
                     touched_models.add(s["partition"]["model"])
@@ -759,6 +778,7 @@ class Run:
                 _fsync_file(out)
                 rows = pq.ParquetFile(out).metadata.num_rows
                 sealed.append({"table": table, "partition": self._partitions[(table, pdir, wkey)], "src": out,
+                               "columns": [c.name for c in ts.file_columns],
                                "path": f"tables/{table}/{pdir}/{name}" if pdir else f"tables/{table}/{name}",
                                "run_id": self.run_id, "work_key": wkey, "rows": rows,
                                "bytes": out.stat().st_size})
