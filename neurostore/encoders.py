@@ -11,6 +11,7 @@ a cosine similarity; `id` names the exact weights and goes into provenance.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 import torch
 from PIL import Image
@@ -45,8 +46,9 @@ class Encoder(ABC):
         return torch.cat(out) if out else torch.zeros(0, self.dim)
 
 
-def load_encoder(spec: str) -> Encoder:
-    """Resolve an encoder spec (see module doc) to a loaded Encoder."""
+def load_encoder(spec: str, worlds: Sequence[str] = ()) -> Encoder:
+    """Resolve an encoder spec (see module doc) to a loaded Encoder. `worlds`: folders to look
+    in for a 'probe:<world id>' spec besides the cache (the worlds a store was built from)."""
     kind, _, rest = spec.partition(":")
     if kind == "open_clip":
         from .openclip import OpenClipEncoder
@@ -55,7 +57,7 @@ def load_encoder(spec: str) -> Encoder:
     if kind == "probe":
         from .world import load_probe_encoder
 
-        return load_probe_encoder(rest or None)
+        return load_probe_encoder(rest or None, search=worlds)
     raise UnknownEncoder(
         f"Unknown encoder '{spec}'. Use 'open_clip:MODEL/PRETRAINED' (e.g. "
         "open_clip:ViT-B-32/laion2b_s34b_b79k), 'open_clip:/path/to/checkpoint.pt', or 'probe' "

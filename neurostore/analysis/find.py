@@ -128,7 +128,9 @@ def _open_vocabulary(st: Store, phrase: str, encoder_id: str, models, layers, no
     from ..scorers import confidence as calibrate
 
     try:
-        enc = load_encoder(encoder_id)
+        from ..world import worlds_in_store
+
+        enc = load_encoder(encoder_id, worlds=worlds_in_store(st))
     except NeurostoreError as e:
         notes.append(f"open vocabulary: encoder '{encoder_id}' could not be loaded, skipped ({e})")
         return []

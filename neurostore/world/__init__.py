@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -168,15 +169,16 @@ class World:
         return ProbeEncoder.load(self.root / "encoder.pt", f"probe:{self.id}")
 
 
-def load_world(path_or_id: str | Path | None = None, cache: str | Path | None = None) -> World:
-    """A built world by folder, by id ('probe-1a2b3c4d') in the cache, or the default world
-    (built if absent)."""
+def load_world(path_or_id: str | Path | None = None, cache: str | Path | None = None,
+               search: Sequence[str | Path] = ()) -> World:
+    """A built world by folder, by id ('probe-1a2b3c4d') in the cache or among the `search`
+    folders (e.g. the worlds a store was dissected on), or the default world (built if absent)."""
     if path_or_id is None:
         return build_world(WorldConfig(), cache)
     p = Path(path_or_id)
     if (p / "world.json").exists():
         return World(p)
-    worlds = list_worlds(cache)
+    worlds = [World(Path(d)) for d in search if (Path(d) / "world.json").exists()] + list_worlds(cache)
     for w in worlds:
         if w.id == str(path_or_id):
             return w
@@ -192,9 +194,15 @@ def list_worlds(cache: str | Path | None = None) -> list[World]:
     return [World(d) for d in sorted(root.iterdir()) if (d / "world.json").exists()]
 
 
-def load_probe_encoder(world: str | Path | None = None):
+def load_probe_encoder(world: str | Path | None = None, search: Sequence[str | Path] = ()):
     """Encoder of a world folder (or id), or of the default world, built if absent."""
-    return load_world(world).encoder()
+    return load_world(world, search=search).encoder()
+
+
+def worlds_in_store(store) -> list[str]:
+    """World folders a store's probe models were loaded from (specs 'probe:NAME@FOLDER')."""
+    specs = store.sql("SELECT DISTINCT spec FROM models WHERE spec LIKE 'probe:%@%'").column("spec").to_pylist()
+    return sorted({s.split("@", 1)[1] for s in specs})
 
 
 __all__ += ["TARGET_NAMES"]
