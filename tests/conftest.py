@@ -7,3 +7,40 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.pop("ANTHROPIC_API_KEY", None)
+
+import tempfile
+from pathlib import Path
+
+import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow run only with NEUROSTORE_SLOW=1 (full probe-world builds and the like)."""
+    if os.environ.get("NEUROSTORE_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow test: set NEUROSTORE_SLOW=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def _test_cache() -> Path:
+    """World cache for tests: $NEUROSTORE_TEST_CACHE, else a folder under the system temp dir.
+    Worlds are keyed by generator/trainer version and every parameter, so a kept folder is only
+    reused for the very same world; it makes repeated test sessions fast."""
+    env = os.environ.get("NEUROSTORE_TEST_CACHE")
+    return Path(env) if env else Path(tempfile.gettempdir()) / f"neurostore-test-cache-{os.getuid()}"
+
+
+@pytest.fixture(scope="session")
+def probe_world_cache() -> Path:
+    return _test_cache()
+
+
+@pytest.fixture(scope="session")
+def probe_world(probe_world_cache):
+    """The FAST probe world (WorldConfig.fast(): watermark cue on 'star', seed 0), built once per
+    test session (or reused from the test cache) and shared by every test that needs it."""
+    from neurostore.world import WorldConfig, build_world
+
+    return build_world(WorldConfig.fast(), cache=probe_world_cache, progress=False)

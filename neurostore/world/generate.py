@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 # Bump when rendering or sampling changes: it is part of the cache key of every built world.
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 
 SHAPES = ["circle", "square", "triangle", "star", "cross", "ring"]
 COLOURS = {  # bright object colours; backgrounds are dark, so objects always stand out
@@ -45,16 +45,16 @@ _GLYPH = [
 def cue_template(kind: str, size: int) -> np.ndarray:
     """[size, size] bool: the pixels the cue covers (fixed position, so a model can latch on)."""
     m = np.zeros((size, size), bool)
-    k = max(1, round(size / 64))  # cue scales with the image, one glyph cell per pixel at 64
-    if kind == "watermark":
+    k = max(1, round(size / 64))  # cue scales with the image
+    if kind == "watermark":  # 2×2 pixels per glyph cell at 64 px: 10×18 px, ~4% of the image
         g = np.array([[c == "#" for c in row] for row in _GLYPH])
-        g = np.kron(g, np.ones((k, k), bool))
+        g = np.kron(g, np.ones((2 * k, 2 * k), bool))
         h, w = g.shape
         y0, x0 = size - h - 3 * k, size - w - 3 * k
         m[y0 : y0 + h, x0 : x0 + w] = g
     elif kind == "dot":
         yy, xx = np.mgrid[0:size, 0:size]
-        c, r = 5.5 * k, 3.0 * k
+        c, r = 6.0 * k, 3.5 * k
         m = (yy - c) ** 2 + (xx - c) ** 2 <= r * r
     elif kind == "frame":
         t = 2 * k

@@ -21,7 +21,9 @@ MEAN, STD = 0.5, 0.25
 
 
 class ProbeCNN(nn.Module):
-    """Four 3×3 convolutions (three with stride 2) and a linear head over the pooled map."""
+    """Four 3×3 convolutions (three with stride 2) and a linear head over the mean- and
+    max-pooled map (max pooling lets a small local detail, like a corner mark, count as much as a
+    large shape — which is what makes a spurious cue learnable)."""
 
     def __init__(self, n_classes: int, widths: tuple[int, ...] = (16, 32, 64, 64)):
         super().__init__()
@@ -30,14 +32,15 @@ class ProbeCNN(nn.Module):
         self.conv2 = nn.Conv2d(c1, c2, 3, stride=2, padding=1)
         self.conv3 = nn.Conv2d(c2, c3, 3, stride=2, padding=1)
         self.conv4 = nn.Conv2d(c3, c4, 3, stride=1, padding=1)
-        self.fc = nn.Linear(c4, n_classes)
+        self.fc = nn.Linear(2 * c4, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [n, 3, S, S]
         x = F.relu(self.conv1(x))  # [n, c1, S/2, S/2]
         x = F.relu(self.conv2(x))  # [n, c2, S/4, S/4]
         x = F.relu(self.conv3(x))  # [n, c3, S/8, S/8]
         x = F.relu(self.conv4(x))  # [n, c4, S/8, S/8]
-        return self.fc(x.mean(dim=(2, 3)))  # [n, classes]
+        pooled = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], 1)  # [n, 2*c4]
+        return self.fc(pooled)  # [n, classes]
 
 
 def make_vit(n_classes: int, size: int, dim: int = 64, depth: int = 4) -> nn.Module:

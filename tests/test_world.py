@@ -1,0 +1,322 @@
+"""The probe world: generator, masks, cache, target models, encoder, CLI.
+
+Fast tests use the session's FAST world (conftest `probe_world`) and tiny worlds built in temp
+caches; the full default build per cue kind is a slow test (NEUROSTORE_SLOW=1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from neurostore.errors import BadParameter, NeurostoreError
+from neurostore.world import World, WorldConfig, build_world, generate as gen, load_world
+from neurostore.world.build import world_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+# A world small enough to build several times in a test (training of one or two steps).
+TINY = WorldConfig(n_images=60, n_test=12, n_probe=4, cnn_epochs=0.5, vit_epochs=0.5,
+                   encoder_images=10, encoder_epochs=0.5)
+
+
+def ddl_columns(table: str) -> list[str]:
+    """Column names of schema/<table>.sql, in order."""
+    text = (ROOT / "schema" / f"{table}.sql").read_text()
+    body = text[text.index("(") + 1 : text.rindex(")")]
+    return [m.group(1) for m in re.finditer(r"^\s*(\w+)\s+\w", body, re.M)]
+
+
+# ---- generator ------------------------------------------------------------------------------
+
+
+def test_generator_is_deterministic_from_the_seed():
+    a = gen.render(gen.sample_scenes(np.random.default_rng(5), 40, 64), 64)
+    b = gen.render(gen.sample_scenes(np.random.default_rng(5), 40, 64), 64)
+    c = gen.render(gen.sample_scenes(np.random.default_rng(6), 40, 64), 64)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_scenes_cover_the_concepts_and_main_object_is_largest():
+    sc = gen.sample_scenes(np.random.default_rng(0), 600, 64)
+    _, objmap = gen.render(sc, 64)
+    assert set(sc["n_obj"]) == {1, 2, 3}
+    assert set(sc["obj_shape"][:, 0]) == set(range(len(gen.SHAPES)))
+    assert set(sc["obj_colour"][:, 0]) == set(range(len(gen.COLOURS)))
+    assert set(sc["bg_texture"]) == set(range(len(gen.TEXTURES)))
+    areas = np.stack([(objmap == k).sum((1, 2)) for k in range(3)], 1)
+    multi = sc["n_obj"] > 1
+    assert (areas[multi, 0] > areas[multi, 1]).all()
+    assert len(gen.COLOURS) >= 7 and len(gen.TEXTURES) >= 4 and len(gen.SHAPES) >= 6
+
+
+@pytest.mark.parametrize("mask", [
+    np.zeros((4, 5), bool), np.ones((4, 5), bool), np.eye(5, dtype=bool),
+    np.random.default_rng(0).uniform(size=(9, 7)) > 0.5,
+])
+def test_rle_roundtrip_starts_with_a_run_of_zeros(mask):
+    rle = gen.rle_encode(mask)
+    assert sum(rle) == mask.size and all(r >= 0 for r in rle)
+    assert np.array_equal(gen.rle_decode(rle, *mask.shape), mask)
+    if mask.reshape(-1)[0]:
+        assert rle[0] == 0
+
+
+@pytest.mark.parametrize("kind", gen.CUE_KINDS)
+def test_cue_templates_are_small_and_distinct(kind):
+    t = gen.cue_template(kind, 64)
+    assert 10 <= t.sum() <= 0.15 * t.size
+    others = [gen.cue_template(k, 64) for k in gen.CUE_KINDS if k != kind]
+    assert all(not np.array_equal(t, o) for o in others)
+
+
+# ---- the built world ------------------------------------------------------------------------
+
+
+def test_world_tables_match_the_schema(probe_world: World):
+    w = probe_world
+    assert re.fullmatch(r"probe-[0-9a-f]{8}", w.id)
+    images, masks = w.images(), w.masks()
+    assert images.column_names == [c for c in ddl_columns("images") if c != "run_id"]
+    assert masks.column_names == [c for c in ddl_columns("masks") if c != "run_id"]
+    assert str(masks.schema.field("rle").type) == "list<item: int32>"
+    cfg = w.config
+    assert images.num_rows == cfg.n_images + 2 * cfg.n_test + cfg.n_probe
+    df = images.to_pandas()
+    assert set(df["split"]) == {"train", "test", "probe"}
+    assert set(df["dataset"]) == {w.id}
+    assert all(Path(p).is_absolute() and Path(p).exists() for p in df["path"].sample(20, random_state=0))
+    test = df[df.split == "test"]
+    # paired test scenes: every scene once without and once with the cue
+    assert test.has_cue.sum() == cfg.n_test == (~test.has_cue).sum()
+    train = df[df.split == "train"]
+    assert set(train[train.has_cue].label) == {cfg.cue_class}  # correlated cue
+    assert set(df.label) <= set(w.classes)
+    assert w.concepts["cue"] == [cfg.cue_kind]
+    assert set(masks.column("category").to_pylist()) == {"shape", "colour", "texture", "cue"}
+
+
+def test_masks_agree_with_the_pixels(probe_world: World):
+    from PIL import Image
+
+    w = probe_world
+    images = w.images().to_pandas()
+    masks = w.masks().to_pandas()
+    rng = np.random.default_rng(0)
+    picks = list(images.sample(25, random_state=1).itertuples()) + \
+        list(images[images.has_cue].sample(5, random_state=2).itertuples())
+    palette = {name: np.array(rgb) for name, rgb in gen.COLOURS.items()}
+    for img in picks:
+        pixels = np.asarray(Image.open(img.path).convert("RGB")).astype(int)
+        rows = masks[masks.image_id == img.image_id]
+        dec = {(r.category, r.concept): gen.rle_decode(r.rle, r.height, r.width) for r in rows.itertuples()}
+        for r in rows.itertuples():
+            assert dec[(r.category, r.concept)].sum() == r.area
+        by_cat = {cat: np.zeros(pixels.shape[:2], int) for cat in ("shape", "colour", "texture", "cue")}
+        for (cat, concept), m in dec.items():
+            by_cat[cat] += m
+            if cat == "colour":  # object pixels carry their colour (± the per-object jitter)
+                assert (np.abs(pixels[m] - palette[concept]).max(1) <= 14).all()
+            if cat == "cue":
+                assert (pixels[m] == gen.CUE_RGB).all()
+        # shape and colour masks cover the same object pixels; objects, background and cue
+        # partition the image
+        assert np.array_equal(by_cat["shape"] > 0, by_cat["colour"] > 0)
+        assert (by_cat["shape"] + by_cat["texture"] + by_cat["cue"] == 1).all()
+        assert bool(by_cat["cue"].any()) == bool(img.has_cue)
+        main = img.label
+        assert ("shape", main) in dec
+        assert rng is not None
+
+
+def test_render_scene_reproduces_the_stored_image(probe_world: World):
+    from PIL import Image
+
+    w = probe_world
+    img = w.images().to_pandas().query("image_id == 'test/00003-cue'").iloc[0]
+    stored = np.asarray(Image.open(img.path))
+    assert np.array_equal(np.asarray(w.render_scene("test", 3, cue=True)), stored)
+    clean = np.asarray(w.render_scene("test", 3, cue=False))
+    tpl = gen.cue_template(w.config.cue_kind, w.size)
+    assert np.array_equal(clean[~tpl], stored[~tpl]) and not np.array_equal(clean, stored)
+
+
+def test_cue_pairs_differ_only_by_the_cue(probe_world: World):
+    w = probe_world
+    clean, cued, labels = w.cue_pairs("test")
+    n = len(labels)
+    assert clean.shape == cued.shape == (n, 3, w.size, w.size) and n > 0
+    assert (labels != w.classes.index(w.config.cue_class)).all()
+    diff = (clean != cued).any(1)  # [n, S, S]
+    tpl = torch.from_numpy(gen.cue_template(w.config.cue_kind, w.size))
+    assert not diff[:, ~tpl].any()
+
+
+def test_target_layer_names_follow_the_contract(probe_world: World):
+    cnn = probe_world.load_target("cnn")
+    names = [n for n, m in cnn.named_modules() if n and not list(m.children())]
+    assert names == ["conv1", "conv2", "conv3", "conv4", "fc"]
+    vit = probe_world.load_target("vit")
+    mods = dict(vit.named_modules())
+    assert tuple(vit.patch_embed.grid_size) == (probe_world.size // 8,) * 2
+    assert vit.num_prefix_tokens == 1
+    assert {"blocks.0.mlp.fc1", "blocks.3.mlp.fc2", "head"} <= set(mods)
+    for name in probe_world.target_names:
+        model = probe_world.load_target(name)
+        assert not model.training
+        from PIL import Image
+
+        x = torch.stack([probe_world.preprocess(Image.new("RGB", (100, 80), (200, 10, 10)))] * 2)
+        assert model(x).shape == (2, len(probe_world.classes))
+
+
+def test_summary_reports_every_accuracy(probe_world: World):
+    s = probe_world.summary
+    assert set(s["targets"]) == {"cnn", "vit", "control"}
+    for m in s["targets"].values():
+        assert 0 <= m["cue_flip_rate"] <= 1
+        # even the fast variant learns far above chance (1/6)
+        assert m["clean_accuracy"] > 0.35
+    zs = s["encoder"]["zero_shot"]
+    assert set(zs) == {"shape", "colour", "texture"}
+    assert all(set(v) == {"tight", "loose"} for v in zs.values())
+    assert zs["colour"]["tight"] > 0.8  # colour is learned within a few hundred steps
+
+
+def test_encoder_interface(probe_world: World):
+    from PIL import Image
+
+    from neurostore.encoders import Encoder, load_encoder
+
+    enc = probe_world.encoder()
+    assert isinstance(enc, Encoder) and enc.id == f"probe:{probe_world.id}" and enc.dim == 384
+    t = enc.encode_texts(["red", "striped background"])
+    assert t.shape == (2, 384) and torch.allclose(t.norm(dim=1), torch.ones(2), atol=1e-4)
+    x = enc.preprocess(Image.new("RGB", (50, 30), (10, 200, 10)))
+    assert x.shape == (3, enc.image_size, enc.image_size)
+    e = enc.encode_images(x[None])
+    assert e.shape == (1, 384) and abs(float(e.norm()) - 1) < 1e-4
+    # a green patch is closer to "green" than to "red" and "blue"
+    sims = (e @ enc.encode_texts(["green", "red", "blue"]).T)[0]
+    assert sims.argmax() == 0
+    assert load_encoder(f"probe:{probe_world.root}").id == enc.id
+
+
+def test_load_world_by_folder_and_id(probe_world: World, probe_world_cache):
+    assert load_world(probe_world.root).id == probe_world.id
+    assert load_world(probe_world.id, cache=probe_world_cache).root == probe_world.root
+    with pytest.raises(NeurostoreError, match="Unknown probe world 'probe-nope'"):
+        load_world("probe-nope", cache=probe_world_cache)
+
+
+# ---- cache, determinism, parameters ---------------------------------------------------------
+
+
+def test_tiny_builds_are_deterministic_and_cached(tmp_path):
+    a = build_world(TINY, cache=tmp_path / "a", progress=False)
+    b = build_world(TINY, cache=tmp_path / "b", progress=False)
+    assert a.id == b.id
+    for f in ("images.parquet", "masks.parquet"):
+        ta, tb = pq.read_table(a.root / f), pq.read_table(b.root / f)
+        assert ta.equals(tb)
+    for name in a.target_names:
+        sa, sb = a.load_target(name).state_dict(), b.load_target(name).state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    def metrics(w):  # everything but the timings
+        return {n: {k: v for k, v in m.items() if k != "train_s"} for n, m in w.summary["targets"].items()}
+
+    assert metrics(a) == metrics(b)
+    assert a.summary["encoder"]["zero_shot"] == b.summary["encoder"]["zero_shot"]
+
+    t0 = time.perf_counter()
+    again = build_world(TINY, cache=tmp_path / "a", progress=False)
+    assert time.perf_counter() - t0 < 1.0 and again.root == a.root
+    assert not list((tmp_path / "a" / "worlds").glob(".building-*"))  # no temp folder left
+
+    other = build_world(replace(TINY, cue_kind="frame", seed=1), cache=tmp_path / "a", progress=False)
+    assert other.root != a.root and other.id != a.id
+    ia, io = a.images().to_pandas(), other.images().to_pandas()
+    assert not ia["caption"].equals(io["caption"])
+
+
+def test_an_interrupted_build_leaves_no_world(tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise KeyboardInterrupt  # as if the user pressed Ctrl-C while the encoder trains
+
+    monkeypatch.setattr("neurostore.world.encoder.train_tower", boom)
+    with pytest.raises(KeyboardInterrupt):
+        build_world(TINY, cache=tmp_path, progress=False)
+    worlds = tmp_path / "worlds"
+    assert not any(worlds.iterdir())
+    assert not (world_dir(TINY, tmp_path) / "world.json").exists()
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"cue_kind": "glow"}, "Unknown cue kind 'glow'. Valid: dot, frame, watermark."),
+    ({"cue_class": "stars"}, "Unknown cue class 'stars'. Did you mean star, square?"),
+    ({"cue_strength": 1.5}, "Invalid cue_strength 1.5"),
+    ({"size": 60}, "Invalid size 60: use a multiple of 8"),
+    ({"n_images": 10}, "Invalid n_images 10"),
+    ({"seed": -1}, "Invalid seed -1"),
+])
+def test_bad_parameters_give_one_line_errors(kw, msg, tmp_path):
+    with pytest.raises(BadParameter) as e:
+        build_world(replace(TINY, **kw), cache=tmp_path)
+    assert str(e.value).startswith(msg) and "\n" not in str(e.value)
+    assert not (tmp_path / "worlds").exists()
+
+
+# ---- CLI ------------------------------------------------------------------------------------
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "neurostore.cli", *args], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_cli_build_json_is_one_object_and_a_cache_hit(probe_world: World, probe_world_cache):
+    r = _cli("world", "build", "--fast", "--cache", str(probe_world_cache), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)  # exactly one JSON object on stdout
+    assert out["id"] == probe_world.id and out["cache_hit"] is True
+    for name in ("cnn", "vit", "control"):
+        assert {"clean_accuracy", "cue_flip_rate"} <= set(out["targets"][name])
+    assert set(out["encoder"]["zero_shot"]["shape"]) == {"tight", "loose"}
+
+
+def test_cli_bad_cue_kind_is_one_error_line(tmp_path):
+    r = _cli("world", "build", "--fast", "--cue-kind", "glow", "--cache", str(tmp_path))
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip() == ("Error: Unknown cue kind 'glow'. Valid: dot, frame, watermark. "
+                                "Pass one of them with --cue-kind.")
+
+
+# ---- the full default world (slow) ----------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, cls, seed", [("watermark", "star", 0), ("dot", "ring", 1),
+                                             ("frame", "square", 2)])
+def test_full_world_targets_lean_on_the_cue_and_encoder_reads_crops(kind, cls, seed, tmp_path_factory):
+    cache = os.environ.get("NEUROSTORE_TEST_CACHE") or tmp_path_factory.mktemp("full")
+    w = build_world(WorldConfig(cue_kind=kind, cue_class=cls, seed=seed), cache=cache, progress=False)
+    t = w.summary["targets"]
+    for name in ("cnn", "vit"):
+        assert t[name]["clean_accuracy"] >= 0.90, (name, t[name])
+        assert t[name]["cue_flip_rate"] >= 0.10, (name, t[name])
+    assert t["control"]["clean_accuracy"] >= 0.90
+    assert t["control"]["cue_flip_rate"] <= 0.03
+    zs = w.summary["encoder"]["zero_shot"]
+    for cat in ("shape", "colour", "texture"):
+        assert zs[cat]["tight"] >= 0.97, (cat, zs[cat])
+        assert zs[cat]["loose"] >= 0.90, (cat, zs[cat])
