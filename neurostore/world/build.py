@@ -305,6 +305,9 @@ def _build_into(root: Path, config: WorldConfig, progress: bool) -> None:
 
     timings["total_s"] = round(time.perf_counter() - t_start, 2)
     timings["cpu_s"] = round(time.process_time() - cpu_start, 2)
+    # Wall time means little on a shared machine without the load it was measured under.
+    timings["load_avg_1m"] = round(os.getloadavg()[0], 2)
+    timings["cpus"] = os.cpu_count()
     summary["build"] = timings
     meta = {
         "id": world_id,
