@@ -170,10 +170,14 @@ class World:
 
 
 def load_world(path_or_id: str | Path | None = None, cache: str | Path | None = None,
-               search: Sequence[str | Path] = ()) -> World:
+               search: Sequence[str | Path] = (), *, build: bool = True) -> World:
     """A built world by folder, by id ('probe-1a2b3c4d') in the cache or among the `search`
-    folders (e.g. the worlds a store was dissected on), or the default world (built if absent)."""
+    folders (e.g. the worlds a store was dissected on), or the default world (built if absent,
+    unless build=False)."""
     if path_or_id is None:
+        if not build and not (world_dir(WorldConfig(), cache) / "world.json").exists():
+            raise BadInput("The default probe world is not built yet. Build it with "
+                           "'neurostore world build' (or name a world; 'neurostore world ls').")
         return build_world(WorldConfig(), cache)
     p = Path(path_or_id)
     if (p / "world.json").exists():
