@@ -9,7 +9,8 @@ Specs (`load_target(spec)`):
                                  own pretrained tag (vit_base_patch16_224.augreg_in21k).
     open_clip:MODEL/TAG          the visual tower of an OpenCLIP model (tag or local checkpoint,
                                  see neurostore.openclip); open_clip:MODEL/random for no weights.
-    probe:cnn|vit|control[@DIR]  a target model of the probe world (neurostore.world).
+    probe:cnn|vit|control[@DIR]  a target model of the probe world (neurostore.world): DIR is a
+                                 world folder or id; without it the default world (built once).
     /path/model.pt               a local checkpoint: either a whole pickled nn.Module
                                  (torch.save(model, path)) or a dict {"factory": "pkg.mod:fn",
                                  "state_dict": ..., optional "kwargs": {...}, "classes": [...],
@@ -237,7 +238,7 @@ def _probe(rest: str, spec: str) -> Target:
         raise UnknownModel(unknown("probe model", name, names, "Example: probe:cnn."))
     module = world.load_target(name)
     cfg = getattr(world, "config", None)
-    size = int(getattr(cfg, "image_size", 0) or 0) or _infer_size(world)
+    size = int(getattr(world, "size", 0) or getattr(cfg, "size", 0) or 0) or _infer_size(world)
     t = Target(module, model_id(f"probe-{name}"), spec, world.preprocess, list(world.classes), size,
                crop_fraction=None, extra={"world": world})
     _token_info_timm(module, t)

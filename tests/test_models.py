@@ -111,12 +111,18 @@ def test_checkpoint_whole_module_and_factory_dict(tmp_path, monkeypatch):
         load_target("mymodels:tinny")
 
 
-def test_probe_world_target():
-    world = pytest.importorskip("neurostore.world")
-    if not hasattr(world, "load_world"):
-        pytest.skip("neurostore.world has no load_world yet (built by another engineer)")
-    t = load_target("probe:cnn")
-    assert t.id == "probe-cnn" and t.classes and list_layers(t)
+def test_probe_world_targets(probe_world):
+    """probe:NAME@DIR dispatches to the world (the session's fast world from conftest)."""
+    cnn = load_target(f"probe:cnn@{probe_world.root}")
+    assert cnn.id == "probe-cnn" and cnn.classes == list(probe_world.classes)
+    assert cnn.input_size == probe_world.size and cnn.crop_fraction is None
+    assert list_layers(cnn)
+    vit = load_target(f"probe:vit@{probe_world.root}")
+    assert vit.num_prefix_tokens >= 1 and vit.grid_size is not None
+    fc1 = {li.layer: li for li in list_layers(vit)}["blocks.0.mlp.fc1"]
+    assert fc1.kind == "vit_mlp" and (fc1.grid_h, fc1.grid_w) == tuple(vit.grid_size)
+    with pytest.raises(UnknownModel, match="Unknown probe model 'cnnn'. Did you mean cnn"):
+        load_target(f"probe:cnnn@{probe_world.root}")
 
 
 def test_cli_layers_json_and_error():
