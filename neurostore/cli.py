@@ -90,8 +90,6 @@ def _cell(v: Any) -> str:
 
 def emit_table(table, fmt: str = "table", output: Optional[Path] = None, title: Optional[str] = None) -> None:
     """Print an Arrow table as a rich table, CSV, JSON (an array of row objects) or Parquet (--output)."""
-    import pyarrow as pa
-
     from .errors import BadInput, unknown
 
     if fmt not in QUERY_FORMATS:
@@ -296,7 +294,8 @@ def _world_summary_table(world) -> None:
     console.print(z)
     b = s.get("build", {})
     if b:
-        console.print(f"built in {b.get('total_s')} s wall, {b.get('cpu_s')} s CPU")
+        console.print(f"built in {b.get('total_s')} s wall, {b.get('cpu_s')} s CPU "
+                      f"(load average {b.get('load_avg_1m', '?')} on {b.get('cpus', '?')} CPUs)")
 
 
 def _world_json(world, cache_hit: Optional[bool] = None) -> dict:
@@ -351,7 +350,7 @@ def world_info_cmd(
     """
     from .world import load_world
 
-    w = load_world(world, cache)
+    w = load_world(world, cache, build=False)
     if as_json:
         print_json(_world_json(w))
     else:

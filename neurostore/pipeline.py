@@ -20,7 +20,6 @@ the same work replaces its rows and different work sits beside it:
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -88,7 +87,7 @@ def resolve_vocabulary(spec: str, store: Store, world=None, **llm) -> Vocabulary
     """A vocabulary by spec. LLM vocabularies are cached in the store: the same model, domain
     and size are read back from the concepts table instead of asking the LLM again."""
     if spec.startswith("llm:"):
-        from .vocab import _slug, llm_cache_key
+        from .vocab import llm_cache_key
         from .llm import default_model
 
         domain = spec[4:].strip()

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 

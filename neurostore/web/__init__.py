@@ -30,7 +30,6 @@ import threading
 import traceback
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..errors import NeurostoreError, UnknownLayer, UnknownModel

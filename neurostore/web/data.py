@@ -8,7 +8,6 @@ Values are always bound; identifiers come from fixed sets.
 from __future__ import annotations
 
 import difflib
-import threading
 from typing import Callable
 
 import numpy as np
@@ -279,60 +278,6 @@ def search_semantic(run: Run, phrase: str, k: int = 10, per_concept: int = 5) ->
     return {"mode": "semantic", "q": phrase, "encoder": "minilm:all-MiniLM-L6-v2", "concepts": top}
 
 
-_encoders: dict = {}
-_encoders_lock = threading.Lock()
-
-
-def _encoder(encoder_id: str):
-    from ..encoders import load_encoder
-
-    with _encoders_lock:
-        if encoder_id not in _encoders:
-            _encoders[encoder_id] = load_encoder(encoder_id)
-        return _encoders[encoder_id]
-
-
-def search_open(run: Run, phrase: str, k: int = 30, encoder_id: str | None = None) -> dict:
-    """Open vocabulary: embed the phrase with the vision-language encoder the patches were embedded
-    with and rank units by the mean similarity of their stored top patches to it (the 'patch'
-    scorer applied to a concept that is in no vocabulary)."""
-    encs = rows(run, """
-        SELECT encoder, count(*) AS n, any_value(len(vector)) AS dim FROM embeddings
-        WHERE kind = 'patch' GROUP BY encoder ORDER BY n DESC""")
-    out = {"mode": "open", "q": phrase, "units": [], "patches": []}
-    if encoder_id:
-        encs = [e for e in encs if e["encoder"] == encoder_id]
-    if not encs:
-        out["note"] = ("No patch embeddings in the store, so a free phrase cannot be matched against patches. "
-                       "Run 'neurostore dissect' (it embeds patches) first.")
-        return out
-    enc_id, dim = encs[0]["encoder"], int(encs[0]["dim"])
-    out["encoder"] = enc_id
-    try:
-        import torch
-
-        with torch.no_grad():
-            vec = _encoder(enc_id).encode_texts([phrase.strip()])[0].float().cpu().numpy()
-    except Exception as e:  # an encoder that cannot load offline is a message, not a crash
-        out["note"] = f"Could not load encoder '{enc_id}' to embed the phrase: {' '.join(str(e).split())}"
-        return out
-    if vec.shape[0] != dim:
-        out["note"] = f"Encoder '{enc_id}' gives {vec.shape[0]}-d vectors but the stored ones are {dim}-d."
-        return out
-    p = {"v": vec.astype(np.float32).tolist(), "enc": enc_id, "k": k}
-    out["units"] = rows(run, f"""
-        WITH sims AS (
-            SELECT item_id AS patch_id,
-                   max(array_cosine_similarity(CAST(vector AS FLOAT[{dim}]), CAST($v AS FLOAT[{dim}]))) AS sim
-            FROM embeddings WHERE kind = 'patch' AND encoder = $enc GROUP BY item_id)
-        SELECT a.model, a.layer, a.unit, avg(s.sim) AS score, max(s.sim) AS best_sim, count(*) AS n_patches,
-               arg_max(a.patch_id, s.sim) AS best_patch
-        FROM activations a JOIN sims s ON s.patch_id = a.patch_id
-        GROUP BY a.model, a.layer, a.unit
-        ORDER BY score DESC, a.model, a.layer, a.unit LIMIT $k""", p)
-    return out
-
-
 def search_open_find(run: Run, find_store, phrase: str, k: int = 30) -> dict:
     """Open vocabulary through neurostore.analysis.find (its calibrated 'patch'-scorer ranking),
     on `find_store` (a Store whose sql() is the locked snapshot, see SnapshotStore)."""
@@ -365,14 +310,9 @@ def search(run: Run, phrase: str, mode: str = "exact", k: int | None = None, fin
         return search_exact(run, phrase, k or 50)
     if mode == "semantic":
         return search_semantic(run, phrase, k or 10)
-    if find_store is not None:
-        try:
-            import neurostore.analysis.find  # noqa: F401  (the analysis package's ranking, when installed)
-        except ImportError:
-            pass
-        else:
-            return search_open_find(run, find_store, phrase, k or 30)
-    return search_open(run, phrase, k or 30)
+    if find_store is None:
+        raise BadParameter("Open-vocabulary search needs the snapshot store (see snapshot_store).")
+    return search_open_find(run, find_store, phrase, k or 30)
 
 
 def snapshot_store(run: Run, path):
