@@ -32,7 +32,7 @@ TINY = WorldConfig(n_images=60, n_test=12, n_probe=4, cnn_epochs=0.5, vit_epochs
 def ddl_columns(table: str) -> list[str]:
     """Column names of schema/<table>.sql, in order."""
     text = (ROOT / "schema" / f"{table}.sql").read_text()
-    body = text[text.index("(") + 1 : text.rindex(")")]
+    body = text[text.index("(", text.index("CREATE TABLE")) + 1 : text.rindex(")")]
     return [m.group(1) for m in re.finditer(r"^\s*(\w+)\s+\w", body, re.M)]
 
 

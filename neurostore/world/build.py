@@ -40,8 +40,8 @@ class WorldConfig:
     n_probe: int = 3000            # held-out probe images for dissection
     cue_kind: str = "watermark"    # watermark | dot | frame
     cue_class: str = "star"        # the shape class the cue co-occurs with in training
-    cue_strength: float = 0.95     # P(cue | cue class) in training; other classes never carry it
-    cnn_epochs: float = 6.0        # training length of the CNN and the control CNN
+    cue_strength: float = 0.85     # P(cue | cue class) in training; other classes never carry it
+    cnn_epochs: float = 10.0       # training length of the CNN and the control CNN
     vit_epochs: float = 6.0
     encoder_images: int = 2500     # training scenes the encoder's crops come from
     encoder_epochs: float = 4.0
@@ -49,8 +49,8 @@ class WorldConfig:
     @classmethod
     def fast(cls, **overrides) -> "WorldConfig":
         """Small variant for tests and quick looks: same world, fewer images, shorter training."""
-        base = dict(n_images=1500, n_test=200, n_probe=200, cnn_epochs=3.0, vit_epochs=2.0,
-                    encoder_images=500, encoder_epochs=2.0)
+        base = dict(n_images=2000, n_test=300, n_probe=300, cnn_epochs=8.0, vit_epochs=8.0,
+                    encoder_images=600, encoder_epochs=3.0)
         base.update(overrides)
         return cls(**base)
 
