@@ -44,3 +44,23 @@ def probe_world(probe_world_cache):
     from neurostore.world import WorldConfig, build_world
 
     return build_world(WorldConfig.fast(), cache=probe_world_cache, progress=False)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, probe_world, probe_world_cache):
+    """`neurostore demo --fast --json` once per session, in a subprocess as a user runs it: the
+    fast world's CNN and ViT dissected with every scorer and evaluated. Returns (summary, Store).
+    Tests that only read may share it; tests that write make their own store."""
+    import json
+    import subprocess
+    import sys
+
+    from neurostore.store import Store
+
+    store = tmp_path_factory.mktemp("demo") / "store"
+    env = dict(os.environ, NEUROSTORE_CACHE=str(probe_world_cache))
+    out = subprocess.run([sys.executable, "-m", "neurostore.cli", "demo", "--fast", "--json",
+                          "--store", str(store), "--cache", str(probe_world_cache)],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout), Store.open(store)

@@ -2,7 +2,6 @@
 world, real models, real encoder, real store), then checks on what it wrote."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -13,18 +12,6 @@ from neurostore.cli import app
 from neurostore.errors import BadInput, UnknownScorer, UnknownVocabulary
 from neurostore.pipeline import ALL_SCORERS, default_layers, dissect
 from neurostore.store import Store
-
-
-@pytest.fixture(scope="session")
-def demo_run(tmp_path_factory, probe_world, probe_world_cache):
-    """`neurostore demo --fast --json` in a subprocess, as a user runs it."""
-    store = tmp_path_factory.mktemp("demo") / "store"
-    env = dict(os.environ, NEUROSTORE_CACHE=str(probe_world_cache))
-    out = subprocess.run([sys.executable, "-m", "neurostore.cli", "demo", "--fast", "--json",
-                          "--store", str(store), "--cache", str(probe_world_cache)],
-                         capture_output=True, text=True, env=env, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout), Store.open(store)
 
 
 def test_demo_prints_one_json_object(demo_run):
