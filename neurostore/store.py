@@ -59,10 +59,13 @@ ROW_GROUP_ROWS = {t: POINT_LOOKUP_ROW_GROUP for t in
 ROW_GROUP_ROWS["concept_units"] = 65536  # measured best for concept -> units at 8M rows
 DEFAULT_ROW_GROUP = 122_880
 
-# concept_units is derived by the store from scores at commit: for every (model, concept, scorer)
-# the best CONCEPT_UNITS_TOP units across the model's layers, so "concept -> units" reads one row
-# group per model instead of scanning every score.
-DERIVED_TABLES = ("concept_units",)
+# Tables the store derives from scores at commit, per model, so questions that would scan every
+# score read a small table instead (never written directly; see _derived_select):
+#   concept_units   for every (model, concept, scorer) the best CONCEPT_UNITS_TOP units across the
+#                   model's layers: "concept -> units" reads one row group per model;
+#   layer_concepts  for every (model, layer, scorer, concept) the rank-0 rows whose concept it is:
+#                   "concepts per layer" reads ~1 row per distinct best concept, not every score.
+DERIVED_TABLES = ("concept_units", "layer_concepts")
 CONCEPT_UNITS_TOP = 100
 
 # Files dropped from the manifest (replaced by a re-run) are deleted only after this many seconds,
@@ -172,6 +175,37 @@ def _empty_manifest() -> dict:
     return {"format": "neurostore-manifest", "generation": 0, "updated_at": None, "tables": {}, "retired": []}
 
 
+def _derived_select(table: str, src: str, run_id_sql: str) -> str:
+    """The SELECT deriving `table` (one of DERIVED_TABLES) from one model's score files `src` (a
+    DuckDB list of paths), in the table's file-column order. `run_id_sql` is the run_id of
+    layer_concepts rows (concept_units keeps each score's own run_id). Used at commit and, for
+    stores written before a derived table existed, inside its view."""
+    scores = f"read_parquet({src}, hive_partitioning=true, hive_types={hive_types(('model', 'layer'))})"
+    if table == "concept_units":
+        return f"""
+            SELECT concept, scorer, unit_rank AS rank, layer, unit, score, confidence, vocabulary, encoder, run_id
+            FROM (
+                SELECT concept, scorer,
+                       CAST(row_number() OVER w - 1 AS INTEGER) AS unit_rank,
+                       layer, unit, score, confidence, vocabulary, encoder, run_id
+                FROM {scores}
+                WHERE concept IS NOT NULL AND score IS NOT NULL
+                WINDOW w AS (PARTITION BY concept, scorer ORDER BY score DESC, layer, unit)
+                -- the window by name: 'rank' is also a column of scores (a concept's rank in its unit)
+                QUALIFY row_number() OVER w <= {CONCEPT_UNITS_TOP}
+            ) ORDER BY concept, scorer, unit_rank"""
+    if table == "layer_concepts":
+        # Every rank-0 row counts, as a GROUP BY over scores would (a NULL concept is a group too).
+        return f"""
+            SELECT layer, scorer, concept, count(*) AS n_units, CAST(avg(confidence) AS FLOAT) AS mean_confidence,
+                   {run_id_sql} AS run_id
+            FROM {scores}
+            WHERE rank = 0
+            GROUP BY layer, scorer, concept
+            ORDER BY layer, scorer, concept"""
+    raise ValueError(f"no derivation for table {table!r}")  # a developer's bug: DERIVED_TABLES lists it
+
+
 class Store:
     """A neurostore store folder. Open with `Store.open(path)`."""
 
@@ -278,7 +312,14 @@ class Store:
         for c in ts.columns:
             # JSON is stored as text; give readers the JSON type back.
             cols.append(f"CAST({c.name} AS JSON) AS {c.name}" if c.type == "JSON" else c.name)
+        # A derived table of a store written before the table existed lacks the models committed
+        # then: derive their rows in the view from their scores (slower, never wrong) until the
+        # next commit of the model's scores writes the table.
+        legacy = self._underived_models(table, manifest) if table in DERIVED_TABLES else {}
+        computed = [self._derived_view(table, model, score_files, root) for model, score_files in legacy.items()]
         if not files:
+            if computed:
+                return " UNION ALL ".join(computed)
             return "SELECT " + ", ".join(f"CAST(NULL AS {c.type}) AS {c.name}" for c in ts.columns) + " LIMIT 0"
         paths = "[" + ", ".join(_sql_str(os.path.join(root, f) if root else f) for f in files) + "]"
         hive = f", hive_partitioning=true, hive_types={hive_types(ts.partition)}" if ts.partition else ", hive_partitioning=false"
@@ -290,7 +331,26 @@ class Store:
             hive += ", union_by_name=true"
             cols = [col if c.name in have else f"CAST(NULL AS {c.type}) AS {c.name}"
                     for c, col in zip(ts.columns, cols)]
-        return f"SELECT {', '.join(cols)} FROM read_parquet({paths}{hive})"
+        return " UNION ALL ".join([f"SELECT {', '.join(cols)} FROM read_parquet({paths}{hive})"] + computed)
+
+    @staticmethod
+    def _underived_models(table: str, manifest: dict) -> dict[str, list[str]]:
+        """Models with committed scores but no `table` files (written before the table existed),
+        with their score files."""
+        tables = manifest.get("tables", {})
+        have = {e["partition"]["model"] for e in tables.get(table, [])}
+        out: dict[str, list[str]] = {}
+        for e in tables.get("scores", []):
+            if e["partition"]["model"] not in have:
+                out.setdefault(e["partition"]["model"], []).append(e["path"])
+        return out
+
+    def _derived_view(self, table: str, model: str, score_files: list[str], root: str) -> str:
+        """A derived table's rows for one model, computed from its score files at query time."""
+        src = "[" + ", ".join(_sql_str(os.path.join(root, f) if root else f) for f in score_files) + "]"
+        cols = ", ".join(f"{_sql_str(model)} AS model" if c.name == "model" else c.name
+                         for c in self.schemas[table].columns)
+        return f"SELECT {cols} FROM ({_derived_select(table, src, 'CAST(NULL AS VARCHAR)')})"
 
     def _file_columns(self, entry: dict) -> frozenset:
         """The columns a committed file holds (from the manifest, or its footer for manifests
@@ -469,7 +529,7 @@ class Store:
                 if s["table"] == "scores":
                     touched_models.add(s["partition"]["model"])
             for model in sorted(touched_models):
-                self._derive_concept_units(man, model, run)
+                self._derive(man, model, run)
             # The run's provenance row, committed together with its data.
             run_file = f"tables/runs/{run.run_id}.parquet"
             row = run.runs_row(status, error)
@@ -486,44 +546,35 @@ class Store:
             self._write_load_sql(man)
         return row
 
-    def _derive_concept_units(self, man: dict, model: str, run: "Run") -> None:
-        """Recompute concept_units for one model from its committed scores (new manifest)."""
+    def _derive(self, man: dict, model: str, run: "Run") -> None:
+        """Recompute every derived table of one model from its committed scores (new manifest),
+        on one work connection."""
         tables = man["tables"]
         files = [str(self.path / e["path"]) for e in tables.get("scores", []) if e["partition"]["model"] == model]
-        old = [e for e in tables.get("concept_units", []) if e["partition"]["model"] == model]
         now = time.time()
-        man["retired"].extend({"path": e["path"], "at": now} for e in old)
-        tables["concept_units"] = [e for e in tables.get("concept_units", []) if e["partition"]["model"] != model]
-        if not files:
-            return
-        rel = f"tables/concept_units/model={model}/{run.run_id}-cu.parquet"
-        dest = self.path / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
         src = "[" + ", ".join(_sql_str(f) for f in files) + "]"
-        cols = [c.name for c in self.schemas["concept_units"].file_columns]
-        con = _work_connection(self.path / "staging" / run.run_id)
+        con = _work_connection(self.path / "staging" / run.run_id) if files else None
         try:
-            con.execute(f"""
-                COPY (
-                    SELECT {', '.join('unit_rank AS rank' if c == 'rank' else c for c in cols)} FROM (
-                        SELECT concept, scorer,
-                               CAST(row_number() OVER w - 1 AS INTEGER) AS unit_rank,
-                               layer, unit, score, confidence, vocabulary, encoder, run_id
-                        FROM read_parquet({src}, hive_partitioning=true, hive_types={hive_types(("model", "layer"))})
-                        WHERE concept IS NOT NULL AND score IS NOT NULL
-                        WINDOW w AS (PARTITION BY concept, scorer ORDER BY score DESC, layer, unit)
-                        -- the window by name: 'rank' is also a column of scores (a concept's rank in its unit)
-                        QUALIFY row_number() OVER w <= {CONCEPT_UNITS_TOP}
-                    ) ORDER BY concept, scorer, unit_rank
-                ) TO {_sql_str(dest)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {ROW_GROUP_ROWS['concept_units']})
-            """)
-            rows = con.execute(f"SELECT count(*) FROM read_parquet({_sql_str(dest)})").fetchone()[0]
+            for table in DERIVED_TABLES:
+                old = [e for e in tables.get(table, []) if e["partition"]["model"] == model]
+                man["retired"].extend({"path": e["path"], "at": now} for e in old)
+                tables[table] = [e for e in tables.get(table, []) if e["partition"]["model"] != model]
+                if not files:
+                    continue
+                rel = f"tables/{table}/model={model}/{run.run_id}-{table}.parquet"
+                dest = self.path / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                rg = ROW_GROUP_ROWS.get(table, DEFAULT_ROW_GROUP)
+                con.execute(f"COPY ({_derived_select(table, src, _sql_str(run.run_id))}) TO {_sql_str(dest)} "
+                            f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {rg})")
+                _fsync_file(dest)
+                tables[table].append({"path": rel, "run_id": run.run_id, "work_key": f"derived:{table}",
+                                      "partition": {"model": model}, "rows": pq.ParquetFile(dest).metadata.num_rows,
+                                      "bytes": dest.stat().st_size,
+                                      "columns": [c.name for c in self.schemas[table].file_columns]})
         finally:
-            con.close()
-        _fsync_file(dest)
-        tables["concept_units"].append({"path": rel, "run_id": run.run_id, "work_key": "derived:concept_units",
-                                        "partition": {"model": model}, "rows": int(rows),
-                                        "bytes": dest.stat().st_size})
+            if con is not None:
+                con.close()
 
     def _collect_garbage(self, man: dict, now: float) -> None:
         """Under the lock: delete retired files past the grace period, files no manifest lists

@@ -20,12 +20,12 @@ CREATE OR REPLACE MACRO neuron_concepts(model_id, layer_name, unit_index, scorer
       AND (scorer_name IS NULL OR scorer = scorer_name)
     ORDER BY scorer, rank;
 
--- Per layer: how many units have each concept as their best (rank 0) concept.
+-- Per layer: how many units have each concept as their best (rank 0) concept. Reads layer_concepts
+-- (the store counts rank-0 score rows per model, layer, scorer and concept there at commit), not scores.
 CREATE OR REPLACE MACRO layer_concept_counts(model_id := NULL, scorer_name := NULL) AS TABLE
-    SELECT model, layer, scorer, concept, count(*) AS n_units
-    FROM scores
-    WHERE rank = 0 AND (model_id IS NULL OR model = model_id) AND (scorer_name IS NULL OR scorer = scorer_name)
-    GROUP BY model, layer, scorer, concept
+    SELECT model, layer, scorer, concept, n_units
+    FROM layer_concepts
+    WHERE (model_id IS NULL OR model = model_id) AND (scorer_name IS NULL OR scorer = scorer_name)
     ORDER BY model, layer, scorer, n_units DESC, concept;
 
 -- Free text -> the nearest stored concepts by MiniLM cosine similarity (store.embed_concepts()
