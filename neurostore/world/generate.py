@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 # Bump when rendering or sampling changes: it is part of the cache key of every built world.
-GENERATOR_VERSION = "2"
+GENERATOR_VERSION = "3"
 
 SHAPES = ["circle", "square", "triangle", "star", "cross", "ring"]
 COLOURS = {  # bright object colours; backgrounds are dark, so objects always stand out
@@ -54,7 +54,7 @@ def cue_template(kind: str, size: int) -> np.ndarray:
         m[y0 : y0 + h, x0 : x0 + w] = g
     elif kind == "dot":
         yy, xx = np.mgrid[0:size, 0:size]
-        c, r = 6.0 * k, 3.5 * k
+        c, r = 7.0 * k, 5.0 * k
         m = (yy - c) ** 2 + (xx - c) ** 2 <= r * r
     elif kind == "frame":
         t = 2 * k
