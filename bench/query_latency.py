@@ -1,8 +1,9 @@
 """Query latency of the store at scale, against a naive full scan measured in the same run.
 
 Builds a synthetic store through the store's own writer (the writer, not this script, decides
-sort order, row groups and the derived concept_units table): by default 1,000,000 neurons over
-4 models x 8 layers, the top-20 concepts of each (20M score rows), 20,000 concepts. Then times
+sort order, row groups and the derived tables concept_units and layer_concepts): by default
+1,000,000 neurons over 4 models x 8 layers, the top-20 concepts of each (20M score rows), 20,000
+concepts. Then times
 
   (a) concept -> top-50 neurons across all models and layers   (named query concept_neurons)
   (b) neuron -> its concepts                                    (named query neuron_concepts)
@@ -71,7 +72,7 @@ def build(path: Path, n_neurons: int, n_models: int, n_layers: int, n_concepts: 
     with tqdm(total=n_models * n_layers, desc="writing layers", file=sys.stderr) as bar:
         for m in range(n_models):
             # One run per model, as a dissect run would be; the store sorts, groups rows and derives
-            # concept_units when the run commits.
+            # concept_units and layer_concepts when the run commits.
             with store.run("bench dissect", {"model": f"model{m}", "seed": seed}) as run:
                 for l in range(n_layers):
                     run.write("scores", layer_scores(rng, f"model{m}", f"blocks.{l}.mlp.fc1", per_layer, concept_names))
@@ -80,7 +81,7 @@ def build(path: Path, n_neurons: int, n_models: int, n_layers: int, n_concepts: 
     counts = store.table_counts()
     store.close()
     return {"build_s": round(build_s, 1), "units_per_layer": per_layer, "score_rows": counts["scores"],
-            "concept_units_rows": counts["concept_units"],
+            "concept_units_rows": counts["concept_units"], "layer_concepts_rows": counts["layer_concepts"],
             "store_mb": round(sum(f.stat().st_size for f in (path / "tables").rglob("*.parquet")) / 2**20, 1)}
 
 

@@ -1,9 +1,9 @@
 """The store's tables, read from `schema/*.sql` (DuckDB DDL is the single source of truth).
 
 Each file holds one `CREATE TABLE` with a `--` comment on every column and header lines:
-`-- partition: model, layer` (Hive directory columns), `-- sort: col, ...` (the order the writer
-sorts rows in) and `-- description: ...`. This module turns them into `TableSchema` objects with
-Arrow types, and conforms incoming Arrow tables to them (`conform`), raising `SchemaMismatch`
+`-- partition: model, layer` (Hive directory columns), `-- sort: col, col DESC, ...` (the order the
+writer sorts rows in) and `-- description: ...`. This module turns them into `TableSchema` objects
+with Arrow types, and conforms incoming Arrow tables to them (`conform`), raising `SchemaMismatch`
 with the table, the column and the expected type when they do not fit.
 """
 
@@ -126,7 +126,8 @@ def parse_ddl(text: str, path: Path | None = None) -> TableSchema:
     split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
     ts = TableSchema(name, headers.get("description", ""), tuple(columns), split(headers.get("partition", "")),
                      split(headers.get("sort", "")), path)
-    for col in ts.partition + ts.sort:
+    # A sort column may say DESC (e.g. 'n_units DESC': a table read most-frequent first).
+    for col in ts.partition + tuple(re.sub(r"\s+(ASC|DESC)$", "", c, flags=re.I) for c in ts.sort):
         if col not in ts.names:
             raise ValueError(f"{where}: header names column {col!r}, which the table does not have.")
     return ts

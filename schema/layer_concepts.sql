@@ -1,6 +1,6 @@
 -- description: Per layer and scorer, how many units have each concept as their best (rank 0) concept; derived from scores.
 -- partition: model
--- sort: layer, scorer, concept
+-- sort: layer, scorer, n_units DESC, concept
 CREATE TABLE layer_concepts (
     layer            VARCHAR,    -- module path
     scorer           VARCHAR,    -- scorer name

@@ -11,6 +11,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -164,3 +165,36 @@ def test_store_written_before_layer_concepts_existed(tmp_path, monkeypatch):
     con.close()
     assert plain == [tuple(r.values()) for r in after]
     store.close()
+
+
+def test_layer_concepts_files_are_in_the_macros_order(tmp_path):
+    """Each model's file is written in layer_concept_counts' order (the schema's `-- sort:` with
+    DESC), so the macro's ORDER BY sorts presorted rows."""
+    def skewed(t):  # the last concept by name is the most frequent best concept
+        best = pc.and_(pc.equal(t.column("rank"), 0), pc.not_equal(pc.bit_wise_and(t.column("unit"), 1), 0))
+        return t.set_column(t.schema.get_field_index("concept"), "concept",
+                            pc.if_else(best, pa.scalar("c9"), t.column("concept")))
+
+    store = Store.open(tmp_path / "st")
+    with store.run("dissect", {"model": "m1"}) as run:
+        run.write("scores", skewed(scores("m1", "layer2", 40, seed=1, concepts=6)))
+        run.write("scores", skewed(scores("m1", "layer1", 40, seed=2, concepts=6)))
+        run.write("scores", skewed(scores("m1", "layer1", 40, seed=3, concepts=6, scorer="wpmi")), key="wpmi")
+    assert store.schemas["layer_concepts"].sort == ("layer", "scorer", "n_units DESC", "concept")
+    (entry,) = store.manifest()["tables"]["layer_concepts"]
+    rows = pq.read_table(store.path / entry["path"]).to_pylist()
+    key = [(r["layer"], r["scorer"], -r["n_units"], r["concept"]) for r in rows]
+    assert key == sorted(key) and len({(r["layer"], r["scorer"]) for r in rows}) == 3
+    assert rows[0]["concept"] == "c9" and rows[0]["n_units"] == 20
+    assert [c for c in rows[0]] == [c.name for c in store.schemas["layer_concepts"].file_columns]
+    assert {r["run_id"] for r in rows} == {entry["run_id"]}
+    store.close()
+
+
+def test_sort_header_takes_desc_and_rejects_unknown_columns():
+    from neurostore.schema import parse_ddl
+
+    ddl = "-- sort: {}\nCREATE TABLE t (\n    a INTEGER,  -- a\n    b VARCHAR   -- b\n);\n"
+    assert parse_ddl(ddl.format("a DESC, b")).sort == ("a DESC", "b")
+    with pytest.raises(ValueError, match="'c'"):
+        parse_ddl(ddl.format("a, c DESC"))
