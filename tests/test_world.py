@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -89,7 +90,8 @@ def test_world_tables_match_the_schema(probe_world: World):
     images, masks = w.images(), w.masks()
     assert images.column_names == [c for c in ddl_columns("images") if c != "run_id"]
     assert masks.column_names == [c for c in ddl_columns("masks") if c != "run_id"]
-    assert str(masks.schema.field("rle").type) == "list<item: int32>"
+    rle_type = masks.schema.field("rle").type  # INTEGER[]
+    assert pa.types.is_list(rle_type) and rle_type.value_type == pa.int32()
     cfg = w.config
     assert images.num_rows == cfg.n_images + 2 * cfg.n_test + cfg.n_probe
     df = images.to_pandas()
