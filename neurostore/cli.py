@@ -454,6 +454,7 @@ def dissect_cmd(
     k: int = typer.Option(10, "--k", help="Top images (and patches) kept per unit."),
     top: int = typer.Option(5, "--top", help="Concepts kept per unit and scorer."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass (bounds memory)."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", help="Use only the first N images (sorted order)."),
     summarise: Optional[str] = typer.Option(None, "--summarise", help="Scorer whose top concepts an LLM turns into one sentence per unit (needs ANTHROPIC_API_KEY)."),
     store: Optional[Path] = StoreOpt,
     as_json: bool = JsonOpt,
@@ -466,7 +467,7 @@ def dissect_cmd(
 
     s = dissect(model, store=store_path(store), images=images, layers=layers, vocabulary=vocab,
                 scorers=scorers, encoder=encoder, k=k, top_n=top, batch_size=batch_size,
-                summarise_with=summarise, progress=not as_json, log=_log(as_json))
+                summarise_with=summarise, max_images=max_images, progress=not as_json, log=_log(as_json))
     print_json(s) if as_json else _dissect_summary_table(s)
 
 

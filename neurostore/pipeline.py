@@ -108,7 +108,18 @@ def resolve_vocabulary(spec: str, store: Store, world=None, **llm) -> Vocabulary
     return load_vocabulary(spec, world=world)
 
 
-def _image_source(images, world) -> ImageSource:
+def _image_source(images, world, max_images: int | None = None) -> ImageSource:
+    """The probe images: a folder, or the world's probe split; the first `max_images` of them
+    (in sorted order) when given. The subset is recorded in the run's parameters."""
+    source = _full_source(images, world)
+    if max_images is not None:
+        if max_images < 1:
+            raise BadParameter(f"--max-images must be at least 1, got {max_images}.")
+        source.items = source.items[:max_images]
+    return source
+
+
+def _full_source(images, world) -> ImageSource:
     if images is not None:
         return ImageFolder(images)
     if world is None:
@@ -191,6 +202,18 @@ def _text_embeddings(enc, concepts: Sequence[str], chunk: int = 1024) -> torch.T
                           for i in range(0, len(concepts), chunk)])
 
 
+class _Lap:
+    """Seconds spent per stage, for the run summary (where does a dissection spend its time?)."""
+
+    def __init__(self, into: dict):
+        self.into, self.t = into, time.time()
+
+    def __call__(self, stage: str) -> None:
+        now = time.time()
+        self.into[stage] = round(now - self.t, 2)
+        self.t = now
+
+
 # ---- dissect ------------------------------------------------------------------------------------
 
 
@@ -199,6 +222,7 @@ def dissect(model: str, *, store: Store | str | Path, images: str | Path | None 
             scorers: Sequence[str] | None = None, encoder: str | None = None, k: int = 10,
             top_n: int = 5, batch_size: int = 64, scorer_params: dict | None = None,
             summarise_with: str | None = None, world=None, evaluate: bool = True,
+            max_images: int | None = None,
             progress: bool = True, log=print) -> dict:
     """Dissect `layers` of `model` on a folder of images (or the probe world for probe models)
     and write every table of the run to `store`. Returns the run's summary.
@@ -219,7 +243,7 @@ def dissect(model: str, *, store: Store | str | Path, images: str | Path | None 
     world = world if world is not None else target.extra.get("world")
     if images is not None:
         world = None  # a user folder has no masks and no world labels
-    source = _image_source(images, world)
+    source = _image_source(images, world, max_images)
     layer_names = list(dict.fromkeys(resolve_layer(target, l) for l in layers)) if layers else default_layers(target)
     names = list(scorers) if scorers else [s for s in ALL_SCORERS if s != "iou" or world is not None]
     for s in names:
@@ -236,6 +260,8 @@ def dissect(model: str, *, store: Store | str | Path, images: str | Path | None 
     log(f"dissect {target.id}: {len(layer_names)} layers, {len(source)} images, vocabulary "
         f"{vocab.name} ({len(vocab)} concepts), scorers {', '.join(names)}, encoder {enc.id}")
 
+    timings: dict[str, float] = {}
+    lap = _Lap(timings)
     # 1. record
     rec = record(target, layer_names, source, k=k, batch_size=batch_size, progress=progress)
     if rec.n_images == 0:
@@ -245,12 +271,15 @@ def dissect(model: str, *, store: Store | str | Path, images: str | Path | None 
     too_few = [s for s in clip_like if params[s].get("top_k", 0) > rec.n_images]
     for s in too_few:  # CLIP-Dissect's top_k cannot exceed the number of images
         params[s]["top_k"] = rec.n_images
+    lap("record")
     # 2. patches (cut once, embedded once: every unit's evidence and the open-vocabulary index)
     ps = extract_patches(target, rec, source, encoders=[enc], batch_size=batch_size, progress=progress)
     patch_emb = torch.from_numpy(ps.embeddings[enc.id])
     row_of = {pid: i for i, pid in enumerate(ps.patch_ids)}
+    lap("patches")
     # 3. vocabulary in the encoder's space
     text_emb = _text_embeddings(enc, vocab.concepts)
+    lap("vocabulary")
     # 4. scores
     sim = None
     if clip_like:
@@ -289,8 +318,9 @@ def dissect(model: str, *, store: Store | str | Path, images: str | Path | None 
                 summaries = summarise(rows, s, lambda u: [png for _, png in sorted(by_unit.get(u, []))])
             expl_tables.append(explanations_table(rows, summaries))
 
+    lap("scores")
     # 5. one run, one commit
-    run_params = {"model": target.spec, "dataset": rec.dataset, "layers": layer_names,
+    run_params = {"model": target.spec, "dataset": rec.dataset, "max_images": max_images, "layers": layer_names,
                   "vocabulary": vocab.name, "scorers": params, "encoder": enc.id, "k": k,
                   "top_n": top_n, "summarise_with": summarise_with}
     record_key, ds = f"record:{rec.dataset}", rec.dataset
@@ -323,6 +353,7 @@ def dissect(model: str, *, store: Store | str | Path, images: str | Path | None 
             run.write("explanations", expl, key=key)
     # MiniLM vectors of the concepts, for SQL's semantic functions (similar_concepts).
     store.embed_concepts(vocab.name)
+    lap("store")
 
     summary = {
         "run_id": run.run_id, "model": target.id, "spec": target.spec, "dataset": ds,
@@ -330,18 +361,22 @@ def dissect(model: str, *, store: Store | str | Path, images: str | Path | None 
         "units": int(sum(rec.layers[l].n_units for l in layer_names)),
         "patches": len(ps.rows), "patch_boxes": ps.n_boxes,
         "vocabulary": vocab.name, "concepts": len(vocab), "scorers": names, "encoder": enc.id,
-        "rows": dict(run.rows), "seconds": round(time.time() - t0, 1),
+        "rows": dict(run.rows), "seconds": round(time.time() - t0, 1), "timings": timings,
     }
     if evaluate and world is not None:
         from .evaluate import evaluate as run_eval
 
         summary["evaluation"] = run_eval(store, model=target.id, dataset=ds)
+        lap("evaluate")
     return summary
 
 
 # ---- demo ---------------------------------------------------------------------------------------
 
 DEMO_TARGETS = ("cnn", "vit")
+# The demo dissects on the first 1,000 probe images: enough for stable top-k and IoU, and it keeps
+# the cold demo (world build included) within minutes on two cores.
+DEMO_MAX_IMAGES = 1000
 
 
 def demo_questions(store: Store, world) -> list[dict]:
@@ -366,7 +401,7 @@ def demo_questions(store: Store, world) -> list[dict]:
 
 def demo(store: Store | str | Path, *, seed: int | None = None, cue_kind: str | None = None,
          cue_class: str | None = None, fast: bool = False, cache: str | Path | None = None,
-         progress: bool = True, log=print) -> dict:
+         max_images: int | None = DEMO_MAX_IMAGES, progress: bool = True, log=print) -> dict:
     """Everything on the probe world: build (or reuse) the world, dissect its CNN and ViT on
     several layers with every scorer, evaluate against the truth, and answer three questions."""
     from .world import WorldConfig, build_world
@@ -382,7 +417,7 @@ def demo(store: Store | str | Path, *, seed: int | None = None, cue_kind: str | 
     runs = {}
     for name in DEMO_TARGETS:
         runs[name] = dissect(f"probe:{name}@{world.root}", store=store, world=world,
-                             vocabulary="probe", progress=progress, log=log)
+                             vocabulary="probe", max_images=max_images, progress=progress, log=log)
     return {
         "store": str(store.path),
         "world": {"id": world.id, "root": str(world.root), "config": world.meta["config"],
