@@ -13,7 +13,6 @@ plus the macros in queries/_macros.sql (concept_neurons, neuron_concepts, layer_
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import duckdb
@@ -24,28 +23,14 @@ MINILM_ID = "minilm:all-MiniLM-L6-v2"
 MINILM_DIM = 384
 MACROS_FILE = Path(__file__).resolve().parent.parent / "queries" / "_macros.sql"
 
-# Phrase -> unit vector, per process: SQL calls the UDFs once per chunk of rows, often with the
-# same few phrases; MiniLM runs only on phrases not seen before.
-_cache: dict[str, np.ndarray] = {}
-_cache_lock = threading.Lock()
-_CACHE_MAX = 200_000
-
-
 def embed_texts(texts: list[str]) -> np.ndarray:
-    """[n, 384] float32 unit MiniLM vectors, cached per phrase."""
-    with _cache_lock:
-        missing = [t for t in dict.fromkeys(texts) if t not in _cache]
-    if missing:
-        from .textembed import get_text_embedder
+    """[n, 384] float32 unit MiniLM vectors (the embedder caches each phrase per process: SQL
+    calls the UDFs once per chunk of rows, often with the same few phrases)."""
+    if not texts:
+        return np.zeros((0, MINILM_DIM), np.float32)
+    from .textembed import get_text_embedder
 
-        vecs = get_text_embedder().encode(missing)
-        with _cache_lock:
-            if len(_cache) + len(missing) > _CACHE_MAX:
-                _cache.clear()
-            _cache.update(zip(missing, vecs))
-    with _cache_lock:
-        out = np.stack([_cache[t] for t in texts]) if texts else np.zeros((0, MINILM_DIM), np.float32)
-    return out.astype(np.float32, copy=False)
+    return get_text_embedder().encode(list(texts))
 
 
 def _strings(arr) -> list:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 
 import numpy as np
 
 from .errors import UnknownEncoder
 
 DEFAULT_TEXT_MODEL = "minilm"
+CACHE_MAX = 200_000  # distinct strings kept per process (~300 MB at 384-d)
 _ALIASES = {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 
 
@@ -48,18 +50,28 @@ class TextEmbedder:
             ) from e
         dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(dim())
+        self._cache: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
 
     def encode(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
-        """[n, dim] float32, rows of unit length. Duplicate strings are encoded once."""
+        """[n, dim] float32, rows of unit length. Each distinct string is encoded once per
+        process: callers (SQL functions, evaluation, audits) ask for the same few concept
+        names over and over."""
         if not texts:
             return np.zeros((0, self.dim), np.float32)
-        uniq = list(dict.fromkeys(texts))
-        vecs = self.model.encode(
-            uniq, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
-            show_progress_bar=False,
-        ).astype(np.float32)
-        index = {t: i for i, t in enumerate(uniq)}
-        return vecs[[index[t] for t in texts]]
+        with self._lock:
+            missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        if missing:
+            vecs = self.model.encode(
+                missing, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
+                show_progress_bar=False,
+            ).astype(np.float32)
+            with self._lock:
+                if len(self._cache) + len(missing) > CACHE_MAX:
+                    self._cache.clear()
+                self._cache.update(zip(missing, vecs))
+        with self._lock:
+            return np.stack([self._cache[t] for t in texts])
 
     def similarity(self, a: list[str], b: list[str]) -> np.ndarray:
         """[len(a), len(b)] cosine similarities."""
