@@ -1,0 +1,51 @@
+"""Every command (and sub-command) explains itself: help text with an example."""
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from neurostore.cli import app
+
+
+def _commands():
+    root = typer.main.get_command(app)
+    out = []
+
+    def walk(cmd, path):
+        if getattr(cmd, "commands", None):
+            for name, sub in cmd.commands.items():
+                walk(sub, path + [name])
+        else:
+            out.append(path)
+
+    walk(root, [])
+    return out
+
+
+COMMANDS = _commands()
+
+
+def test_the_expected_commands_exist():
+    names = {" ".join(c) for c in COMMANDS}
+    for want in ("sql", "query", "tables", "schema", "export", "runs", "layers", "dissect", "eval",
+                 "demo", "find", "compare", "audit", "ablate", "report", "serve", "world build",
+                 "world info", "world ls", "vocab list", "vocab show", "vocab generate"):
+        assert want in names, want
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=[" ".join(c) for c in COMMANDS])
+def test_every_command_has_help_with_an_example(path):
+    r = CliRunner().invoke(app, [*path, "--help"], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "Example: neurostore" in text, f"'neurostore {' '.join(path)} --help' has no example"
+
+
+SUMMARY_COMMANDS = ["demo", "dissect", "eval", "world build", "find", "compare", "audit", "ablate",
+                    "report"]
+
+
+@pytest.mark.parametrize("cmd", SUMMARY_COMMANDS)
+def test_summary_commands_take_json(cmd):
+    r = CliRunner().invoke(app, [*cmd.split(), "--help"], terminal_width=200)
+    assert "--json" in r.output
