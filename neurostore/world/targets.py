@@ -43,12 +43,15 @@ class ProbeCNN(nn.Module):
         return self.fc(pooled)  # [n, classes]
 
 
-def make_vit(n_classes: int, size: int, dim: int = 64, depth: int = 4) -> nn.Module:
+def make_vit(n_classes: int, size: int, dim: int = 64, depth: int = 4, *, patch: int = 8,
+             heads: int = 4, mlp_ratio: float = 2.0, pool: str = "token") -> nn.Module:
+    """timm's VisionTransformer with a class token (num_prefix_tokens = 1). pool='avg' reads the
+    class from the mean of the patch tokens (timm leaves the class token out of the mean)."""
     from timm.models.vision_transformer import VisionTransformer
 
     return VisionTransformer(
-        img_size=size, patch_size=8, num_classes=n_classes, embed_dim=dim, depth=depth,
-        num_heads=4, mlp_ratio=2.0, class_token=True, global_pool="token",
+        img_size=size, patch_size=patch, num_classes=n_classes, embed_dim=dim, depth=depth,
+        num_heads=heads, mlp_ratio=mlp_ratio, class_token=True, global_pool=pool,
     )
 
 
@@ -56,8 +59,10 @@ def make_target(arch: dict, n_classes: int, size: int) -> nn.Module:
     """Rebuild an architecture from its recorded description (saved next to the weights)."""
     if arch["kind"] == "cnn":
         return ProbeCNN(n_classes, tuple(arch["widths"]))
-    if arch["kind"] == "vit":
-        return make_vit(n_classes, size, arch["dim"], arch["depth"])
+    if arch["kind"] == "vit":  # keys after depth were added later: older files lack them
+        return make_vit(n_classes, size, arch["dim"], arch["depth"], patch=arch.get("patch", 8),
+                        heads=arch.get("heads", 4), mlp_ratio=arch.get("mlp_ratio", 2.0),
+                        pool=arch.get("pool", "token"))
     raise ValueError(arch)
 
 
@@ -85,10 +90,12 @@ def train_target(
     seed: int,
     batch_size: int = 128,
     weight_decay: float = 0.0,
+    label_smoothing: float = 0.0,
     on_step: Callable[[int], None] | None = None,
 ) -> nn.Module:
-    """Adam with a cosine schedule; batches from a seeded permutation, so training is
-    reproducible. `epochs` may be fractional (the step count is what matters)."""
+    """AdamW with one-cycle warmup and cosine decay; batches from a seeded permutation, so
+    training is reproducible. `epochs` may be fractional (the step count is what matters).
+    augment(idx, generator) -> uint8 batch replaces x[idx] when given (see shift_flip)."""
     g = torch.Generator().manual_seed(seed)
     n = len(x)
     steps = max(1, int(round(epochs * n / batch_size)))
@@ -102,7 +109,7 @@ def train_target(
             perm, pos = torch.randperm(n, generator=g), 0
         idx = perm[pos : pos + batch_size]
         pos += batch_size
-        loss = F.cross_entropy(model(to_input(x[idx])), y[idx])
+        loss = F.cross_entropy(model(to_input(x[idx])), y[idx], label_smoothing=label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
