@@ -187,13 +187,17 @@ def test_summary_reports_every_accuracy(probe_world: World):
     assert set(s["targets"]) == {"cnn", "vit", "control"}
     for m in s["targets"].values():
         assert 0 <= m["cue_flip_rate"] <= 1 and 0 <= m["clean_accuracy"] <= 1
-    # even the fast variant's CNNs learn well above chance (1/6)
-    assert s["targets"]["cnn"]["clean_accuracy"] > 0.3
-    assert s["targets"]["control"]["clean_accuracy"] > 0.3
+    # The fast variant's guarantees (measured: cnn clean 0.84, flip 0.70; control clean 0.88,
+    # flip 0.0; encoder tight shape 0.85, colour 1.0, texture 0.64): the CNN reads shapes and
+    # leans on the cue, the control does not, the encoder is well above chance everywhere.
+    cnn, control = s["targets"]["cnn"], s["targets"]["control"]
+    assert cnn["clean_accuracy"] >= 0.75 and cnn["cue_flip_rate"] >= 0.1
+    assert control["clean_accuracy"] >= 0.75 and control["cue_flip_rate"] <= 0.05
     zs = s["encoder"]["zero_shot"]
     assert set(zs) == {"shape", "colour", "texture"}
     assert all(set(v) == {"tight", "loose"} for v in zs.values())
     assert zs["colour"]["tight"] > 0.8  # colour is learned within a few hundred steps
+    assert zs["shape"]["tight"] > 0.5 and zs["texture"]["tight"] > 0.4  # chance: 1/6, 1/4
 
 
 def test_encoder_interface(probe_world: World):
