@@ -44,7 +44,7 @@ def test_ablation_is_stored_per_class(demo_run):
             if r["run_id"] == res.run_id]
     assert len(rows) == len(classes)
     for r in rows:
-        assert r["accuracy_change"] == pytest.approx(r["ablated"] - r["baseline"])
+        assert r["accuracy_change"] == pytest.approx(r["ablated"] - r["baseline"], abs=1e-6)  # FLOAT columns
 
 
 def test_audit_names_the_planted_cue_and_class(demo_run):

@@ -333,11 +333,16 @@ def audit_model(st: Store, model: str, classes: Sequence[str] | None, scorer: st
                 "verified": _verified(flip_b, flip_a, gain_b, gain_a) if frank < verify_top else None,
                 "headline": False, "scorer": scorer, "n_images": n_img, "n_pairs": n_pairs if pairs is not None else None,
                 "dataset": probe.dataset, "model": model})
-    # Headline: the verified finding with the largest reliance drop, else the largest contribution.
+    # Headline: the verified finding with the largest reliance drop; else the finding whose
+    # ablation lowered the cue flip rate most (measured evidence, though short of verification);
+    # else the largest contribution.
     headline = None
     verified = [f for f in finding_rows if f["verified"]]
+    measured = [f for f in finding_rows if f.get("reliance_drop") is not None and f["reliance_drop"] > 0]
     if verified:
         headline = max(verified, key=lambda f: (_gain_drop(f), f["contribution"]))
+    elif measured:
+        headline = max(measured, key=lambda f: (f["reliance_drop"], f["contribution"]))
     elif finding_rows:
         headline = max(finding_rows, key=lambda f: f["contribution"])
     if headline is not None:
