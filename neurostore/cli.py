@@ -861,24 +861,16 @@ def serve_cmd(
 
 
 def main() -> None:
-    """Console entry point: run the app, translating neurostore errors into one line."""
+    """Console entry point: run the app, translating neurostore errors into one line. Usage
+    errors (bad options) are click's own: it prints them with the usage and exits 2."""
     try:
-        app(standalone_mode=False)
+        app()
     except NeurostoreError as e:
         err_console.print(f"Error: {e}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)
-    except (typer.Abort, KeyboardInterrupt):
+    except KeyboardInterrupt:
         err_console.print("Aborted.")
         sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as e:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
 
 
 if __name__ == "__main__":

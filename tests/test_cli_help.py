@@ -49,3 +49,13 @@ SUMMARY_COMMANDS = ["demo", "dissect", "eval", "world build", "find", "compare",
 def test_summary_commands_take_json(cmd):
     r = CliRunner().invoke(app, [*cmd.split(), "--help"], terminal_width=200)
     assert "--json" in r.output
+
+
+def test_a_usage_error_is_clicks_message_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "neurostore.cli", "tables", "--store", str(tmp_path), "extra"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and "unexpected extra argument" in r.stderr
