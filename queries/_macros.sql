@@ -9,7 +9,9 @@ CREATE OR REPLACE MACRO concept_neurons(concept_name, top_n := 50, scorer_name :
            vocabulary, encoder, run_id
     FROM concept_units
     WHERE concept = concept_name AND (scorer_name IS NULL OR scorer = scorer_name)
-    ORDER BY score DESC, model, layer, unit
+    -- Confidence first: raw scores of different scorers are on different scales (soft_wpmi is
+    -- unbounded), so only the calibrated confidence ranks units across scorers.
+    ORDER BY confidence DESC, score DESC, model, layer, unit
     LIMIT top_n;
 
 -- Neuron -> its ranked concepts, per scorer.
