@@ -16,17 +16,12 @@ Metrics, per model, layer and scorer:
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from .errors import BadInput
 from .store import Store
 
 REFERENCE_MIN_IOU = 0.04
-
-
-def _frame(store: Store, sql: str, params: dict) -> pd.DataFrame:
-    return store.sql(sql, params).to_pandas()
 
 
 def evaluate(store: Store | str, model: str | None = None, dataset: str | None = None,
@@ -38,7 +33,7 @@ def evaluate(store: Store | str, model: str | None = None, dataset: str | None =
 
     if not isinstance(store, Store):
         store = Store.open(store)
-    models = _frame(store, "SELECT DISTINCT model FROM explanations ORDER BY model", {})["model"].tolist()
+    models = store.df("SELECT DISTINCT model FROM explanations ORDER BY model")["model"].tolist()
     if model is not None:
         if model not in models:
             from .errors import UnknownModel, unknown
@@ -51,17 +46,17 @@ def evaluate(store: Store | str, model: str | None = None, dataset: str | None =
     rows, out = [], {}
     embedder = None
     for m in models:
-        expl = _frame(store, """
+        expl = store.df("""
             SELECT e.layer, e.unit, e.scorer, e.label, e.concepts, l.kind, l.depth
             FROM explanations e JOIN layers l USING (model, layer)
             WHERE e.model = $m""", {"m": m})
         if expl.empty:
             continue
-        classes = _frame(store, "SELECT classes FROM models WHERE model = $m", {"m": m})["classes"]
+        classes = store.df("SELECT classes FROM models WHERE model = $m", {"m": m})["classes"]
         classes = list(classes.iloc[0]) if len(classes) and classes.iloc[0] is not None else None
-        ds = dataset or _frame(store, "SELECT any_value(dataset) AS d FROM activations WHERE model = $m",
+        ds = dataset or store.df("SELECT any_value(dataset) AS d FROM activations WHERE model = $m",
                                {"m": m})["d"].iloc[0]
-        ref = _frame(store, """
+        ref = store.df("""
             SELECT layer, unit, concept AS ref, score AS ref_iou FROM scores
             WHERE model = $m AND scorer = 'iou' AND rank = 0""", {"m": m})
         res_m = out.setdefault(m, {})

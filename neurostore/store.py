@@ -126,7 +126,8 @@ def git_revision() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """fsync a file or a folder (a folder's entry list: makes a rename durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -142,15 +143,7 @@ def _atomic_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(path.parent)
 
 
 def _sql_str(s: str) -> str:
@@ -537,7 +530,7 @@ class Store:
             row = run.runs_row(status, error)
             (self.path / "tables/runs").mkdir(parents=True, exist_ok=True)
             pq.write_table(conform(self.schemas["runs"], pa.Table.from_pylist([row])), self.path / run_file)
-            _fsync_file(self.path / run_file)
+            _fsync(self.path / run_file)
             tables.setdefault("runs", []).append({"path": run_file, "run_id": run.run_id, "work_key": run.work_key,
                                                   "partition": {}, "rows": 1,
                                                   "bytes": (self.path / run_file).stat().st_size})
@@ -569,7 +562,7 @@ class Store:
                 rg = ROW_GROUP_ROWS.get(table, DEFAULT_ROW_GROUP)
                 con.execute(f"COPY ({_derived_select(table, src, _sql_str(run.run_id))}) TO {_sql_str(dest)} "
                             f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {rg})")
-                _fsync_file(dest)
+                _fsync(dest)
                 tables[table].append({"path": rel, "run_id": run.run_id, "work_key": f"derived:{table}",
                                       "partition": {"model": model}, "rows": pq.ParquetFile(dest).metadata.num_rows,
                                       "bytes": dest.stat().st_size,
@@ -828,7 +821,7 @@ class Run:
                 rg = ROW_GROUP_ROWS.get(table, DEFAULT_ROW_GROUP)
                 con.execute(f"COPY (SELECT {cols} FROM read_parquet({src}){order}) TO {_sql_str(out)} "
                             f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {rg})")
-                _fsync_file(out)
+                _fsync(out)
                 rows = pq.ParquetFile(out).metadata.num_rows
                 sealed.append({"table": table, "partition": self._partitions[(table, pdir, wkey)], "src": out,
                                "columns": [c.name for c in ts.file_columns],
