@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from neurostore.cli import app
-from neurostore.errors import BadInput, UnknownScorer, UnknownVocabulary
+from neurostore.errors import BadInput, BadParameter, UnknownScorer, UnknownVocabulary
 from neurostore.pipeline import ALL_SCORERS, default_layers, dissect
 from neurostore.store import Store
 
@@ -150,3 +150,23 @@ def test_cli_eval_on_a_missing_store_is_one_line(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: No neurostore store at"), out.stderr
     assert not (tmp_path / "nothing").exists()
+
+
+def test_concept_neurons_ranks_by_confidence_across_scorers(demo_run):
+    """Raw scores of different scorers are on different scales; the ranking uses confidence."""
+    summary, store = demo_run
+    rows = store.query("concept_neurons", {"concept": summary["world"]["config"]["cue_kind"], "top": 50}).to_pylist()
+    conf = [r["confidence"] for r in rows]
+    assert rows and conf == sorted(conf, reverse=True)
+
+
+def test_max_images_limits_the_probe_set(probe_world, tmp_path):
+    store = Store.open(tmp_path / "s")
+    kw = dict(store=store, world=probe_world, layers=["conv2"], scorers=["patch"], k=3, progress=False,
+              log=lambda *a: None, evaluate=False)
+    s = dissect(f"probe:cnn@{probe_world.root}", max_images=20, **kw)
+    assert s["images"] == 20
+    params = store.sql("SELECT params FROM runs WHERE run_id = $r", {"r": s["run_id"]})["params"][0].as_py()
+    assert '"max_images": 20' in params
+    with pytest.raises(BadParameter, match="--max-images must be at least 1"):
+        dissect(f"probe:cnn@{probe_world.root}", max_images=0, **kw)
