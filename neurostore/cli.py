@@ -314,7 +314,7 @@ def world_build_cmd(
     n_images: Optional[int] = typer.Option(None, "--n-images", help="Training scenes (default 8000)."),
     cue_kind: Optional[str] = typer.Option(None, "--cue-kind", help="watermark, dot or frame."),
     cue_class: Optional[str] = typer.Option(None, "--cue-class", help="Shape class that carries the cue (default star)."),
-    cue_strength: Optional[float] = typer.Option(None, "--cue-strength", help="P(cue | cue class) in training. Default: calibrated per cue kind (watermark 0.85, dot 0.99, frame 0.3)."),
+    cue_strength: Optional[float] = typer.Option(None, "--cue-strength", help="P(cue | cue class) in training; other classes never carry the cue. [default: 0.9, calibrated for every cue kind]"),
     fast: bool = typer.Option(False, "--fast", help="Small, quick variant (fewer images, shorter training)."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if the world is cached."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder. Default: $NEUROSTORE_CACHE or ~/.cache/neurostore."),

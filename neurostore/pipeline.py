@@ -54,8 +54,13 @@ def _is_unit_layer(kind: str, layer: str) -> bool:
 
 def default_layers(target: Target, most: int = 6) -> list[str]:
     """Up to `most` layers spread over the depth of the model (always the last, whose units are
-    the classes), among conv channels, linear neurons and ViT MLP hidden neurons."""
-    names = [li.layer for li in list_layers(target) if _is_unit_layer(li.kind, li.layer)]
+    the classes), among conv channels, linear neurons and ViT MLP hidden neurons (a ViT's
+    neurons: its conv patch stem is left out)."""
+    infos = [li for li in list_layers(target) if _is_unit_layer(li.kind, li.layer)]
+    if any(li.kind == "vit_mlp" for li in infos):
+        # In a transformer the conv layers are the patch stem: its neurons are the MLP's.
+        infos = [li for li in infos if li.kind != "conv"]
+    names = [li.layer for li in infos]
     if len(names) <= most:
         return names
     pick = np.linspace(0, len(names) - 1, most).round().astype(int)

@@ -1,9 +1,10 @@
 """Target models of the probe world: a small CNN and a small timm ViT that classify the main
 object's shape, trained deterministically on in-memory tensors.
 
-Layer names are plain PyTorch module paths the recorder hooks: the CNN has `conv1`…`conv4` and
-`fc`; the ViT is timm's own `VisionTransformer` (`patch_embed.grid_size`, `num_prefix_tokens`,
-`blocks.N.mlp.fc1`/`fc2`, `head`), so it is handled exactly like any timm ViT.
+Layer names are plain PyTorch module paths the recorder hooks: the CNN has `conv1`…`conv4` (each
+followed by `bn1`…`bn4`, as in torchvision's ResNets) and `fc`; the ViT is timm's own
+`VisionTransformer` (`patch_embed.grid_size`, `num_prefix_tokens`, `blocks.N.mlp.fc1`/`fc2`,
+`head`) with a convolutional patch stem, so it is handled exactly like any timm ViT.
 """
 
 from __future__ import annotations
@@ -25,44 +26,76 @@ class ProbeCNN(nn.Module):
     max-pooled map (max pooling lets a small local detail, like a corner mark, count as much as a
     large shape — which is what makes a spurious cue learnable)."""
 
-    def __init__(self, n_classes: int, widths: tuple[int, ...] = (16, 32, 64, 64)):
+    def __init__(self, n_classes: int, widths: tuple[int, ...] = (16, 32, 64, 64), norm: bool = True):
         super().__init__()
         c1, c2, c3, c4 = widths
         self.conv1 = nn.Conv2d(3, c1, 3, stride=2, padding=1)
         self.conv2 = nn.Conv2d(c1, c2, 3, stride=2, padding=1)
         self.conv3 = nn.Conv2d(c2, c3, 3, stride=2, padding=1)
         self.conv4 = nn.Conv2d(c3, c4, 3, stride=1, padding=1)
+        # Batch norm makes training stable: without it, 10 epochs ended anywhere between 0.89 and
+        # 0.99 clean accuracy depending on the thread count (the last bits of the arithmetic).
+        # Without a learned scale it is increasing in every channel, so a conv unit's strongest
+        # outputs (what the recorder hooks) stay its strongest after norm and ReLU.
+        bn = (lambda c: nn.BatchNorm2d(c, affine=False)) if norm else (lambda c: nn.Identity())
+        self.bn1, self.bn2, self.bn3, self.bn4 = bn(c1), bn(c2), bn(c3), bn(c4)
         self.fc = nn.Linear(2 * c4, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [n, 3, S, S]
-        x = F.relu(self.conv1(x))  # [n, c1, S/2, S/2]
-        x = F.relu(self.conv2(x))  # [n, c2, S/4, S/4]
-        x = F.relu(self.conv3(x))  # [n, c3, S/8, S/8]
-        x = F.relu(self.conv4(x))  # [n, c4, S/8, S/8]
+        x = F.relu(self.bn1(self.conv1(x)))  # [n, c1, S/2, S/2]
+        x = F.relu(self.bn2(self.conv2(x)))  # [n, c2, S/4, S/4]
+        x = F.relu(self.bn3(self.conv3(x)))  # [n, c3, S/8, S/8]
+        x = F.relu(self.bn4(self.conv4(x)))  # [n, c4, S/8, S/8]
         pooled = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], 1)  # [n, 2*c4]
         return self.fc(pooled)  # [n, classes]
 
 
+def _conv_stem_embed():
+    from timm.layers import PatchEmbed
+
+    class ConvStemEmbed(PatchEmbed):
+        """timm's PatchEmbed with its one patch-sized convolution replaced by three stride-2 3×3
+        convolutions (an 8-px token grid) and a 1×1 projection: "early convolutions help
+        transformers see better" (Xiao et al. 2021). On 8000 probe scenes it lifts the ViT's clean
+        accuracy from 0.76–0.85 (plain patches, 10 epochs) to 0.95–0.99 (5 epochs)."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if self.patch_size != (8, 8):
+                raise ValueError(f"the conv stem makes 8-px patches, not {self.patch_size}")
+            dim = self.proj.out_channels
+            widths = [3, dim // 4, dim // 2, dim]
+            layers: list[nn.Module] = []
+            for a, b in zip(widths, widths[1:]):
+                layers += [nn.Conv2d(a, b, 3, stride=2, padding=1), nn.BatchNorm2d(b), nn.ReLU()]
+            self.proj = nn.Sequential(*layers, nn.Conv2d(dim, dim, 1))
+
+    return ConvStemEmbed
+
+
 def make_vit(n_classes: int, size: int, dim: int = 64, depth: int = 4, *, patch: int = 8,
-             heads: int = 4, mlp_ratio: float = 2.0, pool: str = "token") -> nn.Module:
+             heads: int = 4, mlp_ratio: float = 2.0, pool: str = "token", stem: str = "patch") -> nn.Module:
     """timm's VisionTransformer with a class token (num_prefix_tokens = 1). pool='avg' reads the
-    class from the mean of the patch tokens (timm leaves the class token out of the mean)."""
+    class from the mean of the patch tokens (timm leaves the class token out of the mean);
+    stem='conv' embeds patches with a small conv stem instead of one linear projection."""
     from timm.models.vision_transformer import VisionTransformer
 
+    embed = {"embed_layer": _conv_stem_embed()} if stem == "conv" else {}
     return VisionTransformer(
         img_size=size, patch_size=patch, num_classes=n_classes, embed_dim=dim, depth=depth,
-        num_heads=heads, mlp_ratio=mlp_ratio, class_token=True, global_pool=pool,
+        num_heads=heads, mlp_ratio=mlp_ratio, class_token=True, global_pool=pool, **embed,
     )
 
 
 def make_target(arch: dict, n_classes: int, size: int) -> nn.Module:
     """Rebuild an architecture from its recorded description (saved next to the weights)."""
+    # Keys added later default to what older files were built with.
     if arch["kind"] == "cnn":
-        return ProbeCNN(n_classes, tuple(arch["widths"]))
-    if arch["kind"] == "vit":  # keys after depth were added later: older files lack them
+        return ProbeCNN(n_classes, tuple(arch["widths"]), norm=arch.get("norm", False))
+    if arch["kind"] == "vit":
         return make_vit(n_classes, size, arch["dim"], arch["depth"], patch=arch.get("patch", 8),
                         heads=arch.get("heads", 4), mlp_ratio=arch.get("mlp_ratio", 2.0),
-                        pool=arch.get("pool", "token"))
+                        pool=arch.get("pool", "token"), stem=arch.get("stem", "patch"))
     raise ValueError(arch)
 
 
