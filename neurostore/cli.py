@@ -26,7 +26,10 @@ app = typer.Typer(
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
 )
-console = Console()
+# Piped or logged output (no terminal, no $COLUMNS) gets wide lines instead of rich's 80 columns,
+# which fold the wider result tables into unreadable slivers.
+_WIDE = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+console = Console(width=_WIDE)
 err_console = Console(stderr=True)
 
 # ---- shared options (defined once, reused by every command) ---------------------------------
@@ -623,8 +626,8 @@ def _rows_table(rows: list[dict], columns: list[str], title: Optional[str] = Non
     from rich.table import Table
 
     t = Table(title=title, header_style="bold", box=None)
-    for c in columns:
-        t.add_column(c, overflow="fold")
+    for c in columns:  # spaced headers wrap between words when the terminal is narrow
+        t.add_column(c.replace("_", " "), overflow="fold")
     for r in rows:
         t.add_row(*[_cell(r.get(c)) for c in columns])
     return t
