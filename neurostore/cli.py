@@ -298,7 +298,8 @@ def _world_summary_table(world) -> None:
     b = s.get("build", {})
     if b:
         console.print(f"built in {b.get('total_s')} s wall, {b.get('cpu_s')} s CPU "
-                      f"(load average {b.get('load_avg_1m', '?')} on {b.get('cpus', '?')} CPUs)")
+                      f"(load average {b.get('load_avg_1m', '?')} on {b.get('cpus', '?')} CPUs, "
+                      f"{b.get('workers', 0)} worker process(es))")
 
 
 def _world_json(world, cache_hit: Optional[bool] = None) -> dict:

@@ -445,7 +445,9 @@ def _build_into(root: Path, config: WorldConfig, progress: bool) -> None:
         summary["targets"] = training.results()
 
     timings["total_s"] = round(time.perf_counter() - t_start, 2)
-    timings["cpu_s"] = round(time.process_time() - cpu_start, 2)
+    # CPU time of this process and of the workers (their training is all they do)
+    worker_cpu = sum(summary["targets"][n]["train_cpu_s"] for n in background)
+    timings["cpu_s"] = round(time.process_time() - cpu_start + worker_cpu, 2)
     # Wall time means little on a shared machine without the load it was measured under.
     timings["load_avg_1m"] = round(os.getloadavg()[0], 2)
     timings["cpus"] = os.cpu_count()
