@@ -7,6 +7,7 @@ local folder passes through unchanged for users who are online.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -28,6 +29,19 @@ def _resolve(name: str) -> str:
     return name
 
 
+@contextlib.contextmanager
+def _no_transformers_progress():
+    from transformers.utils import logging as tlog
+
+    was = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            tlog.enable_progress_bar()
+
+
 class TextEmbedder:
     """Unit-norm float32 embeddings of strings; `id` goes into provenance."""
 
@@ -42,7 +56,11 @@ class TextEmbedder:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         try:
-            self.model = SentenceTransformer(path, device=device)
+            if name.lower() in _ALIASES:  # a 90 MB local model: a weight-loading bar is noise
+                with _no_transformers_progress():
+                    self.model = SentenceTransformer(path, device=device)
+            else:
+                self.model = SentenceTransformer(path, device=device)
         except Exception as e:  # sentence-transformers raises many kinds; name the input once
             raise UnknownEncoder(
                 f"Could not load text model '{name}': {e}. Use 'minilm' (offline, bundled) or a "
