@@ -22,6 +22,7 @@ from PIL import Image
 
 from ..encoders import Encoder
 from . import generate as gen
+from .train import fit
 
 INPUT_SIZE = 32
 MEAN, STD = 0.5, 0.25
@@ -251,27 +252,15 @@ def train_tower(crops: np.ndarray, target: np.ndarray, text: torch.Tensor, *, ep
     params = list(tower.parameters()) + [log_scale]
     x, t = torch.from_numpy(crops), torch.from_numpy(target)
     t = t / t.sum(1, keepdim=True)
-    n = len(x)
-    steps = max(1, int(round(epochs * n / batch_size)))
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
-    g = torch.Generator().manual_seed(seed)
-    perm, pos = torch.randperm(n, generator=g), 0
-    tower.train()
-    for _ in range(steps):
-        if pos + batch_size > n:
-            perm, pos = torch.randperm(n, generator=g), 0
-        idx = perm[pos : pos + batch_size]
-        pos += batch_size
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         emb = tower(_to_input(x[idx]))  # [b, 384]
         logits = log_scale.clamp(max=np.log(100.0)).exp() * emb @ text.T  # [b, C]
-        loss = -(t[idx] * F.log_softmax(logits, 1)).sum(1).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if on_step:
-            on_step(1)
+        return -(t[idx] * F.log_softmax(logits, 1)).sum(1).mean()
+
+    tower.train()
+    fit(params, len(x), batch_loss, epochs=epochs, lr=lr, seed=seed, batch_size=batch_size,
+        weight_decay=1e-4, on_step=on_step)
     return tower.eval()
 
 

@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from .train import fit
+
 # Inputs are scaled to roughly unit range around 0: (x/255 - MEAN) / STD, every channel.
 MEAN, STD = 0.5, 0.25
 
@@ -126,29 +128,12 @@ def train_target(
     label_smoothing: float = 0.0,
     on_step: Callable[[int], None] | None = None,
 ) -> nn.Module:
-    """AdamW with one-cycle warmup and cosine decay; batches from a seeded permutation, so
-    training is reproducible. `epochs` may be fractional (the step count is what matters).
-    augment(idx, generator) -> uint8 batch replaces x[idx] when given (see shift_flip)."""
-    g = torch.Generator().manual_seed(seed)
-    n = len(x)
-    steps = max(1, int(round(epochs * n / batch_size)))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    """Cross-entropy training of a target model with the world's training loop (train.fit)."""
     model.train()
-    perm = torch.randperm(n, generator=g)
-    pos = 0
-    for _ in range(steps):
-        if pos + batch_size > n:
-            perm, pos = torch.randperm(n, generator=g), 0
-        idx = perm[pos : pos + batch_size]
-        pos += batch_size
-        loss = F.cross_entropy(model(to_input(x[idx])), y[idx], label_smoothing=label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if on_step:
-            on_step(1)
+    fit(model.parameters(), len(x), lambda idx: F.cross_entropy(model(to_input(x[idx])), y[idx],
+                                                                label_smoothing=label_smoothing),
+        epochs=epochs, lr=lr, seed=seed, batch_size=batch_size, weight_decay=weight_decay,
+        on_step=on_step)
     return model.eval()
 
 
