@@ -5,7 +5,8 @@ Runs offline in a few minutes on a laptop CPU:
     python examples/probe_world_walkthrough.py --store walkthrough-store [--fast]
 
 The probe world knows the truth of every pixel, so every answer here can be checked: the CNN was
-trained on images where a spurious cue (a watermark glyph, by default) sits on every 'star'.
+trained on images where a spurious cue (a watermark glyph, by default) sits on 90% of the 'star'
+images and on no other class.
 """
 
 import argparse
