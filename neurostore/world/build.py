@@ -158,7 +158,9 @@ def cue_assignment(labels: np.ndarray, config: WorldConfig, rng: np.random.Gener
 
 
 def _steps(job: dict) -> int:
-    return max(1, int(round(job["epochs"] * len(job["x"]) / job["fit"]["batch_size"])))
+    from .train import n_steps
+
+    return n_steps(job["epochs"], len(job["x"]), job["fit"]["batch_size"])
 
 
 def _fit_target(*, arch: dict, x: np.ndarray, y: np.ndarray, epochs: float, fit: dict, seed: int,
@@ -299,13 +301,6 @@ def _split_seeds(seed: int) -> dict[str, np.random.Generator]:
 
 
 def _build_into(root: Path, config: WorldConfig, progress: bool) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import torch
-    from PIL import Image
-
-    from . import encoder as enc
-
     t_start, cpu_start = time.perf_counter(), time.process_time()
     timings: dict[str, float] = {}
     S = config.size
@@ -338,8 +333,9 @@ def _build_into(root: Path, config: WorldConfig, progress: bool) -> None:
     # job, trains in a worker process while this one writes the images and trains the rest.
     x_train = gen.apply_cue(base["train"], has_cue["train"], template)
     x_control = gen.apply_cue(base["train"], control_cue, template)
-    test = (base["test"], gen.apply_cue(base["test"], np.ones(counts["test"], bool), template),
-            labels["test"], ci)
+    cued = {"train": x_train, "test": gen.apply_cue(base["test"], np.ones(counts["test"], bool), template),
+            "probe": gen.apply_cue(base["probe"], has_cue["probe"], template)}
+    test = (base["test"], cued["test"], labels["test"], ci)
     # Training recipes (measured). ViT: batches of 32 learn more per CPU second than 128 (at
     # equal compute 0.59 vs 0.50 clean accuracy). CNNs: plain one-cycle AdamW; label smoothing
     # lowered the flip rate (watermark/star 0.07–0.19) and was dropped.
@@ -361,53 +357,8 @@ def _build_into(root: Path, config: WorldConfig, progress: bool) -> None:
     background = [] if cpus < 2 else ["vit"] if cpus < 4 else list(jobs)
     summary: dict = {"id": world_id, "targets": {}, "encoder": {}}
     with _Training(jobs, background, root / "targets", progress) as training:
-        # Every image written to disk, in order: (split, image_id, scene index, has the cue).
-        rows: list[tuple[str, str, int, bool]] = []
-        for i in range(counts["train"]):
-            rows.append(("train", f"train/{i:05d}", i, bool(has_cue["train"][i])))
-        for i in range(counts["test"]):
-            rows.append(("test", f"test/{i:05d}", i, False))
-            rows.append(("test", f"test/{i:05d}-cue", i, True))
-        for i in range(counts["probe"]):
-            rows.append(("probe", f"probe/{i:05d}", i, bool(has_cue["probe"][i])))
-        for s in counts:
-            (root / "images" / s).mkdir(parents=True)
-        img_cols: dict[str, list] = {c: [] for c in ("dataset", "image_id", "path", "width", "height",
-                                                       "label", "caption", "split", "has_cue")}
-        mask_cols: dict[str, list] = {c: [] for c in ("dataset", "image_id", "concept", "category",
-                                                        "height", "width", "rle", "area")}
-        with _bar(len(rows), "world: images and masks", progress) as bar:
-            for split, image_id, i, cue in rows:
-                pixels = base[split][i]
-                if cue:
-                    pixels = np.where(template[:, :, None], np.array(gen.CUE_RGB, np.uint8), pixels)
-                rel = f"images/{image_id}.png"
-                Image.fromarray(pixels).save(root / rel, compress_level=1)
-                sc = scenes[split]
-                img_cols["dataset"].append(world_id)
-                img_cols["image_id"].append(image_id)
-                img_cols["path"].append(rel)  # made absolute when read: the cache folder may move
-                img_cols["width"].append(S)
-                img_cols["height"].append(S)
-                img_cols["label"].append(gen.SHAPES[labels[split][i]])
-                img_cols["caption"].append(gen.caption(sc, i, cue, config.cue_kind))
-                img_cols["split"].append(split)
-                img_cols["has_cue"].append(cue)
-                for concept, cat, m in gen.concept_masks(sc, i, objmap[split][i],
-                                                         template if cue else None, config.cue_kind):
-                    mask_cols["dataset"].append(world_id)
-                    mask_cols["image_id"].append(image_id)
-                    mask_cols["concept"].append(concept)
-                    mask_cols["category"].append(cat)
-                    mask_cols["height"].append(S)
-                    mask_cols["width"].append(S)
-                    mask_cols["rle"].append(gen.rle_encode(m))
-                    mask_cols["area"].append(int(m.sum()))
-                bar.update(1)
-                if len(img_cols["path"]) % 200 == 0:
-                    training.poll()
-        pq.write_table(pa.table(img_cols, schema=IMAGES_SCHEMA), root / "images.parquet")
-        pq.write_table(pa.table(mask_cols, schema=MASKS_SCHEMA), root / "masks.parquet")
+        n_images, n_masks = _write_images(root, world_id, config, scenes, base, cued, has_cue,
+                                          labels, objmap, template, progress, training.poll)
         timings["generate_s"] = round(time.perf_counter() - t0, 2)
         timings["generate_cpu_s"] = round(time.process_time() - c0, 2)
 
@@ -415,32 +366,9 @@ def _build_into(root: Path, config: WorldConfig, progress: bool) -> None:
             if name not in background:
                 training.train_here(name)
 
-        # ---- encoder (while the workers train) ------------------------------------------------
-        t0, c0 = time.perf_counter(), time.process_time()
-        from ..textembed import get_text_embedder
-
-        captions = enc.caption_set(config.cue_kind)
-        text = torch.from_numpy(get_text_embedder().encode(captions))  # [C, 384], frozen
-        m = min(config.encoder_images, counts["train"])
-        cue_masks = np.zeros((m, S, S), bool)
-        cue_masks[has_cue["train"][:m]] = template
-        sc_enc = {k: v[:m] for k, v in scenes["train"].items()}
-        crops, target = enc.make_crops(x_train[:m], objmap["train"][:m], sc_enc, cue_masks,
-                                       config.cue_kind, rngs["encoder"], captions)
-        steps = max(1, int(round(config.encoder_epochs * len(crops) / 128)))
-        with _bar(steps, "world: train encoder", progress) as bar:
-            def enc_step(k: int) -> None:
-                bar.update(k)
-                training.poll()
-            tower = enc.train_tower(crops, target, text, epochs=config.encoder_epochs,
-                                    seed=config.seed * 101 + 7, on_step=enc_step)
-        enc.save_tower(tower, root / "encoder.pt")
-        encoder = enc.ProbeEncoder(tower, f"probe:{world_id}")
-        zs = enc.zero_shot(encoder, base["test"], objmap["test"], scenes["test"],
-                           np.zeros((counts["test"], S, S), bool), rngs["eval"])
-        summary["encoder"] = {"id": encoder.id, "zero_shot": zs, "n_crops": int(len(crops)),
-                              "captions": len(captions), "train_s": round(time.perf_counter() - t0, 2),
-                              "train_cpu_s": round(time.process_time() - c0, 2)}
+        # the encoder, while the workers train
+        summary["encoder"] = _train_encoder(root, world_id, config, scenes, base, x_train, has_cue,
+                                            objmap, template, rngs, progress, training.poll)
 
         summary["targets"] = training.results()
 
@@ -463,12 +391,109 @@ def _build_into(root: Path, config: WorldConfig, progress: bool) -> None:
         "concepts": {"shape": list(gen.SHAPES), "colour": list(gen.COLOUR_NAMES),
                      "texture": list(gen.TEXTURES), "cue": [config.cue_kind]},
         "target_names": list(TARGET_NAMES),
-        "counts": {"images": len(rows), "masks": len(mask_cols["rle"]), **counts},
+        "counts": {"images": n_images, "masks": n_masks, **counts},
         "summary": summary,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     # world.json is written last: its presence is what marks a finished world.
     (root / "world.json").write_text(json.dumps(meta, indent=2))
+
+
+def _write_images(root: Path, world_id: str, config: WorldConfig, scenes: dict, base: dict,
+                  cued: dict, has_cue: dict, labels: dict, objmap: dict, template: np.ndarray,
+                  progress: bool, poll) -> tuple[int, int]:
+    """Every image as PNG plus images.parquet and masks.parquet; returns (images, masks).
+    base[split] are the scenes without the cue, cued[split] with it where has_cue says (every
+    test scene, once each way); poll() is called now and then (the workers' progress bars)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    S = config.size
+    # Every image written to disk, in order: (split, image_id, scene index, has the cue).
+    rows: list[tuple[str, str, int, bool]] = []
+    for i in range(len(base["train"])):
+        rows.append(("train", f"train/{i:05d}", i, bool(has_cue["train"][i])))
+    for i in range(len(base["test"])):
+        rows.append(("test", f"test/{i:05d}", i, False))
+        rows.append(("test", f"test/{i:05d}-cue", i, True))
+    for i in range(len(base["probe"])):
+        rows.append(("probe", f"probe/{i:05d}", i, bool(has_cue["probe"][i])))
+    for s in base:
+        (root / "images" / s).mkdir(parents=True)
+    img_cols: dict[str, list] = {c: [] for c in ("dataset", "image_id", "path", "width", "height",
+                                                   "label", "caption", "split", "has_cue")}
+    mask_cols: dict[str, list] = {c: [] for c in ("dataset", "image_id", "concept", "category",
+                                                    "height", "width", "rle", "area")}
+    with _bar(len(rows), "world: images and masks", progress) as bar:
+        for n, (split, image_id, i, cue) in enumerate(rows, 1):
+            rel = f"images/{image_id}.png"
+            Image.fromarray((cued if cue else base)[split][i]).save(root / rel, compress_level=1)
+            sc = scenes[split]
+            img_cols["dataset"].append(world_id)
+            img_cols["image_id"].append(image_id)
+            img_cols["path"].append(rel)  # made absolute when read: the cache folder may move
+            img_cols["width"].append(S)
+            img_cols["height"].append(S)
+            img_cols["label"].append(gen.SHAPES[labels[split][i]])
+            img_cols["caption"].append(gen.caption(sc, i, cue, config.cue_kind))
+            img_cols["split"].append(split)
+            img_cols["has_cue"].append(cue)
+            for concept, cat, m in gen.concept_masks(sc, i, objmap[split][i],
+                                                     template if cue else None, config.cue_kind):
+                mask_cols["dataset"].append(world_id)
+                mask_cols["image_id"].append(image_id)
+                mask_cols["concept"].append(concept)
+                mask_cols["category"].append(cat)
+                mask_cols["height"].append(S)
+                mask_cols["width"].append(S)
+                mask_cols["rle"].append(gen.rle_encode(m))
+                mask_cols["area"].append(int(m.sum()))
+            bar.update(1)
+            if n % 200 == 0:
+                poll()
+    pq.write_table(pa.table(img_cols, schema=IMAGES_SCHEMA), root / "images.parquet")
+    pq.write_table(pa.table(mask_cols, schema=MASKS_SCHEMA), root / "masks.parquet")
+    return len(rows), len(mask_cols["rle"])
+
+
+def _train_encoder(root: Path, world_id: str, config: WorldConfig, scenes: dict, base: dict,
+                   x_train: np.ndarray, has_cue: dict, objmap: dict, template: np.ndarray,
+                   rngs: dict, progress: bool, poll) -> dict:
+    """Train the vision-language encoder on crops of the first training scenes, save it and
+    measure its zero-shot accuracy on the test scenes; returns its summary."""
+    import torch
+
+    from ..textembed import get_text_embedder
+    from . import encoder as enc
+    from .train import n_steps
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    S = config.size
+    captions = enc.caption_set(config.cue_kind)
+    text = torch.from_numpy(get_text_embedder().encode(captions))  # [C, 384], frozen
+    m = min(config.encoder_images, len(x_train))
+    cue_masks = np.zeros((m, S, S), bool)
+    cue_masks[has_cue["train"][:m]] = template
+    sc_enc = {k: v[:m] for k, v in scenes["train"].items()}
+    crops, target = enc.make_crops(x_train[:m], objmap["train"][:m], sc_enc, cue_masks,
+                                   config.cue_kind, rngs["encoder"], captions)
+    batch_size = 128
+    with _bar(n_steps(config.encoder_epochs, len(crops), batch_size), "world: train encoder",
+              progress) as bar:
+        def step(k: int) -> None:
+            bar.update(k)
+            poll()
+        tower = enc.train_tower(crops, target, text, epochs=config.encoder_epochs,
+                                seed=config.seed * 101 + 7, batch_size=batch_size, on_step=step)
+    enc.save_tower(tower, root / "encoder.pt")
+    encoder = enc.ProbeEncoder(tower, f"probe:{world_id}")
+    n_test = len(base["test"])
+    zs = enc.zero_shot(encoder, base["test"], objmap["test"], scenes["test"],
+                       np.zeros((n_test, S, S), bool), rngs["eval"])
+    return {"id": encoder.id, "zero_shot": zs, "n_crops": int(len(crops)),
+            "captions": len(captions), "train_s": round(time.perf_counter() - t0, 2),
+            "train_cpu_s": round(time.process_time() - c0, 2)}
 
 
 def _schemas():

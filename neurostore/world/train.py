@@ -8,12 +8,17 @@ from collections.abc import Callable, Sequence
 import torch
 
 
+def n_steps(epochs: float, n: int, batch_size: int) -> int:
+    """Optimiser steps of a training run: `epochs` may be fractional, at least one step."""
+    return max(1, int(round(epochs * n / batch_size)))
+
+
 def fit(params: Sequence[torch.nn.Parameter], n: int, batch_loss: Callable[[torch.Tensor], torch.Tensor], *,
         epochs: float, lr: float, seed: int, batch_size: int, weight_decay: float,
         on_step: Callable[[int], None] | None = None) -> None:
     """Minimise batch_loss(indices) over n examples. `epochs` may be fractional (the step count is
     what matters). The caller puts its modules in train mode first and in eval mode after."""
-    steps = max(1, int(round(epochs * n / batch_size)))
+    steps = n_steps(epochs, n, batch_size)
     opt = torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     g = torch.Generator().manual_seed(seed)
