@@ -204,12 +204,9 @@ def all_logits(target, pixels: torch.Tensor, units: dict[str, list[int]] | None 
 @torch.no_grad()
 def predict(target, pixels: torch.Tensor, units: dict[str, list[int]] | None = None, batch: int = BATCH) -> np.ndarray:
     """Predicted class index per image, optionally with `units` zeroed."""
-    preds = []
-    ctx = zeroed(target, units) if units else contextlib.nullcontext()
-    with ctx:
-        for i in range(0, len(pixels), batch):
-            preds.append(logits_of(target, pixels[i : i + batch]).argmax(1).numpy())
-    return np.concatenate(preds) if preds else np.zeros(0, np.int64)
+    if not len(pixels):
+        return np.zeros(0, np.int64)
+    return all_logits(target, pixels, units, batch).argmax(1)
 
 
 def per_class_accuracy(preds: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> dict[str, tuple[float, int]]:
