@@ -56,10 +56,9 @@ class TextEmbedder:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         try:
-            if name.lower() in _ALIASES:  # a 90 MB local model: a weight-loading bar is noise
-                with _no_transformers_progress():
-                    self.model = SentenceTransformer(path, device=device)
-            else:
+            # the bundled model is small and local: a weight-loading bar is noise
+            quiet = _no_transformers_progress() if name.lower() in _ALIASES else contextlib.nullcontext()
+            with quiet:
                 self.model = SentenceTransformer(path, device=device)
         except Exception as e:  # sentence-transformers raises many kinds; name the input once
             raise UnknownEncoder(

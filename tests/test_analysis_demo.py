@@ -54,3 +54,22 @@ def test_audit_names_the_planted_cue_and_class(demo_run):
     h = res.headlines[0]
     assert (h["class"], h["concept"]) == (cfg["cue_class"], cfg["cue_kind"])
     assert h["verified"] is True and h["cue_flip_after"] < h["cue_flip_before"]
+
+
+def test_piped_result_tables_are_not_folded(demo_run):
+    """Without a terminal (a pipe, a log, CI) rich would lay tables out in 80 columns and fold
+    every cell into slivers ('probe-' / 'vit'); the CLI lays them out 160 wide instead."""
+    import os
+    import subprocess
+    import sys
+
+    summary, store = demo_run
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    r = subprocess.run([sys.executable, "-m", "neurostore.cli", "find", summary["world"]["config"]["cue_kind"],
+                        "--store", str(store.path), "--top", "3"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert any("depth frac" in l and "confidence" in l for l in lines), r.stdout  # one header line
+    rows = [l for l in lines if l.lstrip().startswith(("exact", "open", "semantic"))]
+    assert rows and all(("probe-cnn" in l or "probe-vit" in l) for l in rows), r.stdout

@@ -31,3 +31,13 @@ def test_similarity_sanity(minilm):
 def test_bad_local_path(tmp_path):
     with pytest.raises(UnknownEncoder, match=r"Could not load text model '.*nope'.*Use 'minilm'"):
         TextEmbedder(str(tmp_path / "nope"))
+
+
+def test_bundled_model_loads_without_a_progress_bar():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "from neurostore.textembed import TextEmbedder; TextEmbedder()"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Loading weights" not in r.stderr and "it/s" not in r.stderr, r.stderr
