@@ -48,6 +48,10 @@ StoreOpt = typer.Option(
 JsonOpt = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout.")
 FormatOpt = typer.Option("table", "--format", "-f", help="Output format: table, csv, json or parquet.")
 OutputOpt = typer.Option(None, "--output", "-o", help="File to write (required for --format parquet).")
+DeviceOpt = typer.Option("auto", "--device", help="Where models run: auto (CUDA when present, then MPS, "
+                         "else CPU), cpu, cuda, cuda:N or mps.")
+PrecisionOpt = typer.Option("auto", "--precision", help="auto (fp32 on the CPU, bf16/fp16 on a GPU), fp32, "
+                            "fp16 or bf16 (autocast for the model and the encoder).")
 
 
 def store_path(store: Optional[Path]) -> Path:
