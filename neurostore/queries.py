@@ -23,9 +23,10 @@ from typing import Any
 
 import duckdb
 
+from .resources import sql_dir
 from .errors import BadParameter, MissingParameter, QueryError, UnknownQuery, did_you_mean, unknown
 
-QUERIES_DIR = Path(__file__).resolve().parent.parent / "queries"
+QUERIES_DIR = sql_dir("queries")
 _extra_dirs: list[Path] = []
 
 _PARAM_RE = re.compile(r"^--\s*param\s+([A-Za-z_]\w*)\s+([A-Za-z]+)(?:\s*=\s*(.*?))?\s*:\s*(.*?)\s*$")

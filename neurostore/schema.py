@@ -18,10 +18,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .resources import sql_dir
 from .errors import SchemaMismatch, UnknownTable, did_you_mean, unknown
 
-# The repository's schema/ folder; NEUROSTORE_SCHEMA_DIR overrides it (e.g. for an installed wheel).
-SCHEMA_DIR = Path(os.environ.get("NEUROSTORE_SCHEMA_DIR", Path(__file__).resolve().parent.parent / "schema"))
+# The schema/ folder (shipped in the wheel; see resources.py); NEUROSTORE_SCHEMA_DIR overrides it.
+SCHEMA_DIR = Path(os.environ.get("NEUROSTORE_SCHEMA_DIR") or sql_dir("schema"))
 
 _SCALARS: dict[str, pa.DataType] = {
     "BOOLEAN": pa.bool_(),

@@ -19,9 +19,11 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from .resources import sql_dir
+
 MINILM_ID = "minilm:all-MiniLM-L6-v2"
 MINILM_DIM = 384
-MACROS_FILE = Path(__file__).resolve().parent.parent / "queries" / "_macros.sql"
+MACROS_FILE = sql_dir("queries") / "_macros.sql"
 
 def embed_texts(texts: list[str]) -> np.ndarray:
     """[n, 384] float32 unit MiniLM vectors (the embedder caches each phrase per process: SQL
