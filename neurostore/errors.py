@@ -25,6 +25,11 @@ class StoreVersionError(NeurostoreError):
     pass
 
 
+class StoreDamaged(NeurostoreError):
+    """The store's files and its manifest disagree (a file missing, truncated or corrupt) or its
+    manifest.json / store.json is unreadable; `neurostore check --repair` fixes it."""
+
+
 class UnknownTable(NeurostoreError):
     pass
 

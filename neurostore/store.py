@@ -37,6 +37,7 @@ from .errors import (
     BadInput,
     QueryError,
     SchemaMismatch,
+    StoreDamaged,
     StoreNotFound,
     StoreVersionError,
     UnknownTable,
@@ -73,6 +74,15 @@ CONCEPT_UNITS_TOP = 100
 GRACE_SECONDS = 300.0
 # A staging folder without a held lock this old belongs to a dead writer.
 STALE_STAGING_SECONDS = 60.0
+
+# Every committed file carries, in its Parquet key-value metadata under this key, what its manifest
+# entry needs besides size and hash (table, partition, run_id, work_key, replace; a runs file also
+# the manifest generation it committed), so a lost manifest can be rebuilt from the files alone.
+KV_KEY = "neurostore"
+# Committed files are named after their run: <run_id>-<n>.parquet, <run_id>-<table>.parquet, runs/<run_id>.parquet.
+RUN_FILE = re.compile(r"^(\d{8}T\d{6}Z-[0-9a-f]{8})(?:-[^/]*)?\.parquet$")
+# Where `check --repair` moves files it takes out of tables/ (damaged or unknown): set aside, never deleted.
+SET_ASIDE = "damaged"
 
 PARTITION_RULES = {
     "model": (re.compile(r"^[a-z0-9][a-z0-9_.\-]*$"), "lowercase letters, digits and _ . - (e.g. 'resnet50')"),
@@ -146,6 +156,38 @@ def _atomic_write(path: Path, text: str) -> None:
     _fsync(path.parent)
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _kv_sql(meta: dict) -> str:
+    """DuckDB COPY option recording a file's manifest facts in its Parquet key-value metadata."""
+    return f"KV_METADATA {{{KV_KEY}: {_sql_str(json.dumps(meta, sort_keys=True))}}}"
+
+
+def _file_facts(path: Path) -> dict | None:
+    """The manifest facts a committed file recorded in its footer (None for files written before
+    they were recorded, or a footer that cannot be read)."""
+    try:
+        kv = pq.ParquetFile(path).metadata.metadata or {}
+        return json.loads(kv[KV_KEY.encode()]) if KV_KEY.encode() in kv else None
+    except Exception:  # any unreadable footer: the caller treats the file as unproven
+        return None
+
+
+def _file_run_id(path: Path) -> str | None:
+    """The run that wrote a file under tables/: from its footer, else from its name."""
+    facts = _file_facts(path)
+    if facts and facts.get("run_id"):
+        return facts["run_id"]
+    m = RUN_FILE.match(path.name)
+    return m.group(1) if m else None
+
+
 def _sql_str(s: str) -> str:
     return "'" + str(s).replace("'", "''") + "'"
 
@@ -162,6 +204,48 @@ def check_partition_value(table: str, column: str, value: Any) -> str:
             f"Use {valid}."
         )
     return value
+
+
+def _manifest_problem(man) -> str | None:
+    """What makes a parsed manifest unusable (wrong JSON type, missing keys), or None."""
+    if not isinstance(man, dict):
+        return f"a JSON {type(man).__name__}, not an object"
+    if man.get("format") != "neurostore-manifest" or not isinstance(man.get("tables"), dict) \
+            or not isinstance(man.get("retired", []), list):
+        return "not a neurostore manifest: no format, tables or retired list"
+    for table, entries in man["tables"].items():
+        if not isinstance(entries, list) or not all(
+                isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("partition"), dict)
+                for e in entries):
+            return f"table '{table}' has malformed entries"
+    if not all(isinstance(r, dict) and isinstance(r.get("path"), str) for r in man.get("retired", [])):
+        return "malformed retired list"
+    return None
+
+
+def _check_version(path: Path, info: dict) -> None:
+    """Refuse a store written by a newer neurostore."""
+    mine = schema_version()
+    theirs = int(info.get("schema_version", 0))
+    if theirs > mine or int(info.get("format_version", 0)) > FORMAT_VERSION:
+        raise StoreVersionError(
+            f"Store '{path}' was written with schema version {theirs} (format {info.get('format_version')}); "
+            f"this neurostore {__version__} understands schema version {mine} (format {FORMAT_VERSION}). "
+            "Upgrade neurostore (pip install -U neurostore) to open it."
+        )
+
+
+def _created_meanwhile(path: Path) -> bool:
+    """Whether a store being created right now got its store.json (its creator holds the lock
+    from the manifest until store.json is written)."""
+    with contextlib.suppress(OSError), _locked(path):
+        pass
+    return (path / "store.json").exists()
+
+
+def _reason(e: Exception) -> str:
+    """A decode error in a few words, on one line."""
+    return " ".join(f"{type(e).__name__}: {e}".split())[:120]
 
 
 def _empty_manifest() -> dict:
@@ -213,6 +297,7 @@ class Store:
         self._sig = None
         self._mutex = threading.RLock()
         self._columns_cache: dict[str, frozenset] = {}
+        self._info_damaged = False
 
     # ---- opening ---------------------------------------------------------------------------
 
@@ -222,6 +307,10 @@ class Store:
         path = Path(path).expanduser().resolve()
         create = (not read_only) if create is None else create
         info_path = path / "store.json"
+        if not info_path.exists() and ((path / "manifest.json").exists() or (path / "tables").is_dir()) \
+                and not _created_meanwhile(path):
+            raise StoreDamaged(f"Store '{path}' has no store.json (its manifest or tables are there). "
+                               f"Run 'neurostore check --repair --store {path}' to rewrite it.")
         if not info_path.exists():
             if not create or read_only:
                 raise StoreNotFound(
@@ -235,18 +324,25 @@ class Store:
                     f"'{path}' exists and is not a neurostore store (no store.json). Pass an empty or new folder."
                 )
             cls._create(path)
-        info = json.loads(info_path.read_text())
+        try:
+            info = json.loads(info_path.read_bytes())
+        except ValueError as e:  # garbage or truncated: JSONDecodeError, UnicodeDecodeError
+            raise StoreDamaged(f"Store '{path}': store.json is unreadable ({_reason(e)}). "
+                               f"Run 'neurostore check --repair --store {path}' to rewrite it.") from None
+        if not isinstance(info, dict):
+            raise StoreDamaged(f"Store '{path}': store.json holds a JSON {type(info).__name__}, not an object. "
+                               f"Run 'neurostore check --repair --store {path}' to rewrite it.")
         if info.get("format") != FORMAT:
             raise BadInput(f"'{path}' is not a neurostore store (store.json has format {info.get('format')!r}).")
-        mine = schema_version()
-        theirs = int(info.get("schema_version", 0))
-        if theirs > mine or int(info.get("format_version", 0)) > FORMAT_VERSION:
-            raise StoreVersionError(
-                f"Store '{path}' was written with schema version {theirs} (format {info.get('format_version')}); "
-                f"this neurostore {__version__} understands schema version {mine} (format {FORMAT_VERSION}). "
-                "Upgrade neurostore (pip install -U neurostore) to open it."
-            )
+        _check_version(path, info)
         return cls(path, read_only, info)
+
+    @classmethod
+    def _open_damaged(cls, path: Path, read_only: bool) -> "Store":
+        """A store whose store.json is unreadable, opened only to check and repair it."""
+        store = cls(path, read_only, {})
+        store._info_damaged = True
+        return store
 
     @classmethod
     def _create(cls, path: Path) -> None:
@@ -286,15 +382,42 @@ class Store:
     # ---- manifest --------------------------------------------------------------------------
 
     def manifest(self) -> dict:
-        """The committed snapshot: which files make up each table."""
+        """The committed snapshot: which files make up each table. A missing or unreadable
+        manifest raises StoreDamaged: without it no file can be told committed or garbage."""
+        repair = f"Run 'neurostore check --repair --store {self.path}' to rebuild it from the Parquet files."
         try:
-            return json.loads((self.path / "manifest.json").read_text())
+            man = json.loads((self.path / "manifest.json").read_bytes())
         except FileNotFoundError:
-            return _empty_manifest()
+            raise StoreDamaged(f"Store '{self.path}' has no manifest.json, so which files are committed is unknown "
+                               f"(nothing was read or changed). {repair}") from None
+        except ValueError as e:  # garbage or truncated: JSONDecodeError, UnicodeDecodeError
+            raise StoreDamaged(f"Store '{self.path}': manifest.json is unreadable ({_reason(e)}). {repair}") from None
+        problem = _manifest_problem(man)
+        if problem:
+            raise StoreDamaged(f"Store '{self.path}': manifest.json is damaged ({problem}). {repair}")
+        return man
 
     def _manifest_sig(self):
-        st = os.stat(self.path / "manifest.json")
+        try:
+            st = os.stat(self.path / "manifest.json")
+        except FileNotFoundError:
+            self.manifest()  # raises the one-line StoreDamaged
+            raise
         return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def damaged_files(self, entries: Iterable[dict]) -> list[str]:
+        """Manifest entries whose file is missing or has another size than committed (one stat
+        each; content hashes are compared only by `check`), as 'PATH is missing' lines."""
+        out = []
+        for e in entries:
+            try:
+                size = os.stat(self.path / e["path"]).st_size
+            except OSError:
+                out.append(f"{e['path']} is missing")
+                continue
+            if e.get("bytes") is not None and size != e["bytes"]:
+                out.append(f"{e['path']} has {size} bytes, {e['bytes']} committed")
+        return out
 
     # ---- reading ---------------------------------------------------------------------------
 
@@ -311,6 +434,16 @@ class Store:
         # then: derive their rows in the view from their scores (slower, never wrong) until the
         # next commit of the model's scores writes the table.
         legacy = self._underived_models(table, manifest) if table in DERIVED_TABLES else {}
+        if root == str(self.path):  # reading in place: a view over a damaged file raises a clear error instead
+            entries = manifest.get("tables", {}).get(table, []) + [
+                e for e in manifest.get("tables", {}).get("scores", []) if e["partition"].get("model") in legacy]
+            bad = self.damaged_files(entries)
+            if bad:
+                more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+                msg = (f"Table '{table}' cannot be read: {bad[0]}{more}. "
+                       f"Run 'neurostore check --store {self.path}' (--repair drops the damaged files).")
+                return ("SELECT " + ", ".join(f"CAST(NULL AS {c.type}) AS {c.name}" for c in ts.columns)
+                        + f" WHERE error({_sql_str(msg)})")
         computed = [self._derived_view(table, model, score_files, root) for model, score_files in legacy.items()]
         if not files:
             if computed:
@@ -400,6 +533,13 @@ class Store:
 
     def _query_error(self, e: Exception) -> Exception:
         msg = " ".join(str(e).split())
+        m = re.search(r"Table '\w+' cannot be read: .*", msg)
+        if m:
+            return StoreDamaged(m.group(0))
+        if isinstance(e, (duckdb.IOException, duckdb.InvalidInputException)) and str(self.path) in msg:
+            # A file damaged after this connection's views were built.
+            return StoreDamaged(f"A file of the store cannot be read: {msg} "
+                                f"Run 'neurostore check --store {self.path}'.")
         m = re.search(r"Table with name (\w+) does not exist", msg)
         if m:
             return UnknownTable(unknown("table", m.group(1), self.schemas, "See 'neurostore tables'."))
@@ -473,6 +613,7 @@ class Store:
         replace='work' (default): committing drops earlier files of the same (table, partition,
         work_key). replace='partition': drops every earlier file of the partitions written."""
         self._check_writable()
+        self.manifest()  # a store whose manifest is missing or damaged is refused before any work
         if replace not in ("work", "partition"):
             raise BadInput(f"Unknown replace mode '{replace}'. Valid: work, partition.")
         return Run(self, command, params or {}, work_key, replace)
@@ -519,21 +660,30 @@ class Store:
                     drop = same_part and (run.replace == "partition" or e["work_key"] == s["work_key"]) \
                         and e["run_id"] != run.run_id
                     (retired.append({"path": e["path"], "at": now}) if drop else keep.append(e))
-                keep.append({k: s[k] for k in ("path", "run_id", "work_key", "partition", "rows", "bytes", "columns")})
+                keep.append({k: s[k] for k in ("path", "run_id", "work_key", "partition", "rows", "bytes", "columns",
+                                               "sha256")})
                 tables[s["table"]] = keep
                 if s["table"] == "scores":
                     touched_models.add(s["partition"]["model"])
             for model in sorted(touched_models):
                 self._derive(man, model, run)
-            # The run's provenance row, committed together with its data.
+            # The run's provenance row, committed together with its data. Written in staging and
+            # renamed, so tables/ never holds half a file; its footer records the generation it
+            # commits, which tells a rebuilt manifest the order of commits.
             run_file = f"tables/runs/{run.run_id}.parquet"
             row = run.runs_row(status, error)
+            facts = {"table": "runs", "partition": {}, "run_id": run.run_id, "work_key": run.work_key,
+                     "replace": "work", "generation": int(man.get("generation", 0)) + 1}
+            arrow = conform(self.schemas["runs"], pa.Table.from_pylist([row]))
+            tmp = run.staging / "runs.parquet"
+            pq.write_table(arrow.replace_schema_metadata({KV_KEY: json.dumps(facts, sort_keys=True)}), tmp)
+            _fsync(tmp)
             (self.path / "tables/runs").mkdir(parents=True, exist_ok=True)
-            pq.write_table(conform(self.schemas["runs"], pa.Table.from_pylist([row])), self.path / run_file)
-            _fsync(self.path / run_file)
+            os.rename(tmp, self.path / run_file)
             tables.setdefault("runs", []).append({"path": run_file, "run_id": run.run_id, "work_key": run.work_key,
-                                                  "partition": {}, "rows": 1,
-                                                  "bytes": (self.path / run_file).stat().st_size})
+                                                  "partition": {}, "rows": 1, "status": status,
+                                                  "bytes": (self.path / run_file).stat().st_size,
+                                                  "sha256": _sha256(self.path / run_file)})
             self._collect_garbage(man, now)
             man["generation"] = int(man.get("generation", 0)) + 1
             man["updated_at"] = _utcnow().isoformat() + "Z"
@@ -560,20 +710,24 @@ class Store:
                 dest = self.path / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 rg = ROW_GROUP_ROWS.get(table, DEFAULT_ROW_GROUP)
+                # replace 'partition': a model's derived file replaces all earlier ones of the model
+                facts = {"table": table, "partition": {"model": model}, "run_id": run.run_id,
+                         "work_key": f"derived:{table}", "replace": "partition"}
                 con.execute(f"COPY ({_derived_select(table, src, _sql_str(run.run_id))}) TO {_sql_str(dest)} "
-                            f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {rg})")
+                            f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {rg}, {_kv_sql(facts)})")
                 _fsync(dest)
                 tables[table].append({"path": rel, "run_id": run.run_id, "work_key": f"derived:{table}",
                                       "partition": {"model": model}, "rows": pq.ParquetFile(dest).metadata.num_rows,
-                                      "bytes": dest.stat().st_size,
+                                      "bytes": dest.stat().st_size, "sha256": _sha256(dest),
                                       "columns": [c.name for c in self.schemas[table].file_columns]})
         finally:
             if con is not None:
                 con.close()
 
     def _collect_garbage(self, man: dict, now: float) -> None:
-        """Under the lock: delete retired files past the grace period, files no manifest lists
-        (left by a writer killed mid-commit) and staging folders of dead runs."""
+        """Under the lock, with a readable manifest: delete what is provably garbage, nothing else:
+        retired files past the grace period, unlisted files of runs that never committed (see
+        `_garbage_reason`), temp files of killed manifest writes and staging folders of dead runs."""
         still = []
         for r in man.get("retired", []):
             if now - r["at"] >= GRACE_SECONDS:
@@ -582,18 +736,52 @@ class Store:
             else:
                 still.append(r)
         man["retired"] = still
+        for f, _ in self._garbage(man):
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink() if f.is_file() else shutil.rmtree(f, ignore_errors=True)
+
+    def _unlisted(self, man: dict) -> list[Path]:
+        """Parquet files under tables/ that the manifest neither lists nor has retired."""
         known = {e["path"] for entries in man.get("tables", {}).values() for e in entries}
-        known |= {r["path"] for r in still}
+        known |= {r["path"] for r in man.get("retired", [])}
         tables_dir = self.path / "tables"
-        for f in tables_dir.rglob("*.parquet") if tables_dir.exists() else []:
-            rel = f.relative_to(self.path).as_posix()
-            if rel not in known:
-                with contextlib.suppress(FileNotFoundError):
-                    f.unlink()
+        return sorted(f for f in (tables_dir.rglob("*.parquet") if tables_dir.exists() else [])
+                      if f.relative_to(self.path).as_posix() not in known)
+
+    def _garbage(self, man: dict) -> list[tuple[Path, str]]:
+        """(path, why) for every provably garbage file or folder besides retired files: only a
+        readable manifest can prove it (without one, nothing is garbage)."""
+        out = [(f, "temp file of a killed write") for f in sorted(self.path.glob(".*.tmp"))]
+        for f in self._unlisted(man):
+            why = self._garbage_reason(man, f)
+            if why:
+                out.append((f, why))
         staging = self.path / "staging"
-        for d in staging.iterdir() if staging.exists() else []:
-            if d.is_dir() and _staging_is_dead(d):
-                shutil.rmtree(d, ignore_errors=True)
+        out += [(d, "staging folder of a dead run") for d in sorted(staging.iterdir() if staging.exists() else [])
+                if d.is_dir() and _staging_is_dead(d)]
+        return out
+
+    def _garbage_reason(self, man: dict, f: Path) -> str | None:
+        """Why an unlisted file is garbage, or None when that cannot be proven (keep it). Runs move
+        files into tables/ only under the lock, just before their runs row and the manifest swap, so
+        an unlisted file is garbage when its run (from its footer or its name) failed, never wrote
+        its runs row, or wrote it for the commit right after this manifest and was killed before
+        the swap. A file of a committed run, or of no known run, is never garbage."""
+        run_id = _file_run_id(f)
+        if run_id is None:
+            return None
+        status = {e["run_id"]: e.get("status", "committed") for e in man["tables"].get("runs", [])}.get(run_id)
+        if status == "failed":
+            return f"written by run {run_id}, which failed"
+        if status is not None:
+            return None
+        runs_file = self.path / "tables/runs" / f"{run_id}.parquet"
+        if not runs_file.exists():
+            return f"written by run {run_id}, which never committed (no runs row)"
+        facts = _file_facts(runs_file) or {}
+        if facts.get("generation") == int(man.get("generation", 0)) + 1:
+            return f"written by run {run_id}, killed before its commit"
+        return None
 
     def gc(self) -> dict:
         """Clean garbage now (writers also do it at every commit)."""
@@ -618,6 +806,211 @@ class Store:
             lines.append(f'CREATE OR REPLACE VIEW "{name}" AS {self.view_sql(name, man, root=root)};')
         return "\n".join(lines) + "\n"
 
+    # ---- check and repair ------------------------------------------------------------------
+
+    def check(self, repair: bool = False) -> dict:
+        """Verify the committed files against the manifest: each file's size and sha256 (entries
+        committed before hashes were recorded: size, a readable footer and its row count), and
+        name unlisted files and garbage. A missing or unreadable manifest is checked by rebuilding
+        it from the files (their footers record their manifest entries and the runs rows which
+        runs committed, in which order).
+
+        repair=True (under the writer lock) writes a manifest of every file that verifies,
+        keeping every intact run; damaged and unknown files are moved to <store>/damaged/<time>/,
+        never deleted; provable garbage is deleted. Returns the report: `clean`, `problems`
+        (path, table, problem, rows), `garbage`, and after a repair `dropped`, `rows_dropped`,
+        `set_aside`."""
+        if repair:
+            self._check_writable()
+        with self._lock() if repair else contextlib.nullcontext():
+            return self._check(repair)
+
+    def _check(self, repair: bool) -> dict:
+        now = time.time()
+        problems: list[dict] = []
+        if self._info_damaged:
+            problems.append({"path": "store.json", "table": None, "problem": "unreadable", "rows": None})
+        try:
+            man, manifest_state = self.manifest(), "ok"
+        except StoreDamaged as e:
+            man, manifest_state = None, str(e).split(". Run 'neurostore check")[0]
+            problems.append({"path": "manifest.json", "table": None, "problem": manifest_state, "rows": None})
+        if man is not None:
+            new, found, set_aside = self._verified_manifest(man)
+        else:
+            new, found, set_aside = self._rebuilt_manifest(now)
+        problems += found
+        # committed files left out of the new manifest (without a manifest any damaged file may have been)
+        dropped = [p for p in found if p["rows"] is not None or man is None]
+        # The derived tables of a model whose scores lost a file are recomputed by its views from the
+        # remaining scores (exact) until its next commit, so retire the stale derived files.
+        models = {p["path"].split("/")[2][len("model="):] for p in dropped
+                  if p["table"] == "scores" and p["path"].count("/") > 3}
+        for table in DERIVED_TABLES:
+            stale = [e for e in new["tables"].get(table, []) if e["partition"].get("model") in models]
+            new["retired"] += [{"path": e["path"], "at": now} for e in stale]
+            new["tables"][table] = [e for e in new["tables"].get(table, []) if e not in stale]
+        garbage = self._garbage(new)
+        entries = [e for es in new["tables"].values() for e in es]
+        report = {"store": str(self.path), "clean": not problems, "manifest": manifest_state,
+                  "files": len(entries), "rows": sum(e.get("rows", 0) for e in entries), "problems": problems,
+                  "garbage": [{"path": self._rel(f), "reason": why} for f, why in garbage],
+                  "repaired": False}
+        if not repair or (not problems and not garbage):
+            return report
+        if set_aside:
+            aside = self.path / SET_ASIDE / _utcnow().strftime("%Y%m%dT%H%M%SZ")
+            for rel in set_aside:
+                (aside / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.rename(self.path / rel, aside / rel)
+            report["set_aside"] = self._rel(aside)
+        self._collect_garbage(new, now)
+        new["generation"] = int(new.get("generation", 0)) + 1
+        new["updated_at"] = _utcnow().isoformat() + "Z"
+        _atomic_write(self.path / "manifest.json", json.dumps(new, separators=(",", ":")))
+        self._write_load_sql(new)
+        if self._info_damaged:
+            self.info = {"format": FORMAT, "format_version": FORMAT_VERSION, "schema_version": schema_version(),
+                         "created_at": None, "created_by": None, "repaired_at": _utcnow().isoformat() + "Z",
+                         "repaired_by": f"neurostore {__version__}"}
+            _atomic_write(self.path / "store.json", json.dumps(self.info, indent=1))
+            self._info_damaged = False
+        rows_dropped: dict[str, int] = {}
+        for p in dropped:
+            rows_dropped[p["table"]] = rows_dropped.get(p["table"], 0) + (p["rows"] or 0)
+        report.update(repaired=True, dropped=dropped, rows_dropped=rows_dropped)
+        return report
+
+    def _rel(self, p: Path) -> str:
+        return p.relative_to(self.path).as_posix()
+
+    def _verify_entry(self, e: dict) -> str | None:
+        """What is wrong with a committed file, or None when it is intact."""
+        f = self.path / e["path"]
+        try:
+            size = f.stat().st_size
+        except OSError:
+            return "missing"
+        if e.get("bytes") is not None and size != e["bytes"]:
+            return f"{'truncated' if size < e['bytes'] else 'replaced'}: {size} bytes, {e['bytes']} committed"
+        if e.get("sha256"):
+            return None if _sha256(f) == e["sha256"] else "corrupt: its sha256 differs from the committed one"
+        try:  # committed before hashes were recorded
+            rows = pq.ParquetFile(f).metadata.num_rows
+        except Exception as ex:  # any unreadable footer
+            return f"corrupt: unreadable Parquet footer ({_reason(ex)})"
+        return None if e.get("rows") in (None, rows) else f"corrupt: {rows} rows, {e['rows']} committed"
+
+    def _verified_manifest(self, man: dict) -> tuple[dict, list[dict], list[str]]:
+        """The manifest without its damaged entries, the problems found (damaged entries and
+        unlisted files that are not provable garbage) and the files to set aside."""
+        new = json.loads(json.dumps(man))
+        problems, set_aside = [], []
+        for table, entries in man["tables"].items():
+            keep = []
+            for e in entries:
+                why = self._verify_entry(e)
+                if why is None:
+                    keep.append(e)
+                    continue
+                problems.append({"path": e["path"], "table": table, "problem": why, "rows": e.get("rows", 0)})
+                if why != "missing":
+                    set_aside.append(e["path"])
+            new["tables"][table] = keep
+        garbage = {f for f, _ in self._garbage(man)}
+        for f in self._unlisted(man):
+            if f not in garbage:
+                rel = self._rel(f)
+                problems.append({"path": rel, "table": rel.split("/")[1] if rel.count("/") > 1 else None,
+                                 "problem": "unlisted: not in the manifest, and no failed or killed run wrote it",
+                                 "rows": None})
+                set_aside.append(rel)
+        return new, problems, set_aside
+
+    def _rebuilt_manifest(self, now: float) -> tuple[dict, list[dict], list[str]]:
+        """A manifest rebuilt from the files under tables/ (manifest.json lost or unreadable): the
+        runs rows say which runs committed; their files' commits are replayed in commit order (the
+        generation each runs file recorded, then its end time), so files a later run replaced are
+        retired again, exactly as the lost manifest had them. Files of runs without a committed
+        runs row are left unlisted for the garbage collector; damaged ones are set aside."""
+        problems, set_aside, found = [], [], []
+        tables_dir = self.path / "tables"
+        for f in sorted(tables_dir.rglob("*.parquet") if tables_dir.exists() else []):
+            entry, why = self._entry_from_file(f)
+            if why:
+                rel = self._rel(f)
+                problems.append({"path": rel, "table": rel.split("/")[1] if rel.count("/") > 1 else None,
+                                 "problem": why, "rows": None})
+                set_aside.append(rel)
+            else:
+                found.append(entry)
+        runs = {}
+        for e in found:
+            if e["table"] == "runs":
+                row = pq.read_table(self.path / e["path"], columns=["status", "ended_at", "work_key"]).to_pylist()[0]
+                e["status"] = row["status"]
+                e["work_key"] = e["work_key"] or row["work_key"]
+                runs[e["run_id"]] = (e["generation"] or 0, row["ended_at"] or dt.datetime.min, e["run_id"], row["status"])
+        man = _empty_manifest()
+        man["tables"]["runs"] = [e for e in found if e["table"] == "runs"]
+        by_run: dict[str, list[dict]] = {}
+        for e in found:
+            if e["table"] != "runs":
+                by_run.setdefault(e["run_id"], []).append(e)
+        tables = man["tables"]
+        for *_, run_id, status in sorted(runs.values()):
+            if status != "committed":
+                continue
+            for e in by_run.get(run_id, []):  # the same replacement as Store._commit
+                # a file written before footers recorded facts is keyed by its run's work_key
+                e["work_key"] = e["work_key"] or next(r["work_key"] for r in tables["runs"] if r["run_id"] == run_id)
+                keep = []
+                for old in tables.get(e["table"], []):
+                    drop = old["partition"] == e["partition"] and old["run_id"] != run_id \
+                        and (e["replace"] == "partition" or old["work_key"] == e["work_key"])
+                    (man["retired"].append({"path": old["path"], "at": now}) if drop else keep.append(old))
+                tables[e["table"]] = keep + [e]
+        man["generation"] = max((g for g, *_ in runs.values()), default=0)
+        for entries in tables.values():
+            for e in entries:
+                for k in ("table", "replace", "generation"):
+                    e.pop(k, None)
+        return man, problems, set_aside
+
+    def _entry_from_file(self, f: Path) -> tuple[dict | None, str | None]:
+        """A file's manifest entry, from its footer (plus the table, replace mode and generation
+        needed to replay its commit), or why it cannot be one. Every row group is decoded, so a
+        file that is corrupt inside is found too."""
+        rel = self._rel(f)
+        parts = rel.split("/")
+        table = parts[1] if len(parts) > 2 else None
+        if table not in self.schemas:
+            return None, "unlisted: not in a table's folder"
+        ts = self.schemas[table]
+        try:
+            pf = pq.ParquetFile(f)
+            for i in range(pf.num_row_groups):
+                pf.read_row_group(i)
+        except Exception as ex:  # any unreadable file
+            return None, f"corrupt: unreadable Parquet ({_reason(ex)})"
+        facts = _file_facts(f) or {}
+        partition = dict(p.split("=", 1) for p in parts[2:-1] if "=" in p)
+        names = pf.schema_arrow.names
+        if list(partition) != list(ts.partition) or len(parts) != 3 + len(ts.partition):
+            return None, f"unlisted: not in table '{table}''s partition folders"
+        if facts and (facts.get("table"), facts.get("partition")) != (table, partition):
+            return None, f"misplaced: a file of table '{facts.get('table')}' {facts.get('partition')}"
+        if not set(names) <= {c.name for c in ts.file_columns} or "run_id" not in names:
+            return None, f"misplaced: its columns are not those of table '{table}'"
+        m = RUN_FILE.match(f.name)
+        run_id = facts.get("run_id") or (m.group(1) if m else None)
+        if run_id is None:
+            return None, "unlisted: no neurostore run wrote it"
+        return {"path": rel, "run_id": run_id, "work_key": facts.get("work_key"), "partition": partition,
+                "rows": pf.metadata.num_rows, "bytes": f.stat().st_size, "columns": names, "sha256": _sha256(f),
+                "table": table, "replace": facts.get("replace", "partition" if table in DERIVED_TABLES else "work"),
+                "generation": facts.get("generation")}, None
+
     # ---- export ----------------------------------------------------------------------------
 
     def export(self, to: str | os.PathLike, overwrite: bool = False) -> dict:
@@ -626,11 +1019,24 @@ class Store:
         to = Path(to).expanduser().resolve()
         if to == self.path or self.path in to.parents:
             raise BadInput(f"Cannot export into the store itself ('{to}'). Pick a folder outside it.")
-        if to.exists() and any(to.iterdir()):
-            if not overwrite:
-                raise BadInput(f"Export folder '{to}' is not empty. Pick an empty folder or pass overwrite=True (--overwrite).")
-            shutil.rmtree(to / "tables", ignore_errors=True)
+        if to.exists() and any(to.iterdir()) and not overwrite:
+            raise BadInput(f"Export folder '{to}' is not empty. Pick an empty folder or pass overwrite=True (--overwrite).")
         man = self.manifest()
+        bad = self.damaged_files(e for entries in man["tables"].values() for e in entries)
+        if bad:
+            raise StoreDamaged(f"Cannot export '{self.path}': {'; '.join(bad[:3])}"
+                               f"{f' (and {len(bad) - 3} more)' if len(bad) > 3 else ''}. Nothing was copied. "
+                               f"Run 'neurostore check --store {self.path}' (--repair drops the damaged files).")
+        created = not to.exists()
+        shutil.rmtree(to / "tables", ignore_errors=True)
+        try:
+            return self._export(man, to)
+        except BaseException:
+            # no partial copy left behind: remove what this export wrote
+            shutil.rmtree(to if created else to / "tables", ignore_errors=True)
+            raise
+
+    def _export(self, man: dict, to: Path) -> dict:
         out_man = {"tables": {}}
         counts = {}
         n_files = 0
@@ -819,15 +1225,18 @@ class Run:
                 cols = ", ".join(c.name for c in ts.file_columns)
                 order = f" ORDER BY {', '.join(ts.sort)}" if ts.sort else ""
                 rg = ROW_GROUP_ROWS.get(table, DEFAULT_ROW_GROUP)
+                part = self._partitions[(table, pdir, wkey)]
+                facts = {"table": table, "partition": part, "run_id": self.run_id, "work_key": wkey,
+                         "replace": self.replace}
                 con.execute(f"COPY (SELECT {cols} FROM read_parquet({src}){order}) TO {_sql_str(out)} "
-                            f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {rg})")
+                            f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {rg}, {_kv_sql(facts)})")
                 _fsync(out)
                 rows = pq.ParquetFile(out).metadata.num_rows
-                sealed.append({"table": table, "partition": self._partitions[(table, pdir, wkey)], "src": out,
+                sealed.append({"table": table, "partition": part, "src": out,
                                "columns": [c.name for c in ts.file_columns],
                                "path": f"tables/{table}/{pdir}/{name}" if pdir else f"tables/{table}/{name}",
                                "run_id": self.run_id, "work_key": wkey, "rows": rows,
-                               "bytes": out.stat().st_size})
+                               "bytes": out.stat().st_size, "sha256": _sha256(out)})
         finally:
             con.close()
         return sealed
@@ -894,6 +1303,18 @@ def _split_partitions(ts: TableSchema, table: pa.Table) -> list[tuple[dict, pa.T
             mask = m if mask is None else pc.and_(mask, m)
         out.append(({c: combo[c] for c in ts.partition}, table.filter(mask)))
     return out
+
+
+def check(path: str | os.PathLike, repair: bool = False) -> dict:
+    """`Store.check` on the store at `path`, which may have an unreadable store.json or manifest
+    (a damaged store cannot be opened for anything else)."""
+    path = Path(path).expanduser().resolve()
+    try:
+        store = Store.open(path, read_only=not repair, create=False)
+    except StoreDamaged:  # store.json unreadable, or missing beside a manifest or tables/
+        store = Store._open_damaged(path, read_only=not repair)
+    with store:
+        return store.check(repair)
 
 
 def open_store(path: str | os.PathLike, read_only: bool = False, create: bool | None = None) -> Store:
