@@ -5,7 +5,9 @@
     probe[:WORLD_DIR]                      the probe world's encoder, aligned to MiniLM (offline)
 
 Every encoder embeds images and texts into one space, rows of unit length, so a dot product is
-a cosine similarity; `id` names the exact weights and goes into provenance.
+a cosine similarity; `id` names the exact weights and goes into provenance. It runs on its
+`device` under autocast to `dtype` (None: fp32), takes CPU tensors and strings, and returns float32
+CPU tensors: callers never move data. `random_weights` marks an untrained encoder.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from . import devices
 from .errors import UnknownEncoder
 
 
@@ -23,6 +26,24 @@ class Encoder(ABC):
     id: str          # provenance id, e.g. "open_clip:ViT-B-32/laion2b_s34b_b79k"
     dim: int         # embedding width
     image_size: int  # side of the square input preprocess() produces
+    module: torch.nn.Module             # the image tower (and text tower, where it has one)
+    device: torch.device = torch.device("cpu")
+    dtype: "torch.dtype | None" = None  # autocast dtype; None = fp32
+    random_weights: bool = False
+
+    def to(self, device: "str | torch.device | None" = "cpu", precision: str | None = None) -> "Encoder":
+        """Run on `device` (a --device spec) at `precision` (auto, fp32, fp16, bf16); returns self."""
+        self.device = devices.resolve_device(device)
+        self.dtype = devices.resolve_precision(precision, self.device)
+        self.module.to(self.device)
+        return self
+
+    @torch.no_grad()
+    def _run(self, forward, x: torch.Tensor) -> torch.Tensor:
+        """forward(x on the device) under autocast -> [n, dim] float32 unit rows on the CPU."""
+        with devices.autocast(self.device, self.dtype):
+            out = forward(x.to(self.device, non_blocking=True))
+        return torch.nn.functional.normalize(out.float(), dim=-1).cpu()
 
     @abstractmethod
     def preprocess(self, image: Image.Image) -> torch.Tensor:
@@ -46,18 +67,23 @@ class Encoder(ABC):
         return torch.cat(out) if out else torch.zeros(0, self.dim)
 
 
-def load_encoder(spec: str, worlds: Sequence[str] = ()) -> Encoder:
-    """Resolve an encoder spec (see module doc) to a loaded Encoder. `worlds`: folders to look
+def load_encoder(spec: str, worlds: Sequence[str] = (), device: "str | torch.device | None" = None,
+                 precision: str | None = None) -> Encoder:
+    """Resolve an encoder spec (see module doc) to a loaded Encoder on `device` (default auto:
+    CUDA when present) at `precision` (default auto: fp32 on the CPU). `worlds`: folders to look
     in for a 'probe:<world id>' spec besides the cache (the worlds a store was built from)."""
     kind, _, rest = spec.partition(":")
+    # Check the device first: a typo there should not cost a model load.
+    dev = devices.resolve_device(device)
+    devices.resolve_precision(precision, dev)
     if kind == "open_clip":
         from .openclip import OpenClipEncoder
 
-        return OpenClipEncoder.from_spec(rest)
+        return OpenClipEncoder.from_spec(rest).to(dev, precision)
     if kind == "probe":
         from .world import load_probe_encoder
 
-        return load_probe_encoder(rest or None, search=worlds)
+        return load_probe_encoder(rest or None, search=worlds).to(dev, precision)
     raise UnknownEncoder(
         f"Unknown encoder '{spec}'. Use 'open_clip:MODEL/PRETRAINED' (e.g. "
         "open_clip:ViT-B-32/laion2b_s34b_b79k), 'open_clip:/path/to/checkpoint.pt', or 'probe' "

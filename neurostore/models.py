@@ -19,7 +19,13 @@ Specs (`load_target(spec)`):
     package.module:factory       imports the module and calls factory() -> nn.Module.
 
 Only torchvision, timm and open_clip reach for weights over the network, and only when weights
-are asked for; `@random` never does (tests use it).
+are asked for; `@random` never does (tests use it), nor does `load_target(spec, weights=False)`
+(the architecture alone: what `neurostore layers` needs). A download that fails is one line
+naming the weights and the offline alternatives (`@random`, a local checkpoint).
+
+`default_layers(target)` picks the layers a researcher means: conv1, layer1-layer4, fc for
+ResNets (CLIP-Dissect's choice); each block's MLP hidden neurons (and the head) for ViTs; the
+stage outputs (and the head) for other CNNs.
 
 Layers are named by their module path in `named_modules()`. `resolve_layer` passes full paths
 through, expands `-1`-style indices into the list of hookable layers and answers an unknown name
@@ -28,12 +34,14 @@ with the close matches.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -62,6 +70,19 @@ class Target:
     # or None when the whole image is resized to the input (aspect not kept).
     crop_fraction: float | None = 1.0
     extra: dict = field(default_factory=dict)
+    # Untrained weights (@random, /random, weights=False): its units explain nothing, and the
+    # models table and summaries say so.
+    random_weights: bool = False
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def to(self, device: "str | torch.device | None") -> "Target":
+        """Move the module to `device` (a --device spec or torch.device, checked by
+        devices.resolve_device); returns the target."""
+        from .devices import resolve_device
+
+        self.device = resolve_device(device)
+        self.module.to(self.device)
+        return self
 
     @property
     def arch(self) -> str:
@@ -74,7 +95,7 @@ class Target:
     def model_row(self) -> dict:
         """One row of schema/models.sql (minus run_id)."""
         return {"model": self.id, "spec": self.spec, "arch": self.arch, "n_params": self.n_params,
-                "input_size": self.input_size, "classes": self.classes}
+                "input_size": self.input_size, "classes": self.classes, "random_weights": self.random_weights}
 
 
 def model_id(name: str) -> str:
@@ -94,17 +115,20 @@ def simple_preprocess(size: int, resize: int | None = None, mean=IMAGENET_MEAN, 
 # ---- loaders --------------------------------------------------------------------------------
 
 
-def load_target(spec: str, *, input_size: int | None = None, id: str | None = None) -> Target:
+def load_target(spec: str, *, input_size: int | None = None, id: str | None = None,
+                weights: bool = True) -> Target:
     """Load a target model from its spec (see module doc). `input_size` overrides the side of the
-    preprocessed input (convolutional nets and models that accept it); `id` overrides the id."""
+    preprocessed input (convolutional nets and models that accept it); `id` overrides the id.
+    weights=False builds torchvision/timm/OpenCLIP architectures without their weights (never
+    touches the network; enough to list layers). The target is on the CPU: `.to(device)`."""
     spec = str(spec).strip()
     kind, sep, rest = spec.partition(":")
     if kind == "torchvision" and sep:
-        t = _torchvision(rest, spec, input_size)
+        t = _torchvision(rest, spec, input_size, weights)
     elif kind == "timm" and sep:
-        t = _timm(rest, spec, input_size)
+        t = _timm(rest, spec, input_size, weights)
     elif kind == "open_clip" and sep:
-        t = _open_clip(rest, spec)
+        t = _open_clip(rest, spec, weights)
     elif kind == "probe" and sep:
         t = _probe(rest, spec)
     elif _looks_like_path(spec):
@@ -127,7 +151,19 @@ def _looks_like_path(spec: str) -> bool:
         or Path(spec).exists()
 
 
-def _torchvision(rest: str, spec: str, input_size: int | None) -> Target:
+@contextlib.contextmanager
+def downloading(what: str, offline_hint: str):
+    """Turn a failed weights download (no network, hub unreachable) into one line: which
+    weights, that they could not be downloaded, and what to use offline."""
+    try:
+        yield
+    except OSError as e:  # urllib's URLError, requests' and huggingface_hub's errors are OSErrors
+        reason = (str(getattr(e, "reason", "") or e).strip().splitlines() or [type(e).__name__])[0]
+        raise BadInput(f"Could not download the weights of {what} ({reason[:160]}). On a machine "
+                       f"without network use {offline_hint}.") from None
+
+
+def _torchvision(rest: str, spec: str, input_size: int | None, load_weights: bool = True) -> Target:
     import torchvision
 
     name, _, wname = rest.partition("@")
@@ -136,7 +172,9 @@ def _torchvision(rest: str, spec: str, input_size: int | None) -> Target:
         raise UnknownModel(unknown("torchvision model", name, valid,
                                    "Example: torchvision:resnet50@IMAGENET1K_V2."))
     weights = _torchvision_weights(name, wname or "DEFAULT")
-    module = torchvision.models.get_model(name, weights=weights)
+    with downloading(f"torchvision:{name} ({weights})",
+                     f"torchvision:{name}@random or a local checkpoint (torch.save(model, 'model.pt'))"):
+        module = torchvision.models.get_model(name, weights=weights if load_weights else None)
     classes = None
     if weights is not None:
         classes = list(weights.meta.get("categories") or []) or None
@@ -151,7 +189,8 @@ def _torchvision(rest: str, spec: str, input_size: int | None) -> Target:
         preprocess = simple_preprocess(size, round(size * 256 / 224))
         crop_fraction = 224 / 256
     mid = model_id(name if weights is not None else f"{name}-random")
-    t = Target(module, mid, spec, preprocess, classes, size, crop_fraction=crop_fraction)
+    t = Target(module, mid, spec, preprocess, classes, size, crop_fraction=crop_fraction,
+               random_weights=weights is None or not load_weights)
     if hasattr(module, "encoder") and hasattr(module, "patch_size") and hasattr(module, "class_token"):
         # torchvision VisionTransformer: one class token, then patch tokens, batch first.
         g = size // module.patch_size
@@ -174,7 +213,7 @@ def _torchvision_weights(name: str, wname: str):
     return enum[member]
 
 
-def _timm(rest: str, spec: str, input_size: int | None) -> Target:
+def _timm(rest: str, spec: str, input_size: int | None, load_weights: bool = True) -> Target:
     import timm
 
     name, _, flag = rest.partition("@")
@@ -186,18 +225,19 @@ def _timm(rest: str, spec: str, input_size: int | None) -> Target:
         raise UnknownModel(unknown("timm model", base, timm.list_models(),
                                    "Example: timm:vit_small_patch16_224."))
     pretrained = not flag
-    try:
-        # Transformers take img_size (the position embedding is resized); convnets do not.
-        module = timm.create_model(name, pretrained=pretrained,
-                                   **({"img_size": input_size} if input_size else {}))
-    except TypeError:
-        module = timm.create_model(name, pretrained=pretrained)
+    with downloading(f"timm:{name}", f"timm:{name}@random or a local checkpoint (torch.save(model, 'model.pt'))"):
+        try:
+            # Transformers take img_size (the position embedding is resized); convnets do not.
+            module = timm.create_model(name, pretrained=pretrained and load_weights,
+                                       **({"img_size": input_size} if input_size else {}))
+        except TypeError:
+            module = timm.create_model(name, pretrained=pretrained and load_weights)
     cfg = timm.data.resolve_data_config({}, model=module)
     size = input_size or int(cfg["input_size"][-1])
     crop_pct = float(cfg.get("crop_pct") or 1.0)
     preprocess = simple_preprocess(size, round(size / crop_pct), tuple(cfg["mean"]), tuple(cfg["std"]))
     t = Target(module, model_id(name if pretrained else f"{name}-random"), spec, preprocess, None, size,
-               crop_fraction=crop_pct)
+               crop_fraction=crop_pct, random_weights=not (pretrained and load_weights))
     _token_info_timm(module, t)
     return t
 
@@ -209,13 +249,14 @@ def _token_info_timm(module: nn.Module, t: Target) -> None:
         t.grid_size = tuple(int(g) for g in pe.grid_size)
 
 
-def _open_clip(rest: str, spec: str) -> Target:
+def _open_clip(rest: str, spec: str, load_weights: bool = True) -> Target:
     from .openclip import create_openclip
 
-    model, preprocess, info = create_openclip(rest)
+    model, preprocess, info = create_openclip(rest, weights=load_weights)
     visual = model.visual
     size = info["image_size"]
-    t = Target(visual, model_id(info["model_id"]), spec, preprocess, None, size, crop_fraction=1.0)
+    t = Target(visual, model_id(info["model_id"]), spec, preprocess, None, size, crop_fraction=1.0,
+               random_weights=info["random_weights"])
     if getattr(visual, "class_embedding", None) is not None or hasattr(visual, "grid_size"):
         t.num_prefix_tokens = 1 if getattr(visual, "class_embedding", None) is not None else 0
         t.grid_size = tuple(int(g) for g in visual.grid_size)
@@ -326,6 +367,8 @@ class LayerInfo:
 
 
 def _kind(module: nn.Module, name: str, out: torch.Tensor, is_last: bool) -> str:
+    """is_last: the module's output is the model's output (the last call, or the tensor a
+    wrapper such as torchvision's `heads` Sequential passes through)."""
     if isinstance(module, (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d)):
         return "norm"
     if out.dim() == 4:
@@ -354,7 +397,7 @@ def token_grid(target: Target, n_tokens: int) -> tuple[int, int, int]:
 
 
 def _dummy_input(target: Target) -> torch.Tensor:
-    return torch.zeros(1, 3, target.input_size, target.input_size)
+    return torch.zeros(1, 3, target.input_size, target.input_size, device=target.device)
 
 
 def list_layers(target: Target) -> list[LayerInfo]:
@@ -366,6 +409,7 @@ def list_layers(target: Target) -> list[LayerInfo]:
         return cached
     shapes: dict[str, tuple] = {}
     order: list[str] = []
+    outs: dict[str, torch.Tensor] = {}  # the last output of each module (one dummy image)
     modules = dict(target.module.named_modules())
 
     def make_hook(name):
@@ -373,6 +417,7 @@ def list_layers(target: Target) -> list[LayerInfo]:
             if isinstance(out, torch.Tensor) and 2 <= out.dim() <= 4:
                 if name not in shapes:
                     order.append(name)
+                outs[name] = out
                 shapes[name] = tuple(out.shape[1:])  # [batch, ...] -> per-image shape
                 if target.token_layout == "tbc" and out.dim() == 3:
                     shapes[name] = (out.shape[0], out.shape[2])
@@ -381,14 +426,14 @@ def list_layers(target: Target) -> list[LayerInfo]:
     handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items() if n]
     try:
         with torch.no_grad():
-            target.module(_dummy_input(target))
+            final = target.module(_dummy_input(target))
     finally:
         for h in handles:
             h.remove()
     infos = []
     for i, name in enumerate(order):
         shape = shapes[name]
-        kind = _kind(modules[name], name, torch.empty((1, *shape)), i == len(order) - 1)
+        kind = _kind(modules[name], name, torch.empty((1, *shape)), i == len(order) - 1 or outs[name] is final)
         if len(shape) == 3:
             c, gh, gw = shape
         elif len(shape) == 2:
@@ -436,5 +481,83 @@ def resolve_layer(target: Target, name: str) -> str:
 
 
 def layers(spec: str, input_size: int | None = None) -> list[dict]:
-    """The `neurostore layers MODEL` command: hookable layers with kind, output shape, units."""
-    return [li.as_dict() for li in list_layers(load_target(spec, input_size=input_size))]
+    """The `neurostore layers MODEL` command: hookable layers with kind, output shape, units, and
+    whether the layer is a default one. Builds the architecture only: no weights, no network."""
+    t = load_target(spec, input_size=input_size, weights=False)
+    default = set(default_layers(t))
+    return [{**li.as_dict(), "default": li.layer in default} for li in list_layers(t)]
+
+
+# ---- default layers ---------------------------------------------------------------------------
+
+RESNET_LAYERS = ("conv1", "layer1", "layer2", "layer3", "layer4")
+UNIT_KINDS = ("conv", "vit_mlp", "linear", "logits")
+
+
+def _is_mlp_hidden(modules: dict[str, nn.Module], layer: str) -> bool:
+    """The first linear layer of a transformer block's MLP: its outputs are the MLP's hidden
+    neurons (timm `mlp.fc1`, OpenCLIP `mlp.c_fc`, torchvision `mlp.0`, SAM `mlp.lin1`).
+
+    We hook the linear output (pre-activation), not the GELU after it: GELU is increasing above
+    its minimum at -0.75, so a neuron's top images and patches are the same either way; the
+    linear layer exists under one rule in every family (torchvision's GELU is an anonymous `1`);
+    and it is the convention of the keys (`blocks.N.mlp.fc1`) and of the probe ViT the demo's
+    figures were measured on."""
+    m = modules.get(layer)
+    parent = modules.get(layer.rpartition(".")[0]) if "." in layer else None
+    if not isinstance(m, nn.Linear) or parent is None or not layer.rpartition(".")[0].endswith("mlp"):
+        return False
+    return next((c for c in parent.children() if isinstance(c, nn.Linear)), None) is m
+
+
+def _stage_outputs(target: Target, infos: list[LayerInfo]) -> list[str]:
+    """The stage outputs of a CNN: in the container whose direct children span the most output
+    resolutions (torchvision `features`, timm `stages`/`blocks`), the last child at each
+    resolution (VGG: the ReLU before each pool; ConvNeXt, EfficientNet: each stage)."""
+    modules = dict(target.module.named_modules())
+    # A pool only shrinks the map before the next stage: the stage's output is what it pools.
+    maps = [li for li in infos if len(li.shape) == 3
+            and not isinstance(modules[li.layer], (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d))]
+    groups: dict[str, list[LayerInfo]] = {}
+    for li in maps:
+        groups.setdefault(li.layer.rpartition(".")[0], []).append(li)
+    best: list[LayerInfo] = []
+    for parent, children in groups.items():
+        res = {(li.grid_h, li.grid_w) for li in children}
+        if len(res) > len({(li.grid_h, li.grid_w) for li in best}) or (
+                len(res) == len({(li.grid_h, li.grid_w) for li in best}) and best
+                and parent.count(".") < best[0].layer.rpartition(".")[0].count(".")):
+            best = children
+    if len({(li.grid_h, li.grid_w) for li in best}) < 3:
+        return []
+    last: dict[tuple, str] = {}
+    for li in best:
+        last[(li.grid_h, li.grid_w)] = li.layer
+    return list(dict.fromkeys(last.values()))
+
+
+def default_layers(target: Target, most: int = 6) -> list[str]:
+    """The layers a researcher means (module doc), in depth order; always the classifier head
+    when there is one (its units are the classes).
+
+    ResNets: conv1, layer1-layer4, fc. Transformers: every block's MLP hidden layer (a ViT's
+    conv patch stem is left out: its neurons are the MLP's). A small CNN (at most `most`
+    conv/linear layers, like the probe CNN): every one. Other CNNs: the stage outputs. Anything
+    else: `most` conv/linear layers spread over the depth."""
+    infos = list_layers(target)
+    names = [li.layer for li in infos]
+    modules = dict(target.module.named_modules())
+    head = [li.layer for li in infos if li.kind == "logits"][-1:]
+    if all(n in names for n in RESNET_LAYERS):
+        return [*RESNET_LAYERS, *(["fc"] if "fc" in names else head)]
+    mlp = [li.layer for li in infos if li.kind == "vit_mlp" and _is_mlp_hidden(modules, li.layer)]
+    if mlp:
+        return mlp + [h for h in head if h not in mlp]
+    units = [li.layer for li in infos if li.kind in UNIT_KINDS]
+    if len(units) <= most:
+        return units
+    stages = _stage_outputs(target, infos)
+    if stages:
+        return stages + [h for h in head if h not in stages]
+    pick = np.linspace(0, len(units) - 1, most).round().astype(int)
+    return [units[i] for i in sorted(set(pick))]

@@ -18,6 +18,7 @@ Specs (after `open_clip:`):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -34,9 +35,10 @@ def _is_path(text: str) -> bool:
     return text.startswith(("/", "./", "../", "~")) or text.endswith(WEIGHT_SUFFIXES) or Path(text).exists()
 
 
-def create_openclip(rest: str):
+def create_openclip(rest: str, weights: bool = True):
     """(model in eval mode, preprocess, info) for a spec without the 'open_clip:' prefix.
-    info: model_name, model_id (short, for ids), id (provenance), image_size, tokenizer_name."""
+    info: model_name, model_id (short, for ids), id (provenance), image_size, tokenizer_name,
+    random_weights. weights=False: a registry model's architecture only (no download)."""
     import open_clip
 
     rest = rest.strip()
@@ -75,16 +77,26 @@ def create_openclip(rest: str):
                                             tags + ["random"], "Or give a local checkpoint path."))
             pretrained, short = tag, f"{name}-{tag}"
         model_name = name
+    from .models import downloading
+
+    if not weights and not model_name.startswith(("hf-hub:", "local-dir:")):
+        pretrained = None
+    # Only a pretrained tag or hf-hub: spec reaches for the network; local files fail as files.
+    remote = model_name.startswith("hf-hub:") or (pretrained is not None and not _is_path(pretrained))
+    fetch = (downloading(f"OpenCLIP {rest}", f"open_clip:{model_name.split('/')[0]}/random or a local "
+                         "checkpoint (open_clip:MODEL/PATH)") if remote else contextlib.nullcontext())
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained, **kwargs)
+        with fetch:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=pretrained, **kwargs)
     except (RuntimeError, ValueError, FileNotFoundError, KeyError) as e:
         raise UnknownEncoder(f"OpenCLIP could not load '{rest}': {e}") from e
     model.eval()
     size = model.visual.image_size
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     info = {"model_name": model_name, "model_id": short, "image_size": size, "tokenizer_name": tok,
-            "id": f"open_clip:{rest}"}
+            "id": f"open_clip:{rest}", "random_weights": pretrained is None and not model_name.startswith(
+                ("hf-hub:", "local-dir:"))}
     return model, preprocess, info
 
 
@@ -156,14 +168,14 @@ def save_openclip(model, model_cfg: dict, folder: str | Path, preprocess_cfg: di
 class OpenClipEncoder(Encoder):
     """Image and text embeddings from an OpenCLIP model; rows of unit length."""
 
-    def __init__(self, model, preprocess, tokenizer, id: str, image_size: int):
-        self.model = model.eval()
+    def __init__(self, model, preprocess, tokenizer, id: str, image_size: int, random_weights: bool = False):
+        self.model = self.module = model.eval()
         self._preprocess = preprocess
         self.tokenizer = tokenizer
         self.id = id
         self.image_size = image_size
-        with torch.no_grad():
-            self.dim = int(self.encode_texts(["a photo"]).shape[1])
+        self.random_weights = random_weights
+        self.dim = int(getattr(model, "embed_dim", 0) or self.encode_texts(["a photo"]).shape[1])
 
     @classmethod
     def from_spec(cls, rest: str) -> "OpenClipEncoder":
@@ -171,19 +183,15 @@ class OpenClipEncoder(Encoder):
 
         model, preprocess, info = create_openclip(rest)
         tokenizer = open_clip.get_tokenizer(info["tokenizer_name"])
-        return cls(model, preprocess, tokenizer, info["id"], info["image_size"])
+        return cls(model, preprocess, tokenizer, info["id"], info["image_size"], info["random_weights"])
 
     def preprocess(self, image):
         return self._preprocess(image)
 
-    @torch.no_grad()
     def encode_images(self, batch: torch.Tensor) -> torch.Tensor:
-        out = self.model.encode_image(batch)
-        return torch.nn.functional.normalize(out.float(), dim=-1)
+        return self._run(self.model.encode_image, batch)  # [n, 3, S, S] -> [n, dim]
 
-    @torch.no_grad()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         if not texts:
             return torch.zeros(0, getattr(self, "dim", 0))
-        out = self.model.encode_text(self.tokenizer(list(texts)))
-        return torch.nn.functional.normalize(out.float(), dim=-1)
+        return self._run(self.model.encode_text, self.tokenizer(list(texts)))  # [n, ctx] tokens -> [n, dim]

@@ -20,6 +20,10 @@ the same work replaces its rows and different work sits beside it:
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,38 +37,14 @@ from . import scorers as S
 from .errors import BadInput, BadParameter
 from .explain import explanations_table, summarise
 from .images import ImageFolder, ImageSource
-from .models import Target, layers_table_rows, list_layers, load_target, resolve_layer
+from .models import Target, default_layers, layers_table_rows, list_layers, load_target, resolve_layer
 from .patches import extract_patches
-from .record import activation_maps, record
+from .record import Recorder, activation_maps
 from .store import Store
 from .vocab import Vocabulary, concepts_table, load_vocabulary, vocabulary_table
 
 ALL_SCORERS = ("patch", "soft_wpmi", "wpmi", "cos_cubed", "iou")
 DEFAULT_ENCODER_ONLINE = "open_clip:ViT-B-32/laion2b_s34b_b79k"
-UNIT_KINDS = ("conv", "vit_mlp", "linear", "logits")
-
-
-def _is_unit_layer(kind: str, layer: str) -> bool:
-    """Layers whose units are neurons in the papers' sense: conv channels, linear neurons, and in
-    a transformer MLP the hidden neurons (its first linear layer), not its norms or dropouts."""
-    if kind == "vit_mlp":
-        return layer.rsplit(".", 1)[-1] in ("fc1", "c_fc", "lin1")
-    return kind in UNIT_KINDS
-
-
-def default_layers(target: Target, most: int = 6) -> list[str]:
-    """Up to `most` layers spread over the depth of the model (always the last, whose units are
-    the classes), among conv channels, linear neurons and ViT MLP hidden neurons (a ViT's
-    neurons: its conv patch stem is left out)."""
-    infos = [li for li in list_layers(target) if _is_unit_layer(li.kind, li.layer)]
-    if any(li.kind == "vit_mlp" for li in infos):
-        # In a transformer the conv layers are the patch stem: its neurons are the MLP's.
-        infos = [li for li in infos if li.kind != "conv"]
-    names = [li.layer for li in infos]
-    if len(names) <= most:
-        return names
-    pick = np.linspace(0, len(names) - 1, most).round().astype(int)
-    return [names[i] for i in sorted(set(pick))]
 
 
 def _vector_column(m: np.ndarray) -> pa.Array:
@@ -165,26 +145,215 @@ class _Masks:
         return out
 
 
-# ---- scoring ------------------------------------------------------------------------------------
+# ---- embeddings: computed once per (encoder, kind, item), reused across runs ---------------------
+
+
+def _cached_vectors(store: Store, encoder_id: str, kind: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
+    """Stored vectors of `ids` (those there are) for this encoder and kind."""
+    if not ids or "embeddings" not in store.tables():
+        return {}
+    t = store.sql("SELECT e.item_id, any_value(e.vector) AS vector FROM embeddings e "
+                  "JOIN (SELECT unnest($ids) AS item_id) w USING (item_id) "
+                  "WHERE e.encoder = $e AND e.kind = $k GROUP BY e.item_id",
+                  {"ids": list(dict.fromkeys(ids)), "e": encoder_id, "k": kind})
+    if not t.num_rows:
+        return {}
+    vec = t.column("vector").combine_chunks()
+    m = np.asarray(vec.flatten(), np.float32).reshape(t.num_rows, -1)  # [n, dim]
+    return dict(zip(t.column("item_id").to_pylist(), m))
+
+
+def _cached_ids(store: Store, encoder_id: str, kind: str) -> frozenset:
+    if "embeddings" not in store.tables():
+        return frozenset()
+    t = store.sql("SELECT DISTINCT item_id FROM embeddings WHERE encoder = $e AND kind = $k",
+                  {"e": encoder_id, "k": kind})
+    return frozenset(t.column("item_id").to_pylist())
+
+
+def _ids_key(ids: Sequence[str]) -> str:
+    """Write key of a set of content-addressed rows: new vectors sit beside the old ones, and a
+    retried run replaces only its own."""
+    return hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:16]
+
+
+def _text_embeddings(enc, store: Store, concepts: Sequence[str], counts: dict, progress: bool,
+                     chunk: int = 256) -> tuple[torch.Tensor, list[str], np.ndarray]:
+    """[c, d] concept vectors; only texts without a stored vector for this encoder are encoded.
+    Returns (all vectors, new texts, their vectors)."""
+    have = _cached_vectors(store, enc.id, "concept", concepts)
+    todo = [c for c in dict.fromkeys(concepts) if c not in have]
+    new = []
+    bar = _bar(progress, len(todo), "texts", "text")
+    with torch.no_grad():
+        for i in range(0, len(todo), chunk):
+            new.append(enc.encode_texts(list(todo[i : i + chunk])).float().cpu().numpy())
+            bar.update(len(todo[i : i + chunk]))
+    bar.close()
+    counts["texts"] += len(todo)
+    new_m = np.concatenate(new) if new else np.zeros((0, enc.dim), np.float32)
+    have.update(zip(todo, new_m))
+    return torch.from_numpy(np.stack([have[c] for c in concepts])), todo, new_m
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
+def _bar(progress: bool, total: int, desc: str, unit: str):
+    """A progress bar on stderr (stdout stays the command's one JSON object)."""
+    if not progress or not total:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, leave=False)
+
+
+# ---- resume -------------------------------------------------------------------------------------
+
+CHECKPOINT_VERSION = 1
+
+
+def _weights_hash(module: torch.nn.Module) -> str:
+    h = hashlib.sha1()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _work_id(target: Target, source: ImageSource, identity: dict) -> str:
+    """The identity of a dissect's single pass: model weights, every image (id, path, size,
+    mtime), and every parameter that changes what the pass folds. A checkpoint of other work
+    has another id and is never read."""
+    from . import __version__
+
+    h = hashlib.sha1(json.dumps({**identity, "version": __version__, "checkpoint": CHECKPOINT_VERSION,
+                                 "spec": target.spec, "weights": _weights_hash(target.module)},
+                                sort_keys=True, default=str).encode())
+    for iid, path in source.items:
+        try:
+            st = os.stat(path)
+            h.update(f"\0{iid}\0{path}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+        except OSError:
+            h.update(f"\0{iid}\0{path}\0-".encode())
+    return h.hexdigest()[:20]
+
+
+class _Checkpoint:
+    """The pass's state in one file under the store's `checkpoints/`, written atomically (temp
+    file, fsync, rename) every `every` seconds, read back by the same work, removed at commit."""
+
+    def __init__(self, store: Store, work_id: str, every: float):
+        self.path = Path(store.path) / "checkpoints" / f"dissect-{work_id}.pt"
+        self.every, self.last = every, time.time()
+
+    def load(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        try:
+            return torch.load(self.path, map_location="cpu", weights_only=False)
+        except Exception:  # a damaged checkpoint costs the work done, never the run
+            return None
+
+    def maybe_save(self, state) -> bool:
+        if time.time() - self.last < self.every:
+            return False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            torch.save(state(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self.last = time.time()
+        return True
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+# ---- the single pass ----------------------------------------------------------------------------
+
+
+def _single_pass(target: Target, layer_names: list[str], source: ImageSource, enc, *, k: int,
+                 batch_size: int, workers: int, precision, image_emb: bool, iou_fraction: float | None,
+                 known_images: frozenset, ckpt: _Checkpoint, counts: dict, progress: bool):
+    """Decode each probe image once and run it through the target once: the same batch feeds the
+    recorder (top-k, the maps of each unit's top images, pooled activations), the IoU thresholds
+    and the encoder's whole-image embedding (its own preprocessing of the same decoded image).
+    Returns (recorder, thresholds per layer or None, {image hash: new vector}, hashes in
+    recorder order, first item this process read)."""
+    infos = {li.layer: li for li in list_layers(target)}
+    tq = {}
+    if iou_fraction is not None:
+        n = len(source)
+        tq = {l: S.TopQuantile(infos[l].n_units, n * infos[l].grid_h * infos[l].grid_w, iou_fraction)
+              for l in layer_names}
+    rec = Recorder(target, layer_names, k=k, dataset=source.dataset, keep_maps=True, precision=precision,
+                   on_maps=(lambda layer, m: tq[layer].update(m)) if tq else None)
+    for q in tq.values():
+        q.top = q.top.to(rec.device)
+    new_images: dict[str, np.ndarray] = {}
+    hashes: list[str] = []
+    start = 0
+    saved = ckpt.load()
+    if saved is not None:
+        rec.load_state_dict(saved["recorder"])
+        for l, (top, seen) in saved["tq"].items():
+            tq[l].top, tq[l].seen = top.to(rec.device), seen
+        new_images, hashes, start = saved["new_images"], saved["hashes"], saved["position"]
+        source.rejects, source.sizes = saved["rejects"], saved["sizes"]
+
+    def state():
+        return {"recorder": rec.state_dict(), "tq": {l: (q.top.cpu(), q.seen) for l, q in tq.items()},
+                "new_images": new_images, "hashes": hashes, "position": source.position,
+                "rejects": list(source.rejects), "sizes": dict(source.sizes)}
+
+    device = rec.device
+    also = (enc.preprocess,) if image_emb else ()
+    with rec, torch.no_grad():
+        for b in source.batches(target.preprocess, batch_size, num_workers=workers, progress=progress,
+                                start=start, also=also, skip_also=known_images,
+                                pin_memory=device.type == "cuda"):
+            counts["decoded"] += len(b.image_ids) + len(b.rejects)
+            rec.update(b.image_ids, b.pixels)
+            if b.also_rows:
+                todo = [j for j in b.also_rows if b.hashes[j] not in new_images]
+                if todo:
+                    rows = [b.also_rows.index(j) for j in todo]
+                    vecs = enc.encode_images(b.also[0][rows]).float().cpu().numpy()  # [m, d]
+                    counts["images"] += len(todo)
+                    new_images.update({b.hashes[j]: v for j, v in zip(todo, vecs)})
+            hashes += b.hashes
+            if ckpt.maybe_save(state):
+                counts["checkpoints"] += 1
+    counts["target_passes"] += 1
+    rec.rejects = list(source.rejects)
+    # The images that were usable are known only now: the threshold is the ceil(fraction * values
+    # seen)-th largest (TopQuantile kept at least that many, sized for every file of the source).
+    thresholds = {l: q.top[:, max(1, math.ceil(iou_fraction * q.seen)) - 1].cpu() for l, q in tq.items()}
+    return rec, thresholds or None, new_images, hashes, start
 
 
 def _iou_scores(target: Target, layers: list[str], source: ImageSource, masks: _Masks,
-                top_fraction: float, batch_size: int, progress: bool) -> dict[str, torch.Tensor]:
-    """Network Dissection IoU for every layer: one pass for the thresholds, one for the IoU.
-    Concepts without any mask in the probe set get NaN (no evidence), not 0."""
-    infos = {li.layer: li for li in list_layers(target)}
-    n = len(source) - len(source.rejects)
-    tq = {l: S.TopQuantile(infos[l].n_units, n * infos[l].grid_h * infos[l].grid_w, top_fraction) for l in layers}
-    for b in source.batches(target.preprocess, batch_size, progress=progress):
-        maps = activation_maps(target, layers, b.pixels)
-        for l in layers:
-            tq[l].update(maps[l])
-    acc = {l: S.IoUAccumulator(tq[l].thresholds(), len(masks.index)) for l in layers}
-    for b in source.batches(target.preprocess, batch_size, progress=progress):
+                thresholds: dict[str, torch.Tensor], batch_size: int, workers: int, counts: dict,
+                progress: bool) -> dict[str, torch.Tensor]:
+    """Network Dissection IoU for every layer, against the thresholds the single pass found (the
+    dataset-wide quantile must be known before any image is scored: a second pass, for probe
+    worlds only). Concepts without any mask in the probe set get NaN (no evidence), not 0."""
+    acc = {l: S.IoUAccumulator(thresholds[l].cpu(), len(masks.index)) for l in layers}
+    for b in source.batches(target.preprocess, batch_size, num_workers=workers, progress=progress):
+        counts["decoded"] += len(b.image_ids) + len(b.rejects)
         maps = activation_maps(target, layers, b.pixels)
         m = masks.batch(b.image_ids)
         for l in layers:
-            acc[l].update(maps[l], m)
+            acc[l].update(maps[l].cpu(), m)
+    counts["target_passes"] += 1
     out = {}
     absent = torch.ones(len(masks.index), dtype=torch.bool)
     absent[masks.present] = False
@@ -193,23 +362,6 @@ def _iou_scores(target: Target, layers: list[str], source: ImageSource, masks: _
         s[:, absent] = float("nan")
         out[l] = s
     return out
-
-
-def _image_embeddings(enc, source: ImageSource, ids: Sequence[str], batch_size: int,
-                      progress: bool) -> torch.Tensor:
-    """Whole-image embeddings [n, d] in the order of `ids` (the recorder's order)."""
-    got: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for b in source.batches(enc.preprocess, batch_size, progress=progress):
-            for iid, v in zip(b.image_ids, enc.encode_images(b.pixels).float()):
-                got[iid] = v
-    return torch.stack([got[i] for i in ids])
-
-
-def _text_embeddings(enc, concepts: Sequence[str], chunk: int = 1024) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([enc.encode_texts(list(concepts[i : i + chunk])).float()
-                          for i in range(0, len(concepts), chunk)])
 
 
 class _Lap:
@@ -224,6 +376,17 @@ class _Lap:
         self.t = now
 
 
+def _load_encoder(spec: str, device, precision, worlds=()):
+    """load_encoder with the device and precision where it takes them."""
+    import inspect
+
+    from .encoders import load_encoder
+
+    if "device" in inspect.signature(load_encoder).parameters:
+        return load_encoder(spec, worlds=worlds, device=device, precision=precision)
+    return load_encoder(spec, worlds=worlds)
+
+
 # ---- dissect ------------------------------------------------------------------------------------
 
 
@@ -232,74 +395,113 @@ def dissect(model: str, *, store: Store | str | Path, images: str | Path | None 
             scorers: Sequence[str] | None = None, encoder: str | None = None, k: int = 10,
             top_n: int = 5, batch_size: int = 64, scorer_params: dict | None = None,
             summarise_with: str | None = None, world=None, evaluate: bool = True,
-            max_images: int | None = None,
+            max_images: int | None = None, device: str = "auto", precision: str = "auto",
+            workers: int = 0, checkpoint_every: float = 120.0,
             progress: bool = True, log=print) -> dict:
     """Dissect `layers` of `model` on a folder of images (or the probe world for probe models)
     and write every table of the run to `store`. Returns the run's summary.
 
     scorers: names from `neurostore.scorers.SCORERS` (default: all that apply; `iou` needs
     per-pixel masks, which only the probe world has). encoder: an encoder spec (default: the
-    probe world's encoder for probe models, else OpenCLIP ViT-B-32). summarise_with: a scorer
-    whose top concepts an LLM turns into one sentence per unit (needs ANTHROPIC_API_KEY; without
-    it a template sentence is stored and marked so)."""
-    from .encoders import load_encoder
+    probe world's encoder for probe models, also with `images`, else OpenCLIP ViT-B-32).
+    summarise_with: a scorer whose top concepts an LLM turns into one sentence per unit (needs
+    ANTHROPIC_API_KEY; without it a template sentence is stored and marked so).
+
+    device/precision: where the models run (`neurostore.devices`); workers: processes decoding
+    images. Text, image and crop embeddings already in the store for the encoder are reused, not
+    computed again. The pass checkpoints every `checkpoint_every` seconds; the same call after a
+    crash resumes from the checkpoint and writes exactly the tables of an uninterrupted run."""
+    from .devices import describe, precision_name, resolve_device, resolve_precision
 
     t0 = time.time()
     if not isinstance(store, Store):
         store = Store.open(store)
-    if k < 1 or top_n < 1 or batch_size < 1:
-        raise BadParameter(f"k={k}, top_n={top_n} and batch_size={batch_size} must all be at least 1.")
+    if k < 1 or top_n < 1 or batch_size < 1 or workers < 0:
+        raise BadParameter(f"k={k}, top_n={top_n} and batch_size={batch_size} must all be at least 1, "
+                           f"workers={workers} at least 0.")
+    dev = resolve_device(device)
+    dtype = resolve_precision(precision, dev)
     target = load_target(model)
+    if hasattr(target, "to"):
+        target.to(dev)
+    elif dev.type != "cpu":
+        target.module.to(dev)
+        target.device = dev
     world = world if world is not None else target.extra.get("world")
-    if images is not None:
-        world = None  # a user folder has no masks and no world labels
-    source = _image_source(images, world, max_images)
+    # A user folder has no masks and no world labels; a probe model still uses its world's encoder.
+    mask_world = None if images is not None else world
+    source = _image_source(images, mask_world, max_images)
     layer_names = list(dict.fromkeys(resolve_layer(target, l) for l in layers)) if layers else default_layers(target)
-    names = list(scorers) if scorers else [s for s in ALL_SCORERS if s != "iou" or world is not None]
+    names = list(scorers) if scorers else [s for s in ALL_SCORERS if s != "iou" or mask_world is not None]
     for s in names:
         S.get_scorer(s)
-    if "iou" in names and world is None:
+    if "iou" in names and mask_world is None:
         raise BadInput("Scorer 'iou' needs per-pixel concept masks, which only the probe world has. "
-                       "Drop it from --scorer, or dissect a probe-world model.")
+                       "Drop it from --scorer, or dissect a probe-world model on its own probe images.")
     params = {s: S.resolve_params(s, (scorer_params or {}).get(s)) for s in names}
-    vocab = resolve_vocabulary(vocabulary, store, world=world)
+    vocab = resolve_vocabulary(vocabulary, store, world=mask_world)
     if encoder is None:
-        enc = world.encoder() if world is not None else load_encoder(DEFAULT_ENCODER_ONLINE)
+        enc = world.encoder() if world is not None else _load_encoder(DEFAULT_ENCODER_ONLINE, dev, dtype)
     else:
-        enc = load_encoder(encoder)
+        enc = _load_encoder(encoder, dev, dtype, worlds=[str(world.root)] if world is not None else ())
     log(f"dissect {target.id}: {len(layer_names)} layers, {len(source)} images, vocabulary "
-        f"{vocab.name} ({len(vocab)} concepts), scorers {', '.join(names)}, encoder {enc.id}")
+        f"{vocab.name} ({len(vocab)} concepts), scorers {', '.join(names)}, encoder {enc.id}, "
+        f"device {describe(dev)}")
 
     timings: dict[str, float] = {}
+    counts = {"decoded": 0, "target_passes": 0, "texts": 0, "images": 0, "crops": 0, "checkpoints": 0}
     lap = _Lap(timings)
-    # 1. record
-    rec = record(target, layer_names, source, k=k, batch_size=batch_size, progress=progress)
+    clip_like = [s for s in names if s in ("soft_wpmi", "wpmi", "cos_cubed")]
+    # 1. the concepts in the encoder's space (stored vectors reused)
+    text_emb, new_texts, new_text_m = _text_embeddings(enc, store, vocab.concepts, counts, progress)
+    lap("vocabulary")
+    # 2. one pass over the images: record, image embeddings, IoU thresholds
+    iou_fraction = params["iou"]["top_fraction"] if "iou" in names else None
+    identity = {"dataset": source.dataset, "layers": layer_names, "k": k, "encoder": enc.id,
+                "image_emb": bool(clip_like), "iou": iou_fraction, "precision": str(dtype),
+                "device": dev.type, "max_images": max_images}
+    ckpt = _Checkpoint(store, _work_id(target, source, identity), checkpoint_every)
+    known_images = _cached_ids(store, enc.id, "image") if clip_like else frozenset()
+    rec, thresholds, new_images, hashes, resumed = _single_pass(
+        target, layer_names, source, enc, k=k, batch_size=batch_size, workers=workers, precision=dtype,
+        image_emb=bool(clip_like), iou_fraction=iou_fraction, known_images=known_images, ckpt=ckpt,
+        counts=counts, progress=progress)
+    if resumed:
+        log(f"resumed from a checkpoint at image {resumed} of {len(source)}")
+    rec = rec.result()
     if rec.n_images == 0:
         raise BadInput(f"No usable images in '{images or source.dataset}': all {len(source.rejects)} "
                        "files were rejected (see the reasons with --json).")
-    clip_like = [s for s in names if s in ("soft_wpmi", "wpmi", "cos_cubed")]
     too_few = [s for s in clip_like if params[s].get("top_k", 0) > rec.n_images]
     for s in too_few:  # CLIP-Dissect's top_k cannot exceed the number of images
         params[s]["top_k"] = rec.n_images
     lap("record")
-    # 2. patches (cut once, embedded once: every unit's evidence and the open-vocabulary index)
-    ps = extract_patches(target, rec, source, encoders=[enc], batch_size=batch_size, progress=progress)
-    patch_emb = torch.from_numpy(ps.embeddings[enc.id])
+    # 3. patches: boxes from the maps kept for each unit's top images; each crop embedded once
+    known_patches = _cached_ids(store, enc.id, "patch")
+    ps = extract_patches(target, rec, source, encoders=[enc], known={enc.id: known_patches},
+                         batch_size=batch_size, progress=progress)
+    counts["crops"] += ps.n_encoded
+    counts["decoded_for_crops"] = ps.n_decoded
+    new_patch_ids, new_patch_m = ps.embeddings[enc.id]
+    vec = dict(zip(new_patch_ids, new_patch_m))
+    vec.update(_cached_vectors(store, enc.id, "patch", [p for p in ps.patch_ids if p not in vec]))
+    patch_emb = torch.from_numpy(np.stack([vec[p] for p in ps.patch_ids])) if ps.rows \
+        else torch.zeros(0, text_emb.shape[1])
     row_of = {pid: i for i, pid in enumerate(ps.patch_ids)}
     lap("patches")
-    # 3. vocabulary in the encoder's space
-    text_emb = _text_embeddings(enc, vocab.concepts)
-    lap("vocabulary")
     # 4. scores
     sim = None
     if clip_like:
-        image_emb = _image_embeddings(enc, source, rec.image_ids, batch_size, progress)
+        vec = dict(new_images)
+        vec.update(_cached_vectors(store, enc.id, "image", [h for h in hashes if h not in vec]))
+        image_emb = torch.from_numpy(np.stack([vec[h] for h in hashes]))  # [n, d] recorder order
         sim = S.image_text_similarity(image_emb, text_emb)
     iou = {}
     if "iou" in names:
-        iou = _iou_scores(target, layer_names, source, _Masks(world, vocab.concepts),
-                          params["iou"]["top_fraction"], batch_size, progress)
+        iou = _iou_scores(target, layer_names, source, _Masks(mask_world, vocab.concepts), thresholds,
+                          batch_size, workers, counts, progress)
     score_tables, expl_tables = [], []
+    bar = _bar(progress, len(layer_names) * len(names), "scores", "scorer")
     for name in layer_names:
         lr = rec.layers[name]
         pooled = torch.from_numpy(lr.pooled_mean.astype(np.float32)) if lr.pooled_mean is not None else None
@@ -327,42 +529,54 @@ def dissect(model: str, *, store: Store | str | Path, images: str | Path | None 
                         by_unit.setdefault(u, []).append((r, ps.rows[row_of[pid]]["thumbnail"]))
                 summaries = summarise(rows, s, lambda u: [png for _, png in sorted(by_unit.get(u, []))])
             expl_tables.append(explanations_table(rows, summaries))
-
+            bar.update()
+    bar.close()
     lap("scores")
-    # 5. one run, one commit
+    # 5. one run, one commit. Write keys at the granularity of the work (module doc).
     run_params = {"model": target.spec, "dataset": rec.dataset, "max_images": max_images, "layers": layer_names,
                   "vocabulary": vocab.name, "scorers": params, "encoder": enc.id, "k": k,
                   "top_n": top_n, "summarise_with": summarise_with}
     record_key, ds = f"record:{rec.dataset}", rec.dataset
+    stored = set()
+    if "patches" in store.tables() and ps.rows:
+        stored = set(store.sql("SELECT DISTINCT p.patch_id FROM patches p JOIN (SELECT unnest($ids) AS patch_id) "
+                               "w USING (patch_id)", {"ids": ps.patch_ids}).column("patch_id").to_pylist())
+    new_rows = [r for r in ps.rows if r["patch_id"] not in stored]
     with store.run("dissect", run_params) as run:
         run.write("models", pa.Table.from_pylist([target.model_row()]), key=f"model:{target.id}")
-        run.write("layers", pa.Table.from_pylist(layers_table_rows(target, layer_names)), key=record_key)
-        if world is not None:
-            run.write("images", world.images(), key=f"images:{ds}")
-            run.write("masks", world.masks(), key=f"images:{ds}")
+        for row in layers_table_rows(target, layer_names):
+            run.write("layers", pa.Table.from_pylist([row]), key=f"{record_key}:{row['layer']}")
+        if mask_world is not None:
+            run.write("images", mask_world.images(), key=f"images:{ds}")
+            run.write("masks", mask_world.masks(), key=f"images:{ds}")
         else:
             run.write("images", source.images_table(), key=f"images:{ds}")
         run.write("rejects", source.rejects_table(), key=f"images:{ds}")
         run.write("activations", ps.fill_activations(rec.activations_table()), key=record_key)
         run.write("units", rec.units_table(), key=record_key)
         run.write("pooled", rec.pooled_table(), key=record_key)
-        run.write("patches", ps.table(), key=f"patches:{target.id}:{ds}")
-        run.write("embeddings", _embedding_rows(enc.id, "patch", ps.patch_ids, ps.embeddings[enc.id]),
-                  key=f"patches:{target.id}:{ds}:{enc.id}")
-        if sim is not None:
-            run.write("embeddings", _embedding_rows(enc.id, "image", [f"{ds}/{i}" for i in rec.image_ids],
-                                                    image_emb.numpy()), key=f"image-emb:{ds}:{enc.id}")
+        if new_rows:
+            pids = [r["patch_id"] for r in new_rows]
+            run.write("patches", ps.table(new_rows), key=f"patches:{_ids_key(pids)}")
+        for kind, ids, m in (("patch", new_patch_ids, new_patch_m), ("concept", new_texts, new_text_m),
+                             ("image", list(new_images), np.stack(list(new_images.values())) if new_images else None)):
+            if ids:
+                run.write("embeddings", _embedding_rows(enc.id, kind, ids, m),
+                          key=f"emb:{enc.id}:{kind}:{_ids_key(ids)}")
         run.write("vocabularies", vocabulary_table(vocab), key=f"vocab:{vocab.name}")
         run.write("concepts", concepts_table(vocab), key=f"vocab:{vocab.name}")
-        run.write("embeddings", _embedding_rows(enc.id, "concept", vocab.concepts, text_emb.numpy()),
-                  key=f"vocab:{vocab.name}:{enc.id}")
         for rows, expl in zip(score_tables, expl_tables):
             s = rows["scorer"][0].as_py() if rows.num_rows else "none"
             key = f"score:{ds}:{s}:{vocab.name}:{enc.id}"
             run.write("scores", rows, key=key)
             run.write("explanations", expl, key=key)
-    # MiniLM vectors of the concepts, for SQL's semantic functions (similar_concepts).
-    store.embed_concepts(vocab.name)
+    ckpt.remove()
+    # MiniLM vectors of the concepts, for SQL's semantic functions (similar_concepts): new ones only.
+    from .sqlfuncs import MINILM_ID
+
+    missing = [c for c in dict.fromkeys(vocab.concepts) if c not in _cached_ids(store, MINILM_ID, "concept")]
+    if missing:
+        store.embed_concepts(concepts=missing)
     lap("store")
 
     summary = {
@@ -371,9 +585,16 @@ def dissect(model: str, *, store: Store | str | Path, images: str | Path | None 
         "units": int(sum(rec.layers[l].n_units for l in layer_names)),
         "patches": len(ps.rows), "patch_boxes": ps.n_boxes,
         "vocabulary": vocab.name, "concepts": len(vocab), "scorers": names, "encoder": enc.id,
+        "device": describe(dev), "precision": precision_name(dtype),
         "rows": dict(run.rows), "seconds": round(time.time() - t0, 1), "timings": timings,
+        # how often images were decoded and run through each model, and what the encoder encoded
+        # (embeddings already in the store are reused, not counted)
+        "passes": {"decoded": counts["decoded"], "decoded_for_crops": counts["decoded_for_crops"],
+                   "target_passes": counts["target_passes"], "encoded_texts": counts["texts"],
+                   "encoded_images": counts["images"], "encoded_crops": counts["crops"]},
+        "resumed_from": resumed, "checkpoints": counts["checkpoints"],
     }
-    if evaluate and world is not None:
+    if evaluate and mask_world is not None:
         from .evaluate import evaluate as run_eval
 
         summary["evaluation"] = run_eval(store, model=target.id, dataset=ds)

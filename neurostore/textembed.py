@@ -95,7 +95,11 @@ class TextEmbedder:
         return self.encode(a) @ self.encode(b).T
 
 
+def get_text_embedder(name: str = DEFAULT_TEXT_MODEL, device: str = "cpu") -> TextEmbedder:
+    """One loaded model per process, name and device (loading MiniLM takes seconds)."""
+    return _text_embedder(name, str(device))
+
+
 @functools.lru_cache(maxsize=4)
-def get_text_embedder(name: str = DEFAULT_TEXT_MODEL) -> TextEmbedder:
-    """One loaded model per process and name (loading MiniLM takes seconds)."""
-    return TextEmbedder(name)
+def _text_embedder(name: str, device: str) -> TextEmbedder:
+    return TextEmbedder(name, device=device)

@@ -10,8 +10,8 @@ from PIL import Image
 from torch import nn
 
 from neurostore.errors import BadInput, UnknownLayer, UnknownModel
-from neurostore.models import (_torchvision_weights, layers_table_rows, list_layers, load_target,
-                               resolve_layer)
+from neurostore.models import (_torchvision_weights, default_layers, layers, layers_table_rows, list_layers,
+                               load_target, resolve_layer)
 
 torch.set_num_threads(2)
 
@@ -136,8 +136,107 @@ def test_cli_layers_json_and_error():
 
     out = json.loads(r.stdout)
     assert out["layers"][0] == {"layer": "conv1", "kind": "conv", "shape": [64, 16, 16], "n_units": 64,
-                                "grid_h": 16, "grid_w": 16}
+                                "grid_h": 16, "grid_w": 16, "default": True}
+    assert [r["layer"] for r in out["layers"] if r["default"]] == ["conv1", "layer1", "layer2", "layer3", "layer4", "fc"]
     p = subprocess.run([sys.executable, "-m", "neurostore.cli", "layers", "torchvision:resnet1"],
                        capture_output=True, text=True)
     assert p.returncode == 1
     assert p.stderr.startswith("Error: Unknown torchvision model 'resnet1'. Did you mean resnet18")
+
+
+# ---- default layers, one test per family (random weights, small inputs) ---------------------------
+
+
+def test_default_layers_resnets_are_clip_dissects(resnet):
+    """torchvision and timm ResNets: conv1, layer1-layer4, fc (not layer3.0.downsample.0)."""
+    want = ["conv1", "layer1", "layer2", "layer3", "layer4", "fc"]
+    assert default_layers(resnet) == want
+    assert default_layers(load_target("timm:resnet18@random", input_size=64)) == want
+
+
+def test_default_layers_torchvision_vit_are_mlp_hidden_neurons():
+    t = load_target("torchvision:vit_b_16@random")
+    assert default_layers(t) == [f"encoder.layers.encoder_layer_{i}.mlp.0" for i in range(12)] + ["heads.head"]
+    infos = {li.layer: li for li in list_layers(t)}
+    assert infos["encoder.layers.encoder_layer_0.mlp.0"].n_units == 3072
+    assert infos["heads.head"].kind == "logits"  # the output, though `heads` (a Sequential) returns it
+
+
+def test_default_layers_timm_vit():
+    t = load_target("timm:vit_tiny_patch16_224@random", input_size=64)
+    assert default_layers(t) == [f"blocks.{i}.mlp.fc1" for i in range(12)] + ["head"]
+
+
+def test_default_layers_openclip_visual_tower():
+    t = load_target("open_clip:ViT-B-32/random")
+    assert t.random_weights and t.model_row()["random_weights"] is True
+    assert default_layers(t) == [f"transformer.resblocks.{i}.mlp.c_fc" for i in range(12)]
+
+
+@pytest.mark.parametrize("spec, want", [
+    ("torchvision:convnext_tiny@random", ["features.1", "features.3", "features.5", "features.7", "classifier.2"]),
+    ("torchvision:vgg11@random", ["features.1", "features.4", "features.9", "features.14", "features.19", "classifier.6"]),
+    ("timm:convnext_atto@random", ["stages.0", "stages.1", "stages.2", "stages.3", "head.fc"]),
+])
+def test_default_layers_other_cnns_are_stage_outputs(spec, want):
+    assert default_layers(load_target(spec, input_size=64)) == want
+
+
+def test_default_layers_probe_models_unchanged(probe_world):
+    """The demo's figures were measured on these: every conv and the head; every MLP fc1 and the head."""
+    cnn = load_target(f"probe:cnn@{probe_world.root}")
+    assert default_layers(cnn) == ["conv1", "conv2", "conv3", "conv4", "fc"]
+    vit = load_target(f"probe:vit@{probe_world.root}")
+    depth = len(vit.module.blocks)
+    assert default_layers(vit) == [f"blocks.{i}.mlp.fc1" for i in range(depth)] + ["head"]
+    assert not cnn.random_weights and cnn.model_row()["random_weights"] is False
+
+
+# ---- weights: listing needs none, a failed download is one line -------------------------------------
+
+
+def test_random_weights_marked(resnet):
+    assert resnet.random_weights and resnet.model_row()["random_weights"] is True
+
+
+def test_target_to_device(resnet):
+    assert resnet.device == torch.device("cpu")
+    assert resnet.to("cpu") is resnet and next(resnet.module.parameters()).device.type == "cpu"
+
+
+_OFFLINE = textwrap.dedent("""
+    import os, sys
+    # No network: any connection goes to a closed local port (and the HF hub is told it is offline).
+    os.environ.update(https_proxy="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9",
+                      HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9", HF_HUB_OFFLINE="1",
+                      TORCH_HOME=sys.argv[1], HF_HOME=sys.argv[1])
+    sys.argv = ["neurostore", *sys.argv[2:]]
+    from neurostore.cli import main
+    main()
+""")
+
+
+def _offline_cli(tmp_path, *args):
+    return subprocess.run([sys.executable, "-c", _OFFLINE, str(tmp_path), *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_layers_of_pretrained_spec_needs_no_weights(tmp_path):
+    """`neurostore layers torchvision:resnet50` used to download the weights just to list layers."""
+    p = _offline_cli(tmp_path, "layers", "torchvision:resnet18", "--input-size", "32", "--json")
+    assert p.returncode == 0, p.stderr
+    import json
+
+    assert json.loads(p.stdout)["layers"][0]["layer"] == "conv1"
+    assert not list(tmp_path.rglob("*.pth"))  # nothing was downloaded
+    rows = layers("timm:resnet18", input_size=32)  # timm: pretrained=False when listing
+    assert [r["layer"] for r in rows if r["default"]][0] == "conv1"
+
+
+def test_failed_download_is_one_line(tmp_path):
+    p = _offline_cli(tmp_path, "dissect", "torchvision:resnet18", "--store", str(tmp_path / "s"))
+    assert p.returncode == 1
+    lines = [l for l in p.stderr.splitlines() if l.startswith("Error:")]
+    assert len(lines) == 1 and "Traceback" not in p.stderr and p.stderr.strip().endswith(lines[0]), p.stderr
+    assert lines[0].startswith("Error: Could not download the weights of torchvision:resnet18 (ResNet18_Weights.")
+    assert "torchvision:resnet18@random" in lines[0] and "local checkpoint" in lines[0]

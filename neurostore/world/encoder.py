@@ -71,7 +71,7 @@ class ProbeEncoder(Encoder):
     image_size = INPUT_SIZE
 
     def __init__(self, tower: ProbeTower, id: str):
-        self.tower = tower.eval()
+        self.tower = self.module = tower.eval()
         self.id = id
 
     @classmethod
@@ -85,15 +85,15 @@ class ProbeEncoder(Encoder):
         arr = torch.from_numpy(np.asarray(_resize(image), dtype=np.uint8).copy())
         return _to_input(arr[None])[0]
 
-    @torch.no_grad()
     def encode_images(self, batch: torch.Tensor) -> torch.Tensor:
-        out = [self.tower(batch[i : i + 512]) for i in range(0, len(batch), 512)]
+        out = [self._run(self.tower, batch[i : i + 512]) for i in range(0, len(batch), 512)]  # [<=512, dim]
         return torch.cat(out) if out else torch.zeros(0, self.dim)
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         from ..textembed import get_text_embedder
 
-        return torch.from_numpy(get_text_embedder().encode(list(texts)))
+        # MiniLM runs on the encoder's device too (it is frozen: any device gives the same space).
+        return torch.from_numpy(get_text_embedder(device=str(self.device)).encode(list(texts)))
 
 
 # ---- captions and crops -----------------------------------------------------------------------
