@@ -19,21 +19,31 @@ Pages (each also as JSON: the same path with `.json` added, e.g. /neuron/m/l/3.j
     /tables                               the snapshot's tables
 
 Every query runs on a read-only snapshot with file and network access disabled and the
-configuration locked, with a time limit and a row cap (see neurostore.guard).
+configuration locked, with a time limit and a row cap (see neurostore.guard). The app adds what
+a server open to a browser needs: console results capped in bytes as well as rows, under one
+deadline that covers turning them into the page; a `Host` check (DNS rebinding); idle
+connections closed after a timeout and a bound on the connections served at once; the snapshot
+removed on SIGTERM as on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import re
+import signal
 import sys
 import threading
+import time
 import traceback
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from ..errors import NeurostoreError, UnknownLayer, UnknownModel
-from ..guard import DEFAULT_MAX_ROWS, DEFAULT_TIMEOUT, QueryRefused, QueryTimeout, SafeDB
+from ..guard import DEFAULT_MAX_ROWS, DEFAULT_TIMEOUT, ConsoleResult, QueryRefused, QueryTimeout, SafeDB
 from . import data as D
 from .render import PATCH_ID_RE, Links, jsonable, render, stylesheet, to_json
 
@@ -41,6 +51,22 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 # Pages' own queries may read a whole layer; the console's row cap is for people.
 PAGE_MAX_ROWS = 500_000
+# Bytes as well as rows: one cell of repeat('x', 300000000) is 300 MB. A console cell above
+# MAX_CELL_BYTES is cut in Arrow before any Python value of it exists, and rows stop once the
+# result's JSON reaches the byte cap; both are reported with the result, like the row cap.
+DEFAULT_MAX_BYTES = 4 * 1024**2
+MAX_CELL_BYTES = 64 * 1024
+ROW_CHUNK = 256  # rows converted at a time (the deadline and the byte cap are checked between)
+# Pages are bounded by design (top-k patches, a layer's units); this only stops a bug or a
+# pathological store from sending hundreds of MB.
+MAX_PAGE_BYTES = 64 * 1024**2
+# Connections: one that sends nothing for IDLE_TIMEOUT s is closed (half-open ones held a thread
+# each forever); at most MAX_CONNECTIONS are served at once, the next get 503 at once.
+IDLE_TIMEOUT = 30.0
+MAX_CONNECTIONS = 32
+# The Host names a browser may reach the app by, besides the bound address (DNS rebinding: a page
+# on evil.example that resolves to 127.0.0.1 sends Host: evil.example).
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 SQL_EXAMPLES = [
     ("Best concept of every unit, most common first",
@@ -57,11 +83,93 @@ SQL_EXAMPLES = [
 NotFound = D.NoSuchPage
 
 
+def _check_deadline(deadline: float) -> None:
+    if time.perf_counter() > deadline:
+        raise QueryTimeout("Query stopped at the time limit of this console while its result was turned into the "
+                           "page (the limit covers both). Select fewer or smaller columns, or add a LIMIT.")
+
+
+def _fixed_width(t: pa.DataType) -> bool:
+    try:
+        t.bit_width
+    except ValueError:
+        return False
+    return True
+
+
+def _cut_cells(table: pa.Table, max_cell: int, deadline: float) -> tuple[pa.Table, dict[int, dict[int, int]]]:
+    """`table` with every cell above `max_cell` bytes cut in Arrow (text/binary to their first
+    `max_cell` characters/bytes, anything else to NULL), and {row: {column: original bytes}} of
+    the cut cells. A column below the cap in total is passed through untouched."""
+    cut: dict[int, dict[int, int]] = {}
+    cols = []
+    for j, col in enumerate(table.columns):
+        if col.nbytes <= max_cell or _fixed_width(col.type):  # no cell can be big
+            cols.append(col)
+            continue
+        t = col.type
+        text = pa.types.is_string(t) or pa.types.is_large_string(t)
+        blob = pa.types.is_binary(t) or pa.types.is_large_binary(t)
+        if text or blob:
+            sizes = pc.fill_null(pc.binary_length(col), 0).to_numpy()  # [rows]
+        else:  # nested: the bytes each cell references
+            sizes = np.zeros(len(col), np.int64)  # [rows]
+            for i in range(len(col)):
+                if i % 4096 == 0:
+                    _check_deadline(deadline)
+                sizes[i] = col.slice(i, 1).nbytes
+        big = sizes > max_cell  # [rows]
+        if not big.any():
+            cols.append(col)
+            continue
+        short = (pc.utf8_slice_codeunits(col, 0, max_cell) if text else
+                 pc.binary_slice(col, 0, max_cell) if blob else pa.nulls(len(col), t))
+        cols.append(pc.if_else(pa.array(big), short, col))
+        for i in np.flatnonzero(big):
+            cut.setdefault(int(i), {})[j] = int(sizes[i])
+    return pa.Table.from_arrays(cols, names=table.column_names), cut
+
+
+def result_dict(res: ConsoleResult, deadline: float, max_bytes: int = DEFAULT_MAX_BYTES,
+                max_cell: int = MAX_CELL_BYTES) -> dict:
+    """A console result as JSON-ready values, built chunk by chunk: stops with QueryTimeout at
+    `deadline` (time.perf_counter()), and at `max_bytes` of JSON (`truncated`, `truncated_by`)."""
+    table, cut = _cut_cells(res.table, max_cell, deadline)
+    rows: list[list] = []
+    used = 0
+    truncated_by = "rows" if res.truncated else None
+    i = 0
+    while i < table.num_rows and truncated_by != "bytes":
+        chunk = table.slice(i, ROW_CHUNK)
+        while chunk.num_rows > 1 and chunk.nbytes > max_bytes:  # never more than the cap in Python at once
+            chunk = chunk.slice(0, chunk.num_rows // 2)
+        if chunk.nbytes > max_bytes:  # one row bigger than the whole cap
+            truncated_by = "bytes"
+            break
+        columns = [c.to_pylist() for c in chunk.columns]  # by column: duplicate names stay apart
+        for k, values in enumerate(zip(*columns)):
+            _check_deadline(deadline)
+            row = list(values)
+            for j, n in cut.get(i + k, {}).items():
+                row[j] = (row[j] + f"… [cut: {n:,} bytes]" if isinstance(row[j], str) else
+                          f"[{n:,} bytes, above the {max_cell // 1024} KiB cell limit]")
+            used += len(to_json(row)) + 1
+            if used > max_bytes:
+                truncated_by = "bytes"
+                break
+            rows.append(row)
+        i += chunk.num_rows
+    return {"sql": res.sql, "params": res.params, "named_query": res.named_query,
+            "statement_type": res.statement_type, "columns": table.column_names, "rows": rows,
+            "row_count": len(rows), "truncated": truncated_by is not None, "truncated_by": truncated_by,
+            "cells_cut": sum(len(c) for c in cut.values()), "elapsed_s": round(res.elapsed, 4)}
+
 class App:
     """Routes -> (template, data). The HTTP handler only translates."""
 
-    def __init__(self, db: SafeDB, store_path: str = ""):
+    def __init__(self, db: SafeDB, store_path: str = "", max_bytes: int = DEFAULT_MAX_BYTES):
         self.db = db
+        self.max_bytes = max_bytes
         self.store_path = store_path
         self.links = Links(static=False)
         self.find_store = D.snapshot_store(self.q, store_path or ".")
@@ -114,7 +222,7 @@ class App:
         except NeurostoreError as e:
             return self._error(400, "Cannot show this page", str(e), as_json)
         if as_json:
-            return status, "application/json; charset=utf-8", to_json(payload).encode()
+            return self._capped(status, "application/json; charset=utf-8", to_json(payload).encode(), as_json)
         json_url = path.rstrip("/") + ".json" if path != "/" else "/index.json"
         qs = "&".join(f"{k}={v}" for k, v in query.items())  # only for the JSON link of this page
         if qs:
@@ -122,7 +230,14 @@ class App:
 
             json_url += "?" + urlencode(query)
         html = render(template, payload, self.links, json_url=json_url, store_path=self.store_path)
-        return status, "text/html; charset=utf-8", html.encode()
+        return self._capped(status, "text/html; charset=utf-8", html.encode(), as_json)
+
+    def _capped(self, status: int, ctype: str, body: bytes, as_json: bool):
+        if len(body) <= MAX_PAGE_BYTES:
+            return status, ctype, body
+        return self._error(500, "Page too large", f"This page came to {len(body) / 1e6:.0f} MB, above the "
+                           f"{MAX_PAGE_BYTES // 1024**2} MB limit of the web app; query it with 'neurostore sql'.",
+                           as_json)
 
     def _error(self, status: int, title: str, msg: str, as_json: bool, kind: str = "error"):
         if as_json:
@@ -166,7 +281,8 @@ class App:
         return 200, "findings.html", D.findings(self.q, kind)
 
     def _limits(self):
-        return {"timeout_s": self.db.timeout, "max_rows": self.db.max_rows}
+        return {"timeout_s": self.db.timeout, "max_rows": self.db.max_rows, "max_bytes": self.max_bytes,
+                "max_cell_bytes": MAX_CELL_BYTES}
 
     def _console_page(self, sql, params, runner, named=None):
         import duckdb
@@ -183,10 +299,9 @@ class App:
                 pass
         status = 200
         if sql:
+            deadline = time.perf_counter() + self.db.timeout  # one deadline: the query and its conversion
             try:
-                res = runner()
-                out["result"] = res.to_dict()
-                out["result_rows"] = res.table.to_pylist()
+                out["result"] = result_dict(runner(), deadline, self.max_bytes)
                 out["ok"] = True
             except NeurostoreError as e:
                 out["error"] = str(e)
@@ -242,6 +357,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "neurostore"
     app: App  # set on the subclass made by make_server
     quiet = False
+    timeout = IDLE_TIMEOUT  # socket timeout: an idle or half-open connection is closed (StreamRequestHandler)
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
         self._respond(send_body=True)
@@ -260,8 +376,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _respond(self, send_body: bool):
         parts = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        refusal = self.server.host_refusal(self.headers.get("Host"))
         try:
-            status, ctype, body = self.app.handle(parts.path, query)
+            if refusal:
+                status, ctype, body = HTTPStatus.MISDIRECTED_REQUEST, "text/plain; charset=utf-8", refusal.encode()
+            else:
+                status, ctype, body = self.app.handle(parts.path, query)
         except Exception:  # a bug: show it in the log, answer 500, keep serving
             traceback.print_exc()
             status, ctype, body = 500, "text/plain; charset=utf-8", b"internal error (see the server log)"
@@ -282,17 +402,68 @@ class _Handler(BaseHTTPRequestHandler):
             sys.stderr.write("%s - %s\n" % (self.address_string(), fmt % args))
 
 
+def _split_host(header: str) -> tuple[str, str]:
+    """'localhost:8765' -> ('localhost', '8765'), '[::1]:8765' -> ('[::1]', '8765'), 'a.b' -> ('a.b', '')."""
+    h = header.strip().lower()
+    if h.startswith("["):
+        name, _, rest = h.partition("]")
+        return name + "]", rest[1:] if rest.startswith(":") else rest
+    name, _, port = h.partition(":")
+    return name, port
+
+
 class Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, addr, handler, app: App):
+    def __init__(self, addr, handler, app: App, allow_hosts=(), max_connections: int = MAX_CONNECTIONS):
         super().__init__(addr, handler)
         self.app = app
+        bound = self.server_address[0]
+        bound = f"[{bound}]" if ":" in bound else bound
+        wildcard = bound in ("0.0.0.0", "[::]")
+        self.allowed_hosts = {h.lower() for h in (*LOOPBACK_HOSTS, *(() if wildcard else (bound,)), *allow_hosts)}
+        self._slots = threading.BoundedSemaphore(max_connections)
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
+        host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{port}/"
+
+    def host_refusal(self, header: str | None) -> str | None:
+        """Why a request's Host header is refused (None: it names this server). A browser sends the
+        name it resolved, so a page of another domain rebound to this address is refused here."""
+        port = self.server_address[1]
+        name, given_port = _split_host(header or "")
+        if name.rstrip(".") in self.allowed_hosts and (given_port == str(port) or (given_port, port) == ("", 80)):
+            return None
+        names = ", ".join(f"{h}:{port}" for h in sorted(self.allowed_hosts))
+        return (f"Host {header!r} is not served here: this server answers to {names}. To reach it by another "
+                f"name, start it with --allow-host NAME (neurostore serve --help).\n")
+
+    def process_request(self, request, client_address):
+        """A thread per connection, at most max_connections at once; one more is answered 503."""
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.settimeout(1.0)
+                msg = b"Too many connections to neurostore serve; retry in a moment.\n"
+                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                                b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(msg), msg))
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def server_close(self):
         super().server_close()
@@ -300,8 +471,12 @@ class Server(ThreadingHTTPServer):
 
 
 def make_server(store_path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, timeout: float = DEFAULT_TIMEOUT,
-                max_rows: int = DEFAULT_MAX_ROWS, quiet: bool = False, warm: bool = True) -> Server:
-    """A server over a read-only snapshot of the store at `store_path` (port 0 = any free port)."""
+                max_rows: int = DEFAULT_MAX_ROWS, quiet: bool = False, warm: bool = True, *,
+                max_bytes: int = DEFAULT_MAX_BYTES, allow_hosts=(), idle_timeout: float = IDLE_TIMEOUT,
+                max_connections: int = MAX_CONNECTIONS) -> Server:
+    """A server over a read-only snapshot of the store at `store_path` (port 0 = any free port).
+    It answers requests whose Host is a loopback name, the bound address or one of `allow_hosts`
+    (names, e.g. a machine's name when binding 0.0.0.0), each with the port."""
     from ..store import Store
 
     store = Store.open(store_path, read_only=True)
@@ -309,10 +484,10 @@ def make_server(store_path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, 
         db = SafeDB.from_store(store, timeout=timeout, max_rows=max_rows)
     finally:
         store.close()
-    app = App(db, str(store.path))
-    handler = type("Handler", (_Handler,), {"app": app, "quiet": quiet})
+    app = App(db, str(store.path), max_bytes=max_bytes)
+    handler = type("Handler", (_Handler,), {"app": app, "quiet": quiet, "timeout": idle_timeout})
     try:
-        server = Server((host, port), handler, app)
+        server = Server((host, port), handler, app, allow_hosts=allow_hosts, max_connections=max_connections)
     except BaseException:
         db.close()
         raise
@@ -332,17 +507,31 @@ def _warm_text_model():
         pass
 
 
-def serve(store_path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, timeout: float = DEFAULT_TIMEOUT,
-          max_rows: int = DEFAULT_MAX_ROWS, on_ready=None) -> None:
-    """Run the web app until Ctrl-C."""
-    server = make_server(store_path, host, port, timeout, max_rows)
-    if on_ready:
-        on_ready(server)
+class _Terminated(Exception):
+    """SIGTERM, raised in the main thread so that serve() shuts down as on Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+def serve(store_path, on_ready=None, **options) -> None:
+    """Run the web app until Ctrl-C or SIGTERM; either way the snapshot is removed. `options` are
+    make_server's (host, port, timeout, max_rows, max_bytes, allow_hosts, ...)."""
+    server = make_server(store_path, **options)
     try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: SIGTERM keeps its default (atexit does not run then)
+        previous = None
+    try:
+        if on_ready:
+            on_ready(server)
         server.serve_forever()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Terminated):
         pass
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         server.server_close()
 
 
