@@ -270,6 +270,42 @@ def runs_cmd(
     emit_table(open_store_ro(store).query("runs", {"limit": limit}), fmt, output)
 
 
+@app.command("check")
+def check_cmd(
+    repair: bool = typer.Option(False, "--repair", help="Rewrite the manifest from the files that verify; set "
+                                "damaged files aside in <store>/damaged/ and say what was dropped."),
+    store: Optional[Path] = StoreOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Verify every committed file (size, sha256) against the manifest; exit 1 on damage not repaired.
+
+    Example: neurostore check --store ./my-store && neurostore check --repair --store ./my-store
+    """
+    from .store import check
+
+    r = check(store_path(store), repair=repair)
+    if as_json:
+        print_json(r)
+    else:
+        for p in r["problems"]:
+            console.print(f"{p['path']}: {p['problem']}" + (f" ({p['rows']} rows)" if p["rows"] else ""),
+                          highlight=False)
+        for g in r["garbage"]:
+            console.print(f"{g['path']}: garbage, {g['reason']}" + ("; deleted" if r["repaired"] else ""),
+                          highlight=False)
+        if r["repaired"]:
+            console.print(f"Repaired {r['store']}: {r['files']} files, {r['rows']} rows kept; dropped "
+                          f"{len(r['dropped'])} files ({r['rows_dropped'] or 'no rows'})"
+                          + (f"; set aside in {r['set_aside']}" if r.get("set_aside") else ""), highlight=False)
+        elif r["problems"]:
+            console.print(f"{r['store']}: {len(r['problems'])} problems. Run 'neurostore check --repair' to keep "
+                          "what verifies and drop the rest.", highlight=False)
+        else:
+            console.print(f"{r['store']}: {r['files']} files, {r['rows']} rows, all intact.", highlight=False)
+    if r["problems"] and not r["repaired"]:
+        raise typer.Exit(1)
+
+
 # ---- world commands ---------------------------------------------------------------------------
 
 world_app = typer.Typer(
@@ -671,6 +707,8 @@ def find_cmd(
     method: Optional[list[str]] = typer.Option(None, "--method", help="exact, semantic, open (repeat; default all)."),
     min_similarity: float = typer.Option(0.6, "--min-similarity", help="MiniLM similarity a stored concept needs "
                                          "to count as a semantic match."),
+    device: str = DeviceOpt,
+    precision: str = PrecisionOpt,
     store: Optional[Path] = StoreOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -682,7 +720,8 @@ def find_cmd(
     from .analysis import find
 
     res = find(store_path(store), phrase, models=models or None, layers=layers or None, scorer=scorer, top=top,
-               methods=tuple(method) if method else ("exact", "semantic", "open"), min_similarity=min_similarity)
+               methods=tuple(method) if method else ("exact", "semantic", "open"), min_similarity=min_similarity,
+               device=device, precision=precision)
     if as_json:
         print_json(res.to_dict())
         return
@@ -754,6 +793,8 @@ def audit_cmd(
     top_units: int = typer.Option(10, "--top-units", help="Driving units examined per class."),
     threshold: float = typer.Option(0.5, "--threshold", help="MiniLM relatedness (label, class) below which a "
                                     "driving unit is flagged."),
+    device: str = DeviceOpt,
+    precision: str = PrecisionOpt,
     store: Optional[Path] = StoreOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -761,12 +802,12 @@ def audit_cmd(
     their explanations, a flag where the concept is unrelated to the class, and verification by
     zeroing the flagged units (reliance on the cue before/after). Stored in audit_findings.
 
-    Example: neurostore audit --store ./neurostore-store --model probe-cnn --class star
+    Example: neurostore audit --store ./neurostore-store --model probe-cnn --class star --device cuda
     """
     from .analysis import audit
 
     res = audit(store_path(store), model or None, class_ or None, scorer=scorer, top_units=top_units,
-                threshold=threshold)
+                threshold=threshold, device=device, precision=precision)
     if as_json:
         print_json(res.to_dict())
         return
@@ -793,6 +834,8 @@ def ablate_cmd(
     units: list[str] = typer.Option(..., "--units", "-u", help="LAYER:UNIT[,UNIT...] or LAYER:FIRST-LAST (repeat)."),
     individually: bool = typer.Option(False, "--individually", help="Also ablate each unit alone."),
     max_images: int = typer.Option(2000, "--max-images", help="Probe images to measure on (even per class)."),
+    device: str = DeviceOpt,
+    precision: str = PrecisionOpt,
     store: Optional[Path] = StoreOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -802,7 +845,8 @@ def ablate_cmd(
     """
     from .analysis import ablate
 
-    res = ablate(store_path(store), model, units, individually=individually, max_images=max_images)
+    res = ablate(store_path(store), model, units, individually=individually, max_images=max_images,
+                 device=device, precision=precision)
     if as_json:
         print_json(res.to_dict())
         return

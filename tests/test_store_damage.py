@@ -1,0 +1,355 @@
+"""Damaged stores on real DuckDB and Parquet: every way a store folder can be damaged gives a
+one-line error or a clean repair, and no case loses a committed row that was intact."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_store import scores_table  # noqa: E402
+
+from neurostore import store as store_mod  # noqa: E402
+from neurostore.errors import StoreDamaged  # noqa: E402
+from neurostore.store import Store, check  # noqa: E402
+
+DERIVED = set(store_mod.DERIVED_TABLES)
+
+
+def concepts(*names, vocabulary="v"):
+    return {"vocabulary": [vocabulary] * len(names), "concept": list(names), "category": [None] * len(names)}
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    """A small real store: several runs, tables and partitions, a re-run whose replaced files are
+    still on disk (retired, within the grace period), a replace='partition' run and a failed run."""
+    path = tmp_path_factory.mktemp("damage") / "st"
+    with Store.open(path) as s:
+        with s.run("dissect", {"model": "m1"}) as run:
+            run.write("scores", scores_table("m1", "layer1", 10, seed=1))
+            run.write("scores", scores_table("m1", "layer2", 8, seed=2))
+            run.write("concepts", concepts("a", "b", "c"))
+        with s.run("dissect", {"model": "m2"}) as run:
+            run.write("scores", scores_table("m2", "layer1", 12, seed=3))
+        with s.run("dissect", {"model": "m1"}) as run:  # re-run: replaces the first run's m1 files
+            run.write("scores", scores_table("m1", "layer1", 6, seed=4))
+            run.write("scores", scores_table("m1", "layer2", 7, seed=5))
+        with s.run("dissect", {"model": "m2", "other": 1}, replace="partition") as run:
+            run.write("scores", scores_table("m2", "layer1", 9, seed=6))
+        s.write("concepts", concepts("d", "e", vocabulary="w"))
+        with pytest.raises(RuntimeError):
+            with s.run("boom") as run:
+                run.write("concepts", concepts("z"))
+                raise RuntimeError("failed on purpose")
+        assert s.manifest()["retired"], "the fixture needs replaced files still on disk"
+    return path
+
+
+@pytest.fixture
+def st(template, tmp_path):
+    path = tmp_path / "st"
+    shutil.copytree(template, path)
+    return path
+
+
+def row_counts(path: Path) -> dict[str, int]:
+    with Store.open(path, read_only=True) as s:
+        return {t: s.sql(f'SELECT count(*) AS n FROM "{t}"').column("n")[0].as_py() for t in s.tables()}
+
+
+def files(path: Path) -> set[str]:
+    return {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+def entry(path: Path, table: str, where: str) -> dict:
+    man = json.loads((path / "manifest.json").read_text())
+    return next(e for e in man["tables"][table] if where in e["path"])
+
+
+def one_line(e: BaseException) -> str:
+    msg = str(e)
+    assert "\n" not in msg and "Traceback" not in msg
+    return msg
+
+
+# ---- the damage cases ---------------------------------------------------------------------------
+# Each returns (table, rows) of the committed file whose rows may be lost, or None.
+
+def manifest_missing(p):
+    (p / "manifest.json").unlink()
+
+
+def manifest_truncated(p):
+    m = p / "manifest.json"
+    m.write_bytes(m.read_bytes()[: m.stat().st_size // 2])
+
+
+def manifest_garbage(p):
+    (p / "manifest.json").write_bytes(bytes(range(256)) * 4)
+
+
+def manifest_list(p):
+    (p / "manifest.json").write_text("[1, 2, 3]")
+
+
+def manifest_number(p):
+    (p / "manifest.json").write_text("42")
+
+
+def store_json_garbage(p):
+    (p / "store.json").write_bytes(b"\xff\xfe{not json")
+
+
+def parquet_deleted(p):
+    e = entry(p, "scores", "model=m1/layer=layer2")
+    (p / e["path"]).unlink()
+    return "scores", e["rows"], e["path"]
+
+
+def parquet_truncated(p):
+    e = entry(p, "scores", "model=m2/layer=layer1")
+    f = p / e["path"]
+    f.write_bytes(f.read_bytes()[: e["bytes"] - 100])
+    return "scores", e["rows"], e["path"]
+
+
+def parquet_bit_flip(p):
+    """Same size, one byte changed in the data pages: only the content hash can tell."""
+    e = entry(p, "scores", "model=m1/layer=layer1")
+    f = p / e["path"]
+    b = bytearray(f.read_bytes())
+    b[40] ^= 0xFF
+    f.write_bytes(bytes(b))
+    return "scores", e["rows"], e["path"]
+
+
+def parquet_other_table(p):
+    e = entry(p, "scores", "model=m1/layer=layer1")
+    shutil.copyfile(p / entry(p, "concepts", "tables/concepts")["path"], p / e["path"])
+    return "scores", e["rows"], e["path"]
+
+
+def runs_file_deleted(p):
+    e = entry(p, "runs", "tables/runs")
+    (p / e["path"]).unlink()
+    return "runs", 1, e["path"]
+
+
+def stray_file(p):
+    src = p / entry(p, "concepts", "tables/concepts")["path"]
+    shutil.copyfile(src, p / "tables/scores/model=m1/layer=layer1/stray.parquet")
+
+
+def partial_staging(p):
+    d = p / "staging/20260101T000000Z-0badc0de/chunks/scores"
+    d.mkdir(parents=True)
+    (d / "00000.parquet").write_bytes(b"PAR1 half a chunk")
+    old = time.time() - 3600
+    for q in (d, d.parent, d.parent.parent):
+        os.utime(q, (old, old))
+
+
+def manifest_tmp_leftover(p):
+    (p / f".manifest.json.{os.getpid()}.abc123.tmp").write_text('{"format": "neurostore-man')
+
+
+MANIFEST_CASES = [manifest_missing, manifest_truncated, manifest_garbage, manifest_list, manifest_number]
+FILE_CASES = [parquet_deleted, parquet_truncated, parquet_bit_flip, parquet_other_table, runs_file_deleted]
+LEFTOVER_CASES = [stray_file, partial_staging, manifest_tmp_leftover]
+ALL_CASES = MANIFEST_CASES + [store_json_garbage] + FILE_CASES + LEFTOVER_CASES
+
+
+@pytest.mark.parametrize("damage", ALL_CASES, ids=lambda f: f.__name__)
+def test_damage_is_found_and_repair_loses_only_the_damaged_file(st, damage):
+    before = row_counts(st)
+    lost = damage(st) or (None, 0, None)
+    report = check(st)
+    if damage in LEFTOVER_CASES[1:]:  # provable garbage: clean, removed by the repair (or the next write)
+        assert report["clean"] and report["garbage"], report
+    else:
+        assert not report["clean"] and report["problems"], report
+    fixed = check(st, repair=True)
+    assert fixed["repaired"], fixed
+    if lost[2]:
+        assert [(d["path"], d["rows"]) for d in fixed["dropped"]] == [(lost[2], lost[1])]
+        assert fixed["rows_dropped"] == {lost[0]: lost[1]}
+    else:
+        assert fixed["dropped"] == [] and fixed["rows_dropped"] == {}
+    again = check(st)
+    assert again["clean"] and not again["garbage"], again
+    after = row_counts(st)
+    for table, n in before.items():
+        if table in DERIVED:
+            continue  # recomputed from the scores that are left (checked below)
+        assert after[table] == n - (lost[1] if table == lost[0] else 0), table
+    with Store.open(st, read_only=True) as s:
+        # the derived tables agree with the scores that are left: no row of a dropped score file
+        assert s.sql("""SELECT count(*) n FROM concept_units c ANTI JOIN scores s
+                        USING (model, layer, unit, concept, scorer)""").column("n")[0].as_py() == 0
+        assert s.sql("SELECT sum(n_units) n FROM layer_concepts").column("n")[0].as_py() == \
+            s.sql("SELECT count(*) n FROM scores WHERE rank = 0").column("n")[0].as_py()
+    # nothing of the damage is left in tables/, and the store takes writes again
+    if lost[2]:
+        assert not (st / lost[2]).exists()
+    assert not list(st.glob(".*.tmp"))
+    with Store.open(st) as s:
+        s.write("concepts", concepts("after"))
+    assert row_counts(st)["concepts"] == after["concepts"] + 1
+
+
+@pytest.mark.parametrize("damage", MANIFEST_CASES + [store_json_garbage], ids=lambda f: f.__name__)
+def test_unreadable_manifest_is_refused_and_nothing_is_deleted(st, damage):
+    damage(st)
+    on_disk = files(st)
+    with pytest.raises(StoreDamaged) as e:
+        s = Store.open(st)
+        s.sql("SELECT 1")
+    assert "neurostore check --repair" in one_line(e.value)
+    if damage is not store_json_garbage:
+        s = Store.open(st)
+        for attempt in (lambda: s.write("concepts", concepts("x")), s.gc, s.table_counts,
+                        lambda: s.export(st.parent / "exp")):
+            with pytest.raises(StoreDamaged, match=r"manifest\.json\b.*neurostore check --repair"):
+                attempt()
+        assert not (st.parent / "exp").exists()
+    assert files(st) == on_disk  # the write was refused before touching anything
+
+
+def test_missing_manifest_rebuild_replays_replacements(st):
+    """The replaced (retired) files still on disk come back retired, not as duplicate rows."""
+    man = json.loads((st / "manifest.json").read_text())
+    (st / "manifest.json").unlink()
+    check(st, repair=True)
+    new = json.loads((st / "manifest.json").read_text())
+    for table in man["tables"]:
+        assert sorted(e["path"] for e in new["tables"][table]) == sorted(e["path"] for e in man["tables"][table])
+        for old, got in zip(*(sorted(m["tables"][table], key=lambda e: e["path"]) for m in (man, new))):
+            assert {k: got[k] for k in old if k != "status"} == {k: old[k] for k in old if k != "status"}
+    assert sorted(r["path"] for r in new["retired"]) == sorted(r["path"] for r in man["retired"])
+
+
+# (a same-size bit flip is found only by 'neurostore check', which compares content hashes)
+@pytest.mark.parametrize("damage", [c for c in FILE_CASES if c is not parquet_bit_flip], ids=lambda f: f.__name__)
+def test_reads_fail_only_where_they_touch_the_damaged_file(st, damage):
+    table, _, path = damage(st)
+    other = "concepts" if table != "concepts" else "runs"
+    with Store.open(st, read_only=True) as s:
+        assert s.sql("SELECT 1 AS x").column("x")[0].as_py() == 1
+        assert s.sql(f"SELECT count(*) AS n FROM {other}").column("n")[0].as_py() > 0
+        with pytest.raises(StoreDamaged, match=rf"^Table '{table}' cannot be read: {path} .*neurostore check"):
+            s.sql(f"SELECT count(*) FROM {table}")
+        one_line(pytest.raises(StoreDamaged, s.sql, f"SELECT * FROM {table}").value)
+        with pytest.raises(StoreDamaged, match=rf"Cannot export .*{path}.*Nothing was copied"):
+            s.export(st.parent / "exp")
+    assert not (st.parent / "exp").exists()
+
+
+def test_file_damaged_after_the_views_were_built(st):
+    with Store.open(st, read_only=True) as s:
+        assert s.sql("SELECT count(*) n FROM scores").column("n")[0].as_py() > 0
+        e = entry(st, "scores", "model=m2")
+        (st / e["path"]).unlink()
+        with pytest.raises(StoreDamaged, match=r"cannot be read: .*neurostore check"):
+            s.sql("SELECT count(*) n FROM scores")
+
+
+# ---- garbage collection proves what it deletes -------------------------------------------------
+
+
+def test_gc_keeps_unlisted_files_it_cannot_prove_are_garbage(st):
+    stray = st / "tables/scores/model=m1/layer=layer1/mine.parquet"
+    shutil.copyfile(st / entry(st, "scores", "model=m1/layer=layer1")["path"], stray)
+    committed = st / entry(st, "scores", "model=m2")["path"]
+    lost = committed.with_name("copy-of-committed.parquet")  # a committed run's file the manifest lost
+    shutil.copyfile(committed, lost)
+    os.rename(lost, committed.with_name(committed.name.replace("-0", "-9")))
+    tmp = st / ".manifest.json.1.abcdef.tmp"
+    tmp.write_text("{")
+    with Store.open(st) as s:
+        s.write("concepts", concepts("x"))
+        s.gc()
+    assert stray.exists() and committed.with_name(committed.name.replace("-0", "-9")).exists()
+    assert not tmp.exists()  # a killed manifest write's temp file is removed by the next writer
+
+
+def test_orphans_of_a_run_that_never_committed_are_collected(st):
+    """A run killed after moving a file into tables/ but before its runs row: provably garbage."""
+    src = st / entry(st, "scores", "model=m2")["path"]
+    orphan = src.with_name("20260101T000000Z-deadbeef-0.parquet")
+    shutil.copyfile(src, orphan)  # its footer names another run; the name names a run with no runs row
+    pq.write_table(pq.read_table(src).replace_schema_metadata(
+        {"neurostore": json.dumps({"run_id": "20260101T000000Z-deadbeef"})}), orphan)
+    assert "never committed" in {g["path"]: g["reason"] for g in check(st)["garbage"]}[str(orphan.relative_to(st))]
+    with Store.open(st) as s:
+        s.write("concepts", concepts("x"))
+    assert not orphan.exists()
+
+
+def test_committed_files_record_hash_and_manifest_entry(st):
+    man = json.loads((st / "manifest.json").read_text())
+    for table, entries in man["tables"].items():
+        for e in entries:
+            f = st / e["path"]
+            assert e["sha256"] == store_mod._sha256(f) and e["bytes"] == f.stat().st_size
+            facts = json.loads(pq.ParquetFile(f).metadata.metadata[b"neurostore"])
+            assert (facts["table"], facts["partition"], facts["run_id"], facts["work_key"]) == (
+                table, e["partition"], e["run_id"], e["work_key"])
+
+
+def test_entries_without_hash_are_checked_by_footer(st):
+    """A manifest written before hashes were recorded: size, footer and row count are checked."""
+    man = json.loads((st / "manifest.json").read_text())
+    for entries in man["tables"].values():
+        for e in entries:
+            e.pop("sha256")
+    (st / "manifest.json").write_text(json.dumps(man))
+    assert check(st)["clean"]
+    e = entry(st, "concepts", "tables/concepts")
+    f = st / e["path"]
+    f.write_bytes(b"\0" * e["bytes"])  # same size, no footer
+    (problem,) = check(st)["problems"]
+    assert problem["path"] == e["path"] and problem["problem"].startswith("corrupt: unreadable Parquet footer")
+
+
+# ---- the command --------------------------------------------------------------------------------
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "neurostore.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_check_exit_codes_json_and_one_line_errors(st):
+    out = cli("check", "--store", st, "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["clean"] is True
+    (st / "manifest.json").unlink()
+    out = cli("tables", "--store", st)
+    assert out.returncode == 1 and out.stderr.startswith(f"Error: Store '{st}' has no manifest.json")
+    assert "Traceback" not in out.stderr and out.stdout == ""
+    out = cli("check", "--store", st)
+    assert out.returncode == 1 and "manifest.json: " in out.stdout and "check --repair" in out.stdout
+    out = cli("check", "--repair", "--store", st, "--json")
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["repaired"] and r["dropped"] == [] and r["manifest"].startswith(f"Store '{st}' has no manifest.json")
+    assert cli("check", "--store", st).returncode == 0
+
+
+@pytest.mark.parametrize("text", [b"", b"{\"format\": \"neuro", b"\x89PNG\r\n", b"[]"], ids=["empty", "truncated",
+                                                                                         "binary", "list"])
+def test_cli_store_json_damage_is_one_line(st, text):
+    (st / "store.json").write_bytes(text)
+    out = cli("sql", "SELECT 1", "--store", st)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert out.stderr.startswith(f"Error: Store '{st}': store.json ") and "check --repair" in out.stderr
+    assert cli("check", "--repair", "--store", st).returncode == 0
+    assert cli("sql", "SELECT count(*) FROM scores", "--store", st).returncode == 0
