@@ -74,13 +74,15 @@ class Target:
     # models table and summaries say so.
     random_weights: bool = False
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: "torch.dtype | None" = None       # autocast dtype for forward passes; None = fp32
 
-    def to(self, device: "str | torch.device | None") -> "Target":
+    def to(self, device: "str | torch.device | None", precision: str | None = None) -> "Target":
         """Move the module to `device` (a --device spec or torch.device, checked by
-        devices.resolve_device); returns the target."""
-        from .devices import resolve_device
+        devices.resolve_device) and set the autocast `dtype` for `precision`; returns the target."""
+        from .devices import resolve_device, resolve_precision
 
         self.device = resolve_device(device)
+        self.dtype = resolve_precision(precision, self.device)
         self.module.to(self.device)
         return self
 

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from .. import devices
 from ..errors import BadInput, BadParameter, UnknownLayer, UnknownModel, unknown
 from ..store import Store
 
@@ -70,20 +71,28 @@ def model_layers(store: Store, model: str) -> list[dict]:
 
 
 @functools.lru_cache(maxsize=8)
-def _load_target_cached(spec: str):
+def _load_target_cached(spec: str, device: str, precision: str):
     from ..models import load_target
 
-    return load_target(spec)
+    return load_target(spec).to(device, precision)
 
 
-def load_model(store: Store, model: str):
-    """The target model behind a stored model id, loaded from its recorded spec."""
+def resolve(device, precision) -> tuple[str, str]:
+    """Check --device and --precision before any work; (device, precision) as cache keys."""
+    dev = devices.resolve_device(device)
+    return str(dev), devices.precision_name(devices.resolve_precision(precision, dev))
+
+
+def load_model(store: Store, model: str, device=None, precision: str | None = None):
+    """The target model behind a stored model id, loaded from its recorded spec, on `device`
+    (default auto) with autocast at `precision` (default auto: fp32 on the CPU)."""
+    device, precision = resolve(device, precision)
     row = model_row(store, model)
     spec = row.get("spec")
     if not spec:
         raise BadInput(f"Model '{model}' has no spec in the models table, so it cannot be re-loaded for "
                        "ablations or gradients. Dissect it again with 'neurostore dissect SPEC'.")
-    t = _load_target_cached(spec)
+    t = _load_target_cached(spec, device, precision)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     return t
 
@@ -162,12 +171,12 @@ def zeroed(target, units: dict[str, list[int]]):
     handles = []
     try:
         for layer, us in units.items():
-            idx = torch.tensor(sorted(us), dtype=torch.long)
+            idx = torch.tensor(sorted(us), dtype=torch.long, device=target.device)
 
             def hook(_m, _inp, out, idx=idx):
                 first = out[0] if isinstance(out, (tuple, list)) else out
                 z = first.clone()  # never in place: a later in-place op could see the original
-                z.index_fill_(_channel_dim(target, z), idx, 0.0)
+                z.index_fill_(_channel_dim(target, z), idx.to(z.device), 0.0)
                 if isinstance(out, tuple):
                     return (z, *out[1:])
                 if isinstance(out, list):
@@ -181,8 +190,11 @@ def zeroed(target, units: dict[str, list[int]]):
             h.remove()
 
 
-def logits_of(target, x: torch.Tensor) -> torch.Tensor:
-    out = target.module(x)
+def logits_of(target, x: torch.Tensor, exact: bool = False) -> torch.Tensor:
+    """[b, classes] logits on the target's device, under autocast to its dtype (exact: fp32,
+    for comparing tensors). x may be on the CPU."""
+    with devices.autocast(target.device, None if exact else target.dtype):
+        out = target.module(x.to(target.device, non_blocking=True))
     if isinstance(out, (tuple, list)):
         out = out[0]
     if isinstance(out, dict):
@@ -197,7 +209,7 @@ def all_logits(target, pixels: torch.Tensor, units: dict[str, list[int]] | None 
     ctx = zeroed(target, units) if units else contextlib.nullcontext()
     with ctx:
         for i in range(0, len(pixels), batch):
-            out.append(logits_of(target, pixels[i : i + batch]).float().numpy())
+            out.append(logits_of(target, pixels[i : i + batch]).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from ..store import Store
 from ._common import (check_units, cue_flip_rate, load_model, neuron_names, open_store, parse_units,
-                      per_class_accuracy, predict, probe_images, world_of)
+                      per_class_accuracy, predict, probe_images, resolve, world_of)
 
 
 @dataclass
@@ -106,18 +106,21 @@ def effects_rows(model: str, dataset: str, units: dict[str, list[int]], before: 
 
 def ablate(store: Store | str | Path, model: str, units: Sequence[str] | str, *, layer: str | None = None,
            individually: bool = False, together: bool = True, max_images: int = 2000,
-           split: str | None = None, write: bool = True, progress: bool = True) -> AblationResult:
+           split: str | None = None, write: bool = True, progress: bool = True, device=None,
+           precision: str | None = None) -> AblationResult:
     """Zero `units` of `model` (a model id in the store) and measure per-class accuracy on its
     labelled probe images; write the changes to `effects` (kind='ablation').
 
     units: selections like 'conv4:3,7', 'blocks.3.mlp.fc1:0-15' (or bare numbers with `layer`).
     together: ablate the whole selection at once; individually: also each unit alone.
+    The model runs on `device` (default auto: CUDA when present) under autocast at `precision`.
     Re-running the same ablation replaces its rows."""
     from tqdm import tqdm
 
     sel = parse_units(units, layer)  # the user's input first: no model is loaded for a typo
+    device, precision = resolve(device, precision)
     st = open_store(store)
-    target = load_model(st, model)
+    target = load_model(st, model, device, precision)
     check_units(target, sel)
     probe = probe_images(st, model, target, max_images=max_images, split=split)
     world = world_of(target)
@@ -145,7 +148,7 @@ def ablate(store: Store | str | Path, model: str, units: Sequence[str] | str, *,
     if write and rows:
         params = {"model": model, "neurons": neuron_names(sel), "individually": individually,
                   "together": together, "dataset": probe.dataset, "n_images": len(probe.image_ids),
-                  "split": split, "max_images": max_images}
+                  "split": split, "max_images": max_images, "device": device, "precision": precision}
         with st.run("ablate", params) as run:
             run.write("effects", table, key="ablate:" + ",".join(neuron_names(sel)) + f":{individually}:{together}")
         res.run_id = run.run_id

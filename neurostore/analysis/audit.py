@@ -52,7 +52,7 @@ from ..errors import BadInput, BadParameter, NeurostoreError, unknown
 from ..models import list_layers
 from ..store import Store
 from ._common import (BATCH, all_logits, check_models, logits_of, model_layers, open_store, per_class_accuracy, predict,
-                      probe_images, relatedness, stored_models, world_of, load_model, cue_flip_rate)
+                      probe_images, relatedness, resolve, stored_models, world_of, load_model, cue_flip_rate)
 from .ablate import cue_pairs_for
 from .compare import explanations, pick_scorer
 
@@ -127,7 +127,7 @@ def head_input_layer(target, pixels: torch.Tensor) -> str | None:
         lambda _m, _i, o, n=li.layer: got.__setitem__(n, o[0] if isinstance(o, (tuple, list)) else o)) for li in infos]
     hs.append(lin.register_forward_pre_hook(lambda _m, i: inp.__setitem__("x", i[0])))
     try:
-        logits_of(target, pixels[:16])
+        logits_of(target, pixels[:16], exact=True)  # fp32: the comparison below is exact
     finally:
         for h in hs:
             h.remove()
@@ -166,7 +166,7 @@ def contributions(target, probe, layers: Sequence[str], head_layer: str | None) 
             with torch.enable_grad():
                 xg = x.clone().requires_grad_(True)  # so every activation is part of the graph
                 logits = logits_of(target, xg)
-                sel = logits.gather(1, y[:, None]).sum()
+                sel = logits.float().gather(1, y[:, None].to(logits.device)).sum()
                 names = [n for n in layers if n in outs]
                 grads = torch.autograd.grad(sel, [outs[n] for n in names], allow_unused=True)
         finally:
@@ -176,12 +176,12 @@ def contributions(target, probe, layers: Sequence[str], head_layer: str | None) 
         for n, g in zip(names, grads):
             a = outs[n].detach()
             g = torch.zeros_like(a) if g is None else g
-            per = _sum_positions(target, g, a).double()           # [b, units]
+            per = _sum_positions(target, g.float(), a.float()).cpu().double()  # [b, units] (MPS has no fp64)
             s = onehot.T @ per                                    # [classes, units]
             sums[n] = s if sums[n] is None else sums[n] + s
         if "x" in inp:
             W = head[1].weight.detach().double()                  # [classes, f]
-            contrib = W[y] * inp["x"].detach().double()           # [b, f]: W[label, f] x input f
+            contrib = W.cpu()[y] * inp["x"].detach().float().cpu().double()  # [b, f]: W[label, f] x input f
             s = onehot.T @ contrib
             wxa = s if wxa is None else wxa + s
     denom = np.clip(counts, 1, None)[:, None]
@@ -208,10 +208,11 @@ def _gain_drop(f: dict) -> float:
 
 
 def audit_model(st: Store, model: str, classes: Sequence[str] | None, scorer: str | None, top_units: int,
-                threshold: float, max_images: int, verify_top: int, progress: bool) -> dict:
+                threshold: float, max_images: int, verify_top: int, progress: bool, device=None,
+                precision: str | None = None) -> dict:
     from tqdm import tqdm
 
-    target = load_model(st, model)
+    target = load_model(st, model, device, precision)
     probe = probe_images(st, model, target, max_images=max_images)
     want = list(classes) if classes else list(probe.classes)
     bad = [c for c in want if c not in probe.classes]
@@ -364,11 +365,13 @@ def audit_model(st: Store, model: str, classes: Sequence[str] | None, scorer: st
 def audit(store: Store | str | Path, model: str | Sequence[str] | None = None, classes: str | Sequence[str] | None = None,
           *, scorer: str | None = None, top_units: int = TOP_UNITS, threshold: float = THRESHOLD,
           max_images: int = 2000, verify_top: int = VERIFY_TOP, write: bool = True,
-          progress: bool = True) -> AuditResult:
+          progress: bool = True, device=None, precision: str | None = None) -> AuditResult:
     """Audit `model` (a stored model id, several, or every model with classes when None) for
-    spurious concepts in `classes` (default every class). See the module doc."""
+    spurious concepts in `classes` (default every class). See the module doc. The models run on
+    `device` (default auto: CUDA when present) under autocast at `precision` (default auto)."""
     from ..schema import load_schemas
 
+    device, precision = resolve(device, precision)  # a missing device fails before any work
     if top_units < 1 or verify_top < 0:
         raise BadParameter(f"--top-units must be at least 1 and --verify-top at least 0 (got {top_units}, {verify_top}).")
     if not -1.0 <= threshold <= 1.0:
@@ -385,7 +388,8 @@ def audit(store: Store | str | Path, model: str | Sequence[str] | None = None, c
     notes, results = [], []
     for m in models:
         try:
-            results.append(audit_model(st, m, classes, scorer, top_units, threshold, max_images, verify_top, progress))
+            results.append(audit_model(st, m, classes, scorer, top_units, threshold, max_images, verify_top, progress,
+                                       device, precision))
         except NeurostoreError as e:
             if model is not None:
                 raise  # the user asked for this model: tell them why it cannot be audited
@@ -403,7 +407,8 @@ def audit(store: Store | str | Path, model: str | Sequence[str] | None = None, c
             m = res["summary"]["model"]
             params = {"model": m, "classes": res["summary"]["classes"], "scorer": res["summary"]["scorer"],
                       "top_units": top_units, "threshold": threshold, "max_images": max_images,
-                      "verify_top": verify_top, "dataset": res["summary"]["dataset"]}
+                      "verify_top": verify_top, "dataset": res["summary"]["dataset"], "device": device,
+                      "precision": precision}
             key = "audit:" + ("*" if not classes else ",".join(sorted(classes)))
             with st.run("audit", params) as run:
                 if res["units"]:

@@ -39,7 +39,7 @@ import pyarrow as pa
 from ..errors import BadParameter, NeurostoreError, UnknownScorer, unknown
 from ..sqlfuncs import MINILM_ID
 from ..store import Store
-from ._common import check_models, matrix, minilm, open_store
+from ._common import check_models, matrix, minilm, open_store, resolve
 
 METHODS = ("exact", "semantic", "open")
 MIN_SIMILARITY = 0.6
@@ -120,7 +120,8 @@ def _semantic_concepts(st: Store, phrase: str, models, min_similarity: float, ma
     return out
 
 
-def _open_vocabulary(st: Store, phrase: str, encoder_id: str, models, layers, notes: list[str]) -> list[dict]:
+def _open_vocabulary(st: Store, phrase: str, encoder_id: str, models, layers, notes: list[str],
+                     device=None, precision: str | None = None) -> list[dict]:
     """Every unit with stored patches, scored for the phrase with `encoder_id` (module doc)."""
     import torch
 
@@ -130,7 +131,7 @@ def _open_vocabulary(st: Store, phrase: str, encoder_id: str, models, layers, no
     try:
         from ..world import worlds_in_store
 
-        enc = load_encoder(encoder_id, worlds=worlds_in_store(st))
+        enc = load_encoder(encoder_id, worlds=worlds_in_store(st), device=device, precision=precision)
     except NeurostoreError as e:
         notes.append(f"open vocabulary: encoder '{encoder_id}' could not be loaded, skipped ({e})")
         return []
@@ -258,9 +259,11 @@ _PROFILE_SCHEMA = pa.schema([("model", pa.string()), ("layer", pa.string()), ("d
 def find(store: Store | str | Path, phrase: str, *, models: Sequence[str] | None = None,
          layers: Sequence[str] | None = None, scorer: str | None = None, top: int = 20,
          methods: Sequence[str] = METHODS, min_similarity: float = MIN_SIMILARITY,
-         max_concepts: int = MAX_CONCEPTS, encoders: Sequence[str] | None = None) -> FindResult:
+         max_concepts: int = MAX_CONCEPTS, encoders: Sequence[str] | None = None, device=None,
+         precision: str | None = None) -> FindResult:
     """Units that detect `phrase`, by exact concept, semantic match and open vocabulary (module
-    doc), best `top` per method, and the depth profile. Reads the store only."""
+    doc), best `top` per method, and the depth profile. Reads the store only. The open-vocabulary
+    encoder runs on `device` (default auto: CUDA when present) at `precision` (default auto)."""
     phrase_in = phrase
     phrase = " ".join(str(phrase).lower().split())
     if not phrase:
@@ -270,6 +273,8 @@ def find(store: Store | str | Path, phrase: str, *, models: Sequence[str] | None
         raise BadParameter(unknown("method", bad[0], METHODS, "Pass e.g. --method exact --method open."))
     if top < 1:
         raise BadParameter(f"--top must be at least 1, got {top}.")
+    if "open" in methods:
+        device, precision = resolve(device, precision)
     st = open_store(store, read_only=True)
     if models:
         check_models(st, models)
@@ -307,7 +312,7 @@ def find(store: Store | str | Path, phrase: str, *, models: Sequence[str] | None
                 raise BadParameter(unknown("patch encoder in this store", missing[0], [h for h in have if h]))
         rows = []
         for enc in pick:
-            got = _open_vocabulary(st, phrase, enc, models, layers, notes)
+            got = _open_vocabulary(st, phrase, enc, models, layers, notes, device, precision)
             if got:
                 used.append(enc)
             rows += got
