@@ -896,11 +896,17 @@ def serve_cmd(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; the default is this machine only."),
     timeout: float = typer.Option(5.0, "--timeout", help="Time limit per query, in seconds."),
     max_rows: int = typer.Option(1000, "--max-rows", help="Rows a console query returns at most."),
+    max_bytes: int = typer.Option(4 * 1024**2, "--max-bytes", help="Bytes of JSON a console result sends at most "
+                                  "(the rest is reported as truncated)."),
+    allow_host: Optional[list[str]] = typer.Option(None, "--allow-host", metavar="NAME", help="Another name the app may be reached "
+                                                   "by (repeatable), e.g. this machine's name with --host 0.0.0.0. "
+                                                   "Requests naming any other Host are refused (DNS rebinding)."),
     store: Optional[Path] = StoreOpt,
 ) -> None:
     """Browse the store in a local, read-only web app: models, neuron cards, concept search, SQL console.
 
     Example: neurostore serve --store ./neurostore-store --port 8765
+    (on a LAN: neurostore serve --host 0.0.0.0 --allow-host mybox.local)
     """
     from .web import serve
 
@@ -909,7 +915,8 @@ def serve_cmd(
         sys.stdout.write(server.url + "\n")
         sys.stdout.flush()
 
-    serve(store_path(store), host=host, port=port, timeout=timeout, max_rows=max_rows, on_ready=ready)
+    serve(store_path(store), host=host, port=port, timeout=timeout, max_rows=max_rows, max_bytes=max_bytes,
+          allow_hosts=allow_host or (), on_ready=ready)
 
 
 def main() -> None:

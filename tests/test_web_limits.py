@@ -180,18 +180,27 @@ def test_connections_beyond_the_bound_get_503(tmp_path_factory):
 
 # ---- SIGTERM -----------------------------------------------------------------------------------
 
-def test_sigterm_removes_the_snapshot(tmp_path_factory, tmp_path):
+def test_serve_cli_allow_host_and_sigterm_removes_the_snapshot(tmp_path_factory, tmp_path):
     path, _ = shared_store(tmp_path_factory)
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     env = dict(os.environ, TMPDIR=str(tmp))
-    proc = subprocess.Popen([sys.executable, "-m", "neurostore.cli", "serve", "--store", str(path), "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "neurostore.cli", "serve", "--store", str(path), "--port", "0",
+                             "--allow-host", "nas.local"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         url = proc.stdout.readline().strip()
         assert url.startswith("http://127.0.0.1:"), proc.stderr.read() if proc.poll() is not None else url
         snapshots = list(tmp.glob("neurostore-web-*"))
         assert len(snapshots) == 1 and (snapshots[0] / "snapshot.duckdb").exists()
+        port = int(url.rstrip("/").rsplit(":", 1)[1])
+        for host, status in (("nas.local", 200), ("evil.example", 421)):
+            con = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            con.putrequest("GET", "/index.json", skip_host=True)
+            con.putheader("Host", f"{host}:{port}")
+            con.endheaders()
+            assert con.getresponse().status == status
+            con.close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         assert not snapshots[0].exists()
