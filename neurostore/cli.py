@@ -440,7 +440,8 @@ def layers_cmd(
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Side of the input in pixels."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """List a model's hookable layers (module paths) with kind, output shape and units.
+    """List a model's hookable layers (module paths) with kind, output shape, units, and which ones
+    dissect records by default. Builds the architecture only: no weights are downloaded.
 
     Example: neurostore layers torchvision:resnet18@random
     """
@@ -452,9 +453,10 @@ def layers_cmd(
         return
     from rich.table import Table
 
-    table = Table("layer", "kind", "output shape", "units", box=None)
+    table = Table("layer", "kind", "output shape", "units", "default", box=None)
     for r in rows:
-        table.add_row(r["layer"], r["kind"], "x".join(str(s) for s in r["shape"]), str(r["n_units"]))
+        table.add_row(r["layer"], r["kind"], "x".join(str(s) for s in r["shape"]), str(r["n_units"]),
+                      "yes" if r["default"] else "")
     console.print(table)
 
 def _log(quiet: bool):

@@ -278,12 +278,13 @@ def search_semantic(run: Run, phrase: str, k: int = 10, per_concept: int = 5) ->
     return {"mode": "semantic", "q": phrase, "encoder": "minilm:all-MiniLM-L6-v2", "concepts": top}
 
 
-def search_open_find(run: Run, find_store, phrase: str, k: int = 30) -> dict:
+def search_open_find(run: Run, find_store, phrase: str, k: int = 30, device=None, precision=None) -> dict:
     """Open vocabulary through neurostore.analysis.find (its calibrated 'patch'-scorer ranking),
-    on `find_store` (a Store whose sql() is the locked snapshot, see SnapshotStore)."""
+    on `find_store` (a Store whose sql() is the locked snapshot, see SnapshotStore); the encoder
+    runs on `device` at `precision` (default auto: CUDA when present)."""
     from ..analysis.find import find
 
-    res = find(find_store, phrase, methods=["open"], top=k)
+    res = find(find_store, phrase, methods=["open"], top=k, device=device, precision=precision)
     units = res.units.to_pylist()
     if units:
         tops = {(r["model"], r["layer"], r["unit"]): r["top_patch"] for r in rows(run, """
@@ -299,7 +300,8 @@ def search_open_find(run: Run, find_store, phrase: str, k: int = 30) -> dict:
     return out
 
 
-def search(run: Run, phrase: str, mode: str = "exact", k: int | None = None, find_store=None) -> dict:
+def search(run: Run, phrase: str, mode: str = "exact", k: int | None = None, find_store=None, device=None,
+           precision=None) -> dict:
     from ..errors import BadParameter, unknown
 
     if mode not in SEARCH_MODES:
@@ -312,7 +314,7 @@ def search(run: Run, phrase: str, mode: str = "exact", k: int | None = None, fin
         return search_semantic(run, phrase, k or 10)
     if find_store is None:
         raise BadParameter("Open-vocabulary search needs the snapshot store (see snapshot_store).")
-    return search_open_find(run, find_store, phrase, k or 30)
+    return search_open_find(run, find_store, phrase, k or 30, device, precision)
 
 
 def snapshot_store(run: Run, path):
