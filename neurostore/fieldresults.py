@@ -1,0 +1,436 @@
+"""Explanations from the field: import CLIP-Dissect, MILAN and Network Dissection results (or any
+tool's CSV/JSONL) as explanation rows beside neurostore's own.
+
+    from neurostore.fieldresults import import_results
+    res = import_results("store/", "netdissect", ["netdissect_resnet50_imagenet_layer4.csv"], model="resnet50")
+
+Formats (what each tool distributes; see shared/data/field-results/README.md):
+
+clip-dissect  layer,unit,description,similarity      units 0-based
+milan         layer,unit,description                 units 0-based, free text (CSV-quoted when it has commas)
+netdissect    unit,category,label,score,<cat>-label,<cat>-truth,<cat>-activation,<cat>-intersect,<cat>-iou...
+              one file per layer (the layer comes from --layer or the file name's last '_' part),
+              units 1-based, scene labels end in '-s', colours in '-c'
+csv, jsonl    any tool: `columns` maps layer, unit, label (and optionally score, category) to the
+              file's column names; `unit_base=1` for tools that count from 1
+
+The method name stands where neurostore's scorer name stands (`explanations.scorer`); the raw label
+sits beside the normalised one in `explanation_candidates`, with Network Dissection's runner-up
+label of every Broden category and its IoU. All files of one call are one run, recorded with each
+file's path, SHA-256 and format, so nothing half-imported is ever visible; re-importing a method
+replaces its earlier rows for the layers it covers, other methods stay. A bad line is skipped and
+recorded in `rejects`; a file that is mostly bad (another format, another model) fails as a whole
+with one line naming the file, the line and what is wrong.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from .errors import BadInput, BadParameter, UnknownLayer
+from .store import Store
+
+FORMATS = ("clip-dissect", "milan", "netdissect", "csv", "jsonl")
+# Columns each fixed format's header must have.
+HEADERS = {"clip-dissect": ("layer", "unit", "description", "similarity"),
+           "milan": ("layer", "unit", "description"),
+           "netdissect": ("unit", "category", "label", "score")}
+BRODEN = ("color", "object", "part", "material", "scene", "texture")
+VOCABULARY = {"clip-dissect": "clip-dissect:20k", "netdissect": "broden"}
+COLUMN_KEYS = ("layer", "unit", "label", "score", "category")
+MODEL_ID = re.compile(r"[a-z0-9][a-z0-9_.-]*")
+METHOD_NAME = re.compile(r"[a-z0-9][a-z0-9_.:+-]*")
+MAX_BAD_FRACTION = 0.5  # a file with more bad lines than this is the wrong file, not a file with bad lines
+
+
+@dataclass
+class ImportResult:
+    format: str
+    method: str
+    model: str
+    run_id: str
+    files: list[dict]                       # path, sha256, layers, lines, rows, rejects
+    rows: dict[str, int]                    # rows written per table
+    rejects: list[dict] = field(default_factory=list)  # path, reason (first 20)
+
+    def to_dict(self) -> dict:
+        return {"format": self.format, "method": self.method, "model": self.model, "run_id": self.run_id,
+                "files": self.files, "rows": self.rows, "rejects": self.rejects}
+
+
+def normalise_label(text: str | None, format: str | None = None) -> str:
+    """The form labels are compared in: lowercase, no surrounding quotes, '_' and '-' as spaces,
+    no trailing full stop, single spaces. Network Dissection's '-s' (scene) and '-c' (colour)
+    suffixes are dropped first. Class names go through the same function (classeval)."""
+    s = (text or "").strip()
+    if format == "netdissect" and re.search(r"-[sc]$", s):
+        s = s[:-2]
+    s = s.strip().strip("\"'").strip()
+    s = re.sub(r"[_\-]+", " ", s.lower())
+    return " ".join(s.split()).rstrip(".").strip()
+
+
+def parse_columns(spec: str | dict | None) -> dict[str, str]:
+    """'layer=Layer,unit=neuron,label=desc' -> {'layer': 'Layer', ...} (keys checked)."""
+    if spec is None or isinstance(spec, dict):
+        out = dict(spec or {})
+    else:
+        out = {}
+        for part in [p for p in spec.split(",") if p.strip()]:
+            k, sep, v = part.partition("=")
+            if not sep or not k.strip() or not v.strip():
+                raise BadParameter(f"--columns: '{part}' is not KEY=COLUMN. Example: "
+                                   "--columns layer=layer,unit=neuron,label=description,score=similarity")
+            out[k.strip()] = v.strip()
+    bad = [k for k in out if k not in COLUMN_KEYS]
+    if bad:
+        raise BadParameter(f"--columns: unknown key '{bad[0]}'. Valid keys: {', '.join(COLUMN_KEYS)}.")
+    return out
+
+
+# ---- reading one file into records ----------------------------------------------------------
+
+@dataclass
+class _Record:
+    line: int
+    layer: str | None
+    unit: int
+    candidates: list[dict]   # category, label_raw, score, truth_px, active_px, intersect_px; [0] is the chosen one
+
+
+class _Bad(Exception):
+    """One bad line (recorded as a reject unless most of the file is bad)."""
+
+
+def _text_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        raise BadInput(f"{path}: no such file. Pass the path of a result file.")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{path}: not a UTF-8 text file (byte {e.start}); pass the CSV/JSONL the tool wrote.") from None
+    if not text.strip():
+        raise BadInput(f"{path}: the file is empty.")
+    return text.splitlines()
+
+
+def _int(v, what: str) -> int:
+    try:
+        f = float(str(v).strip())
+    except (TypeError, ValueError):
+        raise _Bad(f"{what} '{v}' is not a number") from None
+    if f != int(f):
+        raise _Bad(f"{what} '{v}' is not an integer")
+    return int(f)
+
+
+def _float(v, what: str) -> float | None:
+    if v is None or str(v).strip() == "":
+        return None
+    try:
+        return float(str(v).strip())
+    except ValueError:
+        raise _Bad(f"{what} '{v}' is not a number") from None
+
+
+def _csv_rows(path: Path, lines: list[str], need: Sequence[str], fmt: str):
+    """(line number, dict) per data line; the header must name every column in `need`."""
+    reader = csv.reader(lines)
+    try:
+        header = [h.strip() for h in next(reader)]
+    except csv.Error as e:
+        raise BadInput(f"{path} line 1: unreadable CSV header ({e}).") from None
+    missing = [c for c in need if c not in header]
+    if missing:
+        raise BadInput(f"{path} line 1: the header has no '{missing[0]}' column (it has: {', '.join(header[:8])}"
+                       f"{', …' if len(header) > 8 else ''}); is this a {fmt} file?")
+    rows = []
+    line = 1
+    while True:
+        line += 1
+        try:
+            vals = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            rows.append((line, _Bad(f"unreadable CSV ({e})")))
+            continue
+        if not vals or not any(v.strip() for v in vals):
+            continue
+        if len(vals) != len(header):
+            rows.append((line, _Bad(f"{len(vals)} fields, the header has {len(header)}")))
+            continue
+        rows.append((line, dict(zip(header, vals))))
+    return header, rows
+
+
+def _jsonl_rows(path: Path, lines: list[str]):
+    rows = []
+    for i, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            rows.append((i, _Bad(f"not JSON ({e.msg})")))
+            continue
+        rows.append((i, obj if isinstance(obj, dict) else _Bad("not a JSON object")))
+    return rows
+
+
+def _netdissect_candidates(row: dict, header: list[str]) -> list[dict]:
+    """The chosen label first, then the best label of every other category by IoU."""
+    chosen = {"category": row["category"].strip() or None, "label_raw": row["label"],
+              "score": _float(row["score"], "score")}
+    others = []
+    for cat in [h[:-len("-label")] for h in header if h.endswith("-label")]:
+        raw = row.get(f"{cat}-label", "")
+        if not raw.strip():
+            continue  # the category had no label for this unit
+        cand = {"category": cat, "label_raw": raw, "score": _float(row.get(f"{cat}-iou"), f"{cat}-iou"),
+                "truth_px": _int(row[f"{cat}-truth"], f"{cat}-truth") if row.get(f"{cat}-truth") else None,
+                "active_px": _int(row[f"{cat}-activation"], f"{cat}-activation") if row.get(f"{cat}-activation") else None,
+                "intersect_px": _int(row[f"{cat}-intersect"], f"{cat}-intersect") if row.get(f"{cat}-intersect") else None}
+        if cat == chosen["category"] and raw == chosen["label_raw"]:
+            chosen.update({k: v for k, v in cand.items() if k != "score"})
+        else:
+            others.append(cand)
+    others.sort(key=lambda c: -(c["score"] if c["score"] is not None else -1.0))
+    return [chosen] + others
+
+
+def _read(path: Path, fmt: str, layer: str | None, columns: dict[str, str], unit_base: int) -> list:
+    """[(line, _Record | _Bad)] for one file; file-level problems raise BadInput."""
+    lines = _text_lines(path)
+    if fmt == "jsonl":
+        rows, header = _jsonl_rows(path, lines), None
+    else:
+        need = HEADERS.get(fmt) or tuple(v for k, v in columns.items() if k in ("unit", "label")) + \
+            ((columns["layer"],) if "layer" in columns and layer is None else ())
+        header, rows = _csv_rows(path, lines, need, fmt)
+    if fmt in ("clip-dissect", "milan"):
+        columns = {"layer": "layer", "unit": "unit", "label": "description"} | (
+            {"score": "similarity"} if fmt == "clip-dissect" else {})
+    out = []
+    for line, row in rows:
+        if isinstance(row, _Bad):
+            out.append((line, row))
+            continue
+        try:
+            if fmt == "netdissect":
+                rec = _Record(line, layer, _int(row["unit"], "unit") - 1, _netdissect_candidates(row, header))
+            else:
+                missing = [c for c in (columns["unit"], columns["label"]) if c not in row]
+                if missing:
+                    raise _Bad(f"no '{missing[0]}' field")
+                lay = layer if layer is not None or "layer" not in columns else str(row.get(columns["layer"], "")).strip()
+                cand = {"category": (str(row.get(columns["category"]) or "").strip() or None) if "category" in columns else None,
+                        "label_raw": row[columns["label"]] if row[columns["label"]] is None else str(row[columns["label"]]),
+                        "score": _float(row.get(columns["score"]), columns["score"]) if "score" in columns else None}
+                rec = _Record(line, lay, _int(row[columns["unit"]], "unit") - unit_base, [cand])
+            if not rec.layer:
+                raise _Bad("no layer")
+            if rec.unit < 0:
+                raise _Bad(f"unit {rec.unit + (1 if fmt == 'netdissect' else unit_base)} is below the first unit "
+                           f"({1 if fmt == 'netdissect' else unit_base})")
+            if not normalise_label(rec.candidates[0]["label_raw"], fmt):
+                raise _Bad("empty label")
+            out.append((line, rec))
+        except _Bad as e:
+            out.append((line, e))
+    return out
+
+
+# ---- the model's layers ---------------------------------------------------------------------
+
+class _Layers:
+    """Layers and unit counts of the model: from its torchvision architecture (random weights,
+    nothing downloaded) when the model id names one or `spec` is given; else from the data."""
+
+    def __init__(self, model: str, spec: str | None):
+        self.target = None
+        self.spec = spec
+        if spec is None:
+            import torchvision
+
+            if model in torchvision.models.list_models():
+                self.spec = f"torchvision:{model}@random"
+        if self.spec is not None:
+            from .models import list_layers, load_target
+
+            self.target = load_target(self.spec, id=model)
+            self.units = {li.layer: li.n_units for li in list_layers(self.target)}
+
+    def check_layer(self, name: str) -> None:
+        if self.target is not None and name not in self.units:
+            from .models import resolve_layer
+
+            resolve_layer(self.target, name)  # raises UnknownLayer with the close matches
+            raise UnknownLayer(f"Layer '{name}' of {self.target.id} has no unit outputs to explain.")
+
+    def problem(self, rec: _Record) -> str | None:
+        if self.target is None:
+            return None
+        if rec.layer not in self.units:
+            return f"layer '{rec.layer}' is not a layer of {self.target.id}"
+        if rec.unit >= self.units[rec.layer]:
+            return f"unit {rec.unit} is out of range: {self.target.id} {rec.layer} has {self.units[rec.layer]} units"
+        return None
+
+    def rows(self, model: str, layers: list[str], max_unit: dict[str, int]) -> list[dict]:
+        if self.target is not None:
+            from .models import layers_table_rows
+
+            return layers_table_rows(self.target, layers)
+        n = max(len(layers) - 1, 1)  # order of first appearance in the files
+        return [{"layer": name, "kind": None, "n_units": max_unit[name] + 1, "grid_h": None, "grid_w": None,
+                 "depth": i, "depth_frac": i / n, "model": model} for i, name in enumerate(layers)]
+
+
+def _layer_from_name(path: Path) -> str:
+    """netdissect_resnet50_imagenet_layer4.csv -> 'layer4' (the tool writes one file per layer)."""
+    return path.stem.rsplit("_", 1)[-1]
+
+
+def _table(st: Store, table: str, rows: list[dict]) -> pa.Table:
+    """Rows as an Arrow table with the table's declared types; columns the rows do not set
+    (NULL-able, e.g. confidence of an imported label) are NULL."""
+    schema = st.schemas[table].arrow_schema()
+    names = [n for n in schema.names if n != "run_id"]
+    return pa.Table.from_pylist([{n: r.get(n) for n in names} for r in rows],
+                                schema=pa.schema([schema.field(n) for n in names]))
+
+
+# ---- the import -----------------------------------------------------------------------------
+
+def import_results(store: Store | str | Path, format: str, paths: Sequence[str | Path], *, model: str,
+                   layer: str | None = None, columns: str | dict | None = None, method: str | None = None,
+                   unit_base: int = 0, spec: str | None = None) -> ImportResult:
+    """Import result files of one method for one model as one run (module doc). Returns what was
+    written; raises BadInput/BadParameter/UnknownLayer (nothing written) for a bad file or option."""
+    if format not in FORMATS:
+        from .errors import unknown
+
+        raise BadParameter(unknown("format", format, FORMATS, "Use csv or jsonl with --columns for other tools."))
+    if not paths:
+        raise BadParameter("No files given. Example: neurostore import milan milan-base_resnet50_imagenet.csv --model resnet50")
+    if not MODEL_ID.fullmatch(model or ""):
+        raise BadParameter(f"--model '{model}' is not a model id: use lowercase letters, digits and '_.-', "
+                           "e.g. resnet50.")
+    generic = format in ("csv", "jsonl")
+    method = method or (None if generic else format)
+    if not method:
+        raise BadParameter(f"Format '{format}' needs --method NAME (the tool's name, e.g. falcon), "
+                           "which stands where the scorer name stands.")
+    if not METHOD_NAME.fullmatch(method):
+        raise BadParameter(f"--method '{method}': use lowercase letters, digits and '_.:+-'.")
+    cols = parse_columns(columns) if generic else {}
+    if generic:
+        need = [k for k in ("unit", "label") + (() if layer else ("layer",)) if k not in cols]
+        if need:
+            raise BadParameter(f"--columns must map {', '.join(need)} for format {format} "
+                               f"(e.g. --columns layer=layer,unit=neuron,label=description,score=similarity)"
+                               + ("; or pass --layer" if "layer" in need else "") + ".")
+    elif columns:
+        raise BadParameter(f"--columns is for the csv and jsonl formats; {format} files have fixed columns.")
+    if unit_base not in (0, 1):
+        raise BadParameter(f"--unit-base must be 0 or 1, got {unit_base}.")
+    paths = [Path(p) for p in paths]
+    arch = _Layers(model, spec)
+    if layer is not None:
+        arch.check_layer(layer)
+
+    records: list[tuple[Path, _Record]] = []
+    rejects: list[dict] = []
+    files = []
+    for path in paths:
+        file_layer = layer
+        if format == "netdissect" and file_layer is None:
+            file_layer = _layer_from_name(path)
+            if arch.target is not None and file_layer not in arch.units:
+                raise BadInput(f"{path}: Network Dissection files hold one layer; the file name does not end in a "
+                               f"layer of {model} ('{file_layer}'). Pass --layer, e.g. --layer layer4.")
+        parsed = _read(path, format, file_layer, cols, 1 if format == "netdissect" else unit_base)
+        good, bad, seen = [], [], {}
+        for line, r in parsed:
+            if isinstance(r, _Record):
+                why = arch.problem(r)
+                if why is None and (r.layer, r.unit) in seen:
+                    why = f"unit {r.unit} of {r.layer} again (first on line {seen[(r.layer, r.unit)]})"
+                if why is None:
+                    seen[(r.layer, r.unit)] = line
+                    good.append(r)
+                    continue
+                r = _Bad(why)
+            bad.append((line, str(r)))
+        if not good or len(bad) > MAX_BAD_FRACTION * (len(good) + len(bad)):
+            line, why = bad[0] if bad else (1, "no data lines")
+            raise BadInput(f"{path} line {line}: {why} ({len(bad)} of {len(good) + len(bad)} lines are bad; "
+                           f"is this a {format} file for {model}?). Nothing was imported.")
+        files.append({"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                      "format": format, "layers": sorted({r.layer for r in good}), "rows": len(good),
+                      "rejects": len(bad)})
+        records += [(path, r) for r in good]
+        rejects += [{"dataset": f"import:{method}:{model}", "path": str(path), "reason": f"line {line}: {why}"}
+                    for line, why in bad]
+    dup = {}
+    for path, r in records:  # the same unit in two files of one import
+        if (r.layer, r.unit) in dup:
+            raise BadInput(f"{path} line {r.line}: {r.layer} unit {r.unit} is also in {dup[(r.layer, r.unit)]}; "
+                           "import one file per layer.")
+        dup[(r.layer, r.unit)] = f"{path} line {r.line}"
+
+    expl, cands = [], []
+    for path, r in records:
+        labels = []
+        for rank, c in enumerate(r.candidates):
+            lab = normalise_label(c["label_raw"], format)
+            labels.append(lab)
+            cands.append({"unit": r.unit, "method": method, "rank": rank, "category": c.get("category"),
+                          "label": lab, "label_raw": c["label_raw"], "score": c.get("score"),
+                          "truth_px": c.get("truth_px"), "active_px": c.get("active_px"),
+                          "intersect_px": c.get("intersect_px"), "source": path.name, "line": r.line,
+                          "model": model, "layer": r.layer})
+        expl.append({"unit": r.unit, "scorer": method, "label": labels[0], "confidence": None,
+                     "concepts": labels, "confidences": None, "summary": None, "summary_by": None,
+                     "vocabulary": VOCABULARY.get(format), "encoder": None, "model": model, "layer": r.layer})
+    order = list(dict.fromkeys(r.layer for _, r in records))
+    max_unit: dict[str, int] = {}
+    for _, r in records:
+        max_unit[r.layer] = max(max_unit.get(r.layer, -1), r.unit)
+
+    st = store if isinstance(store, Store) else Store.open(store)
+    have_layers = set(st.sql("SELECT DISTINCT layer FROM layers WHERE model = $m", {"m": model}).column("layer").to_pylist())
+    have_model = st.sql("SELECT count(*) AS n FROM models WHERE model = $m", {"m": model}).column("n")[0].as_py() > 0
+    key = f"import:{method}:{model}"
+    params = {"format": format, "method": method, "model": model, "layer": layer, "columns": cols or None,
+              "unit_base": unit_base, "spec": arch.spec, "files": files}
+    with st.run("import", params, work_key=key) as run:
+        run.write("explanations", _table(st, "explanations", expl), key=key)
+        run.write("explanation_candidates", _table(st, "explanation_candidates", cands), key=key)
+        if rejects:
+            run.write("rejects", _table(st, "rejects", rejects), key=f"{key}:{','.join(sorted(order))}")
+        new_layers = [name for name in order if name not in have_layers]
+        if new_layers:  # so depth questions work for a model neurostore never dissected
+            for row in arch.rows(model, [n for n in order], max_unit):
+                if row["layer"] in new_layers:
+                    run.write("layers", _table(st, "layers", [row]), key=f"layers:{model}:{row['layer']}")
+        if not have_model:
+            t = arch.target
+            run.write("models", _table(st, "models", [{
+                "model": model, "spec": arch.spec.removesuffix("@random") if arch.spec else None,
+                "arch": t.arch if t is not None else None, "n_params": t.n_params if t is not None else None,
+                "input_size": t.input_size if t is not None else None,
+                "random_weights": False}]), key=f"model:{model}")  # published results: trained weights
+    rows = {k: v for k, v in run.rows.items()}
+    return ImportResult(format, method, model, run.run_id, files, rows,
+                        [{"path": r["path"], "reason": r["reason"]} for r in rejects[:20]])
