@@ -124,15 +124,34 @@ class Batch:
     pixels: torch.Tensor              # [b, 3, S, S] preprocessed
     sizes: list[tuple[int, int]]      # original (width, height)
     rejects: list[dict] = field(default_factory=list)
+    hashes: list[str] = field(default_factory=list)  # content hash of each file (see file_hash)
+    # `also` preprocessing of the same decoded images: [m, 3, S', S'] of the images whose hash
+    # is not in `skip_also` (their rows in the batch: `also_rows`)
+    also: list[torch.Tensor] = field(default_factory=list)
+    also_rows: list[int] = field(default_factory=list)
+
+    def pin_memory(self) -> "Batch":
+        """DataLoader(pin_memory=True) calls this: page-locked tensors copy to CUDA asynchronously."""
+        self.pixels = self.pixels.pin_memory()
+        self.also = [a.pin_memory() for a in self.also]
+        return self
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    """An image's content id: 16 hex of the SHA-1 of its bytes (never its name)."""
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()[:16]
 
 
 class _Files(torch.utils.data.Dataset):
     """Map-style dataset over (image_id, path); an item is ("ok", ...) or ("reject", ...), so
-    rejects travel back through the DataLoader even when decoding runs in worker processes."""
+    rejects travel back through the DataLoader even when decoding runs in worker processes.
+    Each file is decoded once; every preprocessing (`preprocess`, then `also`) takes that image."""
 
-    def __init__(self, items, preprocess, min_side, max_pixels):
+    def __init__(self, items, preprocess, min_side, max_pixels, also=(), skip_also=frozenset()):
         self.items, self.preprocess = items, preprocess
         self.min_side, self.max_pixels = min_side, max_pixels
+        self.also, self.skip_also = tuple(also), skip_also
 
     def __len__(self):
         return len(self.items)
@@ -141,9 +160,11 @@ class _Files(torch.utils.data.Dataset):
         image_id, path = self.items[i]
         try:
             im = load_image(path, self.min_side, self.max_pixels)
+            h = file_hash(path)
         except RejectedImage as e:
             return ("reject", i, image_id, str(path), str(e))
-        return ("ok", i, image_id, self.preprocess(im), im.size)
+        also = None if h in self.skip_also else tuple(p(im) for p in self.also)
+        return ("ok", i, image_id, self.preprocess(im), im.size, h, also)
 
 
 def _collate(items):
@@ -151,7 +172,10 @@ def _collate(items):
     rejects = [{"path": p, "reason": r, "image_id": iid} for _, _, iid, p, r in
                (it for it in items if it[0] == "reject")]
     pixels = torch.stack([it[3] for it in ok]) if ok else torch.zeros(0)
-    return Batch([it[1] for it in ok], [it[2] for it in ok], pixels, [it[4] for it in ok], rejects)
+    rows = [j for j, it in enumerate(ok) if it[6]]
+    also = [torch.stack([ok[j][6][a] for j in rows]) for a in range(len(ok[rows[0]][6]))] if rows else []
+    return Batch([it[1] for it in ok], [it[2] for it in ok], pixels, [it[4] for it in ok], rejects,
+                 [it[5] for it in ok], also, rows)
 
 
 def _slug(text: str) -> str:
@@ -169,6 +193,7 @@ class ImageSource:
         self.labels = labels or {}
         self.rejects: list[dict] = []          # filled while streaming
         self.sizes: dict[str, tuple[int, int]] = {}
+        self.position = 0
         self._paths = dict(items)
 
     def __len__(self) -> int:
@@ -187,20 +212,30 @@ class ImageSource:
         return load_image(self._paths[image_id], self.min_side, self.max_pixels)
 
     def batches(self, preprocess: Callable[[Image.Image], torch.Tensor], batch_size: int = 64,
-                num_workers: int = 0, progress: bool = False) -> Iterator[Batch]:
-        """Decoded, preprocessed batches in source order. Rejected files are appended to
-        `self.rejects` and left out of the batches; a batch can hence be smaller than asked."""
-        self.rejects = []
-        ds = _Files(self.items, preprocess, self.min_side, self.max_pixels)
+                num_workers: int = 0, progress: bool = False, *, start: int = 0,
+                also: tuple[Callable, ...] = (), skip_also: frozenset = frozenset(),
+                pin_memory: bool = False) -> Iterator[Batch]:
+        """Decoded, preprocessed batches in source order, from item `start` on (a resumed run).
+        Rejected files are appended to `self.rejects` and left out of the batches; a batch can
+        hence be smaller than asked. `also`: more preprocessings of the same decoded image (an
+        encoder's), skipped for files whose content hash is in `skip_also`. `num_workers`
+        processes decode in parallel (DataLoader); `pin_memory` for a CUDA consumer."""
+        if start == 0:
+            self.rejects = []
+        self.position = start  # items (images and rejects) consumed so far: where a resume starts
+        ds = _Files(self.items, preprocess, self.min_side, self.max_pixels, also, skip_also)
+        if start:
+            ds = torch.utils.data.Subset(ds, range(start, len(self.items)))
         loader = torch.utils.data.DataLoader(
             ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-            collate_fn=_collate, persistent_workers=False,
+            collate_fn=_collate, persistent_workers=False, pin_memory=pin_memory,
         )
         bar = None
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(ds), desc=f"images {self.dataset}", unit="img", leave=False)
+            bar = tqdm(total=len(self.items), initial=start, desc=f"images {self.dataset}",
+                       unit="img", leave=False)
         try:
             for batch in loader:
                 for r in batch.rejects:
@@ -208,6 +243,7 @@ class ImageSource:
                                          "reason": r["reason"]})
                 for iid, size in zip(batch.image_ids, batch.sizes):
                     self.sizes[iid] = size
+                self.position += len(batch.image_ids) + len(batch.rejects)
                 if bar is not None:
                     bar.update(len(batch.image_ids) + len(batch.rejects))
                 if batch.image_ids:

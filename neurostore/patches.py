@@ -1,7 +1,7 @@
 """Receptive-field patches: where in each top image a unit fired, cut out, deduplicated.
 
-For every (layer, unit, rank) of a recording, the unit's activation map on that image is
-recomputed (a second, light pass over just the top images, so maps are never stored), upsampled
+For every (layer, unit, rank) of a recording, the unit's activation map on that image (kept by
+the recorder for its top-k images, or recomputed for them when it did not keep them) is upsampled
 bilinearly to the model's input size, and thresholded at a per-map quantile `q` (default 0.95:
 the top 5% of the map's pixels). The box is the bounding box of the connected region above the
 threshold that contains the unit's peak grid cell, grown around its centre to at least `min_frac` (default
@@ -12,11 +12,11 @@ the original image's pixels through the input's crop geometry (`Target.crop_frac
 recording keeps no per-position statistics, and the per-map quantile on a unit's *top* images
 plays the same role: it selects where the unit fired most on an image where it fired strongly.)
 
-Deduplication: a patch is identified by dataset, image and box (`patch_id` = 16 hex of a SHA-1).
-Identical boxes share one patch, and so do near-identical ones: on the same image, a box whose
-IoU with an already kept box is >= `dedup_iou` (default 0.8) reuses that patch. Boxes are
-visited in (layer, unit, rank) order, so the result is deterministic. Each patch is embedded
-once per encoder (`embed_patches`).
+Deduplication: a patch is identified by its content (`patch_id` = 16 hex of a SHA-1 of the
+crop's pixels, `crop_id`), so identical crops share one patch and one embedding per encoder,
+across units, models and runs. Near-identical boxes share one too: on the same image, a box
+whose IoU with an already kept box is >= `dedup_iou` (default 0.8) reuses that patch. Boxes are
+visited in (layer, unit, rank) order, so the result is deterministic.
 """
 
 from __future__ import annotations
@@ -39,9 +39,12 @@ from .record import RecordResult, activation_maps
 THUMB = 96
 
 
-def patch_id(dataset: str, image_id: str, box: tuple[int, int, int, int]) -> str:
-    key = f"{dataset}/{image_id}/{box[0]},{box[1]},{box[2]},{box[3]}"
-    return hashlib.sha1(key.encode()).hexdigest()[:16]
+def crop_id(crop: Image.Image) -> str:
+    """A patch's id: 16 hex of the SHA-1 of the crop's size and RGB pixels, so the same crop
+    has the same id (and one embedding per encoder) in every run, model and dataset."""
+    h = hashlib.sha1(f"{crop.width}x{crop.height}:".encode())
+    h.update(crop.tobytes())
+    return h.hexdigest()[:16]
 
 
 def iou(a, b) -> float:
@@ -134,18 +137,27 @@ class PatchSet:
     dataset: str
     rows: list[dict] = field(default_factory=list)           # schema/patches.sql minus run_id
     assignment: dict = field(default_factory=dict)           # (layer, unit, rank) -> patch_id
-    embeddings: dict = field(default_factory=dict)           # encoder id -> [n_patches, dim]
+    # Each box kept on an image (near-duplicates on the same image merged), in cutting order: the
+    # patch population a unit's patches are compared with (identical crops of different images
+    # count once per image, as distinct boxes).
+    boxes: list = field(default_factory=list)                # patch_id of each kept box
+    box_of: dict = field(default_factory=dict)               # (layer, unit, rank) -> index in boxes
+    embeddings: dict = field(default_factory=dict)           # encoder id -> (patch ids, [n, dim]) newly encoded
     n_boxes: int = 0                                         # (unit, image) boxes cut
+    n_decoded: int = 0                                       # top images decoded for their pixels
+    n_encoded: int = 0                                       # crops run through an encoder
 
     @property
     def patch_ids(self) -> list[str]:
         return [r["patch_id"] for r in self.rows]
 
-    def table(self) -> pa.Table:
+    def table(self, rows: list[dict] | None = None) -> pa.Table:
+        """schema/patches.sql minus run_id, of `rows` (default: every patch of the set)."""
+        rows = self.rows if rows is None else rows
         cols = ("patch_id", "dataset", "image_id", "x0", "y0", "x1", "y1", "thumbnail")
         types = (pa.string(), pa.string(), pa.string(), pa.int32(), pa.int32(), pa.int32(),
                  pa.int32(), pa.binary())
-        return pa.table({c: pa.array([r[c] for r in self.rows], t) for c, t in zip(cols, types)})
+        return pa.table({c: pa.array([r[c] for r in rows], t) for c, t in zip(cols, types)})
 
     def fill_activations(self, activations: pa.Table) -> pa.Table:
         """The activations table with patch_id filled from this set."""
@@ -172,13 +184,19 @@ class PatchSet:
 
 def extract_patches(target: Target, result: RecordResult, source, layers: Sequence[str] | None = None,
                     q: float = 0.95, min_frac: float = 0.25, dedup_iou: float = 0.8,
-                    batch_size: int = 32, encoders: Sequence = (), progress: bool = True) -> PatchSet:
+                    batch_size: int = 32, encoders: Sequence = (), known: dict | None = None,
+                    progress: bool = True) -> PatchSet:
     """Cut the receptive-field patch of every (layer, unit, top image) of `result`.
 
-    `source.load(image_id)` must return the RGB image (ImageSource does). When `encoders` are
-    given, each unique patch is embedded once per encoder in the same pass (no second decode);
-    `PatchSet.embeddings[encoder.id]` is then [n_patches, dim] in `rows` order."""
+    Boxes come from the maps the recorder kept for each unit's top images (`keep_maps=True`);
+    without them the maps of the top images are recomputed (a second, light model pass). Each
+    top image is decoded once more for its pixels (`PatchSet.n_decoded`). `source.load(image_id)`
+    must return the RGB image (ImageSource does). When `encoders` are given, each unique crop is
+    embedded once per encoder as it is cut, except the patch ids in `known[encoder.id]` (already
+    in the store); `PatchSet.embeddings[encoder.id]` is then (patch ids, [n, dim])."""
     layers = list(layers or result.layers)
+    known = known or {}
+    kept_maps = all(result.layers[n].top_maps is not None for n in layers)
     # Which (layer, unit, rank) need each image: image index -> list of jobs.
     jobs: dict[int, list[tuple[str, int, int]]] = defaultdict(list)
     for name in layers:
@@ -187,8 +205,10 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
             jobs[int(lr.top_idx[u, r])].append((name, int(u), int(r)))
     order = sorted(jobs)
     ps = PatchSet(result.dataset)
-    kept: dict[str, list[tuple[tuple, str]]] = defaultdict(list)  # image_id -> [(box, patch_id)]
+    kept: dict[str, list[tuple]] = defaultdict(list)  # image_id -> [(box, patch_id, index in boxes)]
+    seen: set[str] = set()                                         # patch ids cut in this set
     pending: dict[str, list] = {enc.id: [] for enc in encoders}
+    emb_ids: dict[str, list] = {enc.id: [] for enc in encoders}
     emb_parts: dict[str, list] = {enc.id: [] for enc in encoders}
     bar = None
     if progress:
@@ -202,43 +222,58 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
             while buf and (force or len(buf) >= batch_size):
                 chunk, pending[enc.id] = buf[:batch_size], buf[batch_size:]
                 buf = pending[enc.id]
-                emb_parts[enc.id].append(enc.encode_images(torch.stack([enc.preprocess(c) for c in chunk])))
+                emb_parts[enc.id].append(enc.encode_images(torch.stack([enc.preprocess(c) for c in chunk])).float())
+                ps.n_encoded += len(chunk)
 
     S = target.input_size
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         ids = [result.image_ids[i] for i in idx]
         pils = [source.load(iid) for iid in ids]
-        pixels = torch.stack([target.preprocess(im) for im in pils])  # [b, 3, S, S]
-        maps = activation_maps(target, layers, pixels)                 # layer -> [b, units, h, w]
+        ps.n_decoded += len(pils)
+        if not kept_maps:
+            pixels = torch.stack([target.preprocess(im) for im in pils])  # [b, 3, S, S]
+            maps = activation_maps(target, layers, pixels)                 # layer -> [b, units, h, w]
         for j, (i, iid, im) in enumerate(zip(idx, ids, pils)):
             W, H = im.size
             todo, boxes = [], []
             for name in layers:  # layers differ in grid size: one stack per layer
                 mine = [job for job in jobs[i] if job[0] == name]
                 if mine:
-                    sel = maps[name][j, [u for _, u, _ in mine]]       # [n_jobs, h, w]
+                    if kept_maps:
+                        tm = result.layers[name].top_maps
+                        sel = torch.from_numpy(tm[[u for _, u, _ in mine], [r for _, _, r in mine]])  # [n_jobs, h, w]
+                    else:
+                        sel = maps[name][j, [u for _, u, _ in mine]]       # [n_jobs, h, w]
                     todo += mine
                     boxes += boxes_for_maps(sel, S, q, min_frac)
             for (l, u, r), box in zip(todo, boxes):
                 ps.n_boxes += 1
                 ibox = to_image_box(box, S, W, H, target.crop_fraction)
                 pid = None
-                for kbox, kid in kept[iid]:
+                for kbox, kid, kb in kept[iid]:
                     if kbox == ibox or iou(kbox, ibox) >= dedup_iou:
                         pid = kid
+                        ps.box_of[(l, u, r)] = kb
                         break
                 if pid is None:
-                    pid = patch_id(result.dataset, iid, ibox)
-                    kept[iid].append((ibox, pid))
                     crop = im.crop(ibox)
-                    ps.rows.append({"patch_id": pid, "dataset": result.dataset, "image_id": iid,
-                                    "x0": ibox[0], "y0": ibox[1], "x1": ibox[2], "y1": ibox[3],
-                                    "thumbnail": thumbnail_png(crop)})
-                    for enc in encoders:
-                        pending[enc.id].append(crop)
+                    pid = crop_id(crop)
+                    kept[iid].append((ibox, pid, len(ps.boxes)))
+                    ps.boxes.append(pid)
+                    if pid not in seen:  # identical crops (of any image) are one patch
+                        seen.add(pid)
+                        ps.rows.append({"patch_id": pid, "dataset": result.dataset, "image_id": iid,
+                                        "x0": ibox[0], "y0": ibox[1], "x1": ibox[2], "y1": ibox[3],
+                                        "thumbnail": thumbnail_png(crop)})
+                        for enc in encoders:
+                            if pid not in known.get(enc.id, ()):
+                                pending[enc.id].append(crop)
+                                emb_ids[enc.id].append(pid)
                 ps.assignment[(l, u, r)] = pid
-        del maps
+                ps.box_of.setdefault((l, u, r), len(ps.boxes) - 1)
+        if not kept_maps:
+            del maps
         flush()
         if bar is not None:
             bar.update(len(idx))
@@ -247,7 +282,8 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
         bar.close()
     for enc in encoders:
         parts = emb_parts[enc.id]
-        ps.embeddings[enc.id] = (torch.cat(parts).numpy() if parts else np.zeros((0, enc.dim), np.float32))
+        ps.embeddings[enc.id] = (emb_ids[enc.id], torch.cat(parts).numpy() if parts
+                                 else np.zeros((0, enc.dim), np.float32))
     return ps
 
 

@@ -485,7 +485,8 @@ def dissect(model: str, *, store: Store | str | Path, images: str | Path | None 
     new_patch_ids, new_patch_m = ps.embeddings[enc.id]
     vec = dict(zip(new_patch_ids, new_patch_m))
     vec.update(_cached_vectors(store, enc.id, "patch", [p for p in ps.patch_ids if p not in vec]))
-    patch_emb = torch.from_numpy(np.stack([vec[p] for p in ps.patch_ids])) if ps.rows \
+    # [boxes, d]: the scorer compares a unit's boxes with every box cut (as before content ids)
+    patch_emb = torch.from_numpy(np.stack([vec[p] for p in ps.boxes])) if ps.boxes \
         else torch.zeros(0, text_emb.shape[1])
     row_of = {pid: i for i, pid in enumerate(ps.patch_ids)}
     lap("patches")
@@ -506,9 +507,9 @@ def dissect(model: str, *, store: Store | str | Path, images: str | Path | None 
         lr = rec.layers[name]
         pooled = torch.from_numpy(lr.pooled_mean.astype(np.float32)) if lr.pooled_mean is not None else None
         idx = np.full(lr.top_idx.shape, -1, np.int64)
-        for (l, u, r), pid in ps.assignment.items():
+        for (l, u, r), box in ps.box_of.items():
             if l == name:
-                idx[u, r] = row_of[pid]
+                idx[u, r] = box
         inputs = {"similarity": sim, "pooled": pooled, "patch_emb": patch_emb, "text_emb": text_emb,
                   "unit_patches": torch.from_numpy(idx),
                   "unit_weights": torch.from_numpy(np.nan_to_num(lr.top_val.astype(np.float32), nan=0.0))}

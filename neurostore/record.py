@@ -12,12 +12,15 @@ tokens reshaped to the spatial grid (prefix tokens such as CLS are dropped), so 
 has a map over image patches like a conv channel.
 
 Per image and unit, the map is reduced as it leaves the hook: spatial max (the value ranked by
-top-k and summarised in `units`), its location, and the spatial mean. Maps are never stored;
-`activation_maps()` recomputes them for a handful of images (the patch pass).
+top-k and summarised in `units`), its location, and the spatial mean. With `keep_maps=True` the
+recorder also keeps, for each unit, its grid-size map on each of its current top-k images
+([units, k, h, w] per layer, replaced as better images arrive), so patch boxes need no second
+pass; `on_maps(layer, map)` lets another consumer (the IoU thresholds) see each full batch map.
 
-Memory is bounded by the batch size, plus the outputs that grow with the probe set by design:
-the pooled matrices (2 x float16 x units per image and layer; `pooled=False` drops them) and the
-image id list.
+Memory is bounded by the batch size and the per-unit state (top-k values and, with keep_maps,
+k grid maps per unit), plus the outputs that grow with the probe set by design: the pooled
+matrices (2 x float16 x units per image and layer; `pooled=False` drops them) and the image id
+list. `state_dict()`/`load_state_dict()` checkpoint all of it, so a recording can resume.
 
 Statistics: mean, std, max and fraction active (spatial max > 0) are exact running sums. The
 quantiles and histogram come from a uniform reservoir sample of `reservoir` images (default
@@ -89,7 +92,7 @@ def activation_maps(target: Target, layers: Sequence[str], pixels: torch.Tensor)
         maps[layer] = m.float().contiguous()  # [batch, units, h, w]
 
     with hooks(target, layers, keep):
-        target.module(pixels)
+        target.module(pixels.to(getattr(target, "device", None) or "cpu"))
     return maps
 
 
@@ -99,13 +102,16 @@ def activation_maps(target: Target, layers: Sequence[str], pixels: torch.Tensor)
 class LayerState:
     """Running top-k, pooled rows and sums of one layer."""
 
-    def __init__(self, n_units: int, grid: tuple[int, int], k: int, reservoir: int, pooled: bool):
+    def __init__(self, n_units: int, grid: tuple[int, int], k: int, reservoir: int, pooled: bool,
+                 keep_maps: bool = False, device: torch.device | str = "cpu"):
         self.n_units, self.grid, self.k, self.pooled = n_units, grid, k, pooled
         U = n_units
-        self.top_val = torch.full((U, k), -float("inf"))    # [units, k] spatial max
-        self.top_idx = torch.full((U, k), -1, dtype=torch.long)  # [units, k] image index
-        self.top_loc = torch.zeros((U, k), dtype=torch.long)   # [units, k] flat grid index
-        self.top_mean = torch.zeros((U, k))                  # [units, k] spatial mean
+        self.top_val = torch.full((U, k), -float("inf"), device=device)    # [units, k] spatial max
+        self.top_idx = torch.full((U, k), -1, dtype=torch.long, device=device)  # [units, k] image index
+        self.top_loc = torch.zeros((U, k), dtype=torch.long, device=device)   # [units, k] flat grid index
+        self.top_mean = torch.zeros((U, k), device=device)                  # [units, k] spatial mean
+        # [units, k, h, w] each unit's map on each of its top-k images (for the patch boxes)
+        self.top_maps = torch.zeros((U, k, *grid), device=device) if keep_maps else None
         self.sum = np.zeros(U, np.float64)
         self.sumsq = np.zeros(U, np.float64)
         self.n_active = np.zeros(U, np.int64)
@@ -116,16 +122,25 @@ class LayerState:
         self.max_chunks: list[np.ndarray] = []
 
     def update(self, offset: int, vmax: torch.Tensor, loc: torch.Tensor, vmean: torch.Tensor,
-               res_rows: np.ndarray, res_slots: np.ndarray) -> None:
-        """Fold one batch: vmax/loc/vmean are [batch, units]; image indices offset..offset+b."""
+               res_rows: np.ndarray, res_slots: np.ndarray, maps: torch.Tensor | None = None) -> None:
+        """Fold one batch: vmax/loc/vmean are [batch, units]; image indices offset..offset+b;
+        maps [batch, units, h, w] when keep_maps."""
         b = vmax.shape[0]
-        idx = torch.arange(offset, offset + b).expand(self.n_units, b)  # [units, b]
+        idx = torch.arange(offset, offset + b, device=vmax.device).expand(self.n_units, b)  # [units, b]
         val = torch.cat([self.top_val, vmax.T], 1)           # [units, k + b]
         best, pos = val.topk(min(self.k, val.shape[1]), dim=1)
+        if self.top_maps is not None:
+            # Slot pos < k keeps an old map, pos >= k takes the batch's image pos - k.
+            k = self.top_maps.shape[1]
+            units = torch.arange(self.n_units, device=pos.device)[:, None].expand_as(pos)
+            old = self.top_maps[units, pos.clamp(max=k - 1)]                  # [units, k, h, w]
+            new = maps.float().transpose(0, 1)[units, (pos - k).clamp(min=0)]  # [units, k, h, w]
+            self.top_maps = torch.where((pos >= k)[..., None, None], new, old)
         self.top_val = best
         self.top_idx = torch.cat([self.top_idx, idx], 1).gather(1, pos)
         self.top_loc = torch.cat([self.top_loc, loc.T], 1).gather(1, pos)
         self.top_mean = torch.cat([self.top_mean, vmean.T], 1).gather(1, pos)
+        vmax, vmean = vmax.cpu(), vmean.cpu()
         v = vmax.double().numpy()                            # [b, units]
         self.sum += v.sum(0)
         self.sumsq += (v * v).sum(0)
@@ -183,6 +198,7 @@ class LayerResult:
     pooled_max: np.ndarray | None   # [n_images, units] float16
     stats: dict              # per unit arrays: act_mean, act_std, act_max, frac_active, q50, q90, q99,
                              # hist_edges [units, bins+1], hist_counts [units, bins]
+    top_maps: np.ndarray | None = None  # [units, k, h, w] map on each top image (keep_maps)
 
 
 @dataclass
@@ -292,10 +308,12 @@ class Recorder:
     """
 
     def __init__(self, target: Target, layers: Sequence[str], k: int = 10, dataset: str = "images",
-                 pooled: bool = True, reservoir: int = 4096, seed: int = 0):
+                 pooled: bool = True, reservoir: int = 4096, seed: int = 0, keep_maps: bool = False,
+                 on_maps=None, precision: "torch.dtype | None" = None):
         from .models import list_layers
 
         self.target, self.k, self.dataset = target, int(k), dataset
+        self.device = torch.device(getattr(target, "device", None) or "cpu")
         self.layer_names = list(dict.fromkeys(resolve_layer(target, name) for name in layers))
         infos = {li.layer: li for li in list_layers(target)}
         self.states: dict[str, LayerState] = {}
@@ -306,13 +324,15 @@ class Recorder:
 
                 raise UnknownLayer(f"Layer '{name}' of {target.id} gives no tensor output to record. "
                                    f"See 'neurostore layers {target.spec}'.")
-            self.states[name] = LayerState(li.n_units, (li.grid_h, li.grid_w), self.k, reservoir, pooled)
+            self.states[name] = LayerState(li.n_units, (li.grid_h, li.grid_w), self.k, reservoir, pooled,
+                                           keep_maps, self.device)
         self.reservoir = reservoir
         self.rng = np.random.default_rng(seed)
         self.image_ids: list[str] = []
         self.rejects: list[dict] = []
         self._reduced: dict[str, tuple] = {}
         self._stack = None
+        self.keep_maps, self.on_maps, self.precision = keep_maps, on_maps, precision
 
     def __enter__(self):
         self._stack = contextlib.ExitStack()
@@ -325,9 +345,12 @@ class Recorder:
         return False
 
     def _hook(self, layer: str, m: torch.Tensor) -> None:
+        if self.on_maps is not None:
+            self.on_maps(layer, m)                           # [batch, units, h, w]
         flat = m.flatten(2).float()                          # [batch, units, h*w]
         vmax, loc = flat.max(dim=2)                          # [batch, units] each
-        self._reduced[layer] = (vmax, loc, flat.mean(dim=2))  # the map itself is not kept
+        # The map is kept only for the top-k update (keep_maps), then dropped with the batch.
+        self._reduced[layer] = (vmax, loc, flat.mean(dim=2), m if self.keep_maps else None)
 
     def _reservoir_slots(self, offset: int, b: int) -> tuple[np.ndarray, np.ndarray]:
         """Algorithm R for images offset..offset+b-1: (batch rows, reservoir slots) to write."""
@@ -345,15 +368,34 @@ class Recorder:
         b = pixels.shape[0]
         if b == 0:
             return
+        from .devices import autocast
+
         self._reduced.clear()
-        self.target.module(pixels)
+        with autocast(self.device, self.precision):
+            self.target.module(pixels.to(self.device, non_blocking=True))
         offset = len(self.image_ids)
         rows, slots = self._reservoir_slots(offset, b)
         for name, state in self.states.items():
-            vmax, loc, vmean = self._reduced[name]
-            state.update(offset, vmax, loc, vmean, rows, slots)
+            vmax, loc, vmean, maps = self._reduced[name]
+            state.update(offset, vmax, loc, vmean, rows, slots, maps)
         self._reduced.clear()
         self.image_ids.extend(image_ids)
+
+    def state_dict(self) -> dict:
+        """Everything the recording has folded so far (CPU copies), for a checkpoint."""
+        def cpu(v):
+            return v.cpu() if isinstance(v, torch.Tensor) else v
+        return {"image_ids": list(self.image_ids), "rejects": list(self.rejects),
+                "rng": self.rng.bit_generator.state,
+                "states": {n: {a: cpu(v) for a, v in vars(st).items()} for n, st in self.states.items()}}
+
+    def load_state_dict(self, d: dict) -> None:
+        """Continue from `state_dict()` of a recorder of the same target, layers and k."""
+        self.image_ids, self.rejects = list(d["image_ids"]), list(d["rejects"])
+        self.rng.bit_generator.state = d["rng"]
+        for n, st in self.states.items():
+            for a, v in d["states"][n].items():
+                setattr(st, a, v.to(self.device) if isinstance(v, torch.Tensor) else v)
 
     def merge(self, other: "Recorder") -> "Recorder":
         """Fold a recorder of the same layers over later images into this one (in place)."""
@@ -371,7 +413,7 @@ class Recorder:
         layers = {}
         for name, st in self.states.items():
             gh, gw = st.grid
-            loc = st.top_loc.numpy()
+            loc = st.top_loc.cpu().numpy()
             mean = st.sum / max(n, 1)
             var = np.maximum(st.sumsq / max(n, 1) - mean * mean, 0.0)
             sample = st.res[: min(n, self.reservoir)]
@@ -395,9 +437,9 @@ class Recorder:
             px = np.concatenate(st.max_chunks) if st.pooled and st.max_chunks else (
                 np.zeros((0, st.n_units), np.float16) if st.pooled else None)
             layers[name] = LayerResult(
-                name, st.n_units, gh, gw, st.top_idx.numpy(), st.top_val.numpy(),
-                st.top_mean.numpy(), (loc // gw).astype(np.int32), (loc % gw).astype(np.int32),
-                pm, px, stats)
+                name, st.n_units, gh, gw, st.top_idx.cpu().numpy(), st.top_val.cpu().numpy(),
+                st.top_mean.cpu().numpy(), (loc // gw).astype(np.int32), (loc % gw).astype(np.int32),
+                pm, px, stats, st.top_maps.cpu().numpy() if st.top_maps is not None else None)
         return RecordResult(self.target.id, self.dataset, list(self.image_ids), layers, list(self.rejects))
 
 

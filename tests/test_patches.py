@@ -9,9 +9,9 @@ from PIL import Image
 
 from neurostore.images import ImageFolder
 from neurostore.models import load_target
-from neurostore.patches import (boxes_for_maps, embed_patches, extract_patches, iou, patch_id,
+from neurostore.patches import (boxes_for_maps, crop_id, embed_patches, extract_patches, iou,
                                 to_image_box)
-from neurostore.record import record
+from neurostore.record import Recorder, record
 
 torch.set_num_threads(2)
 
@@ -37,10 +37,14 @@ def test_box_geometry_back_to_the_image():
     assert to_image_box((0, 0, 25, 25), 50, 200, 100, None) == (0, 0, 100, 50)
 
 
-def test_patch_id_and_iou():
-    assert patch_id("d", "a.png", (0, 0, 5, 5)) == patch_id("d", "a.png", (0, 0, 5, 5))
-    assert patch_id("d", "a.png", (0, 0, 5, 5)) != patch_id("d", "b.png", (0, 0, 5, 5))
-    assert len(patch_id("d", "a", (1, 2, 3, 4))) == 16
+def test_crop_id_is_the_content_and_iou():
+    a = Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3))
+    assert crop_id(a) == crop_id(a.copy()) and len(crop_id(a)) == 16
+    b = np.asarray(a).copy()
+    b[0, 0, 0] += 1                                        # one value differs
+    assert crop_id(Image.fromarray(b)) != crop_id(a)
+    # the same bytes in another shape are another crop
+    assert crop_id(Image.fromarray(np.asarray(a).reshape(2, 8, 3))) != crop_id(a)
     assert iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0 and iou((0, 0, 10, 10), (10, 0, 20, 10)) == 0.0
 
 
@@ -87,9 +91,13 @@ def test_extract_dedup_thumbnails_and_embeddings(recorded):
         thumb = Image.open(io.BytesIO(row["thumbnail"]))
         assert thumb.format == "PNG" and max(thumb.size) <= 96
     # Embedded once per unique patch, in rows order, equal to embedding the crops afterwards.
-    assert enc.n == len(ids) and ps.embeddings["meancolour"].shape == (len(ids), 3)
+    emb_ids, emb = ps.embeddings["meancolour"]
+    assert enc.n == ps.n_encoded == len(ids) and emb_ids == ids and emb.shape == (len(ids), 3)
     again = embed_patches(ps.crops(src), _MeanColour(), batch_size=7)
-    np.testing.assert_allclose(ps.embeddings["meancolour"], again, atol=1e-5)
+    np.testing.assert_allclose(emb, again, atol=1e-5)
+    # Every box a unit points at is one of the kept boxes, whose patch is the unit's patch.
+    assert all(ps.boxes[ps.box_of[key]] == pid for key, pid in ps.assignment.items())
+    assert ps.n_decoded == len({i for lr in res.layers.values() for i in lr.top_idx.ravel() if i >= 0})
     acts = ps.fill_activations(res.activations_table())
     assert acts.column("patch_id").null_count == 0
     assert set(acts.column("patch_id").to_pylist()) == set(ids)
@@ -112,3 +120,36 @@ def test_box_is_where_the_unit_fired(recorded):
         cx = (lr.loc_x[u, 0] + 0.5) / lr.grid_w * S
         X0, Y0, X1, Y1 = to_image_box((cx, cy, cx, cy), S, W, H, t.crop_fraction)
         assert r["x0"] - 2 <= X0 <= r["x1"] + 2 and r["y0"] - 2 <= Y0 <= r["y1"] + 2, (u, iid, r["image_id"], lr.loc_y[u, 0], lr.loc_x[u, 0], (r["x0"], r["y0"], r["x1"], r["y1"]))
+
+
+def test_maps_kept_by_the_recorder_give_the_patches_of_a_second_pass(recorded):
+    """One pass: the recorder keeps each unit's maps on its top images, and the boxes cut from
+    them are exactly those of recomputing the maps (no model pass in extract_patches)."""
+    t, src, res = recorded
+    with Recorder(t, ["layer2", "fc"], k=3, dataset=src.dataset, keep_maps=True) as rec:
+        for b in src.batches(t.preprocess, 8):
+            rec.update(b.image_ids, b.pixels)
+    kept = rec.result()
+    assert kept.layers["layer2"].top_maps.shape == (128, 3, kept.layers["layer2"].grid_h,
+                                                    kept.layers["layer2"].grid_w)
+    np.testing.assert_array_equal(kept.layers["layer2"].top_idx, res.layers["layer2"].top_idx)
+    calls = []
+    handle = t.module.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        a = extract_patches(t, kept, src, progress=False)
+    finally:
+        handle.remove()
+    b = extract_patches(t, res, src, progress=False)
+    assert not calls                                       # no forward pass for the boxes
+    assert a.rows == b.rows and a.assignment == b.assignment and a.boxes == b.boxes
+
+
+def test_known_crops_are_not_encoded_again(recorded):
+    t, src, res = recorded
+    first = extract_patches(t, res, src, layers=["layer2"], encoders=[_MeanColour()], progress=False)
+    known = set(first.patch_ids[: len(first.patch_ids) // 2])
+    enc = _MeanColour()
+    again = extract_patches(t, res, src, layers=["layer2"], encoders=[enc], known={enc.id: known},
+                            progress=False)
+    new_ids, _ = again.embeddings[enc.id]
+    assert enc.n == len(first.patch_ids) - len(known) and set(new_ids) == set(first.patch_ids) - known
