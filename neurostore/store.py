@@ -613,7 +613,13 @@ class Store:
         replace='work' (default): committing drops earlier files of the same (table, partition,
         work_key). replace='partition': drops every earlier file of the partitions written."""
         self._check_writable()
-        self.manifest()  # a store whose manifest is missing or damaged is refused before any work
+        # A damaged store is refused before any work: without a manifest nothing can be committed,
+        # and a commit would re-derive tables from damaged score files.
+        bad = self.damaged_files(e for entries in self.manifest()["tables"].values() for e in entries)
+        if bad:
+            raise StoreDamaged(f"Store '{self.path}' has damaged files ({bad[0]}"
+                               f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); nothing was written. "
+                               f"Run 'neurostore check --repair --store {self.path}' first.")
         if replace not in ("work", "partition"):
             raise BadInput(f"Unknown replace mode '{replace}'. Valid: work, partition.")
         return Run(self, command, params or {}, work_key, replace)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from test_cli_store import run_cli  # noqa: E402
 from test_store import scores_table  # noqa: E402
 
 from neurostore import store as store_mod  # noqa: E402
@@ -251,6 +251,10 @@ def test_reads_fail_only_where_they_touch_the_damaged_file(st, damage):
         with pytest.raises(StoreDamaged, match=rf"Cannot export .*{path}.*Nothing was copied"):
             s.export(st.parent / "exp")
     assert not (st.parent / "exp").exists()
+    on_disk = files(st)
+    with Store.open(st) as s, pytest.raises(StoreDamaged, match=rf"has damaged files \({path} .*nothing was written"):
+        s.write("concepts", concepts("x"))
+    assert files(st) == on_disk
 
 
 def test_file_damaged_after_the_views_were_built(st):
@@ -323,33 +327,46 @@ def test_entries_without_hash_are_checked_by_footer(st):
 # ---- the command --------------------------------------------------------------------------------
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "neurostore.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=120)
-
-
-def test_cli_check_exit_codes_json_and_one_line_errors(st):
-    out = cli("check", "--store", st, "--json")
-    assert out.returncode == 0 and json.loads(out.stdout)["clean"] is True
+def test_cli_check_exit_codes_json_and_one_line_errors(st, capsys, monkeypatch):
+    code, out, _ = run_cli(capsys, monkeypatch, "check", "--store", st, "--json")
+    assert code == 0 and json.loads(out)["clean"] is True
     (st / "manifest.json").unlink()
-    out = cli("tables", "--store", st)
-    assert out.returncode == 1 and out.stderr.startswith(f"Error: Store '{st}' has no manifest.json")
-    assert "Traceback" not in out.stderr and out.stdout == ""
-    out = cli("check", "--store", st)
-    assert out.returncode == 1 and "manifest.json: " in out.stdout and "check --repair" in out.stdout
-    out = cli("check", "--repair", "--store", st, "--json")
-    assert out.returncode == 0, out.stderr
-    r = json.loads(out.stdout)
-    assert r["repaired"] and r["dropped"] == [] and r["manifest"].startswith(f"Store '{st}' has no manifest.json")
-    assert cli("check", "--store", st).returncode == 0
+    code, out, err = run_cli(capsys, monkeypatch, "tables", "--store", st)
+    assert code == 1 and err.startswith(f"Error: Store '{st}' has no manifest.json") and err.count("\n") == 1
+    assert out == ""
+    code, out, _ = run_cli(capsys, monkeypatch, "check", "--store", st)
+    assert code == 1 and "manifest.json: " in out and "check --repair" in out
+    code, out, _ = run_cli(capsys, monkeypatch, "check", "--repair", "--store", st, "--json")
+    r = json.loads(out)
+    assert code == 0 and r["repaired"] and r["dropped"] == []
+    assert r["manifest"].startswith(f"Store '{st}' has no manifest.json")
+    assert run_cli(capsys, monkeypatch, "check", "--store", st)[0] == 0
 
 
-@pytest.mark.parametrize("text", [b"", b"{\"format\": \"neuro", b"\x89PNG\r\n", b"[]"], ids=["empty", "truncated",
-                                                                                         "binary", "list"])
-def test_cli_store_json_damage_is_one_line(st, text):
+@pytest.mark.parametrize("text", [b"", b'{"format": "neuro', b"\x89PNG\r\n", b"[]"],
+                         ids=["empty", "truncated", "binary", "list"])
+def test_cli_store_json_damage_is_one_line(st, text, capsys, monkeypatch):
     (st / "store.json").write_bytes(text)
-    out = cli("sql", "SELECT 1", "--store", st)
-    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
-    assert out.stderr.startswith(f"Error: Store '{st}': store.json ") and "check --repair" in out.stderr
-    assert cli("check", "--repair", "--store", st).returncode == 0
-    assert cli("sql", "SELECT count(*) FROM scores", "--store", st).returncode == 0
+    code, _, err = run_cli(capsys, monkeypatch, "sql", "SELECT 1", "--store", st)
+    assert code == 1 and err.count("\n") == 1 and "check --repair" in err
+    assert err.startswith(f"Error: Store '{st}': store.json ")
+    assert run_cli(capsys, monkeypatch, "check", "--repair", "--store", st)[0] == 0
+    assert run_cli(capsys, monkeypatch, "sql", "SELECT count(*) FROM scores", "--store", st)[0] == 0
+
+
+def test_real_dissect_store_survives_a_lost_manifest_and_a_damaged_file(demo_run, tmp_path):
+    """A copy of the session's demo store (probe-world CNN and ViT dissected with every scorer):
+    manifest deleted and the largest scores file truncated; the rebuild keeps every other row."""
+    path = tmp_path / "st"
+    shutil.copytree(demo_run[1].path, path)
+    before = row_counts(path)
+    man = json.loads((path / "manifest.json").read_text())
+    big = max(man["tables"]["scores"], key=lambda e: e["bytes"])
+    (path / big["path"]).write_bytes((path / big["path"]).read_bytes()[: big["bytes"] // 2])
+    (path / "manifest.json").unlink()
+    r = check(path, repair=True)
+    assert r["repaired"] and [d["path"] for d in r["dropped"]] == [big["path"]]
+    after = row_counts(path)
+    assert {t: n for t, n in after.items() if t not in DERIVED} == {
+        t: n - (big["rows"] if t == "scores" else 0) for t, n in before.items() if t not in DERIVED}
+    assert check(path)["clean"]
