@@ -294,8 +294,9 @@ def check_cmd(
             console.print(f"{g['path']}: garbage, {g['reason']}" + ("; deleted" if r["repaired"] else ""),
                           highlight=False)
         if r["repaired"]:
+            lost = ", ".join(f"{n} rows of {t}" for t, n in r["rows_dropped"].items()) or "no rows"
             console.print(f"Repaired {r['store']}: {r['files']} files, {r['rows']} rows kept; dropped "
-                          f"{len(r['dropped'])} files ({r['rows_dropped'] or 'no rows'})"
+                          f"{len(r['dropped'])} damaged files ({lost})"
                           + (f"; set aside in {r['set_aside']}" if r.get("set_aside") else ""), highlight=False)
         elif r["problems"]:
             console.print(f"{r['store']}: {len(r['problems'])} problems. Run 'neurostore check --repair' to keep "
