@@ -301,7 +301,7 @@ def _layer_from_name(path: Path) -> str:
     return path.stem.rsplit("_", 1)[-1]
 
 
-def _table(st: Store, table: str, rows: list[dict]) -> pa.Table:
+def schema_table(st: Store, table: str, rows: list[dict]) -> pa.Table:
     """Rows as an Arrow table with the table's declared types; columns the rows do not set
     (NULL-able, e.g. confidence of an imported label) are NULL."""
     schema = st.schemas[table].arrow_schema()
@@ -415,18 +415,18 @@ def import_results(store: Store | str | Path, format: str, paths: Sequence[str |
     params = {"format": format, "method": method, "model": model, "layer": layer, "columns": cols or None,
               "unit_base": unit_base, "spec": arch.spec, "files": files}
     with st.run("import", params, work_key=key) as run:
-        run.write("explanations", _table(st, "explanations", expl), key=key)
-        run.write("explanation_candidates", _table(st, "explanation_candidates", cands), key=key)
+        run.write("explanations", schema_table(st, "explanations", expl), key=key)
+        run.write("explanation_candidates", schema_table(st, "explanation_candidates", cands), key=key)
         if rejects:
-            run.write("rejects", _table(st, "rejects", rejects), key=f"{key}:{','.join(sorted(order))}")
+            run.write("rejects", schema_table(st, "rejects", rejects), key=f"{key}:{','.join(sorted(order))}")
         new_layers = [name for name in order if name not in have_layers]
         if new_layers:  # so depth questions work for a model neurostore never dissected
             for row in arch.rows(model, [n for n in order], max_unit):
                 if row["layer"] in new_layers:
-                    run.write("layers", _table(st, "layers", [row]), key=f"layers:{model}:{row['layer']}")
+                    run.write("layers", schema_table(st, "layers", [row]), key=f"layers:{model}:{row['layer']}")
         if not have_model:
             t = arch.target
-            run.write("models", _table(st, "models", [{
+            run.write("models", schema_table(st, "models", [{
                 "model": model, "spec": arch.spec.removesuffix("@random") if arch.spec else None,
                 "arch": t.arch if t is not None else None, "n_params": t.n_params if t is not None else None,
                 "input_size": t.input_size if t is not None else None,
