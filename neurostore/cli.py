@@ -503,18 +503,26 @@ def dissect_cmd(
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass (bounds memory)."),
     max_images: Optional[int] = typer.Option(None, "--max-images", help="Use only the first N images (sorted order)."),
     summarise: Optional[str] = typer.Option(None, "--summarise", help="Scorer whose top concepts an LLM turns into one sentence per unit (needs ANTHROPIC_API_KEY)."),
+    device: str = DeviceOpt,
+    precision: str = PrecisionOpt,
+    workers: int = typer.Option(0, "--workers", help="Processes decoding images in parallel (0: in the main process)."),
     store: Optional[Path] = StoreOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Record, cut patches, score concepts and store explanations for a model's layers.
 
-    Example: neurostore dissect torchvision:resnet50@IMAGENET1K_V2 --images photos/ --layer layer3 --layer layer4 --vocab english-20k
+    One pass over the images; text, image and crop embeddings already in the store are reused.
+    An interrupted dissect resumes from its checkpoint when the same command is run again.
+    Progress goes to stderr, also with --json.
+
+    Example: neurostore dissect torchvision:resnet50@IMAGENET1K_V2 --images photos/ --layer layer3 --layer layer4 --vocab english-20k --device cuda --workers 8
     """
     from .pipeline import dissect
 
     s = dissect(model, store=store_path(store), images=images, layers=layers, vocabulary=vocab,
                 scorers=scorers, encoder=encoder, k=k, top_n=top, batch_size=batch_size,
-                summarise_with=summarise, max_images=max_images, progress=not as_json, log=_log(as_json))
+                summarise_with=summarise, max_images=max_images, device=device, precision=precision,
+                workers=workers, progress=True, log=_log(False))
     print_json(s) if as_json else _dissect_summary_table(s)
 
 
@@ -542,18 +550,22 @@ def demo_cmd(
     cue_class: Optional[str] = typer.Option(None, "--cue-class", help="Class that carries the cue."),
     fast: bool = typer.Option(False, "--fast", help="The small, quick probe world (smoke runs)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="World cache folder. Default: $NEUROSTORE_CACHE or ~/.cache/neurostore."),
+    device: str = DeviceOpt,
+    precision: str = PrecisionOpt,
+    workers: int = typer.Option(0, "--workers", help="Processes decoding images in parallel (0: in the main process)."),
     store: Optional[Path] = StoreOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Run everything on the probe world: build it, dissect its CNN and ViT with every scorer,
     evaluate against the truth, and answer three example questions in SQL.
 
-    Example: neurostore demo --cue-kind dot --cue-class ring --store demo-store
+    Example: neurostore demo --cue-kind dot --cue-class ring --store demo-store --device auto
     """
     from .pipeline import demo
 
     s = demo(store_path(store), seed=seed, cue_kind=cue_kind, cue_class=cue_class, fast=fast,
-             cache=cache, progress=not as_json, log=_log(as_json))
+             cache=cache, device=device, precision=precision, workers=workers,
+             progress=True, log=_log(False))
     if as_json:
         print_json(s)
         return

@@ -83,9 +83,9 @@ def evaluate(store: Store | str, model: str | None = None, dataset: str | None =
                 rows.append({"layer": layer, "scorer": scorer, "metric": metric, "value": value,
                              "n": int(n), "dataset": ds, "model": m})
     if write and rows:
+        # Keyed per (dataset, layer): re-evaluating replaces exactly the figures it recomputes.
         with store.run("eval", {"models": models, "dataset": dataset}) as run:
-            for m in models:
-                mine = [r for r in rows if r["model"] == m]
-                if mine:
-                    run.write("evaluations", pa.Table.from_pylist(mine), key=f"eval:{mine[0]['dataset']}")
+            for key in dict.fromkeys((r["model"], r["dataset"], r["layer"]) for r in rows):
+                mine = [r for r in rows if (r["model"], r["dataset"], r["layer"]) == key]
+                run.write("evaluations", pa.Table.from_pylist(mine), key=f"eval:{key[1]}:{key[2]}")
     return out

@@ -633,7 +633,8 @@ def demo_questions(store: Store, world) -> list[dict]:
 
 def demo(store: Store | str | Path, *, seed: int | None = None, cue_kind: str | None = None,
          cue_class: str | None = None, fast: bool = False, cache: str | Path | None = None,
-         max_images: int | None = DEMO_MAX_IMAGES, progress: bool = True, log=print) -> dict:
+         max_images: int | None = DEMO_MAX_IMAGES, device: str = "auto", precision: str = "auto",
+         workers: int = 0, progress: bool = True, log=print) -> dict:
     """Everything on the probe world: build (or reuse) the world, dissect its CNN and ViT on
     several layers with every scorer, evaluate against the truth, and answer three questions."""
     from .world import WorldConfig, build_world
@@ -649,7 +650,8 @@ def demo(store: Store | str | Path, *, seed: int | None = None, cue_kind: str | 
     runs = {}
     for name in DEMO_TARGETS:
         runs[name] = dissect(f"probe:{name}@{world.root}", store=store, world=world,
-                             vocabulary="probe", max_images=max_images, progress=progress, log=log)
+                             vocabulary="probe", max_images=max_images, device=device,
+                             precision=precision, workers=workers, progress=progress, log=log)
     return {
         "store": str(store.path),
         "world": {"id": world.id, "root": str(world.root), "config": world.meta["config"],
