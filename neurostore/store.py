@@ -951,9 +951,16 @@ class Store:
             else:
                 found.append(entry)
         runs = {}
-        for e in found:
+        for e in list(found):
             if e["table"] == "runs":
-                row = pq.read_table(self.path / e["path"], columns=["status", "ended_at", "work_key"]).to_pylist()[0]
+                try:
+                    (row,) = pq.read_table(self.path / e["path"], columns=["status", "ended_at", "work_key"]).to_pylist()
+                except Exception as ex:  # not one readable runs row
+                    problems.append({"path": e["path"], "table": "runs", "rows": None,
+                                     "problem": f"corrupt: not one runs row ({_reason(ex)})"})
+                    set_aside.append(e["path"])
+                    found.remove(e)
+                    continue
                 e["status"] = row["status"]
                 e["work_key"] = e["work_key"] or row["work_key"]
                 runs[e["run_id"]] = (e["generation"] or 0, row["ended_at"] or dt.datetime.min, e["run_id"], row["status"])
