@@ -88,9 +88,11 @@ def _text_model_name(text_model: str | None) -> str:
     return Path(text_model).name or str(text_model)
 
 
-def evaluate_classes(store: Store | str | Path, model: str, layer: str, classes: str | Path = "imagenet",
+def evaluate_classes(store: Store | str | Path, model: str | None, layer: str | None, classes: str | Path = "imagenet",
                      text_model: str | None = None) -> ClassEvalResult:
     """top1 and class_cosine per method for a class layer (module doc); writes `evaluations`."""
+    if not model or not layer:
+        raise BadParameter("Class evaluation needs a model and its class layer, e.g. --model resnet50 --layer fc.")
     st = store if isinstance(store, Store) else Store.open(store, create=False)
     models = st.sql("SELECT DISTINCT model FROM explanations ORDER BY model").column("model").to_pylist()
     if model not in models:

@@ -150,9 +150,16 @@ def _csv_rows(path: Path, lines: list[str], need: Sequence[str], fmt: str):
     except csv.Error as e:
         raise BadInput(f"{path} line 1: unreadable CSV header ({e}).") from None
     missing = [c for c in need if c not in header]
+    if fmt in ("clip-dissect", "milan") and not missing and len(header) != len(need):
+        like = _sniff(header)
+        raise BadInput(f"{path} line 1: a {fmt} file has the columns {', '.join(need)}, this one has "
+                       f"{', '.join(header[:8])}{', …' if len(header) > 8 else ''}"
+                       f"{f'; it looks like a {like} file' if like else ''}.")
     if missing:
+        like = _sniff(header)
         raise BadInput(f"{path} line 1: the header has no '{missing[0]}' column (it has: {', '.join(header[:8])}"
-                       f"{', …' if len(header) > 8 else ''}); is this a {fmt} file?")
+                       f"{', …' if len(header) > 8 else ''}); "
+                       + (f"it looks like a {like} file." if like else f"is this a {fmt} file?"))
     rows = []
     line = 1
     while True:
@@ -171,6 +178,14 @@ def _csv_rows(path: Path, lines: list[str], need: Sequence[str], fmt: str):
             continue
         rows.append((line, dict(zip(header, vals))))
     return header, rows
+
+
+def _sniff(header: list[str]) -> str | None:
+    """The fixed format whose header this is, if any."""
+    for fmt, cols in HEADERS.items():
+        if header == list(cols) or (fmt == "netdissect" and header[:4] == list(cols)):
+            return fmt
+    return None
 
 
 def _jsonl_rows(path: Path, lines: list[str]):
