@@ -529,18 +529,76 @@ def dissect_cmd(
 @app.command("eval")
 def eval_cmd(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Only this model id (default: every dissected model)."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Evaluate against class names instead: imagenet, "
+                                          "places365 or a file (one class per line, synonyms separated by ', '). "
+                                          "Needs --model and --layer."),
+    layer: Optional[str] = typer.Option(None, "--layer", "-l", help="With --classes: the layer whose units are the "
+                                        "classes, e.g. fc."),
+    text_model: Optional[str] = typer.Option(None, "--text-model", help="With --classes: a local sentence-transformers "
+                                             "folder for the class similarity (default: the bundled MiniLM)."),
     store: Optional[Path] = StoreOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Measure stored explanations against the probe world's truth; write them to 'evaluations'.
+    """Measure stored explanations against the probe world's truth, or with --classes against the
+    class names of a class layer (top-1 and label/class cosine, per method); write them to 'evaluations'.
 
     Example: neurostore eval --model probe-cnn --json
+
+    Example: neurostore eval --model resnet50 --layer fc --classes imagenet --json
     """
-    from .evaluate import evaluate
     from .store import Store
+
+    if classes is not None:
+        from .classeval import evaluate_classes
+
+        res = evaluate_classes(Store.open(store_path(store), create=False), model=model, layer=layer,
+                               classes=classes, text_model=text_model)
+        if as_json:
+            print_json(res.to_dict())
+        else:
+            console.print(_rows_table(res.methods, ["method", "n", "top1", "class_cosine"],
+                                      title=f"{res.model} {res.layer} vs {res.classes} class names ({res.text_model})"))
+        return
+    from .evaluate import evaluate
 
     ev = evaluate(Store.open(store_path(store), create=False), model=model)
     print_json(ev) if as_json else _evaluation_table(ev)
+
+
+# ---- import: explanations from the field (fieldresults.py) ----------------------------------
+
+@app.command("import")
+def import_cmd(
+    format: str = typer.Argument(..., help="clip-dissect, milan, netdissect, csv or jsonl."),
+    paths: list[Path] = typer.Argument(..., help="Result files; all of one method, imported as one run."),
+    model: str = typer.Option(..., "--model", "-m", help="Model id the results are of, e.g. resnet50 (its "
+                              "torchvision architecture, when it names one, checks layers and units)."),
+    layer: Optional[str] = typer.Option(None, "--layer", "-l", help="Layer of every file (Network Dissection: "
+                                        "default from the file name, e.g. ..._layer4.csv)."),
+    columns: Optional[str] = typer.Option(None, "--columns", help="csv/jsonl: which column holds what, e.g. "
+                                          "layer=layer,unit=neuron,label=description,score=similarity."),
+    method: Optional[str] = typer.Option(None, "--method", help="Method name stored as the scorer (default: the "
+                                         "format; required for csv/jsonl)."),
+    unit_base: int = typer.Option(0, "--unit-base", help="csv/jsonl: 1 if the tool counts units from 1."),
+    store: Optional[Path] = StoreOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Import another method's neuron explanations (CLIP-Dissect, MILAN, Network Dissection, or any
+    CSV/JSONL) as explanation rows beside neurostore's own; bad lines go to 'rejects'.
+
+    Example: neurostore import netdissect netdissect_resnet50_imagenet_*.csv --model resnet50 --json
+    """
+    from .fieldresults import import_results
+
+    res = import_results(store_path(store), format, paths, model=model, layer=layer, columns=columns,
+                         method=method, unit_base=unit_base)
+    if as_json:
+        print_json(res.to_dict())
+        return
+    console.print(_rows_table(res.files, ["path", "layers", "rows", "rejects"],
+                              title=f"{res.method} → {res.model} (run {res.run_id})"))
+    for r in res.rejects:
+        err_console.print(f"rejected: {r['path']} {r['reason']}", highlight=False)
 
 
 @app.command("demo")
