@@ -39,11 +39,14 @@ class Encoder(ABC):
         return self
 
     @torch.no_grad()
-    def _run(self, forward, x: torch.Tensor) -> torch.Tensor:
-        """forward(x on the device) under autocast -> [n, dim] float32 unit rows on the CPU."""
+    def _run(self, forward, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """forward(x on the device) under autocast -> [n, dim] float32 unit rows on the CPU
+        (normalize=False: forward already returns unit rows in fp32 and exactly those are kept)."""
         with devices.autocast(self.device, self.dtype):
             out = forward(x.to(self.device, non_blocking=True))
-        return torch.nn.functional.normalize(out.float(), dim=-1).cpu()
+        if normalize or out.dtype != torch.float32:
+            out = torch.nn.functional.normalize(out.float(), dim=-1)
+        return out.cpu()
 
     @abstractmethod
     def preprocess(self, image: Image.Image) -> torch.Tensor:

@@ -70,8 +70,8 @@ class Target:
     # or None when the whole image is resized to the input (aspect not kept).
     crop_fraction: float | None = 1.0
     extra: dict = field(default_factory=dict)
-    # Untrained weights (@random, /random, weights=False): its units explain nothing, and the
-    # models table and summaries say so.
+    # Untrained weights (@random, /random, weights=False): its units explain nothing; the id says
+    # so too (resnet50-random) and the pipeline puts the flag in the run and its summary.
     random_weights: bool = False
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: "torch.dtype | None" = None       # autocast dtype for forward passes; None = fp32
@@ -97,7 +97,7 @@ class Target:
     def model_row(self) -> dict:
         """One row of schema/models.sql (minus run_id)."""
         return {"model": self.id, "spec": self.spec, "arch": self.arch, "n_params": self.n_params,
-                "input_size": self.input_size, "classes": self.classes, "random_weights": self.random_weights}
+                "input_size": self.input_size, "classes": self.classes}
 
 
 def model_id(name: str) -> str:

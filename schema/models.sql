@@ -6,6 +6,5 @@ CREATE TABLE models (
     n_params     BIGINT,     -- number of parameters
     input_size   INTEGER,    -- side of the square input in pixels
     classes      VARCHAR[],  -- output class names in logit order, when known
-    random_weights BOOLEAN,  -- untrained weights (@random): its units explain nothing; NULL in older stores
     run_id       VARCHAR     -- run that wrote the row
 );

@@ -169,7 +169,7 @@ def test_default_layers_timm_vit():
 
 def test_default_layers_openclip_visual_tower():
     t = load_target("open_clip:ViT-B-32/random")
-    assert t.random_weights and t.model_row()["random_weights"] is True
+    assert t.random_weights and t.id == "vit-b-32-random"
     assert default_layers(t) == [f"transformer.resblocks.{i}.mlp.c_fc" for i in range(12)]
 
 
@@ -189,14 +189,14 @@ def test_default_layers_probe_models_unchanged(probe_world):
     vit = load_target(f"probe:vit@{probe_world.root}")
     depth = len(vit.module.blocks)
     assert default_layers(vit) == [f"blocks.{i}.mlp.fc1" for i in range(depth)] + ["head"]
-    assert not cnn.random_weights and cnn.model_row()["random_weights"] is False
+    assert not cnn.random_weights and not vit.random_weights
 
 
 # ---- weights: listing needs none, a failed download is one line -------------------------------------
 
 
 def test_random_weights_marked(resnet):
-    assert resnet.random_weights and resnet.model_row()["random_weights"] is True
+    assert resnet.random_weights and resnet.id == "resnet18-random"
 
 
 def test_target_to_device(resnet):

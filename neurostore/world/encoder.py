@@ -86,7 +86,8 @@ class ProbeEncoder(Encoder):
         return _to_input(arr[None])[0]
 
     def encode_images(self, batch: torch.Tensor) -> torch.Tensor:
-        out = [self._run(self.tower, batch[i : i + 512]) for i in range(0, len(batch), 512)]  # [<=512, dim]
+        # the tower ends in F.normalize: its fp32 rows are kept bit for bit (the demo's figures)
+        out = [self._run(self.tower, batch[i : i + 512], normalize=False) for i in range(0, len(batch), 512)]
         return torch.cat(out) if out else torch.zeros(0, self.dim)
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
