@@ -758,8 +758,9 @@ class Store:
         """(path, why) for every provably garbage file or folder besides retired files: only a
         readable manifest can prove it (without one, nothing is garbage)."""
         out = [(f, "temp file of a killed write") for f in sorted(self.path.glob(".*.tmp"))]
+        status = {e["run_id"]: e.get("status", "committed") for e in man["tables"].get("runs", [])}
         for f in self._unlisted(man):
-            why = self._garbage_reason(man, f)
+            why = self._garbage_reason(man, status, f)
             if why:
                 out.append((f, why))
         staging = self.path / "staging"
@@ -767,19 +768,19 @@ class Store:
                 if d.is_dir() and _staging_is_dead(d)]
         return out
 
-    def _garbage_reason(self, man: dict, f: Path) -> str | None:
+    def _garbage_reason(self, man: dict, status: dict[str, str], f: Path) -> str | None:
         """Why an unlisted file is garbage, or None when that cannot be proven (keep it). Runs move
         files into tables/ only under the lock, just before their runs row and the manifest swap, so
         an unlisted file is garbage when its run (from its footer or its name) failed, never wrote
         its runs row, or wrote it for the commit right after this manifest and was killed before
-        the swap. A file of a committed run, or of no known run, is never garbage."""
+        the swap. A file of a committed run, or of no known run, is never garbage. `status`: each
+        run's status in the manifest."""
         run_id = _file_run_id(f)
         if run_id is None:
             return None
-        status = {e["run_id"]: e.get("status", "committed") for e in man["tables"].get("runs", [])}.get(run_id)
-        if status == "failed":
+        if status.get(run_id) == "failed":
             return f"written by run {run_id}, which failed"
-        if status is not None:
+        if run_id in status:
             return None
         runs_file = self.path / "tables/runs" / f"{run_id}.parquet"
         if not runs_file.exists():
