@@ -1,0 +1,534 @@
+"""Trust in an explanation: a confidence from a real null, fidelity on held-out images, and one
+headline explanation per unit.
+
+Confidence. A scorer's raw score means nothing until it is compared with what a unit that
+explains nothing would score. The null here is made of pseudo-units of the same layer, scored
+by the SAME scorer code as the real units:
+
+    pooled-activation scorers   a pseudo-unit's activations are a real unit's activations
+    (soft_wpmi, wpmi,           permuted across images: the same distribution, but its top
+     cos_cubed)                 images are a random set of the same size;
+    patch                       a pseudo-unit's top patches are k patches drawn at random from
+                                the layer's patch pool (weighted by a real unit's activations);
+    iou                         a pseudo-unit is a real unit's activation maps paired with the
+                                masks of other images (maps rolled by one image in each batch).
+
+Each pseudo-unit keeps its best score over the whole vocabulary, so the size of the search is
+accounted for: with 20,000 concepts the null's best is higher than with 61. The null's best
+scores are summarised by a Gumbel fit (the law of a maximum; location and scale by moments),
+whose parameters are stored with the run. A score s gets the p-value P(null best >= s), and
+within a layer the units' p-values are corrected for multiple testing by Benjamini–Hochberg:
+
+    confidence = 1 - q        (q: the BH q-value of p among the layer's units' best p-values)
+
+so on a network that learnt nothing about as many units as the level allows get confidence
+>= 1 - level, and a number means the same for every scorer and vocabulary size.
+
+soft_wpmi and wpmi subtract lam log p(c), where p(c) is the mean of p(c | unit) over the units
+given: each pseudo-unit is scored as one more unit of the layer (p(c) over the real units and
+it), with log p(c | unit) from the same code run at lam = 0, so the null is on the real scale.
+
+Fidelity. How well the explained concept's presence in an image predicts the unit's activation,
+on held-out probe images (HELDOUT_FRACTION of them, chosen by a hash of the image id): Pearson
+correlation of the unit's pooled activation with the concept's presence, and AUPRC of the
+activation as a detector of the concept (NeuronEval, ICML 2025, finds these two pass its sanity
+checks). Presence comes from the encoder (image–concept cosine; "present" for AUPRC: the 10%
+of images most similar to the concept), so it works on real models; on the probe world also from
+the masks (area fraction; present: any pixel). The explanations themselves are computed on
+every probe image by today's pipeline (held-out images included): the split is held out from
+the fidelity's choice of headline, not from the scorers.
+
+Headline. For each unit, the candidates are every scorer's top concepts; the headline is the
+candidate with the highest held-out encoder fidelity (Pearson), reported with its scorer's
+confidence. No ground truth is used, so the same choice runs on real models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from . import scorers as S
+from .errors import BadInput, BadParameter
+
+NULL_UNITS = 256          # pseudo-units per layer and scorer
+FDR_LEVEL = 0.05          # the BH level the "<= 5% confident on random networks" target reads
+HELDOUT_FRACTION = 0.2    # probe images held out for fidelity
+ENCODER_PRESENT = 0.10    # encoder presence for AUPRC: the concept's top 10% of images
+EULER_GAMMA = 0.5772156649015329
+
+
+# ---- the null -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Null:
+    """A layer's null for one scorer: the law of a pseudo-unit's best score over the vocabulary.
+    Gumbel(loc, scale) fitted by moments to `n` pseudo-units; q50/q99/max are the empirical
+    figures, kept to check the fit."""
+
+    scorer: str
+    n: int
+    loc: float
+    scale: float
+    q50: float
+    q99: float
+    max: float
+    concepts: int
+    seed: int
+
+    def pvalues(self, scores: torch.Tensor) -> torch.Tensor:
+        """P(null best >= s) for raw scores of any shape (NaN -> 1: no evidence)."""
+        s = scores.double()
+        if self.scale <= 0:  # a degenerate null (all pseudo-units tie): above it or not
+            p = torch.where(s > self.loc, 0.0, 1.0).double()
+        else:
+            z = (s - self.loc) / self.scale
+            # Gumbel survival 1 - exp(-exp(-z)), accurate far in the tail (-expm1)
+            p = -torch.expm1(-torch.exp(-z.clamp(min=-50.0)))
+        return torch.where(torch.isnan(s), 1.0, p)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def fit_null(scorer: str, best: torch.Tensor, concepts: int, seed: int) -> Null:
+    """Gumbel by moments: scale = sd * sqrt(6) / pi, loc = mean - gamma * scale."""
+    b = best.double()
+    b = b[~torch.isnan(b)]
+    if b.numel() < 2:
+        raise BadInput(f"the {scorer} null has {b.numel()} usable pseudo-units; need at least 2.")
+    sd = float(b.std(unbiased=True))
+    scale = sd * math.sqrt(6.0) / math.pi
+    loc = float(b.mean()) - EULER_GAMMA * scale
+    q = torch.quantile(b, torch.tensor([0.5, 0.99], dtype=torch.float64))
+    return Null(scorer, int(b.numel()), loc, scale, float(q[0]), float(q[1]), float(b.max()),
+                int(concepts), int(seed))
+
+
+def pseudo_pooled(pooled: torch.Tensor, m: int, gen: torch.Generator) -> torch.Tensor:
+    """[n, u] activations -> [n, m] pseudo-units: a random real unit's column, permuted across
+    images (its top images become a random set of the same size)."""
+    n, u = pooled.shape
+    cols = torch.randint(0, u, (m,), generator=gen)
+    perm = torch.argsort(torch.rand(n, m, generator=gen), dim=0)    # [n, m] one permutation each
+    return torch.gather(pooled.float()[:, cols], 0, perm)
+
+
+def pseudo_patches(unit_patches: torch.Tensor, unit_weights: Optional[torch.Tensor], m: int,
+                   gen: torch.Generator) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """[u, k] patch indices -> [m, k] pseudo-units: k patches drawn without replacement from the
+    layer's pool (every patch some unit of the layer has), with a random real unit's weights."""
+    pool = torch.unique(unit_patches[unit_patches >= 0])
+    u, k = unit_patches.shape
+    if pool.numel() == 0:
+        raise BadInput("the patch null needs patches; no unit of the layer has any.")
+    kk = min(k, pool.numel())
+    pick = torch.argsort(torch.rand(m, pool.numel(), generator=gen), dim=1)[:, :kk]   # [m, kk]
+    idx = torch.full((m, k), -1, dtype=torch.long)
+    idx[:, :kk] = pool[pick]
+    w = None
+    if unit_weights is not None:
+        w = unit_weights.float()[torch.randint(0, u, (m,), generator=gen)].clone()  # [m, k]
+        w[:, kk:] = 0
+    return idx, w
+
+
+def null_best(scorer: str, inputs: dict[str, Any], params: dict[str, Any], m: int = NULL_UNITS,
+              seed: int = 0) -> torch.Tensor:
+    """[m] best score over the vocabulary of m pseudo-units of the layer whose real units are
+    scored from `inputs` (the scorer's own inputs, see scorers.run_scorer) with `params`."""
+    gen = torch.Generator().manual_seed(seed)
+    if scorer == "patch":
+        idx, w = pseudo_patches(inputs["unit_patches"], inputs.get("unit_weights"), m, gen)
+        null = S.run_scorer("patch", {**inputs, "unit_patches": idx, "unit_weights": w}, params).scores
+    elif scorer in ("soft_wpmi", "wpmi"):
+        # score = log p(c | unit) - lam log p(c), p(c) the mean over the layer's units: each
+        # pseudo-unit is scored as one more unit of the layer (p(c) over the u real units and it).
+        # lam = 0 gives log p(c | unit) from the same code.
+        pooled = inputs["pooled"].float()                           # [n, u]
+        no_pc = {**params, "lam": 0.0}
+        log_p = S.run_scorer(scorer, inputs, no_pc).scores.double()    # [u, c]
+        log_q = S.run_scorer(scorer, {**inputs, "pooled": pseudo_pooled(pooled, m, gen)},
+                             no_pc).scores.double()                  # [m, c]
+        u = log_p.shape[0]
+        log_pc = torch.logaddexp(torch.logsumexp(log_p, 0, keepdim=True), log_q) - math.log(u + 1)
+        null = (log_q - params["lam"] * log_pc).float()
+    elif scorer == "cos_cubed":  # each unit's score depends on its own column only
+        pseudo = pseudo_pooled(inputs["pooled"], m, gen)
+        null = S.run_scorer(scorer, {**inputs, "pooled": pseudo}, params).scores
+    else:
+        raise BadParameter(f"no null for scorer '{scorer}' here; iou's null is NullIoU.")
+    return torch.nan_to_num(null, nan=float("-inf")).max(dim=1).values
+
+
+class NullIoU:
+    """iou's null, streamed beside the real IoUAccumulator: m pseudo-units, each a real unit's
+    thresholded maps paired with the masks of the previous image in the batch (images are
+    independent, so the overlap is chance). Feed every batch of >= 2 images."""
+
+    def __init__(self, thresholds: torch.Tensor, n_concepts: int, m: int = NULL_UNITS, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.cols = torch.randint(0, thresholds.numel(), (m,), generator=gen)
+        self.acc = S.IoUAccumulator(thresholds.float()[self.cols], n_concepts)
+
+    def update(self, act_maps: torch.Tensor, masks: torch.Tensor) -> None:
+        """act_maps [b, units, h, w]; masks [b, concepts, H, W] bool (as IoUAccumulator)."""
+        if act_maps.shape[0] >= 2:
+            self.acc.update(act_maps[:, self.cols].roll(1, dims=0), masks)
+
+    def best(self, absent: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[m] best IoU over concepts (concepts with no mask in the probe set left out)."""
+        s = self.acc.result()
+        if absent is not None:
+            s[:, absent] = float("-inf")
+        return s.max(dim=1).values
+
+
+def bh_confidence(scores: torch.Tensor, null: Null, level_units: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[u, c] raw scores -> [u, c] confidence = 1 - BH q-value. The BH family is the layer's
+    units (their best p-values, or `level_units` [u] when given): q(p) = min over p' >= p of
+    p' * u / #{units with best p <= p'}, so a concept's confidence grows with its score."""
+    p = null.pvalues(scores)                                        # [u, c]
+    best = p.min(dim=1).values if level_units is None else level_units.double()
+    ref, _ = torch.sort(best)                                       # [u] ascending
+    u = ref.numel()
+    q_ref = ref * u / torch.arange(1, u + 1, dtype=torch.float64)
+    q_ref = torch.flip(torch.cummin(torch.flip(q_ref, [0]), 0).values, [0])   # step-up minimum
+    flat = p.reshape(-1).contiguous()
+    below = torch.searchsorted(ref, flat, right=True)               # #{units with best p <= p}
+    q = flat * u / below.clamp(min=1)
+    later = torch.cat([q_ref, torch.ones(1, dtype=torch.float64)])[below]   # next unit's q
+    q = torch.minimum(q, later).clamp(max=1.0)
+    return (1.0 - q).reshape(p.shape).clamp(0.0, 1.0).float()
+
+
+# ---- held-out split and fidelity ----------------------------------------------------------------
+
+
+def heldout(image_ids: Sequence[str], fraction: float = HELDOUT_FRACTION) -> np.ndarray:
+    """[n] bool: the image is held out. By a hash of its id, so the split is the same in every
+    run, model and order."""
+    if not 0 < fraction < 1:
+        raise BadParameter(f"held-out fraction {fraction} must lie in (0, 1).")
+    h = [int.from_bytes(hashlib.sha1(str(i).encode()).digest()[:8], "big") / 2.0 ** 64 for i in image_ids]
+    return np.asarray(h) < fraction
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Column-wise Pearson correlation of [n, e] with [n, e] -> [e] (0 where one is constant)."""
+    x = x.double() - x.double().mean(0)
+    y = y.double() - y.double().mean(0)
+    den = (x.norm(dim=0) * y.norm(dim=0))
+    return torch.where(den > 0, (x * y).sum(0) / den.clamp(min=1e-300), 0.0)
+
+
+def auprc(score: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Column-wise average precision of [n, e] scores for [n, e] bool labels -> [e] (NaN where a
+    column has no positive). Ties are broken by order; AP = mean precision at the positives."""
+    order = torch.argsort(score.double(), dim=0, descending=True)
+    lab = torch.gather(label.double(), 0, order)                    # [n, e] sorted by score
+    tp = lab.cumsum(0)
+    prec = tp / torch.arange(1, lab.shape[0] + 1, dtype=torch.float64).view(-1, 1)
+    npos = lab.sum(0)
+    return torch.where(npos > 0, (prec * lab).sum(0) / npos.clamp(min=1), float("nan"))
+
+
+def encoder_presence(sim: torch.Tensor, top: float = ENCODER_PRESENT) -> torch.Tensor:
+    """[n, c] image–concept cosine -> [n, c] bool: the image is among the concept's `top`
+    fraction most similar images (the encoder's 'c is in this image')."""
+    k = max(1, int(round(top * sim.shape[0])))
+    thr = torch.topk(sim.float(), k, dim=0).values[-1]              # [c]
+    return sim.float() >= thr
+
+
+def fidelity(acts: torch.Tensor, amount: torch.Tensor, present: torch.Tensor,
+             units: np.ndarray, concepts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Explanations (units[e], concepts[e]) on held-out images: acts [n, u] pooled activations,
+    amount [n, c] concept presence (cosine or mask area), present [n, c] bool.
+    Returns (pearson [e], auprc [e])."""
+    a = acts.float()[:, torch.as_tensor(units, dtype=torch.long)]            # [n, e]
+    ci = torch.as_tensor(concepts, dtype=torch.long)
+    return (pearson(a, amount.float()[:, ci]).numpy(), auprc(a, present[:, ci]).numpy())
+
+
+# ---- headline -----------------------------------------------------------------------------------
+
+
+def headlines(candidates: "pd.DataFrame") -> "pd.DataFrame":  # noqa: F821
+    """One row per (model, layer, unit): the candidate (scorer, concept) with the highest
+    held-out encoder AUPRC (the unit as a detector of the concept); ties by Pearson, then
+    confidence, then scorer name (deterministic). NaN fidelity ranks last."""
+    c = candidates.assign(_a=candidates["auprc"].fillna(-1.0), _p=candidates["fidelity"].fillna(-2.0))
+    c = c.sort_values(["model", "layer", "unit", "_a", "_p", "confidence", "scorer"],
+                      ascending=[True, True, True, False, False, False, True], kind="stable")
+    c = c.drop(columns=["_a", "_p"])
+    return c.groupby(["model", "layer", "unit"], sort=False).head(1).reset_index(drop=True)
+
+
+# ---- a dissect's stored run, assessed ------------------------------------------------------------
+
+HEADLINE_SCORERS = ("patch", "soft_wpmi", "wpmi", "cos_cubed")   # ground-truth free; iou is the truth
+HEADLINE_RANKS = 3        # each scorer's top 3 concepts are headline candidates
+
+
+def assess(store, model: Optional[str] = None, *, null_units: int = NULL_UNITS, seed: int = 0,
+           fraction: float = HELDOUT_FRACTION, write: bool = True, log=print) -> dict:
+    """Null confidence, held-out fidelity and headlines for the stored dissections of `model`
+    (every model when None), from the tables the dissect wrote (pooled activations, image,
+    concept and patch embeddings, top patches, masks). With `write`, one run rewrites the
+    scores' and explanations' confidence (same write keys as the dissect) and writes
+    `explanation_scores` and `headlines`; the nulls' parameters are the run's parameters.
+    Returns {model: {"nulls": ..., "fractions_confident": ..., "headlines": n}}."""
+    from .store import Store
+
+    if not isinstance(store, Store):
+        store = Store.open(store)
+    have = store.df("SELECT DISTINCT model, run_id, vocabulary FROM scores ORDER BY ALL")
+    if model is not None:
+        if model not in set(have["model"]):
+            from .errors import UnknownModel, unknown
+
+            raise UnknownModel(unknown("model", model, sorted(set(have["model"])),
+                                       "Dissect it first with 'neurostore dissect'."))
+        have = have[have["model"] == model]
+    if have.empty:
+        raise BadInput(f"Store '{store.path}' has no scores to assess. Run 'neurostore dissect' first.")
+    out, work = {}, []
+    for m, run_id, vocab in have.itertuples(index=False):
+        params = dissect_params(store, run_id, m, vocab)
+        res = _assess_run(store, m, run_id, params, null_units, seed, fraction, log)
+        out.setdefault(m, {})[params.get("vocabulary")] = res["summary"]
+        work.append((m, params, res))
+    if write:
+        nulls = {f"{m}|{p['vocabulary']}": r["summary"]["nulls"] for m, p, r in work}
+        sources = {f"{m}|{p['vocabulary']}": p for m, p, r in work}
+        with store.run("trust", {"null_units": null_units, "seed": seed, "heldout_fraction": fraction,
+                                 "fdr": "Benjamini-Hochberg per layer and scorer", "nulls": nulls,
+                                 "sources": sources}) as run:
+            for m, p, r in work:
+                for key, table, rows in r["writes"]:
+                    run.write(table, rows, key=key)
+        for m in out:
+            for v in out[m]:
+                out[m][v]["run_id"] = run.run_id
+    return out
+
+
+def dissect_params(store, run_id: str, model: str, vocabulary: str) -> dict:
+    """The parameters of the dissect that scored (model, vocabulary) in run `run_id`; a trust
+    run that rewrote the scores keeps them under 'sources'."""
+    t = store.df("SELECT command, params FROM runs WHERE run_id = $r", {"r": run_id})
+    if t.empty:
+        raise BadInput(f"run {run_id} of the scores of {model} is not in the store's runs table.")
+    params = json.loads(t["params"].iloc[0])
+    if t["command"].iloc[0] == "trust":
+        params = params["sources"][f"{model}|{vocabulary}"]
+    return params
+
+
+def _matrix(col: pa.ChunkedArray) -> np.ndarray:
+    """A list<float> column of equal-length lists -> [rows, width] float32."""
+    a = col.combine_chunks()
+    return np.asarray(a.flatten(), np.float32).reshape(len(a), -1)
+
+
+def _assess_run(store, model: str, run_id: str, params: dict, m: int, seed: int, fraction: float,
+                log) -> dict:
+    import pandas as pd
+
+    from .explain import explanations_table  # noqa: F401  (the explanation row layout)
+    from .images import file_hash
+    from .pipeline import _cached_vectors
+
+    ds, vocab, enc_id = params["dataset"], params["vocabulary"], params["encoder"]
+    scorer_params = params.get("scorers", {})
+    args = {"m": model, "r": run_id}
+    scores = store.df("SELECT * FROM scores WHERE model = $m AND run_id = $r", args)
+    expl = store.df("SELECT * FROM explanations WHERE model = $m AND run_id = $r", args)
+    images = store.df("SELECT image_id, path FROM images WHERE dataset = $d", {"d": ds})
+    concepts = store.df("SELECT concept FROM concepts WHERE vocabulary = $v ORDER BY concept",
+                        {"v": vocab})["concept"].tolist()
+    cindex = {c: i for i, c in enumerate(concepts)}
+    text = _cached_vectors(store, enc_id, "concept", concepts)
+    if len(text) != len(concepts):
+        raise BadInput(f"the store lacks {len(concepts) - len(text)} concept vectors of {enc_id}; re-run the dissect.")
+    text_emb = torch.from_numpy(np.stack([text[c] for c in concepts]))       # [c, d]
+    path_of = dict(zip(images["image_id"], images["path"]))
+    masks = None
+    if "masks" in store.tables():
+        masks = store.df("SELECT image_id, concept, area, height * width AS px FROM masks WHERE dataset = $d",
+                         {"d": ds})
+        masks = masks if len(masks) else None
+    acts_rows = store.df("SELECT layer, unit, rank, patch_id, act_value FROM activations "
+                         "WHERE model = $m AND run_id = $r AND patch_id IS NOT NULL", args)
+    patch_vec = _cached_vectors(store, enc_id, "patch", acts_rows["patch_id"].unique().tolist())
+    pool_ids = sorted(patch_vec)
+    prow = {p: i for i, p in enumerate(pool_ids)}
+    patch_emb = torch.from_numpy(np.stack([patch_vec[p] for p in pool_ids])) if pool_ids else None  # [P, d]
+
+    nulls, writes, summary_conf, cand = {}, [], {}, []
+    worst = 0.0  # largest relative gap between recomputed and stored scores
+    new_conf = {}  # (layer, scorer) -> DataFrame of score rows with the new confidence
+    layers = sorted(scores["layer"].unique())
+    iou_best = _iou_nulls(store, model, params, layers, concepts, m, seed) if (scores["scorer"] == "iou").any() else {}
+    for layer in layers:
+        pooled_t = store.sql("SELECT image_id, act_mean, act_max FROM pooled WHERE model = $m AND layer = $l "
+                             "AND dataset = $d ORDER BY image_id", {"m": model, "l": layer, "d": ds})
+        ids = pooled_t.column("image_id").to_pylist()
+        pooled = torch.from_numpy(_matrix(pooled_t.column("act_mean")))   # [n, u] the scorers' input
+        peak = torch.from_numpy(_matrix(pooled_t.column("act_max")))      # [n, u] fidelity's
+        img = _cached_vectors(store, enc_id, "image", [file_hash(path_of[i]) for i in ids])
+        image_emb = torch.from_numpy(np.stack([img[file_hash(path_of[i])] for i in ids]))  # [n, d]
+        sim = S.image_text_similarity(image_emb, text_emb)                 # [n, c]
+        a = acts_rows[acts_rows["layer"] == layer]
+        n_units = pooled.shape[1]
+        k = int(a["rank"].max()) + 1 if len(a) else 1
+        up = torch.full((n_units, k), -1, dtype=torch.long)
+        uw = torch.zeros(n_units, k)
+        if len(a):
+            up[a["unit"].to_numpy(), a["rank"].to_numpy()] = torch.as_tensor(a["patch_id"].map(prow).to_numpy())
+            uw[a["unit"].to_numpy(), a["rank"].to_numpy()] = torch.as_tensor(np.nan_to_num(a["act_value"].to_numpy(np.float32)))
+        inputs = {"similarity": sim, "pooled": pooled, "patch_emb": patch_emb, "text_emb": text_emb,
+                  "unit_patches": up, "unit_weights": uw}
+        rows_l = scores[scores["layer"] == layer]
+        for scorer in sorted(rows_l["scorer"].unique()):
+            sp = scorer_params.get(scorer, {})
+            r = rows_l[rows_l["scorer"] == scorer].copy()
+            if scorer == "iou":
+                best = iou_best[layer]
+            else:
+                real = S.run_scorer(scorer, inputs, sp).scores              # [u, c]
+                best = null_best(scorer, inputs, sp, m, seed)
+                # the inputs read back from the store must reproduce the stored scores
+                got = real[r["unit"].to_numpy(), r["concept"].map(cindex).to_numpy()].double().numpy()
+                diff = np.abs(got - r["score"].to_numpy(np.float64))
+                worst = max(worst, float(np.nanmax(diff / np.maximum(1.0, np.abs(got))))) if len(r) else worst
+            null = fit_null(scorer, best, len(concepts), seed)
+            nulls.setdefault(layer, {})[scorer] = null.to_dict()
+            # BH family: every unit's best (rank-0) score of this layer and scorer
+            top = torch.full((n_units,), float("nan"), dtype=torch.float64)
+            r0 = r[r["rank"] == 0]
+            top[r0["unit"].to_numpy()] = torch.as_tensor(r0["score"].to_numpy(np.float64))
+            fam = null.pvalues(top)
+            conf = bh_confidence(torch.as_tensor(r["score"].to_numpy(np.float64)).view(-1, 1), null, fam)
+            r["confidence"] = conf.view(-1).numpy()
+            new_conf[(layer, scorer)] = r
+            summary_conf.setdefault(scorer, []).append(bh_confidence(top.view(-1, 1), null, fam).view(-1))
+        # fidelity of every stored (unit, scorer, concept) on held-out images
+        hold = torch.from_numpy(heldout(ids, fraction))
+        e = rows_l[rows_l["concept"].isin(cindex)]
+        units, cis = e["unit"].to_numpy(), e["concept"].map(cindex).to_numpy()
+        acts_h = peak[hold]                                              # [nh, u]
+        sim_h = sim[hold]                                                # [nh, c]
+        pe, ae = fidelity(acts_h, sim_h, encoder_presence(sim_h), units, cis)
+        parts = [(e, "encoder", enc_id, pe, ae)]
+        if masks is not None:
+            hid = [i for i, h in zip(ids, hold.tolist()) if h]
+            mk = masks[masks["image_id"].isin(set(hid)) & masks["concept"].isin(cindex)]
+            amount = torch.zeros(len(hid), len(concepts))                # [nh, c] mask area fraction
+            at = {i: j for j, i in enumerate(hid)}
+            amount[mk["image_id"].map(at).to_numpy(), mk["concept"].map(cindex).to_numpy()] = \
+                torch.as_tensor((mk["area"] / mk["px"]).to_numpy(np.float32))
+            pm, am = fidelity(acts_h, amount, amount > 0, units, cis)
+            # a concept with no mask in the held-out images has no truth to compare with
+            absent = (amount > 0).sum(0)[torch.as_tensor(cis, dtype=torch.long)].numpy() == 0
+            pm = np.where(absent, np.nan, pm)
+            parts.append((e, "masks", None, pm, am))
+        for rows, presence, enc, p_, a_ in parts:
+            for metric, v in (("pearson", p_), ("auprc", a_)):
+                t = rows[["unit", "scorer", "concept", "rank"]].copy()
+                t["metric"], t["presence"], t["value"] = metric, presence, v.astype(np.float64)
+                t["n_images"] = int(hold.sum())
+                t["method"] = (f"pooled act_max vs {'image-concept cosine' if presence == 'encoder' else 'mask area'}; "
+                               f"held out: sha1(image_id) < {fraction}")
+                t["dataset"], t["vocabulary"], t["encoder"], t["model"], t["layer"] = ds, vocab, enc, model, layer
+                t["value"] = t["value"].where(np.isfinite(t["value"]), None)
+                writes.append((f"trust:{ds}:{vocab}:{enc_id}", "explanation_scores", t))
+        c = e[["unit", "scorer", "concept", "rank"]].copy()
+        c["fidelity"], c["auprc"] = pe, ae
+        c = c[c["rank"] < HEADLINE_RANKS]
+        c["confidence"] = pd.concat([new_conf[(layer, s)] for s in rows_l["scorer"].unique()]) \
+            .set_index(["unit", "scorer", "concept"]).loc[list(zip(c["unit"], c["scorer"], c["concept"])), "confidence"].to_numpy()
+        c["model"], c["layer"] = model, layer
+        cand.append(c)
+    # rewrite scores and explanations with the null confidence (same keys: they replace the dissect's)
+    cols = [c for c in scores.columns if c != "run_id"]
+    for (layer, scorer), r in new_conf.items():
+        key = f"score:{ds}:{scorer}:{vocab}:{enc_id}"
+        writes.append((key, "scores", r[cols]))
+        x = expl[(expl["layer"] == layer) & (expl["scorer"] == scorer)].copy()
+        lut = r.set_index(["unit", "concept"])["confidence"]
+        x["confidences"] = [[float(lut.get((u, cc), 0.0)) for cc in cs] for u, cs in zip(x["unit"], x["concepts"])]
+        x["confidence"] = [cs[0] if len(cs) else 0.0 for cs in x["confidences"]]
+        writes.append((key, "explanations", x[[c for c in expl.columns if c != "run_id"]]))
+    cand = pd.concat(cand, ignore_index=True) if cand else pd.DataFrame()
+    heads = pd.DataFrame()
+    if len(cand):
+        ok = cand[cand["scorer"].isin(HEADLINE_SCORERS)]
+        n_cand = ok.groupby(["model", "layer", "unit"]).size().rename("candidates").reset_index()
+        heads = headlines(ok).merge(n_cand, on=["model", "layer", "unit"])
+        heads["vocabulary"], heads["encoder"] = vocab, enc_id
+        writes.append((f"trust:{ds}:{vocab}:{enc_id}", "headlines", heads))
+    frac = {s: float((torch.cat(v) >= 0.9).double().mean()) for s, v in summary_conf.items()}
+    any_conf = None
+    if summary_conf:
+        per_unit = {}
+        for (layer, scorer), r in new_conf.items():
+            for u in r.loc[(r["rank"] == 0) & (r["confidence"] >= 0.9), "unit"]:
+                per_unit[(layer, int(u))] = True
+        total = sum(int(scores.loc[scores["layer"] == l, "unit"].nunique()) for l in layers)
+        any_conf = len(per_unit) / max(1, total)
+    log(f"trust {model}: {len(heads)} headlines; confidence >= 0.9: "
+        + ", ".join(f"{s} {v:.3f}" for s, v in sorted(frac.items())) + f"; any scorer {any_conf:.3f}")
+    return {"summary": {"nulls": nulls, "recomputed_max_diff": worst, "fraction_confident": frac, "fraction_confident_any": any_conf,
+                        "headlines": int(len(heads))},
+            "writes": writes, "candidates": cand, "headlines": heads}
+
+
+def _iou_nulls(store, model: str, params: dict, layers: list[str], concepts: list[str], m: int,
+               seed: int) -> dict[str, torch.Tensor]:
+    """iou's null needs activation maps, which the store does not keep: run the target over the
+    probe images again (thresholds, then NullIoU). The dissect's own IoU pass can feed NullIoU
+    directly; this is for runs stored before it did."""
+    from types import SimpleNamespace
+
+    from .images import ImageSource
+    from .models import load_target
+    from .pipeline import _Masks
+    from .record import activation_maps
+
+    target = load_target(params["model"])
+    ds = params["dataset"]
+    ids = store.sql("SELECT DISTINCT image_id FROM pooled WHERE model = $m AND dataset = $d ORDER BY image_id",
+                    {"m": model, "d": ds}).column("image_id").to_pylist()
+    imgs = store.sql("SELECT image_id, path FROM images WHERE dataset = $d AND list_contains($ids, image_id) "
+                     "ORDER BY image_id", {"d": ds, "ids": ids})
+    source = ImageSource.from_table(ds, imgs)
+    world = SimpleNamespace(masks=lambda: store.sql("SELECT * FROM masks WHERE dataset = $d", {"d": ds}))
+    masks = _Masks(world, concepts)
+    frac = params.get("scorers", {}).get("iou", {}).get("top_fraction", 0.005)
+    maps_of = lambda b: activation_maps(target, layers, b.pixels)  # noqa: E731
+    tq = {}
+    with torch.no_grad():
+        for b in source.batches(target.preprocess, 64):
+            for l, a in maps_of(b).items():
+                if l not in tq:
+                    tq[l] = S.TopQuantile(a.shape[1], len(ids) * a[0, 0].numel(), frac)
+                tq[l].update(a)
+        nul = {l: NullIoU(q.top[:, max(1, math.ceil(frac * q.seen)) - 1], len(concepts), m, seed)
+               for l, q in tq.items()}
+        for b in source.batches(target.preprocess, 64):
+            mk = masks.batch(b.image_ids)
+            for l, a in maps_of(b).items():
+                nul[l].update(a, mk)
+    absent = torch.ones(len(concepts), dtype=torch.bool)
+    absent[masks.present] = False
+    return {l: n.best(absent) for l, n in nul.items()}

@@ -1,0 +1,18 @@
+-- description: One headline explanation per unit, chosen across scorers by held-out encoder fidelity (no ground truth).
+-- partition: model, layer
+-- sort: unit
+CREATE TABLE headlines (
+    unit         INTEGER,    -- channel / neuron index
+    concept      VARCHAR,    -- the headline concept
+    scorer       VARCHAR,    -- scorer that proposed it
+    rank         INTEGER,    -- its rank among that scorer's concepts for the unit (0 = label)
+    confidence   FLOAT,      -- that scorer's null confidence of the concept, in [0, 1]
+    fidelity     DOUBLE,     -- held-out Pearson of activation with encoder presence (what chose it)
+    auprc        DOUBLE,     -- held-out AUPRC with encoder presence
+    candidates   INTEGER,    -- how many (scorer, concept) candidates it was chosen from
+    vocabulary   VARCHAR,    -- vocabulary of the concept
+    encoder      VARCHAR,    -- encoder id of the presence
+    run_id       VARCHAR,    -- run that wrote the row
+    model        VARCHAR,    -- model id (partition)
+    layer        VARCHAR     -- module path (partition)
+);

@@ -1,0 +1,200 @@
+"""Trust: the null confidence (random units get none, planted units get it, whatever the scorer
+and vocabulary size), BH, held-out split, Pearson/AUPRC against references, the iou null, and
+`assess` on the demo store (stored inputs reproduce the stored scores; tables written)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from neurostore import scorers as S
+from neurostore import trust as T
+from neurostore.errors import BadParameter
+from test_scorers import _planted_world
+
+torch.set_num_threads(2)
+
+
+def _confidence(name, inputs, m=200, seed=0):
+    params = S.resolve_params(name, {"top_k": 20} if name in ("soft_wpmi", "wpmi") else None)
+    real = S.run_scorer(name, inputs, params).scores
+    null = T.fit_null(name, T.null_best(name, inputs, params, m, seed),
+                      real.shape[1], seed)
+    return T.bh_confidence(real, null), real
+
+
+def _patch_inputs(img, txt, acts, k=8):
+    top = torch.topk(acts, k=k, dim=0)
+    return {"patch_emb": img, "text_emb": txt, "unit_patches": top.indices.T, "unit_weights": top.values.T}
+
+
+@pytest.mark.parametrize("name", ["soft_wpmi", "wpmi", "cos_cubed", "patch"])
+def test_planted_units_confident_random_units_not(name):
+    """6 planted units fire on images of their concept; 40 units fire at random. The planted
+    concept gets confidence >= 0.9; random units' best concepts almost never do (the old
+    Phi(z)^C confidence gave the random units' best ~0.5 on average and often ~1)."""
+    img, txt, sim, acts, planted = _planted_world(noise_units=40)
+    inputs = _patch_inputs(img, txt, acts) if name == "patch" else {"similarity": sim, "pooled": acts}
+    conf, real = _confidence(name, inputs)
+    assert torch.equal(real[:6].argmax(1), planted)
+    if name != "soft_wpmi":
+        # soft_wpmi saturates at log(units) for any unit that dominates p(c): a random
+        # pseudo-unit that is alone on a concept reaches it too, so no score is rare there.
+        assert (conf[:6].gather(1, planted[:, None]) >= 0.9).all()
+    assert (conf[6:].max(1).values >= 0.9).float().mean() <= 0.05
+    assert ((conf >= 0) & (conf <= 1)).all()
+    # within a unit, confidence never falls as the score rises
+    order = real.argsort(dim=1)
+    assert (conf.gather(1, order).diff(dim=1) >= -1e-6).all()
+
+
+def test_random_layer_gets_no_confidence_at_any_vocabulary_size():
+    """A layer of units that explain nothing: <= 5% confident, for 30 and for 1,000 concepts."""
+    g = torch.Generator().manual_seed(3)
+    img = torch.nn.functional.normalize(torch.randn(400, 32, generator=g), dim=-1)
+    acts = torch.randn(400, 64, generator=g)
+    for c in (30, 1000):
+        txt = torch.nn.functional.normalize(torch.randn(c, 32, generator=g), dim=-1)
+        for name in ("soft_wpmi", "cos_cubed"):
+            conf, _ = _confidence(name, {"similarity": S.image_text_similarity(img, txt), "pooled": acts})
+            assert (conf.max(1).values >= 0.9).float().mean() <= 0.05, (name, c)
+            assert conf.max() < 1.0
+
+
+def test_soft_wpmi_null_scores_a_pseudo_unit_as_one_more_unit_of_the_layer():
+    """soft_wpmi's log p(c) averages over the units given: a pseudo-unit's null score is its
+    score when it joins the layer's real units, exactly."""
+    _, _, sim, acts, _ = _planted_world(noise_units=10)
+    params = S.resolve_params("soft_wpmi", {"top_k": 20})
+    best = T.null_best("soft_wpmi", {"similarity": sim, "pooled": acts}, params, m=3, seed=5)
+    pseudo = T.pseudo_pooled(acts, 3, torch.Generator().manual_seed(5))   # the same draw
+    for j in range(3):
+        joint = S.soft_wpmi(sim, torch.cat([acts, pseudo[:, j:j + 1]], dim=1), top_k=20)
+        assert abs(float(joint[-1].max()) - float(best[j])) < 1e-4
+
+
+def test_bh_matches_the_step_up_procedure():
+    """q-values of the units' best p-values equal scipy's BH adjustment."""
+    from scipy.stats import false_discovery_control
+
+    g = torch.Generator().manual_seed(0)
+    best = torch.randn(500, generator=g) * 0.3
+    best[:20] += 2.5
+    null = T.fit_null("x", torch.randn(300, generator=g) * 0.3, 100, 0)
+    conf = T.bh_confidence(best.view(-1, 1), null)
+    want = false_discovery_control(null.pvalues(best).numpy(), method="bh")
+    np.testing.assert_allclose(1 - conf.view(-1).numpy(), want, atol=1e-6)
+
+
+def test_gumbel_fit_recovers_parameters():
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(20000, generator=g, dtype=torch.float64)
+    draws = 1.5 - 0.2 * torch.log(-torch.log(u))                  # Gumbel(1.5, 0.2)
+    null = T.fit_null("x", draws, 10, 0)
+    assert abs(null.loc - 1.5) < 0.01 and abs(null.scale - 0.2) < 0.01
+    p = null.pvalues(torch.tensor([null.q99]))
+    assert abs(float(p) - 0.01) < 0.003
+    assert float(null.pvalues(torch.tensor([float("nan")]))) == 1.0
+
+
+def test_iou_null_is_chance_overlap():
+    """A unit whose maps are a concept's mask has IoU ~1; the null pairs its maps with other
+    images' masks, so its best IoU stays low and the unit is confident."""
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(64, 5, 8, 8, generator=g) > 0.8             # [b, concepts, H, W]
+    maps = torch.randn(64, 4, 8, 8, generator=g)                   # [b, units, h, w]
+    maps[:, 0] = masks[:, 2].float() * 5 + 0.01 * torch.randn(64, 8, 8, generator=g)  # unit 0 = concept 2
+    thr = torch.quantile(maps.transpose(0, 1).reshape(4, -1), 0.8, dim=1)
+    acc, nul = S.IoUAccumulator(thr, 5), T.NullIoU(thr, 5, m=64)
+    for i in range(0, 64, 16):
+        acc.update(maps[i:i + 16], masks[i:i + 16])
+        nul.update(maps[i:i + 16], masks[i:i + 16])
+    real = acc.result()
+    best = nul.best()
+    assert real[0, 2] > 0.9 and best.max() < 0.5
+    conf = T.bh_confidence(real, T.fit_null("iou", best, 5, 0))
+    assert conf[0, 2] > 0.99 and (conf[1:].max(1).values < 0.9).all()
+
+
+def test_heldout_split_is_deterministic_by_id():
+    ids = [f"img{i:05d}" for i in range(5000)]
+    h = T.heldout(ids)
+    assert abs(h.mean() - 0.2) < 0.02
+    assert np.array_equal(T.heldout(ids[::-1])[::-1], h)          # order does not matter
+    assert T.heldout(["img00007"])[0] == h[7]
+    with pytest.raises(BadParameter):
+        T.heldout(ids, 1.5)
+
+
+def test_pearson_and_auprc_match_references():
+    from sklearn.metrics import average_precision_score
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 3, generator=g)
+    y = x + torch.randn(200, 3, generator=g)
+    lab = y > 0.8
+    np.testing.assert_allclose(T.pearson(x, y).numpy(), [np.corrcoef(x[:, j], y[:, j])[0, 1] for j in range(3)],
+                               atol=1e-10)
+    np.testing.assert_allclose(T.auprc(x, lab).numpy(),
+                               [average_precision_score(lab[:, j], x[:, j]) for j in range(3)], atol=1e-10)
+    assert torch.isnan(T.auprc(x[:, :1], torch.zeros(200, 1, dtype=torch.bool)))[0]
+    assert T.pearson(torch.ones(5, 1), torch.randn(5, 1))[0] == 0
+
+
+def test_headline_prefers_held_out_fidelity():
+    import pandas as pd
+
+    c = pd.DataFrame({"model": "m", "layer": "l", "unit": [0, 0, 0, 1], "scorer": ["patch", "wpmi", "cos_cubed", "patch"],
+                      "concept": ["a", "b", "c", "d"], "rank": 0, "auprc": [0.3, 0.9, np.nan, np.nan],
+                      "fidelity": [0.5, 0.1, 0.9, 0.2], "confidence": [1.0, 0.2, 0.5, 0.7]})
+    h = T.headlines(c)
+    assert h["concept"].tolist() == ["b", "d"]
+
+
+# ---- a stored dissect, assessed ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def assessed(demo_run, tmp_path_factory):
+    """The demo store (copied: assess writes) with probe-cnn assessed."""
+    from neurostore.store import Store
+
+    _, store = demo_run
+    dst = tmp_path_factory.mktemp("trust") / "store"
+    shutil.copytree(store.path, dst)
+    s = Store.open(dst)
+    before = s.df("SELECT layer, unit, scorer, rank, concept, score, confidence FROM scores WHERE model = 'probe-cnn'")
+    out = T.assess(s, model="probe-cnn", null_units=64, log=lambda *a: None)
+    return s, before, out
+
+
+def test_assess_rewrites_confidence_and_writes_tables(assessed):
+    s, before, out = assessed
+    after = s.df("SELECT layer, unit, scorer, rank, concept, score, confidence FROM scores WHERE model = 'probe-cnn'")
+    m = before.merge(after, on=["layer", "unit", "scorer", "rank", "concept"], suffixes=("_old", "_new"))
+    assert len(m) == len(before) == len(after)
+    assert np.array_equal(m["score_old"], m["score_new"])          # raw scores untouched
+    assert (m["confidence_old"] != m["confidence_new"]).mean() > 0.5
+    summary = out["probe-cnn"]["probe"]
+    assert summary["recomputed_max_diff"] < 1e-3                   # stored inputs reproduce the scores
+    nulls = s.df("SELECT params FROM runs WHERE run_id = $r", {"r": summary["run_id"]})["params"].iloc[0]
+    assert '"loc"' in nulls and '"scale"' in nulls                 # null parameters are the run's
+    es = s.df("SELECT presence, metric, count(*) AS n, count(value) AS v FROM explanation_scores "
+              "WHERE model = 'probe-cnn' GROUP BY ALL")
+    assert set(zip(es["presence"], es["metric"])) == {(p, m) for p in ("encoder", "masks") for m in ("pearson", "auprc")}
+    h = s.df("SELECT layer, count(*) AS n, count(DISTINCT unit) AS u FROM headlines WHERE model = 'probe-cnn' GROUP BY layer")
+    units = s.df("SELECT layer, count(DISTINCT unit) AS u FROM explanations WHERE model = 'probe-cnn' GROUP BY layer")
+    assert h.merge(units, on="layer").pipe(lambda d: (d["n"] == d["u_y"]).all())
+    e = s.df("SELECT confidence, confidences[1] AS first FROM explanations WHERE model = 'probe-cnn'")
+    assert np.allclose(e["confidence"], e["first"])
+
+
+def test_assess_again_is_idempotent(assessed):
+    s, _, out = assessed
+    first = s.df("SELECT layer, unit, scorer, rank, confidence FROM scores WHERE model = 'probe-cnn' ORDER BY ALL")
+    T.assess(s, model="probe-cnn", null_units=64, log=lambda *a: None)
+    again = s.df("SELECT layer, unit, scorer, rank, confidence FROM scores WHERE model = 'probe-cnn' ORDER BY ALL")
+    assert first.equals(again)
