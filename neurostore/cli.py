@@ -299,7 +299,8 @@ def check_cmd(
                           f"{len(r['dropped'])} damaged files ({lost})"
                           + (f"; set aside in {r['set_aside']}" if r.get("set_aside") else ""), highlight=False)
         elif r["problems"]:
-            console.print(f"{r['store']}: {len(r['problems'])} problems. Run 'neurostore check --repair' to keep "
+            n = len(r["problems"])
+            console.print(f"{r['store']}: {n} problem{'s' if n > 1 else ''}. Run 'neurostore check --repair' to keep "
                           "what verifies and drop the rest.", highlight=False)
         else:
             console.print(f"{r['store']}: {r['files']} files, {r['rows']} rows, all intact.", highlight=False)
