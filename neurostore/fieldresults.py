@@ -26,6 +26,7 @@ with one line naming the file, the line and what is wrong.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import re
@@ -267,6 +268,15 @@ def _read(path: Path, fmt: str, layer: str | None, columns: dict[str, str], unit
 
 # ---- the model's layers ---------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=8)
+def _architecture(spec: str, model: str):
+    """(target, {layer: units}) of an architecture; built once per process (a dummy forward pass)."""
+    from .models import list_layers, load_target
+
+    target = load_target(spec, id=model)
+    return target, {li.layer: li.n_units for li in list_layers(target)}
+
+
 class _Layers:
     """Layers and unit counts of the model: from its torchvision architecture (random weights,
     nothing downloaded) when the model id names one or `spec` is given; else from the data."""
@@ -280,10 +290,7 @@ class _Layers:
             if model in torchvision.models.list_models():
                 self.spec = f"torchvision:{model}@random"
         if self.spec is not None:
-            from .models import list_layers, load_target
-
-            self.target = load_target(self.spec, id=model)
-            self.units = {li.layer: li.n_units for li in list_layers(self.target)}
+            self.target, self.units = _architecture(self.spec, model)
 
     def check_layer(self, name: str) -> None:
         if self.target is not None and name not in self.units:
