@@ -364,6 +364,9 @@ def world_build_cmd(
     fast: bool = typer.Option(False, "--fast", help="Small, quick variant (fewer images, shorter training)."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if the world is cached."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder. Default: $NEUROSTORE_CACHE or ~/.cache/neurostore."),
+    device: str = typer.Option("cpu", "--device", help="Where the target models train: cpu (default: weights "
+                               "bit-identical on every machine), auto, cuda, cuda:N or mps (faster, but not "
+                               "bit-identical: a world of its own in the cache)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Build the probe world, its target models and its encoder (cached; a rebuild is instant).
@@ -371,13 +374,15 @@ def world_build_cmd(
     Example: neurostore world build --cue-kind dot --cue-class ring --json
     """
     from .world import WorldConfig, build_world, world_dir
+    from .devices import resolve_device
     from .world.build import with_overrides
 
     base = WorldConfig.fast() if fast else WorldConfig()
     config = with_overrides(base, seed=seed, size=size, n_images=n_images, cue_kind=cue_kind,
-                            cue_class=cue_class, cue_strength=cue_strength).validate()
+                            cue_class=cue_class, cue_strength=cue_strength,
+                            train_device=resolve_device(device).type).validate()
     hit = (world_dir(config, cache) / "world.json").exists() and not force
-    world = build_world(config, cache, progress=True, force=force)
+    world = build_world(config, cache, progress=True, force=force, device=device)
     if as_json:
         print_json(_world_json(world, cache_hit=hit))
     else:

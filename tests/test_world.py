@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -306,6 +307,100 @@ def test_an_interrupted_build_leaves_no_world(tmp_path, monkeypatch):
     worlds = tmp_path / "worlds"
     assert not any(worlds.iterdir())
     assert not (world_dir(TINY, tmp_path) / "world.json").exists()
+
+
+# A killed build: the ViT worker dies with the builder, and the next build removes the folder.
+
+def _descendants(pid: int) -> list[int]:
+    """Live processes below `pid` (from /proc)."""
+    kids: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        try:
+            status = (d / "status").read_text() if d.name.isdigit() else ""
+        except OSError:
+            continue
+        m = re.search(r"^PPid:\s+(\d+)$", status, re.M)
+        if m and not re.search(r"^State:\s+Z", status, re.M):
+            kids.setdefault(int(m.group(1)), []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        below = kids.get(todo.pop(), [])
+        out += below
+        todo += below
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return not re.search(r"^State:\s+Z", Path(f"/proc/{pid}/status").read_text(), re.M)
+    except OSError:
+        return False
+
+
+def _training(pid: int) -> bool:
+    """A spawned worker that has loaded torch: past its start-up, in _fit_target. (A worker
+    killed earlier dies anyway, reading its job from the pipe of a parent that is gone.)"""
+    try:
+        return (b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+                and "libtorch" in Path(f"/proc/{pid}/maps").read_text())
+    except OSError:
+        return False
+
+
+def _build_until_the_worker_trains(cache: Path) -> tuple[subprocess.Popen, list[int]]:
+    """`neurostore world build --fast` in a subprocess, once its ViT worker process trains."""
+    proc = subprocess.Popen([sys.executable, "-m", "neurostore.cli", "world", "build", "--fast",
+                             "--cache", str(cache)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while True:
+        if any(_training(p) for p in _descendants(proc.pid)):
+            return proc, _descendants(proc.pid)
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, "the build started no worker"
+        time.sleep(0.1)
+
+
+needs_a_worker = pytest.mark.skipif(not Path("/proc/self/status").exists() or (os.cpu_count() or 1) < 2,
+                                    reason="needs /proc and 2 CPUs (the ViT trains in a worker process)")
+
+
+@needs_a_worker
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_build_leaves_no_worker_and_no_folder(sig, tmp_path):
+    proc, children = _build_until_the_worker_trains(tmp_path)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    deadline = time.time() + 15
+    while any(_alive(p) for p in children):  # the worker notices its parent is gone and exits
+        assert time.time() < deadline, f"orphaned worker(s) still running: {[p for p in children if _alive(p)]}"
+        time.sleep(0.1)
+    worlds = tmp_path / "worlds"
+    left = list(worlds.glob(".building-*"))
+    if sig == signal.SIGTERM:  # ends as Ctrl-C does: cleaned up at once
+        assert proc.returncode == 128 + signal.SIGTERM and left == []
+        return
+    assert len(left) == 1 and (left[0] / ".lock").exists()  # SIGKILL: nothing could run
+    other = build_world(TINY, cache=tmp_path, progress=False)  # the next build in the same cache
+    assert not left[0].exists() and not list(worlds.glob(".building-*"))
+    assert (other.root / "world.json").exists() and not (other.root / ".lock").exists()
+
+
+def test_a_live_build_folder_is_left_alone(tmp_path):
+    import fcntl
+
+    from neurostore.world.build import _remove_dead_builds
+
+    live, dead = tmp_path / ".building-a-1", tmp_path / ".building-b-2"
+    for d in (live, dead):
+        d.mkdir()
+        (d / ".lock").touch()
+    fd = os.open(live / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a running builder holds it
+    try:
+        _remove_dead_builds(tmp_path)
+        assert live.exists() and not dead.exists()
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("kw, msg", [

@@ -4,17 +4,25 @@ folder keyed by a hash of the generator version and every parameter.
 A second build with the same parameters is a cache hit (just reads world.json); any changed
 parameter gives a new key and a new folder. A build happens in a temporary folder next to the
 final one and is renamed into place at the end, so an interrupted build leaves nothing that
-looks finished.
+looks finished. The builder holds a lock on its temporary folder: a killed build's folder
+(nobody holds its lock) is removed by the next build, and its worker process exits with it.
+
+Worlds train on the CPU by default: one thread and deterministic kernels make the weights
+bit-identical on every machine. `device="cuda"` trains the target models on the GPU: faster, but
+not bit-identical, so it is a different world (its own key and folder).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -65,6 +73,8 @@ class WorldConfig:
     vit_epochs: float = 6.0        # ViT (batches of 32; see VIT)
     encoder_images: int = 2500     # training scenes the encoder's crops come from
     encoder_epochs: float = 5.0    # (4: loose-box shape accuracy 0.897 on seed 2, 5: 0.933)
+    train_device: str = "cpu"      # where the targets trained: cpu (bit-identical everywhere), cuda or
+                                   # mps (faster, not bit-identical: a world of its own); set by build_world
 
     @classmethod
     def fast(cls, **overrides) -> "WorldConfig":
@@ -101,12 +111,16 @@ class WorldConfig:
                 bad(name, getattr(self, name), "use a positive number of epochs")
         if self.encoder_images < 10:
             bad("encoder_images", self.encoder_images, "use at least 10 images")
+        if self.train_device not in ("cpu", "cuda", "mps"):
+            bad("train_device", self.train_device, "use cpu, cuda or mps (build_world's device= sets it)")
         return self
 
     def key(self) -> str:
         """Hex digest of generator and trainer versions and every parameter."""
         payload = {"generator": gen.GENERATOR_VERSION, "trainer": TRAINER_VERSION,
                    **asdict(self)}
+        if self.train_device == "cpu":  # CPU worlds keep the keys they had before there was a choice
+            del payload["train_device"]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     @classmethod
@@ -125,13 +139,15 @@ def world_dir(config: WorldConfig, cache: str | Path | None = None) -> Path:
 
 
 @contextlib.contextmanager
-def _torch_settings(threads: int = 1):
-    """Deterministic kernels and at most `threads` threads while building; restored afterwards."""
+def _torch_settings(threads: int = 1, deterministic: bool = True):
+    """At most `threads` threads and (on the CPU) deterministic kernels while building; restored
+    afterwards. GPU builds are not bit-identical anyway, and CUDA's deterministic mode needs
+    CUBLAS_WORKSPACE_CONFIG set before start-up."""
     import torch
 
     old_threads, old_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(min(threads, old_threads))
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(deterministic)
     try:
         yield
     finally:
@@ -164,34 +180,53 @@ def _steps(job: dict) -> int:
 
 
 def _fit_target(*, arch: dict, x: np.ndarray, y: np.ndarray, epochs: float, fit: dict, seed: int,
-                size: int, test: tuple, path: Path, counter=None, on_step=None) -> dict:
-    """Train one target model on one thread, save it to `path` and measure it on the paired test
-    scenes. Runs in the building process or in a worker process (which counts its steps in the
-    shared `counter`, for the progress bar in the building process)."""
+                size: int, test: tuple, path: Path, device: str = "cpu", counter=None, on_step=None) -> dict:
+    """Train one target model on one thread (on `device`), save it to `path` and measure it on the
+    paired test scenes. Runs in the building process or in a worker process (which counts its
+    steps in the shared `counter`, for the progress bar in the building process)."""
     import torch
 
     from . import targets as tg
 
     t0, c0 = time.perf_counter(), time.process_time()
-    with _torch_settings(1):
+    dev = torch.device(device)
+    with _torch_settings(1, deterministic=dev.type == "cpu"):
         if counter is not None:
             def on_step(k: int) -> None:
                 counter.value += k
         torch.manual_seed(seed)
-        model = tg.make_target(arch, len(gen.SHAPES), size)
-        tg.train_target(model, torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)),
+        model = tg.make_target(arch, len(gen.SHAPES), size).to(dev)
+        tg.train_target(model, torch.from_numpy(x).to(dev), torch.from_numpy(y.astype(np.int64)).to(dev),
                         epochs=epochs, seed=seed, on_step=on_step, **fit)
-        torch.save({"arch": arch, "weights": model.state_dict()}, path)
+        torch.save({"arch": arch, "weights": {k: v.cpu() for k, v in model.state_dict().items()}}, path)
         clean, cued, labels, cue_index = test
-        metrics = tg.cue_metrics(model, torch.from_numpy(clean), torch.from_numpy(cued),
-                                 torch.from_numpy(labels.astype(np.int64)), cue_index)
+        metrics = tg.cue_metrics(model, torch.from_numpy(clean).to(dev), torch.from_numpy(cued).to(dev),
+                                 torch.from_numpy(labels.astype(np.int64)).to(dev), cue_index)
     metrics["train_s"] = round(time.perf_counter() - t0, 2)
     metrics["train_cpu_s"] = round(time.process_time() - c0, 2)
     return metrics
 
 
+def _exit_with_parent() -> None:
+    """Make this worker process exit as soon as the building process is gone, however it ended
+    (SIGKILL included): an orphaned worker would otherwise train on at full CPU for minutes."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    parent = multiprocessing.parent_process()  # its sentinel becomes ready when the parent exits
+    if parent is None:
+        return
+
+    def watch() -> None:
+        wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="neurostore-watch-parent").start()
+
+
 def _worker_main(conn, counter, job: dict) -> None:
     """Entry point of a worker process: train one target, send back its metrics or the error."""
+    _exit_with_parent()
     try:
         conn.send(("ok", _fit_target(counter=counter, **job)))
     except BaseException as e:  # noqa: BLE001 - reported to the building process, which raises
@@ -267,21 +302,29 @@ class _Training:
 
 
 def build_world(config: WorldConfig | None = None, cache: str | Path | None = None, *,
-                progress: bool = True, force: bool = False):
-    """Build (or load from the cache) the probe world of `config`; returns a World."""
+                progress: bool = True, force: bool = False, device: str = "cpu"):
+    """Build (or load from the cache) the probe world of `config`; returns a World. `device`
+    (see neurostore.devices) is where the target models train: the CPU by default, whose weights
+    are bit-identical on every machine; a GPU is faster but not bit-identical (a world of its own)."""
+    from ..devices import resolve_device
     from . import World
 
-    config = (config or WorldConfig()).validate()
+    dev = resolve_device(device)
+    config = replace(config or WorldConfig(), train_device=dev.type).validate()
     final = world_dir(config, cache)
     if (final / "world.json").exists() and not force:
         return World(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_builds(final.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".building-{final.name}-", dir=final.parent))
+    lock = os.open(tmp / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        with _torch_settings(1):
-            _build_into(tmp, config, progress)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held while this process lives: the folder is not garbage
+        with _sigterm_exits(), _torch_settings(1, deterministic=dev.type == "cpu"):
+            _build_into(tmp, config, progress, dev)
         if force and final.exists():
             shutil.rmtree(final)
+        os.unlink(tmp / ".lock")
         try:
             os.rename(tmp, final)
         except OSError:  # another process finished the same world first: keep theirs
@@ -291,7 +334,38 @@ def build_world(config: WorldConfig | None = None, cache: str | Path | None = No
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
     return World(final)
+
+
+def _remove_dead_builds(worlds: Path) -> None:
+    """Delete the temporary folders of builds that were killed (SIGKILL, power loss): a folder
+    whose lock nobody holds, as the store decides for its staging folders."""
+    from ..store import _staging_is_dead
+
+    for d in worlds.glob(".building-*"):
+        if d.is_dir() and _staging_is_dead(d):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _sigterm_exits():
+    """SIGTERM ends the build as Ctrl-C does (its temporary folder removed, workers stopped) instead
+    of killing the process on the spot. Only the main thread can set a handler; elsewhere the
+    next build removes what a killed one left."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _split_seeds(seed: int) -> dict[str, np.random.Generator]:
@@ -300,7 +374,7 @@ def _split_seeds(seed: int) -> dict[str, np.random.Generator]:
     return {n: np.random.default_rng(s) for n, s in zip(names, seqs)}
 
 
-def _build_into(root: Path, config: WorldConfig, progress: bool) -> None:
+def _build_into(root: Path, config: WorldConfig, progress: bool, device) -> None:
     t_start, cpu_start = time.perf_counter(), time.process_time()
     timings: dict[str, float] = {}
     S = config.size
@@ -351,10 +425,11 @@ def _build_into(root: Path, config: WorldConfig, progress: bool) -> None:
                         seed=config.seed * 101 + 2),
     }
     for job in jobs.values():
-        job.update(y=labels["train"], size=S, test=test)
+        job.update(y=labels["train"], size=S, test=test, device=str(device))
     (root / "targets").mkdir()
     cpus = os.cpu_count() or 1
-    background = [] if cpus < 2 else ["vit"] if cpus < 4 else list(jobs)
+    # On a GPU every model trains here, one after the other (the GPU runs one at a time anyway).
+    background = [] if cpus < 2 or device.type != "cpu" else ["vit"] if cpus < 4 else list(jobs)
     summary: dict = {"id": world_id, "targets": {}, "encoder": {}}
     with _Training(jobs, background, root / "targets", progress) as training:
         n_images, n_masks = _write_images(root, world_id, config, scenes, base, cued, has_cue,
@@ -380,6 +455,7 @@ def _build_into(root: Path, config: WorldConfig, progress: bool) -> None:
     timings["load_avg_1m"] = round(os.getloadavg()[0], 2)
     timings["cpus"] = os.cpu_count()
     timings["workers"] = len(background)
+    timings["device"] = str(device)
     summary["build"] = timings
     meta = {
         "id": world_id,
