@@ -1,0 +1,127 @@
+"""Benchmark: are dictionary features more monosemantic than the neurons of the same layer?
+
+On the probe world (the truth of every pixel is known) it fits a TopK sparse autoencoder on each
+hidden layer of the CNN, dissects the neurons and the features in one run (scorers `patch` and
+`iou`), and compares, per layer, neurons with features:
+
+    agree        fraction of units whose headline explanation (the `patch` scorer's top concept:
+                 patches and encoder, no ground truth) equals the per-pixel truth (the `iou`
+                 scorer's top concept, with IoU >= evaluate.REFERENCE_MIN_IOU)
+    agree_fid    the same, counting only units whose fidelity is >= --fidelity: Pearson
+                 correlation, on held-out images (every 5th image), between the unit's pooled
+                 max activation and the explained concept's mask area
+    ratio        features' agree_fid / neurons' agree_fid (the issue's target: >= 1.5)
+
+and the dictionary's quality (FVE, L0, dead features on held-out samples).
+
+    .venv/bin/python bench/features_vs_neurons.py                   # fast world, conv2-conv4
+    .venv/bin/python bench/features_vs_neurons.py --width 2 --k 4   # another dictionary
+
+Ends by printing one line of JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from neurostore import features  # noqa: E402
+from neurostore.evaluate import REFERENCE_MIN_IOU  # noqa: E402
+from neurostore.pipeline import dissect  # noqa: E402
+from neurostore.store import Store  # noqa: E402
+
+
+def pearson_cols(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Column-wise Pearson of [n, e] with [n, e] (0 where a column is constant)."""
+    a = a - a.mean(0)
+    b = b - b.mean(0)
+    den = np.linalg.norm(a, axis=0) * np.linalg.norm(b, axis=0)
+    return np.where(den > 0, (a * b).sum(0) / np.maximum(den, 1e-300), 0.0)
+
+
+def layer_figures(store: Store, model: str, layer: str, fid_min: float) -> dict:
+    ref = store.df("SELECT unit, concept AS ref, score AS ref_iou FROM scores WHERE model = $m AND layer = $l "
+                   "AND scorer = 'iou' AND rank = 0", {"m": model, "l": layer})
+    head = store.df("SELECT unit, label FROM explanations WHERE model = $m AND layer = $l AND scorer = 'patch'",
+                    {"m": model, "l": layer})
+    pooled = store.df("SELECT image_id, act_max FROM pooled WHERE model = $m AND layer = $l ORDER BY image_id",
+                      {"m": model, "l": layer})
+    held = np.arange(len(pooled)) % 5 == 4
+    ids = pooled["image_id"][held].tolist()
+    acts = np.stack(pooled["act_max"][held].to_numpy()).astype(np.float64)       # [n_held, units]
+    area = store.df("SELECT image_id, concept, sum(area) AS area FROM masks JOIN (SELECT unnest($ids) AS image_id) "
+                    "USING (image_id) GROUP BY ALL", {"ids": ids})
+    amount = area.pivot(index="image_id", columns="concept", values="area").reindex(ids).fillna(0.0)
+    d = head.merge(ref, on="unit", how="left")
+    d["agree"] = (d["label"] == d["ref"]) & (d["ref_iou"] >= REFERENCE_MIN_IOU)
+    has = d["label"].isin(amount.columns)
+    fid = np.zeros(len(d))
+    if has.any():
+        cols = amount[d.loc[has, "label"]].to_numpy(np.float64)                   # [n_held, e]
+        fid[has.to_numpy()] = pearson_cols(acts[:, d.loc[has, "unit"].to_numpy()], cols)
+    d["fidelity"] = fid
+    n = len(d)
+    good = d["agree"] & (d["fidelity"] >= fid_min)
+    return {"units": n, "interpretable": float((d["ref_iou"] >= REFERENCE_MIN_IOU).mean()),
+            "agree": float(d["agree"].mean()), "agree_fid": float(good.mean()), "n_agree_fid": int(good.sum()),
+            "mean_fidelity_agree": float(d.loc[d["agree"], "fidelity"].mean()) if d["agree"].any() else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", nargs="+", default=["conv2", "conv3", "conv4"])
+    ap.add_argument("--method", default="topk-sae")
+    ap.add_argument("--width", type=int, default=8)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--fidelity", type=float, default=0.2, help="fidelity threshold (Pearson)")
+    ap.add_argument("--full", action="store_true", help="the default world instead of the fast one")
+    ap.add_argument("--cache", default=os.environ.get("NEUROSTORE_TEST_CACHE"))
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    import torch
+
+    from neurostore.world import WorldConfig, build_world
+
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    world = build_world(WorldConfig() if args.full else WorldConfig.fast(), args.cache, progress=False)
+    spec = f"probe:cnn@{world.root}"
+    store = Store.open(Path(tempfile.mkdtemp(prefix="bench-features-")) / "store")
+    dicts, names = {}, []
+    for layer in args.layers:
+        s = features.fit(store, spec, layer, args.method, args.width, args.k, steps=args.steps,
+                         progress=False, log=lambda *a: None)
+        dicts[layer] = {m: s[m] for m in ("layer", "n_features", "fve", "l0", "dead_fraction", "fit_seconds")}
+        names.append(s["layer"])
+    dissect(spec, store=store, world=world, layers=args.layers + names, vocabulary="probe",
+            scorers=["patch", "iou"], progress=False, evaluate=False, log=lambda *a: None)
+    model = "probe-cnn"
+    per_layer, tot = {}, {"neurons": [0, 0], "features": [0, 0]}
+    for layer, name in zip(args.layers, names):
+        nf, ff = layer_figures(store, model, layer, args.fidelity), layer_figures(store, model, name, args.fidelity)
+        ratio = ff["agree_fid"] / nf["agree_fid"] if nf["agree_fid"] > 0 else None
+        per_layer[layer] = {"neurons": nf, "features": ff, "ratio": ratio, "dictionary": dicts[layer]}
+        for key, f in (("neurons", nf), ("features", ff)):
+            tot[key][0] += f["n_agree_fid"]
+            tot[key][1] += f["units"]
+    frac = {k: v[0] / v[1] for k, v in tot.items()}
+    out = {"bench": "features_vs_neurons", "world": world.id, "model": model, "method": args.method,
+           "width": args.width, "k": args.k, "steps": args.steps, "fidelity_min": args.fidelity,
+           "neurons_agree_fid": round(frac["neurons"], 4), "features_agree_fid": round(frac["features"], 4),
+           "ratio": round(frac["features"] / frac["neurons"], 3) if frac["neurons"] else None,
+           "target_ratio": 1.5, "layers": per_layer, "seconds": round(time.time() - t0, 1)}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

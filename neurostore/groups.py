@@ -1,0 +1,180 @@
+"""Neuron groups and their circuit (after NeurFlow): units that fire together and push the same
+classes, explained as a set of concepts, with group -> group and group -> class attributions.
+
+    summary = groups(store, "probe-cnn")          # after 'neurostore dissect probe:cnn'
+    store.query("class_circuit", {"model": "probe-cnn", "class": "star"})
+
+Per dissected hidden layer (in depth order; logits and feature layers left out):
+
+1. Units are clustered (average-linkage, scipy) on a distance that mixes co-activation and
+   attribution: 1 - (corr_act + corr_attr) / 2, where corr_act correlates two units' pooled
+   activations over the probe images (the `pooled` table) and corr_attr their class-attribution
+   profiles (gradient x activation toward each class's logit on its images).
+2. A group's explanation is the set of its members' labels (from `explanations`, one scorer),
+   most common first.
+3. Edges: the attribution of an upstream group to a downstream group of the next dissected layer
+   is gradient x activation of the upstream members' outputs, summed over positions and members,
+   of the downstream members' summed mean activation, averaged over images; a group's edge to a
+   class is its members' gradient x activation toward the class logit on the class's images.
+
+One run writes `groups` and `group_edges`; re-running for the same model replaces them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .analysis._common import BATCH, load_model, logits_of, model_dataset, model_layers, open_store, probe_images
+from .analysis.audit import contributions
+from .errors import BadInput, BadParameter, UnknownLayer, unknown
+from .record import to_map
+from .store import Store
+
+
+def _pooled(store: Store, model: str, layer: str, dataset: str) -> tuple[list[str], np.ndarray]:
+    t = store.df("SELECT image_id, act_mean FROM pooled WHERE model = $m AND layer = $l AND dataset = $d "
+                 "ORDER BY image_id", {"m": model, "l": layer, "d": dataset})
+    return t["image_id"].tolist(), np.stack(t["act_mean"].to_numpy()).astype(np.float64)  # [n, units]
+
+
+def _corr(x: np.ndarray) -> np.ndarray:
+    """Correlation of the columns of x [n, units] -> [units, units]; constant columns correlate 0."""
+    x = x - x.mean(0)
+    norm = np.linalg.norm(x, axis=0)
+    c = (x.T @ x) / np.maximum(np.outer(norm, norm), 1e-12)
+    return np.where(np.outer(norm, norm) > 0, c, 0.0)
+
+
+def cluster(acts: np.ndarray, attr: np.ndarray, n_groups: int) -> list[np.ndarray]:
+    """Units -> groups (largest first): acts [n_images, units], attr [classes, units]."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    d = 1.0 - (_corr(acts) + _corr(attr)) / 2.0                 # [units, units] in [0, 2]
+    np.fill_diagonal(d, 0.0)
+    d = np.clip((d + d.T) / 2.0, 0.0, None)
+    labels = fcluster(linkage(squareform(d, checks=False), "average"), n_groups, "maxclust")
+    groups = [np.flatnonzero(labels == g) for g in np.unique(labels)]
+    return sorted(groups, key=lambda m: (-len(m), int(m[0])))
+
+
+def _mean_pooled(target, out: torch.Tensor) -> torch.Tensor:
+    """A layer's output -> [batch, units], the mean over positions / patch tokens (differentiable)."""
+    return to_map(target, out).float().mean((2, 3))
+
+
+def group_edges(target, pixels: torch.Tensor, layers: list[str], members: dict[str, list[np.ndarray]]) -> dict:
+    """{(up, down): [groups_up, groups_down]} mean attribution of each upstream group to each
+    downstream group of the next layer (module doc)."""
+    modules = dict(target.module.named_modules())
+    pairs = list(zip(layers, layers[1:]))
+    sums = {p: np.zeros((len(members[p[0]]), len(members[p[1]]))) for p in pairs}
+    for i in range(0, len(pixels), BATCH):
+        outs = {}
+        hs = [modules[l].register_forward_hook(
+            lambda _m, _i, o, n=l: outs.__setitem__(n, o[0] if isinstance(o, (tuple, list)) else o)) for l in layers]
+        try:
+            with torch.enable_grad():
+                logits_of(target, pixels[i : i + BATCH].clone().requires_grad_(True), exact=True)
+                for up, down in pairs:
+                    pooled = _mean_pooled(target, outs[down])              # [b, units_down]
+                    a = outs[up]
+                    for j, m in enumerate(members[down]):
+                        g, = torch.autograd.grad(pooled[:, m].sum(), a, retain_graph=True)
+                        ga = to_map(target, (g * a).detach()).double().sum((2, 3))  # [b, units_up]
+                        for k, mu in enumerate(members[up]):
+                            sums[(up, down)][k, j] += float(ga[:, mu].sum())
+        finally:
+            for h in hs:
+                h.remove()
+    return {p: s / len(pixels) for p, s in sums.items()}
+
+
+def _explain(expl, layer: str, units: np.ndarray) -> tuple[str | None, list[str], list[int]]:
+    rows = expl[(expl["layer"] == layer) & expl["unit"].isin(units.tolist())]
+    if rows.empty:
+        return None, [], []
+    conf = rows.groupby("label")["confidence"].mean()
+    counts = Counter(rows["label"])
+    order = sorted(counts, key=lambda c: (-counts[c], -float(conf.get(c, 0.0)), c))
+    return order[0], order, [counts[c] for c in order]
+
+
+def groups(store: Store | str, model: str, *, layers: list[str] | None = None, n_groups: int | None = None,
+           scorer: str = "patch", max_images: int = 1000, seed: int = 0, log=print) -> dict:
+    """Cluster each dissected hidden layer of `model` into groups, explain them, and store the
+    group circuit (module doc). n_groups per layer: default about sqrt(units), at least 2."""
+    t0 = time.time()
+    store = open_store(store)
+    if n_groups is not None and n_groups < 1:
+        raise BadParameter(f"--groups must be at least 1, got {n_groups}.")
+    if max_images < 2:
+        raise BadParameter(f"--max-images must be at least 2, got {max_images}.")
+    stored = model_layers(store, model)               # checks the model (UnknownModel)
+    feature_layers = set()
+    if "dictionaries" in store.tables():
+        feature_layers = set(store.df("SELECT layer FROM dictionaries WHERE model = $m", {"m": model})["layer"])
+    hidden = [r["layer"] for r in stored if r["kind"] != "logits" and r["layer"] not in feature_layers]
+    if layers:
+        for l in layers:
+            if l not in hidden:
+                raise UnknownLayer(unknown(f"dissected hidden layer of {model}", l, hidden,
+                                           f"Dissect it first: 'neurostore dissect SPEC --layer {l}'."))
+        hidden = [l for l in hidden if l in layers]
+    if not hidden:
+        raise BadInput(f"Model '{model}' has no dissected hidden layers to group. Dissect it first: "
+                       "'neurostore dissect SPEC'.")
+    expl = store.df("SELECT layer, unit, label, confidence FROM explanations WHERE model = $m AND scorer = $s",
+                    {"m": model, "s": scorer})
+    if expl.empty:
+        have = store.df("SELECT DISTINCT scorer FROM explanations WHERE model = $m", {"m": model})["scorer"]
+        raise BadParameter(unknown(f"scorer with explanations of {model}", scorer, have.tolist()))
+    dataset = model_dataset(store, model)
+    target = load_model(store, model)
+    probe = probe_images(store, model, target, max_images=max_images, seed=seed)
+    log(f"groups {model}: {len(hidden)} layers, {len(probe.image_ids)} labelled probe images")
+    attr = contributions(target, probe, hidden, None)["grad_x_act"]   # layer -> [classes, units]
+    members, rows = {}, []
+    for layer in hidden:
+        _ids, acts = _pooled(store, model, layer, dataset)
+        if acts.shape[0] < 2:
+            raise BadInput(f"Layer '{layer}' of {model} has pooled activations of {acts.shape[0]} image(s); "
+                           "grouping needs at least 2. Dissect it on more images.")
+        U = acts.shape[1]
+        n = min(U, n_groups or max(2, int(round(np.sqrt(U)))))
+        members[layer] = cluster(acts, attr[layer], n)
+        c = _corr(acts)
+        for gid, m in enumerate(members[layer]):
+            label, concepts, counts = _explain(expl, layer, m)
+            sub = c[np.ix_(m, m)]
+            coh = float((sub.sum() - len(m)) / (len(m) * (len(m) - 1))) if len(m) > 1 else 1.0
+            rows.append({"layer": layer, "group_id": gid, "units": m.tolist(), "n_units": len(m), "label": label,
+                         "concepts": concepts, "concept_units": counts, "coherence": coh, "scorer": scorer,
+                         "dataset": dataset, "model": model})
+    edges = []
+    for (up, down), w in group_edges(target, probe.pixels, hidden, members).items():
+        for i in range(w.shape[0]):
+            for j in range(w.shape[1]):
+                edges.append({"kind": "group", "src_layer": up, "src_group": i, "dst_layer": down, "dst_group": j,
+                              "class": None, "weight": float(w[i, j]), "n_images": len(probe.image_ids)})
+    for layer in hidden:
+        for gid, m in enumerate(members[layer]):
+            for ci, cls in enumerate(probe.classes):
+                edges.append({"kind": "class", "src_layer": layer, "src_group": gid, "dst_layer": None,
+                              "dst_group": None, "class": cls, "weight": float(attr[layer][ci, m].sum()),
+                              "n_images": int((probe.labels == ci).sum())})
+    for e in edges:
+        e.update(dataset=dataset, model=model)
+    with store.run("groups", {"model": model, "layers": hidden, "n_groups": n_groups, "scorer": scorer,
+                              "max_images": max_images, "seed": seed}, work_key=f"groups:{model}") as run:
+        run.write("groups", pa.Table.from_pylist(rows), key=f"groups:{model}")
+        run.write("group_edges", pa.Table.from_pylist(edges), key=f"groups:{model}")
+    return {"run_id": run.run_id, "model": model, "layers": hidden, "images": len(probe.image_ids),
+            "groups": {l: len(members[l]) for l in hidden}, "edges": len(edges), "scorer": scorer,
+            "seconds": round(time.time() - t0, 1),
+            "next": f"neurostore query class_circuit -p model={model} -p class={probe.classes[0]}"}
