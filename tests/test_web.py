@@ -160,6 +160,11 @@ def test_console_html_and_json(server):
     assert data["result"]["truncated"] is False
 
 
+def test_console_html_links_neurons(server):
+    status, _, body = get(server, sql_path("SELECT model, layer, unit FROM scores WHERE rank = 0 ORDER BY ALL LIMIT 2"))
+    assert status == 200 and body.count(b'href="/neuron/toy-cnn/conv1/') == 2
+
+
 def test_console_truncates_at_the_row_cap(server):
     status, data = get_json(server, sql_path("SELECT * FROM range(5000)", True))
     assert data["result"]["truncated"] is True and data["result"]["row_count"] == 1000

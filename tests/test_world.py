@@ -436,6 +436,17 @@ def test_cli_build_json_is_one_object_and_a_cache_hit(probe_world: World, probe_
     assert set(out["encoder"]["zero_shot"]["shape"]) == {"tight", "loose"}
 
 
+def test_device_defaults_to_the_cpu_and_a_gpu_world_is_a_world_of_its_own(tmp_path):
+    # CPU worlds keep their keys (and so their folders and ids) now that there is a choice.
+    assert WorldConfig().key() == WorldConfig(train_device="cpu").key()
+    assert WorldConfig(train_device="cuda").key() != WorldConfig().key()
+    with pytest.raises(BadParameter, match="Unknown device 'tpu'"):
+        build_world(TINY, cache=tmp_path, device="tpu")
+    r = _cli("world", "build", "--fast", "--device", "cuda:99", "--cache", str(tmp_path))
+    assert r.returncode == 1 and r.stderr.startswith("Error: Device 'cuda:99' is not available on this machine")
+    assert not (tmp_path / "worlds").exists()
+
+
 def test_cli_bad_cue_kind_is_one_error_line(tmp_path):
     r = _cli("world", "build", "--fast", "--cue-kind", "glow", "--cache", str(tmp_path))
     assert r.returncode == 1 and r.stdout == ""
