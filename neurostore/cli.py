@@ -942,6 +942,107 @@ def ablate_cmd(
     err_console.print(f"run {res.run_id}: neurostore query ablation_effects -p model={model}", highlight=False)
 
 
+# ---- features and groups: units beyond neurons (features.py, groups.py) ------------------------
+
+features_app = typer.Typer(
+    help="Dictionary features (TopK sparse autoencoder, NMF) of a layer: units you dissect and query like neurons.",
+    no_args_is_help=True,
+)
+app.add_typer(features_app, name="features")
+
+
+def _summary_table(title: str, s: dict, keys: list[str]) -> None:
+    from rich.table import Table
+
+    t = Table(title=title, box=None, show_header=False)
+    for k in keys:
+        v = s.get(k)
+        t.add_row(k, ", ".join(map(str, v)) if isinstance(v, list) else str(v))
+    console.print(t)
+
+
+@features_app.command("fit")
+def features_fit_cmd(
+    model: str = typer.Argument(..., help="Model spec, e.g. probe:cnn or torchvision:resnet50@IMAGENET1K_V2."),
+    layer: str = typer.Option(..., "--layer", "-l", help="Layer whose output the dictionary encodes (see 'neurostore layers MODEL')."),
+    method: str = typer.Option("topk-sae", "--method", help="topk-sae (TopK sparse autoencoder) or nmf (scikit-learn NMF of max(x, 0))."),
+    width: int = typer.Option(8, "--width", help="Features per unit of the layer (8: a 64-unit layer gets 512 features)."),
+    k: int = typer.Option(32, "--k", help="Active features per sample (topk-sae)."),
+    images: Optional[Path] = typer.Option(None, "--images", "-i", help="Folder of images. Probe-world models default to the world's probe images."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", help="Use only the first N images (sorted order)."),
+    max_samples: int = typer.Option(100_000, "--max-samples", help="Positions / tokens kept for fitting (a uniform subsample; bounds memory)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (topk-sae, default 3000) or NMF iterations (default 400)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the subsample and the fit."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
+    device: str = DeviceOpt,
+    store: Optional[Path] = StoreOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Learn a dictionary on a layer's activations and store it as a feature layer.
+
+    The feature layer (e.g. conv4.topk_sae_8x) is then dissected, explained and queried like any
+    layer: 'neurostore dissect MODEL --layer conv4.topk_sae_8x'.
+
+    Example: neurostore features fit probe:cnn --layer conv4 --method topk-sae --width 8 --k 32
+    """
+    from .features import fit
+
+    s = fit(store_path(store), model, layer, method=method, width=width, k=k, images=images,
+            max_images=max_images, max_samples=max_samples, steps=steps, seed=seed, batch_size=batch_size,
+            device=device, progress=not as_json, log=_log(False))
+    if as_json:
+        print_json(s)
+        return
+    _summary_table(f"features {s['layer']} — run {s['run_id']}", s,
+                   ["source_layer", "method", "n_features", "k", "samples", "holdout", "fve", "l0",
+                    "dead_features", "seconds", "next"])
+
+
+@features_app.command("ls")
+def features_ls_cmd(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Only this model id."),
+    store: Optional[Path] = StoreOpt,
+    fmt: str = FormatOpt,
+    output: Optional[Path] = OutputOpt,
+) -> None:
+    """The store's dictionaries: feature layer, method, size and quality (FVE, L0, dead features).
+
+    Example: neurostore features ls --model probe-cnn --format csv
+    """
+    from .features import ls
+
+    emit_table(ls(open_store_ro(store), model), fmt, output, title="Dictionaries")
+
+
+@app.command("groups")
+def groups_cmd(
+    model: str = typer.Argument(..., help="A dissected model id, e.g. probe-cnn (see 'neurostore sql \"SELECT * FROM models\"')."),
+    layers: Optional[list[str]] = typer.Option(None, "--layer", "-l", help="Only these dissected layers (repeatable). Default: every dissected hidden layer."),
+    n_groups: Optional[int] = typer.Option(None, "--groups", "-g", help="Groups per layer. Default: about the square root of its units."),
+    scorer: str = typer.Option("patch", "--scorer", help="Scorer whose labels explain the groups' members."),
+    max_images: int = typer.Option(1000, "--max-images", help="Labelled probe images the attributions are measured on."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the image subsample."),
+    store: Optional[Path] = StoreOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Group each layer's units by co-activation and attribution, explain the groups, and store
+    the group circuit (group -> group and group -> class edges).
+
+    Then: neurostore query class_circuit -p model=probe-cnn -p class=star
+
+    Example: neurostore groups probe-cnn --groups 8
+    """
+    from .groups import groups
+
+    s = groups(store_path(store), model, layers=layers, n_groups=n_groups, scorer=scorer,
+               max_images=max_images, seed=seed, log=_log(False))
+    if as_json:
+        print_json(s)
+        return
+    _summary_table(f"groups {s['model']} — run {s['run_id']}", s,
+                   ["layers", "images", "groups", "edges", "scorer", "seconds", "next"])
+
+
 # ---- report and web commands ------------------------------------------------------------------
 
 
