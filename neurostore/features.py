@@ -117,7 +117,7 @@ def _child_name(layer: str) -> str:
 
 def attach(target: Target, store: Store | None = None, rows: list[dict] | None = None) -> list[str]:
     """Add the store's dictionaries of `target.id` (or the given rows) to the target as feature
-    layers; returns their module paths. Attaching twice is a no-op."""
+    layers; returns their module paths. Attaching again replaces a feature layer's weights."""
     if rows is None:
         if store is None or "dictionaries" not in store.tables():
             return []
@@ -128,11 +128,13 @@ def attach(target: Target, store: Store | None = None, rows: list[dict] | None =
     for r in rows:
         name = r["layer"]
         names.append(name)
-        if name in modules or r["source_layer"] not in modules:
+        if r["source_layer"] not in modules:
             continue
+        if name in hooks_:  # attached before: replaced by the row's weights (a refit), never doubled
+            hooks_.pop(name).remove()
         enc = _encoder_from_row(r).to(getattr(target, "device", None) or "cpu")
         source = modules[r["source_layer"]]
-        source.add_module(_child_name(name), enc)
+        source.add_module(_child_name(name), enc)  # replaces a child of the same name
 
         def run_features(_m, _inp, out, enc=enc):
             enc(out[0] if isinstance(out, (tuple, list)) else out)  # hooks on enc record it
@@ -292,6 +294,7 @@ def fit(store: Store | str, model: str, layer: str, method: str = "topk-sae", wi
     dev = resolve_device(device)
     target = target or load_target(model)
     target.to(dev)
+    attach(target, store)  # so a feature layer given as `layer` is recognised (and refused)
     layer = resolve_layer(target, layer)
     if isinstance(dict(target.module.named_modules())[layer], FeatureEncoder):
         raise BadParameter(f"'{layer}' is a feature layer already; fit a dictionary on a layer of the model itself "
@@ -306,12 +309,14 @@ def fit(store: Store | str, model: str, layer: str, method: str = "topk-sae", wi
     k = min(k, n_features) if method == "topk-sae" else None
     need = max(MIN_SAMPLES, SAMPLES_PER_FEATURE * n_features)
     have = len(source) * info.grid_h * info.grid_w
-    if min(have, max_samples) < need:
+    if have < need:
         raise BadInput(
             f"Layer '{layer}' of {target.id} gives too few samples for {n_features} features: "
-            f"{len(source)} images x {info.grid_h * info.grid_w} positions = {have} "
-            f"(at most --max-samples {max_samples} used); it needs at least {need}. Use more images, "
-            f"a smaller --width, or a layer with a spatial map / tokens.")
+            f"{len(source)} images x {info.grid_h * info.grid_w} positions = {have}; it needs at least "
+            f"{need}. Use more images, a smaller --width, or a layer with a spatial map or tokens.")
+    if max_samples < need:
+        raise BadParameter(f"--max-samples {max_samples} is below the {need} samples {n_features} features "
+                           f"need; raise it or use a smaller --width.")
     steps = steps or (3000 if method == "topk-sae" else 400)
     name = feature_layer_name(layer, method, width)
     log(f"features {name}: {method}, {n_features} features of {info.n_units} units, "

@@ -1,0 +1,155 @@
+"""Dictionary features: fitting (TopK SAE, NMF), their store rows, the feature layer as a module
+the recorder hooks, dissecting and querying features on the fast probe world's CNN and ViT, and
+the one-line errors of the CLI."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from neurostore import cli, features
+from neurostore.models import list_layers, load_target
+from neurostore.pipeline import dissect
+from neurostore.record import activation_maps
+from neurostore.store import Store
+
+SMALL = dict(width=2, k=4, steps=60, max_samples=4096, progress=False, log=lambda *a: None)
+
+
+def run_cli(capsys, monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", ["neurostore", *map(str, args)])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, probe_world):
+    """A store with a small TopK SAE on the CNN's conv4 and on the ViT's blocks.1.mlp.fc1, both
+    dissected (with their source layers) on 120 probe images with the patch and iou scorers."""
+    torch.set_num_threads(1)
+    store = Store.open(tmp_path_factory.mktemp("features") / "store")
+    out = {}
+    for name, layer in (("cnn", "conv4"), ("vit", "blocks.1.mlp.fc1")):
+        spec = f"probe:{name}@{probe_world.root}"
+        s = features.fit(store, spec, layer, "topk-sae", **SMALL)
+        d = dissect(spec, store=store, world=probe_world, layers=[layer, s["layer"]], vocabulary="probe",
+                    scorers=["patch", "iou"], max_images=120, progress=False, evaluate=False, log=lambda *a: None)
+        out[name] = (spec, s, d)
+    return store, out
+
+
+def test_fit_stores_the_dictionary_with_provenance_and_quality(fitted):
+    store, out = fitted
+    spec, s, _ = out["cnn"]
+    assert s["layer"] == "conv4.topk_sae_2x" and s["n_features"] == 2 * 64
+    row = store.df("SELECT * FROM dictionaries WHERE model = 'probe-cnn'").iloc[0]
+    assert (row["source_layer"], row["method"], row["width"], row["k"], row["seed"]) == ("conv4", "topk-sae", 2, 4, 0)
+    assert row["dataset"] == s["dataset"] and row["n_samples"] == s["samples"] > 1024
+    assert 0.3 < row["fve"] <= 1.0 and 0 < row["l0"] <= 4 and 0 <= row["dead_fraction"] <= 1
+    assert len(row["w_enc"]) == len(row["w_dec"]) == 64 * 128
+    run = store.df("SELECT command, params FROM runs WHERE run_id = $r", {"r": s["run_id"]}).iloc[0]
+    assert run["command"] == "features fit" and json.loads(run["params"])["method"] == "topk-sae"
+    assert features.ls(store, "probe-cnn").column("layer").to_pylist() == ["conv4.topk_sae_2x"]
+
+
+def test_feature_layer_is_a_module_the_recorder_sees_and_the_model_is_unchanged(fitted, probe_world):
+    store, out = fitted
+    for name, (spec, s, _) in out.items():
+        target = load_target(spec)
+        x = torch.randn(3, 3, target.input_size, target.input_size)
+        with torch.no_grad():
+            before = target.module(x)
+        assert features.attach(target, store) == [s["layer"]]
+        assert features.attach(target, store) == [s["layer"]]  # twice: no second module or hook
+        assert len(target.extra["feature_hooks"]) == 1
+        infos = {li.layer: li for li in list_layers(target)}
+        src, feat = infos[s["source_layer"]], infos[s["layer"]]
+        assert feat.n_units == s["n_features"] and (feat.grid_h, feat.grid_w) == (src.grid_h, src.grid_w)
+        maps = activation_maps(target, [s["source_layer"], s["layer"]], x)
+        enc = dict(target.module.named_modules())[s["layer"]]
+        src_map = maps[s["source_layer"]]                                     # [b, units, h, w]
+        want = enc.encode(src_map.movedim(1, -1).reshape(-1, src.n_units))    # [b*h*w, features]
+        got = maps[s["layer"]].movedim(1, -1).reshape(-1, feat.n_units)
+        assert torch.allclose(got, want, atol=1e-5)
+        assert int((got > 0).sum(1).max()) <= 4                               # TopK: at most k active
+        with torch.no_grad():
+            assert torch.equal(target.module(x), before)                      # the hook changes nothing
+
+
+def test_features_are_dissected_and_queried_like_neurons(fitted):
+    store, out = fitted
+    for name, (spec, s, d) in out.items():
+        assert s["layer"] in d["layers"]
+        n = store.df("SELECT count(DISTINCT unit) AS n FROM explanations WHERE model = $m AND layer = $l",
+                     {"m": d["model"], "l": s["layer"]})["n"][0]
+        assert n == s["n_features"]
+        layer = store.df("SELECT kind, n_units FROM layers WHERE model = $m AND layer = $l",
+                         {"m": d["model"], "l": s["layer"]}).iloc[0]
+        assert layer["n_units"] == s["n_features"]
+        unit = int(store.df("SELECT unit FROM explanations WHERE model = $m AND layer = $l LIMIT 1",
+                            {"m": d["model"], "l": s["layer"]})["unit"][0])
+        assert store.query("neuron_concepts", {"model": d["model"], "layer": s["layer"], "unit": unit}).num_rows > 0
+    concepts = store.df("SELECT DISTINCT layer FROM concept_units")["layer"].tolist()
+    assert any("topk_sae" in layer for layer in concepts)
+
+
+def test_topk_sae_learns_a_planted_sparse_dictionary():
+    """Data made of 2 of 32 planted directions per sample: a trained SAE explains most of the
+    variance; the same SAE untrained (0 steps) does not."""
+    g = torch.Generator().manual_seed(1)
+    atoms = torch.nn.functional.normalize(torch.randn(32, 16, generator=g), dim=1)   # [32, 16]
+    codes = torch.zeros(6000, 32)
+    idx = torch.randint(0, 32, (6000, 2), generator=g)
+    codes.scatter_(1, idx, torch.rand(6000, 2, generator=g) + 0.5)
+    x = codes @ atoms                                                                  # [6000, 16]
+    held = x[5000:]
+    trained = features.quality(features.fit_topk_sae(x[:5000], 64, 2, steps=600, seed=0), x[:5000], held)
+    untrained = features.quality(features.fit_topk_sae(x[:5000], 64, 2, steps=0, seed=0), x[:5000], held)
+    assert trained["fve"] > 0.8 > untrained["fve"] + 0.2
+
+
+def test_nmf_dictionary_fits_the_rectified_layer(tmp_path, probe_world):
+    torch.set_num_threads(1)
+    s = features.fit(tmp_path / "st", f"probe:cnn@{probe_world.root}", "conv3", "nmf", width=1, steps=30,
+                     max_samples=3000, progress=False, log=lambda *a: None)
+    assert s["layer"] == "conv3.nmf_1x" and s["k"] is None and 0.5 < s["fve"] <= 1.0
+    t = load_target(f"probe:cnn@{probe_world.root}")
+    features.attach(t, Store.open(tmp_path / "st"))
+    maps = activation_maps(t, ["conv3.nmf_1x"], torch.randn(2, 3, t.input_size, t.input_size))
+    assert maps["conv3.nmf_1x"].min() >= 0                                  # NMF codes are non-negative
+
+
+def test_cli_fit_ls_and_errors(tmp_path, probe_world, capsys, monkeypatch):
+    spec = f"probe:cnn@{probe_world.root}"
+    st = tmp_path / "st"
+    code, out, err = run_cli(capsys, monkeypatch, "features", "fit", spec, "--layer", "conv2", "--width", "1",
+                             "--k", "4", "--steps", "20", "--max-samples", "3000", "--store", st, "--json")
+    assert code == 0, err
+    s = json.loads(out)
+    assert s["layer"] == "conv2.topk_sae_1x" and s["next"].endswith("--layer conv2.topk_sae_1x")
+    code, out, _ = run_cli(capsys, monkeypatch, "features", "ls", "--store", st, "--format", "json")
+    assert code == 0 and json.loads(out)[0]["layer"] == "conv2.topk_sae_1x"
+    bad = {
+        ("--method", "pca"): "Error: Unknown feature method 'pca'. Valid: nmf, topk-sae. Example: --method topk-sae.",
+        ("--width", "0"): "Error: --width must be a whole number of features per unit, at least 1; got 0. "
+                          "Example: --width 8 (8 features per unit of the layer).",
+        ("--max-images", "5"): "Error: Layer 'conv4' of probe-cnn gives too few samples for 512 features: 5 images "
+                               "x 64 positions = 320; it needs at least 2048. Use more images, a smaller --width, or a "
+                               "layer with a spatial map or tokens.",
+    }
+    for (opt, val), line in bad.items():
+        code, out, err = run_cli(capsys, monkeypatch, "features", "fit", spec, "--layer", "conv4", opt, val,
+                                 "--store", st)
+        assert code == 1 and out == ""
+        assert " ".join(err.split()) == line
+    code, _, err = run_cli(capsys, monkeypatch, "features", "fit", spec, "--layer", "conv2.topk_sae_1x",
+                           "--store", st)
+    assert code == 1 and "is a feature layer already" in err
