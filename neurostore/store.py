@@ -654,6 +654,7 @@ class Store:
             tables = man.setdefault("tables", {})
             now = time.time()
             retired = man.setdefault("retired", [])
+            n_retired = len(retired)
             touched_models = set()
             for s in sealed:
                 dest = self.path / s["path"]
@@ -673,29 +674,34 @@ class Store:
                     touched_models.add(s["partition"]["model"])
             for model in sorted(touched_models):
                 self._derive(man, model, run)
-            # The run's provenance row, committed together with its data. Written in staging and
-            # renamed, so tables/ never holds half a file; its footer records the generation it
-            # commits, which tells a rebuilt manifest the order of commits.
-            run_file = f"tables/runs/{run.run_id}.parquet"
+            # The run's provenance row, committed together with its data.
             row = run.runs_row(status, error)
-            facts = {"table": "runs", "partition": {}, "run_id": run.run_id, "work_key": run.work_key,
-                     "replace": "work", "generation": int(man.get("generation", 0)) + 1}
-            arrow = conform(self.schemas["runs"], pa.Table.from_pylist([row]))
-            tmp = run.staging / "runs.parquet"
-            pq.write_table(arrow.replace_schema_metadata({KV_KEY: json.dumps(facts, sort_keys=True)}), tmp)
-            _fsync(tmp)
-            (self.path / "tables/runs").mkdir(parents=True, exist_ok=True)
-            os.rename(tmp, self.path / run_file)
-            tables.setdefault("runs", []).append({"path": run_file, "run_id": run.run_id, "work_key": run.work_key,
-                                                  "partition": {}, "rows": 1, "status": status,
-                                                  "bytes": (self.path / run_file).stat().st_size,
-                                                  "sha256": _sha256(self.path / run_file)})
+            files = [e["path"] for entries in tables.values() for e in entries if e["run_id"] == run.run_id]
+            self._record_run(man, run, row, files, [r["path"] for r in retired[n_retired:]])
             self._collect_garbage(man, now)
             man["generation"] = int(man.get("generation", 0)) + 1
             man["updated_at"] = _utcnow().isoformat() + "Z"
             _atomic_write(self.path / "manifest.json", json.dumps(man, separators=(",", ":")))
             self._write_load_sql(man)
         return row
+
+    def _record_run(self, man: dict, run: "Run", row: dict, files: list[str], retired: list[str]) -> None:
+        """Write a run's `runs` row (written in staging and renamed: tables/ never holds half a
+        file) and list it in `man`. Its footer records the generation it commits and the files it
+        committed and retired, so a lost manifest is rebuilt by replaying the commits in order."""
+        path = f"tables/runs/{run.run_id}.parquet"
+        facts = {"table": "runs", "partition": {}, "run_id": run.run_id, "work_key": run.work_key,
+                 "replace": "work", "generation": int(man.get("generation", 0)) + 1, "files": files,
+                 "retired": retired}
+        arrow = conform(self.schemas["runs"], pa.Table.from_pylist([row]))
+        tmp = run.staging / "runs.parquet"
+        pq.write_table(arrow.replace_schema_metadata({KV_KEY: json.dumps(facts, sort_keys=True)}), tmp)
+        _fsync(tmp)
+        (self.path / "tables/runs").mkdir(parents=True, exist_ok=True)
+        os.rename(tmp, self.path / path)
+        man["tables"].setdefault("runs", []).append({
+            "path": path, "run_id": run.run_id, "work_key": run.work_key, "partition": {}, "rows": 1,
+            "status": row["status"], "bytes": (self.path / path).stat().st_size, "sha256": _sha256(self.path / path)})
 
     def _derive(self, man: dict, model: str, run: "Run") -> None:
         """Recompute every derived table of one model from its committed scores (new manifest),
@@ -853,9 +859,9 @@ class Store:
         # remaining scores (exact) until its next commit, so retire the stale derived files.
         models = {p["path"].split("/")[2][len("model="):] for p in dropped
                   if p["table"] == "scores" and p["path"].count("/") > 3}
+        stale = [e for t in DERIVED_TABLES for e in new["tables"].get(t, []) if e["partition"].get("model") in models]
+        new["retired"] += [{"path": e["path"], "at": now} for e in stale]
         for table in DERIVED_TABLES:
-            stale = [e for e in new["tables"].get(table, []) if e["partition"].get("model") in models]
-            new["retired"] += [{"path": e["path"], "at": now} for e in stale]
             new["tables"][table] = [e for e in new["tables"].get(table, []) if e not in stale]
         garbage = self._garbage(new)
         entries = [e for es in new["tables"].values() for e in es]
@@ -871,6 +877,17 @@ class Store:
                 (aside / rel).parent.mkdir(parents=True, exist_ok=True)
                 os.rename(self.path / rel, aside / rel)
             report["set_aside"] = self._rel(aside)
+        if problems:
+            # The repair is a run of its own: `runs` shows it, and its footer records the files it
+            # dropped, so a later rebuild does not bring back what a dropped file had replaced.
+            run = Run(self, "check --repair", {"dropped": [p["path"] for p in dropped], "set_aside": set_aside},
+                      None, "work")
+            try:
+                self._record_run(new, run, run.runs_row("committed", None), [],
+                                 [p["path"] for p in dropped] + [e["path"] for e in stale])
+                run.state = "committed"
+            finally:
+                run._cleanup()
         self._collect_garbage(new, now)
         new["generation"] = int(new.get("generation", 0)) + 1
         new["updated_at"] = _utcnow().isoformat() + "Z"
@@ -964,18 +981,34 @@ class Store:
                     continue
                 e["status"] = row["status"]
                 e["work_key"] = e["work_key"] or row["work_key"]
-                runs[e["run_id"]] = (e["generation"] or 0, row["ended_at"] or dt.datetime.min, e["run_id"], row["status"])
+                runs[e["run_id"]] = (e["facts"].get("generation") or 0, row["ended_at"] or dt.datetime.min,
+                                     e["run_id"], row["status"], e["facts"])
         man = _empty_manifest()
         man["tables"]["runs"] = [e for e in found if e["table"] == "runs"]
         by_run: dict[str, list[dict]] = {}
         for e in found:
             if e["table"] != "runs":
                 by_run.setdefault(e["run_id"], []).append(e)
+        by_path = {e["path"]: e for e in found}
+        missing: set[str] = set()  # committed by a run, not retired by a later one, not on disk (or damaged)
         tables = man["tables"]
-        for *_, run_id, status in sorted(runs.values()):
+        for *_, run_id, status, facts in sorted(runs.values(), key=lambda r: r[:3]):
             if status != "committed":
                 continue
-            for e in by_run.get(run_id, []):  # the same replacement as Store._commit
+            if "files" in facts:  # the run's footer lists what it committed and retired: replay that
+                for path in facts["retired"]:
+                    missing.discard(path)
+                    for table, entries in tables.items():
+                        if any(e["path"] == path for e in entries):
+                            tables[table] = [e for e in entries if e["path"] != path]
+                            man["retired"].append({"path": path, "at": now})
+                for path in facts["files"]:
+                    if path in by_path:
+                        tables.setdefault(by_path[path]["table"], []).append(by_path[path])
+                    else:
+                        missing.add(path)
+                continue
+            for e in by_run.get(run_id, []):  # written before runs recorded their files: the same replacement as _commit
                 # a file written before footers recorded facts is keyed by its run's work_key
                 e["work_key"] = e["work_key"] or next(r["work_key"] for r in tables["runs"] if r["run_id"] == run_id)
                 keep = []
@@ -984,10 +1017,12 @@ class Store:
                         and (e["replace"] == "partition" or old["work_key"] == e["work_key"])
                     (man["retired"].append({"path": old["path"], "at": now}) if drop else keep.append(old))
                 tables[e["table"]] = keep + [e]
+        problems += [{"path": p, "table": p.split("/")[1], "problem": "missing", "rows": None}
+                     for p in sorted(missing - set(set_aside))]
         man["generation"] = max((g for g, *_ in runs.values()), default=0)
         for entries in tables.values():
             for e in entries:
-                for k in ("table", "replace", "generation"):
+                for k in ("table", "replace", "facts"):
                     e.pop(k, None)
         return man, problems, set_aside
 
@@ -1023,7 +1058,7 @@ class Store:
         return {"path": rel, "run_id": run_id, "work_key": facts.get("work_key"), "partition": partition,
                 "rows": pf.metadata.num_rows, "bytes": f.stat().st_size, "columns": names, "sha256": _sha256(f),
                 "table": table, "replace": facts.get("replace", "partition" if table in DERIVED_TABLES else "work"),
-                "generation": facts.get("generation")}, None
+                "facts": facts}, None
 
     # ---- export ----------------------------------------------------------------------------
 

@@ -165,10 +165,18 @@ def manifest_tmp_leftover(p):
     (p / f".manifest.json.{os.getpid()}.abc123.tmp").write_text('{"format": "neurostore-man')
 
 
+def manifest_missing_and_parquet_truncated(p):
+    """Two at once: the rebuilt manifest must not bring back the file the truncated one replaced."""
+    lost = parquet_truncated(p)
+    manifest_missing(p)
+    return lost
+
+
 MANIFEST_CASES = [manifest_missing, manifest_truncated, manifest_garbage, manifest_list, manifest_number]
 FILE_CASES = [parquet_deleted, parquet_truncated, parquet_bit_flip, parquet_other_table, runs_file_deleted]
 LEFTOVER_CASES = [stray_file, partial_staging, manifest_tmp_leftover]
-ALL_CASES = MANIFEST_CASES + [store_json_garbage] + FILE_CASES + LEFTOVER_CASES
+ALL_CASES = MANIFEST_CASES + [store_json_garbage] + FILE_CASES + [manifest_missing_and_parquet_truncated] \
+    + LEFTOVER_CASES
 
 
 @pytest.mark.parametrize("damage", ALL_CASES, ids=lambda f: f.__name__)
@@ -183,18 +191,22 @@ def test_damage_is_found_and_repair_loses_only_the_damaged_file(st, damage):
     fixed = check(st, repair=True)
     assert fixed["repaired"], fixed
     if lost[2]:
-        assert [(d["path"], d["rows"]) for d in fixed["dropped"]] == [(lost[2], lost[1])]
-        assert fixed["rows_dropped"] == {lost[0]: lost[1]}
+        rows = None if damage is manifest_missing_and_parquet_truncated else lost[1]  # unknown without a manifest
+        assert [(d["path"], d["rows"]) for d in fixed["dropped"]] == [(lost[2], rows)]
+        assert fixed["rows_dropped"] == {lost[0]: rows or 0}
     else:
         assert fixed["dropped"] == [] and fixed["rows_dropped"] == {}
     again = check(st)
     assert again["clean"] and not again["garbage"], again
     after = row_counts(st)
+    repairs = 0 if report["clean"] else 1  # a repair of damage is a run of its own, with a runs row
     for table, n in before.items():
         if table in DERIVED:
             continue  # recomputed from the scores that are left (checked below)
-        assert after[table] == n - (lost[1] if table == lost[0] else 0), table
+        assert after[table] == n - (lost[1] if table == lost[0] else 0) + (repairs if table == "runs" else 0), table
     with Store.open(st, read_only=True) as s:
+        got = s.sql("SELECT params FROM runs WHERE command = 'check --repair'").column("params").to_pylist()
+        assert [json.loads(p)["dropped"] for p in got] == [[lost[2]] if lost[2] else []] * repairs
         # the derived tables agree with the scores that are left: no row of a dropped score file
         assert s.sql("""SELECT count(*) n FROM concept_units c ANTI JOIN scores s
                         USING (model, layer, unit, concept, scorer)""").column("n")[0].as_py() == 0
@@ -233,11 +245,24 @@ def test_missing_manifest_rebuild_replays_replacements(st):
     (st / "manifest.json").unlink()
     check(st, repair=True)
     new = json.loads((st / "manifest.json").read_text())
+    (repair,) = [e for e in new["tables"]["runs"] if e["path"] not in {r["path"] for r in man["tables"]["runs"]}]
+    new["tables"]["runs"].remove(repair)  # the repair's own runs row
     for table in man["tables"]:
         assert sorted(e["path"] for e in new["tables"][table]) == sorted(e["path"] for e in man["tables"][table])
         for old, got in zip(*(sorted(m["tables"][table], key=lambda e: e["path"]) for m in (man, new))):
             assert {k: got[k] for k in old if k != "status"} == {k: old[k] for k in old if k != "status"}
     assert sorted(r["path"] for r in new["retired"]) == sorted(r["path"] for r in man["retired"])
+
+
+def test_rebuild_after_a_repair_keeps_what_the_repair_dropped_out(st):
+    """A repair's runs row records what it dropped: a manifest lost later is rebuilt without it,
+    and without the file the dropped one had replaced (still on disk, retired)."""
+    parquet_truncated(st)
+    check(st, repair=True)
+    repaired = row_counts(st)
+    (st / "manifest.json").unlink()
+    assert check(st, repair=True)["dropped"] == []
+    assert row_counts(st) == {t: n + (t == "runs") for t, n in repaired.items()}
 
 
 # (a same-size bit flip is found only by 'neurostore check', which compares content hashes)
@@ -388,9 +413,11 @@ def tally(root: Path) -> dict:
         shutil.copytree(template, path)
         table, rows, _ = damage(path) or (None, 0, None)
         found = not check(path)["clean"] or bool(check(path)["garbage"])
+        repairs = int(not check(path)["clean"])  # a repair of damage adds its own runs row
         check(path, repair=True)
         after = row_counts(path)
-        lost = sum(total[t] - after[t] - (rows if t == table else 0) for t in total if t not in DERIVED)
+        lost = sum(total[t] - after[t] - (rows if t == table else 0) + (repairs if t == "runs" else 0)
+                   for t in total if t not in DERIVED)
         out["cases"] += 1
         out["damaged_file_rows_dropped"] += rows
         out["intact_rows_lost"] += lost
