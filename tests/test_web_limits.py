@@ -122,6 +122,19 @@ def test_console_deadline_covers_serialization(tmp_path_factory):
         assert time.perf_counter() - t0 < 10
 
 
+def test_console_queries_beyond_the_bound_wait_then_say_busy(tmp_path_factory):
+    from neurostore.web import MAX_CONSOLE_QUERIES
+
+    with running(tmp_path_factory, timeout=0.5) as s:
+        for _ in range(MAX_CONSOLE_QUERIES):  # as if that many huge queries were running
+            s.app._console_slots.acquire()
+        status, data = sql(s, "SELECT 1")
+        assert status == 400 and data["error_type"] == "timeout" and "busy" in data["error"]
+        s.app._console_slots.release()
+        status, data = sql(s, "SELECT 1")
+        assert status == 200 and data["result"]["rows"] == [[1]]
+
+
 # ---- Host --------------------------------------------------------------------------------------
 
 def test_host_header_must_name_this_server(server):

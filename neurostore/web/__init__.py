@@ -57,6 +57,10 @@ PAGE_MAX_ROWS = 500_000
 DEFAULT_MAX_BYTES = 4 * 1024**2
 MAX_CELL_BYTES = 64 * 1024
 ROW_CHUNK = 256  # rows converted at a time (the deadline and the byte cap are checked between)
+# DuckDB holds a query's whole result (a 300 MB cell is 300 MB there and again in Arrow) before
+# the byte cap can act, so console queries run at most this many at once; the rest wait their turn
+# for up to the time limit.
+MAX_CONSOLE_QUERIES = 2
 # Pages are bounded by design (top-k patches, a layer's units); this only stops a bug or a
 # pathological store from sending hundreds of MB.
 MAX_PAGE_BYTES = 64 * 1024**2
@@ -170,6 +174,7 @@ class App:
     def __init__(self, db: SafeDB, store_path: str = "", max_bytes: int = DEFAULT_MAX_BYTES):
         self.db = db
         self.max_bytes = max_bytes
+        self._console_slots = threading.BoundedSemaphore(MAX_CONSOLE_QUERIES)
         self.store_path = store_path
         self.links = Links(static=False)
         self.find_store = D.snapshot_store(self.q, store_path or ".")
@@ -299,9 +304,15 @@ class App:
                 pass
         status = 200
         if sql:
-            deadline = time.perf_counter() + self.db.timeout  # one deadline: the query and its conversion
             try:
-                out["result"] = result_dict(runner(), deadline, self.max_bytes)
+                if not self._console_slots.acquire(timeout=self.db.timeout):
+                    raise QueryTimeout(f"The console is busy with {MAX_CONSOLE_QUERIES} other queries and none "
+                                       "finished within its time limit; retry in a moment.")
+                try:
+                    deadline = time.perf_counter() + self.db.timeout  # one deadline: the query and its conversion
+                    out["result"] = result_dict(runner(), deadline, self.max_bytes)
+                finally:
+                    self._console_slots.release()
                 out["ok"] = True
             except NeurostoreError as e:
                 out["error"] = str(e)
