@@ -40,3 +40,20 @@ CREATE OR REPLACE MACRO similar_concepts(phrase, k := 10) AS TABLE
     GROUP BY item_id
     ORDER BY similarity DESC, concept
     LIMIT k;
+
+-- Concept -> units whose explanation label names it, across every method: imported ones
+-- ('clip-dissect', 'milan', 'netdissect', ...) and neurostore's scorers. A label names the concept
+-- when it is the concept or holds it as whole words (plural 's'/'es' too): 'dog' finds 'dog',
+-- 'dogs' faces' and 'hot dog', not 'dogwood'. `exact` marks labels that are the concept.
+CREATE OR REPLACE MACRO label_neurons(concept_name, model_id := NULL, method_name := NULL) AS TABLE
+    WITH c AS (SELECT trim(array_to_string(string_split_regex(lower(concept_name), '[^a-z0-9]+'), ' ')) AS words),
+         l AS (SELECT model, layer, min(depth) AS depth, min(depth_frac) AS depth_frac FROM layers GROUP BY ALL)
+    SELECT e.model, e.layer, l.depth, l.depth_frac, e.unit, e.scorer AS method, e.label,
+           e.label = c.words OR lower(e.label) = lower(concept_name) AS exact
+    FROM explanations e CROSS JOIN c LEFT JOIN l ON l.model = e.model AND l.layer = e.layer
+    WHERE (model_id IS NULL OR e.model = model_id) AND (method_name IS NULL OR e.scorer = method_name)
+      AND c.words <> ''
+      AND (SELECT bool_or(contains(' ' || array_to_string(string_split_regex(lower(e.label), '[^a-z0-9]+'), ' ') || ' ',
+                                   ' ' || c.words || suffix || ' '))
+           FROM (VALUES (''), ('s'), ('es')) AS v(suffix))
+    ORDER BY exact DESC, e.model, l.depth, e.layer, e.unit, method;
