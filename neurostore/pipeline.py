@@ -427,6 +427,8 @@ def dissect(model: str, *, store: Store | str | Path, images: str | Path | None 
     elif dev.type != "cpu":
         target.module.to(dev)
         target.device = dev
+    from .features import attach
+    attach(target, store)  # the store's dictionary features of this model are layers too
     world = world if world is not None else target.extra.get("world")
     # A user folder has no masks and no world labels; a probe model still uses its world's encoder.
     mask_world = None if images is not None else world
