@@ -529,21 +529,23 @@ def _raise_terminated(signum, frame):
 def serve(store_path, on_ready=None, **options) -> None:
     """Run the web app until Ctrl-C or SIGTERM; either way the snapshot is removed. `options` are
     make_server's (host, port, timeout, max_rows, max_bytes, allow_hosts, ...)."""
-    server = make_server(store_path, **options)
-    try:
+    try:  # before the snapshot is made: SIGTERM while copying removes the copy too
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:  # not the main thread: SIGTERM keeps its default (atexit does not run then)
         previous = None
     try:
-        if on_ready:
-            on_ready(server)
-        server.serve_forever()
+        server = make_server(store_path, **options)
+        try:
+            if on_ready:
+                on_ready(server)
+            server.serve_forever()
+        finally:
+            server.server_close()
     except (KeyboardInterrupt, _Terminated):
         pass
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-        server.server_close()
 
 
 __all__ = ["App", "Server", "make_server", "serve", "jsonable"]
