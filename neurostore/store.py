@@ -188,6 +188,12 @@ def _file_run_id(path: Path) -> str | None:
     return m.group(1) if m else None
 
 
+def _table_of(rel: str) -> str | None:
+    """The table folder of a path under tables/ ('tables/scores/model=m/x.parquet' -> 'scores')."""
+    parts = rel.split("/")
+    return parts[1] if len(parts) > 2 and parts[0] == "tables" else None
+
+
 def _sql_str(s: str) -> str:
     return "'" + str(s).replace("'", "''") + "'"
 
@@ -848,13 +854,9 @@ class Store:
         except StoreDamaged as e:
             man, manifest_state = None, str(e).split(". Run 'neurostore check")[0]
             problems.append({"path": "manifest.json", "table": None, "problem": manifest_state, "rows": None})
-        if man is not None:
-            new, found, set_aside = self._verified_manifest(man)
-        else:
-            new, found, set_aside = self._rebuilt_manifest(now)
+        # dropped: the committed files left out of the new manifest
+        new, dropped, found, set_aside = self._verified_manifest(man) if man is not None else self._rebuilt_manifest(now)
         problems += found
-        # committed files left out of the new manifest (without a manifest any damaged file may have been)
-        dropped = [p for p in found if p["rows"] is not None or man is None]
         # The derived tables of a model whose scores lost a file are recomputed by its views from the
         # remaining scores (exact) until its next commit, so retire the stale derived files.
         models = {p["path"].split("/")[2][len("model="):] for p in dropped
@@ -864,6 +866,11 @@ class Store:
         for table in DERIVED_TABLES:
             new["tables"][table] = [e for e in new["tables"].get(table, []) if e not in stale]
         garbage = self._garbage(new)
+        for rel in sorted({self._rel(f) for f in self._unlisted(new)} - {self._rel(f) for f, _ in garbage}
+                          - set(set_aside)):  # in tables/, in no manifest, and not provably garbage
+            problems.append({"path": rel, "table": _table_of(rel), "rows": None,
+                             "problem": "unlisted: in no manifest, and no failed or killed run wrote it"})
+            set_aside.append(rel)
         entries = [e for es in new["tables"].values() for e in es]
         report = {"store": str(self.path), "clean": not problems, "manifest": manifest_state,
                   "files": len(entries), "rows": sum(e.get("rows", 0) for e in entries), "problems": problems,
@@ -925,9 +932,9 @@ class Store:
             return f"corrupt: unreadable Parquet footer ({_reason(ex)})"
         return None if e.get("rows") in (None, rows) else f"corrupt: {rows} rows, {e['rows']} committed"
 
-    def _verified_manifest(self, man: dict) -> tuple[dict, list[dict], list[str]]:
-        """The manifest without its damaged entries, the problems found (damaged entries and
-        unlisted files that are not provable garbage) and the files to set aside."""
+    def _verified_manifest(self, man: dict) -> tuple[dict, list[dict], list[dict], list[str]]:
+        """The manifest without its damaged entries; the damaged entries (dropped, and problems);
+        the files to set aside."""
         new = json.loads(json.dumps(man))
         problems, set_aside = [], []
         for table, entries in man["tables"].items():
@@ -941,30 +948,23 @@ class Store:
                 if why != "missing":
                     set_aside.append(e["path"])
             new["tables"][table] = keep
-        garbage = {f for f, _ in self._garbage(man)}
-        for f in self._unlisted(man):
-            if f not in garbage:
-                rel = self._rel(f)
-                problems.append({"path": rel, "table": rel.split("/")[1] if rel.count("/") > 1 else None,
-                                 "problem": "unlisted: not in the manifest, and no failed or killed run wrote it",
-                                 "rows": None})
-                set_aside.append(rel)
-        return new, problems, set_aside
+        return new, problems, problems, set_aside
 
-    def _rebuilt_manifest(self, now: float) -> tuple[dict, list[dict], list[str]]:
+    def _rebuilt_manifest(self, now: float) -> tuple[dict, list[dict], list[dict], list[str]]:
         """A manifest rebuilt from the files under tables/ (manifest.json lost or unreadable): the
         runs rows say which runs committed; their files' commits are replayed in commit order (the
         generation each runs file recorded, then its end time), so files a later run replaced are
         retired again, exactly as the lost manifest had them. Files of runs without a committed
-        runs row are left unlisted for the garbage collector; damaged ones are set aside."""
+        runs row are left unlisted for the garbage collector; damaged ones are set aside. Returns
+        the manifest, the dropped files (committed, not retired, damaged or missing), all problems
+        and the files to set aside."""
         problems, set_aside, found = [], [], []
         tables_dir = self.path / "tables"
         for f in sorted(tables_dir.rglob("*.parquet") if tables_dir.exists() else []):
             entry, why = self._entry_from_file(f)
             if why:
                 rel = self._rel(f)
-                problems.append({"path": rel, "table": rel.split("/")[1] if rel.count("/") > 1 else None,
-                                 "problem": why, "rows": None})
+                problems.append({"path": rel, "table": _table_of(rel), "problem": why, "rows": None})
                 set_aside.append(rel)
             else:
                 found.append(entry)
@@ -1017,22 +1017,26 @@ class Store:
                         and (e["replace"] == "partition" or old["work_key"] == e["work_key"])
                     (man["retired"].append({"path": old["path"], "at": now}) if drop else keep.append(old))
                 tables[e["table"]] = keep + [e]
-        problems += [{"path": p, "table": p.split("/")[1], "problem": "missing", "rows": None}
+        problems += [{"path": p, "table": _table_of(p), "problem": "missing", "rows": None}
                      for p in sorted(missing - set(set_aside))]
+        # Damaged files a committed run still held (runs files from before they listed their files:
+        # any damaged file named after a committed run).
+        old_style = {r for *_, r, status, facts in runs.values() if status == "committed" and "files" not in facts}
+        dropped = [p for p in problems if p["path"] in missing or _file_run_id(self.path / p["path"]) in old_style]
         man["generation"] = max((g for g, *_ in runs.values()), default=0)
         for entries in tables.values():
             for e in entries:
                 for k in ("table", "replace", "facts"):
                     e.pop(k, None)
-        return man, problems, set_aside
+        return man, dropped, problems, set_aside
 
     def _entry_from_file(self, f: Path) -> tuple[dict | None, str | None]:
-        """A file's manifest entry, from its footer (plus the table, replace mode and generation
+        """A file's manifest entry, from its footer (plus its table, replace mode and footer facts,
         needed to replay its commit), or why it cannot be one. Every row group is decoded, so a
         file that is corrupt inside is found too."""
         rel = self._rel(f)
         parts = rel.split("/")
-        table = parts[1] if len(parts) > 2 else None
+        table = _table_of(rel)
         if table not in self.schemas:
             return None, "unlisted: not in a table's folder"
         ts = self.schemas[table]
