@@ -763,7 +763,8 @@ def _depth_plot(profile: list[dict]) -> None:
         by_model.setdefault(r["model"], {}).setdefault((r["depth"] or 0, r["layer"], r["depth_frac"]), {})[r["method"]] = r
     for model, layers in by_model.items():
         console.print(Text(f"{model}: where the concept lives (bar = best confidence; "
-                           + ", ".join(f"{ch} {m}" for m, (ch, _) in marks.items()) + ")", style="bold"))
+                           + ", ".join(f"{ch} {m}" for m, (ch, _) in marks.items())
+                           + "; method N = units whose label names it)", style="bold"))
         width = max(len(k[1]) for k in layers)
         for (_, layer, frac), methods in sorted(layers.items()):
             line = Text(f"  {layer:<{width}}  d={0.0 if frac is None else frac:4.2f} ")
@@ -773,17 +774,21 @@ def _depth_plot(profile: list[dict]) -> None:
                     n = round(v * ANALYSIS_BAR)
                     line.append(ch * n + " " * (ANALYSIS_BAR - n), style=style)
                     line.append(f" {v:4.2f}  ")
+            for m in sorted(k for k in methods if k.startswith("label:")):  # imported labels: a count, not a confidence
+                line.append(f" {m[6:]} {methods[m]['n_confident']}", style="magenta")
             console.print(line)
 
 
 @app.command("find")
 def find_cmd(
     phrase: str = typer.Argument(..., help="A concept word or any phrase, e.g. striped or 'zebra stripes'."),
-    models: Optional[list[str]] = typer.Option(None, "--models", "-m", help="Only these model ids (repeat)."),
+    models: Optional[list[str]] = typer.Option(None, "--models", "--model", "-m", help="Only these model ids (repeat)."),
     layers: Optional[list[str]] = typer.Option(None, "--layers", "-l", help="Only these layers (repeat)."),
-    scorer: Optional[str] = typer.Option(None, "--scorer", help="Only this scorer for exact/semantic matches."),
+    scorer: Optional[str] = typer.Option(None, "--scorer", help="Only this scorer (or imported method, e.g. "
+                                         "netdissect) for exact/semantic/label matches."),
     top: int = typer.Option(20, "--top", "-n", help="Units per method."),
-    method: Optional[list[str]] = typer.Option(None, "--method", help="exact, semantic, open (repeat; default all)."),
+    method: Optional[list[str]] = typer.Option(None, "--method", help="exact, semantic, open, label (every method's "
+                                               "explanation labels, imported ones too) (repeat; default all)."),
     min_similarity: float = typer.Option(0.6, "--min-similarity", help="MiniLM similarity a stored concept needs "
                                          "to count as a semantic match."),
     device: str = DeviceOpt,
@@ -795,11 +800,13 @@ def find_cmd(
     over stored patch embeddings) and where in each network it lives.
 
     Example: neurostore find striped --models probe-cnn --top 10
+
+    Example: neurostore find dog --model resnet50 --method label
     """
     from .analysis import find
 
     res = find(store_path(store), phrase, models=models or None, layers=layers or None, scorer=scorer, top=top,
-               methods=tuple(method) if method else ("exact", "semantic", "open"), min_similarity=min_similarity,
+               methods=tuple(method) if method else ("exact", "semantic", "open", "label"), min_similarity=min_similarity,
                device=device, precision=precision)
     if as_json:
         print_json(res.to_dict())

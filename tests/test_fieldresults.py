@@ -200,3 +200,21 @@ def test_cli_import_json_and_error_line(tmp_path, capsys, monkeypatch):
     assert err.strip().splitlines() == [
         f"Error: {f} line 1: a milan file has the columns layer, unit, description, this one has layer, unit, "
         "description, similarity; it looks like a clip-dissect file."]
+
+
+@needs_files
+def test_find_answers_from_every_methods_labels(field_store):
+    from neurostore.analysis import find
+
+    st, _ = field_store
+    res = find(st, "dog", models=["resnet50"], methods=("label",), top=500)
+    units = res.units.to_pylist()
+    assert {u["method"] for u in units} == {"label:clip-dissect", "label:milan", "label:netdissect"}
+    assert all(u["method"] == f"label:{u['scorer']}" for u in units)
+    hits = {(u["scorer"], u["layer"], u["unit"]): u for u in units}
+    # by hand: clip-dissect file line 925 'layer3,91,dog'; netdissect layer2 line 430 '429,object,dog' (1-based)
+    assert hits[("clip-dissect", "layer3", 91)]["similarity"] == 1.0
+    assert hits[("netdissect", "layer2", 428)]["concept"] == "dog"
+    assert all("dog" in u["concept"] for u in units)  # 'dogs', 'hot dog', never 'dogwood'-like partial words
+    prof = {(p["method"], p["layer"]): p["n_confident"] for p in res.profile.to_pylist()}
+    assert prof[("label:netdissect", "layer4")] > prof[("label:netdissect", "layer1")] == 0

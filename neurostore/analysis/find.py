@@ -22,6 +22,12 @@ open      open vocabulary: for every encoder whose patch embeddings are stored, 
           score against a null of the same unit's scores over (up to 2000 of) the vocabulary's
           concepts stored for that encoder, Phi(robust z) ** C; without stored concept vectors
           the null is the phrase's scores over all units instead.
+label     every method's explanation labels (imported ones such as clip-dissect, milan and
+          netdissect, and neurostore's scorers): units whose label is the phrase or holds it as
+          whole words (the `label_neurons` SQL macro). Each method is its own `label:<method>`
+          in the results and the depth profile, `scorer` names it; `similarity` is 1 for a label
+          that is the phrase, else the MiniLM similarity of phrase and label (also `score` and
+          `confidence`: imported labels carry no calibrated confidence).
 
 The depth profile is the best confidence (and raw score) per model, layer and method, with
 the layer's depth_frac (0 = input end, 1 = output): where in each network the concept lives.
@@ -41,7 +47,7 @@ from ..sqlfuncs import MINILM_ID
 from ..store import Store
 from ._common import check_models, matrix, minilm, open_store, resolve
 
-METHODS = ("exact", "semantic", "open")
+METHODS = ("exact", "semantic", "open", "label")
 MIN_SIMILARITY = 0.6
 MAX_CONCEPTS = 5
 NULL_CONCEPTS = 2000
@@ -200,6 +206,21 @@ def _open_vocabulary(st: Store, phrase: str, encoder_id: str, models, layers, no
             for k, s, c in zip(uniq, scores, conf)]
 
 
+def _label_rows(st: Store, phrase: str, scorer, models, layers) -> dict[str, list[dict]]:
+    """{'label:<method>': rows} of units whose explanation label names the phrase (module doc)."""
+    rows = st.sql("SELECT * FROM label_neurons($p, method_name := $s)", {"p": phrase, "s": scorer}).to_pylist()
+    rows = [r for r in rows if (not models or r["model"] in models) and (not layers or r["layer"] in layers)]
+    near = sorted({r["label"] for r in rows if not r["exact"]})
+    sim = dict(zip(near, (minilm(near) @ minilm([phrase])[0]).tolist())) if near else {}
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        s = 1.0 if r["exact"] else float(sim[r["label"]])
+        out.setdefault(f"label:{r['method']}", []).append(
+            {"model": r["model"], "layer": r["layer"], "unit": r["unit"], "concept": r["label"], "similarity": s,
+             "score": s, "confidence": s, "scorer": r["method"], "encoder": None})
+    return dict(sorted(out.items()))
+
+
 def _rank(rows: list[dict], method: str, depths: dict, top: int) -> list[dict]:
     def key(r):
         sim = 1.0 if r.get("similarity") is None else r["similarity"]
@@ -279,7 +300,8 @@ def find(store: Store | str | Path, phrase: str, *, models: Sequence[str] | None
     if models:
         check_models(st, models)
     if scorer:
-        have = st.sql("SELECT DISTINCT scorer FROM scores").column("scorer").to_pylist()
+        have = st.sql("SELECT DISTINCT scorer FROM scores UNION SELECT DISTINCT scorer FROM explanations") \
+            .column("scorer").to_pylist()
         if scorer not in have:
             raise UnknownScorer(unknown("scorer in this store", scorer, [h for h in have if h]))
     depths = _layer_depths(st)
@@ -319,7 +341,9 @@ def find(store: Store | str | Path, phrase: str, *, models: Sequence[str] | None
         found["open"] = rows
         if not have:
             notes.append("open vocabulary: the store holds no patch embeddings (dissect with patches first)")
-    unit_rows = [r for m in METHODS if m in found for r in _rank(found[m], m, depths, top)]
+    if "label" in methods:
+        found.update(_label_rows(st, phrase, scorer, models, layers))
+    unit_rows = [r for m in found for r in _rank(found[m], m, depths, top)]
     profile = _profile(found, depths, models)
     if not any(found.values()):
         notes.append(f"nothing found for '{phrase_in}': not a stored concept, no stored concept within "
