@@ -102,8 +102,8 @@ def _fixed_width(t: pa.DataType) -> bool:
 
 
 def _cut_cells(table: pa.Table, max_cell: int, deadline: float) -> tuple[pa.Table, dict[int, dict[int, int]]]:
-    """`table` with every cell above `max_cell` bytes cut in Arrow (text/binary to their first
-    `max_cell` characters/bytes, anything else to NULL), and {row: {column: original bytes}} of
+    """`table` with every cell above `max_cell` bytes cut in Arrow (text to its first `max_cell`
+    characters, anything else to NULL, shown as a note), and {row: {column: original bytes}} of
     the cut cells. A column below the cap in total is passed through untouched."""
     cut: dict[int, dict[int, int]] = {}
     cols = []
@@ -111,6 +111,8 @@ def _cut_cells(table: pa.Table, max_cell: int, deadline: float) -> tuple[pa.Tabl
         if col.nbytes <= max_cell or _fixed_width(col.type):  # no cell can be big
             cols.append(col)
             continue
+        if pa.types.is_string_view(col.type) or pa.types.is_binary_view(col.type):  # no slice kernels for views
+            col = col.cast(pa.large_string() if pa.types.is_string_view(col.type) else pa.large_binary())
         t = col.type
         text = pa.types.is_string(t) or pa.types.is_large_string(t)
         blob = pa.types.is_binary(t) or pa.types.is_large_binary(t)
@@ -126,8 +128,7 @@ def _cut_cells(table: pa.Table, max_cell: int, deadline: float) -> tuple[pa.Tabl
         if not big.any():
             cols.append(col)
             continue
-        short = (pc.utf8_slice_codeunits(col, 0, max_cell) if text else
-                 pc.binary_slice(col, 0, max_cell) if blob else pa.nulls(len(col), t))
+        short = pc.utf8_slice_codeunits(col, 0, max_cell) if text else pa.nulls(len(col), t)
         cols.append(pc.if_else(pa.array(big), short, col))
         for i in np.flatnonzero(big):
             cut.setdefault(int(i), {})[j] = int(sizes[i])
