@@ -218,3 +218,22 @@ def test_find_answers_from_every_methods_labels(field_store):
     assert all("dog" in u["concept"] for u in units)  # 'dogs', 'hot dog', never 'dogwood'-like partial words
     prof = {(p["method"], p["layer"]): p["n_confident"] for p in res.profile.to_pylist()}
     assert prof[("label:netdissect", "layer4")] > prof[("label:netdissect", "layer1")] == 0
+
+
+@needs_files
+def test_neuron_page_shows_every_methods_label_side_by_side(field_store):
+    from neurostore.web import data as D
+    from neurostore.web.render import Links, render
+
+    st, _ = field_store
+    card = D.neuron_card(st.sql, "resnet50", "fc", 2)
+    assert [s["scorer"] for s in card["summaries"]] == ["milan", "netdissect"]
+    html = render("neuron.html", card, Links(static=True, depth=3), store_path=str(st.path))
+    assert "Labels by method" in html and html.count('class="card method"') == 2
+    assert "aquatic theater" in html and "<code>aquatic_theater-s</code>" in html  # normalised beside raw
+    # Network Dissection's runners-up from line 4: object 'water' (IoU 0.0839), texture 'smeared'
+    assert "runner-up" in html and "<td>water</td>" in html and "<td>smeared</td>" in html
+    # the layer page lists imported-only units (with each method's label) so the report writes their pages
+    page = D.layer_page(st.sql, "resnet50", "layer4")
+    assert len(page["units"]) == 2048
+    assert {b["scorer"] for b in page["units"][0]["best"]} == {"clip-dissect", "milan", "netdissect"}

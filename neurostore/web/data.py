@@ -125,9 +125,14 @@ def layer_page(run: Run, model: str, layer: str) -> dict:
     units = rows(run, """
         WITH u AS (SELECT unit, any_value(act_max) AS act_max, any_value(frac_active) AS frac_active,
                           any_value(act_mean) AS act_mean FROM units WHERE model = $m AND layer = $l GROUP BY unit),
+             -- best concept per scorer, and the label of every method without scores (imported ones)
              s AS (SELECT unit, list({'scorer': scorer, 'concept': concept, 'confidence': confidence}
                                      ORDER BY scorer) AS best
-                   FROM scores WHERE model = $m AND layer = $l AND rank = 0 GROUP BY unit),
+                   FROM (SELECT unit, scorer, concept, confidence FROM scores WHERE model = $m AND layer = $l AND rank = 0
+                         UNION ALL
+                         SELECT unit, scorer, label, confidence FROM explanations WHERE model = $m AND layer = $l
+                           AND scorer NOT IN (SELECT DISTINCT scorer FROM scores WHERE model = $m AND layer = $l))
+                   GROUP BY unit),
              e AS (SELECT unit, any_value(summary) FILTER (WHERE summary IS NOT NULL) AS summary
                    FROM explanations WHERE model = $m AND layer = $l GROUP BY unit),
              a AS (SELECT unit, arg_min(patch_id, rank) AS top_patch, max(act_value) AS top_act
@@ -204,7 +209,12 @@ def neuron_cards(run: Run, model: str, layer: str, unit: int | None = None, top_
             SELECT unit, scorer, label, confidence, summary, summary_by, vocabulary, encoder, run_id FROM explanations
             WHERE model = $m AND layer = $l AND ($u IS NULL OR unit = $u) ORDER BY unit, scorer""", p):
         c = card(r.pop("unit"))
+        r["candidates"] = []
         c["summaries"].append(r)
+    for r in imported_labels(run, model, layer, unit):  # raw labels, scores and runners-up of imported methods
+        for s in card(r.pop("unit"))["summaries"]:
+            if s["scorer"] == r["method"]:
+                s["candidates"].append(r)
     for r in rows(run, """
             SELECT unit, class, kind, value, baseline, ablated, n_images FROM effects
             WHERE model = $m AND layer = $l AND unit IS NOT NULL AND ($u IS NULL OR unit = $u)
@@ -215,6 +225,15 @@ def neuron_cards(run: Run, model: str, layer: str, unit: int | None = None, top_
         c["scorers"] = list(c["scorers"].values())
         c["summary"] = next((s["summary"] for s in c["summaries"] if s["summary"]), None)
     return dict(sorted(cards.items()))
+
+
+def imported_labels(run: Run, model: str, layer: str, unit: int | None = None) -> list[dict]:
+    """Every label imported methods gave the units of a layer (or one unit): raw beside normalised,
+    the method's own score, Network Dissection's runner-up per Broden category (rank > 0)."""
+    return rows(run, """
+        SELECT unit, method, rank, category, label, label_raw, score, source FROM explanation_candidates
+        WHERE model = $m AND layer = $l AND ($u IS NULL OR unit = $u) ORDER BY unit, method, rank""",
+        {"m": model, "l": layer, "u": unit})
 
 
 def neuron_card(run: Run, model: str, layer: str, unit: int, **kw) -> dict:
