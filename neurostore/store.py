@@ -303,7 +303,7 @@ class Store:
         self._sig = None
         self._mutex = threading.RLock()
         self._columns_cache: dict[str, frozenset] = {}
-        self._info_damaged = False
+        self._info_damaged: str | None = None  # what is wrong with store.json, for check()
 
     # ---- opening ---------------------------------------------------------------------------
 
@@ -344,10 +344,10 @@ class Store:
         return cls(path, read_only, info)
 
     @classmethod
-    def _open_damaged(cls, path: Path, read_only: bool) -> "Store":
-        """A store whose store.json is unreadable, opened only to check and repair it."""
+    def _open_damaged(cls, path: Path, read_only: bool, problem: str) -> "Store":
+        """A store whose store.json is missing or unreadable, opened only to check and repair it."""
         store = cls(path, read_only, {})
-        store._info_damaged = True
+        store._info_damaged = problem
         return store
 
     @classmethod
@@ -848,7 +848,7 @@ class Store:
         now = time.time()
         problems: list[dict] = []
         if self._info_damaged:
-            problems.append({"path": "store.json", "table": None, "problem": "unreadable", "rows": None})
+            problems.append({"path": "store.json", "table": None, "problem": self._info_damaged, "rows": None})
         try:
             man, manifest_state = self.manifest(), "ok"
         except StoreDamaged as e:
@@ -905,7 +905,7 @@ class Store:
                          "created_at": None, "created_by": None, "repaired_at": _utcnow().isoformat() + "Z",
                          "repaired_by": f"neurostore {__version__}"}
             _atomic_write(self.path / "store.json", json.dumps(self.info, indent=1))
-            self._info_damaged = False
+            self._info_damaged = None
         rows_dropped: dict[str, int] = {}
         for p in dropped:
             rows_dropped[p["table"]] = rows_dropped.get(p["table"], 0) + (p["rows"] or 0)
@@ -1364,8 +1364,8 @@ def check(path: str | os.PathLike, repair: bool = False) -> dict:
     path = Path(path).expanduser().resolve()
     try:
         store = Store.open(path, read_only=not repair, create=False)
-    except StoreDamaged:  # store.json unreadable, or missing beside a manifest or tables/
-        store = Store._open_damaged(path, read_only=not repair)
+    except StoreDamaged as e:  # store.json unreadable, or missing beside a manifest or tables/
+        store = Store._open_damaged(path, not repair, str(e).split(" Run 'neurostore check")[0])
     with store:
         return store.check(repair)
 

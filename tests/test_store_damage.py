@@ -112,6 +112,10 @@ def store_json_garbage(p):
     (p / "store.json").write_bytes(b"\xff\xfe{not json")
 
 
+def store_json_missing(p):
+    (p / "store.json").unlink()
+
+
 def parquet_deleted(p):
     e = entry(p, "scores", "model=m1/layer=layer2")
     (p / e["path"]).unlink()
@@ -180,7 +184,7 @@ def manifest_missing_and_stray_file(p):
 MANIFEST_CASES = [manifest_missing, manifest_truncated, manifest_garbage, manifest_list, manifest_number]
 FILE_CASES = [parquet_deleted, parquet_truncated, parquet_bit_flip, parquet_other_table, runs_file_deleted]
 LEFTOVER_CASES = [stray_file, partial_staging, manifest_tmp_leftover]
-ALL_CASES = MANIFEST_CASES + [store_json_garbage] + FILE_CASES + [manifest_missing_and_parquet_truncated,
+ALL_CASES = MANIFEST_CASES + [store_json_garbage, store_json_missing] + FILE_CASES + [manifest_missing_and_parquet_truncated,
                                                                  manifest_missing_and_stray_file] + LEFTOVER_CASES
 
 
@@ -226,7 +230,7 @@ def test_damage_is_found_and_repair_loses_only_the_damaged_file(st, damage):
     assert row_counts(st)["concepts"] == after["concepts"] + 1
 
 
-@pytest.mark.parametrize("damage", MANIFEST_CASES + [store_json_garbage], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("damage", MANIFEST_CASES + [store_json_garbage, store_json_missing], ids=lambda f: f.__name__)
 def test_unreadable_manifest_is_refused_and_nothing_is_deleted(st, damage):
     damage(st)
     on_disk = files(st)
@@ -234,7 +238,7 @@ def test_unreadable_manifest_is_refused_and_nothing_is_deleted(st, damage):
         s = Store.open(st)
         s.sql("SELECT 1")
     assert "neurostore check --repair" in one_line(e.value)
-    if damage is not store_json_garbage:
+    if damage in MANIFEST_CASES:
         s = Store.open(st)
         for attempt in (lambda: s.write("concepts", concepts("x")), s.gc, s.table_counts,
                         lambda: s.export(st.parent / "exp")):
