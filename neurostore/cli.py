@@ -374,13 +374,12 @@ def world_build_cmd(
     Example: neurostore world build --cue-kind dot --cue-class ring --json
     """
     from .world import WorldConfig, build_world, world_dir
-    from .devices import resolve_device
-    from .world.build import with_overrides
+    from .world.build import device_type, with_overrides
 
     base = WorldConfig.fast() if fast else WorldConfig()
     config = with_overrides(base, seed=seed, size=size, n_images=n_images, cue_kind=cue_kind,
                             cue_class=cue_class, cue_strength=cue_strength,
-                            train_device=resolve_device(device).type).validate()
+                            train_device=device_type(device)).validate()
     hit = (world_dir(config, cache) / "world.json").exists() and not force
     world = build_world(config, cache, progress=True, force=force, device=device)
     if as_json:
@@ -827,7 +826,9 @@ def find_cmd(
 @app.command("compare")
 def compare_cmd(
     model_a: str = typer.Argument(..., help="A stored model id, e.g. probe-cnn."),
-    model_b: str = typer.Argument(..., help="Another stored model id, e.g. probe-vit."),
+    model_b: Optional[str] = typer.Argument(None, help="Another stored model id, e.g. probe-vit (not with --methods)."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Compare two explanation methods on MODEL_A "
+                                          "instead, e.g. clip-dissect,netdissect (imported or neurostore's scorers)."),
     scorer: Optional[str] = typer.Option(None, "--scorer", help="Scorer whose explanations are compared "
                                          "(default: patch when both have it)."),
     min_confidence: float = typer.Option(0.9, "--min-confidence", help="Explanation confidence a label needs to count."),
@@ -840,7 +841,22 @@ def compare_cmd(
     comparisons and unit_matches.
 
     Example: neurostore compare probe-cnn probe-vit
+
+    Example: neurostore compare resnet50 --methods clip-dissect,netdissect
     """
+    if methods is not None:
+        from .fieldresults import compare_methods
+
+        a, _, b = methods.partition(",")
+        mc = compare_methods(store_path(store), model_a, a.strip(), b.strip())
+        if as_json:
+            print_json(mc.to_dict())
+            return
+        console.print(_rows_table(mc.layers, ["layer", "depth_frac", "units", "same_label", "agreement",
+                                              "mean_similarity"], title=f"{mc.method_a} vs {mc.method_b} on {mc.model}"))
+        console.print(_rows_table(mc.disagreements, ["layer", "unit", "label_a", "label_b", "similarity"],
+                                  title="Where they disagree most"))
+        return
     from .analysis import compare
 
     res = compare(store_path(store), model_a, model_b, scorer=scorer, min_confidence=min_confidence,

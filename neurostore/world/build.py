@@ -306,11 +306,9 @@ def build_world(config: WorldConfig | None = None, cache: str | Path | None = No
     """Build (or load from the cache) the probe world of `config`; returns a World. `device`
     (see neurostore.devices) is where the target models train: the CPU by default, whose weights
     are bit-identical on every machine; a GPU is faster but not bit-identical (a world of its own)."""
-    from ..devices import resolve_device
     from . import World
 
-    dev = resolve_device(device)
-    config = replace(config or WorldConfig(), train_device=dev.type).validate()
+    config = replace(config or WorldConfig(), train_device=device_type(device)).validate()
     final = world_dir(config, cache)
     if (final / "world.json").exists() and not force:
         return World(final)
@@ -320,8 +318,8 @@ def build_world(config: WorldConfig | None = None, cache: str | Path | None = No
     lock = os.open(tmp / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # held while this process lives: the folder is not garbage
-        with _sigterm_exits(), _torch_settings(1, deterministic=dev.type == "cpu"):
-            _build_into(tmp, config, progress, dev)
+        with _sigterm_exits(), _torch_settings(1, deterministic=config.train_device == "cpu"):
+            _build_into(tmp, config, progress, "cpu" if device == "cpu" else str(_resolve(device)))
         if force and final.exists():
             shutil.rmtree(final)
         os.unlink(tmp / ".lock")
@@ -337,6 +335,18 @@ def build_world(config: WorldConfig | None = None, cache: str | Path | None = No
     finally:
         os.close(lock)
     return World(final)
+
+
+def _resolve(device: str):
+    from ..devices import resolve_device
+
+    return resolve_device(device)
+
+
+def device_type(device: str) -> str:
+    """'cpu', 'cuda' or 'mps' for a --device spec; plain 'cpu' without importing torch, so that a
+    cache hit stays instant."""
+    return "cpu" if device == "cpu" else _resolve(device).type
 
 
 def _remove_dead_builds(worlds: Path) -> None:
@@ -374,7 +384,7 @@ def _split_seeds(seed: int) -> dict[str, np.random.Generator]:
     return {n: np.random.default_rng(s) for n, s in zip(names, seqs)}
 
 
-def _build_into(root: Path, config: WorldConfig, progress: bool, device) -> None:
+def _build_into(root: Path, config: WorldConfig, progress: bool, device: str) -> None:
     t_start, cpu_start = time.perf_counter(), time.process_time()
     timings: dict[str, float] = {}
     S = config.size
@@ -425,11 +435,11 @@ def _build_into(root: Path, config: WorldConfig, progress: bool, device) -> None
                         seed=config.seed * 101 + 2),
     }
     for job in jobs.values():
-        job.update(y=labels["train"], size=S, test=test, device=str(device))
+        job.update(y=labels["train"], size=S, test=test, device=device)
     (root / "targets").mkdir()
     cpus = os.cpu_count() or 1
     # On a GPU every model trains here, one after the other (the GPU runs one at a time anyway).
-    background = [] if cpus < 2 or device.type != "cpu" else ["vit"] if cpus < 4 else list(jobs)
+    background = [] if cpus < 2 or config.train_device != "cpu" else ["vit"] if cpus < 4 else list(jobs)
     summary: dict = {"id": world_id, "targets": {}, "encoder": {}}
     with _Training(jobs, background, root / "targets", progress) as training:
         n_images, n_masks = _write_images(root, world_id, config, scenes, base, cued, has_cue,
@@ -455,7 +465,7 @@ def _build_into(root: Path, config: WorldConfig, progress: bool, device) -> None
     timings["load_avg_1m"] = round(os.getloadavg()[0], 2)
     timings["cpus"] = os.cpu_count()
     timings["workers"] = len(background)
-    timings["device"] = str(device)
+    timings["device"] = device
     summary["build"] = timings
     meta = {
         "id": world_id,
