@@ -8,14 +8,16 @@ model (and layer), and each write carries the key of the work that produced it, 
 the same work replaces its rows and different work sits beside it:
 
     models                          model:<model>
-    layers, activations, units,     record:<dataset>            (per model/layer partition)
-      pooled
+    activations, units, pooled      record:<dataset>            (per model/layer partition)
+    layers                          record:<dataset>:<layer>    (the table is split by model only)
     images, masks, rejects          images:<dataset>
-    patches, patch embeddings       patches:<model>:<dataset>[:<encoder>]
-    image embeddings                image-emb:<dataset>:<encoder>
-    vocabularies, concepts,         vocab:<vocabulary>[:<encoder>]
-      concept embeddings
-    scores, explanations            score:<dataset>:<scorer>:<vocabulary>:<encoder>
+    vocabularies, concepts          vocab:<vocabulary>
+    scores, explanations            score:<dataset>:<scorer>:<vocabulary>:<encoder>  (per layer)
+    evaluations                     eval:<dataset>:<layer>      (evaluate.py)
+
+Patches and embeddings (text, image, crop vectors) are content-addressed: only ids the store does
+not hold yet are written, under a key made of those ids (`patches:<hash>`, `emb:<encoder>:<kind>:
+<hash>`), so they sit beside earlier ones and no re-run drops a row other work refers to.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import pyarrow.compute as pc
 import torch
 
 from . import scorers as S
+from . import trust
 from .errors import BadInput, BadParameter
 from .explain import explanations_table, summarise
 from .images import ImageFolder, ImageSource
@@ -342,17 +345,20 @@ def _single_pass(target: Target, layer_names: list[str], source: ImageSource, en
 
 def _iou_scores(target: Target, layers: list[str], source: ImageSource, masks: _Masks,
                 thresholds: dict[str, torch.Tensor], batch_size: int, workers: int, counts: dict,
-                progress: bool) -> dict[str, torch.Tensor]:
+                progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Network Dissection IoU for every layer, against the thresholds the single pass found (the
     dataset-wide quantile must be known before any image is scored: a second pass, for probe
-    worlds only). Concepts without any mask in the probe set get NaN (no evidence), not 0."""
+    worlds only). Concepts without any mask in the probe set get NaN (no evidence), not 0.
+    Also the null's best IoU per pseudo-unit (trust.NullIoU), fed the same batches."""
     acc = {l: S.IoUAccumulator(thresholds[l].cpu(), len(masks.index)) for l in layers}
+    null = {l: trust.NullIoU(thresholds[l].cpu(), len(masks.index)) for l in layers}
     for b in source.batches(target.preprocess, batch_size, num_workers=workers, progress=progress):
         counts["decoded"] += len(b.image_ids) + len(b.rejects)
         maps = activation_maps(target, layers, b.pixels)
         m = masks.batch(b.image_ids)
         for l in layers:
             acc[l].update(maps[l].cpu(), m)
+            null[l].update(maps[l].cpu(), m)
     counts["target_passes"] += 1
     out = {}
     absent = torch.ones(len(masks.index), dtype=torch.bool)
@@ -361,7 +367,7 @@ def _iou_scores(target: Target, layers: list[str], source: ImageSource, masks: _
         s = acc[l].result()
         s[:, absent] = float("nan")
         out[l] = s
-    return out
+    return out, {l: null[l].best(absent) for l in layers}
 
 
 class _Lap:
@@ -374,17 +380,6 @@ class _Lap:
         now = time.time()
         self.into[stage] = round(now - self.t, 2)
         self.t = now
-
-
-def _load_encoder(spec: str, device, precision, worlds=()):
-    """load_encoder with the device and precision where it takes them."""
-    import inspect
-
-    from .encoders import load_encoder
-
-    if "device" in inspect.signature(load_encoder).parameters:
-        return load_encoder(spec, worlds=worlds, device=device, precision=precision)
-    return load_encoder(spec, worlds=worlds)
 
 
 # ---- dissect ------------------------------------------------------------------------------------
@@ -412,6 +407,7 @@ def dissect(model: str, *, store: Store | str | Path, images: str | Path | None 
     computed again. The pass checkpoints every `checkpoint_every` seconds; the same call after a
     crash resumes from the checkpoint and writes exactly the tables of an uninterrupted run."""
     from .devices import describe, precision_name, resolve_device, resolve_precision
+    from .encoders import load_encoder
 
     t0 = time.time()
     if not isinstance(store, Store):
@@ -421,12 +417,7 @@ def dissect(model: str, *, store: Store | str | Path, images: str | Path | None 
                            f"workers={workers} at least 0.")
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
-    target = load_target(model)
-    if hasattr(target, "to"):
-        target.to(dev)
-    elif dev.type != "cpu":
-        target.module.to(dev)
-        target.device = dev
+    target = load_target(model).to(dev, precision)
     from .features import attach
     attach(target, store)  # the store's dictionary features of this model are layers too
     world = world if world is not None else target.extra.get("world")
@@ -443,9 +434,11 @@ def dissect(model: str, *, store: Store | str | Path, images: str | Path | None 
     params = {s: S.resolve_params(s, (scorer_params or {}).get(s)) for s in names}
     vocab = resolve_vocabulary(vocabulary, store, world=mask_world)
     if encoder is None:
-        enc = world.encoder() if world is not None else _load_encoder(DEFAULT_ENCODER_ONLINE, dev, dtype)
+        enc = world.encoder() if world is not None else load_encoder(DEFAULT_ENCODER_ONLINE, device=dev,
+                                                                       precision=precision)
     else:
-        enc = _load_encoder(encoder, dev, dtype, worlds=[str(world.root)] if world is not None else ())
+        enc = load_encoder(encoder, worlds=[str(world.root)] if world is not None else (), device=dev,
+                           precision=precision)
     log(f"dissect {target.id}: {len(layer_names)} layers, {len(source)} images, vocabulary "
         f"{vocab.name} ({len(vocab)} concepts), scorers {', '.join(names)}, encoder {enc.id}, "
         f"device {describe(dev)}")
@@ -499,11 +492,15 @@ def dissect(model: str, *, store: Store | str | Path, images: str | Path | None 
         vec.update(_cached_vectors(store, enc.id, "image", [h for h in hashes if h not in vec]))
         image_emb = torch.from_numpy(np.stack([vec[h] for h in hashes]))  # [n, d] recorder order
         sim = S.image_text_similarity(image_emb, text_emb)
-    iou = {}
+    iou, iou_null = {}, {}
     if "iou" in names:
-        iou = _iou_scores(target, layer_names, source, _Masks(mask_world, vocab.concepts), thresholds,
+        iou, iou_null = _iou_scores(target, layer_names, source, _Masks(mask_world, vocab.concepts), thresholds,
                           batch_size, workers, counts, progress)
-    score_tables, expl_tables = [], []
+    score_tables, expl_tables, trust_tables, nulls = [], [], [], {}
+    cindex = {c: i for i, c in enumerate(vocab.concepts)}
+    amount = None  # [n, c] mask area per probe image: the truth's fidelity
+    if mask_world is not None and sim is not None:
+        amount = trust.mask_amount(mask_world.masks(), rec.image_ids, cindex)
     bar = _bar(progress, len(layer_names) * len(names), "scores", "scorer")
     for name in layer_names:
         lr = rec.layers[name]
@@ -520,6 +517,8 @@ def dissect(model: str, *, store: Store | str | Path, images: str | Path | None 
                 res = S.ScoreResult("iou", params["iou"], iou[name], S.confidence(iou[name]), False)
             else:
                 res = S.run_scorer(s, inputs, {p: v for p, v in params[s].items()})
+            # confidence from a null of pseudo-units of this layer (trust module doc)
+            res, nulls.setdefault(name, {})[s] = trust.scored_with_null(res, inputs, iou_null.get(name))
             rows = S.top_concepts(res, vocab.concepts, top_n, vocabulary=vocab.name,
                                   encoder=enc.id if res.uses_encoder else None,
                                   model=target.id, layer=name)
@@ -533,12 +532,18 @@ def dissect(model: str, *, store: Store | str | Path, images: str | Path | None 
                 summaries = summarise(rows, s, lambda u: [png for _, png in sorted(by_unit.get(u, []))])
             expl_tables.append(explanations_table(rows, summaries))
             bar.update()
+        if sim is not None and lr.pooled_max is not None:  # held-out fidelity of the layer's explanations; headlines
+            peak = torch.from_numpy(lr.pooled_max.astype(np.float32))  # [n, u] per-image max
+            trust_tables.append(trust.layer_trust(
+                pa.concat_tables(score_tables[-len(names):]).to_pandas(), peak, sim, rec.image_ids, cindex,
+                amount, dataset=rec.dataset, vocabulary=vocab.name, encoder=enc.id, model=target.id, layer=name))
     bar.close()
     lap("scores")
     # 5. one run, one commit. Write keys at the granularity of the work (module doc).
     run_params = {"model": target.spec, "dataset": rec.dataset, "max_images": max_images, "layers": layer_names,
                   "vocabulary": vocab.name, "scorers": params, "encoder": enc.id, "k": k,
-                  "top_n": top_n, "summarise_with": summarise_with}
+                  "top_n": top_n, "summarise_with": summarise_with,
+                  "nulls": {l: {s: n.to_dict() for s, n in v.items()} for l, v in nulls.items()}}
     record_key, ds = f"record:{rec.dataset}", rec.dataset
     stored = set()
     if "patches" in store.tables() and ps.rows:
@@ -573,6 +578,9 @@ def dissect(model: str, *, store: Store | str | Path, images: str | Path | None 
             key = f"score:{ds}:{s}:{vocab.name}:{enc.id}"
             run.write("scores", rows, key=key)
             run.write("explanations", expl, key=key)
+        for fid, head in trust_tables:
+            run.write("explanation_scores", fid, key=f"trust:{ds}:{vocab.name}:{enc.id}")
+            run.write("headlines", head, key=f"trust:{ds}:{vocab.name}:{enc.id}")
     ckpt.remove()
     # MiniLM vectors of the concepts, for SQL's semantic functions (similar_concepts): new ones only.
     from .sqlfuncs import MINILM_ID

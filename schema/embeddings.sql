@@ -3,7 +3,7 @@
 CREATE TABLE embeddings (
     encoder      VARCHAR,    -- encoder id, e.g. 'open_clip:ViT-B-32/laion2b_s34b_b79k', 'minilm:all-MiniLM-L6-v2'
     kind         VARCHAR,    -- 'patch', 'image' or 'concept'
-    item_id      VARCHAR,    -- patch_id, dataset/image_id, or the concept text
+    item_id      VARCHAR,    -- content key: patch_id (crop hash), image file SHA-1 (16 hex), or the concept text
     vector       FLOAT[],    -- unit-length embedding, the same length for every row of one encoder
     run_id       VARCHAR     -- run that wrote the row
 );

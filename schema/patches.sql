@@ -1,7 +1,7 @@
--- description: A receptive-field crop of an image, deduplicated across units.
+-- description: A receptive-field crop of an image, deduplicated across units, layers and models by content.
 -- sort: patch_id
 CREATE TABLE patches (
-    patch_id     VARCHAR,    -- hash of dataset, image and box
+    patch_id     VARCHAR,    -- SHA-1 (16 hex) of the crop's size and pixels: unique, one row per crop
     dataset      VARCHAR,    -- probe set id
     image_id     VARCHAR,    -- source image
     x0           INTEGER,    -- box left, pixels (inclusive)

@@ -1,0 +1,200 @@
+"""Dissect a real architecture at real scale and compare it with the physical floor.
+
+    .venv/bin/python bench/real_scale.py --images 32 --vocab english-3k --json
+    .venv/bin/python bench/real_scale.py --images 2000 --vocab english-20k --device cuda --json
+
+Real architectures with random weights (no downloads): torchvision resnet50, layers conv1,
+layer1..layer4 (3,904 units), the OpenCLIP ViT-B-32 encoder, scorers patch, soft_wpmi, wpmi,
+cos_cubed, on N generated JPEG images of 500x375 px. In the same run it times the floor:
+(a) the target's plain forward over the N images, (b) the encoder's plain image forward over
+them, (c) the encoder's plain forward over the unique crops the dissect cut, (d) the plain text
+encoding of the vocabulary; then the dissect cold (empty store) and warm (the same dissect with
+another scorer set, which reuses every embedding), and the peak RSS of a cold dissect at N and
+at 4N images (each in a fresh process). Targets: cold / (a+b+c+d) <= 1.25; warm / (a) <= 1.5
+with zero text, image and crop encodings; RSS beyond the pooled activations flat within 10%.
+Ends with one line of JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from neurostore.devices import autocast, describe, resolve_device, resolve_precision  # noqa: E402
+from neurostore.encoders import load_encoder  # noqa: E402
+from neurostore.images import ImageFolder  # noqa: E402
+from neurostore.models import load_target  # noqa: E402
+from neurostore.pipeline import dissect  # noqa: E402
+from neurostore.store import Store  # noqa: E402
+from neurostore.vocab import load_vocabulary  # noqa: E402
+
+SCORERS = ["patch", "soft_wpmi", "wpmi", "cos_cubed"]
+LAYERS = ["conv1", "layer1", "layer2", "layer3", "layer4"]
+
+
+def make_images(folder: Path, n: int, seed: int = 0) -> None:
+    """n photo-sized JPEGs: smooth colour fields with shapes and grain (deterministic)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:375, 0:500] / 500.0
+    for i in range(n):
+        c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        t = (np.sin(xx * rng.uniform(2, 9) + yy * rng.uniform(2, 9)) + 1) / 2
+        a = (c0 * t[..., None] + c1 * (1 - t[..., None]) + rng.normal(0, 12, (375, 500, 3))).clip(0, 255)
+        im = Image.fromarray(a.astype(np.uint8))
+        d = ImageDraw.Draw(im)
+        for _ in range(rng.integers(2, 7)):
+            x, y, r = rng.integers(0, 500), rng.integers(0, 375), rng.integers(15, 120)
+            shape = d.ellipse if rng.random() < 0.5 else d.rectangle
+            shape((x - r, y - r, x + r, y + r), fill=tuple(int(v) for v in rng.uniform(0, 255, 3)))
+        im.save(folder / f"{i:06d}.jpg", quality=90)
+
+
+def load_models(args):
+    """The dissect's random weights: seeded as run_dissect seeds, loaded in the same order."""
+    torch.manual_seed(0)
+    target = load_target(args.model).to(args.device, args.precision)
+    return target, load_encoder(args.encoder, device=args.device, precision=args.precision)
+
+
+@torch.no_grad()
+def floors(args, folder: Path, store: Path, dev, dtype) -> dict:
+    """Plain forwards, no neurostore work around them: (a) target, (b) encoder images, (c) the
+    unique crops of the dissect in `store`, (d) the vocabulary's texts."""
+    target, enc = load_models(args)
+    src = ImageFolder(folder)
+    out = {}
+    t = time.time()
+    for b in src.batches(target.preprocess, args.batch_size, num_workers=args.workers):
+        with autocast(dev, dtype):
+            target.module(b.pixels.to(dev))
+    out["a_target_forward_s"] = time.time() - t
+    t = time.time()
+    for b in src.batches(enc.preprocess, args.batch_size, num_workers=args.workers):
+        enc.encode_images(b.pixels)
+    out["b_encoder_images_s"] = time.time() - t
+    rows = Store.open(store).sql("SELECT image_id, x0, y0, x1, y1 FROM patches ORDER BY image_id").to_pylist()
+    t = time.time()
+    batch, last, im = [], None, None
+    for r in rows:
+        if r["image_id"] != last:
+            im, last = src.load(r["image_id"]), r["image_id"]
+        batch.append(enc.preprocess(im.crop((r["x0"], r["y0"], r["x1"], r["y1"]))))
+        if len(batch) == args.batch_size:
+            enc.encode_images(torch.stack(batch))
+            batch = []
+    if batch:
+        enc.encode_images(torch.stack(batch))
+    out["c_encoder_crops_s"], out["crops"] = time.time() - t, len(rows)
+    concepts = load_vocabulary(args.vocab).concepts
+    t = time.time()
+    for i in range(0, len(concepts), 256):
+        enc.encode_texts(concepts[i : i + 256])
+    out["d_texts_s"] = time.time() - t
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def run_dissect(args, folder: Path, store: Path, scorers=SCORERS) -> dict:
+    torch.manual_seed(0)  # random weights: the same in every run (cold, warm, floor)
+    return dissect(args.model, store=store, images=folder, layers=args.layers, vocabulary=args.vocab,
+                   scorers=scorers, encoder=args.encoder, batch_size=args.batch_size, device=args.device,
+                   precision=args.precision, workers=args.workers, progress=not args.quiet,
+                   log=lambda m: print(m, file=sys.stderr))
+
+
+def rss_of_cold_dissect(args, n: int, root: Path) -> dict:
+    """Peak RSS (MB) of a cold dissect of n images, in a fresh process."""
+    folder = root / f"images-{n}"
+    make_images(folder, n)
+    cmd = [sys.executable, __file__, "--_child", str(folder), "--images", str(n), "--vocab", args.vocab,
+           "--device", args.device, "--precision", args.precision, "--batch-size", str(args.batch_size),
+           "--workers", str(args.workers), "--model", args.model, "--encoder", args.encoder, "--quiet",
+           "--layers", *args.layers]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=32)
+    ap.add_argument("--layers", nargs="+", default=LAYERS)
+    ap.add_argument("--vocab", default="english-3k")
+    ap.add_argument("--model", default="torchvision:resnet50@random")
+    ap.add_argument("--encoder", default="open_clip:ViT-B-32/random")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--no-rss", action="store_true", help="Skip the peak-RSS runs at N and 4N.")
+    ap.add_argument("--quiet", action="store_true", help="No progress bars.")
+    ap.add_argument("--json", action="store_true", help="Only the JSON line on stdout.")
+    ap.add_argument("--_child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._child:  # one cold dissect, report peak RSS
+        with tempfile.TemporaryDirectory() as d:
+            s = run_dissect(args, Path(args._child), Path(d) / "store")
+        units = s["units"]
+        print(json.dumps({"images": s["images"], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                          # pooled activations held for the scorers: mean and max, float16 + float32 table
+                          "pooled_mb": s["images"] * units * 2 * (2 + 4) / 2**20}))
+        return
+    dev = resolve_device(args.device)
+    dtype = resolve_precision(args.precision, dev)
+    say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        folder = root / "images"
+        make_images(folder, args.images)
+        t = time.time()
+        cold = run_dissect(args, folder, root / "store")
+        cold_s = time.time() - t
+        t = time.time()
+        warm = run_dissect(args, folder, root / "store", scorers=["patch", "cos_cubed"])
+        warm_s = time.time() - t
+        fl = floors(args, folder, root / "store", dev, dtype)
+        floor_s = fl["a_target_forward_s"] + fl["b_encoder_images_s"] + fl["c_encoder_crops_s"] + fl["d_texts_s"]
+        rss = {}
+        if not args.no_rss:
+            rss = {"n": rss_of_cold_dissect(args, args.images, root), "4n": rss_of_cold_dissect(args, 4 * args.images, root)}
+    say(f"device {describe(dev)}; {args.images} images, layers {' '.join(args.layers)} ({cold['units']} units), "
+        f"vocabulary {args.vocab} ({cold['concepts']}), encoder {args.encoder}")
+    say(f"floor: {fl}")
+    say(f"cold: {cold_s:.1f} s {cold['timings']} passes {cold['passes']}")
+    say(f"warm: {warm_s:.1f} s {warm['timings']} passes {warm['passes']}")
+    per_image = (cold_s - cold["timings"].get("vocabulary", 0)) / args.images
+    result = {
+        "bench": "real_scale", "device": describe(dev), "images": args.images, "units": cold["units"],
+        "vocab": args.vocab, "concepts": cold["concepts"], "floor": fl, "floor_s": round(floor_s, 2),
+        "cold_s": round(cold_s, 2), "warm_s": round(warm_s, 2),
+        "cold_timings": cold["timings"], "warm_timings": warm["timings"],
+        "cold_passes": cold["passes"], "warm_passes": warm["passes"],
+        "images_per_s_cold": round(args.images / cold_s, 2), "images_per_s_warm": round(args.images / warm_s, 2),
+        "cold_over_floor": round(cold_s / floor_s, 3),
+        "warm_over_target_forward": round(warm_s / fl["a_target_forward_s"], 3),
+        "warm_encodings": warm["passes"]["encoded_texts"] + warm["passes"]["encoded_images"] + warm["passes"]["encoded_crops"],
+        # linear in the images beyond the vocabulary (an upper bound: crops saturate at units x k)
+        "extrapolated_50k_cold_s": round(cold["timings"].get("vocabulary", 0) + per_image * 50_000),
+    }
+    if rss:
+        a, b = rss["n"], rss["4n"]
+        result["peak_rss_mb"] = {"n": round(a["peak_rss_mb"]), "4n": round(b["peak_rss_mb"])}
+        result["rss_beyond_pooled_ratio"] = round((b["peak_rss_mb"] - b["pooled_mb"]) / (a["peak_rss_mb"] - a["pooled_mb"]), 3)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
