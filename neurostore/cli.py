@@ -857,6 +857,9 @@ def compare_cmd(
         console.print(_rows_table(mc.disagreements, ["layer", "unit", "label_a", "label_b", "similarity"],
                                   title="Where they disagree most"))
         return
+    if model_b is None:
+        raise typer.BadParameter("Pass a second model (neurostore compare probe-cnn probe-vit) or two methods of "
+                                 "one model (--methods clip-dissect,netdissect).", param_hint="MODEL_B")
     from .analysis import compare
 
     res = compare(store_path(store), model_a, model_b, scorer=scorer, min_confidence=min_confidence,

@@ -456,3 +456,46 @@ def import_results(store: Store | str | Path, format: str, paths: Sequence[str |
     rows = {k: v for k, v in run.rows.items()}
     return ImportResult(format, method, model, run.run_id, files, rows,
                         [{"path": r["path"], "reason": r["reason"]} for r in rejects[:20]])
+
+
+# ---- comparing methods on one model ---------------------------------------------------------
+
+@dataclass
+class MethodComparison:
+    model: str
+    method_a: str
+    method_b: str
+    layers: list[dict]           # per layer: units, same_label, agreement, mean_similarity (query method_agreement)
+    disagreements: list[dict]    # the units whose labels are least alike (query method_disagreements)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "method_a": self.method_a, "method_b": self.method_b, "layers": self.layers,
+                "disagreements": self.disagreements}
+
+
+def compare_methods(store: Store | str | Path, model: str, method_a: str, method_b: str,
+                    top: int = 20) -> MethodComparison:
+    """Two explanation methods (imported or neurostore's scorers) on one model: per layer how often
+    they give the same label and how alike their labels are (MiniLM), and where they disagree most.
+    The named queries method_agreement and method_disagreements answer it; this checks the names."""
+    from .errors import UnknownModel, UnknownScorer, unknown
+
+    if not method_a or not method_b:
+        raise BadParameter("Compare two methods, e.g. --methods clip-dissect,netdissect.")
+    st = store if isinstance(store, Store) else Store.open(store, read_only=True, create=False)
+    models = st.sql("SELECT DISTINCT model FROM explanations ORDER BY model").column("model").to_pylist()
+    if model not in models:
+        raise UnknownModel(unknown("model with explanations", model, models, "Import or dissect it first."))
+    have = st.sql("SELECT DISTINCT scorer FROM explanations WHERE model = $m ORDER BY scorer", {"m": model}) \
+        .column("scorer").to_pylist()
+    for m in (method_a, method_b):
+        if m not in have:
+            raise UnknownScorer(unknown(f"method with explanations of {model}", m, have))
+    if method_a == method_b:
+        raise BadParameter(f"Compare two different methods; got '{method_a}' twice.")
+    p = {"model": model, "method_a": method_a, "method_b": method_b}
+    layers = st.query("method_agreement", p).to_pylist()
+    if not layers:
+        raise BadInput(f"{method_a} and {method_b} explain no unit of {model} in common.")
+    worst = st.query("method_disagreements", {**p, "top": top}).to_pylist()
+    return MethodComparison(model, method_a, method_b, layers, worst)

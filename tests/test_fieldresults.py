@@ -237,3 +237,24 @@ def test_neuron_page_shows_every_methods_label_side_by_side(field_store):
     page = D.layer_page(st.sql, "resnet50", "layer4")
     assert len(page["units"]) == 2048
     assert {b["scorer"] for b in page["units"][0]["best"]} == {"clip-dissect", "milan", "netdissect"}
+
+
+def test_compare_methods_per_layer_and_disagreements(tmp_path, capsys, monkeypatch):
+    s = tmp_path / "s"
+    a = small_csv(tmp_path, "a.csv", ["layer", "unit", "label"],
+                  [("layer4", 0, "dog"), ("layer4", 1, "striped"), ("layer4", 2, "sky"), ("layer3", 0, "grass")])
+    b = small_csv(tmp_path, "b.csv", ["layer", "unit", "label"],
+                  [("layer4", 0, "Dog"), ("layer4", 1, "zebra stripes"), ("layer4", 2, "keyboard"), ("layer3", 0, "grass")])
+    for name, f in (("a", a), ("b", b)):
+        import_results(s, "csv", [f], model="resnet50", method=name, columns="layer=layer,unit=unit,label=label")
+    code, out, _ = run_cli(capsys, monkeypatch, "compare", "resnet50", "--methods", "a,b", "--store", s, "--json")
+    assert code == 0
+    res = json.loads(out)
+    by = {r["layer"]: r for r in res["layers"]}
+    assert [r["layer"] for r in res["layers"]] == ["layer3", "layer4"]  # depth order
+    assert (by["layer4"]["units"], by["layer4"]["same_label"], by["layer4"]["agreement"]) == (3, 1, pytest.approx(1 / 3, abs=1e-4))
+    assert by["layer3"]["mean_similarity"] == pytest.approx(1.0, abs=1e-4)
+    assert by["layer4"]["mean_similarity"] < 0.9
+    assert (res["disagreements"][0]["unit"], res["disagreements"][0]["label_b"]) == (2, "keyboard")  # sky vs keyboard
+    code, _, err = run_cli(capsys, monkeypatch, "compare", "resnet50", "--methods", "a,c", "--store", s)
+    assert code == 1 and err.startswith("Error: Unknown method with explanations of resnet50 'c'.")
