@@ -279,7 +279,7 @@ def check_cmd(
 ) -> None:
     """Verify every committed file (size, sha256) against the manifest; exit 1 on damage not repaired.
 
-    Example: neurostore check --store ./my-store && neurostore check --repair --store ./my-store
+    Example: neurostore check --store ./my-store || neurostore check --repair --store ./my-store
     """
     from .store import check
 
