@@ -310,10 +310,10 @@ def build_world(config: WorldConfig | None = None, cache: str | Path | None = No
 
     config = replace(config or WorldConfig(), train_device=device_type(device)).validate()
     final = world_dir(config, cache)
+    _remove_dead_builds(final.parent)  # on a cache hit too: a killed build's folder can hold GBs
     if (final / "world.json").exists() and not force:
         return World(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_builds(final.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".building-{final.name}-", dir=final.parent))
     lock = os.open(tmp / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -352,11 +352,13 @@ def device_type(device: str) -> str:
 def _remove_dead_builds(worlds: Path) -> None:
     """Delete the temporary folders of builds that were killed (SIGKILL, power loss): a folder
     whose lock nobody holds, as the store decides for its staging folders."""
-    from ..store import _staging_is_dead
+    candidates = [d for d in worlds.glob(".building-*") if d.is_dir()]  # (a missing folder has none)
+    if candidates:
+        from ..store import _staging_is_dead
 
-    for d in worlds.glob(".building-*"):
-        if d.is_dir() and _staging_is_dead(d):
-            shutil.rmtree(d, ignore_errors=True)
+        for d in candidates:
+            if _staging_is_dead(d):
+                shutil.rmtree(d, ignore_errors=True)
 
 
 @contextlib.contextmanager
