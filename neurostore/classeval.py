@@ -79,6 +79,14 @@ def load_classes(classes: str | Path) -> tuple[str, list[list[str]]]:
                        "of the other lines.")
     else:
         out = [[s.strip() for s in ln.split(", ") if s.strip()] for ln in lines]
+    if str(classes) == "imagenet":
+        # neurostore's own 'imagenet' vocabulary names classes as torchvision does, which
+        # disambiguates two repeated names ('crane bird', 'maillot tank suit'): count those too.
+        from .vocab import imagenet
+
+        for syn, name in zip(out, imagenet().meta["logit_order"]):
+            if name.lower() not in {s.lower() for s in syn}:
+                syn.append(name)
     return (str(classes) if str(classes) in BUILTIN else str(path)), out
 
 

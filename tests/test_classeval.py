@@ -66,6 +66,7 @@ def test_top1_and_cosine_per_method(fc_store):
 def test_class_lists(tmp_path):
     cid, names = load_classes("imagenet")
     assert cid == "imagenet" and len(names) == 1000 and names[0] == ["tench", "Tinca tinca"]
+    assert names[134] == ["crane", "bird", "crane bird"]  # torchvision's name (neurostore's imagenet vocabulary) counts too
     cid, names = load_classes("places365")
     assert len(names) == 365 and names[8] == ["apartment building outdoor"] and names[0] == ["airfield"]
     f = tmp_path / "mine.txt"
