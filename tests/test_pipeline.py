@@ -143,6 +143,24 @@ def test_cli_dissect_on_a_folder_with_a_bad_file(probe_world, tmp_path):
     assert len(rej) == 1 and rej[0]["path"].endswith("notes.txt")
 
 
+def test_probe_model_on_a_folder_uses_its_world_encoder_and_shows_progress_with_json(probe_world, tmp_path):
+    """`dissect probe:cnn --images DIR` (no --encoder) uses the world's encoder, never a download;
+    with --json, stdout is one JSON object and the stages' progress is on stderr."""
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(6):
+        Image.new("RGB", (64, 64), ((i * 40) % 256, 100, 200)).save(folder / f"{i:02d}.png")
+    out = subprocess.run([sys.executable, "-m", "neurostore.cli", "dissect", f"probe:cnn@{probe_world.root}",
+                          "--images", str(folder), "--layer", "conv2", "--scorer", "patch", "--k", "2",
+                          "--store", str(tmp_path / "s"), "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    s = json.loads(out.stdout)
+    assert s["encoder"] == f"probe:{probe_world.id}" and s["passes"]["target_passes"] == 1
+    assert "dissect probe-cnn" in out.stderr and "patches" in out.stderr and "images" in out.stderr
+
+
 def test_cli_eval_on_a_missing_store_is_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "neurostore.cli", "eval", "--store", str(tmp_path / "nothing")],
                          capture_output=True, text=True, timeout=120)
