@@ -79,14 +79,6 @@ def load_classes(classes: str | Path) -> tuple[str, list[list[str]]]:
                        "of the other lines.")
     else:
         out = [[s.strip() for s in ln.split(", ") if s.strip()] for ln in lines]
-    if str(classes) == "imagenet":
-        # neurostore's own 'imagenet' vocabulary names classes as torchvision does, which
-        # disambiguates two repeated names ('crane bird', 'maillot tank suit'): count those too.
-        from .vocab import imagenet
-
-        for syn, name in zip(out, imagenet().meta["logit_order"]):
-            if name.lower() not in {s.lower() for s in syn}:
-                syn.append(name)
     return (str(classes) if str(classes) in BUILTIN else str(path)), out
 
 
@@ -126,6 +118,13 @@ def evaluate_classes(store: Store | str | Path, model: str | None, layer: str | 
     emb = get_text_embedder(text_model or "minilm")
     class_text = [", ".join(syn) for syn in names]
     class_sets = [{normalise_label(s) for s in syn} for syn in names]
+    if class_id == "imagenet":
+        # neurostore's own 'imagenet' vocabulary names classes as torchvision does, which
+        # disambiguates two repeated names ('crane bird', 'maillot tank suit'): they count too.
+        from .vocab import imagenet
+
+        for syn, name in zip(class_sets, imagenet().meta["logit_order"]):
+            syn.add(normalise_label(name))
     by_method: dict[str, list[dict]] = {}
     for r in rows:
         by_method.setdefault(r["scorer"], []).append(r)
