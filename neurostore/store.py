@@ -742,7 +742,7 @@ class Store:
             if con is not None:
                 con.close()
 
-    def _collect_garbage(self, man: dict, now: float) -> None:
+    def _collect_garbage(self, man: dict, now: float, unlisted: bool = True) -> None:
         """Under the lock, with a readable manifest: delete what is provably garbage, nothing else:
         retired files past the grace period, unlisted files of runs that never committed (see
         `_garbage_reason`), temp files of killed manifest writes and staging folders of dead runs."""
@@ -754,7 +754,7 @@ class Store:
             else:
                 still.append(r)
         man["retired"] = still
-        for f, _ in self._garbage(man):
+        for f, _ in self._garbage(man, unlisted):
             with contextlib.suppress(FileNotFoundError):
                 f.unlink() if f.is_file() else shutil.rmtree(f, ignore_errors=True)
 
@@ -766,12 +766,13 @@ class Store:
         return sorted(f for f in (tables_dir.rglob("*.parquet") if tables_dir.exists() else [])
                       if f.relative_to(self.path).as_posix() not in known)
 
-    def _garbage(self, man: dict) -> list[tuple[Path, str]]:
+    def _garbage(self, man: dict, unlisted: bool = True) -> list[tuple[Path, str]]:
         """(path, why) for every provably garbage file or folder besides retired files: only a
-        readable manifest can prove it (without one, nothing is garbage)."""
+        readable manifest can prove an unlisted file garbage (without one, nothing is garbage;
+        unlisted=False for a manifest rebuilt from files, whose runs rows may be the damaged ones)."""
         out = [(f, "temp file of a killed write") for f in sorted(self.path.glob(".*.tmp"))]
         status = {e["run_id"]: e.get("status", "committed") for e in man["tables"].get("runs", [])}
-        for f in self._unlisted(man):
+        for f in self._unlisted(man) if unlisted else []:
             why = self._garbage_reason(man, status, f)
             if why:
                 out.append((f, why))
@@ -865,7 +866,7 @@ class Store:
         new["retired"] += [{"path": e["path"], "at": now} for e in stale]
         for table in DERIVED_TABLES:
             new["tables"][table] = [e for e in new["tables"].get(table, []) if e not in stale]
-        garbage = self._garbage(new)
+        garbage = self._garbage(new, unlisted=man is not None)
         for rel in sorted({self._rel(f) for f in self._unlisted(new)} - {self._rel(f) for f, _ in garbage}
                           - set(set_aside)):  # in tables/, in no manifest, and not provably garbage
             problems.append({"path": rel, "table": _table_of(rel), "rows": None,
@@ -895,7 +896,7 @@ class Store:
                 run.state = "committed"
             finally:
                 run._cleanup()
-        self._collect_garbage(new, now)
+        self._collect_garbage(new, now, unlisted=man is not None)
         new["generation"] = int(new.get("generation", 0)) + 1
         new["updated_at"] = _utcnow().isoformat() + "Z"
         _atomic_write(self.path / "manifest.json", json.dumps(new, separators=(",", ":")))
@@ -955,7 +956,8 @@ class Store:
         runs rows say which runs committed; their files' commits are replayed in commit order (the
         generation each runs file recorded, then its end time), so files a later run replaced are
         retired again, exactly as the lost manifest had them. Files of runs without a committed
-        runs row are left unlisted for the garbage collector; damaged ones are set aside. Returns
+        runs row are left unlisted (and set aside: nothing proves them garbage); damaged ones are
+        set aside too. Returns
         the manifest, the dropped files (committed, not retired, damaged or missing), all problems
         and the files to set aside."""
         problems, set_aside, found = [], [], []

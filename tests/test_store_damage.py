@@ -274,6 +274,21 @@ def test_rebuild_after_a_repair_keeps_what_the_repair_dropped_out(st):
     assert row_counts(st) == {t: n + (t == "runs") for t, n in repaired.items()}
 
 
+@pytest.mark.parametrize("runs_damage", ["truncated", "deleted"])
+def test_rebuild_deletes_no_file_of_a_run_whose_runs_row_is_damaged(st, runs_damage):
+    """Manifest lost and a run's runs file damaged: nothing proves its files garbage any more
+    (a run with no runs row may have committed), so the repair sets them aside, never deletes them."""
+    man = json.loads((st / "manifest.json").read_text())
+    run_id = entry(st, "scores", "model=m1/layer=layer1")["run_id"]
+    held = [e["path"] for t, es in man["tables"].items() for e in es if e["run_id"] == run_id and t != "runs"]
+    runs_file = st / f"tables/runs/{run_id}.parquet"
+    runs_file.write_bytes(runs_file.read_bytes()[:100]) if runs_damage == "truncated" else runs_file.unlink()
+    (st / "manifest.json").unlink()
+    r = check(st, repair=True)
+    aside = st / r["set_aside"]
+    assert len(held) > 2 and all((st / p).exists() or (aside / p).exists() for p in held)
+
+
 # (a same-size bit flip is found only by 'neurostore check', which compares content hashes)
 @pytest.mark.parametrize("damage", [c for c in FILE_CASES if c is not parquet_bit_flip], ids=lambda f: f.__name__)
 def test_reads_fail_only_where_they_touch_the_damaged_file(st, damage):
