@@ -29,7 +29,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .analysis._common import BATCH, load_model, logits_of, model_dataset, model_layers, open_store, probe_images
+from .analysis._common import (BATCH, check_models, load_model, logits_of, model_dataset, model_layers,
+                               open_store, probe_images)
 from .analysis.audit import contributions
 from .errors import BadInput, BadParameter, UnknownLayer, unknown
 from .record import to_map
@@ -115,7 +116,8 @@ def groups(store: Store | str, model: str, *, layers: list[str] | None = None, n
         raise BadParameter(f"--groups must be at least 1, got {n_groups}.")
     if max_images < 2:
         raise BadParameter(f"--max-images must be at least 2, got {max_images}.")
-    stored = model_layers(store, model)               # checks the model (UnknownModel)
+    check_models(store, [model])
+    stored = model_layers(store, model)
     feature_layers = set()
     if "dictionaries" in store.tables():
         feature_layers = set(store.df("SELECT layer FROM dictionaries WHERE model = $m", {"m": model})["layer"])
@@ -123,8 +125,8 @@ def groups(store: Store | str, model: str, *, layers: list[str] | None = None, n
     if layers:
         for l in layers:
             if l not in hidden:
-                raise UnknownLayer(unknown(f"dissected hidden layer of {model}", l, hidden,
-                                           f"Dissect it first: 'neurostore dissect SPEC --layer {l}'."))
+                raise UnknownLayer(unknown("layer", l, hidden, f"Groups are built on the dissected hidden layers "
+                                           f"of {model}; dissect it first: 'neurostore dissect SPEC --layer {l}'."))
         hidden = [l for l in hidden if l in layers]
     if not hidden:
         raise BadInput(f"Model '{model}' has no dissected hidden layers to group. Dissect it first: "
