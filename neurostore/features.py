@@ -32,7 +32,6 @@ quality), written in one run; a refit of the same feature layer replaces its row
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
