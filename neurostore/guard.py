@@ -120,7 +120,12 @@ def snapshot_database(store, path: Path, max_table_bytes: int = DEFAULT_MAX_TABL
                 info["skipped"][name] = f"{size / 1e9:.1f} GB of Parquet is above the web snapshot's limit"
                 con.execute(f'CREATE TABLE "{name}" AS {store.view_sql(name, {"tables": {}})}')
             else:
-                con.execute(f'CREATE TABLE "{name}" AS {store.view_sql(name, man)}')
+                try:
+                    con.execute(f'CREATE TABLE "{name}" AS {store.view_sql(name, man)}')
+                except duckdb.Error as e:
+                    # A damaged file empties its own table only: the rest of the store stays browsable.
+                    info["skipped"][name] = str(store._query_error(e))
+                    con.execute(f'CREATE TABLE "{name}" AS {store.view_sql(name, {"tables": {}})}')
             info["tables"][name] = con.execute(f'SELECT count(*) FROM "{name}"').fetchall()[0][0]
         # Table macros are checked against the UDFs when created, so register them here too; the
         # stored macros call them by name, and the read-only connection registers them again.

@@ -309,6 +309,19 @@ def test_reads_fail_only_where_they_touch_the_damaged_file(st, damage):
     assert files(st) == on_disk
 
 
+def test_web_snapshot_of_a_damaged_store_empties_only_the_damaged_table(st, tmp_path):
+    from neurostore.guard import snapshot_database
+
+    before = row_counts(st)
+    table, _, path = parquet_deleted(st)
+    with Store.open(st, read_only=True) as s:
+        info = snapshot_database(s, tmp_path / "snap.duckdb")
+    assert info["tables"][table] == 0 and path in info["skipped"][table]
+    assert "neurostore check" in info["skipped"][table]
+    other = "concepts" if table != "concepts" else "runs"
+    assert info["tables"][other] == before[other]
+
+
 def test_file_damaged_after_the_views_were_built(st):
     with Store.open(st, read_only=True) as s:
         assert s.sql("SELECT count(*) n FROM scores").column("n")[0].as_py() > 0
