@@ -27,9 +27,14 @@ operations; (4) sums are accumulated in float64, since log p(c | unit) is a sum 
 around -5 and the score a difference of two numbers near -500 (the published float32 code is
 itself ~1e-4 away from its float64 value).
 
-Confidence (`confidence()`), the same for every scorer so values are comparable: per unit, the
-scores over all C concepts are fitted with a robust normal null (median, 1.4826 x MAD; the
-standard deviation when the MAD is 0), and a score s with robust z-score z gets
+Confidence. What the store keeps is `neurostore.trust`'s: the chance that a unit explaining
+nothing would score this well, from a null of pseudo-units of the same layer scored by this
+module's code (dissect swaps it in through `trust.scored_with_null`). `confidence()` below is
+only the within-unit fallback `run_scorer` returns for callers without a null: it looks at the
+unit's own scores over the concepts, so a unit of a random network can still get ~1 from it
+(issue 13). Per unit, the scores over all C concepts are fitted with a robust normal null
+(median, 1.4826 x MAD; the standard deviation when the MAD is 0), and a score s with robust
+z-score z gets
 
     confidence = Phi(z) ** C        (the chance that the best of C null concepts scores below s)
 
@@ -505,8 +510,9 @@ def iou_scores(act_maps: torch.Tensor, masks: torch.Tensor, top_fraction: float 
 
 @torch.no_grad()
 def confidence(scores: torch.Tensor, unit_chunk: int = 1024) -> torch.Tensor:
-    """[u, c] raw scores -> [u, c] confidence in [0, 1]: Phi(robust z) ** C per unit (module
-    doc). NaN scores get 0; a unit whose scores are all equal gets 0 everywhere."""
+    """[u, c] raw scores -> [u, c] within-unit confidence in [0, 1]: Phi(robust z) ** C per unit
+    (module doc; stored explanations carry trust.scored_with_null's null confidence instead).
+    NaN scores get 0; a unit whose scores are all equal gets 0 everywhere."""
     n_units, n_concepts = scores.shape
     out = torch.zeros(n_units, n_concepts, dtype=torch.float32)
     for u0 in range(0, n_units, unit_chunk):

@@ -174,7 +174,10 @@ class NullIoU:
     thresholded maps paired with the masks of the previous image in the batch (images are
     independent, so the overlap is chance). Feed every batch of >= 2 images."""
 
-    def __init__(self, thresholds: torch.Tensor, n_concepts: int, m: int = NULL_UNITS, seed: int = 0):
+    def __init__(self, thresholds: torch.Tensor, n_concepts: int, m: Optional[int] = None, seed: int = 0):
+        # as many pseudo-units as the layer has units (up to NULL_UNITS): the null costs at most
+        # as much as the real IoU
+        m = m or min(NULL_UNITS, thresholds.numel())
         gen = torch.Generator().manual_seed(seed)
         self.cols = torch.randint(0, thresholds.numel(), (m,), generator=gen)
         self.acc = S.IoUAccumulator(thresholds.float()[self.cols], n_concepts)
@@ -259,7 +262,92 @@ def fidelity(acts: torch.Tensor, amount: torch.Tensor, present: torch.Tensor,
     return (pearson(a, amount.float()[:, ci]).numpy(), auprc(a, present[:, ci]).numpy())
 
 
+def mask_amount(masks, image_ids: Sequence[str], concept_index: dict) -> torch.Tensor:
+    """[n, c] fraction of each image covered by each concept's mask (0 where it has none), from
+    masks rows (schema/masks.sql: image_id, concept, area, height, width; Arrow or pandas)."""
+    if isinstance(masks, pa.Table):
+        masks = masks.select(["image_id", "concept", "area", "height", "width"]).to_pandas()
+    at = {i: j for j, i in enumerate(image_ids)}
+    mk = masks[masks["image_id"].isin(at) & masks["concept"].isin(concept_index)]
+    out = torch.zeros(len(image_ids), len(concept_index))
+    out[mk["image_id"].map(at).to_numpy(), mk["concept"].map(concept_index).to_numpy()] = \
+        torch.tensor((mk["area"] / (mk["height"] * mk["width"])).to_numpy(np.float32))
+    return out
+
+
+def explanation_fidelity(expl: "pd.DataFrame", peak: torch.Tensor, sim: torch.Tensor,  # noqa: F821
+                         image_ids: Sequence[str], concept_index: dict,
+                         amount: Optional[torch.Tensor] = None,
+                         fraction: float = HELDOUT_FRACTION) -> "pd.DataFrame":  # noqa: F821
+    """Held-out fidelity of explanations `expl` (columns unit, scorer, concept, rank) of one
+    layer: peak [n, u] per-image max activation, sim [n, c] image-concept cosine, amount [n, c]
+    mask area fraction (probe world) or None. Rows of schema/explanation_scores.sql without the
+    constant columns; a mask metric is NaN where no held-out image has the concept."""
+    import pandas as pd
+
+    hold = torch.from_numpy(heldout(image_ids, fraction))
+    units = expl["unit"].to_numpy()
+    cis = expl["concept"].map(concept_index).to_numpy()
+    acts_h, sim_h = peak[hold], sim[hold]                           # [nh, u], [nh, c]
+    parts = [("encoder", *fidelity(acts_h, sim_h, encoder_presence(sim_h), units, cis),
+              "image-concept cosine")]
+    if amount is not None:
+        am = amount[hold]                                           # [nh, c]
+        p, a = fidelity(acts_h, am, am > 0, units, cis)
+        absent = ((am > 0).sum(0)[torch.as_tensor(cis, dtype=torch.long)] == 0).numpy()
+        parts.append(("masks", np.where(absent, np.nan, p), a, "mask area"))
+    out = []
+    for presence, p, a, what in parts:
+        for metric, v in (("pearson", p), ("auprc", a)):
+            t = expl[["unit", "scorer", "concept", "rank"]].copy()
+            t["metric"], t["presence"] = metric, presence
+            t["value"] = np.where(np.isfinite(v), v, np.nan)
+            t["n_images"] = int(hold.sum())
+            t["method"] = f"per-image max activation vs {what}; held out: sha1(image_id) < {fraction}"
+            out.append(t)
+    return pd.concat(out, ignore_index=True)
+
+
 # ---- headline -----------------------------------------------------------------------------------
+
+
+def layer_trust(rows: "pd.DataFrame", peak: torch.Tensor, sim: torch.Tensor,  # noqa: F821
+                image_ids: Sequence[str], concept_index: dict, amount: Optional[torch.Tensor] = None,
+                fraction: float = HELDOUT_FRACTION, **columns: Any) -> tuple:
+    """One layer's explanation_scores rows and headlines from its score rows (unit, scorer,
+    concept, rank, confidence; null confidence already in): fidelity of every row on held-out
+    images, then per unit the headline among the ground-truth-free scorers' top
+    HEADLINE_RANKS concepts. `columns`: constants (dataset, vocabulary, encoder, model, layer);
+    a mask metric's encoder is NULL. Returns two DataFrames (schema minus run_id)."""
+    rows = rows[rows["concept"].isin(concept_index)]
+    fid = explanation_fidelity(rows, peak, sim, image_ids, concept_index, amount, fraction)
+    enc = fid[fid["presence"] == "encoder"].pivot_table(
+        index=["unit", "scorer", "concept"], columns="metric", values="value", dropna=False)
+    c = rows[(rows["rank"] < HEADLINE_RANKS) & rows["scorer"].isin(HEADLINE_SCORERS)]
+    c = c[["unit", "scorer", "concept", "rank", "confidence"]].copy()
+    key = list(zip(c["unit"], c["scorer"], c["concept"]))
+    c["fidelity"] = enc["pearson"].reindex(key).to_numpy()
+    c["auprc"] = enc["auprc"].reindex(key).to_numpy()
+    c["model"], c["layer"] = "", ""   # headlines() groups by them; the caller sets them
+    head = headlines(c).merge(c.groupby("unit").size().rename("candidates").reset_index(), on="unit")
+    head = head.drop(columns=["model", "layer"])
+    for t in (fid, head):
+        for k, v in columns.items():
+            t[k] = v
+    if "encoder" in columns:
+        fid["encoder"] = np.where(fid["presence"] == "encoder", columns["encoder"], None)
+    return fid, head
+
+
+def scored_with_null(res: "S.ScoreResult", inputs: dict[str, Any], iou_best: Optional[torch.Tensor] = None,
+                     m: int = NULL_UNITS, seed: int = 0) -> tuple["S.ScoreResult", Null]:
+    """A scorer's result with the null confidence in place of the old one, and the null (its
+    parameters go with the run). iou: pass `iou_best` from a NullIoU fed beside the real IoU."""
+    from dataclasses import replace
+
+    best = iou_best if res.scorer == "iou" else null_best(res.scorer, inputs, res.params, m, seed)
+    null = fit_null(res.scorer, best, res.scores.shape[1], seed)
+    return replace(res, confidence=bh_confidence(res.scores, null)), null
 
 
 def headlines(candidates: "pd.DataFrame") -> "pd.DataFrame":  # noqa: F821
@@ -337,7 +425,7 @@ def dissect_params(store, run_id: str, model: str, vocabulary: str) -> dict:
 def _matrix(col: pa.ChunkedArray) -> np.ndarray:
     """A list<float> column of equal-length lists -> [rows, width] float32."""
     a = col.combine_chunks()
-    return np.asarray(a.flatten(), np.float32).reshape(len(a), -1)
+    return np.array(a.flatten(), np.float32).reshape(len(a), -1)
 
 
 def _assess_run(store, model: str, run_id: str, params: dict, m: int, seed: int, fraction: float,
@@ -364,7 +452,7 @@ def _assess_run(store, model: str, run_id: str, params: dict, m: int, seed: int,
     path_of = dict(zip(images["image_id"], images["path"]))
     masks = None
     if "masks" in store.tables():
-        masks = store.df("SELECT image_id, concept, area, height * width AS px FROM masks WHERE dataset = $d",
+        masks = store.df("SELECT image_id, concept, area, height, width FROM masks WHERE dataset = $d",
                          {"d": ds})
         masks = masks if len(masks) else None
     acts_rows = store.df("SELECT layer, unit, rank, patch_id, act_value FROM activations "
@@ -374,7 +462,7 @@ def _assess_run(store, model: str, run_id: str, params: dict, m: int, seed: int,
     prow = {p: i for i, p in enumerate(pool_ids)}
     patch_emb = torch.from_numpy(np.stack([patch_vec[p] for p in pool_ids])) if pool_ids else None  # [P, d]
 
-    nulls, writes, summary_conf, cand = {}, [], {}, []
+    nulls, writes, summary_conf, n_heads = {}, [], {}, 0
     worst = 0.0  # largest relative gap between recomputed and stored scores
     new_conf = {}  # (layer, scorer) -> DataFrame of score rows with the new confidence
     layers = sorted(scores["layer"].unique())
@@ -422,43 +510,15 @@ def _assess_run(store, model: str, run_id: str, params: dict, m: int, seed: int,
             r["confidence"] = conf.view(-1).numpy()
             new_conf[(layer, scorer)] = r
             summary_conf.setdefault(scorer, []).append(bh_confidence(top.view(-1, 1), null, fam).view(-1))
-        # fidelity of every stored (unit, scorer, concept) on held-out images
-        hold = torch.from_numpy(heldout(ids, fraction))
-        e = rows_l[rows_l["concept"].isin(cindex)]
-        units, cis = e["unit"].to_numpy(), e["concept"].map(cindex).to_numpy()
-        acts_h = peak[hold]                                              # [nh, u]
-        sim_h = sim[hold]                                                # [nh, c]
-        pe, ae = fidelity(acts_h, sim_h, encoder_presence(sim_h), units, cis)
-        parts = [(e, "encoder", enc_id, pe, ae)]
-        if masks is not None:
-            hid = [i for i, h in zip(ids, hold.tolist()) if h]
-            mk = masks[masks["image_id"].isin(set(hid)) & masks["concept"].isin(cindex)]
-            amount = torch.zeros(len(hid), len(concepts))                # [nh, c] mask area fraction
-            at = {i: j for j, i in enumerate(hid)}
-            amount[mk["image_id"].map(at).to_numpy(), mk["concept"].map(cindex).to_numpy()] = \
-                torch.as_tensor((mk["area"] / mk["px"]).to_numpy(np.float32))
-            pm, am = fidelity(acts_h, amount, amount > 0, units, cis)
-            # a concept with no mask in the held-out images has no truth to compare with
-            absent = (amount > 0).sum(0)[torch.as_tensor(cis, dtype=torch.long)].numpy() == 0
-            pm = np.where(absent, np.nan, pm)
-            parts.append((e, "masks", None, pm, am))
-        for rows, presence, enc, p_, a_ in parts:
-            for metric, v in (("pearson", p_), ("auprc", a_)):
-                t = rows[["unit", "scorer", "concept", "rank"]].copy()
-                t["metric"], t["presence"], t["value"] = metric, presence, v.astype(np.float64)
-                t["n_images"] = int(hold.sum())
-                t["method"] = (f"pooled act_max vs {'image-concept cosine' if presence == 'encoder' else 'mask area'}; "
-                               f"held out: sha1(image_id) < {fraction}")
-                t["dataset"], t["vocabulary"], t["encoder"], t["model"], t["layer"] = ds, vocab, enc, model, layer
-                t["value"] = t["value"].where(np.isfinite(t["value"]), None)
-                writes.append((f"trust:{ds}:{vocab}:{enc_id}", "explanation_scores", t))
-        c = e[["unit", "scorer", "concept", "rank"]].copy()
-        c["fidelity"], c["auprc"] = pe, ae
-        c = c[c["rank"] < HEADLINE_RANKS]
-        c["confidence"] = pd.concat([new_conf[(layer, s)] for s in rows_l["scorer"].unique()]) \
-            .set_index(["unit", "scorer", "concept"]).loc[list(zip(c["unit"], c["scorer"], c["concept"])), "confidence"].to_numpy()
-        c["model"], c["layer"] = model, layer
-        cand.append(c)
+        # fidelity of every stored (unit, scorer, concept) on held-out images; the headline
+        rows_c = pd.concat([new_conf[(layer, sc)] for sc in rows_l["scorer"].unique()])
+        amount = mask_amount(masks, ids, cindex) if masks is not None else None
+        fid, head = layer_trust(rows_c, peak, sim, ids, cindex, amount, fraction, dataset=ds,
+                                vocabulary=vocab, encoder=enc_id, model=model, layer=layer)
+        writes.append((f"trust:{ds}:{vocab}:{enc_id}", "explanation_scores", fid))
+        if len(head):
+            writes.append((f"trust:{ds}:{vocab}:{enc_id}", "headlines", head))
+        n_heads += len(head)
     # rewrite scores and explanations with the null confidence (same keys: they replace the dissect's)
     cols = [c for c in scores.columns if c != "run_id"]
     for (layer, scorer), r in new_conf.items():
@@ -469,14 +529,6 @@ def _assess_run(store, model: str, run_id: str, params: dict, m: int, seed: int,
         x["confidences"] = [[float(lut.get((u, cc), 0.0)) for cc in cs] for u, cs in zip(x["unit"], x["concepts"])]
         x["confidence"] = [cs[0] if len(cs) else 0.0 for cs in x["confidences"]]
         writes.append((key, "explanations", x[[c for c in expl.columns if c != "run_id"]]))
-    cand = pd.concat(cand, ignore_index=True) if cand else pd.DataFrame()
-    heads = pd.DataFrame()
-    if len(cand):
-        ok = cand[cand["scorer"].isin(HEADLINE_SCORERS)]
-        n_cand = ok.groupby(["model", "layer", "unit"]).size().rename("candidates").reset_index()
-        heads = headlines(ok).merge(n_cand, on=["model", "layer", "unit"])
-        heads["vocabulary"], heads["encoder"] = vocab, enc_id
-        writes.append((f"trust:{ds}:{vocab}:{enc_id}", "headlines", heads))
     frac = {s: float((torch.cat(v) >= 0.9).double().mean()) for s, v in summary_conf.items()}
     any_conf = None
     if summary_conf:
@@ -486,11 +538,11 @@ def _assess_run(store, model: str, run_id: str, params: dict, m: int, seed: int,
                 per_unit[(layer, int(u))] = True
         total = sum(int(scores.loc[scores["layer"] == l, "unit"].nunique()) for l in layers)
         any_conf = len(per_unit) / max(1, total)
-    log(f"trust {model}: {len(heads)} headlines; confidence >= 0.9: "
+    log(f"trust {model}: {n_heads} headlines; confidence >= 0.9: "
         + ", ".join(f"{s} {v:.3f}" for s, v in sorted(frac.items())) + f"; any scorer {any_conf:.3f}")
     return {"summary": {"nulls": nulls, "recomputed_max_diff": worst, "fraction_confident": frac, "fraction_confident_any": any_conf,
-                        "headlines": int(len(heads))},
-            "writes": writes, "candidates": cand, "headlines": heads}
+                        "headlines": int(n_heads)},
+            "writes": writes}
 
 
 def _iou_nulls(store, model: str, params: dict, layers: list[str], concepts: list[str], m: int,
@@ -523,7 +575,7 @@ def _iou_nulls(store, model: str, params: dict, layers: list[str], concepts: lis
                 if l not in tq:
                     tq[l] = S.TopQuantile(a.shape[1], len(ids) * a[0, 0].numel(), frac)
                 tq[l].update(a)
-        nul = {l: NullIoU(q.top[:, max(1, math.ceil(frac * q.seen)) - 1], len(concepts), m, seed)
+        nul = {l: NullIoU(q.top[:, max(1, math.ceil(frac * q.seen)) - 1], len(concepts), min(m, q.n_units), seed)
                for l, q in tq.items()}
         for b in source.batches(target.preprocess, 64):
             mk = masks.batch(b.image_ids)

@@ -5,13 +5,16 @@
 -- Concept -> the units that fit it best, across every model and layer. Reads concept_units (the
 -- store keeps the top units per model, concept and scorer there, sorted by concept).
 CREATE OR REPLACE MACRO concept_neurons(concept_name, top_n := 50, scorer_name := NULL) AS TABLE
-    SELECT model, layer, unit, concept, scorer, score, confidence, rank AS rank_in_model,
-           vocabulary, encoder, run_id
-    FROM concept_units
-    WHERE concept = concept_name AND (scorer_name IS NULL OR scorer = scorer_name)
-    -- Confidence first: raw scores of different scorers are on different scales (soft_wpmi is
-    -- unbounded), so only the calibrated confidence ranks units across scorers.
-    ORDER BY confidence DESC, score DESC, model, layer, unit
+    SELECT c.model, c.layer, c.unit, c.concept, c.scorer, c.score, c.confidence, c.rank AS rank_in_model,
+           EXISTS (SELECT 1 FROM headlines h WHERE h.model = c.model AND h.layer = c.layer
+                   AND h.unit = c.unit AND h.concept = c.concept AND h.vocabulary = c.vocabulary) AS headline,
+           c.vocabulary, c.encoder, c.run_id
+    FROM concept_units c
+    WHERE c.concept = concept_name AND (scorer_name IS NULL OR c.scorer = scorer_name)
+    -- Units whose headline (one answer per unit, neurostore.trust) is the concept lead; then the
+    -- null confidence, which means the same for every scorer (raw scores do not: soft_wpmi is
+    -- unbounded).
+    ORDER BY headline DESC, c.confidence DESC, c.score DESC, c.model, c.layer, c.unit
     LIMIT top_n;
 
 -- Neuron -> its ranked concepts, per scorer.

@@ -10,6 +10,7 @@ CREATE TABLE headlines (
     fidelity     DOUBLE,     -- held-out Pearson of activation with encoder presence (what chose it)
     auprc        DOUBLE,     -- held-out AUPRC with encoder presence
     candidates   INTEGER,    -- how many (scorer, concept) candidates it was chosen from
+    dataset      VARCHAR,    -- probe set whose held-out images gave the fidelity
     vocabulary   VARCHAR,    -- vocabulary of the concept
     encoder      VARCHAR,    -- encoder id of the presence
     run_id       VARCHAR,    -- run that wrote the row

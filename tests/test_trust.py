@@ -154,6 +154,29 @@ def test_headline_prefers_held_out_fidelity():
     assert h["concept"].tolist() == ["b", "d"]
 
 
+# ---- dissect writes them in its run ------------------------------------------------------------
+
+
+def test_dissect_stores_null_confidence_fidelity_and_headlines(demo_run):
+    import json
+
+    _, store = demo_run
+    runs = store.df("SELECT run_id, params FROM runs WHERE command = 'dissect'")
+    nulls = [json.loads(p)["nulls"] for p in runs["params"]]
+    assert all(n and all({"loc", "scale", "n"} <= set(v) for sc in n.values() for v in sc.values()) for n in nulls)
+    es = store.df("SELECT model, presence, metric, count(*) AS n, count(value) AS v, any_value(run_id) AS r "
+                  "FROM explanation_scores GROUP BY ALL")
+    assert set(zip(es["presence"], es["metric"])) == {(p, m) for p in ("encoder", "masks") for m in ("pearson", "auprc")}
+    assert set(es["r"]) <= set(runs["run_id"])                    # written by the dissect's own run
+    h = store.df("SELECT model, layer, count(*) AS n, count(DISTINCT unit) AS u FROM headlines GROUP BY ALL")
+    units = store.df("SELECT model, layer, count(DISTINCT unit) AS u FROM explanations GROUP BY ALL")
+    both = h.merge(units, on=["model", "layer"])
+    assert len(both) == len(units) and (both["n"] == both["u_y"]).all()   # one headline per unit
+    # concept_neurons leads with units whose headline the concept is
+    top = store.query("concept_neurons", {"concept": "watermark", "top": 50}).to_pandas()
+    assert top["headline"].any() and top["headline"].is_monotonic_decreasing
+
+
 # ---- a stored dissect, assessed ---------------------------------------------------------------
 
 
@@ -179,7 +202,9 @@ def test_assess_rewrites_confidence_and_writes_tables(assessed):
     assert np.array_equal(m["score_old"], m["score_new"])          # raw scores untouched
     assert (m["confidence_old"] != m["confidence_new"]).mean() > 0.5
     summary = out["probe-cnn"]["probe"]
-    assert summary["recomputed_max_diff"] < 1e-3                   # stored inputs reproduce the scores
+    # the inputs read back from the store reproduce the stored scores (pooled activations are
+    # kept in float16, so top-k ties may break differently: agreement to 1%, not bit for bit)
+    assert summary["recomputed_max_diff"] < 1e-2
     nulls = s.df("SELECT params FROM runs WHERE run_id = $r", {"r": summary["run_id"]})["params"].iloc[0]
     assert '"loc"' in nulls and '"scale"' in nulls                 # null parameters are the run's
     es = s.df("SELECT presence, metric, count(*) AS n, count(value) AS v FROM explanation_scores "
