@@ -366,6 +366,9 @@ def import_results(store: Store | str | Path, format: str, paths: Sequence[str |
         raise BadParameter(f"--columns is for the csv and jsonl formats; {format} files have fixed columns.")
     if unit_base not in (0, 1):
         raise BadParameter(f"--unit-base must be 0 or 1, got {unit_base}.")
+    if unit_base and not generic:
+        raise BadParameter(f"--unit-base is for the csv and jsonl formats; {format} files number units their own "
+                           "way (Network Dissection from 1, the others from 0).")
     paths = [Path(p) for p in paths]
     arch = _Layers(model, spec)
     if layer is not None:

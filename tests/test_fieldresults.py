@@ -147,6 +147,7 @@ def test_jsonl_with_a_column_mapping(tmp_path):
     ("netdissect", ["netdissect_resnet50_imagenet_layer4.csv"], {"layer": "layer1"}, "is out of range: resnet50 layer1"),
     ("milan", ["milan-base_resnet50_imagenet.csv"], {"model": "ResNet50"}, "is not a model id"),
     ("csv", ["milan-base_resnet50_imagenet.csv"], {"method": "x"}, "--columns must map unit, label, layer"),
+    ("milan", ["milan-base_resnet50_imagenet.csv"], {"unit_base": 1}, "--unit-base is for the csv and jsonl formats"),
 ])
 def test_bad_input_is_one_line_and_the_store_is_intact(tmp_path, fmt, files, kw, message):
     st_path = tmp_path / "s"
