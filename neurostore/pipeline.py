@@ -491,7 +491,7 @@ def dissect(model: str, *, store: Store | str | Path, images: str | Path | None 
         vec = dict(new_images)
         vec.update(_cached_vectors(store, enc.id, "image", [h for h in hashes if h not in vec]))
         image_emb = torch.from_numpy(np.stack([vec[h] for h in hashes]))  # [n, d] recorder order
-        sim = S.image_text_similarity(image_emb, text_emb)
+        sim = S.image_text_similarity(image_emb, text_emb, device=dev)  # [n, c] on the CPU
     iou, iou_null = {}, {}
     if "iou" in names:
         iou, iou_null = _iou_scores(target, layer_names, source, _Masks(mask_world, vocab.concepts), thresholds,

@@ -69,14 +69,23 @@ from .errors import BadInput, BadParameter, UnknownScorer, unknown
 
 @torch.no_grad()
 def image_text_similarity(image_emb: torch.Tensor, text_emb: torch.Tensor,
-                          chunk: int = 4096) -> torch.Tensor:
-    """Cosine similarity of every image to every concept: [n, d] x [c, d] -> [n, c] float32
-    (CLIP-Dissect's clip_feats: both sides L2-normalised, then a matrix product)."""
+                          chunk: int | None = None, device: "torch.device | str | None" = None) -> torch.Tensor:
+    """Cosine similarity of every image to every concept: [n, d] x [c, d] -> [n, c] float32 on
+    the CPU (CLIP-Dissect's clip_feats: both sides L2-normalised, then a matrix product),
+    computed on `device` in row chunks sized to its free memory (devices.chunk_rows)."""
+    from .devices import chunk_rows
+
+    device = torch.device(device or "cpu")
     img = F.normalize(image_emb.float(), dim=-1)
-    txt = F.normalize(text_emb.float(), dim=-1)
+    txt = F.normalize(text_emb.float(), dim=-1).to(device)      # [c, d]
     out = torch.empty(img.shape[0], txt.shape[0], dtype=torch.float32)
+    # The CPU keeps its fixed 4096-row chunks (the same numbers as ever); a GPU fills its memory.
+    chunk = chunk or (4096 if device.type == "cpu" else chunk_rows(device, 4 * (txt.shape[0] + txt.shape[1])))
     for i in range(0, img.shape[0], chunk):
-        torch.matmul(img[i : i + chunk], txt.T, out=out[i : i + chunk])
+        if device.type == "cpu":
+            torch.matmul(img[i : i + chunk], txt.T, out=out[i : i + chunk])
+        else:
+            out[i : i + chunk] = (img[i : i + chunk].to(device) @ txt.T).cpu()  # [chunk, c]
     return out
 
 

@@ -22,6 +22,16 @@ def _clip_inputs(n=300, c=40, u=12, d=32, seed=0):
     return sim, acts
 
 
+def test_similarity_in_chunks_equals_one_product():
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(50, 8, generator=g), torch.randn(7, 8, generator=g)
+    whole = torch.nn.functional.normalize(img, dim=-1) @ torch.nn.functional.normalize(txt, dim=-1).T
+    for chunk in (None, 1, 13, 50):
+        sim = S.image_text_similarity(img, txt, chunk=chunk, device="cpu")
+        assert sim.shape == (50, 7) and sim.device.type == "cpu"
+        torch.testing.assert_close(sim, whole)
+
+
 # ---- equality with the published formulas --------------------------------------------------
 
 
