@@ -121,7 +121,7 @@ def _text_lines(path: Path) -> list[str]:
         raise BadInput(f"{path}: not a UTF-8 text file (byte {e.start}); pass the CSV/JSONL the tool wrote.") from None
     if not text.strip():
         raise BadInput(f"{path}: the file is empty.")
-    return text.splitlines()
+    return text.splitlines(keepends=True)  # csv needs the line ends inside quoted fields
 
 
 def _int(v, what: str) -> int:
@@ -162,16 +162,15 @@ def _csv_rows(path: Path, lines: list[str], need: Sequence[str], fmt: str):
                        f"{', …' if len(header) > 8 else ''}); "
                        + (f"it looks like a {like} file." if like else f"is this a {fmt} file?"))
     rows = []
-    line = 1
     while True:
-        line += 1
         try:
             vals = next(reader)
         except StopIteration:
             break
         except csv.Error as e:
-            rows.append((line, _Bad(f"unreadable CSV ({e})")))
+            rows.append((reader.line_num, _Bad(f"unreadable CSV ({e})")))
             continue
+        line = reader.line_num  # the last physical line of the record (a quoted field may span lines)
         if not vals or not any(v.strip() for v in vals):
             continue
         if len(vals) != len(header):

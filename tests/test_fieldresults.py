@@ -259,3 +259,13 @@ def test_compare_methods_per_layer_and_disagreements(tmp_path, capsys, monkeypat
     assert (res["disagreements"][0]["unit"], res["disagreements"][0]["label_b"]) == (2, "keyboard")  # sky vs keyboard
     code, _, err = run_cli(capsys, monkeypatch, "compare", "resnet50", "--methods", "a,c", "--store", s)
     assert code == 1 and err.startswith("Error: Unknown method with explanations of resnet50 'c'.")
+
+
+def test_quoted_free_text_over_two_lines_and_physical_line_numbers(tmp_path):
+    f = tmp_path / "milan.csv"
+    f.write_text('layer,unit,description\nlayer4,0,"Dogs,\nin grass"\nlayer4,1,x,extra\nlayer4,2,ok\n')
+    res = import_results(tmp_path / "s", "milan", [f], model="resnet50")
+    assert res.rejects == [{"path": str(f), "reason": "line 4: 4 fields, the header has 3"}]
+    rows = Store.open(tmp_path / "s").sql("SELECT unit, label, label_raw, line FROM explanation_candidates ORDER BY unit")
+    assert rows.to_pylist() == [{"unit": 0, "label": "dogs, in grass", "label_raw": "Dogs,\nin grass", "line": 3},
+                                {"unit": 2, "label": "ok", "label_raw": "ok", "line": 5}]
