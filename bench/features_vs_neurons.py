@@ -116,7 +116,7 @@ def main() -> None:
             tot[key][1] += f["units"]
     frac = {k: v[0] / v[1] for k, v in tot.items()}
     out = {"bench": "features_vs_neurons", "world": world.id, "model": model, "method": args.method,
-           "width": args.width, "k": args.k, "steps": args.steps, "fidelity_min": args.fidelity,
+           "width": args.width, "k": args.k if args.method == "topk-sae" else None, "steps": args.steps, "fidelity_min": args.fidelity,
            "neurons_agree_fid": round(frac["neurons"], 4), "features_agree_fid": round(frac["features"], 4),
            "ratio": round(frac["features"] / frac["neurons"], 3) if frac["neurons"] else None,
            "target_ratio": 1.5, "layers": per_layer, "seconds": round(time.time() - t0, 1)}

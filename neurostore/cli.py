@@ -997,7 +997,7 @@ def features_fit_cmd(
     images: Optional[Path] = typer.Option(None, "--images", "-i", help="Folder of images. Probe-world models default to the world's probe images."),
     max_images: Optional[int] = typer.Option(None, "--max-images", help="Use only the first N images (sorted order)."),
     max_samples: int = typer.Option(100_000, "--max-samples", help="Positions / tokens kept for fitting (a uniform subsample; bounds memory)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (topk-sae, default 3000) or NMF iterations (default 400)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (topk-sae, default 3000) or NMF iterations (default 200)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the subsample and the fit."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
     device: str = DeviceOpt,

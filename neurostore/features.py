@@ -280,7 +280,7 @@ def fit(store: Store | str, model: str, layer: str, method: str = "topk-sae", wi
         target: Target | None = None, progress: bool = True, log=print) -> dict:
     """Learn a dictionary on `layer` of `model` over the probe images (a probe-world model's own,
     or the folder `images`), store it with its provenance and quality, and return the summary.
-    steps: optimiser steps (topk-sae, default 3000) or NMF iterations (default 400)."""
+    steps: optimiser steps (topk-sae, default 3000) or NMF iterations (default 200)."""
     from .devices import describe, resolve_device
     from .pipeline import _image_source
 
@@ -316,7 +316,7 @@ def fit(store: Store | str, model: str, layer: str, method: str = "topk-sae", wi
     if max_samples < need:
         raise BadParameter(f"--max-samples {max_samples} is below the {need} samples {n_features} features "
                            f"need; raise it or use a smaller --width.")
-    steps = steps or (3000 if method == "topk-sae" else 400)
+    steps = steps or (3000 if method == "topk-sae" else 200)
     name = feature_layer_name(layer, method, width)
     log(f"features {name}: {method}, {n_features} features of {info.n_units} units, "
         f"{len(source)} images, device {describe(dev)}")

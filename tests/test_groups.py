@@ -104,7 +104,7 @@ def test_group_edges_on_a_toy_network_follow_its_wiring():
     assert w[0, 1] == 0 and w[1, 0] == 0
     with torch.no_grad():
         act = a(x).mean((2, 3))                                              # [5, 4]: mean over positions
-    want = lambda rows, cols: float((b.weight[rows][:, cols, 0, 0].sum(0) * act[:, cols]).sum(1).mean())  # noqa: E731
+    want = lambda rows, cols: float((b.weight.detach()[rows][:, cols, 0, 0].sum(0) * act[:, cols]).sum(1).mean())  # noqa: E731
     assert w[0, 0] == pytest.approx(want([0, 1], [0, 1]), rel=1e-5)
     assert w[1, 1] == pytest.approx(want([2, 3], [2, 3]), rel=1e-5)
 
