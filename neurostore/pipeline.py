@@ -351,7 +351,7 @@ def _iou_scores(target: Target, layers: list[str], source: ImageSource, masks: _
     worlds only). Concepts without any mask in the probe set get NaN (no evidence), not 0.
     Also the null's best IoU per pseudo-unit (trust.NullIoU), fed the same batches."""
     acc = {l: S.IoUAccumulator(thresholds[l].cpu(), len(masks.index)) for l in layers}
-    null = {l: trust.NullIoU(thresholds[l].cpu(), len(masks.index)) for l in layers}
+    null = {l: trust.NullIoU(thresholds[l].numel(), len(masks.index)) for l in layers}
     for b in source.batches(target.preprocess, batch_size, num_workers=workers, progress=progress):
         counts["decoded"] += len(b.image_ids) + len(b.rejects)
         maps = activation_maps(target, layers, b.pixels)
@@ -510,7 +510,7 @@ def dissect(model: str, *, store: Store | str | Path, images: str | Path | None 
             if l == name:
                 idx[u, r] = box
         inputs = {"similarity": sim, "pooled": pooled, "patch_emb": patch_emb, "text_emb": text_emb,
-                  "unit_patches": torch.from_numpy(idx),
+                  "unit_patches": torch.from_numpy(idx), "unit_images": torch.from_numpy(lr.top_idx),
                   "unit_weights": torch.from_numpy(np.nan_to_num(lr.top_val.astype(np.float32), nan=0.0))}
         for s in names:
             if s == "iou":

@@ -5,13 +5,21 @@ Confidence. A scorer's raw score means nothing until it is compared with what a 
 explains nothing would score. The null here is made of pseudo-units of the same layer, scored
 by the SAME scorer code as the real units:
 
-    pooled-activation scorers   a pseudo-unit's activations are a real unit's activations
-    (soft_wpmi, wpmi,           permuted across images: the same distribution, but its top
-     cos_cubed)                 images are a random set of the same size;
-    patch                       a pseudo-unit's top patches are k patches drawn at random from
-                                the layer's patch pool (weighted by a real unit's activations);
-    iou                         a pseudo-unit is a real unit's activation maps paired with the
-                                masks of other images (maps rolled by one image in each batch).
+    pooled-activation scorers   a pseudo-unit is a random direction of the layer: its
+    (soft_wpmi, wpmi,           activations are the layer's standardised activations projected
+     cos_cubed)                 on a random unit vector;
+    patch                       a random direction's top-k images, each represented by a patch
+                                of that image from the layer's pool;
+    iou                         a random direction of the layer's standardised activation maps,
+                                thresholded at its own top 0.5%.
+
+Why random directions and not permuted activations or random image sets: a unit of a network
+with random weights is not a unit that sees nothing. Random conv filters are colour and edge
+detectors, so such units beat a permutation null by far (measured: 98% of the re-initialised
+probe CNN's units got confidence >= 0.9 with a permutation null). What a random network lacks
+is a privileged basis: its units are no better aligned with concepts than any direction of its
+layer. Network Dissection's rotation control (Bau et al. 2017) asks exactly this, and it is what
+"this unit explains c" should mean: better than an arbitrary direction of the same layer.
 
 Each pseudo-unit keeps its best score over the whole vocabulary, so the size of the search is
 accounted for: with 20,000 concepts the null's best is higher than with 61. The null's best
@@ -102,7 +110,7 @@ class Null:
 def fit_null(scorer: str, best: torch.Tensor, concepts: int, seed: int) -> Null:
     """Gumbel by moments: scale = sd * sqrt(6) / pi, loc = mean - gamma * scale."""
     b = best.double()
-    b = b[~torch.isnan(b)]
+    b = b[torch.isfinite(b)]
     if b.numel() < 2:
         raise BadInput(f"the {scorer} null has {b.numel()} usable pseudo-units; need at least 2.")
     sd = float(b.std(unbiased=True))
@@ -113,31 +121,53 @@ def fit_null(scorer: str, best: torch.Tensor, concepts: int, seed: int) -> Null:
                 int(concepts), int(seed))
 
 
+def directions(u: int, m: int, gen: torch.Generator) -> torch.Tensor:
+    """[u, m] random unit-length directions in the layer's (standardised) unit space."""
+    r = torch.randn(u, m, generator=gen)
+    return r / r.norm(dim=0, keepdim=True).clamp(min=1e-12)
+
+
+def standardise(x: torch.Tensor, dim) -> torch.Tensor:
+    """Each unit centred and scaled to unit variance over `dim`, so every unit weighs the same in
+    a random direction whatever its activation scale."""
+    x = x.float()
+    return (x - x.mean(dim=dim, keepdim=True)) / x.std(dim=dim, keepdim=True).clamp(min=1e-6)
+
+
 def pseudo_pooled(pooled: torch.Tensor, m: int, gen: torch.Generator) -> torch.Tensor:
-    """[n, u] activations -> [n, m] pseudo-units: a random real unit's column, permuted across
-    images (its top images become a random set of the same size)."""
-    n, u = pooled.shape
-    cols = torch.randint(0, u, (m,), generator=gen)
-    perm = torch.argsort(torch.rand(n, m, generator=gen), dim=0)    # [n, m] one permutation each
-    return torch.gather(pooled.float()[:, cols], 0, perm)
+    """[n, u] activations -> [n, m] pseudo-units: random directions of the layer (Network
+    Dissection's rotated-basis control): what a unit of this layer would be if the layer's basis
+    meant nothing."""
+    return standardise(pooled, 0) @ directions(pooled.shape[1], m, gen)
 
 
-def pseudo_patches(unit_patches: torch.Tensor, unit_weights: Optional[torch.Tensor], m: int,
-                   gen: torch.Generator) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """[u, k] patch indices -> [m, k] pseudo-units: k patches drawn without replacement from the
-    layer's pool (every patch some unit of the layer has), with a random real unit's weights."""
-    pool = torch.unique(unit_patches[unit_patches >= 0])
+def pseudo_patches(inputs: dict[str, Any], m: int, gen: torch.Generator) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The patch scorer's pseudo-units: a random direction's top-k images (from the pooled
+    activations) among the images the layer's patch pool has a patch of (patches are cut for
+    real units' top images only), each represented by one of them, weighted like a random real
+    unit. Returns ([m, k] patch indices, -1 = none; [m, k] weights)."""
+    unit_patches, unit_images = inputs["unit_patches"], inputs["unit_images"]   # [u, k] each
     u, k = unit_patches.shape
-    if pool.numel() == 0:
+    by_image: dict[int, list[int]] = {}
+    for img, pat in zip(unit_images.reshape(-1).tolist(), unit_patches.reshape(-1).tolist()):
+        if img >= 0 and pat >= 0:
+            by_image.setdefault(img, []).append(pat)
+    if not by_image:
         raise BadInput("the patch null needs patches; no unit of the layer has any.")
-    kk = min(k, pool.numel())
-    pick = torch.argsort(torch.rand(m, pool.numel(), generator=gen), dim=1)[:, :kk]   # [m, kk]
+    have = torch.tensor(sorted(by_image))                          # images with a patch
+    kk = min(k, have.numel())
+    scores = pseudo_pooled(inputs["pooled"], m, gen)[have]          # [images with a patch, m]
+    top = have[torch.topk(scores, kk, dim=0).indices.T]             # [m, kk] images
+    pick = torch.rand(m, kk, generator=gen)
     idx = torch.full((m, k), -1, dtype=torch.long)
-    idx[:, :kk] = pool[pick]
+    for j in range(m):
+        for r, img in enumerate(top[j].tolist()):
+            pats = by_image[img]
+            idx[j, r] = pats[int(pick[j, r] * len(pats))]
     w = None
-    if unit_weights is not None:
-        w = unit_weights.float()[torch.randint(0, u, (m,), generator=gen)].clone()  # [m, k]
-        w[:, kk:] = 0
+    if inputs.get("unit_weights") is not None:
+        w = inputs["unit_weights"].float()[torch.randint(0, u, (m,), generator=gen)].clone()  # [m, k]
+        w[idx < 0] = 0
     return idx, w
 
 
@@ -147,7 +177,7 @@ def null_best(scorer: str, inputs: dict[str, Any], params: dict[str, Any], m: in
     scored from `inputs` (the scorer's own inputs, see scorers.run_scorer) with `params`."""
     gen = torch.Generator().manual_seed(seed)
     if scorer == "patch":
-        idx, w = pseudo_patches(inputs["unit_patches"], inputs.get("unit_weights"), m, gen)
+        idx, w = pseudo_patches(inputs, m, gen)
         null = S.run_scorer("patch", {**inputs, "unit_patches": idx, "unit_weights": w}, params).scores
     elif scorer in ("soft_wpmi", "wpmi"):
         # score = log p(c | unit) - lam log p(c), p(c) the mean over the layer's units: each
@@ -170,22 +200,33 @@ def null_best(scorer: str, inputs: dict[str, Any], params: dict[str, Any], m: in
 
 
 class NullIoU:
-    """iou's null, streamed beside the real IoUAccumulator: m pseudo-units, each a real unit's
-    thresholded maps paired with the masks of the previous image in the batch (images are
-    independent, so the overlap is chance). Feed every batch of >= 2 images."""
+    """iou's null, streamed beside the real IoUAccumulator: m pseudo-units whose maps are random
+    directions of the layer's standardised maps, thresholded at their own top `top_fraction`.
+    The per-unit scale and the pseudo-units' thresholds come from the first batch (the real
+    thresholds need a whole pass; an estimate from one batch is enough for a null)."""
 
-    def __init__(self, thresholds: torch.Tensor, n_concepts: int, m: Optional[int] = None, seed: int = 0):
-        # as many pseudo-units as the layer has units (up to NULL_UNITS): the null costs at most
+    def __init__(self, n_units: int, n_concepts: int, top_fraction: float = 0.005,
+                 m: Optional[int] = None, seed: int = 0):
+        # as many pseudo-units as the layer has units (up to NULL_UNITS): the null costs about
         # as much as the real IoU
-        m = m or min(NULL_UNITS, thresholds.numel())
-        gen = torch.Generator().manual_seed(seed)
-        self.cols = torch.randint(0, thresholds.numel(), (m,), generator=gen)
-        self.acc = S.IoUAccumulator(thresholds.float()[self.cols], n_concepts)
+        self.m = m or min(NULL_UNITS, n_units)
+        self.dirs = directions(n_units, self.m, torch.Generator().manual_seed(seed))   # [u, m]
+        self.n_concepts, self.top_fraction = n_concepts, top_fraction
+        self.acc = None
 
+    @torch.no_grad()
     def update(self, act_maps: torch.Tensor, masks: torch.Tensor) -> None:
         """act_maps [b, units, h, w]; masks [b, concepts, H, W] bool (as IoUAccumulator)."""
-        if act_maps.shape[0] >= 2:
-            self.acc.update(act_maps[:, self.cols].roll(1, dims=0), masks)
+        a = act_maps.float()
+        if self.acc is None:
+            self.mean = a.mean(dim=(0, 2, 3), keepdim=True)         # [1, u, 1, 1]
+            self.std = a.std(dim=(0, 2, 3), keepdim=True).clamp(min=1e-6)
+        z = torch.einsum("buhw,um->bmhw", (a - self.mean) / self.std, self.dirs)   # [b, m, h, w]
+        if self.acc is None:
+            flat = z.transpose(0, 1).reshape(self.m, -1)
+            k = max(1, int(math.ceil(self.top_fraction * flat.shape[1])))
+            self.acc = S.IoUAccumulator(torch.topk(flat, k, dim=1).values[:, -1], self.n_concepts)
+        self.acc.update(z, masks)
 
     def best(self, absent: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[m] best IoU over concepts (concepts with no mask in the probe set left out)."""
@@ -270,7 +311,7 @@ def mask_amount(masks, image_ids: Sequence[str], concept_index: dict) -> torch.T
     at = {i: j for j, i in enumerate(image_ids)}
     mk = masks[masks["image_id"].isin(at) & masks["concept"].isin(concept_index)]
     out = torch.zeros(len(image_ids), len(concept_index))
-    out[mk["image_id"].map(at).to_numpy(), mk["concept"].map(concept_index).to_numpy()] = \
+    out[torch.tensor(mk["image_id"].map(at).to_numpy()), torch.tensor(mk["concept"].map(concept_index).to_numpy())] = \
         torch.tensor((mk["area"] / (mk["height"] * mk["width"])).to_numpy(np.float32))
     return out
 
@@ -455,7 +496,7 @@ def _assess_run(store, model: str, run_id: str, params: dict, m: int, seed: int,
         masks = store.df("SELECT image_id, concept, area, height, width FROM masks WHERE dataset = $d",
                          {"d": ds})
         masks = masks if len(masks) else None
-    acts_rows = store.df("SELECT layer, unit, rank, patch_id, act_value FROM activations "
+    acts_rows = store.df("SELECT layer, unit, rank, image_id, patch_id, act_value FROM activations "
                          "WHERE model = $m AND run_id = $r AND patch_id IS NOT NULL", args)
     patch_vec = _cached_vectors(store, enc_id, "patch", acts_rows["patch_id"].unique().tolist())
     pool_ids = sorted(patch_vec)
@@ -480,12 +521,15 @@ def _assess_run(store, model: str, run_id: str, params: dict, m: int, seed: int,
         n_units = pooled.shape[1]
         k = int(a["rank"].max()) + 1 if len(a) else 1
         up = torch.full((n_units, k), -1, dtype=torch.long)
+        ui = torch.full((n_units, k), -1, dtype=torch.long)
         uw = torch.zeros(n_units, k)
         if len(a):
             up[a["unit"].to_numpy(), a["rank"].to_numpy()] = torch.as_tensor(a["patch_id"].map(prow).to_numpy())
+            ui[a["unit"].to_numpy(), a["rank"].to_numpy()] = torch.as_tensor(
+                a["image_id"].map({i: j for j, i in enumerate(ids)}).fillna(-1).to_numpy(np.int64))
             uw[a["unit"].to_numpy(), a["rank"].to_numpy()] = torch.as_tensor(np.nan_to_num(a["act_value"].to_numpy(np.float32)))
         inputs = {"similarity": sim, "pooled": pooled, "patch_emb": patch_emb, "text_emb": text_emb,
-                  "unit_patches": up, "unit_weights": uw}
+                  "unit_patches": up, "unit_images": ui, "unit_weights": uw}
         rows_l = scores[scores["layer"] == layer]
         for scorer in sorted(rows_l["scorer"].unique()):
             sp = scorer_params.get(scorer, {})
@@ -548,8 +592,7 @@ def _assess_run(store, model: str, run_id: str, params: dict, m: int, seed: int,
 def _iou_nulls(store, model: str, params: dict, layers: list[str], concepts: list[str], m: int,
                seed: int) -> dict[str, torch.Tensor]:
     """iou's null needs activation maps, which the store does not keep: run the target over the
-    probe images again (thresholds, then NullIoU). The dissect's own IoU pass can feed NullIoU
-    directly; this is for runs stored before it did."""
+    probe images again, feeding NullIoU (the dissect's own IoU pass feeds it directly)."""
     from types import SimpleNamespace
 
     from .images import ImageSource
@@ -567,19 +610,13 @@ def _iou_nulls(store, model: str, params: dict, layers: list[str], concepts: lis
     world = SimpleNamespace(masks=lambda: store.sql("SELECT * FROM masks WHERE dataset = $d", {"d": ds}))
     masks = _Masks(world, concepts)
     frac = params.get("scorers", {}).get("iou", {}).get("top_fraction", 0.005)
-    maps_of = lambda b: activation_maps(target, layers, b.pixels)  # noqa: E731
-    tq = {}
+    nul = {}
     with torch.no_grad():
         for b in source.batches(target.preprocess, 64):
-            for l, a in maps_of(b).items():
-                if l not in tq:
-                    tq[l] = S.TopQuantile(a.shape[1], len(ids) * a[0, 0].numel(), frac)
-                tq[l].update(a)
-        nul = {l: NullIoU(q.top[:, max(1, math.ceil(frac * q.seen)) - 1], len(concepts), min(m, q.n_units), seed)
-               for l, q in tq.items()}
-        for b in source.batches(target.preprocess, 64):
             mk = masks.batch(b.image_ids)
-            for l, a in maps_of(b).items():
+            for l, a in activation_maps(target, layers, b.pixels).items():
+                if l not in nul:
+                    nul[l] = NullIoU(a.shape[1], len(concepts), frac, min(m, a.shape[1]), seed)
                 nul[l].update(a, mk)
     absent = torch.ones(len(concepts), dtype=torch.bool)
     absent[masks.present] = False
