@@ -298,8 +298,8 @@ def fidelity(acts: torch.Tensor, amount: torch.Tensor, present: torch.Tensor,
     """Explanations (units[e], concepts[e]) on held-out images: acts [n, u] pooled activations,
     amount [n, c] concept presence (cosine or mask area), present [n, c] bool.
     Returns (pearson [e], auprc [e])."""
-    a = acts.float()[:, torch.as_tensor(units, dtype=torch.long)]            # [n, e]
-    ci = torch.as_tensor(concepts, dtype=torch.long)
+    a = acts.float()[:, torch.tensor(np.asarray(units), dtype=torch.long)]   # [n, e]
+    ci = torch.tensor(np.asarray(concepts), dtype=torch.long)
     return (pearson(a, amount.float()[:, ci]).numpy(), auprc(a, present[:, ci]).numpy())
 
 
