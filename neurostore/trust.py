@@ -29,8 +29,10 @@ within a layer the units' p-values are corrected for multiple testing by Benjami
 
     confidence = 1 - q        (q: the BH q-value of p among the layer's units' best p-values)
 
-so on a network that learnt nothing about as many units as the level allows get confidence
->= 1 - level, and a number means the same for every scorer and vocabulary size.
+so on a layer whose units are no better than random directions, only a small fraction of units
+reach confidence >= 0.9 (BH at q <= 0.1 holds the false discoveries to 10%), and a number means
+the same for every scorer and vocabulary size. It says "better than a random direction", not
+"this label is right": a unit can beat the null with a label the truth disagrees with.
 
 soft_wpmi and wpmi subtract lam log p(c), where p(c) is the mean of p(c | unit) over the units
 given: each pseudo-unit is scored as one more unit of the layer (p(c) over the real units and
@@ -38,17 +40,19 @@ it), with log p(c | unit) from the same code run at lam = 0, so the null is on t
 
 Fidelity. How well the explained concept's presence in an image predicts the unit's activation,
 on held-out probe images (HELDOUT_FRACTION of them, chosen by a hash of the image id): Pearson
-correlation of the unit's pooled activation with the concept's presence, and AUPRC of the
-activation as a detector of the concept (NeuronEval, ICML 2025, finds these two pass its sanity
+correlation of the unit's per-image max activation (how top images are chosen; the spatial mean
+followed whole-image properties such as the background and chose worse headlines) with the
+concept's presence, and AUPRC of that activation as a detector of the concept (NeuronEval, ICML 2025, finds these two pass its sanity
 checks). Presence comes from the encoder (image–concept cosine; "present" for AUPRC: the 10%
 of images most similar to the concept), so it works on real models; on the probe world also from
 the masks (area fraction; present: any pixel). The explanations themselves are computed on
 every probe image by today's pipeline (held-out images included): the split is held out from
 the fidelity's choice of headline, not from the scorers.
 
-Headline. For each unit, the candidates are every scorer's top concepts; the headline is the
-candidate with the highest held-out encoder fidelity (Pearson), reported with its scorer's
-confidence. No ground truth is used, so the same choice runs on real models.
+Headline. For each unit, the candidates are the top HEADLINE_RANKS concepts of every scorer
+that needs no ground truth (iou is the truth on the probe world); the headline is the candidate
+with the highest held-out encoder AUPRC (then Pearson), reported with its scorer's confidence.
+No ground truth is used, so the same choice runs on real models.
 """
 
 from __future__ import annotations
@@ -67,7 +71,6 @@ from . import scorers as S
 from .errors import BadInput, BadParameter
 
 NULL_UNITS = 256          # pseudo-units per layer and scorer
-FDR_LEVEL = 0.05          # the BH level the "<= 5% confident on random networks" target reads
 HELDOUT_FRACTION = 0.2    # probe images held out for fidelity
 ENCODER_PRESENT = 0.10    # encoder presence for AUPRC: the concept's top 10% of images
 EULER_GAMMA = 0.5772156649015329
@@ -473,7 +476,6 @@ def _assess_run(store, model: str, run_id: str, params: dict, m: int, seed: int,
                 log) -> dict:
     import pandas as pd
 
-    from .explain import explanations_table  # noqa: F401  (the explanation row layout)
     from .images import file_hash
     from .pipeline import _cached_vectors
 
