@@ -80,6 +80,22 @@ def calibration(store: Store, models: list[str], min_bin: int):
     return out, max((b["gap"] for b in judged), default=None), e
 
 
+def headline_calibration(store: Store, models: list[str]) -> list[dict]:
+    """The same deciles over the headlines only (one answer per hidden unit)."""
+    import pandas as pd
+
+    rows = []
+    for m in models:
+        h = store.df("SELECT layer, unit, concept, confidence FROM headlines WHERE model = $m", {"m": m})
+        h = h.merge(hidden_truth(store, m), on=["layer", "unit"])
+        h["agree"] = (h["ref_iou"] >= REFERENCE_MIN_IOU) & (h["concept"] == h["ref"])
+        rows.append(h)
+    h = pd.concat(rows, ignore_index=True)
+    h["decile"] = np.minimum((h["confidence"] * 10).astype(int), 9)
+    return [{"decile": int(d), "n": int(len(g)), "mean_confidence": round(float(g["confidence"].mean()), 3),
+             "agreement": round(float(g["agree"].mean()), 3)} for d, g in h.groupby("decile")]
+
+
 def fidelity_spearman(store: Store, models: list[str]) -> float:
     from scipy.stats import spearmanr
 
@@ -202,6 +218,7 @@ def main():
     t_dissect = time.time() - t0
     bins, worst_gap, _ = calibration(store, trained, args.min_bin)
     rho, n_rho = fidelity_spearman(store, trained)
+    head_bins = headline_calibration(store, trained)
     heads = headline_agreement(store, trained)
     random_frac = {"probe-cnn-random": confident_fraction(store, rnd)}
     if resnet:
@@ -210,6 +227,7 @@ def main():
     for b in bins:
         log(f"{b['decile']:>6}  {b['n']:<5} {b['mean_confidence']:<10} {b['agreement']}"
             + ("" if b["judged"] else "  (too few to judge)"))
+    log(f"headlines only: {[(b['decile'], b['n'], b['mean_confidence'], b['agreement']) for b in head_bins]}")
     log(f"random networks, confidence >= 0.9: {random_frac}")
     log(f"fidelity: Spearman(encoder, masks) = {rho:.3f} over {n_rho} explanations")
     log(f"headline agreement: {heads}")
@@ -218,6 +236,7 @@ def main():
     print(json.dumps({
         "bench": "confidence_calibration", "world": world.id, "images": args.max_images,
         "null_units": trust.NULL_UNITS, "deciles": bins, "max_calibration_gap": worst_gap,
+        "headline_deciles": head_bins,
         "random_confident_fraction": random_frac, "fidelity_spearman": round(rho, 3),
         "fidelity_n": n_rho, "headline_agreement": heads,
         "seconds": {"dissect": round(t_dissect, 1)},
