@@ -87,6 +87,8 @@ def test_rows_stop_at_the_byte_cap(tmp_path_factory):
         res = data["result"]
         assert status == 200 and res["truncated"] is True and res["truncated_by"] == "bytes"
         assert 50 < res["row_count"] < 100 and len(json.dumps(data)) < 1_100_000
+        status, data = sql(s, "SELECT repeat('z', 100000) AS s FROM range(1000)")  # cut cells of the rows sent
+        assert data["result"]["truncated_by"] == "bytes" and data["result"]["cells_cut"] == data["result"]["row_count"]
         status, body = sql(s, "SELECT repeat('y', 10000) AS s FROM range(1000)", json_=False)
         assert b"truncated</b> at 976 KiB" in body and len(body) < 1_300_000
         # The row cap is still reported as such.

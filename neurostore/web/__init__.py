@@ -167,7 +167,7 @@ def result_dict(res: ConsoleResult, deadline: float, max_bytes: int = DEFAULT_MA
     return {"sql": res.sql, "params": res.params, "named_query": res.named_query,
             "statement_type": res.statement_type, "columns": table.column_names, "rows": rows,
             "row_count": len(rows), "truncated": truncated_by is not None, "truncated_by": truncated_by,
-            "cells_cut": sum(len(c) for c in cut.values()), "elapsed_s": round(res.elapsed, 4)}
+            "cells_cut": sum(len(cut.get(r, {})) for r in range(len(rows))), "elapsed_s": round(res.elapsed, 4)}
 
 class App:
     """Routes -> (template, data). The HTTP handler only translates."""
