@@ -8,8 +8,8 @@ by the SAME scorer code as the real units:
     pooled-activation scorers   a pseudo-unit is a random direction of the layer: its
     (soft_wpmi, wpmi,           activations are the layer's standardised activations projected
      cos_cubed)                 on a random unit vector;
-    patch                       a random direction's top-k images, each represented by a patch
-                                of that image from the layer's pool;
+    patch                       a random direction's top-k images, each represented by the
+                                patch of the unit contributing most to the direction there;
     iou                         a random direction of the layer's standardised activation maps,
                                 thresholded at its own top 0.5%.
 
@@ -147,26 +147,30 @@ def pseudo_pooled(pooled: torch.Tensor, m: int, gen: torch.Generator) -> torch.T
 def pseudo_patches(inputs: dict[str, Any], m: int, gen: torch.Generator) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The patch scorer's pseudo-units: a random direction's top-k images (from the pooled
     activations) among the images the layer's patch pool has a patch of (patches are cut for
-    real units' top images only), each represented by one of them, weighted like a random real
-    unit. Returns ([m, k] patch indices, -1 = none; [m, k] weights)."""
+    real units' top images only). On each image the direction is represented by the patch of
+    the unit that contributes most to it there (weight x standardised activation): where the
+    direction fires, as near as the stored crops allow. Weighted like a random real unit.
+    Returns ([m, k] patch indices, -1 = none; [m, k] weights)."""
     unit_patches, unit_images = inputs["unit_patches"], inputs["unit_images"]   # [u, k] each
     u, k = unit_patches.shape
-    by_image: dict[int, list[int]] = {}
-    for img, pat in zip(unit_images.reshape(-1).tolist(), unit_patches.reshape(-1).tolist()):
-        if img >= 0 and pat >= 0:
-            by_image.setdefault(img, []).append(pat)
+    by_image: dict[int, list[tuple[int, int]]] = {}                # image -> [(unit, patch)]
+    for unit in range(u):
+        for img, pat in zip(unit_images[unit].tolist(), unit_patches[unit].tolist()):
+            if img >= 0 and pat >= 0:
+                by_image.setdefault(img, []).append((unit, pat))
     if not by_image:
         raise BadInput("the patch null needs patches; no unit of the layer has any.")
     have = torch.tensor(sorted(by_image))                          # images with a patch
     kk = min(k, have.numel())
-    scores = pseudo_pooled(inputs["pooled"], m, gen)[have]          # [images with a patch, m]
-    top = have[torch.topk(scores, kk, dim=0).indices.T]             # [m, kk] images
-    pick = torch.rand(m, kk, generator=gen)
+    z = standardise(inputs["pooled"], 0)                            # [n, u]
+    dirs = directions(u, m, gen)                                    # [u, m]
+    top = have[torch.topk((z @ dirs)[have], kk, dim=0).indices.T]   # [m, kk] images
     idx = torch.full((m, k), -1, dtype=torch.long)
     for j in range(m):
         for r, img in enumerate(top[j].tolist()):
-            pats = by_image[img]
-            idx[j, r] = pats[int(pick[j, r] * len(pats))]
+            units, pats = zip(*by_image[img])
+            contrib = dirs[list(units), j] * z[img, list(units)]      # each unit's share here
+            idx[j, r] = pats[int(contrib.argmax())]
     w = None
     if inputs.get("unit_weights") is not None:
         w = inputs["unit_weights"].float()[torch.randint(0, u, (m,), generator=gen)].clone()  # [m, k]
@@ -455,15 +459,15 @@ def assess(store, model: Optional[str] = None, *, null_units: int = NULL_UNITS, 
 
 
 def dissect_params(store, run_id: str, model: str, vocabulary: str) -> dict:
-    """The parameters of the dissect that scored (model, vocabulary) in run `run_id`; a trust
-    run that rewrote the scores keeps them under 'sources'."""
+    """The parameters of the dissect that scored (model, vocabulary) in run `run_id`, with that
+    dissect's run_id; a trust run that rewrote the scores keeps them under 'sources'."""
     t = store.df("SELECT command, params FROM runs WHERE run_id = $r", {"r": run_id})
     if t.empty:
         raise BadInput(f"run {run_id} of the scores of {model} is not in the store's runs table.")
     params = json.loads(t["params"].iloc[0])
     if t["command"].iloc[0] == "trust":
-        params = params["sources"][f"{model}|{vocabulary}"]
-    return params
+        return params["sources"][f"{model}|{vocabulary}"]
+    return {**params, "run_id": run_id}
 
 
 def _matrix(col: pa.ChunkedArray) -> np.ndarray:
@@ -499,7 +503,8 @@ def _assess_run(store, model: str, run_id: str, params: dict, m: int, seed: int,
                          {"d": ds})
         masks = masks if len(masks) else None
     acts_rows = store.df("SELECT layer, unit, rank, image_id, patch_id, act_value FROM activations "
-                         "WHERE model = $m AND run_id = $r AND patch_id IS NOT NULL", args)
+                         "WHERE model = $m AND run_id = $r AND patch_id IS NOT NULL",
+                         {"m": model, "r": params["run_id"]})   # the dissect's rows
     patch_vec = _cached_vectors(store, enc_id, "patch", acts_rows["patch_id"].unique().tolist())
     pool_ids = sorted(patch_vec)
     prow = {p: i for i, p in enumerate(pool_ids)}
