@@ -199,7 +199,7 @@ def test_serve_cli_allow_host_and_sigterm_removes_the_snapshot(tmp_path_factory,
     path, _ = shared_store(tmp_path_factory)
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    env = dict(os.environ, TMPDIR=str(tmp))
+    env = dict(os.environ, TMPDIR=str(tmp), PYTHONFAULTHANDLER="1")  # SIGABRT prints every thread's stack
     proc = subprocess.Popen([sys.executable, "-m", "neurostore.cli", "serve", "--store", str(path), "--port", "0",
                              "--allow-host", "nas.local"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -217,7 +217,13 @@ def test_serve_cli_allow_host_and_sigterm_removes_the_snapshot(tmp_path_factory,
             assert con.getresponse().status == status
             con.close()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        try:
+            assert proc.wait(timeout=90) == 0
+        except subprocess.TimeoutExpired:  # show where it hangs
+            proc.send_signal(signal.SIGABRT)
+            proc.wait()
+            pytest.fail(f"serve did not exit after SIGTERM; snapshot removed: {not snapshots[0].exists()}; "
+                        f"stacks:\n{proc.stderr.read()[-6000:]}")
         assert not snapshots[0].exists()
     finally:
         if proc.poll() is None:
