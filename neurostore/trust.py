@@ -342,7 +342,7 @@ def explanation_fidelity(expl: "pd.DataFrame", peak: torch.Tensor, sim: torch.Te
     if amount is not None:
         am = amount[hold]                                           # [nh, c]
         p, a = fidelity(acts_h, am, am > 0, units, cis)
-        absent = ((am > 0).sum(0)[torch.as_tensor(cis, dtype=torch.long)] == 0).numpy()
+        absent = ((am > 0).sum(0)[torch.tensor(np.asarray(cis), dtype=torch.long)] == 0).numpy()
         parts.append(("masks", np.where(absent, np.nan, p), a, "mask area"))
     out = []
     for presence, p, a, what in parts:
