@@ -154,6 +154,16 @@ def _looks_like_path(spec: str) -> bool:
 
 
 @contextlib.contextmanager
+def seeded(seed: int = 0):
+    """Random initialisation that is the same in every process: `@random` targets and `/random`
+    encoders get one set of weights per spec, so their cached embeddings and checkpoints stay
+    valid across runs. The caller's RNG state is restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
 def downloading(what: str, offline_hint: str):
     """Turn a failed weights download (no network, hub unreachable) into one line: which
     weights, that they could not be downloaded, and what to use offline."""
@@ -175,7 +185,7 @@ def _torchvision(rest: str, spec: str, input_size: int | None, load_weights: boo
                                    "Example: torchvision:resnet50@IMAGENET1K_V2."))
     weights = _torchvision_weights(name, wname or "DEFAULT")
     with downloading(f"torchvision:{name} ({weights})",
-                     f"torchvision:{name}@random or a local checkpoint (torch.save(model, 'model.pt'))"):
+                     f"torchvision:{name}@random or a local checkpoint (torch.save(model, 'model.pt'))"), seeded():
         module = torchvision.models.get_model(name, weights=weights if load_weights else None)
     classes = None
     if weights is not None:
@@ -227,7 +237,8 @@ def _timm(rest: str, spec: str, input_size: int | None, load_weights: bool = Tru
         raise UnknownModel(unknown("timm model", base, timm.list_models(),
                                    "Example: timm:vit_small_patch16_224."))
     pretrained = not flag
-    with downloading(f"timm:{name}", f"timm:{name}@random or a local checkpoint (torch.save(model, 'model.pt'))"):
+    with downloading(f"timm:{name}", f"timm:{name}@random or a local checkpoint (torch.save(model, 'model.pt'))"), \
+            seeded():
         try:
             # Transformers take img_size (the position embedding is resized); convnets do not.
             module = timm.create_model(name, pretrained=pretrained and load_weights,

@@ -77,7 +77,7 @@ def create_openclip(rest: str, weights: bool = True):
                                             tags + ["random"], "Or give a local checkpoint path."))
             pretrained, short = tag, f"{name}-{tag}"
         model_name = name
-    from .models import downloading
+    from .models import downloading, seeded
 
     if not weights and not model_name.startswith(("hf-hub:", "local-dir:")):
         pretrained = None
@@ -86,7 +86,7 @@ def create_openclip(rest: str, weights: bool = True):
     fetch = (downloading(f"OpenCLIP {rest}", f"open_clip:{model_name.split('/')[0]}/random or a local "
                          "checkpoint (open_clip:MODEL/PATH)") if remote else contextlib.nullcontext())
     try:
-        with fetch:
+        with fetch, seeded():  # /random: the same weights in every process
             model, _, preprocess = open_clip.create_model_and_transforms(
                 model_name, pretrained=pretrained, **kwargs)
     except (RuntimeError, ValueError, FileNotFoundError, KeyError) as e:

@@ -240,3 +240,25 @@ def test_failed_download_is_one_line(tmp_path):
     assert len(lines) == 1 and "Traceback" not in p.stderr and p.stderr.strip().endswith(lines[0]), p.stderr
     assert lines[0].startswith("Error: Could not download the weights of torchvision:resnet18 (ResNet18_Weights.")
     assert "torchvision:resnet18@random" in lines[0] and "local checkpoint" in lines[0]
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("spec", ["torchvision:resnet18@random", "timm:vit_tiny_patch16_224@random",
+                                  "open_clip:RN50/random"])
+def test_random_weights_are_the_same_in_every_load(spec):
+    """Random initialisation is seeded: cached embeddings and checkpoints keyed by the spec stay
+    valid across processes. The caller's RNG is left as it was."""
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    a = load_target(spec).module
+    torch.rand(5)  # a different RNG state must not change the next load
+    b = load_target(spec).module
+    assert _same_weights(a, b)
+    torch.manual_seed(123)
+    load_target(spec)
+    assert torch.equal(torch.rand(3), before)

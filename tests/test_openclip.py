@@ -106,3 +106,14 @@ def test_visual_tower_as_target(saved):
     assert maps.shape == (3, 128, 4, 4)
     # Patch token (row 2, col 3) is token 1 + 2*4 + 3; the class token is dropped.
     assert torch.allclose(maps[:, :, 2, 3], out[:, 1 + 2 * 4 + 3, :])
+
+
+def test_random_encoder_is_the_same_in_every_load():
+    """open_clip:MODEL/random has one id, so it must have one set of weights: vectors cached
+    under that id in another process stay right (seeded initialisation)."""
+    torch.manual_seed(1)
+    a = load_encoder("open_clip:RN50/random")
+    torch.manual_seed(2)
+    b = load_encoder("open_clip:RN50/random")
+    assert a.id == b.id and a.random_weights
+    assert torch.equal(a.encode_texts(["a dog", "a red car"]), b.encode_texts(["a dog", "a red car"]))
