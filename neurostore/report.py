@@ -11,6 +11,7 @@ Layout of DIR:
     neuron/<model>/<layer>/<unit>.html  neuron cards
     audit.html, compare.html            findings
     patches/<patch_id>.png              every patch image, written once and referenced
+    images/<key>.png                    the whole images of the cards' top activations (when their files exist)
     style.css
 Pages and images are written through a temporary file and renamed, so a reader never sees half a page.
 """
@@ -61,6 +62,7 @@ def build_report(store, out, models: list[str] | None = None, max_units: int | N
     _write(out / "style.css", stylesheet())
     pages = 0
     written: set[str] = set()
+    written_images: set[str] = set()
     n_layers = n_neurons = 0
 
     def page(rel: str, template: str, data: dict, depth: int) -> None:
@@ -107,6 +109,15 @@ def build_report(store, out, models: list[str] | None = None, max_units: int | N
                                  {"ids": need}).to_pylist():
                         _write(out / "patches" / f"{r['patch_id']}.png", bytes(r["thumbnail"]))
                         written.add(r["patch_id"])
+                # Whole images (the cards' "where it fired"), once each, from the files the store names.
+                for key in sorted({p["image_key"] for c in cards.values() for p in c["patches"] if p["has_full"]}
+                                  - written_images):
+                    png = D.image_png(run, key)
+                    if png:
+                        _write(out / "images" / f"{key}.png", png)
+                        written_images.add(key)
+                for p in (p for c in cards.values() for p in c["patches"]):
+                    p["has_full"] = p["image_key"] in written_images  # unreadable file: the box alone
                 for unit, card in cards.items():
                     page(f"neuron/{model}/{layer}/{unit}.html", "neuron.html", card, 3)
                     n_neurons += 1

@@ -81,7 +81,7 @@ def test_neuron_card_has_patches_concepts_summary_histogram(server, tmp_path_fac
     assert "Fires on red things" in html           # the LLM summary
     assert "act <b>" in html and "Activation histogram" in html
     for scorer in ("patch", "iou"):
-        assert f"<h3 style=\"margin-top:0\">{scorer}" in html
+        assert f"<h3 class=\"first\">{scorer}" in html
     status, card = get_json(server, "/neuron/toy-cnn/conv1/0.json")
     assert card["id"] == "toy-cnn/conv1/0"
     assert [p["rank"] for p in card["patches"]] == list(range(6))

@@ -204,6 +204,13 @@ class App:
         m = re.match(r"^/patch/([^/]+)\.png$", path)
         if m:
             return self.patch(unquote(m.group(1)))
+        m = re.match(r"^/image/([0-9a-f]{16})\.png$", path)
+        if m:
+            png = D.image_png(self.q, m.group(1))
+            return (200, "image/png", png) if png else (404, "text/plain; charset=utf-8", b"no such image")
+        m = re.match(r"^/sql\.(csv|parquet)$", path)
+        if m:
+            return self.download(query, m.group(1))
         if path == "/favicon.ico":
             return 204, "image/x-icon", b""
         as_json = path.endswith(".json")
@@ -274,7 +281,7 @@ class App:
 
     def search(self, query):
         q = query.get("q", "")
-        mode = query.get("mode", "exact") or "exact"
+        mode = query.get("mode", "all") or "all"
         try:
             out = D.search(self.q, q, mode, find_store=self.find_store)
         except (QueryTimeout, QueryRefused):
@@ -297,6 +304,7 @@ class App:
 
         out = {"sql": sql, "param_values": params, "limits": self._limits(), "named_query": named,
                "queries": [q.to_dict() for q in list_queries().values()], "examples": SQL_EXAMPLES,
+               "schema": D.schema_sidebar(),
                "param_names": [], "result": None, "error": None}
         if sql and not named:
             try:
@@ -327,6 +335,37 @@ class App:
         sql = query.get("q") or query.get("sql") or ""
         params = {k: v for k, v in query.items() if k not in ("q", "sql", "_size")}
         return self._console_page(sql, params, lambda: self.db.console(sql, params))
+
+    def download(self, query, fmt: str):
+        """The console's result as a CSV or Parquet file, under the console's limits (rows, time, bytes)."""
+        import io
+
+        import pyarrow.csv as pacsv
+        import pyarrow.parquet as pq
+
+        sql = query.get("q") or query.get("sql") or ""
+        params = {k: v for k, v in query.items() if k not in ("q", "sql", "_size")}
+        if not sql:
+            return 400, "text/plain; charset=utf-8", b"Pass the query as q=SELECT ..., e.g. /sql.csv?q=SELECT+1\n"
+        if not self._console_slots.acquire(timeout=self.db.timeout):
+            return 503, "text/plain; charset=utf-8", b"The console is busy; retry in a moment.\n"
+        try:
+            table = self.db.console(sql, params).table
+        except NeurostoreError as e:
+            return 400, "text/plain; charset=utf-8", f"Error: {e}\n".encode()
+        finally:
+            self._console_slots.release()
+        while table.num_rows > 1 and table.nbytes > self.max_bytes:  # the console's byte cap, in whole rows
+            table = table.slice(0, table.num_rows // 2)
+        buf = io.BytesIO()
+        if fmt == "parquet":
+            pq.write_table(table, buf)
+            return 200, "application/vnd.apache.parquet", buf.getvalue()
+        # CSV has no bytes or nested values: those columns are written as their JSON text.
+        cols = [c if pa.types.is_primitive(c.type) or pa.types.is_string(c.type) else
+                pa.array([to_json(v) for v in c.to_pylist()], pa.string()) for c in table.columns]
+        pacsv.write_csv(pa.Table.from_arrays(cols, names=table.column_names), buf)
+        return 200, "text/csv; charset=utf-8", buf.getvalue()
 
     def named(self, query, name):
         from ..queries import get_query

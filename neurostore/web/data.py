@@ -8,6 +8,7 @@ Values are always bound; identifiers come from fixed sets.
 from __future__ import annotations
 
 import difflib
+import os
 from typing import Callable
 
 import numpy as np
@@ -31,6 +32,12 @@ COMPARE_PREFIXES = ("compar", "unit_match", "model_match")
 
 def rows(run: Run, sql: str, params: dict | None = None) -> list[dict]:
     return run(sql, params).to_pylist()
+
+
+def has_table(run: Run, name: str) -> bool:
+    """Stores written before a table existed lack it: pages then leave its section out."""
+    return bool(rows(run, "SELECT 1 FROM information_schema.tables WHERE table_schema = 'main' AND table_name = $t",
+                     {"t": name}))
 
 
 def _f(v):
@@ -176,7 +183,8 @@ def neuron_cards(run: Run, model: str, layer: str, unit: int | None = None, top_
     def card(u: int) -> dict:
         if u not in cards:
             cards[u] = {"id": f"{model}/{layer}/{u}", "model": model, "layer": layer, "unit": int(u), "stats": None,
-                        "patches": [], "scorers": {}, "summaries": [], "effects": []}
+                        "patches": [], "scorers": {}, "summaries": [], "effects": [], "headline": None,
+                        "classes": [], "prev": None, "next": None}
         return cards[u]
 
     for r in rows(run, """
@@ -186,16 +194,37 @@ def neuron_cards(run: Run, model: str, layer: str, unit: int | None = None, top_
                    any_value(hist_edges) AS hist_edges, any_value(hist_counts) AS hist_counts
             FROM units WHERE model = $m AND layer = $l AND ($u IS NULL OR unit = $u) GROUP BY unit""", p):
         card(r.pop("unit"))["stats"] = r
+    grid = rows(run, "SELECT max(grid_h) AS h, max(grid_w) AS w FROM layers WHERE model = $m AND layer = $l",
+                {"m": model, "l": layer})
+    gh, gw = (grid[0]["h"], grid[0]["w"]) if grid else (None, None)
     for r in rows(run, """
             SELECT a.unit, a.rank, a.act_value, a.act_mean, a.dataset, a.image_id, a.loc_y, a.loc_x, a.patch_id,
-                   i.label AS image_label, i.caption, (p.patch_id IS NOT NULL) AS has_image
+                   substr(md5(a.dataset || '/' || a.image_id), 1, 16) AS image_key, i.label AS image_label, i.caption, i.width, i.height, i.path AS image_path,
+                   (p.patch_id IS NOT NULL) AS has_image, p.x0, p.y0, p.x1, p.y1
             FROM activations a
-            LEFT JOIN (SELECT DISTINCT patch_id FROM patches) p ON p.patch_id = a.patch_id
-            LEFT JOIN (SELECT dataset, image_id, any_value(label) AS label, any_value(caption) AS caption
+            LEFT JOIN (SELECT patch_id, any_value(x0) AS x0, any_value(y0) AS y0, any_value(x1) AS x1,
+                              any_value(y1) AS y1 FROM patches GROUP BY patch_id) p ON p.patch_id = a.patch_id
+            LEFT JOIN (SELECT dataset, image_id, any_value(label) AS label, any_value(caption) AS caption,
+                              any_value(width) AS width, any_value(height) AS height, any_value(path) AS path
                        FROM images GROUP BY dataset, image_id) i ON i.dataset = a.dataset AND i.image_id = a.image_id
             WHERE a.model = $m AND a.layer = $l AND ($u IS NULL OR a.unit = $u) AND a.rank < $k
             ORDER BY a.unit, a.rank""", {**p, "k": top_patches}):
+        r["grid_h"], r["grid_w"] = gh, gw
+        path = r.pop("image_path")
+        r["has_full"] = bool(path) and os.path.isfile(path)  # else the card draws the crop in its box alone
         card(r.pop("unit"))["patches"].append(r)
+    if has_table(run, "headlines"):
+        for r in rows(run, """
+                SELECT unit, concept, scorer, confidence, fidelity, auprc, candidates, vocabulary FROM headlines
+                WHERE model = $m AND layer = $l AND ($u IS NULL OR unit = $u)""", p):
+            card(r.pop("unit"))["headline"] = r
+    if has_table(run, "audit_units"):  # the classes a unit pushes (gradient x activation toward the logit)
+        for r in rows(run, """
+                SELECT unit, class, grad_x_act, share, ablation_effect FROM audit_units
+                WHERE model = $m AND layer = $l AND ($u IS NULL OR unit = $u)
+                QUALIFY row_number() OVER (PARTITION BY unit ORDER BY abs(grad_x_act) DESC NULLS LAST) <= 8
+                ORDER BY unit, grad_x_act DESC""", p):
+            card(r.pop("unit"))["classes"].append(r)
     for r in rows(run, """
             SELECT unit, scorer, rank, concept, score, confidence, vocabulary, encoder FROM scores
             WHERE model = $m AND layer = $l AND ($u IS NULL OR unit = $u) AND rank < $k
@@ -221,6 +250,16 @@ def neuron_cards(run: Run, model: str, layer: str, unit: int | None = None, top_
             QUALIFY row_number() OVER (PARTITION BY unit ORDER BY abs(value) DESC NULLS LAST) <= 10
             ORDER BY unit, abs(value) DESC""", p):
         card(r.pop("unit"))["effects"].append(r)
+    # Previous / next recorded unit of the layer, for the card's arrows.
+    order = [r["unit"] for r in rows(run, "SELECT DISTINCT unit FROM units WHERE model = $m AND layer = $l "
+                                          "UNION SELECT DISTINCT unit FROM activations WHERE model = $m AND layer = $l "
+                                          "ORDER BY 1", {"m": model, "l": layer})]
+    pos = {u: i for i, u in enumerate(order)}
+    for u, c in cards.items():
+        i = pos.get(u)
+        if i is not None:
+            c["prev"] = order[i - 1] if i > 0 else None
+            c["next"] = order[i + 1] if i + 1 < len(order) else None
     for c in cards.values():
         c["scorers"] = list(c["scorers"].values())
         c["summary"] = next((s["summary"] for s in c["summaries"] if s["summary"]), None)
@@ -236,6 +275,28 @@ def imported_labels(run: Run, model: str, layer: str, unit: int | None = None) -
         {"m": model, "l": layer, "u": unit})
 
 
+def image_png(run: Run, key: str, side: int = 320) -> bytes | None:
+    """The whole probe image `key` (md5 of 'dataset/image_id', first 16 hex) as a PNG at most
+    `side` px, read from the file the images table names; None when that file is gone."""
+    import io
+
+    from PIL import Image
+
+    r = rows(run, "SELECT any_value(path) AS path FROM images WHERE substr(md5(dataset || '/' || image_id), 1, 16) = $k "
+                  "AND path IS NOT NULL", {"k": key})
+    if not r or not r[0]["path"]:
+        return None
+    try:
+        with Image.open(r[0]["path"]) as im:
+            im = im.convert("RGB")
+            im.thumbnail((side, side), Image.Resampling.BILINEAR)
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            return buf.getvalue()
+    except (OSError, ValueError):  # moved, deleted or not an image: the card draws the box alone
+        return None
+
+
 def neuron_card(run: Run, model: str, layer: str, unit: int, **kw) -> dict:
     cards = neuron_cards(run, model, layer, unit, **kw)
     if unit not in cards:
@@ -249,7 +310,8 @@ def neuron_card(run: Run, model: str, layer: str, unit: int, **kw) -> dict:
 
 # ---- search -------------------------------------------------------------------------------------
 
-SEARCH_MODES = ("exact", "semantic", "open")
+SEARCH_MODES = ("all", "exact", "semantic", "open")
+FOUND_BY = ("exact", "semantic", "open")  # the merged answer's order: surest first
 
 
 def all_concepts(run: Run) -> list[str]:
@@ -319,14 +381,58 @@ def search_open_find(run: Run, find_store, phrase: str, k: int = 30, device=None
     return out
 
 
-def search(run: Run, phrase: str, mode: str = "exact", k: int | None = None, find_store=None, device=None,
+def search_all(run: Run, phrase: str, k: int = 50, find_store=None, device=None, precision=None) -> dict:
+    """One answer from every mode: units with exactly this concept, then units of the nearest
+    concepts (MiniLM), then units whose top patches match the words (open vocabulary); each unit
+    once, where it was found first; within a mode by confidence (semantic: by similarity)."""
+    notes, found = [], []
+    ex = search_exact(run, phrase, k)
+    for u in ex["units"]:
+        found.append({**u, "found_by": "exact", "similarity": 1.0})
+    sem = search_semantic(run, phrase, 8)
+    notes += [sem["note"]] if sem.get("note") else []
+    for t in sem["concepts"]:
+        for u in t["units"]:
+            found.append({**u, "found_by": "semantic", "similarity": t["similarity"]})
+    if find_store is not None:
+        try:
+            op = search_open_find(run, find_store, phrase, 20, device, precision)
+            notes += [op["note"]] if op.get("note") else []
+            for u in op["units"]:
+                found.append({"model": u["model"], "layer": u["layer"], "unit": u["unit"], "concept": None,
+                              "scorer": "open", "score": u.get("score"), "confidence": u.get("confidence"),
+                              "found_by": "open", "similarity": None, "best_patch": u.get("best_patch")})
+        except NeurostoreError as e:  # e.g. no patch embeddings: the other modes still answer
+            notes.append(f"Open vocabulary: {e}")
+    key = {m: i for i, m in enumerate(FOUND_BY)}
+    found.sort(key=lambda u: (key[u["found_by"]], -(u["similarity"] or 0), -(u["confidence"] or 0),
+                              -(u["score"] or 0)))
+    seen, units = set(), []
+    for u in found:
+        uid = (u["model"], u["layer"], u["unit"])
+        if uid not in seen:
+            seen.add(uid)
+            units.append(u)
+    out = {"mode": "all", "q": phrase, "units": units[:k],
+           "counts": {m: sum(u["found_by"] == m for u in units) for m in FOUND_BY},
+           "nearest": [{"concept": t["concept"], "similarity": t["similarity"]} for t in sem["concepts"]],
+           "columns": ["model", "layer", "unit", "concept", "found_by", "similarity", "confidence", "score",
+                       "scorer"]}
+    if notes:
+        out["note"] = " ".join(notes)
+    return out
+
+
+def search(run: Run, phrase: str, mode: str = "all", k: int | None = None, find_store=None, device=None,
            precision=None) -> dict:
     from ..errors import BadParameter, unknown
 
     if mode not in SEARCH_MODES:
-        raise BadParameter(unknown("search mode", mode, SEARCH_MODES, "Use mode=exact, semantic or open."))
+        raise BadParameter(unknown("search mode", mode, SEARCH_MODES, "Use mode=all, exact, semantic or open."))
     if not phrase or not phrase.strip():
         return {"mode": mode, "q": phrase or "", "empty": True}
+    if mode == "all":
+        return search_all(run, phrase, k or 50, find_store, device, precision)
     if mode == "exact":
         return search_exact(run, phrase, k or 50)
     if mode == "semantic":
@@ -354,6 +460,15 @@ def snapshot_store(run: Run, path):
     return SnapshotStore(Path(path), True, {})
 
 
+def schema_sidebar() -> list[dict]:
+    """The console's sidebar: every table of schema/ with its columns, types and comments."""
+    from ..schema import load_schemas
+
+    return [{"table": t.name, "description": t.description,
+             "columns": [{"name": c.name, "type": c.type, "comment": c.comment} for c in t.columns]}
+            for t in sorted(load_schemas().values(), key=lambda t: t.name)]
+
+
 # ---- findings (audit, compare) ------------------------------------------------------------------
 
 def finding_tables(run: Run, prefixes: tuple[str, ...]) -> list[str]:
@@ -372,4 +487,39 @@ def findings(run: Run, kind: str, limit: int = 500) -> dict:
         out["tables"].append({"table": name, "columns": t.column_names,
                               "rows": t.slice(0, limit).to_pylist(), "truncated": t.num_rows > limit})
     out["empty"] = not any(t["rows"] for t in out["tables"])
+    if kind == "audit":
+        out["verdicts"] = audit_verdicts(run)
+        # The evidence: the columns that make the case first; every column stays in the JSON and the console.
+        lead = {"audit_findings": ["model", "class", "concept", "verified", "headline", "n_units", "neurons",
+                                   "contribution", "relatedness", "cue_flip_before", "cue_flip_after",
+                                   "reliance_drop", "accuracy_before", "accuracy_after"],
+                "audit_units": ["model", "class", "rank", "layer", "unit", "label", "label_confidence", "flagged",
+                                "relatedness", "grad_x_act", "share", "ablation_effect"]}
+        for t in out["tables"]:
+            if t["table"] in lead and set(lead[t["table"]]) <= set(t["columns"]):  # the schema's table
+                t["shown"] = lead[t["table"]]
     return out
+
+
+def audit_verdicts(run: Run) -> list[dict]:
+    """One line per audited (model, class), the answer before the evidence: the concept it relies on
+    (verified or only suspected) with the cue flip rate before and after zeroing its units, or none."""
+    if not has_table(run, "audit_units"):
+        return []
+    return rows(run, f"""
+        WITH c AS (SELECT DISTINCT model, class FROM audit_units),
+             f AS ({"SELECT * FROM audit_findings" if has_table(run, "audit_findings") else
+                    "SELECT NULL::VARCHAR AS model, NULL::VARCHAR AS class, NULL::VARCHAR AS concept, "
+                    "NULL::INTEGER AS rank, NULL::BOOLEAN AS verified, NULL::BOOLEAN AS headline, "
+                    "NULL::INTEGER AS n_units, NULL::FLOAT AS cue_flip_before, NULL::FLOAT AS cue_flip_after, "
+                    "NULL::FLOAT AS accuracy_before, NULL::FLOAT AS accuracy_after WHERE false"}),
+             best AS (SELECT * FROM f QUALIFY row_number() OVER (PARTITION BY model, class
+                                                                 ORDER BY verified DESC NULLS LAST, rank) = 1)
+        SELECT c.model, c.class, b.concept, b.verified, coalesce(b.headline, false) AS headline, b.n_units,
+               b.cue_flip_before, b.cue_flip_after, b.accuracy_before, b.accuracy_after,
+               (SELECT count(*) FROM f WHERE f.model = c.model AND f.class = c.class) AS n_findings,
+               CASE WHEN b.verified THEN 'relies on a spurious concept'
+                    WHEN b.concept IS NOT NULL THEN 'suspected, not verified'
+                    ELSE 'no spurious concept found' END AS verdict
+        FROM c LEFT JOIN best b USING (model, class)
+        ORDER BY c.model, b.verified DESC NULLS LAST, b.concept IS NULL, c.class""")

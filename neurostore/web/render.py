@@ -53,6 +53,10 @@ class Links:
     def patch(self, pid) -> str:
         return f"{self.prefix}patch{'es' if self.static else ''}/{self._q(pid)}.png"
 
+    def image(self, key) -> str:
+        """A whole probe image (key: see data.image_png)."""
+        return f"{self.prefix}image{'s' if self.static else ''}/{self._q(key)}.png"
+
     def findings(self, kind: str) -> str:
         return f"{self.prefix}{kind}" + (".html" if self.static else "")
 
@@ -62,6 +66,9 @@ class Links:
 
     def sql(self, q: str | None = None, params: dict | None = None) -> str:
         return "/sql" + ("?" + urlencode({"q": q, **(params or {})}) if q else "")
+
+    def sql_download(self, q: str, params: dict | None, fmt: str) -> str:
+        return f"/sql.{fmt}?" + urlencode({"q": q, **(params or {})})
 
     def named(self, name: str) -> str:
         return f"/query/{self._q(name)}"
@@ -89,6 +96,41 @@ def fmt(v, digits: int = 3) -> str:
     if abs(f) >= 1e5 or abs(f) < 1e-3:
         return f"{f:.{digits}g}"
     return f"{f:.{digits}g}" if abs(f) >= 1 else f"{f:.{digits}f}".rstrip("0").rstrip(".")
+
+
+# Column names as people say them (result tables of pages; the SQL console keeps SQL's names).
+HEADERS = {"best_patch": "top patch", "top_patch": "top patch", "depth_frac": "depth", "rank_in_model": "rank",
+           "found_by": "found by", "n_images": "images", "n_units": "units", "act_value": "activation",
+           "grad_x_act": "grad × act", "auprc": "AUPRC", "pearson": "fidelity (Pearson r)",
+           # unit_matches: whether the other matching method paired this unit with the same partner
+           "agree": "other method same partner", "label_similarity": "label similarity (MiniLM)",
+           "cue_flip_before": "cue flip before", "cue_flip_after": "cue flip after"}
+
+
+def human(col: str) -> str:
+    return HEADERS.get(col, str(col).replace("_", " "))
+
+
+def people(v) -> str:
+    """Any value as people read it: durations in h/min/s (DuckDB INTERVALs arrive as Arrow
+    MonthDayNano), times to the second, the rest as str."""
+    if type(v).__name__ == "MonthDayNano":  # pyarrow's (months, days, nanoseconds)
+        months, days, ns = v
+        parts = [f"{months} mo" if months else "", f"{days} d" if days else "", duration(ns / 1e9) if ns else ""]
+        return " ".join(p for p in parts if p) or "0 s"
+    if isinstance(v, dt.timedelta):
+        return duration(v.total_seconds())
+    if isinstance(v, dt.datetime):
+        return v.strftime("%Y-%m-%d %H:%M:%S") + (f" {v.tzname()}" if v.tzinfo else "")
+    return str(v)
+
+
+def duration(s: float) -> str:
+    if s < 60:
+        return f"{s:.3g} s"
+    m, sec = divmod(round(s), 60)
+    h, m = divmod(m, 60)
+    return f"{h} h {m} min" if h else f"{m} min {sec} s"
 
 
 def short(v, n: int = 80) -> str:
@@ -144,9 +186,10 @@ def environment():
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
                              autoescape=jinja2.select_autoescape(["html"], default=True),
                              trim_blocks=True, lstrip_blocks=True, undefined=jinja2.ChainableUndefined)
-    env.globals.update(fmt=fmt, short=short, hist_svg=hist_svg, depth_svg=depth_svg, bars=bars, version=__version__)
+    env.globals.update(fmt=fmt, short=short, human=human, people=people, hist_svg=hist_svg, depth_svg=depth_svg, bars=bars, version=__version__)
     env.tests["bytes_like"] = lambda v: isinstance(v, (bytes, bytearray, memoryview))
     env.tests["float"] = lambda v: isinstance(v, float)
+    env.tests["png"] = lambda v: isinstance(v, (bytes, bytearray, memoryview)) and bytes(v[:4]) == b"\x89PNG"
     return env
 
 
@@ -157,7 +200,8 @@ def render(template: str, data: dict, links: Links, **extra) -> str:
     tpl = env.get_template(template)
     macros = env.get_template("macros.html").make_module({"L": links, **env.globals})
     ctx = {"data": data, "L": links, **{k: getattr(macros, k) for k in
-                                        ("num", "conf", "patch_img", "patch_grid", "cell", "rows_table")}, **extra}
+                                        ("num", "conf", "patch_img", "patch_grid", "top_images", "where", "cell",
+                                         "rows_table")}, **extra}
     return tpl.render(ctx)
 
 
