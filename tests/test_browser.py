@@ -146,3 +146,66 @@ def test_static_report_opened_from_disk(tmp_path_factory, tmp_path):
     shot = screenshot(url, "report-neuron-card", tmp_path)
     assert red_pixels(shot) > 2000  # the images loaded from disk
     screenshot((out / "model/toy-cnn.html").as_uri(), "report-model", tmp_path)
+
+
+def colour_runs(png_path, rgb, tol=12, min_len=12):
+    """Lengths of horizontal runs of pixels within `tol` of colour `rgb`, at least `min_len` long."""
+    import numpy as np
+    from PIL import Image
+
+    px = np.asarray(Image.open(png_path).convert("RGB")).astype(int)
+    mask = (np.abs(px - np.array(rgb)).max(axis=-1) <= tol)
+    runs = []
+    for row in mask:
+        d = np.diff(np.concatenate([[0], row.astype(int), [0]]))
+        starts, ends = np.flatnonzero(d == 1), np.flatnonzero(d == -1)
+        runs += [int(n) for n in ends - starts if n >= min_len]
+    return runs
+
+
+def colour_pixels(png_path, rgb, tol=30):
+    import numpy as np
+    from PIL import Image
+
+    px = np.asarray(Image.open(png_path).convert("RGB")).astype(int)
+    return int((np.abs(px - np.array(rgb)).max(axis=-1) <= tol).sum())
+
+
+def test_confidence_bars_draw_their_width(server, tmp_path):
+    # The card's concept tables hold confidences 0.95 .. 0.35. Under the app's CSP an inline
+    # style="width:.." is dropped and every bar drew full width; the bars must differ in the page.
+    shot = screenshot(server.url + "neuron/toy-cnn/conv1/0", "neuron-card-bars", tmp_path, height=1600)
+    runs = colour_runs(shot, (11, 99, 196))  # var(--accent), the bars' fill
+    assert runs, "no confidence bar drawn"
+    assert min(runs) < 0.6 * max(runs), sorted(set(runs))
+
+
+def test_card_shows_where_the_unit_fired(server, tmp_path):
+    url = server.url + "neuron/toy-cnn/conv1/0"
+    dom = dump_dom(url, tmp_path)
+    assert dom.count('class="where"') == 6 and dom.count('class="maxcell"') == 6 and dom.count('class="box"') == 6
+    # The headline comes before the images, the images before the concept tables.
+    assert dom.index('class="headline') < dom.index("Top images") < dom.index("Concepts per scorer")
+    shot = screenshot(url, "neuron-card-where", tmp_path)
+    assert colour_pixels(shot, (213, 94, 0), tol=40) > 200   # the max cells (red-orange)
+    assert colour_pixels(shot, (0, 114, 178), tol=20) > 200  # the cut boxes (blue)
+
+
+def test_search_finds_zebra_stripes_by_default(server, tmp_path):
+    url = server.url + "search?" + urllib.parse.urlencode({"q": "zebra stripes"})
+    dom = dump_dom(url, tmp_path)
+    assert 'href="/neuron/toy-cnn/layer1.0.conv2/' in dom and ">semantic<" in dom
+    assert "“zebra stripes”" in dom and ">0 units" not in dom and "BEST_PATCH" not in dom
+    first = dom.index("<tbody>")
+    assert ">striped<" in dom[first:first + 2000]  # the nearest concept's units lead
+    screenshot(url, "search-merged", tmp_path)
+
+
+def test_console_renders_thumbnails_and_downloads(server, tmp_path):
+    q = "SELECT patch_id, image_id, thumbnail FROM patches ORDER BY image_id LIMIT 4"
+    url = server.url + "sql?" + urllib.parse.urlencode({"q": q})
+    dom = dump_dom(url, tmp_path)
+    assert dom.count('alt="thumbnail of ') == 4 and "bytes&gt;" not in dom
+    assert 'href="/sql.csv?' in dom and 'class="schema' in dom and "explanation_scores" in dom
+    shot = screenshot(url, "sql-console-thumbnails", tmp_path, height=1000)
+    assert red_pixels(shot) + colour_pixels(shot, (40, 170, 60)) + colour_pixels(shot, (40, 80, 220)) > 1000

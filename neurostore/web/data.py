@@ -312,6 +312,8 @@ def neuron_card(run: Run, model: str, layer: str, unit: int, **kw) -> dict:
 
 SEARCH_MODES = ("all", "exact", "semantic", "open")
 FOUND_BY = ("exact", "semantic", "open")  # the merged answer's order: surest first
+# Merged search keeps semantic neighbours at least this similar, and within SPREAD of the nearest.
+SEMANTIC_FLOOR, SEMANTIC_SPREAD = 0.3, 0.2
 
 
 def all_concepts(run: Run) -> list[str]:
@@ -391,8 +393,10 @@ def search_all(run: Run, phrase: str, k: int = 50, find_store=None, device=None,
         found.append({**u, "found_by": "exact", "similarity": 1.0})
     sem = search_semantic(run, phrase, 8)
     notes += [sem["note"]] if sem.get("note") else []
+    # Only concepts near the nearest one: far ones (0.4 for 'green' vs 0.77 for 'striped') are noise here.
+    floor = max(SEMANTIC_FLOOR, (sem["concepts"][0]["similarity"] - SEMANTIC_SPREAD) if sem["concepts"] else 0)
     for t in sem["concepts"]:
-        for u in t["units"]:
+        for u in t["units"] if t["similarity"] >= floor else []:
             found.append({**u, "found_by": "semantic", "similarity": t["similarity"]})
     if find_store is not None:
         try:
