@@ -21,7 +21,7 @@ from .errors import NeurostoreError  # noqa: E402  (no heavy imports: safe to lo
 # name -> (module, attribute): the whole public API.
 _API = {
     "Store": ("store", "Store"),
-    "open": ("store", "open_store"),
+    "open": ("store", "open"),
     "dissect": ("pipeline", "dissect"),
     "demo": ("pipeline", "demo"),
     "evaluate": ("evaluate", "evaluate"),

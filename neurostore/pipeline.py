@@ -583,11 +583,11 @@ def dissect(model: str, *, store: Store | str | Path, images: str | Path | None 
             run.write("headlines", head, key=f"trust:{ds}:{vocab.name}:{enc.id}")
     ckpt.remove()
     # MiniLM vectors of the concepts, for SQL's semantic functions (similar_concepts): new ones only.
-    from .sqlfuncs import MINILM_ID
+    from .sqlfuncs import MINILM_ID, embed_concepts
 
     missing = [c for c in dict.fromkeys(vocab.concepts) if c not in _cached_ids(store, MINILM_ID, "concept")]
     if missing:
-        store.embed_concepts(concepts=missing)
+        embed_concepts(store, concepts=missing)
     lap("store")
 
     summary = {

@@ -15,11 +15,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from .resources import sql_dir
-from .errors import SchemaMismatch, UnknownTable, did_you_mean, unknown
+from .errors import SchemaMismatch, did_you_mean
 
 # The schema/ folder (shipped in the wheel; see resources.py); NEUROSTORE_SCHEMA_DIR overrides it.
 SCHEMA_DIR = Path(os.environ.get("NEUROSTORE_SCHEMA_DIR") or sql_dir("schema"))
@@ -155,11 +156,12 @@ def schema_version(schema_dir: Path | None = None) -> int:
     return int((Path(schema_dir or SCHEMA_DIR) / "version.txt").read_text().strip())
 
 
-def get_table(name: str, schema_dir: Path | None = None) -> TableSchema:
-    tables = load_schemas(schema_dir)
-    if name not in tables:
-        raise UnknownTable(unknown("table", name, tables, "See 'neurostore tables'."))
-    return tables[name]
+def vector_column(m, mask=None) -> pa.Array:
+    """[n, d] float matrix -> the FLOAT[d] column of `embeddings` (a fixed-size list per row);
+    `mask` ([n] bool, optional) marks NULL rows."""
+    m = np.ascontiguousarray(m, dtype=np.float32)  # [n, d]
+    return pa.FixedSizeListArray.from_arrays(pa.array(m.ravel(), pa.float32()), m.shape[1],
+                                             mask=None if mask is None else pa.array(mask, pa.bool_()))
 
 
 # ---- conforming incoming data -----------------------------------------------------------------

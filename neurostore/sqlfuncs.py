@@ -9,21 +9,28 @@ SQL functions:
     text_similarity(a, b)   -> DOUBLE       cosine similarity of two phrases
     similar_concepts(phrase, k := 10)       table macro: nearest stored concept embeddings
 plus the macros in queries/_macros.sql (concept_neurons, neuron_concepts, layer_concept_counts, ...).
+
+`embed_concepts(store, ...)` writes the concept vectors similar_concepts() searches.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+from typing import Iterable
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 
+from .errors import UnknownVocabulary, unknown
 from .resources import sql_dir
+from .schema import vector_column
 
 MINILM_ID = "minilm:all-MiniLM-L6-v2"
 MINILM_DIM = 384
 MACROS_FILE = sql_dir("queries") / "_macros.sql"
+
 
 def embed_texts(texts: list[str]) -> np.ndarray:
     """[n, 384] float32 unit MiniLM vectors (the embedder caches each phrase per process: SQL
@@ -48,8 +55,7 @@ def _udf_text_embedding(phrases) -> pa.Array:
     flat = np.zeros((len(vals), MINILM_DIM), np.float32)
     mask = np.array([v is None for v in vals], bool)
     flat[~mask] = vecs
-    return pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel(), pa.float32()), MINILM_DIM,
-                                             mask=pa.array(mask) if mask.any() else None)
+    return vector_column(flat, mask if mask.any() else None)
 
 
 def _udf_text_similarity(a, b) -> pa.Array:
@@ -80,3 +86,27 @@ def prepare_connection(con: duckdb.DuckDBPyConnection, macros: bool = True) -> d
         for stmt in macro_statements():
             con.execute(stmt)
     return con
+
+
+def embed_concepts(store, vocabulary: str | None = None, concepts: Iterable[str] | None = None) -> dict:
+    """Embed concepts with MiniLM and store them in `store`'s `embeddings` (kind='concept'), so
+    SQL's similar_concepts(phrase, k) can find them. Takes the concepts of `vocabulary` from the
+    concepts table (all vocabularies when None), or an explicit list. One run; returns its summary."""
+    if concepts is None:
+        where, p = ("WHERE vocabulary = $v", {"v": vocabulary}) if vocabulary else ("", None)
+        got = store.sql(f"SELECT DISTINCT concept FROM concepts {where} ORDER BY concept", p)
+        concepts = [c for c in got.column("concept").to_pylist() if c]
+        if not concepts:
+            have = store.sql("SELECT DISTINCT vocabulary FROM concepts").column("vocabulary").to_pylist()
+            raise UnknownVocabulary(unknown("vocabulary", vocabulary or "(any)", [v for v in have if v],
+                                            "Write its concepts to the concepts table first."))
+    concepts = sorted(dict.fromkeys(concepts))
+    vecs = embed_texts(concepts)  # [n, 384]
+    table = pa.table({"encoder": [MINILM_ID] * len(concepts), "kind": ["concept"] * len(concepts),
+                      "item_id": concepts, "vector": vector_column(vecs)})
+    # keyed by the vocabulary, or by the exact list: re-embedding the same concepts replaces them
+    params = {"vocabulary": vocabulary, "encoder": MINILM_ID} if vocabulary \
+        else {"concepts": hashlib.sha256("\n".join(concepts).encode()).hexdigest()[:16], "encoder": MINILM_ID}
+    with store.run("embed concepts", params) as run:
+        run.write("embeddings", table)
+    return {"concepts": len(concepts), "encoder": MINILM_ID, "run_id": run.run_id}

@@ -12,6 +12,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
+from neurostore.sqlfuncs import embed_concepts
+
 DATASET = "probe-test"
 SHAPES = ["circle", "square", "triangle", "star"]
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220)}
@@ -151,7 +153,7 @@ def build(store) -> dict:
         run.write("concepts", pa.Table.from_pylist(concepts))
         run.write("vocabularies", pa.Table.from_pylist([{"vocabulary": "probe", "source": "builtin",
                                                           "description": "probe world", "n_concepts": len(concepts)}]))
-    store.embed_concepts("probe")  # real MiniLM vectors: semantic search and similar_concepts()
+    embed_concepts(store, "probe")  # real MiniLM vectors: semantic search and similar_concepts()
     n_units = sum(n for ls in LAYERS.values() for _, _, n in ls)
     return {"n_units": n_units, "n_layers": sum(len(ls) for ls in LAYERS.values()), "n_patches": len(patches),
             "truth": truth, "patch_ids": [p["patch_id"] for p in patches]}

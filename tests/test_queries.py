@@ -12,7 +12,7 @@ from test_store import scores_table  # noqa: E402
 
 from neurostore.errors import BadParameter, MissingParameter, QueryError, UnknownQuery  # noqa: E402
 from neurostore.queries import get_query, list_queries, parse_param_pairs, parse_query  # noqa: E402
-from neurostore.sqlfuncs import MINILM_ID  # noqa: E402
+from neurostore.sqlfuncs import MINILM_ID, embed_concepts  # noqa: E402
 from neurostore.store import Store  # noqa: E402
 
 QUERIES = sorted(list_queries())
@@ -111,12 +111,12 @@ def test_semantic_functions(store):
                                text_similarity('cat', 'carburetor') AS far,
                                typeof(text_embedding('cat')) AS t""").to_pylist()[0]
     assert sims["near"] > sims["far"] + 0.2 and sims["t"] == "FLOAT[384]"
-    out = store.embed_concepts("demo")
+    out = embed_concepts(store, "demo")
     assert out["concepts"] == 4
     assert store.sql("SELECT count(*) n FROM embeddings WHERE encoder = $e", {"e": MINILM_ID}).column("n")[0].as_py() == 4
     got = store.query("similar_concepts", {"phrase": "zebra stripes", "k": 2}).to_pylist()
     assert got[0]["concept"] == "striped" and len(got) == 2
     # re-embedding the same vocabulary replaces, never duplicates
-    store.embed_concepts("demo")
+    embed_concepts(store, "demo")
     assert store.sql("SELECT count(*) n FROM embeddings").column("n")[0].as_py() == 4
     assert store.sql("SELECT concept FROM similar_concepts('crimson', k := 1)").to_pylist() == [{"concept": "red"}]

@@ -19,7 +19,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from neurostore import store as store_mod
+from neurostore.store import derived, files, maintenance
 from neurostore.errors import BadInput, SchemaMismatch, StoreNotFound, StoreVersionError, UnknownTable
 from neurostore.store import Store
 
@@ -133,7 +133,7 @@ def test_write_read_layout_and_plain_readers(store):
 
 
 def test_writer_sorts_and_uses_point_lookup_row_groups(store, monkeypatch):
-    monkeypatch.setitem(store_mod.ROW_GROUP_ROWS, "scores", 4096)
+    monkeypatch.setitem(files.ROW_GROUP_ROWS, "scores", 4096)
     t = scores_table(n_units=3000, k=5)
     shuffled = t.take(np.random.default_rng(1).permutation(t.num_rows))
     with store.run("sorted") as run:
@@ -194,14 +194,14 @@ def test_replaced_files_are_deleted_after_grace(store, monkeypatch):
         run.write("scores", scores_table())
     man = store.manifest()
     assert {r["path"] for r in man["retired"]} >= old and all((store.path / p).exists() for p in old)
-    monkeypatch.setattr(store_mod, "GRACE_SECONDS", 0.0)
+    monkeypatch.setattr(maintenance, "GRACE_SECONDS", 0.0)
     store.gc()
     assert not any((store.path / p).exists() for p in old)
     assert count(store) == 50
 
 
 def test_concept_units_derived_from_scores(store, monkeypatch):
-    monkeypatch.setattr(store_mod, "CONCEPT_UNITS_TOP", 6)
+    monkeypatch.setattr(derived, "CONCEPT_UNITS_TOP", 6)
     with store.run("a") as run:
         run.write("scores", scores_table("m1", "layer1", 30, seed=1))
         run.write("scores", scores_table("m1", "layer2", 30, seed=2))
@@ -209,11 +209,11 @@ def test_concept_units_derived_from_scores(store, monkeypatch):
         SELECT concept, layer, unit, score FROM scores WHERE model = 'm1' AND concept = 'c3'
         ORDER BY score DESC, layer, unit""").to_pylist()
     got = store.sql("SELECT concept, layer, unit, score, rank FROM concept_units WHERE concept = 'c3' ORDER BY rank").to_pylist()
-    assert [(g["layer"], g["unit"]) for g in got] == [(b["layer"], b["unit"]) for b in brute][:store_mod.CONCEPT_UNITS_TOP]
+    assert [(g["layer"], g["unit"]) for g in got] == [(b["layer"], b["unit"]) for b in brute][:derived.CONCEPT_UNITS_TOP]
     assert [g["rank"] for g in got] == list(range(len(got)))
     # only the best CONCEPT_UNITS_TOP units per (model, concept, scorer) are kept
     assert store.sql("SELECT max(n) m FROM (SELECT count(*) n FROM concept_units GROUP BY model, concept, scorer)"
-                     ).column("m")[0].as_py() <= store_mod.CONCEPT_UNITS_TOP
+                     ).column("m")[0].as_py() <= derived.CONCEPT_UNITS_TOP
     with pytest.raises(BadInput, match="derived by the store from scores"):
         with store.run("x") as run:
             run.write("concept_units", {"concept": ["a"]})
@@ -308,7 +308,7 @@ def test_sigkill_inside_commit_before_manifest_swap(tmp_path):
         run.write("scores", scores_table("m0", "layer0", 10))
     extra = textwrap.dedent("""
         import os, signal
-        from neurostore import store as sm
+        from neurostore.store import commit as sm  # the module whose commit writes the manifest
         real = sm._atomic_write
         def killer(p, text):
             if p.name == "manifest.json":

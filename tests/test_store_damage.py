@@ -17,11 +17,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_cli_store import run_cli  # noqa: E402
 from test_store import scores_table  # noqa: E402
 
-from neurostore import store as store_mod  # noqa: E402
+from neurostore.store import DERIVED_TABLES  # noqa: E402
+from neurostore.store.files import _sha256  # noqa: E402
 from neurostore.errors import StoreDamaged  # noqa: E402
 from neurostore.store import Store, check  # noqa: E402
 
-DERIVED = set(store_mod.DERIVED_TABLES)
+DERIVED = set(DERIVED_TABLES)
 
 
 def concepts(*names, vocabulary="v"):
@@ -368,7 +369,7 @@ def test_committed_files_record_hash_and_manifest_entry(st):
     for table, entries in man["tables"].items():
         for e in entries:
             f = st / e["path"]
-            assert e["sha256"] == store_mod._sha256(f) and e["bytes"] == f.stat().st_size
+            assert e["sha256"] == _sha256(f) and e["bytes"] == f.stat().st_size
             facts = json.loads(pq.ParquetFile(f).metadata.metadata[b"neurostore"])
             assert (facts["table"], facts["partition"], facts["run_id"], facts["work_key"]) == (
                 table, e["partition"], e["run_id"], e["work_key"])

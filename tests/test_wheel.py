@@ -33,8 +33,9 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_ships_every_package_and_the_sql(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for folder in ("schema", "queries"):
-        for f in (REPO / folder).glob("*.sql"):
-            assert f"neurostore/_sql/{folder}/{f.name}" in names, f"{folder}/{f.name} missing from the wheel"
+        for f in (REPO / folder).rglob("*.sql"):  # subfolders too (schema/derived/)
+            rel = f.relative_to(REPO / folder).as_posix()
+            assert f"neurostore/_sql/{folder}/{rel}" in names, f"{folder}/{rel} missing from the wheel"
     assert "neurostore/_sql/schema/version.txt" in names
     # Every package of the source tree is listed in pyproject (they are listed, not found).
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])

@@ -1,0 +1,23 @@
+"""The store: a folder of Parquet files, a manifest that says which files are committed, and
+DuckDB views over them. See docs/store.md for the layout and the commit protocol.
+
+    store = Store.open("neurostore-store")
+    with store.run("dissect", params={"model": "resnet50"}) as run:
+        run.write("scores", arrow_or_pandas)     # validated against schema/, run_id filled in
+    store.sql("SELECT * FROM scores WHERE unit = $u", {"u": 7})   # -> pyarrow.Table
+
+Only this package writes files into a store. Its modules, lowest first: files (names, atomic
+writes, hashes, footers, locks), derived (tables derived from scores), commit (manifest, runs,
+commit), views (reading), maintenance (gc, check, repair), export, core (the Store class).
+"""
+
+from .commit import Run, git_revision, package_versions, work_key
+from .core import Store, check
+from .derived import CONCEPT_UNITS_TOP, DERIVED_TABLES
+from .files import _staging_is_dead, check_partition_value, hive_types
+
+# `ns.open(path)`: the same call as Store.open.
+open = Store.open
+
+__all__ = ["CONCEPT_UNITS_TOP", "DERIVED_TABLES", "Run", "Store", "check", "check_partition_value", "git_revision",
+           "hive_types", "open", "package_versions", "work_key", "_staging_is_dead"]
