@@ -241,3 +241,87 @@ def test_store_files_untouched(server, tmp_path_factory):
     get(server, sql_path("SELECT * FROM scores LIMIT 5"))
     after = sorted((p.relative_to(path), p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file())
     assert before == after
+
+
+def test_console_downloads_csv_and_parquet(server):
+    import io
+
+    import pyarrow.parquet as pq
+
+    q = {"q": "SELECT patch_id, thumbnail, x0 FROM patches ORDER BY patch_id LIMIT 3"}
+    status, ctype, body = get(server, "/sql.csv?" + urllib.parse.urlencode(q))
+    lines = body.decode().splitlines()
+    assert status == 200 and ctype.startswith("text/csv") and lines[0] == '"patch_id","thumbnail","x0"'
+    assert len(lines) == 4 and '$base64' in lines[1]  # bytes as their JSON text
+    status, ctype, body = get(server, "/sql.parquet?" + urllib.parse.urlencode(q))
+    t = pq.read_table(io.BytesIO(body))
+    assert status == 200 and t.num_rows == 3 and t.column("thumbnail")[0].as_py()[:4] == b"\x89PNG"
+    status, _, body = get(server, "/sql.csv?" + urllib.parse.urlencode({"q": "COPY scores TO '/tmp/x.csv'"}))
+    assert status == 400 and body.startswith(b"Error: ") and body.count(b"\n") == 1
+
+
+def test_search_merges_every_mode_by_default(server):
+    status, data = get_json(server, "/search.json?q=striped")
+    assert data["mode"] == "all" and data["counts"]["exact"] > 0
+    modes = [u["found_by"] for u in data["units"]]
+    assert modes == sorted(modes, key=D.FOUND_BY.index)  # exact, then semantic, then open
+    keys = [(u["model"], u["layer"], u["unit"]) for u in data["units"]]
+    assert len(keys) == len(set(keys))
+    exact = [u["confidence"] for u in data["units"] if u["found_by"] == "exact"]
+    assert exact == sorted(exact, reverse=True)
+
+
+def test_card_leads_with_the_headline(server):
+    from neurostore.web.render import Links, render
+
+    status, card = get_json(server, "/neuron/toy-cnn/conv1/2.json")
+    assert card["prev"] == 1 and card["next"] == 3
+    card["headline"] = {"concept": "vermilion", "scorer": "patch", "confidence": 0.42, "fidelity": 0.61,
+                        "auprc": 0.7, "candidates": 9, "vocabulary": "probe"}
+    html = render("neuron.html", card, Links())
+    assert html.index("vermilion") < html.index("Top images") < html.index("Concepts per scorer")
+    assert 'width="29.4"' in html  # the 0.42 bar: 42% of 70 px, as an SVG attribute (CSP allows it)
+    assert 'rel="prev"' in html and 'href="/neuron/toy-cnn/conv1/3"' in html
+
+
+def test_audit_page_leads_with_the_verdict_per_class():
+    from neurostore.web.render import Links, render
+
+    con = duckdb.connect()
+    con.execute("""CREATE TABLE audit_units AS SELECT * FROM (VALUES
+        ('m', 'star', 0, 'fc', 1, 0.5, NULL::FLOAT, 0.4, -0.2, 'watermark', 0.9, 0.1, 0.3, true, 'patch', 10, 'd', 'r'),
+        ('m', 'circle', 0, 'fc', 2, 0.4, NULL, 0.3, -0.1, 'circle', 0.9, 0.9, 0.3, false, 'patch', 10, 'd', 'r'))
+        t(model, class, rank, layer, unit, grad_x_act, weight_x_act, share, ablation_effect, label, label_confidence,
+          relatedness, threshold, flagged, scorer, n_images, dataset, run_id)""")
+    con.execute("""CREATE TABLE audit_findings AS SELECT 'm' AS model, 'star' AS class, 'watermark' AS concept, 0 AS rank,
+        ['fc/1'] AS neurons, 1 AS n_units, 0.5 AS contribution, 0.1 AS relatedness, 0.62 AS cue_flip_before,
+        0.05 AS cue_flip_after, 0.57 AS reliance_drop, 0.9 AS accuracy_before, 0.88 AS accuracy_after,
+        true AS verified, true AS headline, NULL AS cued_accuracy_before""")
+
+    def run(sql, params=None):
+        return con.sql(sql, params=params).to_arrow_table()
+
+    data = D.findings(run, "audit")
+    assert [(v["class"], v["verdict"]) for v in data["verdicts"]] == [
+        ("star", "relies on a spurious concept"), ("circle", "no spurious concept found")]
+    html = render("findings.html", data, Links())
+    assert html.index("Verdict per class") < html.index("Evidence") < html.index("<code>audit_findings</code>")
+    assert "62% → 5%" in html and "cued accuracy before" not in html  # the main columns only
+    assert "NULL" not in html
+
+
+def test_values_print_as_people_read_them(server):
+    status, _, body = get(server, sql_path("SELECT INTERVAL 1141 SECOND AS took, NULL AS nothing, true AS ok"))
+    table = body.decode().split("Download:")[1].split("</thead>")[1].split("</table>")[0]
+    assert status == 200 and "19 min 1 s" in table and "MonthDayNano" not in table and "NULL" not in table
+    assert ">yes<" in table
+    import datetime as dt
+
+    import pyarrow as pa
+
+    from neurostore.web.render import human, people
+
+    interval = pa.array([pa.MonthDayNano([0, 0, 1_141_000_000_000])], pa.month_day_nano_interval())[0].as_py()
+    assert people(interval) == "19 min 1 s" and people(dt.timedelta(seconds=1.28)) == "1.28 s"
+    assert people(dt.datetime(2026, 1, 2, 3, 4, 5, 678)) == "2026-01-02 03:04:05"
+    assert human("best_patch") == "top patch" and human("depth_frac") == "depth"

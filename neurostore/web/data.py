@@ -380,6 +380,7 @@ def search_open_find(run: Run, find_store, phrase: str, k: int = 30, device=None
            "columns": ["model", "layer", "unit", "best_patch", "depth_frac", "score", "confidence", "encoder"]}
     if res.notes:
         out["note"] = " ".join(res.notes)
+        out["notes"] = list(res.notes)
     return out
 
 
@@ -391,7 +392,7 @@ def search_all(run: Run, phrase: str, k: int = 50, find_store=None, device=None,
     ex = search_exact(run, phrase, k)
     for u in ex["units"]:
         found.append({**u, "found_by": "exact", "similarity": 1.0})
-    sem = search_semantic(run, phrase, 8)
+    sem = search_semantic(run, phrase, 8, per_concept=k)
     notes += [sem["note"]] if sem.get("note") else []
     # Only concepts near the nearest one: far ones (0.4 for 'green' vs 0.77 for 'striped') are noise here.
     floor = max(SEMANTIC_FLOOR, (sem["concepts"][0]["similarity"] - SEMANTIC_SPREAD) if sem["concepts"] else 0)
@@ -401,7 +402,7 @@ def search_all(run: Run, phrase: str, k: int = 50, find_store=None, device=None,
     if find_store is not None:
         try:
             op = search_open_find(run, find_store, phrase, 20, device, precision)
-            notes += [op["note"]] if op.get("note") else []
+            notes += op.get("notes", [])[:1]  # why open found nothing; its summary of the other modes is moot here
             for u in op["units"]:
                 found.append({"model": u["model"], "layer": u["layer"], "unit": u["unit"], "concept": None,
                               "scorer": "open", "score": u.get("score"), "confidence": u.get("confidence"),

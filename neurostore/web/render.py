@@ -189,6 +189,7 @@ def environment():
     env.globals.update(fmt=fmt, short=short, human=human, people=people, hist_svg=hist_svg, depth_svg=depth_svg, bars=bars, version=__version__)
     env.tests["bytes_like"] = lambda v: isinstance(v, (bytes, bytearray, memoryview))
     env.tests["float"] = lambda v: isinstance(v, float)
+    env.tests["temporal"] = lambda v: isinstance(v, (dt.date, dt.time, dt.timedelta)) or type(v).__name__ == "MonthDayNano"
     env.tests["png"] = lambda v: isinstance(v, (bytes, bytearray, memoryview)) and bytes(v[:4]) == b"\x89PNG"
     return env
 
