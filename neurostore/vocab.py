@@ -59,14 +59,6 @@ class Vocabulary:
     def __len__(self) -> int:
         return len(self.concepts)
 
-    def category_of(self, concept: str) -> Optional[str]:
-        if self.categories is None:
-            return None
-        try:
-            return self.categories[self.concepts.index(concept)]
-        except ValueError:
-            return None
-
     def head(self, n: int) -> "Vocabulary":
         """The first n concepts, same name and source (for previews and tiny tests)."""
         cats = self.categories[:n] if self.categories is not None else None
@@ -352,10 +344,9 @@ def fallback_concepts(domain: str, n: int, pool_size: Optional[int] = None) -> t
     size = pool_size or FALLBACK_POOL
     pool = english(size).concepts
     try:
-        from .textembed import get_text_embedder
+        from .textembed import embed_texts  # here: a vocabulary from a file needs no text model
 
-        emb = get_text_embedder()
-        sims = emb.encode([domain]) @ emb.encode(pool).T               # [1, pool]
+        sims = embed_texts([domain]) @ embed_texts(pool).T             # [1, pool]
         order = sims[0].argsort()[::-1][:n]
         return [pool[i] for i in order], f"{_english_label(size)}+minilm"
     except Exception as e:  # a broken text model must not stop the fallback itself

@@ -21,6 +21,7 @@ import torch
 from .. import devices
 from ..errors import BadInput, BadParameter, UnknownLayer, UnknownModel, unknown
 from ..store import Store
+from ..textembed import embed_texts as minilm  # [n, 384] unit MiniLM vectors, cached per phrase
 
 # Images pushed through a model per forward pass in ablations and contributions: small models
 # of the probe world fit thousands, real ones a few dozen; 64 keeps memory flat for both.
@@ -303,23 +304,11 @@ def probe_images(store: Store, model: str, target, max_images: int = 2000, split
 # ---- words ------------------------------------------------------------------------------------------
 
 
-def minilm(texts: Sequence[str]) -> np.ndarray:
-    """[n, 384] unit MiniLM vectors (cached per phrase by sqlfuncs)."""
-    from ..sqlfuncs import embed_texts
-
-    return embed_texts(list(texts))
-
-
 def relatedness(a: Sequence[str], b: Sequence[str]) -> np.ndarray:
     """[len(a), len(b)] MiniLM cosine similarities of words/phrases."""
     if not len(a) or not len(b):
         return np.zeros((len(a), len(b)), np.float32)
     return minilm(a) @ minilm(b).T
-
-
-def vector_column(m: np.ndarray) -> pa.Array:
-    m = np.ascontiguousarray(m, dtype=np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(m.ravel(), pa.float32()), m.shape[1])
 
 
 def matrix(column) -> np.ndarray:
