@@ -16,7 +16,7 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 
-from .errors import NeurostoreError
+from .errors import NeurostoreError, cli_message
 
 app = typer.Typer(
     name="neurostore",
@@ -1130,8 +1130,8 @@ def main() -> None:
     errors (bad options) are click's own: it prints them with the usage and exits 2."""
     try:
         app()
-    except NeurostoreError as e:
-        err_console.print(f"Error: {e}", markup=False, highlight=False, soft_wrap=True)
+    except NeurostoreError as e:  # the API's argument names, as this CLI's flags
+        err_console.print(f"Error: {cli_message(e)}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err_console.print("Aborted.")

@@ -1,11 +1,14 @@
 """Every error neurostore raises on purpose. The CLI catches `NeurostoreError` in one place and
 prints `Error: <message>` (exit 1); any other exception is a bug and keeps its traceback.
 
-A message says what went wrong, what is valid, and what to do."""
+A message says what went wrong, what is valid, and what to do. The API's messages speak of its
+arguments (`store=PATH`, `params={'top': 50}`, `units='conv4:3'`, `overwrite=True`); `cli_message`
+turns them into the CLI's flags, so `Error:` lines name what the user types."""
 
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 
 
@@ -91,3 +94,20 @@ def unknown(kind: str, name: str, valid: Iterable[str], hint: str = "") -> str:
     msg = f"Unknown {kind} '{name}'.{did_you_mean(name, valid)}"
     msg += f" Valid: {shown}." if valid else f" There are no {kind}s yet."
     return msg + (f" {hint}" if hint else "")
+
+
+# An argument as the API's messages write it -> the flag the CLI takes for it.
+_ARG_AS_FLAG = [
+    (re.compile(r"params=\{'(\w+)': ([^}]*)\}"), r"--param \1=\2"),
+    (re.compile(r"\bstore=PATH\b"), "--store PATH"),
+    (re.compile(r"\boverwrite=True\b"), "--overwrite"),
+    (re.compile(r"\bunits='([^']*)'"), r"--units \1"),
+]
+
+
+def cli_message(error: NeurostoreError) -> str:
+    """`error`'s message with the API's argument names written as CLI flags."""
+    msg = str(error)
+    for pattern, flag in _ARG_AS_FLAG:
+        msg = pattern.sub(flag, msg)
+    return msg

@@ -82,7 +82,7 @@ def convert(value: Any, type_: str, what: str, name: str | None = None) -> Any:
         pass
     example = {"VARCHAR": "text", "INTEGER": "50", "BIGINT": "50", "DOUBLE": "0.5", "FLOAT": "0.5",
                "BOOLEAN": "true"}[type_]
-    hint = f"--param {name}={example}" if name else example
+    hint = f"params={{'{name}': {example}}}" if name else example
     raise BadParameter(f"{what} must be {type_}, got {value!r}. Pass e.g. {hint}.")
 
 
@@ -118,7 +118,7 @@ class NamedQuery:
             elif p.required:
                 raise MissingParameter(
                     f"Query '{self.name}' needs parameter '{p.name}' ({p.type}: {p.help}). "
-                    f"Pass --param {p.name}=VALUE."
+                    f"Pass params={{'{p.name}': VALUE}}."
                 )
             else:
                 out[p.name] = p.default

@@ -373,7 +373,7 @@ def generate_vocabulary(
     from . import llm
 
     if n < 1 or n > 5000:
-        raise BadInput(f"LLM vocabulary size {n} is out of range; use 1..5000 (e.g. --n 200).")
+        raise BadInput(f"LLM vocabulary size {n} is out of range; use n from 1 to 5000 (e.g. 200).")
     model = model or llm.default_model()
     key = llm_cache_key(model, domain, n)
     name = f"llm:{_slug(domain)}-{key[:4]}"

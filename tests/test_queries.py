@@ -120,3 +120,18 @@ def test_semantic_functions(store):
     embed_concepts(store, "demo")
     assert store.sql("SELECT count(*) n FROM embeddings").column("n")[0].as_py() == 4
     assert store.sql("SELECT concept FROM similar_concepts('crimson', k := 1)").to_pylist() == [{"concept": "red"}]
+
+
+def test_api_errors_name_arguments_and_the_cli_names_flags():
+    """The API speaks of its arguments; cli_message (used by the CLI's main) turns them into flags."""
+    from neurostore.errors import cli_message
+
+    q = get_query("concept_neurons")
+    with pytest.raises(MissingParameter) as e:
+        q.bind({})
+    assert "Pass params={'concept': VALUE}." in str(e.value) and "--param" not in str(e.value)
+    assert cli_message(e.value).endswith("Pass --param concept=VALUE.")
+    with pytest.raises(BadParameter) as e:
+        q.bind({"concept": "a", "top": "lots"})
+    assert str(e.value).endswith("Pass e.g. params={'top': 50}.")
+    assert cli_message(e.value).endswith("Pass e.g. --param top=50.")

@@ -123,7 +123,7 @@ def parse_units(specs: Sequence[str] | str, layer: str | None = None) -> dict[st
                 lay, units = layer, part
             else:
                 raise BadParameter(f"Cannot read unit selection '{part}'. Use LAYER:UNIT[,UNIT...] or "
-                                   "LAYER:FIRST-LAST, e.g. --units conv4:3,7 or --units blocks.3.mlp.fc1:0-15.")
+                                   "LAYER:FIRST-LAST, e.g. units='conv4:3,7' or units='blocks.3.mlp.fc1:0-15'.")
             for tok in [t for t in units.replace(" ", "").split(",") if t]:
                 if "-" in tok:
                     a, b = tok.split("-", 1)
@@ -133,7 +133,7 @@ def parse_units(specs: Sequence[str] | str, layer: str | None = None) -> dict[st
                 else:
                     out.setdefault(lay, []).append(int(tok))
     if not out:
-        raise BadParameter("No units given. Pass e.g. --units conv4:3,7.")
+        raise BadParameter("No units given. Pass e.g. units='conv4:3,7'.")
     return {k: sorted(set(v)) for k, v in out.items()}
 
 

@@ -35,7 +35,7 @@ class Export:
         if to == self.path or self.path in to.parents:
             raise BadInput(f"Cannot export into the store itself ('{to}'). Pick a folder outside it.")
         if to.exists() and any(to.iterdir()) and not overwrite:
-            raise BadInput(f"Export folder '{to}' is not empty. Pick an empty folder or pass overwrite=True (--overwrite).")
+            raise BadInput(f"Export folder '{to}' is not empty. Pick an empty folder or pass overwrite=True.")
         man = self.manifest()
         bad = self.damaged_files(e for entries in man["tables"].values() for e in entries)
         if bad:
