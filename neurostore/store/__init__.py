@@ -11,13 +11,12 @@ writes, hashes, footers, locks), derived (tables derived from scores), commit (m
 commit), views (reading), maintenance (gc, check, repair), export, core (the Store class).
 """
 
-from .commit import Run, git_revision, package_versions, work_key
+from .commit import Run
 from .core import Store, check
-from .derived import CONCEPT_UNITS_TOP, DERIVED_TABLES
-from .files import _staging_is_dead, check_partition_value, hive_types
+from .derived import DERIVED_TABLES
+from .files import _staging_is_dead  # world/build.py: a dead build folder is told by the same lock
 
 # `ns.open(path)`: the same call as Store.open.
 open = Store.open
 
-__all__ = ["CONCEPT_UNITS_TOP", "DERIVED_TABLES", "Run", "Store", "check", "check_partition_value", "git_revision",
-           "hive_types", "open", "package_versions", "work_key", "_staging_is_dead"]
+__all__ = ["DERIVED_TABLES", "Run", "Store", "check", "open", "_staging_is_dead"]
