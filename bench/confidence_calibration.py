@@ -203,14 +203,14 @@ def main():
     quiet = dict(progress=False, log=log, max_images=args.max_images)
     trained = []
     for name in ("cnn", "vit"):
-        s = dissect(f"probe:{name}@{world.root}", store=store, world=world, vocabulary="probe", **quiet)
+        s = dissect(store, f"probe:{name}@{world.root}", world=world, vocabulary="probe", **quiet)
         trained.append(s["model"])
-    rnd = dissect(random_probe_cnn(world, root), store=store, world=world, vocabulary="probe",
+    rnd = dissect(store, random_probe_cnn(world, root), world=world, vocabulary="probe",
                   evaluate=False, **quiet)["model"]
     models = trained + [rnd]
     resnet = None
     if not args.skip_resnet:
-        resnet = dissect("torchvision:resnet18@random", store=store,
+        resnet = dissect(store, "torchvision:resnet18@random",
                          images=str(Path(world.root) / "images" / "probe"), layers=["layer4"],
                          vocabulary="english-3k", encoder="open_clip:ViT-B-32/random", k=args.resnet_k,
                          evaluate=False, **quiet)["model"]

@@ -103,7 +103,7 @@ def main() -> None:
                          progress=False, log=lambda *a: None)
         dicts[layer] = {m: s[m] for m in ("layer", "n_features", "fve", "l0", "dead_fraction", "fit_seconds")}
         names.append(s["layer"])
-    dissect(spec, store=store, world=world, layers=args.layers + names, vocabulary="probe",
+    dissect(store, spec, world=world, layers=args.layers + names, vocabulary="probe",
             scorers=["patch", "iou"], progress=False, evaluate=False, log=lambda *a: None)
     model = "probe-cnn"
     per_layer, tot = {}, {"neurons": [0, 0], "features": [0, 0]}

@@ -63,8 +63,7 @@ def make_images(folder: Path, n: int, seed: int = 0) -> None:
 
 
 def load_models(args):
-    """The dissect's random weights: seeded as run_dissect seeds, loaded in the same order."""
-    torch.manual_seed(0)
+    """The dissect's models: random weights are seeded at load (the same in every process)."""
     target = load_target(args.model).to(args.device, args.precision)
     return target, load_encoder(args.encoder, device=args.device, precision=args.precision)
 
@@ -107,8 +106,7 @@ def floors(args, folder: Path, store: Path, dev, dtype) -> dict:
 
 
 def run_dissect(args, folder: Path, store: Path, scorers=SCORERS) -> dict:
-    torch.manual_seed(0)  # random weights: the same in every run (cold, warm, floor)
-    return dissect(args.model, store=store, images=folder, layers=args.layers, vocabulary=args.vocab,
+    return dissect(store, args.model, images=folder, layers=args.layers, vocabulary=args.vocab,
                    scorers=scorers, encoder=args.encoder, batch_size=args.batch_size, device=args.device,
                    precision=args.precision, workers=args.workers, progress=not args.quiet,
                    log=lambda m: print(m, file=sys.stderr))

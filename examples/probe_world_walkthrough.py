@@ -38,7 +38,7 @@ def main() -> None:
     # 2. Dissect both target models: record, cut patches, score with every scorer, evaluate.
     store = Store.open(args.store)
     for name in ("cnn", "vit"):
-        s = dissect(f"probe:{name}@{world.root}", store=store, world=world)
+        s = dissect(store, f"probe:{name}@{world.root}", world=world)
         print(f"{s['model']}: {s['units']} units in {len(s['layers'])} layers, {s['seconds']} s")
 
     # 3. Questions in SQL.

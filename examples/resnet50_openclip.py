@@ -28,10 +28,10 @@ def main() -> None:
     args = ap.parse_args()
 
     store = Store.open(args.store)
-    hidden = dissect(MODEL, store=store, images=args.images, layers=["layer2", "layer3", "layer4"],
+    hidden = dissect(store, MODEL, images=args.images, layers=["layer2", "layer3", "layer4"],
                      vocabulary="english", encoder=ENCODER, k=10, batch_size=args.batch_size)
     print(f"hidden layers: {hidden['units']} units, {hidden['patches']} patches, run {hidden['run_id']}")
-    final = dissect(MODEL, store=store, images=args.images, layers=["fc"], vocabulary="imagenet",
+    final = dissect(store, MODEL, images=args.images, layers=["fc"], vocabulary="imagenet",
                     encoder=ENCODER, scorers=["soft_wpmi", "cos_cubed"], k=10, batch_size=args.batch_size)
     print(f"final layer: {final['units']} units, run {final['run_id']}")
 

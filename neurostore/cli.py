@@ -479,6 +479,9 @@ def _dissect_summary_table(s: dict) -> None:
         v = s[k]
         t.add_row(k, ", ".join(map(str, v)) if isinstance(v, list) else str(v))
     console.print(t)
+    rw = [w for w in ("target", "encoder") if s.get("random_weights", {}).get(w)]
+    if rw:  # untrained weights: the explanations mean nothing, say so beside them
+        console.print(f"[yellow]random weights: {' and '.join(rw)} (untrained; explanations are a baseline)[/yellow]")
     if s.get("evaluation"):
         _evaluation_table(s["evaluation"])
 
@@ -524,7 +527,7 @@ def dissect_cmd(
     """
     from .pipeline import dissect
 
-    s = dissect(model, store=store_path(store), images=images, layers=layers, vocabulary=vocab,
+    s = dissect(store_path(store), model, images=images, layers=layers, vocabulary=vocab,
                 scorers=scorers, encoder=encoder, k=k, top_n=top, batch_size=batch_size,
                 summarise_with=summarise, max_images=max_images, device=device, precision=precision,
                 workers=workers, progress=True, log=_log(False))

@@ -3,7 +3,7 @@
     summary = fit(store, "probe:cnn", "conv4", method="topk-sae", width=8, k=32)
     summary["layer"]                     # 'conv4.topk_sae_8x': a feature layer
     attach(target, store)                # the store's dictionaries of target.id, as modules
-    dissect("probe:cnn", store=store, layers=["conv4.topk_sae_8x"])
+    dissect(store, "probe:cnn", layers=["conv4.topk_sae_8x"])
 
 A dictionary is fitted on the samples of one layer: every spatial position of a conv map, every
 patch token of a ViT (prefix tokens left out, as the recorder does), from the probe images

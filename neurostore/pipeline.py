@@ -385,7 +385,7 @@ class _Lap:
 # ---- dissect ------------------------------------------------------------------------------------
 
 
-def dissect(model: str, *, store: Store | str | Path, images: str | Path | None = None,
+def dissect(store: Store | str | Path, model: str, *, images: str | Path | None = None,
             layers: Sequence[str] | None = None, vocabulary: str = "probe",
             scorers: Sequence[str] | None = None, encoder: str | None = None, k: int = 10,
             top_n: int = 5, batch_size: int = 64, scorer_params: dict | None = None,
@@ -491,7 +491,7 @@ def dissect(model: str, *, store: Store | str | Path, images: str | Path | None 
         vec = dict(new_images)
         vec.update(_cached_vectors(store, enc.id, "image", [h for h in hashes if h not in vec]))
         image_emb = torch.from_numpy(np.stack([vec[h] for h in hashes]))  # [n, d] recorder order
-        sim = S.image_text_similarity(image_emb, text_emb, device=dev)  # [n, c] on the CPU
+        sim = S.Similarity(image_emb, text_emb, device=dev)  # [n, c], computed a column tile at a time
     iou, iou_null = {}, {}
     if "iou" in names:
         iou, iou_null = _iou_scores(target, layer_names, source, _Masks(mask_world, vocab.concepts), thresholds,
@@ -540,9 +540,11 @@ def dissect(model: str, *, store: Store | str | Path, images: str | Path | None 
     bar.close()
     lap("scores")
     # 5. one run, one commit. Write keys at the granularity of the work (module doc).
+    # untrained models explain nothing: say so wherever the run's results are read
+    random_weights = {"target": bool(target.random_weights), "encoder": bool(getattr(enc, "random_weights", False))}
     run_params = {"model": target.spec, "dataset": rec.dataset, "max_images": max_images, "layers": layer_names,
                   "vocabulary": vocab.name, "scorers": params, "encoder": enc.id, "k": k,
-                  "top_n": top_n, "summarise_with": summarise_with,
+                  "top_n": top_n, "summarise_with": summarise_with, "random_weights": random_weights,
                   "nulls": {l: {s: n.to_dict() for s, n in v.items()} for l, v in nulls.items()}}
     record_key, ds = f"record:{rec.dataset}", rec.dataset
     stored = set()
@@ -596,6 +598,7 @@ def dissect(model: str, *, store: Store | str | Path, images: str | Path | None 
         "units": int(sum(rec.layers[l].n_units for l in layer_names)),
         "patches": len(ps.rows), "patch_boxes": ps.n_boxes,
         "vocabulary": vocab.name, "concepts": len(vocab), "scorers": names, "encoder": enc.id,
+        "random_weights": random_weights,
         "device": describe(dev), "precision": precision_name(dtype),
         "rows": dict(run.rows), "seconds": round(time.time() - t0, 1), "timings": timings,
         # how often images were decoded and run through each model, and what the encoder encoded
@@ -659,7 +662,7 @@ def demo(store: Store | str | Path, *, seed: int | None = None, cue_kind: str | 
     log(f"world {world.id} at {world.root}")
     runs = {}
     for name in DEMO_TARGETS:
-        runs[name] = dissect(f"probe:{name}@{world.root}", store=store, world=world,
+        runs[name] = dissect(store, f"probe:{name}@{world.root}", world=world,
                              vocabulary="probe", max_images=max_images, device=device,
                              precision=precision, workers=workers, progress=progress, log=log)
     return {

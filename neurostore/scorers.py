@@ -89,6 +89,48 @@ def image_text_similarity(image_emb: torch.Tensor, text_emb: torch.Tensor,
     return out
 
 
+class Similarity:
+    """The image-concept cosine similarity [n, c] of `image_text_similarity`, never held whole:
+    the CLIP-Dissect scorers ask for column tiles [n, tile] (and trust for a few rows), each
+    computed from the normalised embeddings [n, d] and [c, d] when asked. At 50,000 images and
+    20,000 concepts the whole matrix is 4 GB; the embeddings are 140 MB."""
+
+    def __init__(self, image_emb: torch.Tensor, text_emb: torch.Tensor,
+                 device: "torch.device | str | None" = None):
+        self.device = torch.device(device or "cpu")
+        self.img = F.normalize(image_emb.float(), dim=-1).to(self.device)   # [n, d]
+        self.txt = F.normalize(text_emb.float(), dim=-1).to(self.device)    # [c, d]
+        self.shape = torch.Size((self.img.shape[0], self.txt.shape[0]))
+
+    def dim(self) -> int:
+        return 2
+
+    @torch.no_grad()
+    def columns(self, c0: int, c1: int) -> torch.Tensor:
+        """[n, c1 - c0] float32 on the CPU."""
+        return (self.img @ self.txt[c0:c1].T).cpu()
+
+    @torch.no_grad()
+    def take(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """[len(rows), len(cols)] float32 on the CPU (rows: indices or a bool mask over images)."""
+        return (self.img[rows.to(self.device)] @ self.txt[cols.to(self.device)].T).cpu()
+
+
+def similarity_columns(sim: "torch.Tensor | Similarity", c0: int, c1: int) -> torch.Tensor:
+    """Columns c0:c1 of a similarity, dense [n, c] or streamed (`Similarity`): [n, c1 - c0]."""
+    return sim.columns(c0, c1) if isinstance(sim, Similarity) else sim[:, c0:c1].float()
+
+
+def _logsumexp_rows(sim: "torch.Tensor | Similarity", a: float, tile: int = 4096) -> torch.Tensor:
+    """log sum_c exp(a * sim[i, c]) -> [n, 1], one column tile at a time."""
+    if not isinstance(sim, Similarity):
+        return torch.logsumexp(a * sim.float(), dim=1, keepdim=True)
+    out = torch.full((sim.shape[0], 1), -math.inf)
+    for c0 in range(0, sim.shape[1], tile):
+        out = torch.logaddexp(out, torch.logsumexp(a * sim.columns(c0, c0 + tile), dim=1, keepdim=True))
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # CLIP-Dissect: fast versions
 
@@ -130,14 +172,13 @@ def _sum_log_factors(
     index_select). Tiles are spread over torch.get_num_threads() Python threads. The sums are
     kept in float64: log p(c | unit) is a sum of 100 terms around -5, so its float32 rounding
     alone would be ~1e-4."""
-    sim = sim.float()
     n, n_concepts = sim.shape
     n_units = acts.shape[1]
     if float(coef_b.min()) <= 0 or float(coef_a.min()) <= 0:
         raise BadParameter("membership weights must lie in (0, 1] and min_prob must be > 0.")
     # topk along rows of the transposed matrix: same indices as topk over dim 0, ~10x faster.
     inds = torch.topk(acts.float().T.contiguous(), dim=1, k=top_k)[1].T.contiguous()  # [top_k, u]
-    lse = torch.logsumexp(a * sim, dim=1, keepdim=True)          # [n, 1] softmax denominators
+    lse = _logsumexp_rows(sim, a)                                 # [n, 1] softmax denominators
     ca, cb = coef_a.double(), coef_b.double()
     # a_r + b_r p = b_r (p + a_r / b_r): the b_r factor out as one constant, sum_r log b_r,
     # added at the end, which saves a multiplication per gathered value.
@@ -154,7 +195,7 @@ def _sum_log_factors(
         b1 = min(b0 + concept_block, n_concepts)
         # p(concept | image) for a block of concepts in three large operations; the tiles
         # below are column views of it, gathered from directly.
-        block = torch.exp(a * sim[:, b0:b1] - lse)               # [n, block]
+        block = torch.exp(a * similarity_columns(sim, b0, b1) - lse)  # [n, block]
         f_min = float((ka + float(block.min())).min())
         f_max = float(ka.max()) + 1.0
         # G factors in [f_min, f_max] multiply to a number in [1e-30, 1e30]: no under/overflow
@@ -278,11 +319,10 @@ def cos_cubed(
     t = acts.float() - acts.float().mean(dim=0, keepdim=True)
     t = t.pow_(3)
     t = t / torch.clip(torch.norm(t, p=2, dim=0, keepdim=True), min_norm)   # [n, u]
-    mean = sim.float().mean(dim=0, keepdim=True)
     out = torch.empty(acts.shape[1], sim.shape[1])
     for c0 in range(0, sim.shape[1], concept_chunk):
-        c = sim[:, c0 : c0 + concept_chunk].float() - mean[:, c0 : c0 + concept_chunk]
-        c = c.pow_(3)
+        c = similarity_columns(sim, c0, c0 + concept_chunk)                 # [n, tile]
+        c = (c - c.mean(dim=0, keepdim=True)).pow_(3)
         c = c / torch.clip(torch.norm(c, p=2, dim=0, keepdim=True), min_norm)
         torch.matmul(t.T, c, out=out[:, c0 : c0 + concept_chunk])
     return out
@@ -572,7 +612,7 @@ def _run_clip(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
             if "image_emb" not in inputs or "text_emb" not in inputs:
                 raise BadInput("CLIP-Dissect scorers need 'similarity' [n, c] or 'image_emb' "
                                "and 'text_emb', plus 'pooled' activations [n, u].")
-            sim = image_text_similarity(inputs["image_emb"], inputs["text_emb"])
+            sim = Similarity(inputs["image_emb"], inputs["text_emb"])
         return fn(sim, _need(inputs, "pooled"), **params)
     return run
 

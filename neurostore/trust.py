@@ -336,8 +336,13 @@ def explanation_fidelity(expl: "pd.DataFrame", peak: torch.Tensor, sim: torch.Te
     hold = torch.from_numpy(heldout(image_ids, fraction))
     units = expl["unit"].to_numpy()
     cis = expl["concept"].map(concept_index).to_numpy()
-    acts_h, sim_h = peak[hold], sim[hold]                           # [nh, u], [nh, c]
-    parts = [("encoder", *fidelity(acts_h, sim_h, encoder_presence(sim_h), units, cis),
+    acts_h = peak[hold]                                             # [nh, u]
+    # Only the explained concepts' columns (each column's presence is its own): a streamed
+    # similarity (scorers.Similarity) is never materialised as [images, vocabulary].
+    used, col = np.unique(np.asarray(cis, np.int64), return_inverse=True)
+    sim_h = sim.take(hold, torch.from_numpy(used)) if isinstance(sim, S.Similarity) \
+        else sim[hold][:, torch.from_numpy(used)]                   # [nh, used]
+    parts = [("encoder", *fidelity(acts_h, sim_h, encoder_presence(sim_h), units, col),
               "image-concept cosine")]
     if amount is not None:
         am = amount[hold]                                           # [nh, c]

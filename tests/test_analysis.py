@@ -225,7 +225,7 @@ def world_store(tmp_path_factory):
     world = build_world(WorldConfig.fast(cue_kind="dot", cue_class="ring", seed=3), progress=False)
     path = tmp_path_factory.mktemp("world") / "store"
     for name in ("cnn", "vit"):
-        dissect(f"probe:{name}@{world.root}", store=path, progress=False, log=lambda *a: None)
+        dissect(path, f"probe:{name}@{world.root}", progress=False, log=lambda *a: None)
     return Store.open(path), world
 
 

@@ -29,10 +29,10 @@ def calls(monkeypatch):
 
 def test_second_dissect_encodes_nothing_again(probe_world, tmp_path, calls):
     store = Store.open(tmp_path / "s")
-    kw = dict(store=store, world=probe_world, max_images=60, layers=["conv2"], progress=False,
+    kw = dict(world=probe_world, max_images=60, layers=["conv2"], progress=False,
               log=lambda *a: None, evaluate=False)
     spec = f"probe:cnn@{probe_world.root}"
-    first = dissect(spec, scorers=["patch", "cos_cubed"], **kw)
+    first = dissect(store, spec, scorers=["patch", "cos_cubed"], **kw)
     p = first["passes"]
     n_concepts = len(set(store.sql("SELECT concept FROM concepts").column("concept").to_pylist()))
     assert calls["texts"] == p["encoded_texts"] == n_concepts
@@ -41,11 +41,11 @@ def test_second_dissect_encodes_nothing_again(probe_world, tmp_path, calls):
     assert p["decoded"] == 60 and p["target_passes"] == 1
     calls.update(images=0, texts=0)
     # Another scorer on the same images, vocabulary and encoder: nothing is encoded again.
-    again = dissect(spec, scorers=["wpmi", "patch"], **kw)
+    again = dissect(store, spec, scorers=["wpmi", "patch"], **kw)
     assert calls == {"images": 0, "texts": 0}
     assert again["passes"]["encoded_images"] == again["passes"]["encoded_crops"] == 0
     # Another model: the texts and whole images are reused; only its own new crops are encoded.
-    vit = dissect(f"probe:vit@{probe_world.root}", scorers=["cos_cubed"], **{**kw, "layers": ["head"]})
+    vit = dissect(store, f"probe:vit@{probe_world.root}", scorers=["cos_cubed"], **{**kw, "layers": ["head"]})
     assert calls["texts"] == 0 and calls["images"] == vit["passes"]["encoded_crops"]
     assert store.sql("SELECT count(*) AS n FROM embeddings WHERE kind = 'image'").column("n")[0].as_py() == 60
 
@@ -56,10 +56,10 @@ def test_reused_vectors_give_the_same_scores(probe_world, tmp_path):
               progress=False, log=lambda *a: None, evaluate=False)
     spec = f"probe:cnn@{probe_world.root}"
     warm = Store.open(tmp_path / "warm")
-    dissect(spec, store=warm, **{**kw, "layers": ["conv1"]})   # fills the caches (texts, images)
-    dissect(spec, store=warm, **kw)
+    dissect(warm, spec, **{**kw, "layers": ["conv1"]})   # fills the caches (texts, images)
+    dissect(warm, spec, **kw)
     cold = Store.open(tmp_path / "cold")
-    dissect(spec, store=cold, **kw)
+    dissect(cold, spec, **kw)
     q = "SELECT layer, unit, scorer, rank, concept, score FROM scores WHERE layer = 'conv2' ORDER BY ALL"
     a, b = warm.sql(q).to_pylist(), cold.sql(q).to_pylist()
     assert [r["concept"] for r in a] == [r["concept"] for r in b]

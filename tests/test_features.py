@@ -40,7 +40,7 @@ def fitted(tmp_path_factory, probe_world):
     for name, layer in (("cnn", "conv4"), ("vit", "blocks.1.mlp.fc1")):
         spec = f"probe:{name}@{probe_world.root}"
         s = features.fit(store, spec, layer, "topk-sae", **SMALL)
-        d = dissect(spec, store=store, world=probe_world, layers=[layer, s["layer"]], vocabulary="probe",
+        d = dissect(store, spec, world=probe_world, layers=[layer, s["layer"]], vocabulary="probe",
                     scorers=["patch", "iou"], max_images=120, progress=False, evaluate=False, log=lambda *a: None)
         out[name] = (spec, s, d)
     return store, out

@@ -73,16 +73,19 @@ def test_eval_rows_per_model_layer_scorer(demo_run):
 def test_rerun_replaces_rather_than_duplicates(demo_run, probe_world, tmp_path):
     """Dissecting one layer twice into the same store leaves one copy of every row."""
     store = Store.open(tmp_path / "s")
-    kw = dict(store=store, world=probe_world, layers=["conv2"], scorers=["patch"], k=5,
+    kw = dict(world=probe_world, layers=["conv2"], scorers=["patch"], k=5,
               progress=False, log=lambda *a: None, evaluate=False)
-    first = dissect(f"probe:cnn@{probe_world.root}", **kw)
+    first = dissect(store, f"probe:cnn@{probe_world.root}", **kw)
+    assert first["random_weights"] == {"target": False, "encoder": False}
+    params = json.loads(store.sql("SELECT params FROM runs WHERE run_id = $r", {"r": first["run_id"]})["params"][0].as_py())
+    assert params["random_weights"] == first["random_weights"]
     counts = store.table_counts()
-    dissect(f"probe:cnn@{probe_world.root}", **kw)
+    dissect(store, f"probe:cnn@{probe_world.root}", **kw)
     again = store.table_counts()
     assert {t: n for t, n in again.items() if t != "runs"} == {t: n for t, n in counts.items() if t != "runs"}
     assert counts["activations"] == first["units"] * 5
     # A different scorer is different work: it adds rows beside the patch scores.
-    dissect(f"probe:cnn@{probe_world.root}", **{**kw, "scorers": ["cos_cubed"]})
+    dissect(store, f"probe:cnn@{probe_world.root}", **{**kw, "scorers": ["cos_cubed"]})
     by = {r["scorer"]: r["n"] for r in store.sql("SELECT scorer, count(*) AS n FROM scores GROUP BY scorer").to_pylist()}
     assert by["patch"] == by["cos_cubed"] == first["units"] * 5
     assert store.table_counts()["activations"] == counts["activations"]
@@ -105,7 +108,7 @@ def test_default_layers_are_unit_layers(probe_world):
 def test_bad_input_fails_before_any_work(probe_world, tmp_path, kwargs, error, text):
     store = Store.open(tmp_path / "s")
     with pytest.raises(error, match=text):
-        dissect(f"probe:cnn@{probe_world.root}", store=store, world=probe_world, progress=False,
+        dissect(store, f"probe:cnn@{probe_world.root}", world=probe_world, progress=False,
                 log=lambda *a: None, **kwargs)
     assert store.table_counts()["scores"] == 0
 
@@ -118,7 +121,7 @@ def test_iou_needs_masks(probe_world, tmp_path):
     for i in range(4):
         Image.new("RGB", (64, 64), (i * 60, 10, 10)).save(folder / f"{i}.png")
     with pytest.raises(BadInput, match="Scorer 'iou' needs per-pixel concept masks"):
-        dissect(f"probe:cnn@{probe_world.root}", store=tmp_path / "s", images=folder, scorers=["iou"],
+        dissect(tmp_path / "s", f"probe:cnn@{probe_world.root}", images=folder, scorers=["iou"],
                 encoder=f"probe:{probe_world.root}", progress=False, log=lambda *a: None)
 
 
@@ -180,11 +183,11 @@ def test_concept_neurons_ranks_by_confidence_across_scorers(demo_run):
 
 def test_max_images_limits_the_probe_set(probe_world, tmp_path):
     store = Store.open(tmp_path / "s")
-    kw = dict(store=store, world=probe_world, layers=["conv2"], scorers=["patch"], k=3, progress=False,
+    kw = dict(world=probe_world, layers=["conv2"], scorers=["patch"], k=3, progress=False,
               log=lambda *a: None, evaluate=False)
-    s = dissect(f"probe:cnn@{probe_world.root}", max_images=20, **kw)
+    s = dissect(store, f"probe:cnn@{probe_world.root}", max_images=20, **kw)
     assert s["images"] == 20
     params = store.sql("SELECT params FROM runs WHERE run_id = $r", {"r": s["run_id"]})["params"][0].as_py()
     assert '"max_images": 20' in params
     with pytest.raises(BadParameter, match="--max-images must be at least 1"):
-        dissect(f"probe:cnn@{probe_world.root}", max_images=0, **kw)
+        dissect(store, f"probe:cnn@{probe_world.root}", max_images=0, **kw)

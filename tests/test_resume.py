@@ -32,7 +32,7 @@ def _tables(store: Store) -> dict:
 def _killed_after_a_checkpoint(spec: str, store_dir: Path, world_root: Path) -> Path:
     """Start the dissect in a subprocess and SIGKILL it as soon as its first checkpoint exists."""
     code = ("import sys, json; from neurostore.pipeline import dissect; from neurostore.world import load_world; "
-            f"dissect({spec!r}, store={str(store_dir)!r}, world=load_world({str(world_root)!r}), "
+            f"dissect({str(store_dir)!r}, {spec!r}, world=load_world({str(world_root)!r}), "
             f"log=lambda *a: None, **json.loads(sys.argv[1]))")
     p = subprocess.Popen([sys.executable, "-c", code, json.dumps(ARGS)], stderr=subprocess.PIPE)
     ck = store_dir / "checkpoints"
@@ -50,7 +50,7 @@ def _killed_after_a_checkpoint(spec: str, store_dir: Path, world_root: Path) -> 
 @pytest.fixture(scope="module")
 def uninterrupted(probe_world, tmp_path_factory):
     store = Store.open(tmp_path_factory.mktemp("whole") / "s")
-    s = dissect(f"probe:cnn@{probe_world.root}", store=store, world=probe_world, log=lambda *a: None, **ARGS)
+    s = dissect(store, f"probe:cnn@{probe_world.root}", world=probe_world, log=lambda *a: None, **ARGS)
     assert s["resumed_from"] == 0 and s["checkpoints"] > 0
     assert not list((store.path / "checkpoints").glob("*.pt"))   # removed at commit
     return _tables(store)
@@ -61,7 +61,7 @@ def test_killed_dissect_resumes_to_the_tables_of_an_uninterrupted_run(probe_worl
     ckpt = _killed_after_a_checkpoint(spec, tmp_path / "s", probe_world.root)
     store = Store.open(tmp_path / "s")
     assert "activations" not in store.tables() or not store.table_counts().get("activations")  # nothing partial
-    s = dissect(spec, store=store, world=probe_world, log=lambda *a: None, **ARGS)
+    s = dissect(store, spec, world=probe_world, log=lambda *a: None, **ARGS)
     assert 0 < s["resumed_from"] < 120
     assert not ckpt.exists()
     assert _tables(store) == uninterrupted
@@ -71,10 +71,10 @@ def test_a_checkpoint_of_other_work_or_a_damaged_one_is_not_used(probe_world, tm
     spec = f"probe:cnn@{probe_world.root}"
     ckpt = _killed_after_a_checkpoint(spec, tmp_path / "s", probe_world.root)
     store = Store.open(tmp_path / "s")
-    other = dissect(spec, store=store, world=probe_world, log=lambda *a: None, **{**ARGS, "layers": ["conv2"]})
+    other = dissect(store, spec, world=probe_world, log=lambda *a: None, **{**ARGS, "layers": ["conv2"]})
     assert other["resumed_from"] == 0 and ckpt.exists()        # other layers: other work
     ckpt.write_bytes(ckpt.read_bytes()[:100])                  # damaged: the run starts over
-    s = dissect(spec, store=store, world=probe_world, log=lambda *a: None, **ARGS)
+    s = dissect(store, spec, world=probe_world, log=lambda *a: None, **ARGS)
     assert s["resumed_from"] == 0 and not ckpt.exists()
     mine = _tables(store)
     for t in ("activations", "units", "pooled"):

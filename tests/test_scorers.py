@@ -32,6 +32,31 @@ def test_similarity_in_chunks_equals_one_product():
         torch.testing.assert_close(sim, whole)
 
 
+def test_streamed_similarity_gives_the_dense_scores():
+    """The scorers read a `Similarity` a column tile at a time (never [n, c] whole): the same
+    scores as from the dense matrix, with tiles that do not divide the vocabulary."""
+    g = torch.Generator().manual_seed(3)
+    img, txt, acts = torch.randn(300, 32, generator=g), torch.randn(5000, 32, generator=g), torch.randn(300, 9, generator=g)
+    dense = S.image_text_similarity(img, txt)                     # [n, c]
+    streamed = S.Similarity(img, txt)
+    assert streamed.shape == dense.shape
+    torch.testing.assert_close(streamed.columns(4090, 5000), dense[:, 4090:])
+    rows, cols = torch.arange(300) % 7 == 0, torch.tensor([3, 4999, 17])
+    torch.testing.assert_close(streamed.take(rows, cols), dense[rows][:, cols])
+    for fn, params in ((S.soft_wpmi, {"top_k": 20}), (S.wpmi, {}), (S.cos_cubed, {"concept_chunk": 1000})):
+        torch.testing.assert_close(fn(streamed, acts, **params), fn(dense, acts, **params), rtol=0, atol=1e-4)
+    # Without a similarity the scorers stream from the embeddings themselves.
+    got = S.run_scorer("cos_cubed", {"image_emb": img, "text_emb": txt, "pooled": acts}).scores
+    torch.testing.assert_close(got, S.cos_cubed(dense, acts), rtol=0, atol=1e-5)
+
+
+def test_cos_cubed_leaves_a_dense_similarity_unchanged():
+    sim, acts = _clip_inputs()
+    before = sim.clone()
+    S.cos_cubed(sim, acts)
+    assert torch.equal(sim, before)
+
+
 # ---- equality with the published formulas --------------------------------------------------
 
 

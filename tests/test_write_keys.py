@@ -45,13 +45,13 @@ def two_runs(probe_world, tmp_path_factory):
     """probe:cnn dissected on three layers (and probe:vit on one), then conv2 alone again with
     other settings; the tables before and after the re-run."""
     store = Store.open(tmp_path_factory.mktemp("keys") / "s")
-    kw = dict(store=store, world=probe_world, max_images=60, scorers=["patch", "cos_cubed", "iou"],
+    kw = dict(world=probe_world, max_images=60, scorers=["patch", "cos_cubed", "iou"],
               progress=False, log=lambda *a: None)
-    dissect(f"probe:cnn@{probe_world.root}", layers=LAYERS, **kw)
-    dissect(f"probe:vit@{probe_world.root}", layers=["blocks.1.mlp.fc1"], **kw)
+    dissect(store, f"probe:cnn@{probe_world.root}", layers=LAYERS, **kw)
+    dissect(store, f"probe:vit@{probe_world.root}", layers=["blocks.1.mlp.fc1"], **kw)
     before = {t: _rows(store, t) for t in NATURAL_KEYS}
     # Other work on one layer: another k cuts other patches, records other top images.
-    dissect(f"probe:cnn@{probe_world.root}", layers=["conv2"], k=4, **kw)
+    dissect(store, f"probe:cnn@{probe_world.root}", layers=["conv2"], k=4, **kw)
     after = {t: _rows(store, t) for t in NATURAL_KEYS}
     return store, before, after
 
