@@ -101,3 +101,32 @@ def test_plots():
     assert svg.count("<path") == 2 and 'class="tick hl"' in svg and "shape at c: 100%" in svg
     assert "no layers" in depth_profile_svg({}, [])
     assert "&lt;script&gt;" in depth_profile_svg({"<script>": [1.0]}, ["x"])
+
+
+def test_whole_images_only_where_their_files_exist(report, tmp_path):
+    import duckdb
+    from PIL import Image
+
+    from neurostore.web import data as D
+
+    # The fixture's images name no real file: the cards draw the crop in its box, reference no whole image.
+    out, s, info = report
+    page = (out / "neuron/toy-cnn/conv1/0.html").read_text()
+    assert page.count('class="where"') == 6 and "images/" not in page and not (out / "images").exists()
+    # A real file is served scaled down; a missing or non-image file gives None, not an error.
+    Image.new("RGB", (640, 480), (200, 10, 10)).save(tmp_path / "big.png")
+    (tmp_path / "junk.png").write_text("not an image")
+    con = duckdb.connect()
+    con.execute("CREATE TABLE images AS SELECT * FROM (VALUES ('d', 'a', $1), ('d', 'b', $2), ('d', 'c', '/nonexistent'))"
+                " t(dataset, image_id, path)", [str(tmp_path / "big.png"), str(tmp_path / "junk.png")])
+
+    def run(sql, params=None):
+        return con.sql(sql, params=params).to_arrow_table()
+
+    import hashlib
+    import io
+
+    key = {i: hashlib.md5(f"d/{i}".encode()).hexdigest()[:16] for i in "abc"}
+    png = D.image_png(run, key["a"])
+    assert Image.open(io.BytesIO(png)).size == (320, 240)
+    assert D.image_png(run, key["b"]) is None and D.image_png(run, key["c"]) is None
