@@ -185,7 +185,7 @@ class PatchSet:
 def extract_patches(target: Target, result: RecordResult, source, layers: Sequence[str] | None = None,
                     q: float = 0.95, min_frac: float = 0.25, dedup_iou: float = 0.8,
                     batch_size: int = 32, encoders: Sequence = (), known: dict | None = None,
-                    progress: bool = True) -> PatchSet:
+                    stored: frozenset = frozenset(), progress: bool = True) -> PatchSet:
     """Cut the receptive-field patch of every (layer, unit, top image) of `result`.
 
     Boxes come from the maps the recorder kept for each unit's top images (`keep_maps=True`);
@@ -193,7 +193,9 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
     top image is decoded once more for its pixels (`PatchSet.n_decoded`). `source.load(image_id)`
     must return the RGB image (ImageSource does). When `encoders` are given, each unique crop is
     embedded once per encoder as it is cut, except the patch ids in `known[encoder.id]` (already
-    in the store); `PatchSet.embeddings[encoder.id]` is then (patch ids, [n, dim])."""
+    in the store); `PatchSet.embeddings[encoder.id]` is then (patch ids, [n, dim]). Rows of the
+    patch ids in `stored` (already in the store's patches table) get no thumbnail (None): a warm
+    run does not re-encode what it will not write."""
     layers = list(layers or result.layers)
     known = known or {}
     kept_maps = all(result.layers[n].top_maps is not None for n in layers)
@@ -265,7 +267,7 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
                         seen.add(pid)
                         ps.rows.append({"patch_id": pid, "dataset": result.dataset, "image_id": iid,
                                         "x0": ibox[0], "y0": ibox[1], "x1": ibox[2], "y1": ibox[3],
-                                        "thumbnail": thumbnail_png(crop)})
+                                        "thumbnail": None if pid in stored else thumbnail_png(crop)})
                         for enc in encoders:
                             if pid not in known.get(enc.id, ()):
                                 pending[enc.id].append(crop)

@@ -174,6 +174,21 @@ def _cached_ids(store: Store, encoder_id: str, kind: str) -> frozenset:
     return frozenset(t.column("item_id").to_pylist())
 
 
+def _stored_patch_ids(store: Store) -> frozenset:
+    """Patch ids whose rows (with thumbnails) the store holds: content-addressed, never rewritten."""
+    if "patches" not in store.tables():
+        return frozenset()
+    return frozenset(store.sql("SELECT DISTINCT patch_id FROM patches").column("patch_id").to_pylist())
+
+
+def _thumbnails(store: Store, ids: Sequence[str]) -> dict[str, bytes]:
+    if not ids:
+        return {}
+    t = store.sql("SELECT patch_id, any_value(thumbnail) AS thumbnail FROM patches JOIN (SELECT unnest($ids) "
+                  "AS patch_id) w USING (patch_id) GROUP BY patch_id", {"ids": list(dict.fromkeys(ids))})
+    return dict(zip(t.column("patch_id").to_pylist(), t.column("thumbnail").to_pylist()))
+
+
 def _ids_key(ids: Sequence[str]) -> str:
     """Write key of a set of content-addressed rows: new vectors sit beside the old ones, and a
     retried run replaces only its own."""
@@ -473,8 +488,9 @@ def dissect(store: Store | str | Path, model: str, *, images: str | Path | None 
     lap("record")
     # 3. patches: boxes from the maps kept for each unit's top images; each crop embedded once
     known_patches = _cached_ids(store, enc.id, "patch")
+    stored = _stored_patch_ids(store)
     ps = extract_patches(target, rec, source, encoders=[enc], known={enc.id: known_patches},
-                         batch_size=batch_size, progress=progress)
+                         stored=stored, batch_size=batch_size, progress=progress)
     counts["crops"] += ps.n_encoded
     counts["decoded_for_crops"] = ps.n_decoded
     new_patch_ids, new_patch_m = ps.embeddings[enc.id]
@@ -528,8 +544,9 @@ def dissect(store: Store | str | Path, model: str, *, images: str | Path | None 
                 by_unit = {}
                 for (l, u, r), pid in ps.assignment.items():
                     if l == name:
-                        by_unit.setdefault(u, []).append((r, ps.rows[row_of[pid]]["thumbnail"]))
-                summaries = summarise(rows, s, lambda u: [png for _, png in sorted(by_unit.get(u, []))])
+                        by_unit.setdefault(u, []).append((r, ps.rows[row_of[pid]]["thumbnail"], pid))
+                thumbs = _thumbnails(store, [p for p in ps.patch_ids if p in stored])  # rows cut warm have none
+                summaries = summarise(rows, s, lambda u: [png or thumbs[pid] for _, png, pid in sorted(by_unit.get(u, []))])
             expl_tables.append(explanations_table(rows, summaries))
             bar.update()
         if sim is not None and lr.pooled_max is not None:  # held-out fidelity of the layer's explanations; headlines
@@ -547,10 +564,6 @@ def dissect(store: Store | str | Path, model: str, *, images: str | Path | None 
                   "top_n": top_n, "summarise_with": summarise_with, "random_weights": random_weights,
                   "nulls": {l: {s: n.to_dict() for s, n in v.items()} for l, v in nulls.items()}}
     record_key, ds = f"record:{rec.dataset}", rec.dataset
-    stored = set()
-    if "patches" in store.tables() and ps.rows:
-        stored = set(store.sql("SELECT DISTINCT p.patch_id FROM patches p JOIN (SELECT unnest($ids) AS patch_id) "
-                               "w USING (patch_id)", {"ids": ps.patch_ids}).column("patch_id").to_pylist())
     new_rows = [r for r in ps.rows if r["patch_id"] not in stored]
     with store.run("dissect", run_params) as run:
         run.write("models", pa.Table.from_pylist([target.model_row()]), key=f"model:{target.id}")

@@ -153,3 +153,16 @@ def test_known_crops_are_not_encoded_again(recorded):
                             progress=False)
     new_ids, _ = again.embeddings[enc.id]
     assert enc.n == len(first.patch_ids) - len(known) and set(new_ids) == set(first.patch_ids) - known
+
+
+def test_patches_already_stored_get_no_thumbnail_again(recorded):
+    """A warm run cuts the same boxes (same ids, same geometry) but makes no thumbnail for the
+    patches whose rows the store already holds: it will not write them."""
+    t, src, res = recorded
+    first = extract_patches(t, res, src, layers=["layer2"], progress=False)
+    stored = frozenset(first.patch_ids[::2])
+    again = extract_patches(t, res, src, layers=["layer2"], stored=stored, progress=False)
+    assert again.assignment == first.assignment and again.boxes == first.boxes
+    for a, b in zip(first.rows, again.rows):
+        assert {k: v for k, v in a.items() if k != "thumbnail"} == {k: v for k, v in b.items() if k != "thumbnail"}
+        assert b["thumbnail"] == (None if a["patch_id"] in stored else a["thumbnail"])

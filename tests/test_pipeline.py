@@ -58,8 +58,13 @@ def test_scores_have_bounded_confidence_and_provenance(demo_run):
 def test_cue_units_are_found_for_the_planted_cue(demo_run):
     summary, store = demo_run
     cue = summary["world"]["config"]["cue_kind"]
+    # Found: in both models some unit's best concept is the cue, confidently, by IoU against the
+    # world's true cue masks; and the concept_neurons query ranks such units first.
+    found = store.sql("""SELECT DISTINCT model FROM scores WHERE concept = $c AND rank = 0 AND scorer = 'iou'
+                         AND confidence > 0.9 ORDER BY model""", {"c": cue}).column("model").to_pylist()
+    assert found == ["probe-cnn", "probe-vit"]
     rows = store.query("concept_neurons", {"concept": cue, "top": 5}).to_pylist()
-    assert rows and all(r["concept"] == cue for r in rows)
+    assert len(rows) == 5 and rows[0]["confidence"] > 0.9
 
 
 def test_eval_rows_per_model_layer_scorer(demo_run):
@@ -191,3 +196,18 @@ def test_max_images_limits_the_probe_set(probe_world, tmp_path):
     assert '"max_images": 20' in params
     with pytest.raises(BadParameter, match="--max-images must be at least 1"):
         dissect(store, f"probe:cnn@{probe_world.root}", max_images=0, **kw)
+
+
+def test_warm_rerun_reuses_stored_patches_and_their_thumbnails(probe_world, tmp_path, monkeypatch):
+    """The second run cuts the same patches but neither encodes nor re-thumbnails them; its
+    per-unit summaries still get every thumbnail (read back from the store)."""
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    store = Store.open(tmp_path / "s")
+    kw = dict(world=probe_world, layers=["conv2"], scorers=["patch"], k=3, max_images=40, progress=False,
+              log=lambda *a: None, evaluate=False, summarise_with="patch")
+    first = dissect(store, f"probe:cnn@{probe_world.root}", **kw)
+    expl = store.sql("SELECT unit, summary FROM explanations ORDER BY unit").to_pylist()
+    again = dissect(store, f"probe:cnn@{probe_world.root}", **kw)
+    assert first["passes"]["encoded_crops"] > 0 and again["passes"]["encoded_crops"] == 0
+    assert "patches" not in again["rows"]
+    assert store.sql("SELECT unit, summary FROM explanations ORDER BY unit").to_pylist() == expl
