@@ -321,29 +321,5 @@ def test_top_tables_match_schema_columns():
     assert t.schema.field("unit").type == pa.int32() and t.schema.field("score").type == pa.float32()
     rows = t.to_pylist()
     assert [r["concept"] for r in rows if r["rank"] == 0] == [concepts[i] for i in planted]
-    u = S.top_units(res, concepts, top_m=2, layer="layer1", vocabulary="v", encoder="enc", model="m")
-    assert u.column_names == ["concept", "scorer", "rank", "layer", "unit", "score", "confidence",
-                              "vocabulary", "encoder", "model"]
-    assert u.num_rows == 30 * 2
-    best = {r["concept"]: r["unit"] for r in u.to_pylist() if r["rank"] == 0}
-    for unit, c in enumerate(planted.tolist()):
-        assert best[concepts[c]] == unit
+    # concept -> units is derived by the store from these rows (test_store.py, test_store_derived.py)
 
-
-def test_top_units_merge_across_layers_and_iou_has_null_encoder():
-    g = torch.Generator().manual_seed(0)
-    scores_a = torch.randn(4, 3, generator=g)
-    scores_b = torch.randn(5, 3, generator=g)
-    scores_b[2, 1] = 50.0                                         # clearly the best for c1
-    ra = S.ScoreResult("iou", {}, scores_a, S.confidence(scores_a), uses_encoder=False)
-    rb = S.ScoreResult("iou", {}, scores_b, S.confidence(scores_b), uses_encoder=False)
-    names = ["c0", "c1", "c2"]
-    ta = S.top_units(ra, names, top_m=2, layer="l1", model="m", vocabulary="v")
-    tb = S.top_units(rb, names, top_m=2, layer="l2", model="m", vocabulary="v")
-    assert ta.column("encoder").null_count == ta.num_rows
-    merged = S.merge_concept_units([ta, tb], top_m=3)
-    assert merged.num_rows == 9
-    first = [r for r in merged.to_pylist() if r["concept"] == "c1" and r["rank"] == 0][0]
-    assert (first["layer"], first["unit"]) == ("l2", 2)
-    ranks = [r["rank"] for r in merged.to_pylist() if r["concept"] == "c0"]
-    assert ranks == [0, 1, 2]
