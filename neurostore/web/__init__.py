@@ -12,9 +12,11 @@ Pages (each also as JSON: the same path with `.json` added, e.g. /neuron/m/l/3.j
     /layer/<model>/<layer>                units of a layer
     /neuron/<model>/<layer>/<unit>        a neuron card (patches, concepts, summary, histogram)
     /patch/<patch_id>.png                 a patch thumbnail
-    /search?q=...&mode=exact|semantic|open
+    /image/<key>.png                      a whole probe image, read from the file `images.path` names
+    /search?q=...&mode=all|exact|semantic|open   (all: every mode merged, the default)
     /compare, /audit                      findings tables
     /sql?q=...&name=value                 the SQL console (one SELECT/EXPLAIN, bound $name values)
+    /sql.csv?q=..., /sql.parquet?q=...    its result as a file, under the same limits
     /query/<name>?param=value             a named query
     /tables                               the snapshot's tables
 
