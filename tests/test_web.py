@@ -325,3 +325,30 @@ def test_values_print_as_people_read_them(server):
     assert people(interval) == "19 min 1 s" and people(dt.timedelta(seconds=1.28)) == "1.28 s"
     assert people(dt.datetime(2026, 1, 2, 3, 4, 5, 678)) == "2026-01-02 03:04:05"
     assert human("best_patch") == "top patch" and human("depth_frac") == "depth"
+
+
+def test_card_shows_the_circuit_of_its_group():
+    from neurostore.web.render import Links, render
+
+    con = duckdb.connect()
+    con.execute("""CREATE TABLE groups AS SELECT * FROM (VALUES ('m', 'l1', 0, [3, 5], 2, 'red'), ('m', 'l2', 0, [1], 1, 'star'),
+        ('m', 'l0', 1, [0], 1, 'edge')) t(model, layer, group_id, units, n_units, label)""")
+    con.execute("""CREATE TABLE group_edges AS SELECT * FROM (VALUES
+        ('m', 'group', 'l0', 1, 'l1', 0, NULL, 0.2::FLOAT), ('m', 'group', 'l1', 0, 'l2', 0, NULL, 0.7),
+        ('m', 'class', 'l1', 0, NULL, NULL, 'star', 1.5), ('m', 'group', 'l1', 9, 'l2', 0, NULL, 9.0))
+        t(model, kind, src_layer, src_group, dst_layer, dst_group, class, weight)""")
+
+    def run(sql, params=None):
+        return con.sql(sql, params=params).to_arrow_table()
+
+    cards = {u: {"unit": u} for u in (3, 4, 5)}
+    D.circuit(run, "m", "l1", cards)
+    g = cards[5]["group"]
+    assert "group" not in cards[4] and cards[3]["group"] == g
+    assert [(e["src_layer"], e["src_group"], e["src_label"]) for e in g["fed_by"]] == [("l0", 1, "edge")]
+    assert [(e["dst_layer"], e["dst_label"], e["weight"]) for e in g["feeds"]] == [("l2", "star", pytest.approx(0.7))]
+    assert [e["class"] for e in g["classes"]] == ["star"]
+    card = {"id": "m/l1/5", "model": "m", "layer": "l1", "unit": 5, "patches": [], "scorers": [], "summaries": [],
+            "effects": [], "classes": [], "stats": None, "headline": None, "prev": 4, "next": None, "group": g}
+    html = render("neuron.html", card, Links())
+    assert html.index("fed by") < html.index("l0 group 1") < html.index("feeds") < html.index("class <b>star</b>")

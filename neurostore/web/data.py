@@ -184,7 +184,7 @@ def neuron_cards(run: Run, model: str, layer: str, unit: int | None = None, top_
         if u not in cards:
             cards[u] = {"id": f"{model}/{layer}/{u}", "model": model, "layer": layer, "unit": int(u), "stats": None,
                         "patches": [], "scorers": {}, "summaries": [], "effects": [], "headline": None,
-                        "classes": [], "prev": None, "next": None}
+                        "classes": [], "prev": None, "next": None, "group": None}
         return cards[u]
 
     for r in rows(run, """
@@ -250,6 +250,8 @@ def neuron_cards(run: Run, model: str, layer: str, unit: int | None = None, top_
             QUALIFY row_number() OVER (PARTITION BY unit ORDER BY abs(value) DESC NULLS LAST) <= 10
             ORDER BY unit, abs(value) DESC""", p):
         card(r.pop("unit"))["effects"].append(r)
+    if has_table(run, "groups") and has_table(run, "group_edges"):
+        circuit(run, model, layer, cards, unit)
     # Previous / next recorded unit of the layer, for the card's arrows.
     order = [r["unit"] for r in rows(run, "SELECT DISTINCT unit FROM units WHERE model = $m AND layer = $l "
                                           "UNION SELECT DISTINCT unit FROM activations WHERE model = $m AND layer = $l "
@@ -264,6 +266,32 @@ def neuron_cards(run: Run, model: str, layer: str, unit: int | None = None, top_
         c["scorers"] = list(c["scorers"].values())
         c["summary"] = next((s["summary"] for s in c["summaries"] if s["summary"]), None)
     return dict(sorted(cards.items()))
+
+
+def circuit(run: Run, model: str, layer: str, cards: dict[int, dict], unit: int | None = None) -> None:
+    """What a unit feeds and is fed by, at the granularity the store attributes (neurostore groups):
+    the unit's group with its strongest edges in (from the previous layer's groups) and out (to the
+    next layer's groups and to the classes), by gradient x activation."""
+    groups = rows(run, """
+        SELECT group_id, units, label, n_units FROM groups WHERE model = $m AND layer = $l""", {"m": model, "l": layer})
+    if not groups:
+        return
+    edges = rows(run, """
+        SELECT e.kind, e.src_layer, e.src_group, e.dst_layer, e.dst_group, e.class, e.weight,
+               s.label AS src_label, d.label AS dst_label
+        FROM group_edges e
+        LEFT JOIN groups s ON s.model = e.model AND s.layer = e.src_layer AND s.group_id = e.src_group
+        LEFT JOIN groups d ON d.model = e.model AND d.layer = e.dst_layer AND d.group_id = e.dst_group
+        WHERE e.model = $m AND (e.src_layer = $l OR e.dst_layer = $l)
+        ORDER BY abs(e.weight) DESC NULLS LAST""", {"m": model, "l": layer})
+    for g in groups:
+        for u in g["units"] or []:
+            if u in cards and (unit is None or u == unit):
+                mine = lambda e, side: e[f"{side}_layer"] == layer and e[f"{side}_group"] == g["group_id"]
+                cards[u]["group"] = {**{k: g[k] for k in ("group_id", "label", "n_units")}, "layer": layer,
+                                     "fed_by": [e for e in edges if mine(e, "dst")][:5],
+                                     "feeds": [e for e in edges if mine(e, "src") and e["kind"] == "group"][:5],
+                                     "classes": [e for e in edges if mine(e, "src") and e["kind"] == "class"][:5]}
 
 
 def imported_labels(run: Run, model: str, layer: str, unit: int | None = None) -> list[dict]:
