@@ -28,7 +28,8 @@ def test_compare_cnn_and_vit(demo_run):
     res = compare(store, "probe-cnn", "probe-vit")
     s = res.summary
     assert s["activation_pairs"] == min(s["units_a"], s["units_b"]) > 0
-    assert -1.0 <= s["mean_matched_corr"] <= 1.0
+    # two networks trained on one world share signals (0.44 on the fast demo), yet are no copies
+    assert 0.2 < s["mean_matched_corr"] < 1.0
     assert res.coverage and all(c["model"] in ("probe-cnn", "probe-vit") for c in res.coverage)
     stored = store.query("compare_models", {"model_a": "probe-cnn", "model_b": "probe-vit"})
     assert stored.num_rows > 0
