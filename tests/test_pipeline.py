@@ -196,3 +196,18 @@ def test_max_images_limits_the_probe_set(probe_world, tmp_path):
     assert '"max_images": 20' in params
     with pytest.raises(BadParameter, match="--max-images must be at least 1"):
         dissect(store, f"probe:cnn@{probe_world.root}", max_images=0, **kw)
+
+
+def test_warm_rerun_reuses_stored_patches_and_their_thumbnails(probe_world, tmp_path, monkeypatch):
+    """The second run cuts the same patches but neither encodes nor re-thumbnails them; its
+    per-unit summaries still get every thumbnail (read back from the store)."""
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    store = Store.open(tmp_path / "s")
+    kw = dict(world=probe_world, layers=["conv2"], scorers=["patch"], k=3, max_images=40, progress=False,
+              log=lambda *a: None, evaluate=False, summarise_with="patch")
+    first = dissect(store, f"probe:cnn@{probe_world.root}", **kw)
+    expl = store.sql("SELECT unit, summary FROM explanations ORDER BY unit").to_pylist()
+    again = dissect(store, f"probe:cnn@{probe_world.root}", **kw)
+    assert first["passes"]["encoded_crops"] > 0 and again["passes"]["encoded_crops"] == 0
+    assert "patches" not in again["rows"]
+    assert store.sql("SELECT unit, summary FROM explanations ORDER BY unit").to_pylist() == expl
