@@ -101,6 +101,7 @@ class Similarity:
         self.img = F.normalize(image_emb.float(), dim=-1).to(self.device)   # [n, d]
         self.txt = F.normalize(text_emb.float(), dim=-1).to(self.device)    # [c, d]
         self.shape = torch.Size((self.img.shape[0], self.txt.shape[0]))
+        self._lse: dict[float, torch.Tensor] = {}   # a -> [n, 1]: every scorer call of a layer reuses it
 
     def dim(self) -> int:
         return 2
@@ -125,10 +126,12 @@ def _logsumexp_rows(sim: "torch.Tensor | Similarity", a: float, tile: int = 4096
     """log sum_c exp(a * sim[i, c]) -> [n, 1], one column tile at a time."""
     if not isinstance(sim, Similarity):
         return torch.logsumexp(a * sim.float(), dim=1, keepdim=True)
-    out = torch.full((sim.shape[0], 1), -math.inf)
-    for c0 in range(0, sim.shape[1], tile):
-        out = torch.logaddexp(out, torch.logsumexp(a * sim.columns(c0, c0 + tile), dim=1, keepdim=True))
-    return out
+    if a not in sim._lse:
+        out = torch.full((sim.shape[0], 1), -math.inf)
+        for c0 in range(0, sim.shape[1], tile):
+            out = torch.logaddexp(out, torch.logsumexp(a * sim.columns(c0, c0 + tile), dim=1, keepdim=True))
+        sim._lse[a] = out
+    return sim._lse[a]
 
 
 # --------------------------------------------------------------------------------------------
