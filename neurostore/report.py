@@ -109,9 +109,17 @@ def build_report(store, out, models: list[str] | None = None, max_units: int | N
                                  {"ids": need}).to_pylist():
                         _write(out / "patches" / f"{r['patch_id']}.png", bytes(r["thumbnail"]))
                         written.add(r["patch_id"])
-                # Whole images (the cards' "where it fired"), once each, from the files the store names.
-                for key in sorted({p["image_key"] for c in cards.values() for p in c["patches"] if p["has_full"]}
-                                  - written_images):
+                # Examples across the activation range, when the layer's pooled matrix is small enough.
+                n_pooled = run("SELECT count(*) AS n FROM pooled WHERE model = $m AND layer = $l",
+                               {"m": model, "l": layer}).column("n")[0].as_py() if "pooled" in st.tables() else 0
+                if n_pooled * len(cards) <= D.MAX_QUANTILE_CELLS:
+                    for u, q in D.quantile_examples(run, model, layer, sorted(cards)).items():
+                        cards[u]["quantiles"] = q
+                # Whole images (the cards' "where it fired" and quantile examples), once each, from the
+                # files the store names.
+                keys = {p["image_key"] for c in cards.values() for p in c["patches"] if p["has_full"]}
+                keys |= {i["image_key"] for c in cards.values() for b in c["quantiles"] for i in b["images"]}
+                for key in sorted(keys - written_images):
                     png = D.image_png(run, key)
                     if png:
                         _write(out / "images" / f"{key}.png", png)

@@ -352,3 +352,28 @@ def test_card_shows_the_circuit_of_its_group():
             "effects": [], "classes": [], "stats": None, "headline": None, "prev": 4, "next": None, "group": g}
     html = render("neuron.html", card, Links())
     assert html.index("fed by") < html.index("l0 group 1") < html.index("feeds") < html.index("class <b>star</b>")
+
+
+def test_quantile_examples_span_the_activation_range(tmp_path):
+    from PIL import Image
+
+    con = duckdb.connect()
+    paths = []
+    for i in range(20):
+        Image.new("RGB", (8, 8), (i * 10, 0, 0)).save(tmp_path / f"{i}.png")
+        paths.append(("d", f"{i:02d}", str(tmp_path / f"{i}.png") if i != 19 else "/nonexistent"))
+    con.execute("CREATE TABLE images (dataset VARCHAR, image_id VARCHAR, path VARCHAR, label VARCHAR)")
+    con.executemany("INSERT INTO images VALUES (?, ?, ?, 'x')", paths)
+    # unit 1's activation on image i is i (unit 0's is -i): bands of 4 images each, highest first
+    con.execute("CREATE TABLE pooled AS SELECT 'm' AS model, 'l' AS layer, 'd' AS dataset, "
+                "lpad(i::VARCHAR, 2, '0') AS image_id, [-i::FLOAT, i::FLOAT] AS act_max FROM range(20) t(i)")
+
+    def run(sql, params=None):
+        return con.sql(sql, params=params).to_arrow_table()
+
+    q = D.quantile_examples(run, "m", "l", [1], bands=5, per_band=2)[1]
+    assert [b["band"] for b in q] == [5, 4, 3, 2, 1]
+    assert [(b["lo"], b["hi"]) for b in q] == [(16, 19), (12, 15), (8, 11), (4, 7), (0, 3)]
+    for b in q:
+        assert len(b["images"]) <= 2 and all(b["lo"] <= i["act"] <= b["hi"] for i in b["images"])
+    assert "19" not in [i["image_id"] for b in q for i in b["images"]]  # its file is gone: left out

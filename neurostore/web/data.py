@@ -184,7 +184,8 @@ def neuron_cards(run: Run, model: str, layer: str, unit: int | None = None, top_
         if u not in cards:
             cards[u] = {"id": f"{model}/{layer}/{u}", "model": model, "layer": layer, "unit": int(u), "stats": None,
                         "patches": [], "scorers": {}, "summaries": [], "effects": [], "headline": None,
-                        "classes": [], "prev": None, "next": None, "group": None}
+                        "classes": [], "prev": None, "next": None, "group": None,
+                        "quantiles": []}
         return cards[u]
 
     for r in rows(run, """
@@ -250,6 +251,8 @@ def neuron_cards(run: Run, model: str, layer: str, unit: int | None = None, top_
             QUALIFY row_number() OVER (PARTITION BY unit ORDER BY abs(value) DESC NULLS LAST) <= 10
             ORDER BY unit, abs(value) DESC""", p):
         card(r.pop("unit"))["effects"].append(r)
+    if unit is not None and unit in cards:  # the report asks per layer, under a size guard (report.py)
+        cards[unit]["quantiles"] = quantile_examples(run, model, layer, [unit]).get(unit, [])
     if has_table(run, "groups") and has_table(run, "group_edges"):
         circuit(run, model, layer, cards, unit)
     # Previous / next recorded unit of the layer, for the card's arrows.
@@ -266,6 +269,42 @@ def neuron_cards(run: Run, model: str, layer: str, unit: int | None = None, top_
         c["scorers"] = list(c["scorers"].values())
         c["summary"] = next((s["summary"] for s in c["summaries"] if s["summary"]), None)
     return dict(sorted(cards.items()))
+
+
+QUANTILE_BANDS, PER_BAND = 5, 4
+# Quantile examples read pooled (images x units of a layer); past this many cells a report skips them.
+MAX_QUANTILE_CELLS = 20_000_000
+
+
+def quantile_examples(run: Run, model: str, layer: str, units: list[int], bands: int = QUANTILE_BANDS,
+                      per_band: int = PER_BAND) -> dict[int, list[dict]]:
+    """Examples from across each unit's activation range (as Neuronpedia's quantile intervals):
+    the probe images split into `bands` equal-count bands by the unit's spatial max (pooled), and
+    `per_band` images of each, a fixed pseudo-random pick (md5 of the image id)."""
+    if not units or not has_table(run, "pooled"):
+        return {}
+    out: dict[int, list[dict]] = {}
+    for r in rows(run, """
+            WITH v AS (SELECT p.dataset, p.image_id, u.unit, p.act_max[u.unit + 1] AS act
+                       FROM pooled p, (SELECT unnest($units) AS unit) u WHERE p.model = $m AND p.layer = $l),
+                 b AS (SELECT *, ntile($bands) OVER (PARTITION BY unit ORDER BY act) AS band FROM v WHERE act IS NOT NULL),
+                 r AS (SELECT *, min(act) OVER w AS lo, max(act) OVER w AS hi FROM b
+                       WINDOW w AS (PARTITION BY unit, band)
+                       QUALIFY row_number() OVER (PARTITION BY unit, band ORDER BY md5(image_id)) <= $per)
+            SELECT r.unit, r.band, r.lo, r.hi, r.dataset, r.image_id, r.act,
+                   substr(md5(r.dataset || '/' || r.image_id), 1, 16) AS image_key, i.path, i.label
+            FROM r LEFT JOIN (SELECT dataset, image_id, any_value(path) AS path, any_value(label) AS label
+                              FROM images GROUP BY ALL) i USING (dataset, image_id)
+            ORDER BY r.unit, r.band DESC, r.act DESC""",
+            {"m": model, "l": layer, "units": [int(u) for u in units], "bands": bands, "per": per_band}):
+        path = r.pop("path")
+        if not (path and os.path.isfile(path)):  # no crop exists outside the top-k: the whole image or nothing
+            continue
+        bands_of = out.setdefault(r.pop("unit"), [])
+        if not bands_of or bands_of[-1]["band"] != r["band"]:
+            bands_of.append({"band": r["band"], "lo": r["lo"], "hi": r["hi"], "images": []})
+        bands_of[-1]["images"].append({k: r[k] for k in ("dataset", "image_id", "act", "image_key", "label")})
+    return out
 
 
 def circuit(run: Run, model: str, layer: str, cards: dict[int, dict], unit: int | None = None) -> None:
