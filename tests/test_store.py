@@ -388,3 +388,21 @@ def test_export_is_plain_parquet_with_load_sql(store, tmp_path):
         con.close()
     with pytest.raises(BadInput, match="is not empty"):
         store.export(tmp_path / "exp")
+
+
+def test_run_records_when_the_work_began(tmp_path):
+    """A dissect computes for minutes and opens its run only to write: the runs row must say when
+    the work began, not when the commit started (it recorded 1.28 s for a 1,141 s dissect)."""
+    import time
+
+    from neurostore.store import Store
+
+    store = Store.open(tmp_path / "s")
+    with store.run("slow work", {"n": 1}, started_at=time.time() - 600):
+        pass
+    with store.run("quick work", {"n": 2}):
+        pass
+    got = {r["command"]: r["seconds"] for r in store.sql(
+        "SELECT command, epoch(ended_at) - epoch(started_at) AS seconds FROM runs").to_pylist()}
+    assert 600 <= got["slow work"] < 660
+    assert got["quick work"] < 60

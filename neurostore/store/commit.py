@@ -4,6 +4,7 @@ one), and the commit that makes a run's files visible at once. See docs/store.md
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import fcntl
 import functools
 import hashlib
@@ -139,9 +140,12 @@ class Commits:
             raise BadInput(f"Store '{self.path}' was opened read-only; open it with read_only=False to write.")
 
     def run(self, command: str, params: dict | None = None, work_key: str | None = None,
-            replace: str = "work") -> "Run":
+            replace: str = "work", started_at: "dt.datetime | float | None" = None) -> "Run":
         """A run: every write belongs to one. Use as a context manager: commits on normal exit,
         records a failed run (and keeps none of its rows) on an exception.
+
+        started_at: when the work began (a UTC datetime or a time.time() value), for work that
+        computes first and opens its run only to write (a dissect); default: now.
 
         replace='work' (default): committing drops earlier files of the same (table, partition,
         work_key). replace='partition': drops every earlier file of the partitions written."""
@@ -155,7 +159,7 @@ class Commits:
                                f"Run 'neurostore check --repair --store {self.path}' first.")
         if replace not in ("work", "partition"):
             raise BadInput(f"Unknown replace mode '{replace}'. Valid: work, partition.")
-        return Run(self, command, params or {}, work_key, replace)
+        return Run(self, command, params or {}, work_key, replace, started_at)
 
     def write(self, table: str, data, run: "Run | None" = None, command: str | None = None,
               params: dict | None = None) -> dict:
@@ -274,13 +278,16 @@ class Run:
     """One unit of work. Rows written through it are staged privately and become visible
     all at once when it commits; a crash or an exception leaves none of them visible."""
 
-    def __init__(self, store: Store, command: str, params: dict, key: str | None, replace: str):
+    def __init__(self, store: Store, command: str, params: dict, key: str | None, replace: str,
+                 started_at: "dt.datetime | float | None" = None):
         self.store = store
         self.command = command
         self.params = json.loads(json.dumps(params, default=str))  # what is recorded is what is keyed
         self.work_key = key or work_key(command, self.params)
         self.replace = replace
-        self.started_at = _utcnow()
+        if isinstance(started_at, (int, float)):
+            started_at = dt.datetime.fromtimestamp(started_at, dt.timezone.utc).replace(tzinfo=None)
+        self.started_at = started_at or _utcnow()
         self.run_id = self.started_at.strftime("%Y%m%dT%H%M%S") + "Z-" + secrets.token_hex(4)
         self.staging = store.path / "staging" / self.run_id
         self.staging.mkdir(parents=True)
