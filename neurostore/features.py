@@ -340,7 +340,7 @@ def fit(store: Store | str, model: str, layer: str, method: str = "topk-sae", wi
            "w_dec": _flat(enc.w_dec), "b_dec": _flat(enc.b_dec), "model": target.id}
     params = {"model": target.spec, "layer": layer, "method": method, "width": width, "k": k, "seed": seed,
               "steps": steps, "max_samples": max_samples, "dataset": source.dataset, "max_images": max_images}
-    with store.run("features fit", params, work_key=f"dictionary:{target.id}:{name}") as run:
+    with store.run("features fit", params, work_key=f"dictionary:{target.id}:{name}", started_at=t0) as run:
         run.write("models", pa.Table.from_pylist([target.model_row()]), key=f"model:{target.id}")
         run.write("dictionaries", pa.Table.from_pylist([row]), key=f"dictionary:{name}")
     attach(target, rows=[row])

@@ -565,7 +565,7 @@ def dissect(store: Store | str | Path, model: str, *, images: str | Path | None 
                   "nulls": {l: {s: n.to_dict() for s, n in v.items()} for l, v in nulls.items()}}
     record_key, ds = f"record:{rec.dataset}", rec.dataset
     new_rows = [r for r in ps.rows if r["patch_id"] not in stored]
-    with store.run("dissect", run_params) as run:
+    with store.run("dissect", run_params, started_at=t0) as run:
         run.write("models", pa.Table.from_pylist([target.model_row()]), key=f"model:{target.id}")
         for row in layers_table_rows(target, layer_names):
             run.write("layers", pa.Table.from_pylist([row]), key=f"{record_key}:{row['layer']}")

@@ -40,6 +40,7 @@ units, single-unit and set ablations).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -371,6 +372,7 @@ def audit(store: Store | str | Path, model: str | Sequence[str] | None = None, c
     `device` (default auto: CUDA when present) under autocast at `precision` (default auto)."""
     from ..schema import load_schemas
 
+    t0 = time.time()  # the runs row records when the audit began, not when it wrote
     device, precision = resolve(device, precision)  # a missing device fails before any work
     if top_units < 1 or verify_top < 0:
         raise BadParameter(f"--top-units must be at least 1 and --verify-top at least 0 (got {top_units}, {verify_top}).")
@@ -410,7 +412,7 @@ def audit(store: Store | str | Path, model: str | Sequence[str] | None = None, c
                       "verify_top": verify_top, "dataset": res["summary"]["dataset"], "device": device,
                       "precision": precision}
             key = "audit:" + ("*" if not classes else ",".join(sorted(classes)))
-            with st.run("audit", params) as run:
+            with st.run("audit", params, started_at=t0) as run:
                 if res["units"]:
                     run.write("audit_units", pa.Table.from_pylist(res["units"]), key=key)
                 if res["findings"]:
