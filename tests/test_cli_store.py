@@ -21,6 +21,8 @@ from neurostore.queries import list_queries  # noqa: E402
 from neurostore.schema import load_schemas  # noqa: E402
 from neurostore.store import Store  # noqa: E402
 
+from _cli import run_cli  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory):
@@ -32,15 +34,6 @@ def store_dir(tmp_path_factory):
     return path
 
 
-def run_cli(capsys, monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", ["neurostore", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_query_csv_json_parquet(store_dir, capsys, monkeypatch, tmp_path):

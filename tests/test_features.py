@@ -5,29 +5,21 @@ the one-line errors of the CLI."""
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 
-from neurostore import cli, features
+from neurostore import features
 from neurostore.models import list_layers, load_target
 from neurostore.pipeline import dissect
 from neurostore.record import activation_maps
 from neurostore.store import Store
 
+from _cli import run_cli
+
 SMALL = dict(width=2, k=4, steps=60, max_samples=4096, progress=False, log=lambda *a: None)
 
 
-def run_cli(capsys, monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", ["neurostore", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

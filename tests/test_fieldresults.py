@@ -4,13 +4,14 @@ rejects, replacement on re-import, and one-line errors that leave the store as i
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from neurostore.errors import NeurostoreError
 from neurostore.fieldresults import import_results, normalise_label
 from neurostore.store import Store
+
+from _cli import run_cli
 
 FIELD = Path(__file__).resolve().parents[2] / "shared/data/field-results"
 needs_files = pytest.mark.skipif(not (FIELD / "milan-base_resnet50_imagenet.csv").is_file(),
@@ -175,18 +176,6 @@ def test_damaged_and_half_bad_imports_leave_nothing(tmp_path):
     assert Store.open(st_path).sql("SELECT count(*) AS n FROM explanations").column("n")[0].as_py() == 0
 
 
-def run_cli(capsys, monkeypatch, *args):
-    """The real entry point (main() translates errors into one 'Error:' line)."""
-    from neurostore import cli
-
-    monkeypatch.setattr(sys, "argv", ["neurostore", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_cli_import_json_and_error_line(tmp_path, capsys, monkeypatch):

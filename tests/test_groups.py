@@ -5,28 +5,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from neurostore import cli
 from neurostore.groups import group_edges, groups
 from neurostore.models import Target
 from neurostore.store import Store
 
+from _cli import run_cli
 
-def run_cli(capsys, monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", ["neurostore", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+
 
 
 @pytest.fixture(scope="module")
