@@ -43,6 +43,7 @@ from .images import ImageFolder, ImageSource
 from .models import Target, default_layers, layers_table_rows, list_layers, load_target, resolve_layer
 from .patches import extract_patches
 from .record import Recorder, activation_maps
+from .schema import vector_column
 from .store import Store
 from .vocab import Vocabulary, concepts_table, load_vocabulary, vocabulary_table
 
@@ -50,22 +51,11 @@ ALL_SCORERS = ("patch", "soft_wpmi", "wpmi", "cos_cubed", "iou")
 DEFAULT_ENCODER_ONLINE = "open_clip:ViT-B-32/laion2b_s34b_b79k"
 
 
-def _vector_column(m: np.ndarray) -> pa.Array:
-    m = np.ascontiguousarray(m, dtype=np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(m.ravel(), pa.float32()), m.shape[1])
-
-
 def _embedding_rows(encoder_id: str, kind: str, ids: Sequence[str], m: np.ndarray) -> pa.Table:
     return pa.table({"encoder": pa.array([encoder_id] * len(ids), pa.string()),
                      "kind": pa.array([kind] * len(ids), pa.string()),
                      "item_id": pa.array(list(ids), pa.string()),
-                     "vector": _vector_column(m) if len(ids) else pa.array([], pa.list_(pa.float32()))})
-
-
-def _with(table: pa.Table, **cols) -> pa.Table:
-    for name, value in cols.items():
-        table = table.append_column(name, pa.array([value] * table.num_rows, pa.string()))
-    return table
+                     "vector": vector_column(m) if len(ids) else pa.array([], pa.list_(pa.float32()))})
 
 
 # ---- inputs -----------------------------------------------------------------------------------

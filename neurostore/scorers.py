@@ -46,14 +46,14 @@ average), a concept that stands well above the vocabulary gets ~1, and the numbe
 same for a 61-word and a 20,000-word vocabulary and for bounded (iou) and unbounded (soft_wpmi)
 raw scores.
 
-`top_concepts()` and `top_units()` turn a result into the Arrow rows of schema/scores.sql and
-schema/concept_units.sql; `merge_concept_units()` re-ranks concept -> units across layers.
+`top_concepts()` turns a result into the Arrow rows of schema/scores.sql (the store derives
+concept_units from them at commit).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -741,60 +741,3 @@ def top_concepts(
         columns["encoder"] = None
     table.update(_constants(n, columns))
     return pa.table(table)
-
-
-def top_units(
-    result: ScoreResult,
-    concepts: Sequence[str],
-    top_m: int = 10,
-    layer: Optional[str] = None,
-    units: Optional[Sequence[int]] = None,
-    **columns: Any,
-) -> pa.Table:
-    """Top-M units per concept (schema/concept_units.sql minus run_id): concept, scorer, rank,
-    layer, unit, score, confidence, then keyword constants (vocabulary, encoder, model).
-    Ranked by confidence, then raw score: confidence is the quantity comparable across layers,
-    so `merge_concept_units` can combine layers with the same order."""
-    s = result.scores.float()
-    n_units, n_concepts = s.shape
-    if len(concepts) != n_concepts:
-        raise BadInput(f"{len(concepts)} concept names for a score matrix of {n_concepts} concepts.")
-    m = min(top_m, n_units)
-    raw = torch.nan_to_num(s, nan=float("-inf"))
-    conf = result.confidence.double()
-    # Order by confidence, ties (e.g. saturated at 1.0) by score: rank of score within column
-    # as a fractional tiebreak keeps the sort one topk.
-    score_rank = raw.argsort(dim=0).argsort(dim=0).double() / max(1, n_units)
-    key = conf + score_rank * 1e-9
-    _, idx = torch.topk(key, k=m, dim=0)                          # [m, c]
-    unit_ids = np.asarray(units if units is not None else np.arange(n_units), dtype=np.int32)
-    idx_t = idx.T.contiguous()                                    # [c, m]
-    n = n_concepts * m
-    table = {
-        "concept": pa.array(np.repeat(np.asarray(concepts, dtype=object), m), pa.string()),
-        "scorer": pa.array([result.scorer] * n, pa.string()),
-        "rank": pa.array(np.tile(np.arange(m, dtype=np.int32), n_concepts), pa.int32()),
-        "layer": pa.array([layer] * n, pa.string()),
-        "unit": pa.array(unit_ids[idx_t.numpy().ravel()], pa.int32()),
-        "score": pa.array(torch.gather(s.T, 1, idx_t).numpy().ravel(), pa.float32()),
-        "confidence": pa.array(torch.gather(result.confidence.T, 1, idx_t).numpy().ravel(),
-                               pa.float32()),
-    }
-    if "encoder" not in columns and not result.uses_encoder:
-        columns["encoder"] = None
-    table.update(_constants(n, columns))
-    return pa.table(table)
-
-
-def merge_concept_units(tables: Sequence[pa.Table], top_m: int = 10) -> pa.Table:
-    """Combine `top_units` tables of several layers (same scorer and vocabulary) into the top-M
-    units per concept across the model, re-ranked by confidence then score."""
-    if not tables:
-        raise BadInput("no concept_units tables to merge.")
-    t = pa.concat_tables(tables, promote_options="default")
-    df = t.to_pandas()
-    df = df.sort_values(["concept", "scorer", "confidence", "score"],
-                        ascending=[True, True, False, False], kind="stable")
-    df = df.groupby(["concept", "scorer"], sort=False).head(top_m).copy()
-    df["rank"] = df.groupby(["concept", "scorer"], sort=False).cumcount().astype("int32")
-    return pa.Table.from_pandas(df.reset_index(drop=True), schema=t.schema, preserve_index=False)
