@@ -295,7 +295,9 @@ def auprc(score: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
 def encoder_presence(sim: torch.Tensor, top: float = ENCODER_PRESENT) -> torch.Tensor:
     """[n, c] image–concept cosine -> [n, c] bool: the image is among the concept's `top`
     fraction most similar images (the encoder's 'c is in this image')."""
-    k = max(1, int(round(top * sim.shape[0])))
+    if sim.shape[0] == 0:  # no held-out image (a tiny probe set): nothing is present
+        return torch.zeros(sim.shape, dtype=torch.bool)
+    k = min(sim.shape[0], max(1, int(round(top * sim.shape[0]))))
     thr = torch.topk(sim.float(), k, dim=0).values[-1]              # [c]
     return sim.float() >= thr
 
@@ -304,7 +306,10 @@ def fidelity(acts: torch.Tensor, amount: torch.Tensor, present: torch.Tensor,
              units: np.ndarray, concepts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Explanations (units[e], concepts[e]) on held-out images: acts [n, u] pooled activations,
     amount [n, c] concept presence (cosine or mask area), present [n, c] bool.
-    Returns (pearson [e], auprc [e])."""
+    Returns (pearson [e], auprc [e]); NaN (no evidence) with fewer than 2 held-out images."""
+    if acts.shape[0] < 2:
+        nan = np.full(len(units), np.nan)
+        return nan, nan.copy()
     a = acts.float()[:, torch.tensor(np.asarray(units), dtype=torch.long)]   # [n, e]
     ci = torch.tensor(np.asarray(concepts), dtype=torch.long)
     return (pearson(a, amount.float()[:, ci]).numpy(), auprc(a, present[:, ci]).numpy())

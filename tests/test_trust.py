@@ -147,6 +147,21 @@ def test_pearson_and_auprc_match_references():
     assert T.pearson(torch.ones(5, 1), torch.randn(5, 1))[0] == 0
 
 
+def test_fidelity_with_too_few_held_out_images_is_nan_not_a_crash():
+    """A tiny probe set (a user's 6 photos) may hold out 0 or 1 images: no evidence, NaN."""
+    import pandas as pd
+
+    ids = [f"img{i}" for i in range(40)]
+    hold = T.heldout(ids)
+    for keep in (0, 1):  # the probe set: every explained image, plus `keep` held-out ones
+        sub = [i for i, h in zip(ids, hold) if not h] + [i for i, h in zip(ids, hold) if h][:keep]
+        assert T.heldout(sub).sum() == keep
+        expl = pd.DataFrame({"unit": [0, 1], "scorer": "patch", "concept": ["a", "b"], "rank": 0})
+        out = T.explanation_fidelity(expl, torch.rand(len(sub), 2), torch.rand(len(sub), 2), sub, {"a": 0, "b": 1})
+        assert out["value"].isna().all() and len(out) == 4
+    assert not T.encoder_presence(torch.rand(0, 3)).any()
+
+
 def test_headline_prefers_held_out_fidelity():
     import pandas as pd
 
