@@ -506,17 +506,20 @@ class Server(ThreadingHTTPServer):
                 pass
             self.shutdown_request(request)
             return
+        release = _once(self._slots.release)
         try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
+            threading.Thread(target=self._serve_connection, args=(request, client_address, release),
+                             daemon=True).start()
+        except BaseException:  # e.g. SIGTERM while the thread starts: the thread may or may not run
+            release()
+            self.shutdown_request(request)
             raise
 
-    def process_request_thread(self, request, client_address):
+    def _serve_connection(self, request, client_address, release):
         try:
-            super().process_request_thread(request, client_address)
+            self.process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            release()
 
     def server_close(self):
         super().server_close()
@@ -560,8 +563,22 @@ def _warm_text_model():
         pass
 
 
-class _Terminated(Exception):
-    """SIGTERM, raised in the main thread so that serve() shuts down as on Ctrl-C."""
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that serve() shuts down as on Ctrl-C. A BaseException,
+    like KeyboardInterrupt, so that socketserver's per-request `except Exception` cannot swallow it
+    when the signal lands while a connection is being handed to its thread."""
+
+
+def _once(fn):
+    """`fn`, callable many times, run only the first."""
+    lock, done = threading.Lock(), []
+
+    def call():
+        with lock:
+            if not done:
+                done.append(True)
+                fn()
+    return call
 
 
 def _raise_terminated(signum, frame):
