@@ -530,7 +530,7 @@ def dissect_cmd(
     s = dissect(store_path(store), model, images=images, layers=layers, vocabulary=vocab,
                 scorers=scorers, encoder=encoder, k=k, top_n=top, batch_size=batch_size,
                 summarise_with=summarise, max_images=max_images, device=device, precision=precision,
-                workers=workers, progress=True, log=_log(False))
+                workers=workers, progress=True, log=_log(False)).to_dict()
     print_json(s) if as_json else _dissect_summary_table(s)
 
 
@@ -569,7 +569,7 @@ def eval_cmd(
         return
     from .evaluate import evaluate
 
-    ev = evaluate(Store.open(store_path(store), create=False), model=model)
+    ev = evaluate(Store.open(store_path(store), create=False), model=model).to_dict()
     print_json(ev) if as_json else _evaluation_table(ev)
 
 
@@ -631,7 +631,7 @@ def demo_cmd(
 
     s = demo(store_path(store), seed=seed, cue_kind=cue_kind, cue_class=cue_class, fast=fast,
              cache=cache, device=device, precision=precision, workers=workers,
-             progress=True, log=_log(False))
+             progress=True, log=_log(False)).to_dict()
     if as_json:
         print_json(s)
         return

@@ -28,6 +28,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,16 +39,18 @@ import torch
 from . import scorers as S
 from . import trust
 from .errors import BadInput, BadParameter
+from .evaluate import evaluate_run, write_rows
 from .explain import explanations_table, summarise
 from .images import ImageFolder, ImageSource
 from .models import Target, default_layers, layers_table_rows, list_layers, load_target, resolve_layer
 from .patches import extract_patches
 from .record import Recorder, activation_maps
+from .results import DemoResult, DissectResult, EvaluationResult
 from .schema import vector_column
 from .store import Store
 from .vocab import Vocabulary, concepts_table, load_vocabulary, vocabulary_table
 
-ALL_SCORERS = ("patch", "soft_wpmi", "wpmi", "cos_cubed", "iou")
+ALL_SCORERS = tuple(S.SCORERS)
 DEFAULT_ENCODER_ONLINE = "open_clip:ViT-B-32/laion2b_s34b_b79k"
 
 
@@ -387,55 +390,74 @@ class _Lap:
         self.t = now
 
 
-# ---- dissect ------------------------------------------------------------------------------------
+# ---- dissect: a plan of stages ------------------------------------------------------------------
 
 
-def dissect(store: Store | str | Path, model: str, *, images: str | Path | None = None,
-            layers: Sequence[str] | None = None, vocabulary: str = "probe",
-            scorers: Sequence[str] | None = None, encoder: str | None = None, k: int = 10,
-            top_n: int = 5, batch_size: int = 64, scorer_params: dict | None = None,
-            summarise_with: str | None = None, world=None, evaluate: bool = True,
-            max_images: int | None = None, device: str = "auto", precision: str = "auto",
-            workers: int = 0, checkpoint_every: float = 120.0,
-            progress: bool = True, log=print) -> dict:
-    """Dissect `layers` of `model` on a folder of images (or the probe world for probe models)
-    and write every table of the run to `store`. Returns the run's summary.
+@dataclass
+class _Dissection:
+    """One dissect's plan (what to do, fixed before any work) and what its stages add to it in
+    order: vocabulary -> one pass -> patches -> scores and trust -> evaluation -> commit."""
 
-    scorers: names from `neurostore.scorers.SCORERS` (default: all that apply; `iou` needs
-    per-pixel masks, which only the probe world has). encoder: an encoder spec (default: the
-    probe world's encoder for probe models, also with `images`, else OpenCLIP ViT-B-32).
-    summarise_with: a scorer whose top concepts an LLM turns into one sentence per unit (needs
-    ANTHROPIC_API_KEY; without it a template sentence is stored and marked so).
+    store: Store
+    target: Target
+    layers: list[str]
+    source: ImageSource
+    mask_world: object                   # the probe world whose masks are the truth, or None
+    vocab: Vocabulary
+    enc: object                          # the vision-language encoder
+    scorers: list[str]
+    params: dict[str, dict]              # per scorer, defaults merged (fitted to the images after the pass)
+    needs: frozenset[str]                # the inputs the scorers need (scorers.Scorer.needs)
+    device: torch.device
+    dtype: torch.dtype
+    opts: dict                           # k, top_n, batch_size, workers, max_images, summarise_with, ...
+    timings: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=lambda: {"decoded": 0, "target_passes": 0, "texts": 0, "images": 0,
+                                                  "crops": 0, "checkpoints": 0})
+    text_emb: torch.Tensor | None = None  # [c, d] the concepts in the encoder's space
+    new_vectors: list = field(default_factory=list)  # (encoder, kind, ids, [n, d]) the store lacks
+    rec: object = None                    # the recorder's result
+    thresholds: dict | None = None        # layer -> [units] IoU thresholds
+    new_images: dict = field(default_factory=dict)   # image hash -> [d] vector
+    hashes: list = field(default_factory=list)       # image hashes in recorder order
+    resumed: int = 0
+    ckpt: _Checkpoint | None = None
+    ps: object = None                     # the patch set (patches.extract_patches)
+    stored_patches: frozenset = frozenset()
+    patch_emb: torch.Tensor | None = None  # [boxes, d]
+    score_tables: list = field(default_factory=list)
+    expl_tables: list = field(default_factory=list)
+    trust_tables: list = field(default_factory=list)
+    nulls: dict = field(default_factory=dict)
+    evaluation: EvaluationResult | None = None
 
-    device/precision: where the models run (`neurostore.devices`); workers: processes decoding
-    images. Text, image and crop embeddings already in the store for the encoder are reused, not
-    computed again. The pass checkpoints every `checkpoint_every` seconds; the same call after a
-    crash resumes from the checkpoint and writes exactly the tables of an uninterrupted run."""
-    from .devices import describe, precision_name, resolve_device, resolve_precision
+
+def _plan(store: Store, model: str, *, images, layers, vocabulary, scorers, encoder, scorer_params, world,
+          device, precision, max_images, opts: dict, log) -> _Dissection:
+    """Check the request and load what it names; bad input fails here, before any work."""
+    from .devices import describe, resolve_device, resolve_precision
     from .encoders import load_encoder
+    from .features import attach
 
-    t0 = time.time()
-    if not isinstance(store, Store):
-        store = Store.open(store)
-    if k < 1 or top_n < 1 or batch_size < 1 or workers < 0:
-        raise BadParameter(f"k={k}, top_n={top_n} and batch_size={batch_size} must all be at least 1, "
-                           f"workers={workers} at least 0.")
+    if min(opts["k"], opts["top_n"], opts["batch_size"]) < 1 or opts["workers"] < 0:
+        raise BadParameter(f"k={opts['k']}, top_n={opts['top_n']} and batch_size={opts['batch_size']} must all "
+                           f"be at least 1, workers={opts['workers']} at least 0.")
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
     target = load_target(model).to(dev, precision)
-    from .features import attach
     attach(target, store)  # the store's dictionary features of this model are layers too
     world = world if world is not None else target.extra.get("world")
     # A user folder has no masks and no world labels; a probe model still uses its world's encoder.
     mask_world = None if images is not None else world
     source = _image_source(images, mask_world, max_images)
     layer_names = list(dict.fromkeys(resolve_layer(target, l) for l in layers)) if layers else default_layers(target)
-    names = list(scorers) if scorers else [s for s in ALL_SCORERS if s != "iou" or mask_world is not None]
-    for s in names:
-        S.get_scorer(s)
-    if "iou" in names and mask_world is None:
-        raise BadInput("Scorer 'iou' needs per-pixel concept masks, which only the probe world has. "
-                       "Drop it from --scorer, or dissect a probe-world model on its own probe images.")
+    names = list(scorers) if scorers else [s for s in ALL_SCORERS
+                                           if mask_world is not None or not S.get_scorer(s).needs_masks()]
+    masked = [s for s in names if S.get_scorer(s).needs_masks()]  # (unknown names fail here)
+    if masked and mask_world is None:
+        raise BadInput(f"Scorer {', '.join(repr(s) for s in masked)} needs per-pixel concept masks, which only "
+                       "the probe world has. Drop it from --scorer, or dissect a probe-world model on its own "
+                       "probe images.")
     params = {s: S.resolve_params(s, (scorer_params or {}).get(s)) for s in names}
     vocab = resolve_vocabulary(vocabulary, store, world=mask_world)
     if encoder is None:
@@ -447,121 +469,163 @@ def dissect(store: Store | str | Path, model: str, *, images: str | Path | None 
     log(f"dissect {target.id}: {len(layer_names)} layers, {len(source)} images, vocabulary "
         f"{vocab.name} ({len(vocab)} concepts), scorers {', '.join(names)}, encoder {enc.id}, "
         f"device {describe(dev)}")
+    needs = frozenset().union(*(S.get_scorer(s).needs() for s in names))
+    return _Dissection(store, target, layer_names, source, mask_world, vocab, enc, names, params, needs, dev,
+                       dtype, {**opts, "max_images": max_images})
 
-    timings: dict[str, float] = {}
-    counts = {"decoded": 0, "target_passes": 0, "texts": 0, "images": 0, "crops": 0, "checkpoints": 0}
-    lap = _Lap(timings)
-    clip_like = [s for s in names if s in ("soft_wpmi", "wpmi", "cos_cubed")]
-    # 1. the concepts in the encoder's space (stored vectors reused)
-    text_emb, new_texts, new_text_m = _text_embeddings(enc, store, vocab.concepts, counts, progress)
-    lap("vocabulary")
-    # 2. one pass over the images: record, image embeddings, IoU thresholds
-    iou_fraction = params["iou"]["top_fraction"] if "iou" in names else None
-    identity = {"dataset": source.dataset, "layers": layer_names, "k": k, "encoder": enc.id,
-                "image_emb": bool(clip_like), "iou": iou_fraction, "precision": str(dtype),
-                "device": dev.type, "max_images": max_images}
-    ckpt = _Checkpoint(store, _work_id(target, source, identity), checkpoint_every)
-    known_images = _cached_ids(store, enc.id, "image") if clip_like else frozenset()
-    rec, thresholds, new_images, hashes, resumed = _single_pass(
-        target, layer_names, source, enc, k=k, batch_size=batch_size, workers=workers, precision=dtype,
-        image_emb=bool(clip_like), iou_fraction=iou_fraction, known_images=known_images, ckpt=ckpt,
-        counts=counts, progress=progress)
-    if resumed:
-        log(f"resumed from a checkpoint at image {resumed} of {len(source)}")
-    rec = rec.result()
-    if rec.n_images == 0:
-        raise BadInput(f"No usable images in '{images or source.dataset}': all {len(source.rejects)} "
+
+def _vocabulary(d: _Dissection) -> None:
+    """The concepts in the encoder's space (stored vectors reused), and MiniLM vectors of the
+    concepts the store lacks, for SQL's semantic functions (similar_concepts)."""
+    from .textembed import MINILM_ID, embed_texts
+
+    d.text_emb, new_texts, new_text_m = _text_embeddings(d.enc, d.store, d.vocab.concepts, d.counts,
+                                                         d.opts["progress"])
+    d.new_vectors.append((d.enc.id, "concept", new_texts, new_text_m))
+    have = _cached_ids(d.store, MINILM_ID, "concept")
+    missing = sorted(c for c in dict.fromkeys(d.vocab.concepts) if c not in have)
+    if missing:
+        d.new_vectors.append((MINILM_ID, "concept", missing, embed_texts(missing)))  # [m, 384]
+
+
+def _one_pass(d: _Dissection) -> None:
+    """Each image decoded once, run through the target once (checkpointed, resumable); the
+    whole-image embeddings and IoU thresholds only when a scorer needs them."""
+    o = d.opts
+    image_emb = "similarity" in d.needs
+    # the IoU input is computed with the top_fraction of the scorer that asks for it
+    iou_fraction = next((d.params[s]["top_fraction"] for s in d.scorers if S.get_scorer(s).needs_masks()), None)
+    identity = {"dataset": d.source.dataset, "layers": d.layers, "k": o["k"], "encoder": d.enc.id,
+                "image_emb": image_emb, "iou_top_fraction": iou_fraction, "precision": str(d.dtype),
+                "device": d.device.type, "max_images": o["max_images"]}
+    d.ckpt = _Checkpoint(d.store, _work_id(d.target, d.source, identity), o["checkpoint_every"])
+    known_images = _cached_ids(d.store, d.enc.id, "image") if image_emb else frozenset()
+    rec, d.thresholds, d.new_images, d.hashes, d.resumed = _single_pass(
+        d.target, d.layers, d.source, d.enc, k=o["k"], batch_size=o["batch_size"], workers=o["workers"],
+        precision=d.dtype, image_emb=image_emb, iou_fraction=iou_fraction, known_images=known_images,
+        ckpt=d.ckpt, counts=d.counts, progress=o["progress"])
+    if d.resumed:
+        o["log"](f"resumed from a checkpoint at image {d.resumed} of {len(d.source)}")
+    d.rec = rec.result()
+    if d.rec.n_images == 0:
+        raise BadInput(f"No usable images in '{o['images'] or d.source.dataset}': all {len(d.source.rejects)} "
                        "files were rejected (see the reasons with --json).")
-    too_few = [s for s in clip_like if params[s].get("top_k", 0) > rec.n_images]
-    for s in too_few:  # CLIP-Dissect's top_k cannot exceed the number of images
-        params[s]["top_k"] = rec.n_images
-    lap("record")
-    # 3. patches: boxes from the maps kept for each unit's top images; each crop embedded once
-    known_patches = _cached_ids(store, enc.id, "patch")
-    stored = _stored_patch_ids(store)
-    ps = extract_patches(target, rec, source, encoders=[enc], known={enc.id: known_patches},
-                         stored=stored, batch_size=batch_size, progress=progress)
-    counts["crops"] += ps.n_encoded
-    counts["decoded_for_crops"] = ps.n_decoded
-    new_patch_ids, new_patch_m = ps.embeddings[enc.id]
-    vec = dict(zip(new_patch_ids, new_patch_m))
-    vec.update(_cached_vectors(store, enc.id, "patch", [p for p in ps.patch_ids if p not in vec]))
+    d.params = {s: S.get_scorer(s).prepared(p, d.rec.n_images) for s, p in d.params.items()}
+    if d.new_images:
+        d.new_vectors.append((d.enc.id, "image", list(d.new_images), np.stack(list(d.new_images.values()))))
+
+
+def _patches(d: _Dissection) -> None:
+    """Boxes from the maps kept for each unit's top images; each crop embedded once."""
+    enc = d.enc
+    d.stored_patches = _stored_patch_ids(d.store)
+    d.ps = ps = extract_patches(d.target, d.rec, d.source, encoders=[enc],
+                                known={enc.id: _cached_ids(d.store, enc.id, "patch")},
+                                stored=d.stored_patches, batch_size=d.opts["batch_size"], progress=d.opts["progress"])
+    d.counts["crops"] += ps.n_encoded
+    d.counts["decoded_for_crops"] = ps.n_decoded
+    new_ids, new_m = ps.embeddings[enc.id]
+    d.new_vectors.append((enc.id, "patch", new_ids, new_m))
+    vec = dict(zip(new_ids, new_m))
+    vec.update(_cached_vectors(d.store, enc.id, "patch", [p for p in ps.patch_ids if p not in vec]))
     # [boxes, d]: the scorer compares a unit's boxes with every box cut (as before content ids)
-    patch_emb = torch.from_numpy(np.stack([vec[p] for p in ps.boxes])) if ps.boxes \
-        else torch.zeros(0, text_emb.shape[1])
-    row_of = {pid: i for i, pid in enumerate(ps.patch_ids)}
-    lap("patches")
-    # 4. scores
+    d.patch_emb = torch.from_numpy(np.stack([vec[p] for p in ps.boxes])) if ps.boxes \
+        else torch.zeros(0, d.text_emb.shape[1])
+
+
+def _scores(d: _Dissection) -> None:
+    """Every scorer on every layer from the inputs the scorers need, each with its null
+    confidence; held-out fidelity and headlines per layer (trust)."""
+    rec, o = d.rec, d.opts
     sim = None
-    if clip_like:
-        vec = dict(new_images)
-        vec.update(_cached_vectors(store, enc.id, "image", [h for h in hashes if h not in vec]))
-        image_emb = torch.from_numpy(np.stack([vec[h] for h in hashes]))  # [n, d] recorder order
-        sim = S.Similarity(image_emb, text_emb, device=dev)  # [n, c], computed a column tile at a time
+    if "similarity" in d.needs:
+        vec = dict(d.new_images)
+        vec.update(_cached_vectors(d.store, d.enc.id, "image", [h for h in d.hashes if h not in vec]))
+        image_emb = torch.from_numpy(np.stack([vec[h] for h in d.hashes]))  # [n, d] recorder order
+        sim = S.Similarity(image_emb, d.text_emb, device=d.device)  # [n, c], computed a column tile at a time
     iou, iou_null = {}, {}
-    if "iou" in names:
-        iou, iou_null = _iou_scores(target, layer_names, source, _Masks(mask_world, vocab.concepts), thresholds,
-                          batch_size, workers, counts, progress)
-    score_tables, expl_tables, trust_tables, nulls = [], [], [], {}
-    cindex = {c: i for i, c in enumerate(vocab.concepts)}
+    if "iou_scores" in d.needs:
+        iou, iou_null = _iou_scores(d.target, d.layers, d.source, _Masks(d.mask_world, d.vocab.concepts),
+                                    d.thresholds, o["batch_size"], o["workers"], d.counts, o["progress"])
+    cindex = {c: i for i, c in enumerate(d.vocab.concepts)}
     amount = None  # [n, c] mask area per probe image: the truth's fidelity
-    if mask_world is not None and sim is not None:
-        amount = trust.mask_amount(mask_world.masks(), rec.image_ids, cindex)
-    bar = _bar(progress, len(layer_names) * len(names), "scores", "scorer")
-    for name in layer_names:
+    if d.mask_world is not None and sim is not None:
+        amount = trust.mask_amount(d.mask_world.masks(), rec.image_ids, cindex)
+    bar = _bar(o["progress"], len(d.layers) * len(d.scorers), "scores", "scorer")
+    for name in d.layers:
         lr = rec.layers[name]
-        pooled = torch.from_numpy(lr.pooled_mean.astype(np.float32)) if lr.pooled_mean is not None else None
-        idx = np.full(lr.top_idx.shape, -1, np.int64)
-        for (l, u, r), box in ps.box_of.items():
-            if l == name:
-                idx[u, r] = box
-        inputs = {"similarity": sim, "pooled": pooled, "patch_emb": patch_emb, "text_emb": text_emb,
-                  "unit_patches": torch.from_numpy(idx), "unit_images": torch.from_numpy(lr.top_idx),
-                  "unit_weights": torch.from_numpy(np.nan_to_num(lr.top_val.astype(np.float32), nan=0.0))}
-        for s in names:
-            if s == "iou":
-                res = S.ScoreResult("iou", params["iou"], iou[name], S.confidence(iou[name]), False)
-            else:
-                res = S.run_scorer(s, inputs, {p: v for p, v in params[s].items()})
+        inputs = _layer_inputs(d, name, sim, iou.get(name))
+        for s in d.scorers:
+            res = S.run_scorer(s, inputs, d.params[s])
             # confidence from a null of pseudo-units of this layer (trust module doc)
-            res, nulls.setdefault(name, {})[s] = trust.scored_with_null(res, inputs, iou_null.get(name))
-            rows = S.top_concepts(res, vocab.concepts, top_n, vocabulary=vocab.name,
-                                  encoder=enc.id if res.uses_encoder else None,
-                                  model=target.id, layer=name)
-            score_tables.append(rows)
-            summaries = None
-            if summarise_with == s:
-                by_unit = {}
-                for (l, u, r), pid in ps.assignment.items():
-                    if l == name:
-                        by_unit.setdefault(u, []).append((r, ps.rows[row_of[pid]]["thumbnail"], pid))
-                thumbs = _thumbnails(store, [p for p in ps.patch_ids if p in stored])  # rows cut warm have none
-                summaries = summarise(rows, s, lambda u: [png or thumbs[pid] for _, png, pid in sorted(by_unit.get(u, []))])
-            expl_tables.append(explanations_table(rows, summaries))
+            res, d.nulls.setdefault(name, {})[s] = trust.scored_with_null(res, inputs, iou_null.get(name))
+            rows = S.top_concepts(res, d.vocab.concepts, o["top_n"], vocabulary=d.vocab.name,
+                                  encoder=d.enc.id if res.uses_encoder else None,
+                                  model=d.target.id, layer=name)
+            d.score_tables.append(rows)
+            summaries = _summaries(d, name, rows) if o["summarise_with"] == s else None
+            d.expl_tables.append(explanations_table(rows, summaries))
             bar.update()
         if sim is not None and lr.pooled_max is not None:  # held-out fidelity of the layer's explanations; headlines
             peak = torch.from_numpy(lr.pooled_max.astype(np.float32))  # [n, u] per-image max
-            trust_tables.append(trust.layer_trust(
-                pa.concat_tables(score_tables[-len(names):]).to_pandas(), peak, sim, rec.image_ids, cindex,
-                amount, dataset=rec.dataset, vocabulary=vocab.name, encoder=enc.id, model=target.id, layer=name))
+            d.trust_tables.append(trust.layer_trust(
+                pa.concat_tables(d.score_tables[-len(d.scorers):]).to_pandas(), peak, sim, rec.image_ids, cindex,
+                amount, dataset=rec.dataset, vocabulary=d.vocab.name, encoder=d.enc.id, model=d.target.id,
+                layer=name))
     bar.close()
-    lap("scores")
-    # 5. one run, one commit. Write keys at the granularity of the work (module doc).
+
+
+def _layer_inputs(d: _Dissection, layer: str, sim, iou) -> dict:
+    """What the scorers (and their nulls) of one layer read; those not computed are None."""
+    lr = d.rec.layers[layer]
+    idx = np.full(lr.top_idx.shape, -1, np.int64)  # [u, k] box of each unit's r-th top image
+    for (l, u, r), box in d.ps.box_of.items():
+        if l == layer:
+            idx[u, r] = box
+    return {"similarity": sim, "iou_scores": iou, "patch_emb": d.patch_emb, "text_emb": d.text_emb,
+            "pooled": torch.from_numpy(lr.pooled_mean.astype(np.float32)) if lr.pooled_mean is not None else None,
+            "unit_patches": torch.from_numpy(idx), "unit_images": torch.from_numpy(lr.top_idx),
+            "unit_weights": torch.from_numpy(np.nan_to_num(lr.top_val.astype(np.float32), nan=0.0))}
+
+
+def _summaries(d: _Dissection, layer: str, rows: pa.Table) -> dict:
+    """One LLM sentence per unit of `layer` from its top concepts and top patches."""
+    ps, scorer = d.ps, rows["scorer"][0].as_py()
+    row_of = {pid: i for i, pid in enumerate(ps.patch_ids)}
+    by_unit = {}
+    for (l, u, r), pid in ps.assignment.items():
+        if l == layer:
+            by_unit.setdefault(u, []).append((r, ps.rows[row_of[pid]]["thumbnail"], pid))
+    thumbs = _thumbnails(d.store, [p for p in ps.patch_ids if p in d.stored_patches])  # rows cut warm have none
+    return summarise(rows, scorer, lambda u: [png or thumbs[pid] for _, png, pid in sorted(by_unit.get(u, []))])
+
+
+def _evaluation(d: _Dissection) -> None:
+    """The run's explanations against the probe world's truth, written in the same commit."""
+    d.evaluation = evaluate_run(d.store, d.target.id, d.rec.dataset, d.target.model_row()["classes"],
+                                pa.concat_tables(d.expl_tables), layers_table_rows(d.target, d.layers),
+                                pa.concat_tables(d.score_tables))
+
+
+def _commit(d: _Dissection, started: float):
+    """One run, one commit: every table of the dissect, its concept vectors and its evaluation.
+    Write keys at the granularity of the work (module doc). Returns the committed run."""
+    target, rec, vocab, enc, ps, source = d.target, d.rec, d.vocab, d.enc, d.ps, d.source
     # untrained models explain nothing: say so wherever the run's results are read
-    random_weights = {"target": bool(target.random_weights), "encoder": bool(getattr(enc, "random_weights", False))}
-    run_params = {"model": target.spec, "dataset": rec.dataset, "max_images": max_images, "layers": layer_names,
-                  "vocabulary": vocab.name, "scorers": params, "encoder": enc.id, "k": k,
-                  "top_n": top_n, "summarise_with": summarise_with, "random_weights": random_weights,
-                  "nulls": {l: {s: n.to_dict() for s, n in v.items()} for l, v in nulls.items()}}
+    run_params = {"model": target.spec, "dataset": rec.dataset, "max_images": d.opts["max_images"],
+                  "layers": d.layers, "vocabulary": vocab.name, "scorers": d.params, "encoder": enc.id,
+                  "k": d.opts["k"], "top_n": d.opts["top_n"], "summarise_with": d.opts["summarise_with"],
+                  "random_weights": _random_weights(d),
+                  "nulls": {l: {s: n.to_dict() for s, n in v.items()} for l, v in d.nulls.items()}}
     record_key, ds = f"record:{rec.dataset}", rec.dataset
-    new_rows = [r for r in ps.rows if r["patch_id"] not in stored]
-    with store.run("dissect", run_params, started_at=t0) as run:
+    new_rows = [r for r in ps.rows if r["patch_id"] not in d.stored_patches]
+    with d.store.run("dissect", run_params, started_at=started) as run:
         run.write("models", pa.Table.from_pylist([target.model_row()]), key=f"model:{target.id}")
-        for row in layers_table_rows(target, layer_names):
+        for row in layers_table_rows(target, d.layers):
             run.write("layers", pa.Table.from_pylist([row]), key=f"{record_key}:{row['layer']}")
-        if mask_world is not None:
-            run.write("images", mask_world.images(), key=f"images:{ds}")
-            run.write("masks", mask_world.masks(), key=f"images:{ds}")
+        if d.mask_world is not None:
+            run.write("images", d.mask_world.images(), key=f"images:{ds}")
+            run.write("masks", d.mask_world.masks(), key=f"images:{ds}")
         else:
             run.write("images", source.images_table(), key=f"images:{ds}")
         run.write("rejects", source.rejects_table(), key=f"images:{ds}")
@@ -571,52 +635,85 @@ def dissect(store: Store | str | Path, model: str, *, images: str | Path | None 
         if new_rows:
             pids = [r["patch_id"] for r in new_rows]
             run.write("patches", ps.table(new_rows), key=f"patches:{_ids_key(pids)}")
-        for kind, ids, m in (("patch", new_patch_ids, new_patch_m), ("concept", new_texts, new_text_m),
-                             ("image", list(new_images), np.stack(list(new_images.values())) if new_images else None)):
+        for encoder_id, kind, ids, m in d.new_vectors:
             if ids:
-                run.write("embeddings", _embedding_rows(enc.id, kind, ids, m),
-                          key=f"emb:{enc.id}:{kind}:{_ids_key(ids)}")
+                run.write("embeddings", _embedding_rows(encoder_id, kind, ids, m),
+                          key=f"emb:{encoder_id}:{kind}:{_ids_key(ids)}")
         run.write("vocabularies", vocabulary_table(vocab), key=f"vocab:{vocab.name}")
         run.write("concepts", concepts_table(vocab), key=f"vocab:{vocab.name}")
-        for rows, expl in zip(score_tables, expl_tables):
+        for rows, expl in zip(d.score_tables, d.expl_tables):
             s = rows["scorer"][0].as_py() if rows.num_rows else "none"
             key = f"score:{ds}:{s}:{vocab.name}:{enc.id}"
             run.write("scores", rows, key=key)
             run.write("explanations", expl, key=key)
-        for fid, head in trust_tables:
+        for fid, head in d.trust_tables:
             run.write("explanation_scores", fid, key=f"trust:{ds}:{vocab.name}:{enc.id}")
             run.write("headlines", head, key=f"trust:{ds}:{vocab.name}:{enc.id}")
-    ckpt.remove()
-    # MiniLM vectors of the concepts, for SQL's semantic functions (similar_concepts): new ones only.
-    from .sqlfuncs import MINILM_ID, embed_concepts
+        if d.evaluation is not None:
+            write_rows(run, d.evaluation.rows)
+    d.ckpt.remove()
+    if d.evaluation is not None:
+        d.evaluation.run_id = run.run_id
+    return run
 
-    missing = [c for c in dict.fromkeys(vocab.concepts) if c not in _cached_ids(store, MINILM_ID, "concept")]
-    if missing:
-        embed_concepts(store, concepts=missing)
+
+def _random_weights(d: _Dissection) -> dict[str, bool]:
+    return {"target": bool(d.target.random_weights), "encoder": bool(getattr(d.enc, "random_weights", False))}
+
+
+def dissect(store: Store | str | Path, model: str, *, images: str | Path | None = None,
+            layers: Sequence[str] | None = None, vocabulary: str = "probe",
+            scorers: Sequence[str] | None = None, encoder: str | None = None, k: int = 10,
+            top_n: int = 5, batch_size: int = 64, scorer_params: dict | None = None,
+            summarise_with: str | None = None, world=None, evaluate: bool = True,
+            max_images: int | None = None, device: str = "auto", precision: str = "auto",
+            workers: int = 0, checkpoint_every: float = 120.0,
+            progress: bool = True, log=print) -> DissectResult:
+    """Dissect `layers` of `model` on a folder of images (or the probe world for probe models)
+    and write every table of the run to `store` in one commit: scores, explanations, concept
+    vectors and (probe world, `evaluate`) the evaluation. Returns a `DissectResult`.
+
+    scorers: names from `neurostore.scorers.SCORERS` (default: all that apply; `iou` needs
+    per-pixel masks, which only the probe world has). encoder: an encoder spec (default: the
+    probe world's encoder for probe models, also with `images`, else OpenCLIP ViT-B-32).
+    summarise_with: a scorer whose top concepts an LLM turns into one sentence per unit (needs
+    ANTHROPIC_API_KEY; without it a template sentence is stored and marked so).
+
+    device/precision: where the models run (`neurostore.devices`); workers: processes decoding
+    images. Text, image and crop embeddings already in the store for the encoder are reused, not
+    computed again. The pass checkpoints every `checkpoint_every` seconds; the same call after a
+    crash resumes from the checkpoint and writes exactly the tables of an uninterrupted run."""
+    from .devices import describe, precision_name
+
+    t0 = time.time()
+    if not isinstance(store, Store):
+        store = Store.open(store)
+    d = _plan(store, model, images=images, layers=layers, vocabulary=vocabulary, scorers=scorers,
+              encoder=encoder, scorer_params=scorer_params, world=world, device=device, precision=precision,
+              max_images=max_images, log=log,
+              opts={"k": k, "top_n": top_n, "batch_size": batch_size, "workers": workers, "images": images, "summarise_with": summarise_with, "checkpoint_every": checkpoint_every,
+                    "progress": progress, "log": log})
+    lap = _Lap(d.timings)
+    stages = [(_vocabulary, "vocabulary"), (_one_pass, "record"), (_patches, "patches"), (_scores, "scores")]
+    if evaluate and d.mask_world is not None:
+        stages.append((_evaluation, "evaluate"))
+    for stage, name in stages:
+        stage(d)
+        lap(name)
+    run = _commit(d, t0)
     lap("store")
-
-    summary = {
-        "run_id": run.run_id, "model": target.id, "spec": target.spec, "dataset": ds,
-        "images": rec.n_images, "rejects": len(source.rejects), "layers": layer_names,
-        "units": int(sum(rec.layers[l].n_units for l in layer_names)),
-        "patches": len(ps.rows), "patch_boxes": ps.n_boxes,
-        "vocabulary": vocab.name, "concepts": len(vocab), "scorers": names, "encoder": enc.id,
-        "random_weights": random_weights,
-        "device": describe(dev), "precision": precision_name(dtype),
-        "rows": dict(run.rows), "seconds": round(time.time() - t0, 1), "timings": timings,
-        # how often images were decoded and run through each model, and what the encoder encoded
-        # (embeddings already in the store are reused, not counted)
-        "passes": {"decoded": counts["decoded"], "decoded_for_crops": counts["decoded_for_crops"],
-                   "target_passes": counts["target_passes"], "encoded_texts": counts["texts"],
-                   "encoded_images": counts["images"], "encoded_crops": counts["crops"]},
-        "resumed_from": resumed, "checkpoints": counts["checkpoints"],
-    }
-    if evaluate and mask_world is not None:
-        from .evaluate import evaluate as run_eval
-
-        summary["evaluation"] = run_eval(store, model=target.id, dataset=ds)
-        lap("evaluate")
-    return summary
+    rec, c = d.rec, d.counts
+    return DissectResult(
+        run_id=run.run_id, model=d.target.id, spec=d.target.spec, dataset=rec.dataset, images=rec.n_images,
+        rejects=len(d.source.rejects), layers=d.layers, units=int(sum(rec.layers[l].n_units for l in d.layers)),
+        patches=len(d.ps.rows), patch_boxes=d.ps.n_boxes, vocabulary=d.vocab.name, concepts=len(d.vocab),
+        scorers=d.scorers, encoder=d.enc.id, random_weights=_random_weights(d), device=describe(d.device),
+        precision=precision_name(d.dtype), rows=dict(run.rows), seconds=round(time.time() - t0, 1),
+        timings=d.timings,
+        passes={"decoded": c["decoded"], "decoded_for_crops": c["decoded_for_crops"],
+                "target_passes": c["target_passes"], "encoded_texts": c["texts"],
+                "encoded_images": c["images"], "encoded_crops": c["crops"]},
+        resumed_from=d.resumed, checkpoints=c["checkpoints"], evaluation=d.evaluation)
 
 
 # ---- demo ---------------------------------------------------------------------------------------
@@ -650,7 +747,7 @@ def demo_questions(store: Store, world) -> list[dict]:
 def demo(store: Store | str | Path, *, seed: int | None = None, cue_kind: str | None = None,
          cue_class: str | None = None, fast: bool = False, cache: str | Path | None = None,
          max_images: int | None = DEMO_MAX_IMAGES, device: str = "auto", precision: str = "auto",
-         workers: int = 0, progress: bool = True, log=print) -> dict:
+         workers: int = 0, progress: bool = True, log=print) -> DemoResult:
     """Everything on the probe world: build (or reuse) the world, dissect its CNN and ViT on
     several layers with every scorer, evaluate against the truth, and answer three questions."""
     from .world import WorldConfig, build_world
@@ -668,11 +765,8 @@ def demo(store: Store | str | Path, *, seed: int | None = None, cue_kind: str | 
         runs[name] = dissect(store, f"probe:{name}@{world.root}", world=world,
                              vocabulary="probe", max_images=max_images, device=device,
                              precision=precision, workers=workers, progress=progress, log=log)
-    return {
-        "store": str(store.path),
-        "world": {"id": world.id, "root": str(world.root), "config": world.meta["config"],
-                  "targets": world.summary["targets"], "encoder": world.summary["encoder"]},
-        "dissections": runs,
-        "answers": demo_questions(store, world),
-        "seconds": round(time.time() - t0, 1),
-    }
+    return DemoResult(
+        store=str(store.path),
+        world={"id": world.id, "root": str(world.root), "config": world.meta["config"],
+               "targets": world.summary["targets"], "encoder": world.summary["encoder"]},
+        dissections=runs, answers=demo_questions(store, world), seconds=round(time.time() - t0, 1))

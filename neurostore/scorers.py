@@ -8,6 +8,11 @@ bounded confidence next to every raw score.
     cos_cubed   same                                             CLIP-Dissect (cos_similarity_cubed)
     iou         activation maps, per-pixel concept masks         Network Dissection
 
+Pipeline inputs. Each `Scorer` declares its inputs; the dissect asks the scorers of a run what
+they `need()` and computes only that: `similarity` (whole-image embeddings, taken in the single
+pass), `pooled`, `unit_images` (the recorder), `patch_emb`, `text_emb`, `unit_patches`,
+`unit_weights` (patches), `iou_scores` (per-pixel masks: thresholds in the pass, then IoU).
+
 The CLIP-Dissect formulas follow the published code (Trustworthy-ML-Lab/CLIP-dissect,
 similarity.py) exactly, including its quirks: p(d) in soft_wpmi/wpmi is the mean over the
 *units given* of p(d | unit), so call them with all units of a layer at once; the membership
@@ -588,12 +593,30 @@ def confidence(scores: torch.Tensor, unit_chunk: int = 1024) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Scorer:
+    """A scorer and what it takes. `inputs` lists each input as its alternatives ('a|b+c': a,
+    or b and c); a pipeline provides the first of each (`needs`) and computes only what the
+    scorers of a run need (module doc: pipeline inputs). `prepare` fits the parameters to the
+    probe set once its size is known."""
+
     name: str
     fn: Callable[..., torch.Tensor]
     defaults: dict[str, Any]
     inputs: tuple[str, ...]
     description: str
     uses_encoder: bool = True
+    prepare: Optional[Callable[[dict[str, Any], int], dict[str, Any]]] = None
+
+    def needs(self) -> frozenset[str]:
+        """The inputs a pipeline provides: the first alternative of each declared input."""
+        return frozenset(p for i in self.inputs for p in i.split("|")[0].split("+"))
+
+    def needs_masks(self) -> bool:
+        """Whether it scores against per-pixel concept masks (which only the probe world has)."""
+        return "iou_scores" in self.needs()
+
+    def prepared(self, params: dict[str, Any], n_images: int) -> dict[str, Any]:
+        """`params` fitted to a probe set of `n_images` images."""
+        return self.prepare(params, n_images) if self.prepare else dict(params)
 
 
 @dataclass
@@ -626,9 +649,16 @@ def _run_patch(inputs: dict[str, Any], **params: Any) -> torch.Tensor:
 
 
 def _run_iou(inputs: dict[str, Any], **params: Any) -> torch.Tensor:
+    if inputs.get("iou_scores") is not None:   # computed while streaming the images (pipeline)
+        return inputs["iou_scores"]
     if inputs.get("accumulator") is not None:
         return inputs["accumulator"].result()
     return iou_scores(_need(inputs, "act_maps"), _need(inputs, "masks"), **params)
+
+
+def _top_k_within(params: dict[str, Any], n_images: int) -> dict[str, Any]:
+    """CLIP-Dissect's top_k cannot exceed the number of images."""
+    return {**params, "top_k": min(params["top_k"], n_images)}
 
 
 def _need(inputs: dict[str, Any], key: str) -> Any:
@@ -648,14 +678,16 @@ SCORERS: dict[str, Scorer] = {
                {"top_k": 100, "a": 10.0, "lam": 1.0, "min_prob": 1e-7, "p_start": 0.998,
                 "p_end": 0.97},
                ("similarity|image_emb+text_emb", "pooled"),
-               "CLIP-Dissect SoftWPMI over whole-image similarities and pooled activations"),
+               "CLIP-Dissect SoftWPMI over whole-image similarities and pooled activations",
+               prepare=_top_k_within),
         Scorer("wpmi", _run_clip(wpmi), {"top_k": 28, "a": 2.0, "lam": 0.6, "min_prob": 1e-7},
                ("similarity|image_emb+text_emb", "pooled"),
-               "CLIP-Dissect WPMI over whole-image similarities and pooled activations"),
+               "CLIP-Dissect WPMI over whole-image similarities and pooled activations",
+               prepare=_top_k_within),
         Scorer("cos_cubed", _run_clip(cos_cubed), {"min_norm": 1e-3},
                ("similarity|image_emb+text_emb", "pooled"),
                "CLIP-Dissect cos_similarity_cubed: cosine of centred, cubed columns"),
-        Scorer("iou", _run_iou, {"top_fraction": 0.005}, ("act_maps+masks|accumulator",),
+        Scorer("iou", _run_iou, {"top_fraction": 0.005}, ("iou_scores|act_maps+masks|accumulator",),
                "Network Dissection IoU of the unit's top-0.5% region with per-pixel concept "
                "masks, summed over images", uses_encoder=False),
     ]
@@ -690,7 +722,7 @@ def run_scorer(name: str, inputs: dict[str, Any], params: Optional[dict[str, Any
     """Score with a named scorer. `inputs` by scorer (see `list_scorers()`):
     patch: patch_emb, text_emb, unit_patches[, unit_weights];
     soft_wpmi / wpmi / cos_cubed: similarity (or image_emb and text_emb), pooled;
-    iou: act_maps and masks, or accumulator (a filled IoUAccumulator)."""
+    iou: iou_scores (already computed), act_maps and masks, or accumulator (a filled IoUAccumulator)."""
     s = get_scorer(name)
     full = resolve_params(name, params)
     extra = {"progress": progress} if name in ("soft_wpmi", "wpmi") else {}
