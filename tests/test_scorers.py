@@ -306,6 +306,38 @@ def test_registry_lists_and_rejects():
         S.run_scorer("soft_wpmi", {"similarity": torch.zeros(3, 3)})
 
 
+def test_scorers_declare_what_a_pipeline_computes_for_them():
+    """The dissect computes an input only when some scorer needs it (no per-scorer branch)."""
+    needs = {name: S.get_scorer(name).needs() for name in S.SCORERS}
+    assert needs["patch"] == {"patch_emb", "text_emb", "unit_patches", "unit_weights"}
+    assert needs["soft_wpmi"] == needs["wpmi"] == needs["cos_cubed"] == {"similarity", "pooled"}
+    assert needs["iou"] == {"iou_scores"}
+    assert [n for n in S.SCORERS if S.get_scorer(n).needs_masks()] == ["iou"]
+
+
+def test_scorers_fit_their_parameters_to_the_probe_set():
+    """CLIP-Dissect's top_k cannot exceed the number of images; other parameters pass through."""
+    for name in ("soft_wpmi", "wpmi"):
+        p = S.resolve_params(name)
+        assert S.get_scorer(name).prepared(p, 7) == {**p, "top_k": 7}
+        assert S.get_scorer(name).prepared(p, 10_000) == p
+    for name in ("patch", "cos_cubed", "iou"):
+        p = S.resolve_params(name)
+        assert S.get_scorer(name).prepared(p, 1) == p
+
+
+def test_iou_takes_scores_computed_while_streaming():
+    """The pipeline's IoU (accumulated beside the single pass) goes through run_scorer like any
+    other scorer: same scores, the scorer's parameters and confidence."""
+    g = torch.Generator().manual_seed(0)
+    maps, masks = torch.randn(12, 5, 4, 4, generator=g), torch.rand(12, 3, 8, 8, generator=g) > 0.7
+    direct = S.iou_scores(maps, masks, top_fraction=0.05)
+    res = S.run_scorer("iou", {"iou_scores": direct}, {"top_fraction": 0.05})
+    assert torch.equal(res.scores, direct) and res.params == {"top_fraction": 0.05}
+    assert not res.uses_encoder and torch.equal(res.confidence, S.confidence(direct))
+    assert torch.equal(S.run_scorer("iou", {"act_maps": maps, "masks": masks}, {"top_fraction": 0.05}).scores, direct)
+
+
 # ---- Arrow rows -----------------------------------------------------------------------------
 
 
