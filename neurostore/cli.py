@@ -7,6 +7,8 @@ and exit code 1; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import sys
@@ -15,8 +17,13 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
-from .errors import NeurostoreError, cli_message
+from .errors import BadInput, BadParameter, NeurostoreError, cli_message, unknown
+
+# The API (and with it torch, DuckDB, pyarrow) is imported inside each command: `neurostore --help`
+# and a command that needs none of it start in a fraction of a second.
 
 app = typer.Typer(
     name="neurostore",
@@ -52,6 +59,9 @@ DeviceOpt = typer.Option("auto", "--device", help="Where models run: auto (CUDA 
                          "else CPU), cpu, cuda, cuda:N or mps.")
 PrecisionOpt = typer.Option("auto", "--precision", help="auto (fp32 on the CPU, bf16/fp16 on a GPU), fp32, "
                             "fp16 or bf16 (autocast for the model and the encoder).")
+WorkersOpt = typer.Option(0, "--workers", help="Processes decoding images in parallel (0: in the main process).")
+# Commands that share options still list them in their own signatures (typer reads a command's
+# options from there), so dissect and demo end with the same lines on purpose.
 
 
 def store_path(store: Optional[Path]) -> Path:
@@ -97,8 +107,6 @@ def _cell(v: Any) -> str:
 
 def emit_table(table, fmt: str = "table", output: Optional[Path] = None, title: Optional[str] = None) -> None:
     """Print an Arrow table as a rich table, CSV, JSON (an array of row objects) or Parquet (--output)."""
-    from .errors import BadInput, unknown
-
     if fmt not in QUERY_FORMATS:
         raise BadInput(unknown("format", fmt, QUERY_FORMATS, "Pass --format table, csv, json or parquet."))
     if fmt == "parquet":
@@ -112,7 +120,6 @@ def emit_table(table, fmt: str = "table", output: Optional[Path] = None, title: 
     if fmt == "table":
         if output is not None:
             raise BadInput("--output needs --format csv, json or parquet.")
-        from rich.table import Table
 
         t = Table(title=title, show_lines=False, header_style="bold")
         for name in table.column_names:
@@ -130,9 +137,6 @@ def emit_table(table, fmt: str = "table", output: Optional[Path] = None, title: 
     if fmt == "json":
         text = json.dumps(rows, default=str) + "\n"
     else:
-        import csv
-        import io
-
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(table.column_names)
@@ -181,7 +185,6 @@ def query_cmd(
 
     Example: neurostore query concept_neurons --param concept=striped --param top=20
     """
-    from .errors import BadParameter
     from .queries import list_queries, parse_param_pairs
 
     if list_:
@@ -318,8 +321,6 @@ app.add_typer(world_app, name="world")
 
 
 def _world_summary_table(world) -> None:
-    from rich.table import Table
-
     s = world.summary
     c = world.config
     console.print(f"[bold]{world.id}[/] cue={c.cue_kind} on {c.cue_class} "
@@ -416,8 +417,6 @@ def world_ls_cmd(
 
     Example: neurostore world ls --json
     """
-    from rich.table import Table
-
     from .world import list_worlds
 
     worlds = list_worlds(cache)
@@ -457,7 +456,6 @@ def layers_cmd(
     if as_json:
         print_json({"model": model, "layers": rows})
         return
-    from rich.table import Table
 
     table = Table("layer", "kind", "output shape", "units", "default", box=None)
     for r in rows:
@@ -471,8 +469,6 @@ def _log(quiet: bool):
 
 
 def _dissect_summary_table(s: dict) -> None:
-    from rich.table import Table
-
     t = Table(title=f"dissect {s['model']} — run {s['run_id']}", box=None, show_header=False)
     for k in ("spec", "dataset", "images", "rejects", "layers", "units", "patches", "patch_boxes",
               "vocabulary", "concepts", "scorers", "encoder", "seconds"):
@@ -487,8 +483,6 @@ def _dissect_summary_table(s: dict) -> None:
 
 
 def _evaluation_table(ev: dict) -> None:
-    from rich.table import Table
-
     metrics = ["top1", "top5", "iou_agreement", "minilm_cosine", "interpretable"]
     t = Table("model", "layer", "scorer", *metrics, title="evaluation against the probe world's truth")
     for model, layers in ev.items():
@@ -513,7 +507,7 @@ def dissect_cmd(
     summarise: Optional[str] = typer.Option(None, "--summarise", help="Scorer whose top concepts an LLM turns into one sentence per unit (needs ANTHROPIC_API_KEY)."),
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
-    workers: int = typer.Option(0, "--workers", help="Processes decoding images in parallel (0: in the main process)."),
+    workers: int = WorkersOpt,
     store: Optional[Path] = StoreOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -618,7 +612,7 @@ def demo_cmd(
     cache: Optional[Path] = typer.Option(None, "--cache", help="World cache folder. Default: $NEUROSTORE_CACHE or ~/.cache/neurostore."),
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
-    workers: int = typer.Option(0, "--workers", help="Processes decoding images in parallel (0: in the main process)."),
+    workers: int = WorkersOpt,
     store: Optional[Path] = StoreOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -694,7 +688,6 @@ def vocab_list_cmd(as_json: bool = JsonOpt) -> None:
     if as_json:
         print_json({"vocabularies": rows})
         return
-    from rich.table import Table
 
     t = Table("name", "source", "description", box=None)
     for r in rows:
@@ -745,8 +738,6 @@ ANALYSIS_BAR = 24  # characters of a full bar in the terminal depth plot
 
 
 def _rows_table(rows: list[dict], columns: list[str], title: Optional[str] = None):
-    from rich.table import Table
-
     t = Table(title=title, header_style="bold", box=None)
     for c in columns:  # spaced headers wrap between words when the terminal is narrow
         t.add_column(c.replace("_", " "), overflow="fold")
@@ -757,8 +748,6 @@ def _rows_table(rows: list[dict], columns: list[str], title: Optional[str] = Non
 
 def _depth_plot(profile: list[dict]) -> None:
     """Per model, one line per layer in depth order: a bar of the best confidence per method."""
-    from rich.text import Text
-
     marks = {"exact": ("█", "green"), "semantic": ("▓", "yellow"), "open": ("▒", "cyan")}
     by_model: dict[str, dict] = {}
     for r in profile:

@@ -39,6 +39,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
+from .devices import describe, resolve_device
 from .errors import BadInput, BadParameter, unknown
 from .models import Target, list_layers, load_target, resolve_layer
 from .record import hooks
@@ -137,6 +138,8 @@ def attach(target: Target, store: Store | None = None, rows: list[dict] | None =
 
         def run_features(_m, _inp, out, enc=enc):
             enc(out[0] if isinstance(out, (tuple, list)) else out)  # hooks on enc record it
+        # Lives as long as the target (a feature layer is part of it), so not neurostore.hooks'
+        # with-block; the handle is kept so a refit replaces it.
         hooks_[name] = source.register_forward_hook(run_features)
     target.extra.pop("_layers", None)  # list_layers must see the new modules
     return names
@@ -232,7 +235,7 @@ def fit_topk_sae(x: torch.Tensor, n_features: int, k: int, *, steps: int, seed: 
 
 def fit_nmf(x: torch.Tensor, n_features: int, *, steps: int, seed: int) -> FeatureEncoder:
     """scikit-learn's NMF of max(x, 0) [n, units]; the encoder finds each sample's code."""
-    from sklearn.decomposition import NMF
+    from sklearn.decomposition import NMF  # here: scikit-learn takes seconds to import, only NMF needs it
 
     xp = x.relu().double().numpy()
     init = "nndsvda" if n_features <= min(xp.shape) else "random"
@@ -281,7 +284,6 @@ def fit(store: Store | str, model: str, layer: str, method: str = "topk-sae", wi
     """Learn a dictionary on `layer` of `model` over the probe images (a probe-world model's own,
     or the folder `images`), store it with its provenance and quality, and return the summary.
     steps: optimiser steps (topk-sae, default 3000) or NMF iterations (default 200)."""
-    from .devices import describe, resolve_device
     from .pipeline import _image_source
 
     t0 = time.time()

@@ -33,6 +33,7 @@ from .analysis._common import (BATCH, check_models, load_model, logits_of, model
                                open_store, probe_images)
 from .analysis.audit import contributions
 from .errors import BadInput, BadParameter, UnknownLayer, unknown
+from .hooks import forward_hooks, keep
 from .record import to_map
 from .store import Store
 
@@ -72,27 +73,20 @@ def _mean_pooled(target, out: torch.Tensor) -> torch.Tensor:
 def group_edges(target, pixels: torch.Tensor, layers: list[str], members: dict[str, list[np.ndarray]]) -> dict:
     """{(up, down): [groups_up, groups_down]} mean attribution of each upstream group to each
     downstream group of the next layer (module doc)."""
-    modules = dict(target.module.named_modules())
     pairs = list(zip(layers, layers[1:]))
     sums = {p: np.zeros((len(members[p[0]]), len(members[p[1]]))) for p in pairs}
     for i in range(0, len(pixels), BATCH):
         outs = {}
-        hs = [modules[l].register_forward_hook(
-            lambda _m, _i, o, n=l: outs.__setitem__(n, o[0] if isinstance(o, (tuple, list)) else o)) for l in layers]
-        try:
-            with torch.enable_grad():
-                logits_of(target, pixels[i : i + BATCH].clone().requires_grad_(True), exact=True)
-                for up, down in pairs:
-                    pooled = _mean_pooled(target, outs[down])              # [b, units_down]
-                    a = outs[up]
-                    for j, m in enumerate(members[down]):
-                        g, = torch.autograd.grad(pooled[:, m].sum(), a, retain_graph=True)
-                        ga = to_map(target, (g * a).detach()).double().sum((2, 3))  # [b, units_up]
-                        for k, mu in enumerate(members[up]):
-                            sums[(up, down)][k, j] += float(ga[:, mu].sum())
-        finally:
-            for h in hs:
-                h.remove()
+        with forward_hooks(target.module, {n: keep(outs, n) for n in layers}), torch.enable_grad():
+            logits_of(target, pixels[i : i + BATCH].clone().requires_grad_(True), exact=True)
+            for up, down in pairs:
+                pooled = _mean_pooled(target, outs[down])              # [b, units_down]
+                a = outs[up]
+                for j, m in enumerate(members[down]):
+                    g, = torch.autograd.grad(pooled[:, m].sum(), a, retain_graph=True)
+                    ga = to_map(target, (g * a).detach()).double().sum((2, 3))  # [b, units_up]
+                    for k, mu in enumerate(members[up]):
+                        sums[(up, down)][k, j] += float(ga[:, mu].sum())
     return {p: s / len(pixels) for p, s in sums.items()}
 
 

@@ -13,7 +13,8 @@ way and within one overall deadline:
 
 Configuration: `api_key` / ANTHROPIC_API_KEY, `base_url` / ANTHROPIC_BASE_URL (tests point it
 at a local server), `model` / NEUROSTORE_LLM_MODEL (default claude-sonnet-4-6). Without a key,
-callers warn (`warn_no_key`) and use their built-in fallback instead of failing.
+callers warn (`warn_no_key`) and use their built-in fallback instead of failing. `anthropic` is
+imported where a request is made: it takes seconds to import, and most runs never call an LLM.
 """
 
 from __future__ import annotations
@@ -302,19 +303,10 @@ def vocabulary_prompt(domain: str, n: int) -> str:
     )
 
 
-def generate_concepts(
-    domain: str,
-    n: int = 200,
-    model: Optional[str] = None,
-    *,
-    api_key: Optional[str] = None,
-    base_url: Optional[str] = None,
-    policy: Optional[RetryPolicy] = None,
-    client: Any = None,
-    sleep: Callable[[float], None] = time.sleep,
-) -> list[str]:
+def generate_concepts(domain: str, n: int = 200, model: Optional[str] = None, **client_options: Any) -> list[str]:
     """Ask the model for n concepts for `domain`; a list of lowercase unique concepts (it may be
-    shorter than n when the model gives fewer, but never under n/4)."""
+    shorter than n when the model gives fewer, but never under n/4). client_options: call()'s
+    api_key, base_url, policy, client and sleep."""
     request = {
         "model": model or default_model(),
         "max_tokens": int(min(32_000, 256 + 12 * n)),
@@ -322,8 +314,7 @@ def generate_concepts(
                   "You answer with JSON only.",
         "messages": [{"role": "user", "content": vocabulary_prompt(domain, n)}],
     }
-    return call(request, lambda t: parse_concepts(t, n), api_key=api_key, base_url=base_url,
-                policy=policy, client=client, sleep=sleep)
+    return call(request, lambda t: parse_concepts(t, n), **client_options)
 
 
 def _concept_lines(concepts_with_scores: Iterable[Any]) -> list[str]:
@@ -368,13 +359,9 @@ def summarise_unit(
     patch_pngs: Optional[Sequence[bytes]] = None,
     model: Optional[str] = None,
     *,
-    api_key: Optional[str] = None,
-    base_url: Optional[str] = None,
-    policy: Optional[RetryPolicy] = None,
-    client: Any = None,
-    sleep: Callable[[float], None] = time.sleep,
     return_source: bool = False,
     max_images: int = 8,
+    **client_options: Any,
 ) -> Any:
     """One sentence describing what a unit detects, from its top concepts — (concept, score[,
     confidence]) tuples, dicts with those keys, or plain strings — and optionally the PNG bytes
@@ -382,9 +369,10 @@ def summarise_unit(
 
     Without an API key: warns and returns `template_summary(...)`. With `return_source=True`
     returns (sentence, by) where `by` is the model id or 'template' (explanations.summary_by).
+    client_options: call()'s api_key, base_url, policy, client and sleep.
     """
     model = model or default_model()
-    if not have_api_key(api_key) and client is None:
+    if not have_api_key(client_options.get("api_key")) and client_options.get("client") is None:
         warn_no_key("summarising a unit", "a template sentence")
         s = template_summary(concepts_with_scores)
         return (s, "template") if return_source else s
@@ -410,6 +398,5 @@ def summarise_unit(
         "max_tokens": 200,
         "messages": [{"role": "user", "content": content}],
     }
-    s = call(request, parse_sentence, api_key=api_key, base_url=base_url, policy=policy,
-             client=client, sleep=sleep)
+    s = call(request, parse_sentence, **client_options)
     return (s, model) if return_source else s

@@ -21,7 +21,8 @@ Specs (`load_target(spec)`):
 Only torchvision, timm and open_clip reach for weights over the network, and only when weights
 are asked for; `@random` never does (tests use it), nor does `load_target(spec, weights=False)`
 (the architecture alone: what `neurostore layers` needs). A download that fails is one line
-naming the weights and the offline alternatives (`@random`, a local checkpoint).
+naming the weights and the offline alternatives (`@random`, a local checkpoint). torchvision and
+timm are imported by the spec that needs them (each adds seconds to a start that does not).
 
 `default_layers(target)` picks the layers a researcher means: conv1, layer1-layer4, fc for
 ResNets (CLIP-Dissect's choice); each block's MLP hidden neurons (and the head) for ViTs; the
@@ -34,7 +35,6 @@ with the close matches.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import re
 from collections.abc import Callable
@@ -43,9 +43,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
+from .devices import resolve_device, resolve_precision
 from .errors import BadInput, UnknownLayer, UnknownModel, did_you_mean, unknown
+from .hooks import forward_hooks
+from .openclip import create_openclip
+from .weights import downloading, seeded
+from .world import load_world
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -79,8 +85,6 @@ class Target:
     def to(self, device: "str | torch.device | None", precision: str | None = None) -> "Target":
         """Move the module to `device` (a --device spec or torch.device, checked by
         devices.resolve_device) and set the autocast `dtype` for `precision`; returns the target."""
-        from .devices import resolve_device, resolve_precision
-
         self.device = resolve_device(device)
         self.dtype = resolve_precision(precision, self.device)
         self.module.to(self.device)
@@ -151,28 +155,6 @@ def load_target(spec: str, *, input_size: int | None = None, id: str | None = No
 def _looks_like_path(spec: str) -> bool:
     return spec.endswith((".pt", ".pth", ".bin", ".ckpt")) or spec.startswith(("/", "./", "~", "../")) \
         or Path(spec).exists()
-
-
-@contextlib.contextmanager
-def seeded(seed: int = 0):
-    """Random initialisation that is the same in every process: `@random` targets and `/random`
-    encoders get one set of weights per spec, so their cached embeddings and checkpoints stay
-    valid across runs. The caller's RNG state is restored afterwards."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-@contextlib.contextmanager
-def downloading(what: str, offline_hint: str):
-    """Turn a failed weights download (no network, hub unreachable) into one line: which
-    weights, that they could not be downloaded, and what to use offline."""
-    try:
-        yield
-    except OSError as e:  # urllib's URLError, requests' and huggingface_hub's errors are OSErrors
-        reason = (str(getattr(e, "reason", "") or e).strip().splitlines() or [type(e).__name__])[0]
-        raise BadInput(f"Could not download the weights of {what} ({reason[:160]}). On a machine "
-                       f"without network use {offline_hint}.") from None
 
 
 def _torchvision(rest: str, spec: str, input_size: int | None, load_weights: bool = True) -> Target:
@@ -263,8 +245,6 @@ def _token_info_timm(module: nn.Module, t: Target) -> None:
 
 
 def _open_clip(rest: str, spec: str, load_weights: bool = True) -> Target:
-    from .openclip import create_openclip
-
     model, preprocess, info = create_openclip(rest, weights=load_weights)
     visual = model.visual
     size = info["image_size"]
@@ -282,10 +262,6 @@ def _open_clip(rest: str, spec: str, load_weights: bool = True) -> Target:
 
 def _probe(rest: str, spec: str) -> Target:
     name, _, world_dir = rest.partition("@")
-    try:
-        from .world import load_world
-    except ImportError as e:
-        raise UnknownModel(f"The probe world is not available ({e}). Use another model spec.") from e
     world = load_world(world_dir or None)
     names = list(getattr(world, "target_names", ["cnn", "vit", "control"]))
     if name not in names:
@@ -300,8 +276,6 @@ def _probe(rest: str, spec: str) -> Target:
 
 
 def _infer_size(world) -> int:
-    from PIL import Image
-
     return int(world.preprocess(Image.new("RGB", (64, 64))).shape[-1])
 
 
@@ -426,7 +400,7 @@ def list_layers(target: Target) -> list[LayerInfo]:
     modules = dict(target.module.named_modules())
 
     def make_hook(name):
-        def hook(_m, _inp, out):
+        def hook(out):  # the whole output: a module returning a tuple is not a layer
             if isinstance(out, torch.Tensor) and 2 <= out.dim() <= 4:
                 if name not in shapes:
                     order.append(name)
@@ -436,13 +410,8 @@ def list_layers(target: Target) -> list[LayerInfo]:
                     shapes[name] = (out.shape[0], out.shape[2])
         return hook
 
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items() if n]
-    try:
-        with torch.no_grad():
-            final = target.module(_dummy_input(target))
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.no_grad(), forward_hooks(target.module, {n: make_hook(n) for n in modules if n}, whole=True):
+        final = target.module(_dummy_input(target))
     infos = []
     for i, name in enumerate(order):
         shape = shapes[name]

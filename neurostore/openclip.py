@@ -14,6 +14,9 @@ Specs (after `open_clip:`):
     FILE               a weights file whose folder holds open_clip_config.json, or a torch file
                        holding {"model_name": MODEL, "state_dict": ...}.
     hf-hub:ORG/REPO    passed to OpenCLIP as is (online).
+
+open_clip (and safetensors) are imported where used: importing open_clip takes seconds, and only
+OpenCLIP specs need it.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from pathlib import Path
 
 import torch
 
-from .encoders import Encoder
+from .encoding import Encoder
 from .errors import BadInput, UnknownEncoder, unknown
+from .weights import downloading, seeded
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
@@ -77,8 +81,6 @@ def create_openclip(rest: str, weights: bool = True):
                                             tags + ["random"], "Or give a local checkpoint path."))
             pretrained, short = tag, f"{name}-{tag}"
         model_name = name
-    from .models import downloading, seeded
-
     if not weights and not model_name.startswith(("hf-hub:", "local-dir:")):
         pretrained = None
     # Only a pretrained tag or hf-hub: spec reaches for the network; local files fail as files.

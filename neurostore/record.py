@@ -42,7 +42,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .models import Target, resolve_layer, token_grid
+from .devices import autocast
+from .errors import UnknownLayer
+from .hooks import forward_hooks
+from .models import Target, list_layers, resolve_layer, token_grid
 
 N_HIST_BINS = 32
 
@@ -64,23 +67,14 @@ def to_map(target: Target, out: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"cannot map an output of shape {tuple(out.shape)} to units")
 
 
-@contextlib.contextmanager
 def hooks(target: Target, layers: Sequence[str], fn):
-    """Forward hooks calling fn(layer, map [batch, units, h, w]) on each named layer; every
-    handle is removed on exit, whatever happens inside."""
-    modules = dict(target.module.named_modules())
-    handles = []
-    try:
-        for layer in layers:
-            def hook(_m, _inp, out, layer=layer):
-                if isinstance(out, (tuple, list)):
-                    out = out[0]
-                fn(layer, to_map(target, out.detach()))
-            handles.append(modules[layer].register_forward_hook(hook))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    """Forward hooks calling fn(layer, map [batch, units, h, w]) on each named layer, for a
+    `with` block (neurostore.hooks.forward_hooks: every handle removed on exit)."""
+    def reader(layer):
+        def read(out):
+            fn(layer, to_map(target, out.detach()))  # returns None: the output goes on unchanged
+        return read
+    return forward_hooks(target.module, {layer: reader(layer) for layer in layers})
 
 
 @torch.no_grad()
@@ -310,8 +304,6 @@ class Recorder:
     def __init__(self, target: Target, layers: Sequence[str], k: int = 10, dataset: str = "images",
                  pooled: bool = True, reservoir: int = 4096, seed: int = 0, keep_maps: bool = False,
                  on_maps=None, precision: "torch.dtype | None" = None):
-        from .models import list_layers
-
         self.target, self.k, self.dataset = target, int(k), dataset
         self.device = torch.device(getattr(target, "device", None) or "cpu")
         self.layer_names = list(dict.fromkeys(resolve_layer(target, name) for name in layers))
@@ -320,8 +312,6 @@ class Recorder:
         for name in self.layer_names:
             li = infos.get(name)
             if li is None:
-                from .errors import UnknownLayer
-
                 raise UnknownLayer(f"Layer '{name}' of {target.id} gives no tensor output to record. "
                                    f"See 'neurostore layers {target.spec}'.")
             self.states[name] = LayerState(li.n_units, (li.grid_h, li.grid_w), self.k, reservoir, pooled,
@@ -368,7 +358,6 @@ class Recorder:
         b = pixels.shape[0]
         if b == 0:
             return
-        from .devices import autocast
 
         self._reduced.clear()
         with autocast(self.device, self.precision):

@@ -3,18 +3,27 @@
 -- never shadow a column (concept_name, not concept).
 
 -- Concept -> the units that fit it best, across every model and layer. Reads concept_units (the
--- store keeps the top units per model, concept and scorer there, sorted by concept).
-CREATE OR REPLACE MACRO concept_neurons(concept_name, top_n := 50, scorer_name := NULL) AS TABLE
-    SELECT c.model, c.layer, c.unit, c.concept, c.scorer, c.score, c.confidence, c.rank AS rank_in_model,
-           EXISTS (SELECT 1 FROM headlines h WHERE h.model = c.model AND h.layer = c.layer
-                   AND h.unit = c.unit AND h.concept = c.concept AND h.vocabulary = c.vocabulary) AS headline,
-           c.vocabulary, c.encoder, c.run_id
-    FROM concept_units c
-    WHERE c.concept = concept_name AND (scorer_name IS NULL OR c.scorer = scorer_name)
+-- store keeps the top units per model, concept and scorer there, sorted by concept). THE concept
+-- search: named queries, neurostore.find and the web app's search all call it. top_n := NULL is
+-- every unit; model_ids / layer_names (lists) narrow it. Several concepts at once, top_n each:
+--   SELECT n.* FROM unnest(['dog', 'cat']) AS c(name), concept_neurons(c.name, top_n := 5) n
+CREATE OR REPLACE MACRO concept_neurons(concept_name, top_n := 50, scorer_name := NULL, model_ids := NULL,
+                                        layer_names := NULL) AS TABLE
+    WITH hits AS (
+        SELECT c.model, c.layer, c.unit, c.concept, c.scorer, c.score, c.confidence, c.rank AS rank_in_model,
+               EXISTS (SELECT 1 FROM headlines h WHERE h.model = c.model AND h.layer = c.layer
+                       AND h.unit = c.unit AND h.concept = c.concept AND h.vocabulary = c.vocabulary) AS headline,
+               c.vocabulary, c.encoder, c.run_id
+        FROM concept_units c
+        WHERE c.concept = concept_name AND (scorer_name IS NULL OR c.scorer = scorer_name)
+          AND (model_ids IS NULL OR list_contains(model_ids, c.model))
+          AND (layer_names IS NULL OR list_contains(layer_names, c.layer)))
     -- Units whose headline (one answer per unit, neurostore.trust) is the concept lead; then the
     -- null confidence, which means the same for every scorer (raw scores do not: soft_wpmi is
-    -- unbounded).
-    ORDER BY headline DESC, c.confidence DESC, c.score DESC, c.model, c.layer, c.unit
+    -- unbounded). `rank` is the row's place in this answer (0 first), to order joined answers by.
+    SELECT *, row_number() OVER (ORDER BY headline DESC, confidence DESC, score DESC, model, layer, unit) - 1 AS rank
+    FROM hits
+    ORDER BY rank
     LIMIT top_n;
 
 -- Neuron -> its ranked concepts, per scorer.

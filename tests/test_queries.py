@@ -65,6 +65,26 @@ def test_concept_neurons_matches_brute_force(store):
     assert store.sql("SELECT count(*) n FROM concept_neurons('c3', top_n := 7)").column("n")[0].as_py() == 7
 
 
+def test_concept_neurons_is_the_one_concept_search(store):
+    """Filters by model and layer lists, top_n := NULL for every unit, `rank` orders joined answers;
+    find and the web app call this macro, so their answers are its rows."""
+    every = store.sql("SELECT model, layer, unit FROM concept_units WHERE concept = 'c3'").to_pylist()
+    got = store.sql("SELECT * FROM concept_neurons('c3', top_n := NULL)").to_pylist()
+    assert len(got) == len(every) > 10 and [r["rank"] for r in got] == list(range(len(got)))
+    top = store.sql("SELECT * FROM concept_neurons('c3', top_n := 10)").to_pylist()
+    assert top == got[:10]
+    m1 = store.sql("SELECT * FROM concept_neurons('c3', top_n := NULL, model_ids := ['m1'], "
+                   "layer_names := ['layer2'])").to_pylist()
+    assert m1 and {(r["model"], r["layer"]) for r in m1} == {("m1", "layer2")}
+    assert [r["unit"] for r in m1] == [r["unit"] for r in got if (r["model"], r["layer"]) == ("m1", "layer2")]
+    both = store.sql("""SELECT n.* FROM unnest(['c3', 'c1']) AS c(name), concept_neurons(c.name, top_n := 3) n
+                        ORDER BY n.concept, n.rank""").to_pylist()
+    assert [r["concept"] for r in both] == ["c1"] * 3 + ["c3"] * 3 and [r["rank"] for r in both] == [0, 1, 2] * 2
+    first = store.query("concept_neurons", {"concept": "c3", "top": 5}).column_names
+    assert first[:12] == ["model", "layer", "unit", "concept", "scorer", "score", "confidence", "rank_in_model",
+                          "headline", "vocabulary", "encoder", "run_id"]  # existing queries keep working
+
+
 def test_neuron_concepts_and_layer_counts(store):
     got = store.query("neuron_concepts", {"model": "m1", "layer": "layer1", "unit": 2}).to_pylist()
     assert [r["rank"] for r in got] == [0, 1, 2, 3, 4] and {r["unit"] for r in got} == {2}

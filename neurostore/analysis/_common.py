@@ -17,9 +17,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+from PIL import Image
 
 from .. import devices
 from ..errors import BadInput, BadParameter, UnknownLayer, UnknownModel, unknown
+from ..hooks import forward_hooks
+from ..models import list_layers, load_target
 from ..store import Store
 from ..textembed import embed_texts as minilm  # [n, 384] unit MiniLM vectors, cached per phrase
 
@@ -73,8 +76,6 @@ def model_layers(store: Store, model: str) -> list[dict]:
 
 @functools.lru_cache(maxsize=8)
 def _load_target_cached(spec: str, device: str, precision: str):
-    from ..models import load_target
-
     return load_target(spec).to(device, precision)
 
 
@@ -139,8 +140,6 @@ def parse_units(specs: Sequence[str] | str, layer: str | None = None) -> dict[st
 
 def check_units(target, units: dict[str, list[int]]) -> None:
     """Every layer exists in the model and every unit is in range."""
-    from ..models import list_layers
-
     infos = {li.layer: li for li in list_layers(target)}
     for layer, us in units.items():
         if layer not in infos:
@@ -164,31 +163,16 @@ def _channel_dim(target, out: torch.Tensor) -> int:
     return 1 if out.dim() in (2, 4) else out.dim() - 1
 
 
-@contextlib.contextmanager
 def zeroed(target, units: dict[str, list[int]]):
-    """Forward hooks that set the given units of each layer to 0 (every position and token: the
-    whole unit is removed, as in the papers' ablation studies). Handles are removed on exit."""
-    modules = dict(target.module.named_modules())
-    handles = []
-    try:
-        for layer, us in units.items():
-            idx = torch.tensor(sorted(us), dtype=torch.long, device=target.device)
-
-            def hook(_m, _inp, out, idx=idx):
-                first = out[0] if isinstance(out, (tuple, list)) else out
-                z = first.clone()  # never in place: a later in-place op could see the original
-                z.index_fill_(_channel_dim(target, z), idx.to(z.device), 0.0)
-                if isinstance(out, tuple):
-                    return (z, *out[1:])
-                if isinstance(out, list):
-                    return [z, *out[1:]]
-                return z
-
-            handles.append(modules[layer].register_forward_hook(hook))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    """Forward hooks, for a `with` block, that set the given units of each layer to 0 (every
+    position and token: the whole unit is removed, as in the papers' ablation studies)."""
+    def zero(idx: torch.Tensor):
+        def hook(out):
+            z = out.clone()  # never in place: a later in-place op could see the original
+            return z.index_fill_(_channel_dim(target, z), idx.to(z.device), 0.0)
+        return hook
+    return forward_hooks(target.module, {
+        layer: zero(torch.tensor(sorted(us), dtype=torch.long, device=target.device)) for layer, us in units.items()})
 
 
 def logits_of(target, x: torch.Tensor, exact: bool = False) -> torch.Tensor:
@@ -261,8 +245,6 @@ def probe_images(store: Store, model: str, target, max_images: int = 2000, split
     is one of the model's classes; of split `split` when given, else the 'probe' split when the
     dataset has one (what was dissected), else every split. At most `max_images`, drawn evenly
     per class with a fixed seed so re-runs see the same images."""
-    from PIL import Image
-
     classes = list(target.classes or [])
     if not classes:
         raise BadInput(f"Model '{model}' has no class names (models.classes is empty), so per-class "

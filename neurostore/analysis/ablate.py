@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from tqdm import tqdm
 
 from ..store import Store
 from ._common import (check_units, cue_flip_rate, load_model, neuron_names, open_store, parse_units,
@@ -115,8 +116,6 @@ def ablate(store: Store | str | Path, model: str, units: Sequence[str] | str, *,
     together: ablate the whole selection at once; individually: also each unit alone.
     The model runs on `device` (default auto: CUDA when present) under autocast at `precision`.
     Re-running the same ablation replaces its rows."""
-    from tqdm import tqdm
-
     sel = parse_units(units, layer)  # the user's input first: no model is loaded for a typo
     device, precision = resolve(device, precision)
     st = open_store(store)

@@ -48,9 +48,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+from tqdm import tqdm
 
 from ..errors import BadInput, BadParameter, NeurostoreError, unknown
+from ..hooks import forward_hooks, keep
 from ..models import list_layers
+from ..schema import load_schemas
 from ..store import Store
 from ._common import (BATCH, all_logits, check_models, logits_of, model_layers, open_store, per_class_accuracy, predict,
                       probe_images, relatedness, resolve, stored_models, world_of, load_model, cue_flip_rate)
@@ -122,16 +125,9 @@ def head_input_layer(target, pixels: torch.Tensor) -> str | None:
         return None
     name, lin = head
     infos = [li for li in list_layers(target) if li.n_units == lin.in_features and li.layer != name]
-    modules = dict(target.module.named_modules())
     got, inp = {}, {}
-    hs = [modules[li.layer].register_forward_hook(
-        lambda _m, _i, o, n=li.layer: got.__setitem__(n, o[0] if isinstance(o, (tuple, list)) else o)) for li in infos]
-    hs.append(lin.register_forward_pre_hook(lambda _m, i: inp.__setitem__("x", i[0])))
-    try:
+    with forward_hooks(target.module, {li.layer: keep(got, li.layer) for li in infos}, pre={name: keep(inp, "x")}):
         logits_of(target, pixels[:16], exact=True)  # fp32: the comparison below is exact
-    finally:
-        for h in hs:
-            h.remove()
     x = inp.get("x")
     if x is None or x.dim() != 2:
         return None
@@ -148,7 +144,6 @@ def head_input_layer(target, pixels: torch.Tensor) -> str | None:
 def contributions(target, probe, layers: Sequence[str], head_layer: str | None) -> dict:
     """Mean grad x act per (layer, class) [classes, units] over each class's images (toward its
     own logit), and weight x act at the head input [classes, units]."""
-    modules = dict(target.module.named_modules())
     n_cls = len(probe.classes)
     sums = {layer: None for layer in layers}
     wxa = None
@@ -158,21 +153,13 @@ def contributions(target, probe, layers: Sequence[str], head_layer: str | None) 
         x = probe.pixels[i : i + BATCH]
         y = torch.from_numpy(probe.labels[i : i + BATCH])
         outs, inp = {}, {}
-        hs = [modules[layer].register_forward_hook(
-            lambda _m, _i, o, n=layer: outs.__setitem__(n, o[0] if isinstance(o, (tuple, list)) else o))
-            for layer in layers]
-        if head is not None and head_layer is not None:
-            hs.append(head[1].register_forward_pre_hook(lambda _m, inp_, d=inp: d.__setitem__("x", inp_[0])))
-        try:
-            with torch.enable_grad():
-                xg = x.clone().requires_grad_(True)  # so every activation is part of the graph
-                logits = logits_of(target, xg)
-                sel = logits.float().gather(1, y[:, None].to(logits.device)).sum()
-                names = [n for n in layers if n in outs]
-                grads = torch.autograd.grad(sel, [outs[n] for n in names], allow_unused=True)
-        finally:
-            for h in hs:
-                h.remove()
+        pre = {head[0]: keep(inp, "x")} if head is not None and head_layer is not None else {}
+        with forward_hooks(target.module, {n: keep(outs, n) for n in layers}, pre=pre), torch.enable_grad():
+            xg = x.clone().requires_grad_(True)  # so every activation is part of the graph
+            logits = logits_of(target, xg)
+            sel = logits.float().gather(1, y[:, None].to(logits.device)).sum()
+            names = [n for n in layers if n in outs]
+            grads = torch.autograd.grad(sel, [outs[n] for n in names], allow_unused=True)
         onehot = torch.nn.functional.one_hot(y, n_cls).double()  # [b, classes]
         for n, g in zip(names, grads):
             a = outs[n].detach()
@@ -211,8 +198,6 @@ def _gain_drop(f: dict) -> float:
 def audit_model(st: Store, model: str, classes: Sequence[str] | None, scorer: str | None, top_units: int,
                 threshold: float, max_images: int, verify_top: int, progress: bool, device=None,
                 precision: str | None = None) -> dict:
-    from tqdm import tqdm
-
     target = load_model(st, model, device, precision)
     probe = probe_images(st, model, target, max_images=max_images)
     want = list(classes) if classes else list(probe.classes)
@@ -370,8 +355,6 @@ def audit(store: Store | str | Path, model: str | Sequence[str] | None = None, c
     """Audit `model` (a stored model id, several, or every model with classes when None) for
     spurious concepts in `classes` (default every class). See the module doc. The models run on
     `device` (default auto: CUDA when present) under autocast at `precision` (default auto)."""
-    from ..schema import load_schemas
-
     t0 = time.time()  # the runs row records when the audit began, not when it wrote
     device, precision = resolve(device, precision)  # a missing device fails before any work
     if top_units < 1 or verify_top < 0:

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from scipy.optimize import linear_sum_assignment
 
 from ..errors import BadInput, BadParameter, UnknownScorer, unknown
 from ..store import Store
@@ -178,8 +179,6 @@ def compare(store: Store | str | Path, model_a: str, model_b: str, *, scorer: st
             write: bool = True) -> CompareResult:
     """Compare two dissected models (module doc); write unit_matches and comparisons rows in one
     run (a re-run of the same pair replaces them) unless write=False."""
-    from scipy.optimize import linear_sum_assignment
-
     if model_a == model_b:
         raise BadParameter(f"Compare two different models; got '{model_a}' twice.")
     if not 0.0 <= min_confidence <= 1.0:

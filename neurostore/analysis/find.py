@@ -8,8 +8,8 @@ the concept lives.
 
 Three methods, each answered from the store without re-dissecting:
 
-exact     the phrase is a stored concept: its rows in `concept_units` (the top units per model,
-          concept and scorer that the store derives from `scores`).
+exact     the phrase is a stored concept: its units by the `concept_neurons` SQL macro (over
+          `concept_units`, the top units per model, concept and scorer the store derives from `scores`).
 semantic  stored concepts whose MiniLM similarity to the phrase is at least `min_similarity`
           (default 0.6; the best `max_concepts`), and their units. `similarity` is kept on
           every row: it is the relatedness the match used.
@@ -41,10 +41,14 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import torch
 
+from ..encoders import load_encoder
 from ..errors import BadParameter, NeurostoreError, UnknownScorer, unknown
+from ..scorers import confidence as calibrate
 from ..sqlfuncs import MINILM_ID
 from ..store import Store
+from ..world import worlds_in_store
 from ._common import check_models, matrix, minilm, open_store, resolve
 
 METHODS = ("exact", "semantic", "open", "label")
@@ -89,15 +93,16 @@ def _filters(models, layers, prefix: str = "") -> tuple[str, dict]:
 
 
 def _concept_rows(st: Store, concepts: Sequence[str], scorer, models, layers) -> list[dict]:
+    """Every stored unit of each concept: the concept_neurons macro (queries/_macros.sql)."""
     if not concepts:
         return []
-    extra, p = _filters(models, layers)
-    p.update({"concepts": list(concepts)})
-    if scorer:
-        extra += " AND scorer = $scorer"
-        p["scorer"] = scorer
-    return st.sql(f"""SELECT model, layer, unit, concept, scorer, score, confidence, encoder
-                      FROM concept_units WHERE list_contains($concepts, concept){extra}""", p).to_pylist()
+    return st.sql("""SELECT n.model, n.layer, n.unit, n.concept, n.scorer, n.score, n.confidence, n.encoder
+                     FROM unnest($concepts) AS c(name),
+                          concept_neurons(c.name, top_n := NULL, scorer_name := $scorer, model_ids := $models,
+                                          layer_names := $layers) n
+                     ORDER BY n.concept, n.rank""",
+                  {"concepts": list(concepts), "scorer": scorer or None, "models": list(models) if models else None,
+                   "layers": list(layers) if layers else None}).to_pylist()
 
 
 def _semantic_concepts(st: Store, phrase: str, models, min_similarity: float, max_concepts: int) -> list[dict]:
@@ -129,14 +134,7 @@ def _semantic_concepts(st: Store, phrase: str, models, min_similarity: float, ma
 def _open_vocabulary(st: Store, phrase: str, encoder_id: str, models, layers, notes: list[str],
                      device=None, precision: str | None = None) -> list[dict]:
     """Every unit with stored patches, scored for the phrase with `encoder_id` (module doc)."""
-    import torch
-
-    from ..encoders import load_encoder
-    from ..scorers import confidence as calibrate
-
     try:
-        from ..world import worlds_in_store
-
         enc = load_encoder(encoder_id, worlds=worlds_in_store(st), device=device, precision=precision)
     except NeurostoreError as e:
         notes.append(f"open vocabulary: encoder '{encoder_id}' could not be loaded, skipped ({e})")

@@ -14,7 +14,8 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from ..errors import NeurostoreError
+from ..errors import BadParameter, NeurostoreError, unknown
+from ..textembed import embed_texts
 
 Run = Callable[..., pa.Table]
 
@@ -391,19 +392,18 @@ def all_concepts(run: Run) -> list[str]:
 
 
 def units_for_concepts(run: Run, concepts: list[str], per_concept: int = 8) -> list[dict]:
+    """The best `per_concept` units of each concept: the concept_neurons macro (the one concept search)."""
     return rows(run, """
-        SELECT concept, model, layer, unit, scorer, score, confidence, rank
-        FROM concept_units WHERE list_contains($cs, concept)
-        QUALIFY row_number() OVER (PARTITION BY concept ORDER BY confidence DESC NULLS LAST, score DESC) <= $k
-        ORDER BY concept, confidence DESC NULLS LAST, score DESC""", {"cs": concepts, "k": per_concept})
+        SELECT n.concept, n.model, n.layer, n.unit, n.scorer, n.score, n.confidence, n.rank_in_model AS rank
+        FROM unnest($cs) AS c(name), concept_neurons(c.name, top_n := $k) n
+        ORDER BY n.concept, n.rank""", {"cs": concepts, "k": per_concept})
 
 
 def search_exact(run: Run, phrase: str, k: int = 50) -> dict:
     c = phrase.strip().lower()
     hits = rows(run, """
-        SELECT model, layer, unit, scorer, rank AS rank_in_model, concept, score, confidence
-        FROM concept_units WHERE concept = $c
-        ORDER BY confidence DESC NULLS LAST, score DESC, model, layer, unit LIMIT $k""", {"c": c, "k": k})
+        SELECT model, layer, unit, scorer, rank_in_model, concept, score, confidence
+        FROM concept_neurons($c, top_n := $k) ORDER BY rank""", {"c": c, "k": k})
     out = {"mode": "exact", "q": phrase, "concept": c, "units": hits}
     if not hits:
         out["did_you_mean"] = difflib.get_close_matches(c, all_concepts(run), n=5, cutoff=0.6)
@@ -412,8 +412,6 @@ def search_exact(run: Run, phrase: str, k: int = 50) -> dict:
 
 def search_semantic(run: Run, phrase: str, k: int = 10, per_concept: int = 5) -> dict:
     """Nearest concepts by MiniLM similarity among the store's concepts, with their top units."""
-    from ..sqlfuncs import embed_texts
-
     names = all_concepts(run)
     if not names:
         return {"mode": "semantic", "q": phrase, "concepts": [], "note": "The store has no scored concepts yet."}
@@ -432,7 +430,7 @@ def search_open_find(run: Run, find_store, phrase: str, k: int = 30, device=None
     """Open vocabulary through neurostore.analysis.find (its calibrated 'patch'-scorer ranking),
     on `find_store` (a Store whose sql() is the locked snapshot, see SnapshotStore); the encoder
     runs on `device` at `precision` (default auto: CUDA when present)."""
-    from ..analysis.find import find
+    from ..analysis.find import find  # here, not above: the only web path that needs torch (fast start)
 
     res = find(find_store, phrase, methods=["open"], top=k, device=device, precision=precision)
     units = res.units.to_pylist()
@@ -497,8 +495,6 @@ def search_all(run: Run, phrase: str, k: int = 50, find_store=None, device=None,
 
 def search(run: Run, phrase: str, mode: str = "all", k: int | None = None, find_store=None, device=None,
            precision=None) -> dict:
-    from ..errors import BadParameter, unknown
-
     if mode not in SEARCH_MODES:
         raise BadParameter(unknown("search mode", mode, SEARCH_MODES, "Use mode=all, exact, semantic or open."))
     if not phrase or not phrase.strip():

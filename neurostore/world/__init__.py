@@ -6,6 +6,9 @@ explanations, audits and comparisons.
     from neurostore.world import WorldConfig, build_world
     world = build_world(WorldConfig(seed=0, cue_kind="dot", cue_class="ring"))
     world.images(), world.masks(), world.load_target("vit"), world.encoder(), world.summary
+
+The models (targets, encoder) and torch are imported where a World loads them: opening a world and
+reading its tables never imports torch.
 """
 
 from __future__ import annotations
@@ -16,16 +19,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
 
 from ..errors import BadInput, BadParameter, unknown
 from . import generate
-from .build import (
-    TARGET_NAMES,
-    WorldConfig,
-    build_world,
-    default_cache,
-    world_dir,
-)
+from .build import TARGET_NAMES, WorldConfig, build, default_cache, world_dir
 
 __all__ = [
     "World", "WorldConfig", "build_world", "load_world", "load_probe_encoder", "list_worlds",
@@ -60,24 +61,16 @@ class World:
 
     def images(self):
         """Arrow table in the shape of schema/images.sql (minus run_id); absolute paths."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
         t = pq.read_table(self.root / "images.parquet")
         absolute = pc.binary_join_element_wise(pa.scalar(str(self.root)), t["path"], "/")
         return t.set_column(t.schema.get_field_index("path"), "path", absolute)
 
     def masks(self):
         """Arrow table in the shape of schema/masks.sql (minus run_id)."""
-        import pyarrow.parquet as pq
-
         return pq.read_table(self.root / "masks.parquet")
 
     def mask(self, image_id: str, concept: str) -> np.ndarray:
         """One decoded mask -> bool [H, W] (all False when the concept is absent)."""
-        import pyarrow.compute as pc
-
         t = self.masks()
         t = t.filter(pc.and_(pc.equal(t["image_id"], image_id), pc.equal(t["concept"], concept)))
         if t.num_rows == 0:
@@ -117,8 +110,6 @@ class World:
 
     def render_scene(self, split: str, index: int, cue: bool | None = None):
         """One scene as a PIL image, with or without the cue (None: as stored)."""
-        from PIL import Image
-
         return Image.fromarray(self.render(split, [index], cue)[0][0])
 
     def cue_pairs(self, split: str = "test"):
@@ -167,6 +158,13 @@ class World:
         from .encoder import ProbeEncoder
 
         return ProbeEncoder.load(self.root / "encoder.pt", f"probe:{self.id}")
+
+
+def build_world(config: WorldConfig | None = None, cache: str | Path | None = None, *,
+                progress: bool = True, force: bool = False, device: str = "cpu") -> World:
+    """Build (or load from the cache) the probe world of `config` (see neurostore.world.build:
+    `device` is where its target models train, the CPU by default for bit-identical weights)."""
+    return World(build(config, cache, progress=progress, force=force, device=device))
 
 
 def load_world(path_or_id: str | Path | None = None, cache: str | Path | None = None,

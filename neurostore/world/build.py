@@ -10,6 +10,10 @@ looks finished. The builder holds a lock on its temporary folder: a killed build
 Worlds train on the CPU by default: one thread and deterministic kernels make the weights
 bit-identical on every machine. `device="cuda"` trains the target models on the GPU: faster, but
 not bit-identical, so it is a different world (its own key and folder).
+
+torch (and the modules that train with it: train, targets, encoder, neurostore.devices) is
+imported inside the functions that train: a cache hit, what every `load_world` is, never pays
+for importing torch.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
 import signal
@@ -28,8 +34,14 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm.auto import tqdm
 
 from ..errors import BadParameter, unknown
+from ..store import _staging_is_dead
+from ..textembed import get_text_embedder
 from . import generate as gen
 
 # Bump when training changes in a way that changes the artefacts (it is part of the cache key).
@@ -74,7 +86,7 @@ class WorldConfig:
     encoder_images: int = 2500     # training scenes the encoder's crops come from
     encoder_epochs: float = 5.0    # (4: loose-box shape accuracy 0.897 on seed 2, 5: 0.933)
     train_device: str = "cpu"      # where the targets trained: cpu (bit-identical everywhere), cuda or
-                                   # mps (faster, not bit-identical: a world of its own); set by build_world
+                                   # mps (faster, not bit-identical: a world of its own); set by build()
 
     @classmethod
     def fast(cls, **overrides) -> "WorldConfig":
@@ -112,7 +124,7 @@ class WorldConfig:
         if self.encoder_images < 10:
             bad("encoder_images", self.encoder_images, "use at least 10 images")
         if self.train_device not in ("cpu", "cuda", "mps"):
-            bad("train_device", self.train_device, "use cpu, cuda or mps (build_world's device= sets it)")
+            bad("train_device", self.train_device, "use cpu, cuda or mps (build()'s device= sets it)")
         return self
 
     def key(self) -> str:
@@ -156,8 +168,6 @@ def _torch_settings(threads: int = 1, deterministic: bool = True):
 
 
 def _bar(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, unit="it",
                 dynamic_ncols=True)
 
@@ -210,15 +220,12 @@ def _fit_target(*, arch: dict, x: np.ndarray, y: np.ndarray, epochs: float, fit:
 def _exit_with_parent() -> None:
     """Make this worker process exit as soon as the building process is gone, however it ended
     (SIGKILL included): an orphaned worker would otherwise train on at full CPU for minutes."""
-    import multiprocessing
-    from multiprocessing.connection import wait
-
     parent = multiprocessing.parent_process()  # its sentinel becomes ready when the parent exits
     if parent is None:
         return
 
     def watch() -> None:
-        wait([parent.sentinel])
+        multiprocessing.connection.wait([parent.sentinel])
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True, name="neurostore-watch-parent").start()
@@ -247,8 +254,6 @@ class _Training:
         self.workers: dict = {}  # name -> (process, connection, step counter, bar)
 
     def __enter__(self) -> "_Training":
-        import multiprocessing
-
         ctx = multiprocessing.get_context("spawn")
         for name in self.background:
             counter = ctx.RawValue("q", 0)
@@ -301,18 +306,17 @@ class _Training:
         return {name: self.metrics[name] for name in self.jobs}
 
 
-def build_world(config: WorldConfig | None = None, cache: str | Path | None = None, *,
-                progress: bool = True, force: bool = False, device: str = "cpu"):
-    """Build (or load from the cache) the probe world of `config`; returns a World. `device`
-    (see neurostore.devices) is where the target models train: the CPU by default, whose weights
-    are bit-identical on every machine; a GPU is faster but not bit-identical (a world of its own)."""
-    from . import World
-
+def build(config: WorldConfig | None = None, cache: str | Path | None = None, *,
+          progress: bool = True, force: bool = False, device: str = "cpu") -> Path:
+    """Build the probe world of `config` unless the cache has it; returns its folder (what
+    neurostore.world.build_world opens as a World). `device` (see neurostore.devices) is where the
+    target models train: the CPU by default, whose weights are bit-identical on every machine; a
+    GPU is faster but not bit-identical (a world of its own)."""
     config = replace(config or WorldConfig(), train_device=device_type(device)).validate()
     final = world_dir(config, cache)
     _remove_dead_builds(final.parent)  # on a cache hit too: a killed build's folder can hold GBs
     if (final / "world.json").exists() and not force:
-        return World(final)
+        return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".building-{final.name}-", dir=final.parent))
     lock = os.open(tmp / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -334,7 +338,7 @@ def build_world(config: WorldConfig | None = None, cache: str | Path | None = No
         raise
     finally:
         os.close(lock)
-    return World(final)
+    return final
 
 
 def _resolve(device: str):
@@ -354,8 +358,6 @@ def _remove_dead_builds(worlds: Path) -> None:
     whose lock nobody holds, as the store decides for its staging folders."""
     candidates = [d for d in worlds.glob(".building-*") if d.is_dir()]  # (a missing folder has none)
     if candidates:
-        from ..store import _staging_is_dead
-
         for d in candidates:
             if _staging_is_dead(d):
                 shutil.rmtree(d, ignore_errors=True)
@@ -493,10 +495,6 @@ def _write_images(root: Path, world_id: str, config: WorldConfig, scenes: dict, 
     """Every image as PNG plus images.parquet and masks.parquet; returns (images, masks).
     base[split] are the scenes without the cue, cued[split] with it where has_cue says (every
     test scene, once each way); poll() is called now and then (the workers' progress bars)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from PIL import Image
-
     S = config.size
     # Every image written to disk, in order: (split, image_id, scene index, has the cue).
     rows: list[tuple[str, str, int, bool]] = []
@@ -552,7 +550,6 @@ def _train_encoder(root: Path, world_id: str, config: WorldConfig, scenes: dict,
     measure its zero-shot accuracy on the test scenes; returns its summary."""
     import torch
 
-    from ..textembed import get_text_embedder
     from . import encoder as enc
     from .train import n_steps
 
@@ -585,8 +582,6 @@ def _train_encoder(root: Path, world_id: str, config: WorldConfig, scenes: dict,
 
 
 def _schemas():
-    import pyarrow as pa
-
     images = pa.schema([
         ("dataset", pa.string()), ("image_id", pa.string()), ("path", pa.string()),
         ("width", pa.int32()), ("height", pa.int32()), ("label", pa.string()),

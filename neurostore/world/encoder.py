@@ -20,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from ..encoders import Encoder
+from ..encoding import Encoder
+from ..textembed import get_text_embedder
 from . import generate as gen
 from .train import fit
 
@@ -29,7 +30,9 @@ MEAN, STD = 0.5, 0.25
 
 
 class ProbeTower(nn.Module):
-    """Four convolutions (with batch norm), mean and max pooling, a linear map into the text space."""
+    """Four convolutions (with batch norm), mean and max pooling, a linear map into the text space.
+    Spelled out like the probe CNN (world/targets.py), not built by a helper they share, on purpose:
+    their strides, pooling and norm differ and were tuned apart, and each reads at a glance."""
 
     def __init__(self, dim: int = 384, widths: tuple[int, ...] = (32, 64, 96, 128), norm: bool = True):
         super().__init__()
@@ -91,8 +94,6 @@ class ProbeEncoder(Encoder):
         return torch.cat(out) if out else torch.zeros(0, self.dim)
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
-        from ..textembed import get_text_embedder
-
         # MiniLM runs on the encoder's device too (it is frozen: any device gives the same space).
         return torch.from_numpy(get_text_embedder(device=str(self.device)).encode(list(texts)))
 

@@ -53,7 +53,7 @@ class ProbeCNN(nn.Module):
 
 
 def _conv_stem_embed():
-    from timm.layers import PatchEmbed
+    from timm.layers import PatchEmbed  # timm is imported for the ViT only (seconds; the CNNs do not need it)
 
     class ConvStemEmbed(PatchEmbed):
         """timm's PatchEmbed with its one patch-sized convolution replaced by three stride-2 3×3

@@ -1,0 +1,67 @@
+"""The Encoder interface every vision-language encoder implements (OpenCLIP, the probe world's).
+
+Every encoder embeds images and texts into one space, rows of unit length, so a dot product is
+a cosine similarity; `id` names the exact weights and goes into provenance. It runs on its
+`device` under autocast to `dtype` (None: fp32), takes CPU tensors and strings, and returns float32
+CPU tensors: callers never move data. `random_weights` marks an untrained encoder.
+
+The interface sits below its implementations (neurostore.openclip, neurostore.world.encoder) and
+the registry that picks one by spec (neurostore.encoders.load_encoder), so the imports stay one-way.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from PIL import Image
+
+from . import devices
+
+
+class Encoder(ABC):
+    id: str          # provenance id, e.g. "open_clip:ViT-B-32/laion2b_s34b_b79k"
+    dim: int         # embedding width
+    image_size: int  # side of the square input preprocess() produces
+    module: torch.nn.Module             # the image tower (and text tower, where it has one)
+    device: torch.device = torch.device("cpu")
+    dtype: "torch.dtype | None" = None  # autocast dtype; None = fp32
+    random_weights: bool = False
+
+    def to(self, device: "str | torch.device | None" = "cpu", precision: str | None = None) -> "Encoder":
+        """Run on `device` (a --device spec) at `precision` (auto, fp32, fp16, bf16); returns self."""
+        self.device = devices.resolve_device(device)
+        self.dtype = devices.resolve_precision(precision, self.device)
+        self.module.to(self.device)
+        return self
+
+    @torch.no_grad()
+    def _run(self, forward, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """forward(x on the device) under autocast -> [n, dim] float32 unit rows on the CPU
+        (normalize=False: forward already returns unit rows in fp32 and exactly those are kept)."""
+        with devices.autocast(self.device, self.dtype):
+            out = forward(x.to(self.device, non_blocking=True))
+        if normalize or out.dtype != torch.float32:
+            out = torch.nn.functional.normalize(out.float(), dim=-1)
+        return out.cpu()
+
+    @abstractmethod
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """One RGB PIL image (any size) -> [3, image_size, image_size] float tensor."""
+
+    @abstractmethod
+    def encode_images(self, batch: torch.Tensor) -> torch.Tensor:
+        """[n, 3, S, S] preprocessed -> [n, dim] float32, unit rows."""
+
+    @abstractmethod
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """n strings -> [n, dim] float32, unit rows."""
+
+    @torch.no_grad()
+    def embed_pil(self, images: list[Image.Image], batch_size: int = 64) -> torch.Tensor:
+        """Convenience: preprocess and encode PIL images in batches -> [n, dim]."""
+        out = []
+        for i in range(0, len(images), batch_size):
+            batch = torch.stack([self.preprocess(im) for im in images[i : i + batch_size]])
+            out.append(self.encode_images(batch))
+        return torch.cat(out) if out else torch.zeros(0, self.dim)

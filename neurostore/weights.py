@@ -1,0 +1,33 @@
+"""Loading weights: one random initialisation per spec, and one line when a download fails.
+Shared by the target models (neurostore.models) and the OpenCLIP encoders (neurostore.openclip).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .errors import BadInput
+
+
+@contextlib.contextmanager
+def seeded(seed: int = 0):
+    """Random initialisation that is the same in every process: `@random` targets and `/random`
+    encoders get one set of weights per spec, so their cached embeddings and checkpoints stay
+    valid across runs. The caller's RNG state is restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def downloading(what: str, offline_hint: str):
+    """Turn a failed weights download (no network, hub unreachable) into one line: which
+    weights, that they could not be downloaded, and what to use offline."""
+    try:
+        yield
+    except OSError as e:  # urllib's URLError, requests' and huggingface_hub's errors are OSErrors
+        reason = (str(getattr(e, "reason", "") or e).strip().splitlines() or [type(e).__name__])[0]
+        raise BadInput(f"Could not download the weights of {what} ({reason[:160]}). On a machine "
+                       f"without network use {offline_hint}.") from None
