@@ -433,7 +433,7 @@ class _Dissection:
 
 
 def _plan(store: Store, model: str, *, images, layers, vocabulary, scorers, encoder, scorer_params, world,
-          device, precision, max_images, opts: dict, log) -> _Dissection:
+          device, precision, opts: dict) -> _Dissection:
     """Check the request and load what it names; bad input fails here, before any work."""
     from .devices import describe, resolve_device, resolve_precision
     from .encoders import load_encoder
@@ -449,7 +449,7 @@ def _plan(store: Store, model: str, *, images, layers, vocabulary, scorers, enco
     world = world if world is not None else target.extra.get("world")
     # A user folder has no masks and no world labels; a probe model still uses its world's encoder.
     mask_world = None if images is not None else world
-    source = _image_source(images, mask_world, max_images)
+    source = _image_source(images, mask_world, opts["max_images"])
     layer_names = list(dict.fromkeys(resolve_layer(target, l) for l in layers)) if layers else default_layers(target)
     names = list(scorers) if scorers else [s for s in ALL_SCORERS
                                            if mask_world is not None or not S.get_scorer(s).needs_masks()]
@@ -466,12 +466,12 @@ def _plan(store: Store, model: str, *, images, layers, vocabulary, scorers, enco
     else:
         enc = load_encoder(encoder, worlds=[str(world.root)] if world is not None else (), device=dev,
                            precision=precision)
-    log(f"dissect {target.id}: {len(layer_names)} layers, {len(source)} images, vocabulary "
+    opts["log"](f"dissect {target.id}: {len(layer_names)} layers, {len(source)} images, vocabulary "
         f"{vocab.name} ({len(vocab)} concepts), scorers {', '.join(names)}, encoder {enc.id}, "
         f"device {describe(dev)}")
     needs = frozenset().union(*(S.get_scorer(s).needs() for s in names))
     return _Dissection(store, target, layer_names, source, mask_world, vocab, enc, names, params, needs, dev,
-                       dtype, {**opts, "max_images": max_images})
+                       dtype, opts)
 
 
 def _vocabulary(d: _Dissection) -> None:
@@ -690,8 +690,8 @@ def dissect(store: Store | str | Path, model: str, *, images: str | Path | None 
         store = Store.open(store)
     d = _plan(store, model, images=images, layers=layers, vocabulary=vocabulary, scorers=scorers,
               encoder=encoder, scorer_params=scorer_params, world=world, device=device, precision=precision,
-              max_images=max_images, log=log,
-              opts={"k": k, "top_n": top_n, "batch_size": batch_size, "workers": workers, "images": images, "summarise_with": summarise_with, "checkpoint_every": checkpoint_every,
+              opts={"k": k, "top_n": top_n, "batch_size": batch_size, "workers": workers, "images": images,
+                    "max_images": max_images, "summarise_with": summarise_with, "checkpoint_every": checkpoint_every,
                     "progress": progress, "log": log})
     lap = _Lap(d.timings)
     stages = [(_vocabulary, "vocabulary"), (_one_pass, "record"), (_patches, "patches"), (_scores, "scores")]
