@@ -1,7 +1,32 @@
-"""Trust in an explanation: a confidence from a real null, fidelity on held-out images, and one
-headline explanation per unit.
+"""Trust in an explanation: a calibrated confidence built on a real null, fidelity on held-out
+images, and one headline explanation per unit.
 
-Confidence. A scorer's raw score means nothing until it is compared with what a unit that
+Confidence is the probability that the explanation is right: that it agrees with the truth where
+the truth is known. The null (below) answers another question, "better than a random direction
+of the layer?", and a unit can beat it with a label the truth disagrees with (measured on the
+probe world: explanations at 1 - q >= 0.9 agreed with the mask-IoU reference 52% of the time,
+those below 0.8 1-5%). So the null's q-value is kept as evidence (explanation_scores metric
+'null_q'; its Gumbel parameters in the run's params) and the confidence is a map fitted where
+the truth is known:
+
+    confidence = sigmoid(a_s + b_s * evidence + c_s * margin)        b_s, c_s >= 0
+
+    evidence   -log10 q, capped at EVIDENCE_MAX (the null's BH q-value, below)
+    margin     (score - the unit's best other concept's score) / the null's Gumbel scale,
+               clipped to +-MARGIN_CLIP: a label that barely beats the next one is often wrong
+
+one map per scorer (s), logistic regression fitted by `bench/confidence_calibration.py --fit`
+on the probe world's CNN and ViT (seed 0, watermark cue), label = "agrees with the mask-IoU
+reference" (the unit is interpretable, IoU >= 0.04, and the concept is the reference's). The
+coefficients ship in neurostore/data/CALIBRATION_FILE with what they were fitted on, and every
+dissect applies them. Coefficients are kept >= 0, so confidence never falls as evidence rises,
+and ranking concepts by confidence within a unit is ranking them by score. Only these two
+features: every dissect has them for every (unit, concept) when the scores are made, and richer
+evidence (held-out fidelity, agreement across scorers) goes into the headline's confidence,
+which is computed after all scorers of a layer (below). The maps are measured on worlds they
+were not fitted on (other seeds and cue kinds) and on random networks, by the same bench.
+
+The null. A scorer's raw score means nothing until it is compared with what a unit that
 explains nothing would score. The null here is made of pseudo-units of the same layer, scored
 by the SAME scorer code as the real units:
 
@@ -27,12 +52,11 @@ scores are summarised by a Gumbel fit (the law of a maximum; location and scale 
 whose parameters are stored with the run. A score s gets the p-value P(null best >= s), and
 within a layer the units' p-values are corrected for multiple testing by Benjamini–Hochberg:
 
-    confidence = 1 - q        (q: the BH q-value of p among the layer's units' best p-values)
+    q = the BH q-value of p among the layer's units' best p-values
 
 so on a layer whose units are no better than random directions, only a small fraction of units
-reach confidence >= 0.9 (BH at q <= 0.1 holds the false discoveries to 10%), and a number means
-the same for every scorer and vocabulary size. It says "better than a random direction", not
-"this label is right": a unit can beat the null with a label the truth disagrees with.
+reach q <= 0.1 (BH holds the false discoveries to 10%), and q means the same for every scorer
+and vocabulary size.
 
 soft_wpmi and wpmi subtract lam log p(c), where p(c) is the mean of p(c | unit) over the units
 given: each pseudo-unit is scored as one more unit of the layer (p(c) over the real units and
@@ -50,9 +74,12 @@ every probe image by today's pipeline (held-out images included): the split is h
 the fidelity's choice of headline, not from the scorers.
 
 Headline. For each unit, the candidates are the top HEADLINE_RANKS concepts of every scorer
-that needs no ground truth (iou is the truth on the probe world); the headline is the candidate
-with the highest held-out encoder AUPRC (then Pearson), reported with its scorer's confidence.
-No ground truth is used, so the same choice runs on real models.
+that needs no ground truth (iou is the truth on the probe world). Each gets a headline
+confidence from a second fitted logistic map (same file, same fit, coefficients >= 0) of its
+scorer's calibrated confidence (as a logit), its held-out encoder AUPRC and Pearson, and how
+many scorers put the concept in their top HEADLINE_RANKS; the headline is the candidate with the
+highest, reported with it (ties: AUPRC, then Pearson). No ground truth is used at dissect time,
+so the same choice runs on real models.
 """
 
 from __future__ import annotations
@@ -74,6 +101,9 @@ NULL_UNITS = 256          # pseudo-units per layer and scorer
 HELDOUT_FRACTION = 0.2    # probe images held out for fidelity
 ENCODER_PRESENT = 0.10    # encoder presence for AUPRC: the concept's top 10% of images
 EULER_GAMMA = 0.5772156649015329
+CALIBRATION_FILE = "confidence_calibration.json"   # neurostore/data/: the fitted maps (module doc)
+EVIDENCE_MAX = 6.0        # -log10 q is capped: a q below 1e-6 says nothing more
+MARGIN_CLIP = 10.0        # margins beyond 10 null scales say nothing more
 
 
 # ---- the null -----------------------------------------------------------------------------------
@@ -105,6 +135,13 @@ class Null:
             # Gumbel survival 1 - exp(-exp(-z)), accurate far in the tail (-expm1)
             p = -torch.expm1(-torch.exp(-z.clamp(min=-50.0)))
         return torch.where(torch.isnan(s), 1.0, p)
+
+    def margin(self, scores: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """How far a score lies above the unit's best other concept (`other`, same shape), in
+        units of the null's scale, clipped to +-MARGIN_CLIP (NaN: the clip's low end)."""
+        d = scores.double() - other.double()
+        d = d / self.scale if self.scale > 0 else torch.sign(d) * MARGIN_CLIP
+        return torch.nan_to_num(d, nan=-MARGIN_CLIP).clamp(-MARGIN_CLIP, MARGIN_CLIP)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -261,6 +298,92 @@ def bh_confidence(scores: torch.Tensor, null: Null, level_units: Optional[torch.
     return (1.0 - q).reshape(p.shape).clamp(0.0, 1.0).float()
 
 
+# ---- calibration: from evidence to the probability that the label is right ----------------------
+
+
+def explanation_features(q: torch.Tensor, margin: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What every dissect knows of one explanation without ground truth: the null's evidence
+    (-log10 of the BH q, capped at EVIDENCE_MAX) and the margin over the unit's next concept."""
+    return {"evidence": -torch.log10(q.double().clamp(10.0 ** -EVIDENCE_MAX, 1.0)), "margin": margin.double()}
+
+
+def headline_features(c: "pd.DataFrame") -> dict[str, np.ndarray]:  # noqa: F821
+    """A headline candidate's evidence (rows: unit, scorer, concept, confidence, auprc,
+    fidelity): its scorer's calibrated confidence (as a logit), held-out encoder AUPRC and
+    Pearson (NaN: no evidence, 0), and how many ground-truth-free scorers put the concept in
+    their top HEADLINE_RANKS."""
+    p = np.clip(c["confidence"].to_numpy(np.float64), 1e-4, 1 - 1e-4)
+    return {"confidence_logit": np.log(p / (1 - p)),
+            "auprc": np.nan_to_num(c["auprc"].to_numpy(np.float64)),
+            "pearson": np.nan_to_num(c["fidelity"].to_numpy(np.float64)),
+            "scorers_agreeing": c.groupby(["unit", "concept"])["scorer"].transform("nunique").to_numpy(np.float64)}
+
+
+def logistic(coef: dict[str, float], features: dict[str, Any]):
+    """sigmoid(intercept + sum of coef[f] * features[f]) (torch or numpy, as the features)."""
+    zero = 0 * next(iter(features.values()))                        # the features' shape and kind
+    z = coef["intercept"] + sum((w * features[f] for f, w in coef.items() if f != "intercept"), zero)
+    return 1.0 / (1.0 + (np.exp(-z) if isinstance(z, np.ndarray) else torch.exp(-z)))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The fitted maps (neurostore/data/CALIBRATION_FILE, written by `bench/confidence_calibration.py
+    --fit`): per scorer, logistic coefficients of explanation_features ('*': a scorer fitted on
+    none); one logistic map of headline_features. Coefficients are >= 0 (the fit drops a feature
+    that would come out negative), so confidence never falls as the evidence rises."""
+
+    explanation_maps: dict
+    headline_map: dict
+    fitted_on: dict
+
+    @classmethod
+    def load(cls, path=None) -> "Calibration":
+        from importlib import resources
+
+        f = resources.files("neurostore").joinpath("data", CALIBRATION_FILE) if path is None else path
+        try:
+            d = json.loads(f.read_text(encoding="utf-8") if hasattr(f, "read_text") else open(f).read())
+            return cls(d["explanation"], d["headline"], d["fitted_on"])
+        except (OSError, ValueError, KeyError) as e:
+            raise BadInput(f"confidence calibration '{f}' is unreadable ({e}); reinstall neurostore or refit "
+                           "it with 'python bench/confidence_calibration.py --fit'.") from None
+
+    def explanation(self, scorer: str, q: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+        """P(the explanation agrees with the truth) from its null q-value and margin (any shape)."""
+        coef = self.explanation_maps.get(scorer, self.explanation_maps["*"])
+        return logistic(coef, explanation_features(q, margin)).clamp(0.0, 1.0)
+
+    def headline(self, candidates: "pd.DataFrame") -> np.ndarray:  # noqa: F821
+        """P(the headline candidate agrees with the truth), per candidate row."""
+        return np.clip(logistic(self.headline_map, headline_features(candidates)), 0.0, 1.0)
+
+
+_CALIBRATION: list = []
+
+
+def calibration() -> Calibration:
+    """The shipped calibration, loaded once."""
+    if not _CALIBRATION:
+        _CALIBRATION.append(Calibration.load())
+    return _CALIBRATION[0]
+
+
+def rows_q_margin(rows: "pd.DataFrame", null: Null) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: F821
+    """Score rows (unit, rank, score) of one layer and scorer -> ([r] BH q, [r] margin), as
+    scored_with_null has them from the whole matrix: the BH family is the units' rank-0 scores;
+    a rank-0 concept's margin is over rank 1, any other's over rank 0."""
+    score = torch.as_tensor(rows["score"].to_numpy(np.float64))
+    top = rows[rows["rank"] == 0].groupby("unit")["score"].first()
+    fam = null.pvalues(torch.as_tensor(top.to_numpy(np.float64)))
+    q = 1.0 - bh_confidence(score.view(-1, 1), null, fam).double().view(-1)
+    second = rows[rows["rank"] == 1].groupby("unit")["score"].first()
+    other = np.where(rows["rank"] == 0, rows["unit"].map(second).to_numpy(np.float64),
+                     rows["unit"].map(top).to_numpy(np.float64))
+    other = np.where(np.isnan(other), rows["score"].to_numpy(np.float64), other)   # no rank 1 kept: margin 0
+    return q, null.margin(score, torch.as_tensor(other))
+
+
 # ---- held-out split and fidelity ----------------------------------------------------------------
 
 
@@ -369,23 +492,56 @@ def explanation_fidelity(expl: "pd.DataFrame", peak: torch.Tensor, sim: torch.Te
 # ---- headline -----------------------------------------------------------------------------------
 
 
-def layer_trust(rows: "pd.DataFrame", peak: torch.Tensor, sim: torch.Tensor,  # noqa: F821
-                image_ids: Sequence[str], concept_index: dict, amount: Optional[torch.Tensor] = None,
-                fraction: float = HELDOUT_FRACTION, **columns: Any) -> tuple:
-    """One layer's explanation_scores rows and headlines from its score rows (unit, scorer,
-    concept, rank, confidence; null confidence already in): fidelity of every row on held-out
-    images, then per unit the headline among the ground-truth-free scorers' top
-    HEADLINE_RANKS concepts. `columns`: constants (dataset, vocabulary, encoder, model, layer);
-    a mask metric's encoder is NULL. Returns two DataFrames (schema minus run_id)."""
-    rows = rows[rows["concept"].isin(concept_index)]
-    fid = explanation_fidelity(rows, peak, sim, image_ids, concept_index, amount, fraction)
-    enc = fid[fid["presence"] == "encoder"].pivot_table(
-        index=["unit", "scorer", "concept"], columns="metric", values="value", dropna=False)
+def null_q_rows(rows: "pd.DataFrame", nulls: dict) -> "pd.DataFrame":  # noqa: F821
+    """explanation_scores rows (metric 'null_q', presence 'null') of score rows of one layer:
+    the BH q-value of each (unit, scorer, concept) against its scorer's null (`nulls`: scorer ->
+    Null), the evidence the calibrated confidence is made from, kept as measured."""
+    import pandas as pd
+
+    out = []
+    for scorer, r in rows.groupby("scorer"):
+        if scorer in nulls:
+            t = r[["unit", "scorer", "concept", "rank"]].copy()
+            t["metric"], t["presence"] = "null_q", "null"
+            t["value"] = rows_q_margin(r, nulls[scorer])[0].numpy()
+            t["n_images"] = None
+            t["method"] = (f"Benjamini-Hochberg q over the layer's units of the Gumbel p against the best scores "
+                           f"of {nulls[scorer].n} random directions of the layer")
+            out.append(t)
+    return pd.concat(out, ignore_index=True) if out else None
+
+
+def headline_candidates(rows: "pd.DataFrame", enc: "pd.DataFrame") -> "pd.DataFrame":  # noqa: F821
+    """A layer's headline candidates: the ground-truth-free scorers' top HEADLINE_RANKS score rows
+    (unit, scorer, concept, rank, confidence) with their held-out encoder fidelity (`enc`:
+    pearson and auprc columns indexed by unit, scorer, concept)."""
     c = rows[(rows["rank"] < HEADLINE_RANKS) & rows["scorer"].isin(HEADLINE_SCORERS)]
     c = c[["unit", "scorer", "concept", "rank", "confidence"]].copy()
     key = list(zip(c["unit"], c["scorer"], c["concept"]))
     c["fidelity"] = enc["pearson"].reindex(key).to_numpy()
     c["auprc"] = enc["auprc"].reindex(key).to_numpy()
+    return c
+
+
+def layer_trust(rows: "pd.DataFrame", peak: torch.Tensor, sim: torch.Tensor,  # noqa: F821
+                image_ids: Sequence[str], concept_index: dict, amount: Optional[torch.Tensor] = None,
+                fraction: float = HELDOUT_FRACTION, nulls: Optional[dict] = None, **columns: Any) -> tuple:
+    """One layer's explanation_scores rows and headlines from its score rows (unit, scorer,
+    concept, rank, score, confidence; calibrated confidence already in): fidelity of every row
+    on held-out images (and its null q when `nulls`, scorer -> Null, are given), then per unit
+    the headline among the ground-truth-free scorers' top HEADLINE_RANKS concepts.
+    `columns`: constants (dataset, vocabulary, encoder, model, layer); a mask or null metric's
+    encoder is NULL. Returns two DataFrames (schema minus run_id)."""
+    import pandas as pd
+
+    rows = rows[rows["concept"].isin(concept_index)]
+    fid = explanation_fidelity(rows, peak, sim, image_ids, concept_index, amount, fraction)
+    enc = fid[fid["presence"] == "encoder"].pivot_table(
+        index=["unit", "scorer", "concept"], columns="metric", values="value", dropna=False)
+    if nulls:
+        fid = pd.concat([fid, null_q_rows(rows, nulls)], ignore_index=True)
+    c = headline_candidates(rows, enc)
+    c["confidence"] = calibration().headline(c)   # P(right) as a headline: evidence across scorers
     c["model"], c["layer"] = "", ""   # headlines() groups by them; the caller sets them
     head = headlines(c).merge(c.groupby("unit").size().rename("candidates").reset_index(), on="unit")
     head = head.drop(columns=["model", "layer"])
@@ -399,21 +555,27 @@ def layer_trust(rows: "pd.DataFrame", peak: torch.Tensor, sim: torch.Tensor,  # 
 
 def scored_with_null(res: "S.ScoreResult", inputs: dict[str, Any], iou_best: Optional[torch.Tensor] = None,
                      m: int = NULL_UNITS, seed: int = 0) -> tuple["S.ScoreResult", Null]:
-    """A scorer's result with the null confidence in place of the old one, and the null (its
-    parameters go with the run). iou: pass `iou_best` from a NullIoU fed beside the real IoU."""
+    """A scorer's result with the calibrated confidence in place of the old one, and the null
+    (its parameters go with the run). iou: pass `iou_best` from a NullIoU fed beside the real IoU."""
     from dataclasses import replace
 
     best = iou_best if res.scorer == "iou" else null_best(res.scorer, inputs, res.params, m, seed)
     null = fit_null(res.scorer, best, res.scores.shape[1], seed)
-    return replace(res, confidence=bh_confidence(res.scores, null)), null
+    q = 1.0 - bh_confidence(res.scores, null).double()               # [u, c]
+    s = torch.nan_to_num(res.scores.double(), nan=float("-inf"))
+    top2 = torch.topk(s, min(2, s.shape[1]), dim=1).values           # [u, 2]
+    first = s == top2[:, :1]
+    other = torch.where(first, top2[:, -1:], top2[:, :1])            # [u, c] best other concept
+    conf = calibration().explanation(res.scorer, q, null.margin(res.scores, other))
+    return replace(res, confidence=conf.float()), null
 
 
 def headlines(candidates: "pd.DataFrame") -> "pd.DataFrame":  # noqa: F821
     """One row per (model, layer, unit): the candidate (scorer, concept) with the highest
-    held-out encoder AUPRC (the unit as a detector of the concept); ties by Pearson, then
-    confidence, then scorer name (deterministic). NaN fidelity ranks last."""
+    confidence (the headline map's P(right)); ties by held-out encoder AUPRC, then Pearson,
+    then scorer name (deterministic). NaN fidelity ranks last."""
     c = candidates.assign(_a=candidates["auprc"].fillna(-1.0), _p=candidates["fidelity"].fillna(-2.0))
-    c = c.sort_values(["model", "layer", "unit", "_a", "_p", "confidence", "scorer"],
+    c = c.sort_values(["model", "layer", "unit", "confidence", "_a", "_p", "scorer"],
                       ascending=[True, True, True, False, False, False, True], kind="stable")
     c = c.drop(columns=["_a", "_p"])
     return c.groupby(["model", "layer", "unit"], sort=False).head(1).reset_index(drop=True)
@@ -458,6 +620,7 @@ def assess(store, model: Optional[str] = None, *, null_units: int = NULL_UNITS, 
         sources = {f"{m}|{p['vocabulary']}": p for m, p, r in work}
         with store.run("trust", {"null_units": null_units, "seed": seed, "heldout_fraction": fraction,
                                  "fdr": "Benjamini-Hochberg per layer and scorer", "nulls": nulls,
+                                 "calibration": calibration().fitted_on,
                                  "sources": sources}) as run:
             for m, p, r in work:
                 for key, table, rows in r["writes"]:
@@ -561,21 +724,16 @@ def _assess_run(store, model: str, run_id: str, params: dict, m: int, seed: int,
                 diff = np.abs(got - r["score"].to_numpy(np.float64))
                 worst = max(worst, float(np.nanmax(diff / np.maximum(1.0, np.abs(got))))) if len(r) else worst
             null = fit_null(scorer, best, len(concepts), seed)
-            nulls.setdefault(layer, {})[scorer] = null.to_dict()
-            # BH family: every unit's best (rank-0) score of this layer and scorer
-            top = torch.full((n_units,), float("nan"), dtype=torch.float64)
-            r0 = r[r["rank"] == 0]
-            top[r0["unit"].to_numpy()] = torch.as_tensor(r0["score"].to_numpy(np.float64))
-            fam = null.pvalues(top)
-            conf = bh_confidence(torch.as_tensor(r["score"].to_numpy(np.float64)).view(-1, 1), null, fam)
-            r["confidence"] = conf.view(-1).numpy()
+            nulls.setdefault(layer, {})[scorer] = null
+            r["confidence"] = calibration().explanation(scorer, *rows_q_margin(r, null)).numpy()
             new_conf[(layer, scorer)] = r
-            summary_conf.setdefault(scorer, []).append(bh_confidence(top.view(-1, 1), null, fam).view(-1))
+            summary_conf.setdefault(scorer, []).append(torch.as_tensor(r.loc[r["rank"] == 0, "confidence"].to_numpy()))
         # fidelity of every stored (unit, scorer, concept) on held-out images; the headline
         rows_c = pd.concat([new_conf[(layer, sc)] for sc in rows_l["scorer"].unique()])
         amount = mask_amount(masks, ids, cindex) if masks is not None else None
-        fid, head = layer_trust(rows_c, peak, sim, ids, cindex, amount, fraction, dataset=ds,
+        fid, head = layer_trust(rows_c, peak, sim, ids, cindex, amount, fraction, nulls=nulls[layer], dataset=ds,
                                 vocabulary=vocab, encoder=enc_id, model=model, layer=layer)
+        nulls[layer] = {sc: n.to_dict() for sc, n in nulls[layer].items()}
         writes.append((f"trust:{ds}:{vocab}:{enc_id}", "explanation_scores", fid))
         if len(head):
             writes.append((f"trust:{ds}:{vocab}:{enc_id}", "headlines", head))

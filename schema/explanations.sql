@@ -5,7 +5,7 @@ CREATE TABLE explanations (
     unit         INTEGER,    -- channel / neuron index
     scorer       VARCHAR,    -- scorer the concepts came from
     label        VARCHAR,    -- the top concept
-    confidence   FLOAT,      -- confidence of the top concept in [0, 1]
+    confidence   FLOAT,      -- P(the top concept is right): calibrated map of the null q and margin (trust.py)
     concepts     VARCHAR[],  -- top concepts, best first
     confidences  FLOAT[],    -- their confidences
     summary      VARCHAR,    -- one-sentence description (LLM), NULL when not asked for

@@ -1,4 +1,4 @@
--- description: One headline explanation per unit, chosen across scorers by held-out encoder fidelity (no ground truth).
+-- description: One headline explanation per unit, chosen across scorers by calibrated confidence from held-out encoder fidelity and agreement (no ground truth).
 -- partition: model, layer
 -- sort: unit
 CREATE TABLE headlines (
@@ -6,8 +6,8 @@ CREATE TABLE headlines (
     concept      VARCHAR,    -- the headline concept
     scorer       VARCHAR,    -- scorer that proposed it
     rank         INTEGER,    -- its rank among that scorer's concepts for the unit (0 = label)
-    confidence   FLOAT,      -- that scorer's null confidence of the concept, in [0, 1]
-    fidelity     DOUBLE,     -- held-out Pearson of activation with encoder presence (what chose it)
+    confidence   FLOAT,      -- P(the headline is right): the headline map of neurostore/trust.py (what chose it)
+    fidelity     DOUBLE,     -- held-out Pearson of activation with encoder presence
     auprc        DOUBLE,     -- held-out AUPRC with encoder presence
     candidates   INTEGER,    -- how many (scorer, concept) candidates it was chosen from
     dataset      VARCHAR,    -- probe set whose held-out images gave the fidelity

@@ -162,14 +162,87 @@ def test_fidelity_with_too_few_held_out_images_is_nan_not_a_crash():
     assert not T.encoder_presence(torch.rand(0, 3)).any()
 
 
-def test_headline_prefers_held_out_fidelity():
+def test_headline_prefers_the_calibrated_confidence_then_held_out_fidelity():
     import pandas as pd
 
-    c = pd.DataFrame({"model": "m", "layer": "l", "unit": [0, 0, 0, 1], "scorer": ["patch", "wpmi", "cos_cubed", "patch"],
-                      "concept": ["a", "b", "c", "d"], "rank": 0, "auprc": [0.3, 0.9, np.nan, np.nan],
-                      "fidelity": [0.5, 0.1, 0.9, 0.2], "confidence": [1.0, 0.2, 0.5, 0.7]})
+    c = pd.DataFrame({"model": "m", "layer": "l", "unit": [0, 0, 0, 1, 1], "scorer": ["patch", "wpmi", "cos_cubed", "patch", "wpmi"],
+                      "concept": ["a", "b", "c", "d", "e"], "rank": 0, "auprc": [0.3, 0.9, np.nan, np.nan, 0.5],
+                      "fidelity": [0.5, 0.1, 0.9, 0.2, 0.3], "confidence": [0.2, 0.6, 0.5, 0.7, 0.7]})
     h = T.headlines(c)
-    assert h["concept"].tolist() == ["b", "d"]
+    assert h["concept"].tolist() == ["b", "e"]                      # unit 1: a tie, broken by AUPRC
+
+
+# ---- calibration ------------------------------------------------------------------------------
+
+
+def test_shipped_calibration_gives_monotone_probabilities():
+    """The fitted maps load, give probabilities in [0, 1], never fall as the null's evidence
+    (smaller q) or the margin over the next concept rises, and say what they were fitted on."""
+    import pandas as pd
+
+    cal = T.Calibration.load()
+    assert {"seed", "cue_kind", "world", "command"} <= set(cal.fitted_on)
+    assert {"iou", "*"} <= set(cal.explanation_maps)
+    q = torch.logspace(-8, 0, 40, dtype=torch.float64)              # ascending q: less evidence
+    margin = torch.linspace(-12, 12, 30, dtype=torch.float64)
+    for scorer in list(cal.explanation_maps) + ["a-scorer-it-never-saw"]:
+        p = cal.explanation(scorer, q.view(-1, 1).expand(-1, 30), margin.view(1, -1).expand(40, -1))  # [q, margin]
+        assert ((p >= 0) & (p <= 1)).all()
+        assert (p.diff(dim=0) <= 1e-12).all() and (p.diff(dim=1) >= -1e-12).all(), scorer
+    base = pd.DataFrame({"unit": [0, 0], "scorer": ["patch", "wpmi"], "concept": ["a", "b"],
+                         "confidence": 0.3, "auprc": 0.2, "fidelity": 0.1})
+    p0 = cal.headline(base)
+    for col, hi in (("confidence", 0.8), ("auprc", 0.9), ("fidelity", 0.7), ("concept", "a")):
+        p1 = cal.headline(base.assign(**{col: hi}))                  # concept 'a' twice: two scorers agree
+        assert ((p1 >= p0 - 1e-12) & (p1 <= 1) & (p1 >= 0)).all(), col
+
+
+def test_unreadable_calibration_is_one_clear_error(tmp_path):
+    from neurostore.errors import BadInput
+
+    bad = tmp_path / "cal.json"
+    bad.write_text("{not json")
+    with pytest.raises(BadInput, match="refit") as e:
+        T.Calibration.load(bad)
+    assert "\n" not in str(e.value)
+
+
+def test_confidence_is_the_calibrated_probability_not_one_minus_q():
+    """scored_with_null's confidence is the shipped map of (q, margin), not the null's 1 - q
+    (what it was before the calibration); it still grows with the score within a unit."""
+    img, txt, sim, acts, planted = _planted_world(noise_units=40)
+    inputs = {"similarity": sim, "pooled": acts}
+    res = S.run_scorer("cos_cubed", inputs)
+    out, null = T.scored_with_null(res, inputs, m=200)
+    one_minus_q = T.bh_confidence(res.scores, null)
+    assert (out.confidence - one_minus_q).abs().max() > 0.05
+    order = res.scores.argsort(dim=1)
+    assert (out.confidence.gather(1, order).diff(dim=1) >= -1e-6).all()
+    # the stored rows give back the same confidence (assess and the bench recompute it from them)
+    rows = S.top_concepts(out, [f"c{i}" for i in range(res.scores.shape[1])], 5).to_pandas()
+    q, margin = T.rows_q_margin(rows, null)
+    again = T.calibration().explanation("cos_cubed", q, margin)
+    np.testing.assert_allclose(again.numpy(), rows["confidence"].to_numpy(), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_reinitialised_probe_cnn_gets_few_confident_units(probe_world, tmp_path):
+    """The probe CNN with fresh random weights: its labels are not right, so at most 5% of its
+    units get confidence >= 0.9 from any scorer (0.45 with the null's 1 - q, all from patch)."""
+    from neurostore.pipeline import dissect
+    from neurostore.store import Store
+
+    torch.manual_seed(0)
+    net = probe_world.load_target("cnn")
+    for mod in net.modules():
+        if hasattr(mod, "reset_parameters"):
+            mod.reset_parameters()
+    torch.save(net, tmp_path / "cnn-random.pt")
+    store = Store.open(tmp_path / "store")
+    m = dissect(store, str(tmp_path / "cnn-random.pt"), world=probe_world, vocabulary="probe", evaluate=False,
+                progress=False, log=lambda *a: None)["model"]
+    e = store.df("SELECT layer, unit, max(confidence) AS c FROM explanations WHERE model = $m GROUP BY ALL", {"m": m})
+    assert len(e) > 100 and (e["c"] >= 0.9).mean() <= 0.05
 
 
 # ---- dissect writes them in its run ------------------------------------------------------------
@@ -227,7 +300,12 @@ def test_assess_rewrites_confidence_and_writes_tables(assessed):
     assert '"loc"' in nulls and '"scale"' in nulls                 # null parameters are the run's
     es = s.df("SELECT presence, metric, count(*) AS n, count(value) AS v FROM explanation_scores "
               "WHERE model = 'probe-cnn' GROUP BY ALL")
-    assert set(zip(es["presence"], es["metric"])) == {(p, m) for p in ("encoder", "masks") for m in ("pearson", "auprc")}
+    assert set(zip(es["presence"], es["metric"])) == \
+        {(p, m) for p in ("encoder", "masks") for m in ("pearson", "auprc")} | {("null", "null_q")}
+    q = s.df("SELECT e.value AS q, s.confidence FROM explanation_scores e JOIN scores s USING (model, layer, unit, scorer, concept) "
+             "WHERE e.model = 'probe-cnn' AND e.metric = 'null_q'")
+    assert len(q) == len(after) and q["q"].between(0, 1).all()       # the null's q kept beside the confidence
+    assert (np.abs(1 - q["q"] - q["confidence"]) > 1e-3).mean() > 0.5
     h = s.df("SELECT layer, count(*) AS n, count(DISTINCT unit) AS u FROM headlines WHERE model = 'probe-cnn' GROUP BY layer")
     units = s.df("SELECT layer, count(DISTINCT unit) AS u FROM explanations WHERE model = 'probe-cnn' GROUP BY layer")
     assert h.merge(units, on="layer").pipe(lambda d: (d["n"] == d["u_y"]).all())
