@@ -3,12 +3,20 @@ fetched from the network), so a page opened from disk shows them as they are.
 
     histogram_svg(edges, counts)                         -> "<svg ...>"  activation histogram
     depth_profile_svg(series, layers, highlight=None)    -> "<svg ...>"  concept share by layer depth
+    heatmap_png(image, cells)                            -> PNG bytes    a unit's map over an image
+    heat_legend_svg()                                    -> "<svg ...>"  the heatmap's colour scale
+
+The heatmap is a PNG made here, not drawn in the page: the web app's CSP forbids inline styles and
+scripts, and the static report must show the same picture opened from disk.
 """
 
 from __future__ import annotations
 
+import io
 from html import escape
 from typing import Sequence
+
+import numpy as np
 
 # Colour-blind-safe categorical palette (Okabe-Ito), in a fixed order so a category keeps its colour.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9", "#F0E442", "#000000")
@@ -144,3 +152,50 @@ def bar_list_svg(items: Sequence[tuple[str, float]], width: int = 320, row: int 
                      f'<text class="tick" x="{lw + w + 4:.1f}" y="{yy + 11}">{_fmt(v)}</text>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+# The heatmap's colour scale (inferno, sampled): dark purple at the map's minimum to pale yellow at
+# its maximum, perceptually ordered and far from the cut box's blue.
+HEAT_STOPS = ((0.0, (0, 0, 4)), (0.25, (87, 16, 110)), (0.5, (188, 55, 84)), (0.75, (249, 142, 9)),
+              (1.0, (252, 255, 164)))
+HEAT_ALPHA = (0.0, 0.75)  # opacity at the map's min and max: where the unit is silent the image shows
+HEAT_SIDE = 192           # the composite's longer side in pixels (probe images are 64 px)
+
+
+def _heat_lut() -> np.ndarray:
+    """[256, 4] uint8 RGBA for map values 0..1 in 256 steps."""
+    t = np.linspace(0, 1, 256)
+    xs = [s for s, _ in HEAT_STOPS]
+    rgb = np.stack([np.interp(t, xs, [c[i] for _, c in HEAT_STOPS]) for i in range(3)], 1)  # [256, 3]
+    a = 255 * (HEAT_ALPHA[0] + (HEAT_ALPHA[1] - HEAT_ALPHA[0]) * t)                         # [256]
+    return np.concatenate([rgb, a[:, None]], 1).round().astype(np.uint8)
+
+
+def heatmap_png(image, cells: Sequence[Sequence[int]], side: int = HEAT_SIDE) -> bytes:
+    """`image` (PIL, the region the unit saw) scaled so its longer side is `side` px, with the
+    unit's map `cells` (rows of 0..100, see schema/activations.sql act_map) bilinear-upsampled
+    over it as a translucent heatmap (HEAT_STOPS, HEAT_ALPHA). Returns PNG bytes."""
+    from PIL import Image
+
+    W, H = image.size
+    f = side / max(W, H)
+    size = (max(1, round(W * f)), max(1, round(H * f)))
+    base = image.convert("RGBA").resize(size, Image.Resampling.BILINEAR)
+    m = np.clip(np.asarray(cells, dtype=np.float32), 0, 100) * (255 / 100)        # [h, w] 0..255
+    up = Image.fromarray(m.round().astype(np.uint8), "L").resize(size, Image.Resampling.BILINEAR)
+    heat = Image.fromarray(_heat_lut()[np.asarray(up)], "RGBA")                   # [H', W', 4]
+    buf = io.BytesIO()
+    Image.alpha_composite(base, heat).convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def heat_legend_svg(width: int = 180, height: int = 14) -> str:
+    """The heatmap's colour scale as a bar from 'min' to 'max' of the unit's map on the image."""
+    stops = "".join(f'<stop offset="{s:.2f}" stop-color="rgb{c}"/>' for s, c in HEAT_STOPS)
+    bar = width - 60
+    return (f'<svg class="legend" role="img" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+            f'xmlns="http://www.w3.org/2000/svg"><title>heatmap colours: the unit&#39;s activation on the image, '
+            f'from its minimum to its maximum there</title><defs><linearGradient id="heat">{stops}</linearGradient></defs>'
+            f'<text class="tick" x="0" y="{height - 3}">min</text>'
+            f'<rect x="26" y="1" width="{bar}" height="{height - 2}" fill="url(#heat)"/>'
+            f'<text class="tick" x="{30 + bar}" y="{height - 3}">max</text></svg>')

@@ -208,9 +208,11 @@ class RecordResult:
         return len(self.image_ids)
 
     def activations_table(self) -> pa.Table:
-        """schema/activations.sql minus run_id; patch_id is null until patches are cut."""
+        """schema/activations.sql minus run_id; patch_id is null until patches are cut, act_map
+        (`map_cells` of the unit's map on the image) null unless the recorder kept maps."""
         cols = {c: [] for c in ("unit", "rank", "image_id", "act_value", "act_mean", "loc_y",
                                 "loc_x", "layer")}
+        maps: list = []  # per layer: [rows, h', w'] int8 cells, or Nones
         for lr in self.layers.values():
             units, ranks = np.nonzero(lr.top_idx >= 0)
             cols["unit"].append(units)
@@ -222,6 +224,8 @@ class RecordResult:
             cols["loc_y"].append(lr.loc_y[units, ranks])
             cols["loc_x"].append(lr.loc_x[units, ranks])
             cols["layer"].append(np.full(len(units), lr.layer, dtype=object))
+            spatial = lr.top_maps is not None and lr.grid_h * lr.grid_w > 1 and len(units)
+            maps.append(map_cells(lr.top_maps[units, ranks]) if spatial else [None] * len(units))
         cat = {c: (np.concatenate(v) if v else np.zeros(0)) for c, v in cols.items()}
         n = len(cat["unit"])
         return pa.table({
@@ -233,6 +237,7 @@ class RecordResult:
             "act_mean": pa.array(cat["act_mean"], pa.float32()),
             "loc_y": pa.array(cat["loc_y"], pa.int32()),
             "loc_x": pa.array(cat["loc_x"], pa.int32()),
+            "act_map": pa.concat_arrays([_map_array(m) for m in maps]) if maps else pa.array([], MAP_TYPE),
             "patch_id": pa.array([None] * n, pa.string()),
             "model": pa.array([self.model] * n, pa.string()),
             "layer": pa.array(list(cat["layer"]), pa.string()),
@@ -279,6 +284,37 @@ class RecordResult:
         """schema/rejects.sql minus run_id."""
         return pa.table({c: pa.array([r[c] for r in self.rejects], pa.string())
                          for c in ("dataset", "path", "reason")})
+
+
+MAP_CELLS = 16  # the stored map's longer side, at most (schema/activations.sql act_map)
+MAP_TYPE = pa.list_(pa.list_(pa.int8()))
+
+
+def map_cells(maps: np.ndarray, side: int = MAP_CELLS) -> np.ndarray:
+    """[n, h, w] activation maps -> [n, h', w'] int8, each map area-downsampled to at most `side`
+    cells on its longer side (aspect kept) and scaled to 0..100 between its own min and max (a
+    flat map is all 0): where on the image the unit fired, small enough to keep for every top image."""
+    n, h, w = maps.shape
+    f = min(1.0, side / max(h, w))
+    size = (max(1, round(h * f)), max(1, round(w * f)))
+    x = torch.as_tensor(maps, dtype=torch.float32)[:, None]        # [n, 1, h, w]
+    if size != (h, w):
+        x = torch.nn.functional.adaptive_avg_pool2d(x, size)      # [n, 1, h', w'] cell means
+    x = x[:, 0]                                                     # [n, h', w']
+    lo = x.amin(dim=(1, 2), keepdim=True)
+    span = x.amax(dim=(1, 2), keepdim=True) - lo
+    x = torch.where(span > 0, (x - lo) / span.clamp(min=1e-12), torch.zeros_like(x))
+    return (x * 100).round().to(torch.int8).numpy()
+
+
+def _map_array(cells) -> pa.Array:
+    """[rows, h, w] int8 cells (or a list of Nones) -> Arrow list<list<int8>>, one map per row."""
+    if isinstance(cells, list):
+        return pa.nulls(len(cells), MAP_TYPE)
+    rows, h, w = cells.shape
+    inner = pa.ListArray.from_arrays(pa.array(np.arange(0, rows * h * w + 1, w, dtype=np.int32)),
+                                     pa.array(cells.reshape(-1), pa.int8()))
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, rows * h + 1, h, dtype=np.int32)), inner)
 
 
 def _list_array(matrix: np.ndarray, typ) -> pa.Array:

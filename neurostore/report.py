@@ -12,6 +12,7 @@ Layout of DIR:
     audit.html, compare.html            findings
     patches/<patch_id>.png              every patch image, written once and referenced
     images/<key>.png                    the whole images of the cards' top activations (when their files exist)
+    heatmaps/<key>.png                  those top images with the unit's activation map over them
     style.css
 Pages and images are written through a temporary file and renamed, so a reader never sees half a page.
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from .errors import BadInput
 from .web import data as D
-from .web.render import PATCH_ID_RE, Links, render, stylesheet
+from .web.render import PATCH_ID_RE, Links, heatmap_key, render, stylesheet
 
 
 def _write(path: Path, content: str | bytes) -> None:
@@ -63,7 +64,7 @@ def build_report(store, out, models: list[str] | None = None, max_units: int | N
     pages = 0
     written: set[str] = set()
     written_images: set[str] = set()
-    n_layers = n_neurons = 0
+    n_layers = n_neurons = n_heatmaps = 0
 
     def page(rel: str, template: str, data: dict, depth: int) -> None:
         nonlocal pages
@@ -126,6 +127,17 @@ def build_report(store, out, models: list[str] | None = None, max_units: int | N
                         written_images.add(key)
                 for p in (p for c in cards.values() for p in c["patches"]):
                     p["has_full"] = p["image_key"] in written_images  # unreadable file: the box alone
+                # Each top image with the unit's map over it (a PNG per unit and rank), and the
+                # co-activated units of the adjacent layers, under the same pooled-size guard.
+                for unit, card in cards.items():
+                    for p in card["patches"]:
+                        png = D.heatmap_png(run, p)
+                        if png:
+                            _write(out / "heatmaps" / f"{heatmap_key(model, layer, unit, p['rank'])}.png", png)
+                            n_heatmaps += 1
+                        p["has_map"] = png is not None
+                    if n_pooled * len(cards) <= D.MAX_QUANTILE_CELLS:
+                        card["links"] = D.coactivation(run, model, layer, unit)
                 for unit, card in cards.items():
                     page(f"neuron/{model}/{layer}/{unit}.html", "neuron.html", card, 3)
                     n_neurons += 1
@@ -136,5 +148,6 @@ def build_report(store, out, models: list[str] | None = None, max_units: int | N
     for kind in ("audit", "compare"):
         page(f"{kind}.html", "findings.html", D.findings(run, kind), 0)
     return {"out": str(out), "index": str(out / "index.html"), "pages": pages, "images": len(written),
+            "heatmaps": n_heatmaps,
             "models": len(ov["models"]), "layers": n_layers, "neurons": n_neurons,
             "seconds": round(time.perf_counter() - t0, 2)}

@@ -10,6 +10,7 @@ CREATE TABLE activations (
     act_mean     FLOAT,      -- the unit's mean activation over the image's spatial map
     loc_y        INTEGER,    -- row of the max in the activation grid
     loc_x        INTEGER,    -- column of the max in the activation grid
+    act_map      TINYINT[][], -- the unit's map on this image as rows of cells, 0..100 = percent of the map's min..max, area-downsampled to at most 16x16 keeping the aspect (len(act_map) rows, len(act_map[1]) columns: readable and indexable in SQL, no blob to decode); NULL when maps were not kept or the layer has no spatial map (1x1)
     patch_id     VARCHAR,    -- the receptive-field patch cut for this (unit, image), see patches
     run_id       VARCHAR,    -- run that wrote the row
     model        VARCHAR,    -- model id (partition)

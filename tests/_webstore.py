@@ -83,7 +83,11 @@ def build(store) -> dict:
         patch_of[im["image_id"]] = pid
         patches.append({"patch_id": pid, "dataset": DATASET, "image_id": im["image_id"], "x0": 0, "y0": 0,
                         "x1": 64, "y1": 64, "thumbnail": png(draw(im["shape"], im["colour"], im["texture"]))})
-    models, layers, units, acts, scores, expl, effects = [], [], [], [], [], [], []
+    models, layers, units, acts, scores, expl, effects, pooled = [], [], [], [], [], [], [], []
+    # A conv unit's map on its top images (schema/activations.sql act_map): a blob peaking at the
+    # max cell (row 3, column 4) of the 8x8 grid.
+    yy, xx = np.mgrid[0:8, 0:8]
+    peak = np.round(100 * np.exp(-((yy - 3) ** 2 + (xx - 4) ** 2) / 4.0)).astype(int).tolist()
     truth = {}
     for model, ls in LAYERS.items():
         models.append({"model": model, "spec": f"probe:{model.split('-')[1]}", "arch": model.upper(),
@@ -92,6 +96,14 @@ def build(store) -> dict:
             layers.append({"model": model, "layer": layer, "kind": kind, "n_units": n, "grid_h": 8 if kind == "conv" else 1,
                            "grid_w": 8 if kind == "conv" else 1, "depth": depth,
                            "depth_frac": depth / (len(ls) - 1)})
+            # Per-image maxima (the co-activation links): unit u of every layer follows one shared
+            # signal with weight (-1)^u, so adjacent layers' units correlate with signs to check.
+            prng = np.random.default_rng(depth)  # its own generator: the other draws stay as they were
+            signal = np.random.default_rng(len(model)).normal(size=N_IMAGES)  # one per model
+            for im_i, im in enumerate(imgs):
+                acts_i = [float(((-1) ** u) * signal[im_i] * (u + 1) + 0.1 * prng.normal()) for u in range(n)]
+                pooled.append({"model": model, "layer": layer, "dataset": DATASET, "image_id": im["image_id"],
+                               "act_mean": acts_i, "act_max": acts_i})
             for unit in range(n):
                 # Early layers detect colours and textures, late layers shapes (what the depth plot shows).
                 frac = depth / (len(ls) - 1)
@@ -110,6 +122,7 @@ def build(store) -> dict:
                     acts.append({"model": model, "layer": layer, "unit": unit, "rank": r, "dataset": DATASET,
                                  "image_id": im["image_id"], "act_value": float(vals[r]),
                                  "act_mean": float(vals[r] / 3), "loc_y": 3, "loc_x": 4,
+                                 "act_map": peak if kind == "conv" else None,
                                  "patch_id": patch_of[im["image_id"]]})
                 counts, edges = np.histogram(vals, bins=12)
                 units.append({"model": model, "layer": layer, "unit": unit, "dataset": DATASET, "n_images": N_IMAGES,
@@ -147,6 +160,7 @@ def build(store) -> dict:
         run.write("layers", pa.Table.from_pylist(layers))
         run.write("units", pa.Table.from_pylist(units))
         run.write("activations", pa.Table.from_pylist(acts))
+        run.write("pooled", pa.Table.from_pylist(pooled))
         run.write("scores", pa.Table.from_pylist(scores))
         run.write("explanations", pa.Table.from_pylist(expl))
         run.write("effects", pa.Table.from_pylist(effects))

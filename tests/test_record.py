@@ -94,7 +94,8 @@ def test_tables_follow_the_schema(target, data):
     res = record_batches(target, LAYERS, _batches(ids, x, 16), dataset="d", k=3)
     acts = res.activations_table()
     assert acts.column_names == ["unit", "rank", "dataset", "image_id", "act_value", "act_mean",
-                                 "loc_y", "loc_x", "patch_id", "model", "layer"]
+                                 "loc_y", "loc_x", "act_map", "patch_id", "model", "layer"]
+    assert acts.column("act_map").null_count == acts.num_rows  # maps only where the recorder kept them
     assert acts.num_rows == 3 * (128 + 512 + 1000)
     units = res.units_table()
     assert units.column_names == ["unit", "dataset", "n_images", "act_mean", "act_std", "act_max",
@@ -164,3 +165,31 @@ def test_seq_first_token_layout():
     with torch.no_grad():
         full = m(x)  # [17, batch, 6]
     assert torch.allclose(maps[:, :, 1, 2], full[1 + 1 * 4 + 2])
+
+
+
+def test_a_dissect_stores_each_units_map_on_its_top_images(probe_world, tmp_path):
+    """A probe-world dissect keeps each unit's map on each top image in activations.act_map: the
+    grid area-downsampled to at most 16x16 (conv1's 32x32 -> 16x16 cell means, conv3's 8x8 kept),
+    0..100 from the map's min to its max, 100 at the recorded max cell; the head (1x1) gets none."""
+    from neurostore.pipeline import dissect
+    from neurostore.store import Store
+
+    store = Store.open(tmp_path / "s")
+    dissect(store, f"probe:cnn@{probe_world.root}", world=probe_world, max_images=40, k=4,
+            layers=["conv1", "conv3", "fc"], scorers=["cos_cubed"], evaluate=False, progress=False,
+            log=lambda *a: None)
+    rows = store.sql("SELECT layer, loc_y, loc_x, act_map FROM activations ORDER BY layer, unit, rank").to_pylist()
+    grids = {"conv1": (16, 16), "conv3": (8, 8)}
+    for r in rows:
+        if r["layer"] == "fc":
+            assert r["act_map"] is None
+            continue
+        m = np.array(r["act_map"])
+        assert m.shape == grids[r["layer"]] and m.min() >= 0 and m.max() <= 100
+        if m.max() > 0:                                  # a flat map (a dead unit) is all 0
+            assert m.min() == 0 and m.max() == 100
+            if r["layer"] == "conv3":                    # kept at grid size: the max is the max cell
+                assert m[r["loc_y"], r["loc_x"]] == 100
+    assert {r["layer"] for r in rows} == {"conv1", "conv3", "fc"}
+    assert sum(np.array(r["act_map"]).max() == 100 for r in rows if r["act_map"]) > len(rows) / 2

@@ -377,3 +377,48 @@ def test_quantile_examples_span_the_activation_range(tmp_path):
     for b in q:
         assert len(b["images"]) <= 2 and all(b["lo"] <= i["act"] <= b["hi"] for i in b["images"])
     assert "19" not in [i["image_id"] for b in q for i in b["images"]]  # its file is gone: left out
+
+
+def _png_pixels(body):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(body)).convert("RGB")).astype(float)  # [H, W, 3]
+
+
+def test_card_draws_the_activation_map_over_each_top_image(server):
+    """Conv units carry a map per top image (the fixture's blob peaks at grid cell (3, 4)): the
+    card draws each as a heatmap PNG over the image, hottest where the map peaks; a linear unit
+    (1x1 map) keeps the image and box alone."""
+    status, _, body = get(server, "/neuron/toy-cnn/conv1/0")
+    html = body.decode()
+    heat = re.findall(r'<image class="heat" href="(/heatmap/toy-cnn/conv1/0/(\d+)\.png)"', html)
+    assert [int(r) for _, r in heat] == list(range(6)) and "heatmap: the unit" in html
+    status, ctype, png = get(server, heat[0][0])
+    assert status == 200 and ctype == "image/png"
+    px = _png_pixels(png)
+    assert px.shape[:2] == (192, 192) and px.std() > 20
+    # Heat is yellow (high R and G): the peak's region (rows 3-4 of 8, columns 4-5) against a corner.
+    warm = (px[..., 0] + px[..., 1]) / 2 - px[..., 2]
+    assert warm[72:120, 96:144].mean() > warm[:24, :24].mean() + 40
+    status, _, body = get(server, "/neuron/toy-cnn/fc/0")
+    assert status == 200 and b'class="heat"' not in body and b'class="box"' in body
+    assert get(server, "/heatmap/toy-cnn/fc/0/0.png")[0] == 404
+    assert get(server, "/heatmap/toy-cnn/conv1/0/99.png")[0] == 404
+
+
+def test_card_links_the_co_activated_units_of_adjacent_layers(server):
+    """The fixture's units follow one signal with sign (-1)^unit: conv1 unit 0 correlates +1 with
+    even units of layer1.0.conv2 and -1 with odd ones; the first layer is fed by nothing recorded."""
+    status, card = get_json(server, "/neuron/toy-cnn/layer1.0.conv2/0.json")
+    fed, feeds = card["links"]["fed_by"], card["links"]["feeds"]
+    assert fed["layer"] == "conv1" and feeds["layer"] == "fc" and fed["n_images"] == 24
+    assert len(fed["units"]) == 5 and all(abs(v["r"]) > 0.95 for v in fed["units"])
+    assert all((v["r"] > 0) == (v["unit"] % 2 == 0) for v in fed["units"] + feeds["units"])
+    html = get(server, "/neuron/toy-cnn/layer1.0.conv2/0")[2].decode()
+    assert "co-activation (Pearson r over 24 probe images)" in html
+    assert html.count('href="/neuron/toy-cnn/conv1/') >= 5 and html.count('href="/neuron/toy-cnn/fc/') >= 4
+    status, first = get_json(server, "/neuron/toy-cnn/conv1/0.json")
+    assert "fed_by" not in first["links"] and first["links"]["feeds"]["layer"] == "layer1.0.conv2"

@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
+from .. import plots
 from ..errors import BadParameter, NeurostoreError, unknown
 from ..textembed import embed_texts
 
@@ -174,6 +175,37 @@ def layer_page(run: Run, model: str, layer: str) -> dict:
 
 # ---- neuron cards -------------------------------------------------------------------------------
 
+def top_activations(run: Run, model: str, layer: str, unit: int | None = None, k: int = TOP_PATCHES,
+                    rank: int | None = None) -> list[dict]:
+    """The top images of a layer's units (or one unit, or one rank) as the card draws them: the
+    activation, the grid cell of its max and the map (act_map), the image (its key, size, whether
+    its file is there) and the cut box."""
+    grid = rows(run, "SELECT max(grid_h) AS h, max(grid_w) AS w FROM layers WHERE model = $m AND layer = $l",
+                {"m": model, "l": layer})
+    gh, gw = (grid[0]["h"], grid[0]["w"]) if grid else (None, None)
+    out = rows(run, """
+            SELECT a.unit, a.rank, a.act_value, a.act_mean, a.dataset, a.image_id, a.loc_y, a.loc_x, a.act_map, a.patch_id,
+                   substr(md5(a.dataset || '/' || a.image_id), 1, 16) AS image_key, i.label AS image_label, i.caption, i.width, i.height, i.path AS image_path,
+                   (p.patch_id IS NOT NULL) AS has_image, p.x0, p.y0, p.x1, p.y1
+            FROM activations a
+            LEFT JOIN (SELECT patch_id, any_value(x0) AS x0, any_value(y0) AS y0, any_value(x1) AS x1,
+                              any_value(y1) AS y1 FROM patches GROUP BY patch_id) p ON p.patch_id = a.patch_id
+            LEFT JOIN (SELECT dataset, image_id, any_value(label) AS label, any_value(caption) AS caption,
+                              any_value(width) AS width, any_value(height) AS height, any_value(path) AS path
+                       FROM images GROUP BY dataset, image_id) i ON i.dataset = a.dataset AND i.image_id = a.image_id
+            WHERE a.model = $m AND a.layer = $l AND ($u IS NULL OR a.unit = $u) AND a.rank < $k
+              AND ($r IS NULL OR a.rank = $r)
+            ORDER BY a.unit, a.rank""", {"m": model, "l": layer, "u": unit, "k": k, "r": rank})
+    for r in out:
+        r["grid_h"], r["grid_w"] = gh, gw
+        path = r.pop("image_path")
+        r["has_full"] = bool(path) and os.path.isfile(path)  # else the card draws the crop in its box alone
+        # A heatmap where a map was kept and says something: not a 1x1 grid, not flat.
+        m = r["act_map"]
+        r["has_map"] = bool(m) and len(m) * len(m[0]) > 1 and any(v for row in m for v in row)
+    return out
+
+
 def neuron_cards(run: Run, model: str, layer: str, unit: int | None = None, top_patches: int = TOP_PATCHES,
                  top_concepts: int = TOP_CONCEPTS) -> dict[int, dict]:
     """Cards for every unit of a layer (or one unit): patches with activations, concepts per
@@ -186,7 +218,7 @@ def neuron_cards(run: Run, model: str, layer: str, unit: int | None = None, top_
             cards[u] = {"id": f"{model}/{layer}/{u}", "model": model, "layer": layer, "unit": int(u), "stats": None,
                         "patches": [], "scorers": {}, "summaries": [], "effects": [], "headline": None,
                         "classes": [], "prev": None, "next": None, "group": None,
-                        "quantiles": []}
+                        "quantiles": [], "links": {}}
         return cards[u]
 
     for r in rows(run, """
@@ -196,24 +228,7 @@ def neuron_cards(run: Run, model: str, layer: str, unit: int | None = None, top_
                    any_value(hist_edges) AS hist_edges, any_value(hist_counts) AS hist_counts
             FROM units WHERE model = $m AND layer = $l AND ($u IS NULL OR unit = $u) GROUP BY unit""", p):
         card(r.pop("unit"))["stats"] = r
-    grid = rows(run, "SELECT max(grid_h) AS h, max(grid_w) AS w FROM layers WHERE model = $m AND layer = $l",
-                {"m": model, "l": layer})
-    gh, gw = (grid[0]["h"], grid[0]["w"]) if grid else (None, None)
-    for r in rows(run, """
-            SELECT a.unit, a.rank, a.act_value, a.act_mean, a.dataset, a.image_id, a.loc_y, a.loc_x, a.patch_id,
-                   substr(md5(a.dataset || '/' || a.image_id), 1, 16) AS image_key, i.label AS image_label, i.caption, i.width, i.height, i.path AS image_path,
-                   (p.patch_id IS NOT NULL) AS has_image, p.x0, p.y0, p.x1, p.y1
-            FROM activations a
-            LEFT JOIN (SELECT patch_id, any_value(x0) AS x0, any_value(y0) AS y0, any_value(x1) AS x1,
-                              any_value(y1) AS y1 FROM patches GROUP BY patch_id) p ON p.patch_id = a.patch_id
-            LEFT JOIN (SELECT dataset, image_id, any_value(label) AS label, any_value(caption) AS caption,
-                              any_value(width) AS width, any_value(height) AS height, any_value(path) AS path
-                       FROM images GROUP BY dataset, image_id) i ON i.dataset = a.dataset AND i.image_id = a.image_id
-            WHERE a.model = $m AND a.layer = $l AND ($u IS NULL OR a.unit = $u) AND a.rank < $k
-            ORDER BY a.unit, a.rank""", {**p, "k": top_patches}):
-        r["grid_h"], r["grid_w"] = gh, gw
-        path = r.pop("image_path")
-        r["has_full"] = bool(path) and os.path.isfile(path)  # else the card draws the crop in its box alone
+    for r in top_activations(run, model, layer, unit, top_patches):
         card(r.pop("unit"))["patches"].append(r)
     if has_table(run, "headlines"):
         for r in rows(run, """
@@ -254,6 +269,7 @@ def neuron_cards(run: Run, model: str, layer: str, unit: int | None = None, top_
         card(r.pop("unit"))["effects"].append(r)
     if unit is not None and unit in cards:  # the report asks per layer, under a size guard (report.py)
         cards[unit]["quantiles"] = quantile_examples(run, model, layer, [unit]).get(unit, [])
+        cards[unit]["links"] = coactivation(run, model, layer, unit)
     if has_table(run, "groups") and has_table(run, "group_edges"):
         circuit(run, model, layer, cards, unit)
     # Previous / next recorded unit of the layer, for the card's arrows.
@@ -343,11 +359,9 @@ def imported_labels(run: Run, model: str, layer: str, unit: int | None = None) -
         {"m": model, "l": layer, "u": unit})
 
 
-def image_png(run: Run, key: str, side: int = 320) -> bytes | None:
-    """The whole probe image `key` (md5 of 'dataset/image_id', first 16 hex) as a PNG at most
-    `side` px, read from the file the images table names; None when that file is gone."""
-    import io
-
+def _open_image(run: Run, key: str):
+    """The whole probe image `key` (md5 of 'dataset/image_id', first 16 hex) as an RGB PIL image,
+    read from the file the images table names; None when that file is gone or unreadable."""
     from PIL import Image
 
     r = rows(run, "SELECT any_value(path) AS path FROM images WHERE substr(md5(dataset || '/' || image_id), 1, 16) = $k "
@@ -356,13 +370,92 @@ def image_png(run: Run, key: str, side: int = 320) -> bytes | None:
         return None
     try:
         with Image.open(r[0]["path"]) as im:
-            im = im.convert("RGB")
-            im.thumbnail((side, side), Image.Resampling.BILINEAR)
-            buf = io.BytesIO()
-            im.save(buf, format="PNG")
-            return buf.getvalue()
+            return im.convert("RGB")
     except (OSError, ValueError):  # moved, deleted or not an image: the card draws the box alone
         return None
+
+
+def image_png(run: Run, key: str, side: int = 320) -> bytes | None:
+    """The whole probe image `key` as a PNG at most `side` px; None when its file is gone."""
+    import io
+
+    from PIL import Image
+
+    im = _open_image(run, key)
+    if im is None:
+        return None
+    im.thumbnail((side, side), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def heatmap_png(run: Run, top: dict) -> bytes | None:
+    """A top image of a card (a `top_activations` row) with the unit's map over it as a heatmap
+    (plots.heatmap_png); None where it has no map worth drawing. The map is stretched over the
+    whole image, as the max cell is (exact for whole-image resizing, the probe world's models).
+    Without the image file, the crop stands in its box on the frame's grey, as the card draws it."""
+    import io
+
+    from PIL import Image
+
+    if not top.get("has_map"):
+        return None
+    im = _open_image(run, top["image_key"]) if top.get("has_full") else None
+    if im is None:
+        W, H = top.get("width") or top.get("x1") or 64, top.get("height") or top.get("y1") or 64
+        im = Image.new("RGB", (W, H), (228, 231, 236))
+        thumb = rows(run, "SELECT thumbnail FROM patches WHERE patch_id = $p AND thumbnail IS NOT NULL LIMIT 1",
+                     {"p": top.get("patch_id")}) if top.get("x1") is not None else []
+        if thumb:
+            x0, y0, x1, y1 = top["x0"], top["y0"], top["x1"], top["y1"]
+            with Image.open(io.BytesIO(bytes(thumb[0]["thumbnail"]))) as crop:
+                im.paste(crop.convert("RGB").resize((max(1, x1 - x0), max(1, y1 - y0))), (x0, y0))
+    return plots.heatmap_png(im, top["act_map"])
+
+
+def heatmap_of(run: Run, model: str, layer: str, unit: int, rank: int) -> bytes | None:
+    """`heatmap_png` of one unit's top image `rank` (the web app's /heatmap route)."""
+    top = top_activations(run, model, layer, unit, k=rank + 1, rank=rank)
+    return heatmap_png(run, top[0]) if top else None
+
+
+N_LINKED = 5  # co-activated units shown per side
+
+
+def coactivation(run: Run, model: str, layer: str, unit: int, top: int = N_LINKED) -> dict:
+    """The units of the previous and next recorded layer of the same model that co-activate most
+    with this unit: Pearson r, over the probe images both layers were recorded on, between the
+    unit's and each other unit's per-image spatial max (pooled.act_max), strongest |r| first.
+    Correlation, not causation: the cheapest honest link the store holds per unit (the gradient x
+    activation edges of group_edges are per group; the card's circuit shows them)."""
+    if not has_table(run, "pooled"):
+        return {}
+    order = rows(run, """
+        SELECT l.layer, min(l.depth) AS depth FROM layers l
+        WHERE l.model = $m AND l.layer IN (SELECT DISTINCT layer FROM pooled WHERE model = $m)
+        GROUP BY l.layer ORDER BY depth, l.layer""", {"m": model})
+    names = [r["layer"] for r in order]
+    if layer not in names:
+        return {}
+    i = names.index(layer)
+    out = {}
+    for side, other in (("fed_by", names[i - 1] if i > 0 else None),
+                        ("feeds", names[i + 1] if i + 1 < len(names) else None)):
+        if other is None:
+            continue
+        links = rows(run, """
+            WITH me AS (SELECT dataset, image_id, act_max[$u + 1] AS a FROM pooled WHERE model = $m AND layer = $l),
+                 pairs AS (SELECT me.a, unnest(o.act_max) AS b, generate_subscripts(o.act_max, 1) - 1 AS unit
+                           FROM me JOIN pooled o ON o.dataset = me.dataset AND o.image_id = me.image_id
+                           WHERE o.model = $m AND o.layer = $o)
+            SELECT unit, corr(a, b) AS r, count(*) AS n_images FROM pairs GROUP BY unit
+            HAVING r IS NOT NULL AND NOT isnan(r) ORDER BY abs(r) DESC, unit LIMIT $k""",
+            {"m": model, "l": layer, "o": other, "u": int(unit), "k": top})
+        if links:
+            out[side] = {"layer": other, "n_images": max(r["n_images"] for r in links),
+                         "units": [{"unit": r["unit"], "r": float(r["r"])} for r in links]}
+    return out
 
 
 def neuron_card(run: Run, model: str, layer: str, unit: int, **kw) -> dict:

@@ -8,6 +8,7 @@ import base64
 import datetime as dt
 import decimal
 import functools
+import hashlib
 import json
 import math
 import re
@@ -57,6 +58,13 @@ class Links:
         """A whole probe image (key: see data.image_png)."""
         return f"{self.prefix}image{'s' if self.static else ''}/{self._q(key)}.png"
 
+    def heatmap(self, m, l, u, rank) -> str:
+        """A unit's map over its top image `rank` (data.heatmap_png); the report names the file by
+        heatmap_key, as model and layer names need not be file names."""
+        if self.static:
+            return f"{self.prefix}heatmaps/{heatmap_key(m, l, u, rank)}.png"
+        return f"{self.prefix}heatmap/{self._q(m)}/{self._q(l)}/{int(u)}/{int(rank)}.png"
+
     def findings(self, kind: str) -> str:
         return f"{self.prefix}{kind}" + (".html" if self.static else "")
 
@@ -75,6 +83,10 @@ class Links:
 
     def tables(self) -> str:
         return "/tables"
+
+
+def heatmap_key(m, l, u, rank) -> str:
+    return hashlib.md5(f"{m}/{l}/{int(u)}/{int(rank)}".encode()).hexdigest()[:16]
 
 
 def fmt(v, digits: int = 3) -> str:
@@ -175,6 +187,10 @@ def depth_svg(profile: dict, highlight: str | None = None) -> Markup:
                                           title=f"Concepts by depth in {profile['model']}"))
 
 
+def heat_legend() -> Markup:
+    return Markup(plots.heat_legend_svg())
+
+
 def bars(items: list[dict]) -> Markup:
     return Markup(plots.bar_list_svg([(i["concept"], i["n_units"]) for i in items], title="units per best concept"))
 
@@ -186,7 +202,8 @@ def environment():
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
                              autoescape=jinja2.select_autoescape(["html"], default=True),
                              trim_blocks=True, lstrip_blocks=True, undefined=jinja2.ChainableUndefined)
-    env.globals.update(fmt=fmt, short=short, human=human, people=people, hist_svg=hist_svg, depth_svg=depth_svg, bars=bars, version=__version__)
+    env.globals.update(fmt=fmt, short=short, human=human, people=people, hist_svg=hist_svg, depth_svg=depth_svg, bars=bars,
+                       heat_legend=heat_legend, version=__version__)
     env.tests["bytes_like"] = lambda v: isinstance(v, (bytes, bytearray, memoryview))
     env.tests["float"] = lambda v: isinstance(v, float)
     env.tests["temporal"] = lambda v: isinstance(v, (dt.date, dt.time, dt.timedelta)) or type(v).__name__ == "MonthDayNano"
