@@ -105,7 +105,7 @@ def floors(args, folder: Path, store: Path, dev, dtype) -> dict:
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
 
 
-def run_dissect(args, folder: Path, store: Path, scorers=SCORERS) -> dict:
+def run_dissect(args, folder: Path, store: Path, scorers=SCORERS):
     return dissect(store, args.model, images=folder, layers=args.layers, vocabulary=args.vocab,
                    scorers=scorers, encoder=args.encoder, batch_size=args.batch_size, device=args.device,
                    precision=args.precision, workers=args.workers, progress=not args.quiet,
