@@ -337,7 +337,9 @@ def cos_cubed(
 
 
 # --------------------------------------------------------------------------------------------
-# CLIP-Dissect: direct transcriptions of the published code (for tests and the benchmark)
+# CLIP-Dissect: direct transcriptions of the published code (for tests and the benchmark). Kept
+# line for line as published, so soft_wpmi and wpmi repeat each other on purpose: they are the
+# oracle the streamed scorers above are tested against, not code to factor.
 
 
 @torch.no_grad()
