@@ -185,17 +185,20 @@ def heatmap_png(image, cells: Sequence[Sequence[int]], side: int = HEAT_SIDE) ->
     up = Image.fromarray(m.round().astype(np.uint8), "L").resize(size, Image.Resampling.BILINEAR)
     heat = Image.fromarray(_heat_lut()[np.asarray(up)], "RGBA")                   # [H', W', 4]
     buf = io.BytesIO()
-    Image.alpha_composite(base, heat).convert("RGB").save(buf, format="PNG")
+    Image.alpha_composite(base, heat).convert("RGB").save(buf, format="PNG", compress_level=3)  # 2x faster than 6, +16% bytes
     return buf.getvalue()
 
 
 def heat_legend_svg(width: int = 180, height: int = 14) -> str:
     """The heatmap's colour scale as a bar from 'min' to 'max' of the unit's map on the image."""
-    stops = "".join(f'<stop offset="{s:.2f}" stop-color="rgb{c}"/>' for s, c in HEAT_STOPS)
+    a0, a1 = HEAT_ALPHA
+    stops = "".join(f'<stop offset="{s:.2f}" stop-color="rgb{c}" stop-opacity="{a0 + (a1 - a0) * s:.2f}"/>'
+                    for s, c in HEAT_STOPS)
     bar = width - 60
     return (f'<svg class="legend" role="img" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
             f'xmlns="http://www.w3.org/2000/svg"><title>heatmap colours: the unit&#39;s activation on the image, '
             f'from its minimum to its maximum there</title><defs><linearGradient id="heat">{stops}</linearGradient></defs>'
             f'<text class="tick" x="0" y="{height - 3}">min</text>'
+            f'<rect x="26" y="1" width="{bar}" height="{height - 2}" fill="#d8dbe0"/>'
             f'<rect x="26" y="1" width="{bar}" height="{height - 2}" fill="url(#heat)"/>'
             f'<text class="tick" x="{30 + bar}" y="{height - 3}">max</text></svg>')

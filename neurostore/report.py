@@ -129,15 +129,23 @@ def build_report(store, out, models: list[str] | None = None, max_units: int | N
                     p["has_full"] = p["image_key"] in written_images  # unreadable file: the box alone
                 # Each top image with the unit's map over it (a PNG per unit and rank), and the
                 # co-activated units of the adjacent layers, under the same pooled-size guard.
+                # Each image opened once per layer, whatever number of units it tops.
+                paths = D.image_paths(run, sorted({p["image_key"] for c in cards.values() for p in c["patches"]
+                                                   if p["has_map"] and p["has_full"]}))
+                opened: dict = {}
                 for unit, card in cards.items():
                     for p in card["patches"]:
-                        png = D.heatmap_png(run, p)
+                        key = p["image_key"]
+                        if key in paths and key not in opened:
+                            opened[key] = D.open_image(run, key, paths[key])
+                        png = D.heatmap_png(run, p, opened.get(key))
                         if png:
                             _write(out / "heatmaps" / f"{heatmap_key(model, layer, unit, p['rank'])}.png", png)
                             n_heatmaps += 1
                         p["has_map"] = png is not None
-                    if n_pooled * len(cards) <= D.MAX_QUANTILE_CELLS:
-                        card["links"] = D.coactivation(run, model, layer, unit)
+                if n_pooled * len(cards) <= D.MAX_QUANTILE_CELLS:
+                    for u, links in D.coactivation(run, model, layer, sorted(cards)).items():
+                        cards[u]["links"] = links
                 for unit, card in cards.items():
                     page(f"neuron/{model}/{layer}/{unit}.html", "neuron.html", card, 3)
                     n_neurons += 1

@@ -174,7 +174,7 @@ def colour_pixels(png_path, rgb, tol=30):
 def test_confidence_bars_draw_their_width(server, tmp_path):
     # The card's concept tables hold confidences 0.95 .. 0.35. Under the app's CSP an inline
     # style="width:.." is dropped and every bar drew full width; the bars must differ in the page.
-    shot = screenshot(server.url + "neuron/toy-cnn/conv1/0", "neuron-card-bars", tmp_path, height=1600)
+    shot = screenshot(server.url + "neuron/toy-cnn/conv1/0", "neuron-card-bars", tmp_path, height=2600)
     runs = colour_runs(shot, (11, 99, 196))  # var(--accent), the bars' fill
     assert runs, "no confidence bar drawn"
     assert min(runs) < 0.6 * max(runs), sorted(set(runs))
@@ -209,3 +209,27 @@ def test_console_renders_thumbnails_and_downloads(server, tmp_path):
     assert 'href="/sql.csv?' in dom and 'class="schema' in dom and "explanation_scores" in dom
     shot = screenshot(url, "sql-console-thumbnails", tmp_path, height=1000)
     assert red_pixels(shot) + colour_pixels(shot, (40, 170, 60)) + colour_pixels(shot, (40, 80, 220)) > 1000
+
+
+def test_card_shows_the_activation_heatmap(server, tmp_path):
+    """Each conv top image carries the unit's map as a heatmap PNG the browser loads (the app's
+    CSP allows it: same origin, no inline style); it is not blank, and in the screenshot the
+    map's hot end (yellow over the fixture's red shapes) shows where the map peaks."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    url = server.url + "neuron/toy-cnn/conv1/0"
+    dom = dump_dom(url, tmp_path)
+    assert dom.count('class="heat"') == 6 and 'class="legend"' in dom
+    before = len([p for p in server.seen if p.startswith("/heatmap/")])
+    shot = screenshot(url, "neuron-card-heatmap", tmp_path)
+    fetched = [p for p in server.seen if p.startswith("/heatmap/")]
+    assert len(fetched) - before >= 6, "the browser did not fetch the heatmaps"
+    png = server.app.handle(fetched[-1], {})[2]
+    px = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(float)  # [H, W, 3]
+    assert px.std() > 20, "blank heatmap"
+    shown = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    hot = (shown[..., 0] > 200) & (shown[..., 1] > 170) & (shown[..., 2] < 150)  # yellow: heat, not a fixture colour
+    assert hot.sum() > 6 * 300, int(hot.sum())

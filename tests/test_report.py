@@ -130,3 +130,18 @@ def test_whole_images_only_where_their_files_exist(report, tmp_path):
     png = D.image_png(run, key["a"])
     assert Image.open(io.BytesIO(png)).size == (320, 240)
     assert D.image_png(run, key["b"]) is None and D.image_png(run, key["c"]) is None
+
+
+def test_cards_carry_heatmaps_and_co_activated_units(report):
+    """Every conv top image gets its heatmap file (the fixture's conv layers: 12 units x 6 images),
+    referenced from its card; linear units none. Co-activated units link to their cards."""
+    out, s, _ = report
+    files = sorted((out / "heatmaps").glob("*.png"))
+    assert s["heatmaps"] == len(files) == 12 * 6
+    page = (out / "neuron/toy-cnn/conv1/0.html").read_text()
+    heat = re.findall(r'<image class="heat" href="([^"]+)"', page)
+    assert len(heat) == 6 and all(h.startswith("../../../heatmaps/") for h in heat)
+    assert all((out / "neuron/toy-cnn/conv1" / h).resolve() in files for h in heat)
+    assert 'class="heat"' not in (out / "neuron/toy-cnn/fc/0.html").read_text()
+    assert "co-activation (Pearson r over 24 probe images)" in page
+    assert page.count('href="../../../neuron/toy-cnn/layer1.0.conv2/') >= 5

@@ -422,3 +422,36 @@ def test_card_links_the_co_activated_units_of_adjacent_layers(server):
     assert html.count('href="/neuron/toy-cnn/conv1/') >= 5 and html.count('href="/neuron/toy-cnn/fc/') >= 4
     status, first = get_json(server, "/neuron/toy-cnn/conv1/0.json")
     assert "fed_by" not in first["links"] and first["links"]["feeds"]["layer"] == "layer1.0.conv2"
+
+
+def test_card_of_a_store_written_before_act_map(tmp_path):
+    """A store whose activations files predate act_map opens, its column reads NULL and the card
+    draws the image and box alone (no heatmap, no route answer); new writes carry maps."""
+    import dataclasses
+
+    import pyarrow as pa
+
+    from neurostore.store import Store
+    from neurostore.web.render import Links, render
+
+    old = Store.open(tmp_path / "s")
+    ts = old.schemas["activations"]
+    old.schemas["activations"] = dataclasses.replace(ts, columns=tuple(c for c in ts.columns if c.name != "act_map"))
+    row = {"model": "m", "layer": "conv", "unit": 0, "rank": 0, "dataset": "d", "image_id": "i0", "act_value": 1.0,
+           "act_mean": 0.5, "loc_y": 1, "loc_x": 1, "patch_id": None}
+    with old.run("old", {}) as run:
+        run.write("layers", pa.Table.from_pylist([{"model": "m", "layer": "conv", "kind": "conv", "n_units": 1,
+                                                   "grid_h": 4, "grid_w": 4, "depth": 0, "depth_frac": 0.0}]))
+        run.write("activations", pa.Table.from_pylist([row]))
+    store = Store.open(tmp_path / "s")  # today's schema
+    assert "act_map" not in store.manifest()["tables"]["activations"][0]["columns"]
+    card = D.neuron_card(store.sql, "m", "conv", 0)
+    assert card["patches"][0]["act_map"] is None and not card["patches"][0]["has_map"]
+    html = render("neuron.html", card, Links())
+    assert 'class="where"' in html and 'class="heat"' not in html and "heatmap:" not in html
+    assert D.heatmap_of(store.sql, "m", "conv", 0, 0) is None
+    cells = [[0, 100, 0, 0]] * 4
+    with store.run("new", {}) as run:
+        run.write("activations", pa.Table.from_pylist([{**row, "rank": 1, "image_id": "i1", "act_map": cells}]))
+    got = store.sql("SELECT rank, act_map FROM activations ORDER BY rank").to_pylist()
+    assert got == [{"rank": 0, "act_map": None}, {"rank": 1, "act_map": cells}]

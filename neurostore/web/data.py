@@ -269,7 +269,7 @@ def neuron_cards(run: Run, model: str, layer: str, unit: int | None = None, top_
         card(r.pop("unit"))["effects"].append(r)
     if unit is not None and unit in cards:  # the report asks per layer, under a size guard (report.py)
         cards[unit]["quantiles"] = quantile_examples(run, model, layer, [unit]).get(unit, [])
-        cards[unit]["links"] = coactivation(run, model, layer, unit)
+        cards[unit]["links"] = coactivation(run, model, layer, [unit]).get(unit, {})
     if has_table(run, "groups") and has_table(run, "group_edges"):
         circuit(run, model, layer, cards, unit)
     # Previous / next recorded unit of the layer, for the card's arrows.
@@ -359,17 +359,24 @@ def imported_labels(run: Run, model: str, layer: str, unit: int | None = None) -
         {"m": model, "l": layer, "u": unit})
 
 
-def _open_image(run: Run, key: str):
-    """The whole probe image `key` (md5 of 'dataset/image_id', first 16 hex) as an RGB PIL image,
-    read from the file the images table names; None when that file is gone or unreadable."""
+def image_paths(run: Run, keys: list[str]) -> dict[str, str]:
+    """The files of whole probe images by key (md5 of 'dataset/image_id', first 16 hex)."""
+    return {r["key"]: r["path"] for r in rows(run, """
+        SELECT substr(md5(dataset || '/' || image_id), 1, 16) AS key, any_value(path) AS path FROM images
+        WHERE path IS NOT NULL AND list_contains($keys, substr(md5(dataset || '/' || image_id), 1, 16))
+        GROUP BY key""", {"keys": list(keys)})}
+
+
+def open_image(run: Run, key: str, path: str | None = None):
+    """The whole probe image `key` as an RGB PIL image, read from the file the images table names
+    (or `path`, already looked up with image_paths); None when that file is gone or unreadable."""
     from PIL import Image
 
-    r = rows(run, "SELECT any_value(path) AS path FROM images WHERE substr(md5(dataset || '/' || image_id), 1, 16) = $k "
-                  "AND path IS NOT NULL", {"k": key})
-    if not r or not r[0]["path"]:
+    path = path or image_paths(run, [key]).get(key)
+    if not path:
         return None
     try:
-        with Image.open(r[0]["path"]) as im:
+        with Image.open(path) as im:
             return im.convert("RGB")
     except (OSError, ValueError):  # moved, deleted or not an image: the card draws the box alone
         return None
@@ -381,7 +388,7 @@ def image_png(run: Run, key: str, side: int = 320) -> bytes | None:
 
     from PIL import Image
 
-    im = _open_image(run, key)
+    im = open_image(run, key)
     if im is None:
         return None
     im.thumbnail((side, side), Image.Resampling.BILINEAR)
@@ -390,18 +397,19 @@ def image_png(run: Run, key: str, side: int = 320) -> bytes | None:
     return buf.getvalue()
 
 
-def heatmap_png(run: Run, top: dict) -> bytes | None:
+def heatmap_png(run: Run, top: dict, image=None) -> bytes | None:
     """A top image of a card (a `top_activations` row) with the unit's map over it as a heatmap
     (plots.heatmap_png); None where it has no map worth drawing. The map is stretched over the
     whole image, as the max cell is (exact for whole-image resizing, the probe world's models).
-    Without the image file, the crop stands in its box on the frame's grey, as the card draws it."""
+    Without the image file, the crop stands in its box on the frame's grey, as the card draws it.
+    `image`: the image already open (`open_image`), for a caller drawing many maps on it."""
     import io
 
     from PIL import Image
 
     if not top.get("has_map"):
         return None
-    im = _open_image(run, top["image_key"]) if top.get("has_full") else None
+    im = image if image is not None else open_image(run, top["image_key"]) if top.get("has_full") else None
     if im is None:
         W, H = top.get("width") or top.get("x1") or 64, top.get("height") or top.get("y1") or 64
         im = Image.new("RGB", (W, H), (228, 231, 236))
@@ -423,13 +431,19 @@ def heatmap_of(run: Run, model: str, layer: str, unit: int, rank: int) -> bytes 
 N_LINKED = 5  # co-activated units shown per side
 
 
-def coactivation(run: Run, model: str, layer: str, unit: int, top: int = N_LINKED) -> dict:
-    """The units of the previous and next recorded layer of the same model that co-activate most
-    with this unit: Pearson r, over the probe images both layers were recorded on, between the
-    unit's and each other unit's per-image spatial max (pooled.act_max), strongest |r| first.
+# Rows of one co-activation join (images x units asked x units of the other layer), at most:
+# a report asks for a layer's units in chunks under it.
+MAX_PAIR_ROWS = 5_000_000
+
+
+def coactivation(run: Run, model: str, layer: str, units: list[int], top: int = N_LINKED) -> dict[int, dict]:
+    """For each of `units`, the units of the previous and next recorded layer of the same model
+    that co-activate most with it: Pearson r, over the probe images both layers were recorded on,
+    between the unit's and each other unit's per-image spatial max (pooled.act_max), strongest |r|
+    first -> {unit: {"fed_by"|"feeds": {"layer", "n_images", "units": [{"unit", "r"}]}}}.
     Correlation, not causation: the cheapest honest link the store holds per unit (the gradient x
     activation edges of group_edges are per group; the card's circuit shows them)."""
-    if not has_table(run, "pooled"):
+    if not units or not has_table(run, "pooled"):
         return {}
     order = rows(run, """
         SELECT l.layer, min(l.depth) AS depth FROM layers l
@@ -439,22 +453,29 @@ def coactivation(run: Run, model: str, layer: str, unit: int, top: int = N_LINKE
     if layer not in names:
         return {}
     i = names.index(layer)
-    out = {}
+    out: dict[int, dict] = {}
     for side, other in (("fed_by", names[i - 1] if i > 0 else None),
                         ("feeds", names[i + 1] if i + 1 < len(names) else None)):
         if other is None:
             continue
-        links = rows(run, """
-            WITH me AS (SELECT dataset, image_id, act_max[$u + 1] AS a FROM pooled WHERE model = $m AND layer = $l),
-                 pairs AS (SELECT me.a, unnest(o.act_max) AS b, generate_subscripts(o.act_max, 1) - 1 AS unit
-                           FROM me JOIN pooled o ON o.dataset = me.dataset AND o.image_id = me.image_id
-                           WHERE o.model = $m AND o.layer = $o)
-            SELECT unit, corr(a, b) AS r, count(*) AS n_images FROM pairs GROUP BY unit
-            HAVING r IS NOT NULL AND NOT isnan(r) ORDER BY abs(r) DESC, unit LIMIT $k""",
-            {"m": model, "l": layer, "o": other, "u": int(unit), "k": top})
-        if links:
-            out[side] = {"layer": other, "n_images": max(r["n_images"] for r in links),
-                         "units": [{"unit": r["unit"], "r": float(r["r"])} for r in links]}
+        size = rows(run, "SELECT count(*) AS n, max(len(act_max)) AS w FROM pooled WHERE model = $m AND layer = $o",
+                    {"m": model, "o": other})[0]
+        chunk = max(1, MAX_PAIR_ROWS // max(1, (size["n"] or 0) * (size["w"] or 0)))
+        for c in range(0, len(units), chunk):
+            for r in rows(run, """
+                    WITH me AS (SELECT p.dataset, p.image_id, u.unit, p.act_max[u.unit + 1] AS a
+                                FROM pooled p, (SELECT unnest($units) AS unit) u WHERE p.model = $m AND p.layer = $l),
+                         o AS (SELECT dataset, image_id, unnest(act_max) AS b, generate_subscripts(act_max, 1) - 1 AS unit
+                               FROM pooled WHERE model = $m AND layer = $o)
+                    SELECT me.unit, o.unit AS other, corr(me.a, o.b) AS r, count(*) AS n_images
+                    FROM me JOIN o ON o.dataset = me.dataset AND o.image_id = me.image_id
+                    GROUP BY me.unit, o.unit HAVING r IS NOT NULL AND NOT isnan(r)
+                    QUALIFY row_number() OVER (PARTITION BY me.unit ORDER BY abs(r) DESC, o.unit) <= $k
+                    ORDER BY me.unit, abs(r) DESC, o.unit""",
+                    {"m": model, "l": layer, "o": other, "units": [int(u) for u in units[c:c + chunk]], "k": top}):
+                e = out.setdefault(r["unit"], {}).setdefault(side, {"layer": other, "n_images": 0, "units": []})
+                e["n_images"] = max(e["n_images"], r["n_images"])
+                e["units"].append({"unit": r["other"], "r": float(r["r"])})
     return out
 
 
