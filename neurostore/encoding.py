@@ -12,11 +12,14 @@ the registry that picks one by spec (neurostore.encoders.load_encoder), so the i
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
 from . import devices
+from .store import Store
 
 
 class Encoder(ABC):
@@ -65,3 +68,28 @@ class Encoder(ABC):
             batch = torch.stack([self.preprocess(im) for im in images[i : i + batch_size]])
             out.append(self.encode_images(batch))
         return torch.cat(out) if out else torch.zeros(0, self.dim)
+
+
+# ---- embeddings kept in the store: computed once per (encoder, kind, item) ----------------------
+
+def cached_vectors(store: Store, encoder_id: str, kind: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
+    """Stored vectors of `ids` (those there are) for this encoder and kind."""
+    if not ids or "embeddings" not in store.tables():
+        return {}
+    t = store.sql("SELECT e.item_id, any_value(e.vector) AS vector FROM embeddings e "
+                  "JOIN (SELECT unnest($ids) AS item_id) w USING (item_id) "
+                  "WHERE e.encoder = $e AND e.kind = $k GROUP BY e.item_id",
+                  {"ids": list(dict.fromkeys(ids)), "e": encoder_id, "k": kind})
+    if not t.num_rows:
+        return {}
+    vec = t.column("vector").combine_chunks()
+    m = np.asarray(vec.flatten(), np.float32).reshape(t.num_rows, -1)  # [n, dim]
+    return dict(zip(t.column("item_id").to_pylist(), m))
+
+
+def cached_ids(store: Store, encoder_id: str, kind: str) -> frozenset:
+    if "embeddings" not in store.tables():
+        return frozenset()
+    t = store.sql("SELECT DISTINCT item_id FROM embeddings WHERE encoder = $e AND kind = $k",
+                  {"e": encoder_id, "k": kind})
+    return frozenset(t.column("item_id").to_pylist())

@@ -102,6 +102,7 @@ _ARG_AS_FLAG = [
     (re.compile(r"\bstore=PATH\b"), "--store PATH"),
     (re.compile(r"\boverwrite=True\b"), "--overwrite"),
     (re.compile(r"\bunits='([^']*)'"), r"--units \1"),
+    (re.compile(r"\bmax_images=(-?\d+)"), r"--max-images \1"),
 ]
 
 

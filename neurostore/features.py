@@ -41,6 +41,7 @@ from torch import nn
 
 from .devices import describe, resolve_device
 from .errors import BadInput, BadParameter, unknown
+from .images import probe_source
 from .models import Target, list_layers, load_target, resolve_layer
 from .record import hooks
 from .store import Store
@@ -284,7 +285,6 @@ def fit(store: Store | str, model: str, layer: str, method: str = "topk-sae", wi
     """Learn a dictionary on `layer` of `model` over the probe images (a probe-world model's own,
     or the folder `images`), store it with its provenance and quality, and return the summary.
     steps: optimiser steps (topk-sae, default 3000) or NMF iterations (default 200)."""
-    from .pipeline import _image_source
 
     t0 = time.time()
     _check_args(method, width, k)
@@ -305,7 +305,7 @@ def fit(store: Store | str, model: str, layer: str, method: str = "topk-sae", wi
         raise BadParameter(f"Layer '{layer}' of {target.id} gives no tensor output to fit on. "
                            f"See 'neurostore layers {target.spec}'.")
     world = target.extra.get("world")
-    source = _image_source(images, None if images is not None else world, max_images)
+    source = probe_source(images, None if images is not None else world, max_images)
     n_features = width * info.n_units
     k = min(k, n_features) if method == "topk-sae" else None
     need = max(MIN_SAMPLES, SAMPLES_PER_FEATURE * n_features)

@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from . import scorers as S
@@ -41,7 +40,8 @@ from . import trust
 from .errors import BadInput, BadParameter
 from .evaluate import evaluate_run, write_rows
 from .explain import explanations_table, summarise
-from .images import ImageFolder, ImageSource
+from .encoding import cached_ids, cached_vectors
+from .images import ImageSource, ProbeMasks, probe_source
 from .models import Target, default_layers, layers_table_rows, list_layers, load_target, resolve_layer
 from .patches import extract_patches
 from .record import Recorder, activation_maps
@@ -89,82 +89,10 @@ def resolve_vocabulary(spec: str, store: Store, world=None, **llm) -> Vocabulary
     return load_vocabulary(spec, world=world)
 
 
-def _image_source(images, world, max_images: int | None = None) -> ImageSource:
-    """The probe images: a folder, or the world's probe split; the first `max_images` of them
-    (in sorted order) when given. The subset is recorded in the run's parameters."""
-    source = _full_source(images, world)
-    if max_images is not None:
-        if max_images < 1:
-            raise BadParameter(f"--max-images must be at least 1, got {max_images}.")
-        source.items = source.items[:max_images]
-    return source
-
-
-def _full_source(images, world) -> ImageSource:
-    if images is not None:
-        return ImageFolder(images)
-    if world is None:
-        raise BadInput("No images to dissect on: give --images DIR (a folder of images) or a "
-                       "probe-world model such as probe:cnn, whose probe images are used.")
-    t = world.images()
-    t = t.filter(pc.equal(t["split"], "probe"))
-    return ImageSource.from_table(world.id, t)
-
-
-class _Masks:
-    """Per-pixel concept masks of the probe world, decoded per batch: [b, concepts, H, W] bool."""
-
-    def __init__(self, world, concepts: Sequence[str]):
-        from .world.generate import rle_decode
-
-        self.decode = rle_decode
-        t = world.masks()
-        self.index = {c: i for i, c in enumerate(concepts)}
-        self.by_image: dict[str, list] = {}
-        for iid, c, h, w, rle in zip(*(t[col].to_pylist() for col in ("image_id", "concept", "height", "width", "rle"))):
-            if c in self.index:
-                self.by_image.setdefault(iid, []).append((self.index[c], h, w, rle))
-        self.present = sorted({ci for rows in self.by_image.values() for ci, *_ in rows})
-        self.size = next(((h, w) for rows in self.by_image.values() for _, h, w, _ in rows), (1, 1))
-
-    def batch(self, image_ids: Sequence[str]) -> torch.Tensor:
-        """Masks at half the image resolution, as Network Dissection scores at half its input
-        size (Broden's 112 px for 224 px): a quarter of the upsampling and IoU work, and the
-        probe world's smallest concept (a few-pixel cue) still covers whole cells."""
-        H, W = self.size
-        out = torch.zeros(len(image_ids), len(self.index), H, W, dtype=torch.bool)
-        for j, iid in enumerate(image_ids):
-            for ci, h, w, rle in self.by_image.get(iid, []):
-                out[j, ci] = torch.from_numpy(self.decode(rle, h, w).astype(bool))
-        if H >= 32 and W >= 32:
-            out = torch.nn.functional.interpolate(out.float(), size=(H // 2, W // 2), mode="area") >= 0.5
-        return out
+_Masks, _cached_vectors = ProbeMasks, cached_vectors  # trust.py's imports, until it moves
 
 
 # ---- embeddings: computed once per (encoder, kind, item), reused across runs ---------------------
-
-
-def _cached_vectors(store: Store, encoder_id: str, kind: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
-    """Stored vectors of `ids` (those there are) for this encoder and kind."""
-    if not ids or "embeddings" not in store.tables():
-        return {}
-    t = store.sql("SELECT e.item_id, any_value(e.vector) AS vector FROM embeddings e "
-                  "JOIN (SELECT unnest($ids) AS item_id) w USING (item_id) "
-                  "WHERE e.encoder = $e AND e.kind = $k GROUP BY e.item_id",
-                  {"ids": list(dict.fromkeys(ids)), "e": encoder_id, "k": kind})
-    if not t.num_rows:
-        return {}
-    vec = t.column("vector").combine_chunks()
-    m = np.asarray(vec.flatten(), np.float32).reshape(t.num_rows, -1)  # [n, dim]
-    return dict(zip(t.column("item_id").to_pylist(), m))
-
-
-def _cached_ids(store: Store, encoder_id: str, kind: str) -> frozenset:
-    if "embeddings" not in store.tables():
-        return frozenset()
-    t = store.sql("SELECT DISTINCT item_id FROM embeddings WHERE encoder = $e AND kind = $k",
-                  {"e": encoder_id, "k": kind})
-    return frozenset(t.column("item_id").to_pylist())
 
 
 def _stored_patch_ids(store: Store) -> frozenset:
@@ -192,7 +120,7 @@ def _text_embeddings(enc, store: Store, concepts: Sequence[str], counts: dict, p
                      chunk: int = 256) -> tuple[torch.Tensor, list[str], np.ndarray]:
     """[c, d] concept vectors; only texts without a stored vector for this encoder are encoded.
     Returns (all vectors, new texts, their vectors)."""
-    have = _cached_vectors(store, enc.id, "concept", concepts)
+    have = cached_vectors(store, enc.id, "concept", concepts)
     todo = [c for c in dict.fromkeys(concepts) if c not in have]
     new = []
     bar = _bar(progress, len(todo), "texts", "text")
@@ -351,7 +279,7 @@ def _single_pass(target: Target, layer_names: list[str], source: ImageSource, en
     return rec, thresholds or None, new_images, hashes, start
 
 
-def _iou_scores(target: Target, layers: list[str], source: ImageSource, masks: _Masks,
+def _iou_scores(target: Target, layers: list[str], source: ImageSource, masks: ProbeMasks,
                 thresholds: dict[str, torch.Tensor], batch_size: int, workers: int, counts: dict,
                 progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Network Dissection IoU for every layer, against the thresholds the single pass found (the
@@ -449,7 +377,7 @@ def _plan(store: Store, model: str, *, images, layers, vocabulary, scorers, enco
     world = world if world is not None else target.extra.get("world")
     # A user folder has no masks and no world labels; a probe model still uses its world's encoder.
     mask_world = None if images is not None else world
-    source = _image_source(images, mask_world, opts["max_images"])
+    source = probe_source(images, mask_world, opts["max_images"])
     layer_names = list(dict.fromkeys(resolve_layer(target, l) for l in layers)) if layers else default_layers(target)
     names = list(scorers) if scorers else [s for s in ALL_SCORERS
                                            if mask_world is not None or not S.get_scorer(s).needs_masks()]
@@ -482,7 +410,7 @@ def _vocabulary(d: _Dissection) -> None:
     d.text_emb, new_texts, new_text_m = _text_embeddings(d.enc, d.store, d.vocab.concepts, d.counts,
                                                          d.opts["progress"])
     d.new_vectors.append((d.enc.id, "concept", new_texts, new_text_m))
-    have = _cached_ids(d.store, MINILM_ID, "concept")
+    have = cached_ids(d.store, MINILM_ID, "concept")
     missing = sorted(c for c in dict.fromkeys(d.vocab.concepts) if c not in have)
     if missing:
         d.new_vectors.append((MINILM_ID, "concept", missing, embed_texts(missing)))  # [m, 384]
@@ -499,7 +427,7 @@ def _one_pass(d: _Dissection) -> None:
                 "image_emb": image_emb, "iou_top_fraction": iou_fraction, "precision": str(d.dtype),
                 "device": d.device.type, "max_images": o["max_images"]}
     d.ckpt = _Checkpoint(d.store, _work_id(d.target, d.source, identity), o["checkpoint_every"])
-    known_images = _cached_ids(d.store, d.enc.id, "image") if image_emb else frozenset()
+    known_images = cached_ids(d.store, d.enc.id, "image") if image_emb else frozenset()
     rec, d.thresholds, d.new_images, d.hashes, d.resumed = _single_pass(
         d.target, d.layers, d.source, d.enc, k=o["k"], batch_size=o["batch_size"], workers=o["workers"],
         precision=d.dtype, image_emb=image_emb, iou_fraction=iou_fraction, known_images=known_images,
@@ -520,14 +448,14 @@ def _patches(d: _Dissection) -> None:
     enc = d.enc
     d.stored_patches = _stored_patch_ids(d.store)
     d.ps = ps = extract_patches(d.target, d.rec, d.source, encoders=[enc],
-                                known={enc.id: _cached_ids(d.store, enc.id, "patch")},
+                                known={enc.id: cached_ids(d.store, enc.id, "patch")},
                                 stored=d.stored_patches, batch_size=d.opts["batch_size"], progress=d.opts["progress"])
     d.counts["crops"] += ps.n_encoded
     d.counts["decoded_for_crops"] = ps.n_decoded
     new_ids, new_m = ps.embeddings[enc.id]
     d.new_vectors.append((enc.id, "patch", new_ids, new_m))
     vec = dict(zip(new_ids, new_m))
-    vec.update(_cached_vectors(d.store, enc.id, "patch", [p for p in ps.patch_ids if p not in vec]))
+    vec.update(cached_vectors(d.store, enc.id, "patch", [p for p in ps.patch_ids if p not in vec]))
     # [boxes, d]: the scorer compares a unit's boxes with every box cut (as before content ids)
     d.patch_emb = torch.from_numpy(np.stack([vec[p] for p in ps.boxes])) if ps.boxes \
         else torch.zeros(0, d.text_emb.shape[1])
@@ -540,12 +468,12 @@ def _scores(d: _Dissection) -> None:
     sim = None
     if "similarity" in d.needs:
         vec = dict(d.new_images)
-        vec.update(_cached_vectors(d.store, d.enc.id, "image", [h for h in d.hashes if h not in vec]))
+        vec.update(cached_vectors(d.store, d.enc.id, "image", [h for h in d.hashes if h not in vec]))
         image_emb = torch.from_numpy(np.stack([vec[h] for h in d.hashes]))  # [n, d] recorder order
         sim = S.Similarity(image_emb, d.text_emb, device=d.device)  # [n, c], computed a column tile at a time
     iou, iou_null = {}, {}
     if "iou_scores" in d.needs:
-        iou, iou_null = _iou_scores(d.target, d.layers, d.source, _Masks(d.mask_world, d.vocab.concepts),
+        iou, iou_null = _iou_scores(d.target, d.layers, d.source, ProbeMasks(d.mask_world, d.vocab.concepts),
                                     d.thresholds, o["batch_size"], o["workers"], d.counts, o["progress"])
     cindex = {c: i for i, c in enumerate(d.vocab.concepts)}
     amount = None  # [n, c] mask area per probe image: the truth's fidelity

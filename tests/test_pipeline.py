@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from neurostore.cli import app
-from neurostore.errors import BadInput, BadParameter, UnknownScorer, UnknownVocabulary
+from neurostore.errors import BadInput, BadParameter, UnknownScorer, UnknownVocabulary, cli_message
 from neurostore.pipeline import ALL_SCORERS, default_layers, dissect
 from neurostore.store import Store
 
@@ -194,8 +194,9 @@ def test_max_images_limits_the_probe_set(probe_world, tmp_path):
     assert s["images"] == 20
     params = store.sql("SELECT params FROM runs WHERE run_id = $r", {"r": s["run_id"]})["params"][0].as_py()
     assert '"max_images": 20' in params
-    with pytest.raises(BadParameter, match="--max-images must be at least 1"):
+    with pytest.raises(BadParameter, match="max_images=0 must be at least 1") as e:
         dissect(store, f"probe:cnn@{probe_world.root}", max_images=0, **kw)
+    assert cli_message(e.value) == "--max-images 0 must be at least 1."  # the CLI names its flag
 
 
 def test_warm_rerun_reuses_stored_patches_and_their_thumbnails(probe_world, tmp_path, monkeypatch):
