@@ -153,6 +153,9 @@ class LayerState:
         val = torch.cat([self.top_val, other.top_val], 1)
         best, pos = val.topk(self.k, dim=1)
         other_idx = torch.where(other.top_idx >= 0, other.top_idx + offset, other.top_idx)
+        if self.top_maps is not None and other.top_maps is not None:  # the maps follow their images
+            maps = torch.cat([self.top_maps, other.top_maps], 1)            # [units, 2k, h, w]
+            self.top_maps = maps[torch.arange(self.n_units, device=pos.device)[:, None], pos]  # [units, k, h, w]
         self.top_idx = torch.cat([self.top_idx, other_idx], 1).gather(1, pos)
         self.top_loc = torch.cat([self.top_loc, other.top_loc], 1).gather(1, pos)
         self.top_mean = torch.cat([self.top_mean, other.top_mean], 1).gather(1, pos)

@@ -65,11 +65,14 @@ def test_topk_pooled_and_stats_match_brute_force(target, data, brute):
 
 def test_batch_size_does_not_matter_and_shards_merge(target, data):
     ids, x = data
-    a = record_batches(target, LAYERS, _batches(ids, x, 37), dataset="d", k=4)
-    with Recorder(target, LAYERS, k=4, dataset="d") as r1:
+    with Recorder(target, LAYERS, k=4, dataset="d", keep_maps=True) as r0:
+        for b in _batches(ids, x, 37):
+            r0.update(*b)
+    a = r0.result()
+    with Recorder(target, LAYERS, k=4, dataset="d", keep_maps=True) as r1:
         for b in _batches(ids[:20], x[:20], 6):
             r1.update(*b)
-    with Recorder(target, LAYERS, k=4, dataset="d") as r2:
+    with Recorder(target, LAYERS, k=4, dataset="d", keep_maps=True) as r2:
         for b in _batches(ids[20:], x[20:], 5):
             r2.update(*b)
     merged = r1.merge(r2).result()
@@ -79,6 +82,7 @@ def test_batch_size_does_not_matter_and_shards_merge(target, data):
         np.testing.assert_array_equal(la.top_idx, lm.top_idx)
         np.testing.assert_allclose(la.stats["act_mean"], lm.stats["act_mean"], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(la.pooled_max, lm.pooled_max, atol=2e-3)
+        np.testing.assert_allclose(la.top_maps, lm.top_maps, rtol=1e-5, atol=1e-5)  # maps follow their images
 
 
 def test_reservoir_quantiles_when_sample_is_smaller(target, data):
