@@ -15,16 +15,23 @@ the truth is known:
     margin     (score - the unit's best other concept's score) / the null's Gumbel scale,
                clipped to +-MARGIN_CLIP: a label that barely beats the next one is often wrong
 
-one map per scorer (s), logistic regression fitted by `bench/confidence_calibration.py --fit`
-on the probe world's CNN and ViT (seed 0, watermark cue), label = "agrees with the mask-IoU
-reference" (the unit is interpretable, IoU >= 0.04, and the concept is the reference's). The
+logistic regression fitted by `bench/confidence_calibration.py --fit` on the fast probe world
+(seed 0, watermark cue): its CNN and ViT, label = "agrees with the mask-IoU reference" (the unit
+is interpretable, IoU >= 0.04, and the concept is the reference's), and its CNN re-initialised,
+every label "not right". Two maps, not one per scorer: s = '*' for every ground-truth-free
+scorer, because a scorer's own accuracy does not carry over between worlds (wpmi agrees on 0%
+of the seed-0 ViT's interpretable units, 63% of the seed-1 ViT's), and s = 'iou' on evidence
+only (its label is right when the unit is interpretable at all, which is what its null asks;
+its margin, in scales of a narrow null, is 3-7 for any colour filter of a random CNN). The
 coefficients ship in neurostore/data/CALIBRATION_FILE with what they were fitted on, and every
 dissect applies them. Coefficients are kept >= 0, so confidence never falls as evidence rises,
 and ranking concepts by confidence within a unit is ranking them by score. Only these two
-features: every dissect has them for every (unit, concept) when the scores are made, and richer
-evidence (held-out fidelity, agreement across scorers) goes into the headline's confidence,
-which is computed after all scorers of a layer (below). The maps are measured on worlds they
-were not fitted on (other seeds and cue kinds) and on random networks, by the same bench.
+features: every dissect has them for every (unit, concept) when the scores are made; richer
+evidence (held-out fidelity, agreement across scorers) exists only once every scorer of a layer
+has run, so it goes into the headline's confidence (below). The bench measures both on worlds
+they were not fitted on (seeds 1 and 2, dot and frame cues) and on random networks (README,
+"Confidence and fidelity"): the headline confidence stays calibrated there; the explanation map
+does not where a world's labels are right with little null evidence (seed 2's ViT).
 
 The null. A scorer's raw score means nothing until it is compared with what a unit that
 explains nothing would score. The null here is made of pseudo-units of the same layer, scored
@@ -329,9 +336,10 @@ def logistic(coef: dict[str, float], features: dict[str, Any]):
 @dataclass(frozen=True)
 class Calibration:
     """The fitted maps (neurostore/data/CALIBRATION_FILE, written by `bench/confidence_calibration.py
-    --fit`): per scorer, logistic coefficients of explanation_features ('*': a scorer fitted on
-    none); one logistic map of headline_features. Coefficients are >= 0 (the fit drops a feature
-    that would come out negative), so confidence never falls as the evidence rises."""
+    --fit`): logistic coefficients of explanation_features by scorer name ('*': any scorer
+    without a map of its own); one logistic map of headline_features. Coefficients are >= 0
+    (the fit drops a feature that would come out negative), so confidence never falls as the
+    evidence rises."""
 
     explanation_maps: dict
     headline_map: dict

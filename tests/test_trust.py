@@ -167,9 +167,9 @@ def test_headline_prefers_the_calibrated_confidence_then_held_out_fidelity():
 
     c = pd.DataFrame({"model": "m", "layer": "l", "unit": [0, 0, 0, 1, 1], "scorer": ["patch", "wpmi", "cos_cubed", "patch", "wpmi"],
                       "concept": ["a", "b", "c", "d", "e"], "rank": 0, "auprc": [0.3, 0.9, np.nan, np.nan, 0.5],
-                      "fidelity": [0.5, 0.1, 0.9, 0.2, 0.3], "confidence": [0.2, 0.6, 0.5, 0.7, 0.7]})
+                      "fidelity": [0.5, 0.1, 0.9, 0.2, 0.3], "confidence": [0.8, 0.6, 0.5, 0.7, 0.7]})
     h = T.headlines(c)
-    assert h["concept"].tolist() == ["b", "e"]                      # unit 1: a tie, broken by AUPRC
+    assert h["concept"].tolist() == ["a", "e"]                      # unit 1: a tie, broken by AUPRC
 
 
 # ---- calibration ------------------------------------------------------------------------------
