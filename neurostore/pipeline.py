@@ -89,9 +89,6 @@ def resolve_vocabulary(spec: str, store: Store, world=None, **llm) -> Vocabulary
     return load_vocabulary(spec, world=world)
 
 
-_Masks, _cached_vectors = ProbeMasks, cached_vectors  # trust.py's imports, until it moves
-
-
 # ---- embeddings: computed once per (encoder, kind, item), reused across runs ---------------------
 
 
@@ -498,8 +495,8 @@ def _scores(d: _Dissection) -> None:
             peak = torch.from_numpy(lr.pooled_max.astype(np.float32))  # [n, u] per-image max
             d.trust_tables.append(trust.layer_trust(
                 pa.concat_tables(d.score_tables[-len(d.scorers):]).to_pandas(), peak, sim, rec.image_ids, cindex,
-                amount, dataset=rec.dataset, vocabulary=d.vocab.name, encoder=d.enc.id, model=d.target.id,
-                layer=name))
+                amount, nulls=d.nulls[name], dataset=rec.dataset, vocabulary=d.vocab.name, encoder=d.enc.id,
+                model=d.target.id, layer=name))
     bar.close()
 
 

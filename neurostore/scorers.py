@@ -570,7 +570,7 @@ def iou_scores(act_maps: torch.Tensor, masks: torch.Tensor, top_fraction: float 
 @torch.no_grad()
 def confidence(scores: torch.Tensor, unit_chunk: int = 1024) -> torch.Tensor:
     """[u, c] raw scores -> [u, c] within-unit confidence in [0, 1]: Phi(robust z) ** C per unit
-    (module doc; stored explanations carry trust.scored_with_null's null confidence instead).
+    (module doc; stored explanations carry trust's calibrated confidence instead).
     NaN scores get 0; a unit whose scores are all equal gets 0 everywhere."""
     n_units, n_concepts = scores.shape
     out = torch.zeros(n_units, n_concepts, dtype=torch.float32)

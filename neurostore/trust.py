@@ -102,7 +102,9 @@ import pyarrow as pa
 import torch
 
 from . import scorers as S
+from .encoding import cached_vectors
 from .errors import BadInput, BadParameter
+from .images import ProbeMasks
 
 NULL_UNITS = 256          # pseudo-units per layer and scorer
 HELDOUT_FRACTION = 0.2    # probe images held out for fidelity
@@ -662,7 +664,6 @@ def _assess_run(store, model: str, run_id: str, params: dict, m: int, seed: int,
     import pandas as pd
 
     from .images import file_hash
-    from .pipeline import _cached_vectors
 
     ds, vocab, enc_id = params["dataset"], params["vocabulary"], params["encoder"]
     scorer_params = params.get("scorers", {})
@@ -673,7 +674,7 @@ def _assess_run(store, model: str, run_id: str, params: dict, m: int, seed: int,
     concepts = store.df("SELECT concept FROM concepts WHERE vocabulary = $v ORDER BY concept",
                         {"v": vocab})["concept"].tolist()
     cindex = {c: i for i, c in enumerate(concepts)}
-    text = _cached_vectors(store, enc_id, "concept", concepts)
+    text = cached_vectors(store, enc_id, "concept", concepts)
     if len(text) != len(concepts):
         raise BadInput(f"the store lacks {len(concepts) - len(text)} concept vectors of {enc_id}; re-run the dissect.")
     text_emb = torch.from_numpy(np.stack([text[c] for c in concepts]))       # [c, d]
@@ -686,7 +687,7 @@ def _assess_run(store, model: str, run_id: str, params: dict, m: int, seed: int,
     acts_rows = store.df("SELECT layer, unit, rank, image_id, patch_id, act_value FROM activations "
                          "WHERE model = $m AND run_id = $r AND patch_id IS NOT NULL",
                          {"m": model, "r": params["run_id"]})   # the dissect's rows
-    patch_vec = _cached_vectors(store, enc_id, "patch", acts_rows["patch_id"].unique().tolist())
+    patch_vec = cached_vectors(store, enc_id, "patch", acts_rows["patch_id"].unique().tolist())
     pool_ids = sorted(patch_vec)
     prow = {p: i for i, p in enumerate(pool_ids)}
     patch_emb = torch.from_numpy(np.stack([patch_vec[p] for p in pool_ids])) if pool_ids else None  # [P, d]
@@ -702,7 +703,7 @@ def _assess_run(store, model: str, run_id: str, params: dict, m: int, seed: int,
         ids = pooled_t.column("image_id").to_pylist()
         pooled = torch.from_numpy(_matrix(pooled_t.column("act_mean")))   # [n, u] the scorers' input
         peak = torch.from_numpy(_matrix(pooled_t.column("act_max")))      # [n, u] fidelity's
-        img = _cached_vectors(store, enc_id, "image", [file_hash(path_of[i]) for i in ids])
+        img = cached_vectors(store, enc_id, "image", [file_hash(path_of[i]) for i in ids])
         image_emb = torch.from_numpy(np.stack([img[file_hash(path_of[i])] for i in ids]))  # [n, d]
         sim = S.image_text_similarity(image_emb, text_emb)                 # [n, c]
         a = acts_rows[acts_rows["layer"] == layer]
@@ -746,7 +747,7 @@ def _assess_run(store, model: str, run_id: str, params: dict, m: int, seed: int,
         if len(head):
             writes.append((f"trust:{ds}:{vocab}:{enc_id}", "headlines", head))
         n_heads += len(head)
-    # rewrite scores and explanations with the null confidence (same keys: they replace the dissect's)
+    # rewrite scores and explanations with the calibrated confidence (same keys: they replace the dissect's)
     cols = [c for c in scores.columns if c != "run_id"]
     for (layer, scorer), r in new_conf.items():
         key = f"score:{ds}:{scorer}:{vocab}:{enc_id}"
@@ -780,7 +781,6 @@ def _iou_nulls(store, model: str, params: dict, layers: list[str], concepts: lis
 
     from .images import ImageSource
     from .models import load_target
-    from .pipeline import _Masks
     from .record import activation_maps
 
     target = load_target(params["model"])
@@ -791,7 +791,7 @@ def _iou_nulls(store, model: str, params: dict, layers: list[str], concepts: lis
                      "ORDER BY image_id", {"d": ds, "ids": ids})
     source = ImageSource.from_table(ds, imgs)
     world = SimpleNamespace(masks=lambda: store.sql("SELECT * FROM masks WHERE dataset = $d", {"d": ds}))
-    masks = _Masks(world, concepts)
+    masks = ProbeMasks(world, concepts)
     frac = params.get("scorers", {}).get("iou", {}).get("top_fraction", 0.005)
     nul = {}
     with torch.no_grad():

@@ -19,8 +19,8 @@ CREATE OR REPLACE MACRO concept_neurons(concept_name, top_n := 50, scorer_name :
           AND (model_ids IS NULL OR list_contains(model_ids, c.model))
           AND (layer_names IS NULL OR list_contains(layer_names, c.layer)))
     -- Units whose headline (one answer per unit, neurostore.trust) is the concept lead; then the
-    -- null confidence, which means the same for every scorer (raw scores do not: soft_wpmi is
-    -- unbounded). `rank` is the row's place in this answer (0 first), to order joined answers by.
+    -- confidence (neurostore.trust: the calibrated chance the label is right), which means the
+    -- same for every scorer (raw scores do not: soft_wpmi is unbounded). `rank` is the row's place in this answer (0 first), to order joined answers by.
     SELECT *, row_number() OVER (ORDER BY headline DESC, confidence DESC, score DESC, model, layer, unit) - 1 AS rank
     FROM hits
     ORDER BY rank

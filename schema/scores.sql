@@ -7,7 +7,7 @@ CREATE TABLE scores (
     rank         INTEGER,    -- 0 = best concept for this unit and scorer
     concept      VARCHAR,    -- the concept
     score        FLOAT,      -- raw score on the scorer's own scale
-    confidence   FLOAT,      -- bounded, comparable confidence in [0, 1]
+    confidence   FLOAT,      -- calibrated chance in [0, 1] that the label is right (neurostore.trust)
     vocabulary   VARCHAR,    -- vocabulary the concept came from
     encoder      VARCHAR,    -- encoder id used for similarities (NULL for 'iou')
     run_id       VARCHAR,    -- run that wrote the row

@@ -260,7 +260,9 @@ def test_dissect_stores_null_confidence_fidelity_and_headlines(demo_run):
     assert all(n and all({"loc", "scale", "n"} <= set(v) for sc in n.values() for v in sc.values()) for n in nulls)
     es = store.df("SELECT model, presence, metric, count(*) AS n, count(value) AS v, any_value(run_id) AS r "
                   "FROM explanation_scores GROUP BY ALL")
-    assert set(zip(es["presence"], es["metric"])) == {(p, m) for p in ("encoder", "masks") for m in ("pearson", "auprc")}
+    # fidelity from both presences, and the null's q of every row (what the calibrated confidence maps)
+    assert set(zip(es["presence"], es["metric"])) == ({(p, m) for p in ("encoder", "masks") for m in ("pearson", "auprc")}
+                                                      | {("null", "null_q")})
     assert set(es["r"]) <= set(runs["run_id"])                    # written by the dissect's own run
     h = store.df("SELECT model, layer, count(*) AS n, count(DISTINCT unit) AS u FROM headlines GROUP BY ALL")
     units = store.df("SELECT model, layer, count(DISTINCT unit) AS u FROM explanations GROUP BY ALL")
