@@ -454,6 +454,7 @@ def import_results(store: Store | str | Path, format: str, paths: Sequence[str |
                 "model": model, "spec": arch.spec.removesuffix("@random") if arch.spec else None,
                 "arch": t.arch if t is not None else None, "n_params": t.n_params if t is not None else None,
                 "input_size": t.input_size if t is not None else None,
+                "crop_fraction": t.crop_fraction if t is not None else None,
                 "random_weights": False}]), key=f"model:{model}")  # published results: trained weights
     rows = {k: v for k, v in run.rows.items()}
     return ImportResult(format, method, model, run.run_id, files, rows,

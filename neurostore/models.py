@@ -101,7 +101,7 @@ class Target:
     def model_row(self) -> dict:
         """One row of schema/models.sql (minus run_id)."""
         return {"model": self.id, "spec": self.spec, "arch": self.arch, "n_params": self.n_params,
-                "input_size": self.input_size, "classes": self.classes}
+                "input_size": self.input_size, "classes": self.classes, "crop_fraction": self.crop_fraction}
 
 
 def model_id(name: str) -> str:

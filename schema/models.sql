@@ -6,5 +6,7 @@ CREATE TABLE models (
     n_params     BIGINT,     -- number of parameters
     input_size   INTEGER,    -- side of the square input in pixels
     classes      VARCHAR[],  -- output class names in logit order, when known
+    crop_fraction FLOAT,     -- the input is the central square of this fraction of the image's shorter
+                             -- side (resize + centre crop); NULL: the whole image resized to input_size
     run_id       VARCHAR     -- run that wrote the row
 );

@@ -91,7 +91,7 @@ def build(store) -> dict:
     truth = {}
     for model, ls in LAYERS.items():
         models.append({"model": model, "spec": f"probe:{model.split('-')[1]}", "arch": model.upper(),
-                       "n_params": 12345 + len(model), "input_size": 64, "classes": SHAPES})
+                       "n_params": 12345 + len(model), "input_size": 64, "classes": SHAPES, "crop_fraction": None})
         for depth, (layer, kind, n) in enumerate(ls):
             layers.append({"model": model, "layer": layer, "kind": kind, "n_units": n, "grid_h": 8 if kind == "conv" else 1,
                            "grid_w": 8 if kind == "conv" else 1, "depth": depth,

@@ -44,7 +44,7 @@ def build_synthetic(path, n_img=60, seed=0):
     images = [f"img{i:03d}" for i in range(n_img)]
     with st.run("synthetic", {"seed": seed}) as run:
         run.write("models", pa.Table.from_pylist([
-            {"model": m, "spec": None, "arch": "X", "n_params": 1, "input_size": 32, "classes": None} for m in acts]))
+            {"model": m, "spec": None, "arch": "X", "n_params": 1, "input_size": 32, "classes": None, "crop_fraction": None} for m in acts]))
         rows = [{"layer": l, "kind": "conv", "n_units": X.shape[1], "grid_h": 1, "grid_w": 1, "depth": d,
                  "depth_frac": float(d), "model": m}
                 for m in acts for d, (l, X) in enumerate(acts[m].items())]

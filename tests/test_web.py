@@ -455,3 +455,15 @@ def test_card_of_a_store_written_before_act_map(tmp_path):
         run.write("activations", pa.Table.from_pylist([{**row, "rank": 1, "image_id": "i1", "act_map": cells}]))
     got = store.sql("SELECT rank, act_map FROM activations ORDER BY rank").to_pylist()
     assert got == [{"rank": 0, "act_map": None}, {"rank": 1, "act_map": cells}]
+
+
+def test_the_map_lies_over_the_region_the_model_saw():
+    """A resize + centre-crop model saw the central square of a 4:3 image: the heatmap and its
+    max cell go there (as the cut box did), not stretched over the whole image."""
+    from neurostore.patches import to_image_box
+    from neurostore.web.data import _seen_region
+
+    top = {"width": 500, "height": 375}
+    assert _seen_region(top, 224, 0.875) == to_image_box((0, 0, 224, 224), 224, 500, 375, 0.875) == (85, 23, 415, 352)
+    assert _seen_region(top, 224, None) == (0, 0, 500, 375)   # whole image resized (the probe world)
+    assert _seen_region(top, None, None) == (0, 0, 500, 375)  # a store written before crop_fraction

@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from .. import plots
 from ..errors import BadParameter, NeurostoreError, unknown
+from ..patches import to_image_box
 from ..textembed import embed_texts
 
 Run = Callable[..., pa.Table]
@@ -183,6 +184,9 @@ def top_activations(run: Run, model: str, layer: str, unit: int | None = None, k
     grid = rows(run, "SELECT max(grid_h) AS h, max(grid_w) AS w FROM layers WHERE model = $m AND layer = $l",
                 {"m": model, "l": layer})
     gh, gw = (grid[0]["h"], grid[0]["w"]) if grid else (None, None)
+    model_row = rows(run, "SELECT any_value(input_size) AS s, any_value(crop_fraction) AS cf FROM models WHERE model = $m",
+                     {"m": model})  # crop_fraction reads NULL in stores written before it existed
+    size, crop = (model_row[0]["s"], model_row[0]["cf"]) if model_row else (None, None)
     out = rows(run, """
             SELECT a.unit, a.rank, a.act_value, a.act_mean, a.dataset, a.image_id, a.loc_y, a.loc_x, a.act_map, a.patch_id,
                    substr(md5(a.dataset || '/' || a.image_id), 1, 16) AS image_key, i.label AS image_label, i.caption, i.width, i.height, i.path AS image_path,
@@ -203,7 +207,18 @@ def top_activations(run: Run, model: str, layer: str, unit: int | None = None, k
         # A heatmap where a map was kept and says something: not a 1x1 grid, not flat.
         m = r["act_map"]
         r["has_map"] = bool(m) and len(m) * len(m[0]) > 1 and any(v for row in m for v in row)
+        r["seen"] = _seen_region(r, size, crop)
     return out
+
+
+def _seen_region(top: dict, size: int | None, crop: float | None) -> tuple[int, int, int, int]:
+    """The part of the image the model's input showed (x0, y0, x1, y1): the whole image, or the
+    central square of a resize + centre crop. The map and its max cell lie over this region,
+    exactly as the cut box was placed (patches.to_image_box)."""
+    W, H = top.get("width") or top.get("x1") or 1, top.get("height") or top.get("y1") or 1
+    if not size or crop is None or crop >= 1.0 and W == H:
+        return 0, 0, W, H
+    return to_image_box((0, 0, size, size), size, W, H, crop)
 
 
 def neuron_cards(run: Run, model: str, layer: str, unit: int | None = None, top_patches: int = TOP_PATCHES,
@@ -400,7 +415,7 @@ def image_png(run: Run, key: str, side: int = 320) -> bytes | None:
 def heatmap_png(run: Run, top: dict, image=None) -> bytes | None:
     """A top image of a card (a `top_activations` row) with the unit's map over it as a heatmap
     (plots.heatmap_png); None where it has no map worth drawing. The map is stretched over the
-    whole image, as the max cell is (exact for whole-image resizing, the probe world's models).
+    region of the image the model saw (`seen`: all of it, or a centre crop's square), as the max cell is.
     Without the image file, the crop stands in its box on the frame's grey, as the card draws it.
     `image`: the image already open (`open_image`), for a caller drawing many maps on it."""
     import io
@@ -419,7 +434,7 @@ def heatmap_png(run: Run, top: dict, image=None) -> bytes | None:
             x0, y0, x1, y1 = top["x0"], top["y0"], top["x1"], top["y1"]
             with Image.open(io.BytesIO(bytes(thumb[0]["thumbnail"]))) as crop:
                 im.paste(crop.convert("RGB").resize((max(1, x1 - x0), max(1, y1 - y0))), (x0, y0))
-    return plots.heatmap_png(im, top["act_map"])
+    return plots.heatmap_png(im.crop(top.get("seen") or (0, 0, *im.size)), top["act_map"])
 
 
 def heatmap_of(run: Run, model: str, layer: str, unit: int, rank: int) -> bytes | None:
