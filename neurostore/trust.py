@@ -713,10 +713,11 @@ def _assess_run(store, model: str, run_id: str, params: dict, m: int, seed: int,
         ui = torch.full((n_units, k), -1, dtype=torch.long)
         uw = torch.zeros(n_units, k)
         if len(a):
-            up[a["unit"].to_numpy(), a["rank"].to_numpy()] = torch.as_tensor(a["patch_id"].map(prow).to_numpy())
-            ui[a["unit"].to_numpy(), a["rank"].to_numpy()] = torch.as_tensor(
-                a["image_id"].map({i: j for j, i in enumerate(ids)}).fillna(-1).to_numpy(np.int64))
-            uw[a["unit"].to_numpy(), a["rank"].to_numpy()] = torch.as_tensor(np.nan_to_num(a["act_value"].to_numpy(np.float32)))
+            # np.array copies: pandas hands out read-only views, which torch warns about
+            at = (torch.from_numpy(np.array(a["unit"], np.int64)), torch.from_numpy(np.array(a["rank"], np.int64)))
+            up[at] = torch.from_numpy(np.array(a["patch_id"].map(prow), np.int64))
+            ui[at] = torch.from_numpy(np.array(a["image_id"].map({i: j for j, i in enumerate(ids)}).fillna(-1), np.int64))
+            uw[at] = torch.from_numpy(np.nan_to_num(np.array(a["act_value"], np.float32)))
         inputs = {"similarity": sim, "pooled": pooled, "patch_emb": patch_emb, "text_emb": text_emb,
                   "unit_patches": up, "unit_images": ui, "unit_weights": uw}
         rows_l = scores[scores["layer"] == layer]
@@ -729,14 +730,14 @@ def _assess_run(store, model: str, run_id: str, params: dict, m: int, seed: int,
                 real = S.run_scorer(scorer, inputs, sp).scores              # [u, c]
                 best = null_best(scorer, inputs, sp, m, seed)
                 # the inputs read back from the store must reproduce the stored scores
-                got = real[r["unit"].to_numpy(), r["concept"].map(cindex).to_numpy()].double().numpy()
+                got = real[np.array(r["unit"], np.int64), np.array(r["concept"].map(cindex), np.int64)].double().numpy()
                 diff = np.abs(got - r["score"].to_numpy(np.float64))
                 worst = max(worst, float(np.nanmax(diff / np.maximum(1.0, np.abs(got))))) if len(r) else worst
             null = fit_null(scorer, best, len(concepts), seed)
             nulls.setdefault(layer, {})[scorer] = null
             r["confidence"] = calibration().explanation(scorer, *rows_q_margin(r, null)).numpy()
             new_conf[(layer, scorer)] = r
-            summary_conf.setdefault(scorer, []).append(torch.as_tensor(r.loc[r["rank"] == 0, "confidence"].to_numpy()))
+            summary_conf.setdefault(scorer, []).append(torch.from_numpy(np.array(r.loc[r["rank"] == 0, "confidence"])))
         # fidelity of every stored (unit, scorer, concept) on held-out images; the headline
         rows_c = pd.concat([new_conf[(layer, sc)] for sc in rows_l["scorer"].unique()])
         amount = mask_amount(masks, ids, cindex) if masks is not None else None
