@@ -406,3 +406,20 @@ def test_run_records_when_the_work_began(tmp_path):
         "SELECT command, epoch(ended_at) - epoch(started_at) AS seconds FROM runs").to_pylist()}
     assert 600 <= got["slow work"] < 660
     assert got["quick work"] < 60
+
+
+def test_a_store_reading_through_a_function_sends_every_query_there(tmp_path):
+    """The web app serves API functions written against Store from its snapshot this way."""
+    import pyarrow as pa
+
+    asked = []
+
+    def reader(sql, params):
+        asked.append((sql, params))
+        return pa.table({"x": [1]})
+
+    st = Store.reading_through(tmp_path / "nowhere", reader)
+    assert st.read_only and st.sql("SELECT x FROM t", {"a": 1}).to_pylist() == [{"x": 1}]
+    assert st.df("SELECT 2")["x"].tolist() == [1]
+    assert asked == [("SELECT x FROM t", {"a": 1}), ("SELECT 2", None)]
+    assert not (tmp_path / "nowhere").exists()  # nothing opened or created

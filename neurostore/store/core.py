@@ -57,6 +57,7 @@ class Store(Views, Commits, Maintenance, Export):
         self._mutex = threading.RLock()
         self._columns_cache: dict[str, frozenset] = {}
         self._info_damaged: str | None = None  # what is wrong with store.json, for check()
+        self._reader = None  # a query function every sql() goes to instead of a connection (reading_through)
 
     # ---- opening ---------------------------------------------------------------------------
 
@@ -95,6 +96,15 @@ class Store(Views, Commits, Maintenance, Export):
             raise BadInput(f"'{path}' is not a neurostore store (store.json has format {info.get('format')!r}).")
         _check_version(path, info)
         return cls(path, read_only, info)
+
+    @classmethod
+    def reading_through(cls, path: str | os.PathLike, reader) -> "Store":
+        """A read-only Store whose every query is `reader(sql, params)` (-> Arrow table): API
+        functions written against Store (e.g. analysis.find) then read what the caller decides,
+        such as the web app's locked snapshot, without opening another connection to the files."""
+        store = cls(Path(path), True, {})
+        store._reader = reader
+        return store
 
     @classmethod
     def _open_damaged(cls, path: Path, read_only: bool, problem: str) -> "Store":

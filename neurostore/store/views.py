@@ -118,6 +118,8 @@ class Views:
 
     def sql(self, query: str, params: dict | list | None = None) -> pa.Table:
         """Run DuckDB SQL over the store's views; values in `params` are bound ($name or ?)."""
+        if self._reader is not None:
+            return self._reader(query, params or None)
         with self._mutex:
             con = self._connection()
             try:

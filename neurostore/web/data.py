@@ -645,16 +645,7 @@ def snapshot_store(run: Run, path):
     analysis.find) serve the web app without opening another door."""
     from ..store import Store
 
-    class SnapshotStore(Store):
-        def sql(self, query, params=None):
-            return run(query, params or None)
-
-        def close(self):
-            pass
-
-    from pathlib import Path
-
-    return SnapshotStore(Path(path), True, {})
+    return Store.reading_through(path, run)
 
 
 def schema_sidebar() -> list[dict]:
