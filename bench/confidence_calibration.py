@@ -50,6 +50,7 @@ from neurostore import trust  # noqa: E402
 from neurostore.evaluate import REFERENCE_MIN_IOU  # noqa: E402
 from neurostore.pipeline import dissect  # noqa: E402
 from neurostore.store import Store  # noqa: E402
+from neurostore.weights import reinitialise  # noqa: E402
 
 ENCODER_SCORERS = list(trust.HEADLINE_SCORERS)
 HELDOUT_WORLDS = "1:dot:ring,2:frame:triangle"   # seed:cue kind:cue class, never fitted on
@@ -207,14 +208,8 @@ def random_probe_cnn(world, root: Path) -> str:
     """The probe CNN with fresh random weights (seeded by the world's seed), saved as a
     checkpoint (same architecture)."""
     torch.manual_seed(world.config.seed)
-    net = world.load_target("cnn")
-    for mod in net.modules():
-        if hasattr(mod, "reset_parameters"):
-            mod.reset_parameters()
-        if hasattr(mod, "reset_running_stats"):
-            mod.reset_running_stats()
     path = root / "cnn-random.pt"
-    torch.save(net, path)
+    torch.save(reinitialise(world.load_target("cnn")), path)
     return str(path)
 
 

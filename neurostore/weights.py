@@ -21,6 +21,18 @@ def seeded(seed: int = 0):
         yield
 
 
+def reinitialise(module: torch.nn.Module) -> torch.nn.Module:
+    """`module` with every layer's parameters and running statistics drawn afresh, in place, from
+    torch's current RNG (seed it first): the untrained twin of a trained network, same architecture,
+    the control a random baseline needs."""
+    for m in module.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+        if hasattr(m, "reset_running_stats"):
+            m.reset_running_stats()
+    return module
+
+
 @contextlib.contextmanager
 def downloading(what: str, offline_hint: str):
     """Turn a failed weights download (no network, hub unreachable) into one line: which

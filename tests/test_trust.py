@@ -233,14 +233,10 @@ def test_reinitialised_probe_cnn_gets_few_confident_units(probe_world, tmp_path)
     from neurostore.pipeline import dissect
     from neurostore.store import Store
 
+    from neurostore.weights import reinitialise
+
     torch.manual_seed(7)
-    net = probe_world.load_target("cnn")
-    for mod in net.modules():
-        if hasattr(mod, "reset_parameters"):
-            mod.reset_parameters()
-        if hasattr(mod, "reset_running_stats"):
-            mod.reset_running_stats()
-    torch.save(net, tmp_path / "cnn-random.pt")
+    torch.save(reinitialise(probe_world.load_target("cnn")), tmp_path / "cnn-random.pt")
     store = Store.open(tmp_path / "store")
     m = dissect(store, str(tmp_path / "cnn-random.pt"), world=probe_world, vocabulary="probe", evaluate=False,
                 progress=False, log=lambda *a: None)["model"]
