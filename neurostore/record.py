@@ -314,18 +314,18 @@ def _map_array(cells) -> pa.Array:
     """[rows, h, w] int8 cells (or a list of Nones) -> Arrow list<list<int8>>, one map per row."""
     if isinstance(cells, list):
         return pa.nulls(len(cells), MAP_TYPE)
-    rows, h, w = cells.shape
-    inner = pa.ListArray.from_arrays(pa.array(np.arange(0, rows * h * w + 1, w, dtype=np.int32)),
-                                     pa.array(cells.reshape(-1), pa.int8()))
-    return pa.ListArray.from_arrays(pa.array(np.arange(0, rows * h + 1, h, dtype=np.int32)), inner)
+    return _list_array(cells, pa.int8())
 
 
 def _list_array(matrix: np.ndarray, typ) -> pa.Array:
-    """[rows, width] matrix -> Arrow list array (one list per row), without Python loops."""
-    rows, width = matrix.shape
+    """[rows, width] matrix -> Arrow list array (one list per row), without Python loops; an
+    array of more dimensions nests (e.g. [rows, h, w] -> list<list<typ>>, one h x w list per row)."""
+    rows, width = matrix.shape[:2]
     offsets = pa.array(np.arange(0, (rows + 1) * width, width, dtype=np.int32) if rows else [0],
                        pa.int32())
-    return pa.ListArray.from_arrays(offsets, pa.array(matrix.reshape(-1), typ))
+    values = (_list_array(matrix.reshape(rows * width, *matrix.shape[2:]), typ) if matrix.ndim > 2
+              else pa.array(matrix.reshape(-1), typ))
+    return pa.ListArray.from_arrays(offsets, values)
 
 
 # ---- the recorder -------------------------------------------------------------------------------
