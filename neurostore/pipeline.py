@@ -459,8 +459,8 @@ def _patches(d: _Dissection) -> None:
 
 
 def _scores(d: _Dissection) -> None:
-    """Every scorer on every layer from the inputs the scorers need, each with its null
-    confidence; held-out fidelity and headlines per layer (trust)."""
+    """Every scorer on every layer from the inputs the scorers need, each with its calibrated
+    confidence (from the layer's null); held-out fidelity and headlines per layer (trust)."""
     rec, o = d.rec, d.opts
     sim = None
     if "similarity" in d.needs:
@@ -482,7 +482,7 @@ def _scores(d: _Dissection) -> None:
         inputs = _layer_inputs(d, name, sim, iou.get(name))
         for s in d.scorers:
             res = S.run_scorer(s, inputs, d.params[s])
-            # confidence from a null of pseudo-units of this layer (trust module doc)
+            # calibrated confidence from a null of pseudo-units of this layer (trust module doc)
             res, d.nulls.setdefault(name, {})[s] = trust.scored_with_null(res, inputs, iou_null.get(name))
             rows = S.top_concepts(res, d.vocab.concepts, o["top_n"], vocabulary=d.vocab.name,
                                   encoder=d.enc.id if res.uses_encoder else None,

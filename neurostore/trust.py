@@ -91,10 +91,12 @@ so the same choice runs on real models.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -351,9 +353,9 @@ class Calibration:
     def load(cls, path=None) -> "Calibration":
         from importlib import resources
 
-        f = resources.files("neurostore").joinpath("data", CALIBRATION_FILE) if path is None else path
+        f = resources.files("neurostore").joinpath("data", CALIBRATION_FILE) if path is None else Path(path)
         try:
-            d = json.loads(f.read_text(encoding="utf-8") if hasattr(f, "read_text") else open(f).read())
+            d = json.loads(f.read_text(encoding="utf-8"))
             return cls(d["explanation"], d["headline"], d["fitted_on"])
         except (OSError, ValueError, KeyError) as e:
             raise BadInput(f"confidence calibration '{f}' is unreadable ({e}); reinstall neurostore or refit "
@@ -369,14 +371,10 @@ class Calibration:
         return np.clip(logistic(self.headline_map, headline_features(candidates)), 0.0, 1.0)
 
 
-_CALIBRATION: list = []
-
-
+@functools.cache
 def calibration() -> Calibration:
     """The shipped calibration, loaded once."""
-    if not _CALIBRATION:
-        _CALIBRATION.append(Calibration.load())
-    return _CALIBRATION[0]
+    return Calibration.load()
 
 
 def rows_q_margin(rows: "pd.DataFrame", null: Null) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: F821

@@ -557,7 +557,7 @@ def search_semantic(run: Run, phrase: str, k: int = 10, per_concept: int = 5) ->
 
 def search_open_find(run: Run, find_store, phrase: str, k: int = 30, device=None, precision=None) -> dict:
     """Open vocabulary through neurostore.analysis.find (its calibrated 'patch'-scorer ranking),
-    on `find_store` (a Store whose sql() is the locked snapshot, see SnapshotStore); the encoder
+    on `find_store` (a Store reading through the locked snapshot, see snapshot_store); the encoder
     runs on `device` at `precision` (default auto: CUDA when present)."""
     from ..analysis.find import find  # here, not above: the only web path that needs torch (fast start)
 
