@@ -39,7 +39,21 @@ def downloading(what: str, offline_hint: str):
     weights, that they could not be downloaded, and what to use offline."""
     try:
         yield
-    except OSError as e:  # urllib's URLError, requests' and huggingface_hub's errors are OSErrors
-        reason = (str(getattr(e, "reason", "") or e).strip().splitlines() or [type(e).__name__])[0]
+    except Exception as e:
+        root = _network_error(e)
+        if root is None:
+            raise
+        reason = (str(getattr(root, "reason", "") or root).strip().splitlines() or [type(root).__name__])[0]
         raise BadInput(f"Could not download the weights of {what} ({reason[:160]}). On a machine "
                        f"without network use {offline_hint}.") from None
+
+
+def _network_error(e: BaseException | None) -> OSError | None:
+    """The OSError behind `e` (urllib's URLError, requests' and huggingface_hub's errors are
+    OSErrors), also where a library re-raised it as another error, as open_clip does with a
+    RuntimeError; None when there is none."""
+    while e is not None:
+        if isinstance(e, OSError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None

@@ -242,6 +242,22 @@ def test_failed_download_is_one_line(tmp_path):
     assert "torchvision:resnet18@random" in lines[0] and "local checkpoint" in lines[0]
 
 
+def test_failed_encoder_download_wrapped_by_open_clip_is_one_line(tmp_path):
+    """open_clip re-raises the hub's OSError as a RuntimeError: still one line naming the weights
+    and the offline alternative (the default encoder of a dissect on a folder needs a download)."""
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "img" / "a.jpg")
+    p = _offline_cli(tmp_path, "dissect", "torchvision:resnet18@random", "--images", str(tmp_path / "img"),
+                     "--layer", "layer4", "--store", str(tmp_path / "s"))
+    assert p.returncode == 1
+    lines = [l for l in p.stderr.splitlines() if l.startswith("Error:")]
+    assert len(lines) == 1 and "Traceback" not in p.stderr and p.stderr.strip().endswith(lines[0]), p.stderr
+    assert lines[0].startswith("Error: Could not download the weights of OpenCLIP ViT-B-32/"), lines[0]
+    assert "open_clip:ViT-B-32/random" in lines[0]
+
+
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
