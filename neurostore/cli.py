@@ -1039,12 +1039,14 @@ def groups_cmd(
     n_groups: Optional[int] = typer.Option(None, "--groups", "-g", help="Groups per layer. Default: about the square root of its units."),
     scorer: str = typer.Option("patch", "--scorer", help="Scorer whose labels explain the groups' members."),
     max_images: int = typer.Option(1000, "--max-images", help="Labelled probe images the attributions are measured on."),
+    edge_images: int = typer.Option(64, "--edge-images", help="Of those, images the unit -> unit edges are measured on (one backward per unit: cost grows with it)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the image subsample."),
     store: Optional[Path] = StoreOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Group each layer's units by co-activation and attribution, explain the groups, and store
-    the group circuit (group -> group and group -> class edges).
+    the circuit: unit -> unit and unit -> class edges (the strongest per unit, shown on the
+    neuron cards), and group -> group and group -> class edges.
 
     Then: neurostore query class_circuit -p model=probe-cnn -p class=star
 
@@ -1053,12 +1055,12 @@ def groups_cmd(
     from .groups import groups
 
     s = groups(store_path(store), model, layers=layers, n_groups=n_groups, scorer=scorer,
-               max_images=max_images, seed=seed, log=_log(False))
+               max_images=max_images, edge_images=edge_images, seed=seed, log=_log(False))
     if as_json:
         print_json(s)
         return
     _summary_table(f"groups {s['model']} — run {s['run_id']}", s,
-                   ["layers", "images", "groups", "edges", "scorer", "seconds", "next"])
+                   ["layers", "images", "groups", "edges", "edge_images", "unit_edges", "scorer", "seconds", "next"])
 
 
 # ---- report and web commands ------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Neuron groups and their circuit (after NeurFlow): units that fire together and push the same
-classes, explained as a set of concepts, with group -> group and group -> class attributions.
+classes, explained as a set of concepts; and the circuit: unit -> unit, group -> group and
+-> class attributions.
 
     summary = groups(store, "probe-cnn")          # after 'neurostore dissect probe:cnn'
     store.query("class_circuit", {"model": "probe-cnn", "class": "star"})
@@ -12,12 +13,19 @@ Per dissected hidden layer (in depth order; logits and feature layers left out):
    profiles (gradient x activation toward each class's logit on its images).
 2. A group's explanation is the set of its members' labels (from `explanations`, one scorer),
    most common first.
-3. Edges: the attribution of an upstream group to a downstream group of the next dissected layer
-   is gradient x activation of the upstream members' outputs, summed over positions and members,
-   of the downstream members' summed mean activation, averaged over images; a group's edge to a
-   class is its members' gradient x activation toward the class logit on the class's images.
+3. Unit edges: the attribution of upstream unit i to unit j of the next dissected layer is
+   gradient x activation, d(mean_pos down_j)/d(up_i) * up_i summed over positions (patch tokens:
+   CLS left out), averaged over images: how much of unit j's mean activation unit i's output
+   carries, to first order. One backward per downstream unit and batch, so they are measured on
+   a bounded sample: `edge_images` (default 64) images spread evenly over the probe images.
+   A unit's edge to a class is its gradient x activation toward the class logit on the class's
+   images (all `max_images`).
+4. Group edges are the block sums of the unit edges (attribution is linear in the upstream
+   units and in the summed downstream activations); a group's class edge sums its members'.
 
-One run writes `groups` and `group_edges`; re-running for the same model replaces them.
+One run writes `groups`, `group_edges` and `unit_edges`; re-running for the same model replaces
+them. `unit_edges` keeps only the strongest edges (dense matrices grow as units squared): per
+unit its `TOP_EDGES` (8) largest |weight| edges in and out, and its 8 classes of largest |weight|.
 """
 
 from __future__ import annotations
@@ -65,29 +73,46 @@ def cluster(acts: np.ndarray, attr: np.ndarray, n_groups: int) -> list[np.ndarra
     return sorted(groups, key=lambda m: (-len(m), int(m[0])))
 
 
-def _mean_pooled(target, out: torch.Tensor) -> torch.Tensor:
-    """A layer's output -> [batch, units], the mean over positions / patch tokens (differentiable)."""
-    return to_map(target, out).float().mean((2, 3))
+UNIT_EDGE_IMAGES = 64  # images the unit -> unit attributions average over (module doc)
+TOP_EDGES = 8           # edges kept per unit in each direction, and classes per unit (module doc)
 
 
-def group_edges(target, pixels: torch.Tensor, layers: list[str], members: dict[str, list[np.ndarray]]) -> dict:
-    """{(up, down): [groups_up, groups_down]} mean attribution of each upstream group to each
-    downstream group of the next layer (module doc)."""
+def unit_edges(target, pixels: torch.Tensor, layers: list[str]) -> dict:
+    """{(up, down): [units_up, units_down]} mean attribution of each upstream unit to each unit of
+    the next layer (module doc): one backward per downstream unit and batch. (A vmapped backward,
+    is_grads_batched, was no faster on the CPU and needs memory per unit.)"""
     pairs = list(zip(layers, layers[1:]))
-    sums = {p: np.zeros((len(members[p[0]]), len(members[p[1]]))) for p in pairs}
+    sums: dict = {}
     for i in range(0, len(pixels), BATCH):
         outs = {}
         with forward_hooks(target.module, {n: keep(outs, n) for n in layers}), torch.enable_grad():
             logits_of(target, pixels[i : i + BATCH].clone().requires_grad_(True), exact=True)
             for up, down in pairs:
-                pooled = _mean_pooled(target, outs[down])              # [b, units_down]
+                pooled = to_map(target, outs[down]).float().mean((2, 3))             # [b, units_down]
                 a = outs[up]
-                for j, m in enumerate(members[down]):
-                    g, = torch.autograd.grad(pooled[:, m].sum(), a, retain_graph=True)
-                    ga = to_map(target, (g * a).detach()).double().sum((2, 3))  # [b, units_up]
-                    for k, mu in enumerate(members[up]):
-                        sums[(up, down)][k, j] += float(ga[:, mu].sum())
+                cols = []
+                for j in range(pooled.shape[1]):
+                    g, = torch.autograd.grad(pooled[:, j].sum(), a, retain_graph=True)  # like a: [b, ...]
+                    cols.append(to_map(target, (g * a).detach()).double().sum((2, 3)).sum(0))  # [units_up]
+                s = torch.stack(cols, 1).cpu().numpy()                                # [units_up, units_down]
+                sums[(up, down)] = sums[(up, down)] + s if (up, down) in sums else s
     return {p: s / len(pixels) for p, s in sums.items()}
+
+
+def block_sums(w: np.ndarray, rows: list[np.ndarray], cols: list[np.ndarray]) -> np.ndarray:
+    """[units_up, units_down] unit edges -> [groups_up, groups_down] group edges (attribution is
+    linear in the source units and in the summed downstream activations)."""
+    return np.array([[w[np.ix_(r, c)].sum() for c in cols] for r in rows]).reshape(len(rows), len(cols))
+
+
+def _ranks(w: np.ndarray, axis: int) -> np.ndarray:
+    """Rank of each |w| along `axis`, 0 = strongest."""
+    return np.argsort(np.argsort(-np.abs(w), axis, kind="stable"), axis, kind="stable")
+
+
+def strongest(w: np.ndarray, top: int = TOP_EDGES) -> np.ndarray:
+    """Mask [rows, cols]: the `top` largest |w| of each row and of each column."""
+    return (_ranks(w, 1) < top) | (_ranks(w, 0) < top)
 
 
 def _explain(expl, layer: str, units: np.ndarray) -> tuple[str | None, list[str], list[int]]:
@@ -101,7 +126,8 @@ def _explain(expl, layer: str, units: np.ndarray) -> tuple[str | None, list[str]
 
 
 def groups(store: Store | str, model: str, *, layers: list[str] | None = None, n_groups: int | None = None,
-           scorer: str = "patch", max_images: int = 1000, seed: int = 0, log=print) -> dict:
+           scorer: str = "patch", max_images: int = 1000, edge_images: int = UNIT_EDGE_IMAGES, seed: int = 0,
+           log=print) -> dict:
     """Cluster each dissected hidden layer of `model` into groups, explain them, and store the
     group circuit (module doc). n_groups per layer: default about sqrt(units), at least 2."""
     t0 = time.time()
@@ -110,6 +136,8 @@ def groups(store: Store | str, model: str, *, layers: list[str] | None = None, n
         raise BadParameter(f"--groups must be at least 1, got {n_groups}.")
     if max_images < 2:
         raise BadParameter(f"--max-images must be at least 2, got {max_images}.")
+    if edge_images < 1:
+        raise BadParameter(f"--edge-images must be at least 1, got {edge_images}.")
     check_models(store, [model])
     stored = model_layers(store, model)
     feature_layers = set()
@@ -152,25 +180,36 @@ def groups(store: Store | str, model: str, *, layers: list[str] | None = None, n
             rows.append({"layer": layer, "group_id": gid, "units": m.tolist(), "n_units": len(m), "label": label,
                          "concepts": concepts, "concept_units": counts, "coherence": coh, "scorer": scorer,
                          "dataset": dataset, "model": model})
-    edges = []
-    for (up, down), w in group_edges(target, probe.pixels, hidden, members).items():
-        for i in range(w.shape[0]):
-            for j in range(w.shape[1]):
-                edges.append({"kind": "group", "src_layer": up, "src_group": i, "dst_layer": down, "dst_group": j,
-                              "class": None, "weight": float(w[i, j]), "n_images": len(probe.image_ids)})
+    # Unit -> unit edges on a bounded, evenly spread sample of the images (module doc); group
+    # edges are their block sums.
+    pick = np.unique(np.linspace(0, len(probe.image_ids) - 1, min(edge_images, len(probe.image_ids))).round().astype(int))
+    log(f"groups {model}: unit edges on {len(pick)} images")
+    w_units = unit_edges(target, probe.pixels[pick], hidden)
+    edges, links = [], []
+    for (up, down), w in w_units.items():
+        wg = block_sums(w, members[up], members[down])                   # [groups_up, groups_down]
+        edges += [{"kind": "group", "src_layer": up, "src_group": i, "dst_layer": down, "dst_group": j, "class": None,
+                   "weight": float(wg[i, j]), "n_images": len(pick)} for i, j in np.ndindex(*wg.shape)]
+        links += [{"kind": "unit", "src_layer": up, "src_unit": int(i), "dst_layer": down, "dst_unit": int(j),
+                   "class": None, "weight": float(w[i, j]), "n_images": len(pick)} for i, j in np.argwhere(strongest(w))]
     for layer in hidden:
+        n_cls = np.bincount(probe.labels, minlength=len(probe.classes))
         for gid, m in enumerate(members[layer]):
-            for ci, cls in enumerate(probe.classes):
-                edges.append({"kind": "class", "src_layer": layer, "src_group": gid, "dst_layer": None,
-                              "dst_group": None, "class": cls, "weight": float(attr[layer][ci, m].sum()),
-                              "n_images": int((probe.labels == ci).sum())})
-    for e in edges:
+            edges += [{"kind": "class", "src_layer": layer, "src_group": gid, "dst_layer": None, "dst_group": None,
+                       "class": cls, "weight": float(attr[layer][ci, m].sum()), "n_images": int(n_cls[ci])}
+                      for ci, cls in enumerate(probe.classes)]
+        links += [{"kind": "class", "src_layer": layer, "src_unit": int(u), "dst_layer": None, "dst_unit": None,
+                   "class": probe.classes[ci], "weight": float(attr[layer][ci, u]), "n_images": int(n_cls[ci])}
+                  for ci, u in np.argwhere(_ranks(attr[layer], 0) < TOP_EDGES)]
+    for e in edges + links:
         e.update(dataset=dataset, model=model)
     with store.run("groups", {"model": model, "layers": hidden, "n_groups": n_groups, "scorer": scorer,
-                              "max_images": max_images, "seed": seed}, work_key=f"groups:{model}") as run:
+                              "max_images": max_images, "edge_images": edge_images, "seed": seed}, work_key=f"groups:{model}") as run:
         run.write("groups", pa.Table.from_pylist(rows), key=f"groups:{model}")
         run.write("group_edges", pa.Table.from_pylist(edges), key=f"groups:{model}")
+        run.write("unit_edges", pa.Table.from_pylist(links), key=f"groups:{model}")
     return {"run_id": run.run_id, "model": model, "layers": hidden, "images": len(probe.image_ids),
-            "groups": {l: len(members[l]) for l in hidden}, "edges": len(edges), "scorer": scorer,
+            "groups": {l: len(members[l]) for l in hidden}, "edges": len(edges),
+            "unit_edges": len(links), "edge_images": len(pick), "scorer": scorer,
             "seconds": round(time.time() - t0, 1),
             "next": f"neurostore query class_circuit -p model={model} -p class={probe.classes[0]}"}

@@ -354,6 +354,46 @@ def test_card_shows_the_circuit_of_its_group():
     assert html.index("fed by") < html.index("l0 group 1") < html.index("feeds") < html.index("class <b>star</b>")
 
 
+def test_card_shows_the_units_it_feeds_and_is_fed_by_and_the_classes_it_pushes():
+    """unit_edges -> the card's wiring: each side strongest |weight| first with the other unit's
+    headline label (else its explanation), a link to its card, a signed bar; no edges -> the command."""
+    from neurostore.web.render import Links, render
+
+    con = duckdb.connect()
+    con.execute("""CREATE TABLE unit_edges AS SELECT * FROM (VALUES
+        ('m', 'unit', 'l0', 2, 'l1', 5, NULL, 0.30::FLOAT, 64), ('m', 'unit', 'l0', 7, 'l1', 5, NULL, -0.90, 64),
+        ('m', 'unit', 'l1', 5, 'l2', 1, NULL, 0.05, 64), ('m', 'unit', 'l1', 4, 'l2', 1, NULL, 8.0, 64),
+        ('m', 'class', 'l1', 5, NULL, NULL, 'star', 1.5, 100), ('m', 'class', 'l1', 5, NULL, NULL, 'circle', -0.4, 90))
+        t(model, kind, src_layer, src_unit, dst_layer, dst_unit, class, weight, n_images)""")
+    con.execute("CREATE TABLE headlines AS SELECT 'm' AS model, 'l0' AS layer, 7 AS unit, 'stripes' AS concept")
+    con.execute("""CREATE TABLE explanations AS SELECT * FROM (VALUES ('m', 'l0', 7, 'red', 0.9), ('m', 'l2', 1, 'star', 0.8),
+        ('m', 'l2', 1, 'dot', 0.1)) t(model, layer, unit, label, confidence)""")
+
+    def run(sql, params=None):
+        return con.sql(sql, params=params).to_arrow_table()
+
+    cards = {u: {"unit": u} for u in (4, 5, 6)}
+    D.wiring(run, "m", "l1", cards)
+    w = cards[5]["wiring"]
+    assert [(e["other_layer"], e["other_unit"], e["label"], e["weight"]) for e in w["fed_by"]] == [
+        ("l0", 7, "stripes", pytest.approx(-0.9)), ("l0", 2, None, pytest.approx(0.3))]
+    assert [(e["other_unit"], e["label"]) for e in w["feeds"]] == [(1, "star")]
+    assert [e["class"] for e in w["classes"]] == ["star", "circle"] and w["n_images"] == 64
+    assert [e["scale"] for e in w["fed_by"]] == pytest.approx([1.0, 1 / 3])
+    assert cards[6]["wiring"] == {"fed_by": [], "feeds": [], "classes": [], "n_images": None}
+    card = {"id": "m/l1/5", "model": "m", "layer": "l1", "unit": 5, "patches": [], "scorers": [], "summaries": [],
+            "effects": [], "classes": [], "stats": None, "headline": None, "prev": 4, "next": None, "wiring": w}
+    html = render("neuron.html", card, Links())
+    assert (html.index("Fed by") < html.index('href="/neuron/m/l0/7"') < html.index("“stripes”") < html.index("Feeds")
+            < html.index('href="/neuron/m/l2/1"') < html.index("Classes it pushes") < html.index("</b> star <") < html.index("</b> circle <"))
+    bars = re.findall(r'<rect class="(pos|neg)" x="([\d.]+)" y="1" width="([\d.]+)"', html)
+    assert bars == [("neg", "1.0", "44.0"), ("pos", "45", "14.7"), ("pos", "45", "44.0"), ("pos", "45", "44.0"),
+                    ("neg", "33.3", "11.7")]
+    assert "style=" not in html.split('class="card wiring"')[1].split("</div>\n</div>")[0]
+    card["wiring"] = None  # a model without edges: the card names the command that computes them
+    assert "run <code>neurostore groups m</code>" in render("neuron.html", card, Links())
+
+
 def test_quantile_examples_span_the_activation_range(tmp_path):
     from PIL import Image
 

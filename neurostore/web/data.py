@@ -233,7 +233,7 @@ def neuron_cards(run: Run, model: str, layer: str, unit: int | None = None, top_
             cards[u] = {"id": f"{model}/{layer}/{u}", "model": model, "layer": layer, "unit": int(u), "stats": None,
                         "patches": [], "scorers": {}, "summaries": [], "effects": [], "headline": None,
                         "classes": [], "prev": None, "next": None, "group": None,
-                        "quantiles": [], "links": {}}
+                        "quantiles": [], "links": {}, "wiring": None}
         return cards[u]
 
     for r in rows(run, """
@@ -285,6 +285,8 @@ def neuron_cards(run: Run, model: str, layer: str, unit: int | None = None, top_
     if unit is not None and unit in cards:  # the report asks per layer, under a size guard (report.py)
         cards[unit]["quantiles"] = quantile_examples(run, model, layer, [unit]).get(unit, [])
         cards[unit]["links"] = coactivation(run, model, layer, [unit]).get(unit, {})
+    if has_table(run, "unit_edges"):
+        wiring(run, model, layer, cards, unit)
     if has_table(run, "groups") and has_table(run, "group_edges"):
         circuit(run, model, layer, cards, unit)
     # Previous / next recorded unit of the layer, for the card's arrows.
@@ -363,6 +365,52 @@ def circuit(run: Run, model: str, layer: str, cards: dict[int, dict], unit: int 
                                      "fed_by": [e for e in edges if mine(e, "dst")][:5],
                                      "feeds": [e for e in edges if mine(e, "src") and e["kind"] == "group"][:5],
                                      "classes": [e for e in edges if mine(e, "src") and e["kind"] == "class"][:5]}
+
+
+N_WIRED = 5  # units (and classes) shown per side of a card's wiring
+
+
+def wiring(run: Run, model: str, layer: str, cards: dict[int, dict], unit: int | None = None,
+           top: int = N_WIRED) -> None:
+    """What each unit of a layer (or one unit) is fed by, feeds and pushes, by gradient x
+    activation (unit_edges, written by neurostore groups): its strongest `top` edges per side by
+    |weight|, each other unit with its headline label. A model with edges gives every card of its
+    layers a `wiring` dict (empty lists where a side has none); a model without leaves it None."""
+    if not rows(run, "SELECT 1 FROM unit_edges WHERE model = $m LIMIT 1", {"m": model}):
+        return
+    # A unit's label: its headline concept, else its most confident explanation.
+    label = ("SELECT layer, unit, concept AS label FROM headlines WHERE model = $m" if has_table(run, "headlines") else
+             "SELECT NULL::VARCHAR AS layer, NULL::INTEGER AS unit, NULL::VARCHAR AS label WHERE false")
+    edges = rows(run, f"""
+        WITH h AS ({label}),
+             x AS (SELECT layer, unit, arg_max(label, confidence) AS label FROM explanations WHERE model = $m GROUP BY ALL),
+             e AS (SELECT CASE WHEN kind = 'class' THEN 'classes' WHEN src_layer = $l THEN 'feeds' ELSE 'fed_by' END AS side,
+                          CASE WHEN src_layer = $l THEN src_unit ELSE dst_unit END AS unit,
+                          CASE WHEN src_layer = $l THEN dst_layer ELSE src_layer END AS other_layer,
+                          CASE WHEN src_layer = $l THEN dst_unit ELSE src_unit END AS other_unit,
+                          class, weight, n_images
+                   FROM unit_edges
+                   WHERE model = $m AND (src_layer = $l OR (kind = 'unit' AND dst_layer = $l))
+                     AND ($u IS NULL OR (src_layer = $l AND src_unit = $u) OR (dst_layer = $l AND dst_unit = $u))
+                   QUALIFY row_number() OVER (PARTITION BY side, unit ORDER BY abs(weight) DESC, other_unit, class) <= $k)
+        SELECT e.*, coalesce(h.label, x.label) AS label
+        FROM e LEFT JOIN h ON h.layer = e.other_layer AND h.unit = e.other_unit
+        LEFT JOIN x ON x.layer = e.other_layer AND x.unit = e.other_unit
+        ORDER BY e.side, e.unit, abs(e.weight) DESC, e.other_unit, e.class""",
+        {"m": model, "l": layer, "u": unit, "k": top})
+    for c in cards.values():
+        c["wiring"] = {"fed_by": [], "feeds": [], "classes": [], "n_images": None}
+    for e in edges:
+        c = cards.get(e.pop("unit"))
+        if c is not None:
+            c["wiring"][e.pop("side")].append(e)
+            if e["other_unit"] is not None:
+                c["wiring"]["n_images"] = e["n_images"]
+    for c in cards.values():
+        for side in ("fed_by", "feeds", "classes"):  # bars scaled to the list's strongest |weight|
+            big = max((abs(e["weight"]) for e in c["wiring"][side]), default=0) or 1.0
+            for e in c["wiring"][side]:
+                e["scale"] = abs(e["weight"]) / big
 
 
 def imported_labels(run: Run, model: str, layer: str, unit: int | None = None) -> list[dict]:
