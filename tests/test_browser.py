@@ -233,3 +233,37 @@ def test_card_shows_the_activation_heatmap(server, tmp_path):
     shown = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     hot = (shown[..., 0] > 200) & (shown[..., 1] > 170) & (shown[..., 2] < 150)  # yellow: heat, not a fixture colour
     assert hot.sum() > 6 * 300, int(hot.sum())
+
+
+def test_edge_bars_draw_their_width(tmp_path_factory, tmp_path):
+    """The card's wiring (unit_edges): signed weight bars under the app's CSP, whose widths follow
+    the weights (0.9, 0.45 and 0.225 draw 44, 22 and 11 px of green), each unit a link."""
+    import pyarrow as pa
+
+    from neurostore.store import Store
+    from neurostore.web import make_server
+
+    path, _ = shared_store(tmp_path_factory)
+    copy = tmp_path_factory.mktemp("wired") / "store"
+    shutil.copytree(path, copy)
+    edge = dict(kind="unit", src_layer="conv1", src_unit=0, dst_layer="layer1.0.conv2", class_=None, n_images=64,
+                dataset="probe-test", model="toy-cnn")
+    edges = [{**edge, "dst_unit": u, "weight": w} for u, w in ((1, 0.9), (2, 0.45), (3, 0.225), (4, -0.3))]
+    edges += [{**edge, "kind": "class", "dst_layer": None, "dst_unit": None, "class_": c, "weight": w, "n_images": 6}
+              for c, w in (("circle", 2.0), ("star", -1.0))]
+    store = Store.open(copy)
+    store.write("unit_edges", pa.Table.from_pylist([{("class" if k == "class_" else k): v for k, v in e.items()}
+                                                    for e in edges]))
+    store.close()
+    srv = make_server(copy, port=0, quiet=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = srv.url + "neuron/toy-cnn/conv1/0"
+        dom = dump_dom(url, tmp_path)
+        assert dom.count('class="edgebar"') == 6 and 'href="/neuron/toy-cnn/layer1.0.conv2/3"' in dom
+        shot = screenshot(url, "neuron-card-wiring", tmp_path, height=1600)
+        green = sorted(set(colour_runs(shot, (0, 158, 115), tol=12, min_len=5)))
+        assert len(green) >= 3 and max(green) >= 3.5 * min(green), green   # 44, 22, 11 px: not all full width
+        assert colour_runs(shot, (204, 121, 167), tol=12, min_len=5), "no negative (purple) bar drawn"
+    finally:
+        srv.shutdown()
