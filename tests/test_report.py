@@ -145,3 +145,35 @@ def test_cards_carry_heatmaps_and_co_activated_units(report):
     assert 'class="heat"' not in (out / "neuron/toy-cnn/fc/0.html").read_text()
     assert "co-activation (Pearson r over 24 probe images)" in page
     assert page.count('href="../../../neuron/toy-cnn/layer1.0.conv2/') >= 5
+
+
+def test_cards_show_the_wiring_or_the_command_that_computes_it(report, tmp_path_factory):
+    """Without unit_edges the card names 'neurostore groups MODEL'; with them (a copy of the store)
+    the report's card links the units it feeds by relative paths, with their bars."""
+    import shutil
+
+    import pyarrow as pa
+
+    from neurostore.store import Store
+
+    out, _, _ = report
+    assert "run <code>neurostore groups toy-cnn</code>" in (out / "neuron/toy-cnn/conv1/0.html").read_text()
+    path, _ = shared_store(tmp_path_factory)
+    copy = tmp_path_factory.mktemp("wired-report") / "store"
+    shutil.copytree(path, copy)
+    store = Store.open(copy)
+    store.write("unit_edges", pa.Table.from_pylist([
+        {"kind": "unit", "src_layer": "conv1", "src_unit": 0, "dst_layer": "layer1.0.conv2", "dst_unit": u,
+         "class": None, "weight": w, "n_images": 64, "dataset": "probe-test", "model": "toy-cnn"}
+        for u, w in ((1, 0.9), (2, -0.45))]))
+    store.close()
+    out2 = tmp_path_factory.mktemp("wired-out")
+    build_report(copy, out2, models=["toy-cnn"], max_units=1, progress=False)
+    page = (out2 / "neuron/toy-cnn/conv1/0.html").read_text()
+    feeds = page.split("<h3>Feeds")[1].split("</div>")[0]
+    assert re.findall(r'href="([^"]+)">unit', feeds) == ["../../../neuron/toy-cnn/layer1.0.conv2/1.html",
+                                                         "../../../neuron/toy-cnn/layer1.0.conv2/2.html"]
+    assert feeds.count('class="edgebar"') == 2
+    fed = (out2 / "neuron/toy-cnn/layer1.0.conv2/0.html").read_text()  # unit 0 of the next layer has no edge in
+    assert "none stored for this unit" in fed and "none: the last layer with edges" in fed
+    assert "none: the first layer with edges" in page

@@ -380,7 +380,8 @@ def test_card_shows_the_units_it_feeds_and_is_fed_by_and_the_classes_it_pushes()
     assert [(e["other_unit"], e["label"]) for e in w["feeds"]] == [(1, "star")]
     assert [e["class"] for e in w["classes"]] == ["star", "circle"] and w["n_images"] == 64
     assert [e["scale"] for e in w["fed_by"]] == pytest.approx([1.0, 1 / 3])
-    assert cards[6]["wiring"] == {"fed_by": [], "feeds": [], "classes": [], "n_images": None}
+    assert w["layers"] == {"fed_by": "l0", "feeds": "l2"}
+    assert cards[6]["wiring"] == {"fed_by": [], "feeds": [], "classes": [], "n_images": None, "layers": w["layers"]}
     card = {"id": "m/l1/5", "model": "m", "layer": "l1", "unit": 5, "patches": [], "scorers": [], "summaries": [],
             "effects": [], "classes": [], "stats": None, "headline": None, "prev": 4, "next": None, "wiring": w}
     html = render("neuron.html", card, Links())

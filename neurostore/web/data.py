@@ -398,8 +398,13 @@ def wiring(run: Run, model: str, layer: str, cards: dict[int, dict], unit: int |
         LEFT JOIN x ON x.layer = e.other_layer AND x.unit = e.other_unit
         ORDER BY e.side, e.unit, abs(e.weight) DESC, e.other_unit, e.class""",
         {"m": model, "l": layer, "u": unit, "k": top})
-    for c in cards.values():
-        c["wiring"] = {"fed_by": [], "feeds": [], "classes": [], "n_images": None}
+    adjacent = {r["side"]: r["layer"] for r in rows(run, """
+        SELECT DISTINCT CASE WHEN src_layer = $l THEN 'feeds' ELSE 'fed_by' END AS side,
+               CASE WHEN src_layer = $l THEN dst_layer ELSE src_layer END AS layer
+        FROM unit_edges WHERE model = $m AND kind = 'unit' AND (src_layer = $l OR dst_layer = $l)""",
+        {"m": model, "l": layer})}
+    for c in cards.values():  # layers: the adjacent layers with edges (None: the first / last layer)
+        c["wiring"] = {"fed_by": [], "feeds": [], "classes": [], "n_images": None, "layers": adjacent}
     for e in edges:
         c = cards.get(e.pop("unit"))
         if c is not None:
