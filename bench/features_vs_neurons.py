@@ -84,6 +84,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--fidelity", type=float, default=0.2, help="fidelity threshold (Pearson)")
+    ap.add_argument("--active", type=float, default=features.ACTIVE_FRACTION,
+                    help="fit on this fraction of samples farthest from the mean (features.fit's active)")
+    ap.add_argument("--seed", type=int, default=0, help="the probe world's seed (a second world: --seed 1)")
     ap.add_argument("--full", action="store_true", help="the default world instead of the fast one")
     ap.add_argument("--cache", default=os.environ.get("NEUROSTORE_TEST_CACHE"))
     ap.add_argument("--threads", type=int, default=1)
@@ -94,13 +97,14 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    world = build_world(WorldConfig() if args.full else WorldConfig.fast(), args.cache, progress=False)
+    config = WorldConfig(seed=args.seed) if args.full else WorldConfig.fast(seed=args.seed)
+    world = build_world(config, args.cache, progress=False)
     spec = f"probe:cnn@{world.root}"
     store = Store.open(Path(tempfile.mkdtemp(prefix="bench-features-")) / "store")
     dicts, names = {}, []
     for layer in args.layers:
         s = features.fit(store, spec, layer, args.method, args.width, args.k, steps=args.steps,
-                         progress=False, log=lambda *a: None)
+                         active=args.active, progress=False, log=lambda *a: None)
         dicts[layer] = {m: s[m] for m in ("layer", "n_features", "fve", "l0", "dead_fraction", "fit_seconds")}
         names.append(s["layer"])
     dissect(store, spec, world=world, layers=args.layers + names, vocabulary="probe",
@@ -116,7 +120,8 @@ def main() -> None:
             tot[key][1] += f["units"]
     frac = {k: v[0] / v[1] for k, v in tot.items()}
     out = {"bench": "features_vs_neurons", "world": world.id, "model": model, "method": args.method,
-           "width": args.width, "k": args.k if args.method == "topk-sae" else None, "steps": args.steps, "fidelity_min": args.fidelity,
+           "width": args.width, "k": args.k if args.method == "topk-sae" else None, "steps": args.steps,
+           "active": args.active, "fidelity_min": args.fidelity,
            "neurons_agree_fid": round(frac["neurons"], 4), "features_agree_fid": round(frac["features"], 4),
            "ratio": round(frac["features"] / frac["neurons"], 3) if frac["neurons"] else None,
            "target_ratio": 1.5, "layers": per_layer, "seconds": round(time.time() - t0, 1)}

@@ -17,7 +17,7 @@ from neurostore.store import Store
 
 from _cli import run_cli
 
-SMALL = dict(width=2, k=4, steps=60, max_samples=4096, progress=False, log=lambda *a: None)
+SMALL = dict(width=2, k=4, steps=60, max_samples=16384, progress=False, log=lambda *a: None)
 
 
 
@@ -108,10 +108,21 @@ def test_topk_sae_learns_a_planted_sparse_dictionary():
     assert trained["fve"] > 0.8 > untrained["fve"] + 0.2
 
 
+def test_active_samples_are_those_farthest_from_the_mean():
+    """A background of near-identical samples and a few that stand out: the active fraction is the
+    ones that stand out, and 1.0 keeps everything."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 8, generator=g) * 0.01                                      # [1000, 8] background
+    x[::10] += torch.randn(100, 8, generator=g) * 3                                   # 100 objects
+    kept = features.active_samples(x, 0.1)
+    assert kept.shape == (100, 8) and torch.equal(kept.sort(0).values, x[::10].sort(0).values)
+    assert features.active_samples(x, 1.0) is x
+
+
 def test_nmf_dictionary_fits_the_rectified_layer(tmp_path, probe_world):
     torch.set_num_threads(1)
     s = features.fit(tmp_path / "st", f"probe:cnn@{probe_world.root}", "conv3", "nmf", width=1, steps=30,
-                     max_samples=3000, progress=False, log=lambda *a: None)
+                     max_samples=8000, progress=False, log=lambda *a: None)
     assert s["layer"] == "conv3.nmf_1x" and s["k"] is None and 0.5 < s["fve"] <= 1.0
     t = load_target(f"probe:cnn@{probe_world.root}")
     features.attach(t, Store.open(tmp_path / "st"))
@@ -123,7 +134,7 @@ def test_cli_fit_ls_and_errors(tmp_path, probe_world, capsys, monkeypatch):
     spec = f"probe:cnn@{probe_world.root}"
     st = tmp_path / "st"
     code, out, err = run_cli(capsys, monkeypatch, "features", "fit", spec, "--layer", "conv2", "--width", "1",
-                             "--k", "4", "--steps", "20", "--max-samples", "3000", "--store", st, "--json")
+                             "--k", "4", "--steps", "20", "--max-samples", "8000", "--store", st, "--json")
     assert code == 0, err
     s = json.loads(out)
     assert s["layer"] == "conv2.topk_sae_1x" and s["next"].endswith("--layer conv2.topk_sae_1x")
@@ -134,14 +145,27 @@ def test_cli_fit_ls_and_errors(tmp_path, probe_world, capsys, monkeypatch):
         ("--width", "0"): "Error: --width must be a whole number of features per unit, at least 1; got 0. "
                           "Example: --width 8 (8 features per unit of the layer).",
         ("--max-images", "5"): "Error: Layer 'conv4' of probe-cnn gives too few samples for 512 features: 5 images "
-                               "x 64 positions = 320; it needs at least 2048. Use more images, a smaller --width, or a "
-                               "layer with a spatial map or tokens.",
+                               "x 64 positions = 320; it needs at least 8192 (0.25 of them fitted, --active). Use more "
+                               "images, a smaller --width, or a layer with a spatial map or tokens.",
     }
     for (opt, val), line in bad.items():
         code, out, err = run_cli(capsys, monkeypatch, "features", "fit", spec, "--layer", "conv4", opt, val,
                                  "--store", st)
         assert code == 1 and out == ""
         assert " ".join(err.split()) == line
+    for val in ("0", "1.5"):
+        code, out, err = run_cli(capsys, monkeypatch, "features", "fit", spec, "--layer", "conv2", "--active", val,
+                                 "--store", st)
+        assert code == 1 and " ".join(err.split()) == (
+            f"Error: --active must be a fraction of the samples in (0, 1]; got {float(val)}. "
+            f"Example: --active {features.ACTIVE_FRACTION} (fit on the {features.ACTIVE_FRACTION:.0%} farthest from "
+            "the mean).")
+    code, out, err = run_cli(capsys, monkeypatch, "features", "fit", spec, "--layer", "conv2", "--width", "1",
+                             "--active", "0.001", "--store", st)
+    assert code == 1 and " ".join(err.split()) == (
+        "Error: Layer 'conv2' of probe-cnn gives too few samples for 32 features: 300 images x 256 positions = "
+        "76800; it needs at least 1024000 (0.001 of them fitted, --active). Use more images, a smaller --width, "
+        "or a layer with a spatial map or tokens.")
     code, _, err = run_cli(capsys, monkeypatch, "features", "fit", spec, "--layer", "conv2.topk_sae_1x",
                            "--store", st)
     assert code == 1 and "is a feature layer already" in err
