@@ -16,7 +16,9 @@ Deduplication: a patch is identified by its content (`patch_id` = 16 hex of a SH
 crop's pixels, `crop_id`), so identical crops share one patch and one embedding per encoder,
 across units, models and runs. Near-identical boxes share one too: on the same image, a box
 whose IoU with an already kept box is >= `dedup_iou` (default 0.8) reuses that patch. Boxes are
-visited in (layer, unit, rank) order, so the result is deterministic.
+visited in (layer, unit, rank) order, so the result is deterministic. Which patch a box is, once
+cut, is kept by content too (the store's `crops` table: image file hash + box -> patch_id), so a
+later run finds it without decoding the image again.
 """
 
 from __future__ import annotations
@@ -55,6 +57,32 @@ def iou(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
+class _Kept:
+    """The boxes kept on one image, in order, and the first of them a new box merges into:
+    the same box, or IoU >= dedup_iou (`iou`, vectorised over the kept boxes)."""
+
+    def __init__(self):
+        self.boxes = np.zeros((0, 4), np.int64)              # [m, 4] x0, y0, x1, y1
+        self.items: list = []
+
+    def add(self, box, item) -> None:
+        self.boxes = np.vstack([self.boxes, box])
+        self.items.append(item)
+
+    def match(self, box, dedup_iou: float):
+        """The item of the first kept box `box` merges into, or None."""
+        if not self.items:
+            return None
+        b = self.boxes
+        ix = np.maximum(np.minimum(b[:, 2], box[2]) - np.maximum(b[:, 0], box[0]), 0)
+        iy = np.maximum(np.minimum(b[:, 3], box[3]) - np.maximum(b[:, 1], box[1]), 0)
+        inter = ix * iy
+        union = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) + (box[2] - box[0]) * (box[3] - box[1]) - inter
+        same = (b == box).all(1) | (np.where(union > 0, inter / np.maximum(union, 1), 0.0) >= dedup_iou)
+        i = int(same.argmax())
+        return self.items[i] if same[i] else None
+
+
 def boxes_for_maps(maps: torch.Tensor, size: int, q: float = 0.95, min_frac: float = 0.25) -> list[tuple]:
     """maps [n, h, w] -> n boxes in input pixels (x0, y0, x1, y1), x1/y1 exclusive."""
     from scipy import ndimage
@@ -71,7 +99,8 @@ def boxes_for_maps(maps: torch.Tensor, size: int, q: float = 0.95, min_frac: flo
                        align_corners=False)[:, 0]            # [n, size, size]
     flat = up.reshape(n, -1)
     kth = max(1, min(flat.shape[1], int(np.ceil(q * flat.shape[1]))))
-    thr = flat.kthvalue(kth, dim=1).values                   # [n] per-map quantile q
+    # the kth smallest is the last of the (N - kth + 1) largest: a short top-k, far cheaper than kthvalue
+    thr = flat.topk(flat.shape[1] - kth + 1, dim=1, sorted=True).values[:, -1]  # [n] per-map quantile q
     # The region kept is the one around the grid cell where the unit peaked (what `loc_y/loc_x`
     # record): bilinear smoothing can lift a near-tie elsewhere above the true peak's pixels.
     h, w = maps.shape[1:]
@@ -79,22 +108,26 @@ def boxes_for_maps(maps: torch.Tensor, size: int, q: float = 0.95, min_frac: flo
     cy = np.minimum(((cell // w) + 0.5) * size / h, size - 1).astype(int)
     cx = np.minimum(((cell % w) + 0.5) * size / w, size - 1).astype(int)
     up_peak = flat.argmax(dim=1).numpy()                     # [n] fallback
-    mask = (up >= thr[:, None, None]).numpy()
+    mask = (up >= thr[:, None, None]).numpy()                # [n, size, size]
+    # Every map's regions in one labelling: 4-connected within a map (scipy's 2-D default), never
+    # across maps (labels are unique over the stack).
+    within = np.zeros((3, 3, 3), bool)
+    within[1] = ndimage.generate_binary_structure(2, 1)
+    labels, _ = ndimage.label(mask, within)                  # [n, size, size]
+    rows = np.arange(n)
+    off = labels[rows, cy, cx] == 0  # the smoothed peak cell fell under the threshold
+    lab = labels[rows, np.where(off, up_peak // size, cy), np.where(off, up_peak % size, cx)]  # [n]
+    region = labels == lab[:, None, None]                    # [n, size, size] the peak's region
+    ys, xs = region.any(2), region.any(1)                    # [n, size] rows / columns it covers
+    y0, y1 = ys.argmax(1), size - ys[:, ::-1].argmax(1)
+    x0, x1 = xs.argmax(1), size - xs[:, ::-1].argmax(1)
     min_side = max(1, int(round(min_frac * size)))
+    f = full / size
     boxes = []
-    for i in range(n):
-        labels, _ = ndimage.label(mask[i])
-        py, px = cy[i], cx[i]
-        if labels[py, px] == 0:  # the smoothed peak cell fell under the threshold
-            py, px = divmod(int(up_peak[i]), size)
-        region = labels == labels[py, px]
-        ys = np.nonzero(region.any(1))[0]
-        xs = np.nonzero(region.any(0))[0]
-        x0, x1, y0, y1 = int(xs[0]), int(xs[-1]) + 1, int(ys[0]), int(ys[-1]) + 1
-        x0, x1 = _grow(x0, x1, min_side, size)
-        y0, y1 = _grow(y0, y1, min_side, size)
-        f = full / size
-        boxes.append((int(round(x0 * f)), int(round(y0 * f)), int(round(x1 * f)), int(round(y1 * f))))
+    for a, b, c, d in zip(x0.tolist(), x1.tolist(), y0.tolist(), y1.tolist()):
+        a, b = _grow(a, b, min_side, size)
+        c, d = _grow(c, d, min_side, size)
+        boxes.append((int(round(a * f)), int(round(c * f)), int(round(b * f)), int(round(d * f))))
     return boxes
 
 
@@ -132,6 +165,18 @@ def thumbnail_png(crop: Image.Image, side: int = THUMB) -> bytes:
     return buf.getvalue()
 
 
+def cut_before(store, hashes: Sequence[str]) -> dict[tuple, str]:
+    """{(image hash, x0, y0, x1, y1): patch_id} of the boxes the store's `crops` table holds for
+    these images (by content hash): what `extract_patches(cut=...)` need not cut again."""
+    if not hashes or "crops" not in store.tables():
+        return {}
+    t = store.sql("SELECT c.image_hash, c.x0, c.y0, c.x1, c.y1, any_value(c.patch_id) AS patch_id FROM crops c "
+                  "JOIN (SELECT unnest($h) AS image_hash) w USING (image_hash) GROUP BY ALL",
+                  {"h": list(dict.fromkeys(hashes))})
+    cols = [t.column(c).to_pylist() for c in ("image_hash", "x0", "y0", "x1", "y1")]
+    return dict(zip(zip(*cols), t.column("patch_id").to_pylist()))
+
+
 @dataclass
 class PatchSet:
     dataset: str
@@ -146,6 +191,7 @@ class PatchSet:
     n_boxes: int = 0                                         # (unit, image) boxes cut
     n_decoded: int = 0                                       # top images decoded for their pixels
     n_encoded: int = 0                                       # crops run through an encoder
+    cuts: list = field(default_factory=list)                 # (image hash, x0, y0, x1, y1, patch_id) cut here
 
     @property
     def patch_ids(self) -> list[str]:
@@ -158,6 +204,12 @@ class PatchSet:
         types = (pa.string(), pa.string(), pa.string(), pa.int32(), pa.int32(), pa.int32(),
                  pa.int32(), pa.binary())
         return pa.table({c: pa.array([r[c] for r in rows], t) for c, t in zip(cols, types)})
+
+    def cuts_table(self) -> pa.Table:
+        """schema/crops.sql minus run_id: the boxes this set cut, by image content."""
+        cols = ("image_hash", "x0", "y0", "x1", "y1", "patch_id")
+        types = (pa.string(), pa.int32(), pa.int32(), pa.int32(), pa.int32(), pa.string())
+        return pa.table({c: pa.array([r[i] for r in self.cuts], t) for i, (c, t) in enumerate(zip(cols, types))})
 
     def fill_activations(self, activations: pa.Table) -> pa.Table:
         """The activations table with patch_id filled from this set."""
@@ -185,19 +237,28 @@ class PatchSet:
 def extract_patches(target: Target, result: RecordResult, source, layers: Sequence[str] | None = None,
                     q: float = 0.95, min_frac: float = 0.25, dedup_iou: float = 0.8,
                     batch_size: int = 32, encoders: Sequence = (), known: dict | None = None,
-                    stored: frozenset = frozenset(), progress: bool = True) -> PatchSet:
+                    stored: frozenset = frozenset(), hashes: Sequence[str] | None = None,
+                    cut: dict | None = None, progress: bool = True) -> PatchSet:
     """Cut the receptive-field patch of every (layer, unit, top image) of `result`.
 
     Boxes come from the maps the recorder kept for each unit's top images (`keep_maps=True`);
-    without them the maps of the top images are recomputed (a second, light model pass). Each
-    top image is decoded once more for its pixels (`PatchSet.n_decoded`). `source.load(image_id)`
-    must return the RGB image (ImageSource does). When `encoders` are given, each unique crop is
-    embedded once per encoder as it is cut, except the patch ids in `known[encoder.id]` (already
-    in the store); `PatchSet.embeddings[encoder.id]` is then (patch ids, [n, dim]). Rows of the
-    patch ids in `stored` (already in the store's patches table) get no thumbnail (None): a warm
-    run does not re-encode what it will not write."""
+    without them the maps of the top images are recomputed (a second, light model pass). A top
+    image is decoded again for its pixels (`PatchSet.n_decoded`) only when one of its boxes needs
+    them: `source.load(image_id)` must return the RGB image (ImageSource does). When `encoders` are
+    given, each unique crop is embedded once per encoder as it is cut, except the patch ids in
+    `known[encoder.id]` (already in the store); `PatchSet.embeddings[encoder.id]` is then (patch
+    ids, [n, dim]). Rows of the patch ids in `stored` (already in the store's patches table) get
+    no thumbnail (None): a warm run does not re-encode what it will not write.
+
+    `hashes`: the content hash of each of `result`'s images (`images.file_hash`, recorder order);
+    `cut`: {(image hash, x0, y0, x1, y1): patch_id} of boxes cut before (the store's `crops`
+    table). A box found there is not cut and hashed again; an image all of whose boxes are found,
+    stored and encoded is not decoded at all (its size comes from `source.sizes`). Boxes cut here
+    are listed in `PatchSet.cuts` (the rows of schema/crops.sql). Keys are the file's content:
+    a changed file has another hash, and its crops are cut anew."""
     layers = list(layers or result.layers)
     known = known or {}
+    cut = dict(cut or {})
     kept_maps = all(result.layers[n].top_maps is not None for n in layers)
     # Which (layer, unit, rank) need each image: image index -> list of jobs.
     jobs: dict[int, list[tuple[str, int, int]]] = defaultdict(list)
@@ -207,11 +268,11 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
             jobs[int(lr.top_idx[u, r])].append((name, int(u), int(r)))
     order = sorted(jobs)
     ps = PatchSet(result.dataset)
-    kept: dict[str, list[tuple]] = defaultdict(list)  # image_id -> [(box, patch_id, index in boxes)]
     seen: set[str] = set()                                         # patch ids cut in this set
     pending: dict[str, list] = {enc.id: [] for enc in encoders}
     emb_ids: dict[str, list] = {enc.id: [] for enc in encoders}
     emb_parts: dict[str, list] = {enc.id: [] for enc in encoders}
+    sizes = getattr(source, "sizes", {})
     bar = None
     if progress:
         from tqdm import tqdm
@@ -231,13 +292,23 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         ids = [result.image_ids[i] for i in idx]
-        pils = [source.load(iid) for iid in ids]
-        ps.n_decoded += len(pils)
+        pils: list = [None] * len(idx)
         if not kept_maps:
+            pils = [source.load(iid) for iid in ids]
+            ps.n_decoded += len(pils)
             pixels = torch.stack([target.preprocess(im) for im in pils])  # [b, 3, S, S]
             maps = activation_maps(target, layers, pixels)                 # layer -> [b, units, h, w]
-        for j, (i, iid, im) in enumerate(zip(idx, ids, pils)):
-            W, H = im.size
+        for j, (i, iid) in enumerate(zip(idx, ids)):
+
+            def image(j=j, iid=iid):  # the decoded image, loaded the first time a box needs pixels
+                if pils[j] is None:
+                    pils[j] = source.load(iid)
+                    ps.n_decoded += 1
+                return pils[j]
+
+            W, H = sizes[iid] if pils[j] is None and iid in sizes else image().size
+            h = hashes[i] if hashes is not None else None
+            kept = _Kept()                                           # the boxes kept on this image
             todo, boxes = [], []
             for name in layers:  # layers differ in grid size: one stack per layer
                 mine = [job for job in jobs[i] if job[0] == name]
@@ -252,26 +323,31 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
             for (l, u, r), box in zip(todo, boxes):
                 ps.n_boxes += 1
                 ibox = to_image_box(box, S, W, H, target.crop_fraction)
-                pid = None
-                for kbox, kid, kb in kept[iid]:
-                    if kbox == ibox or iou(kbox, ibox) >= dedup_iou:
-                        pid = kid
-                        ps.box_of[(l, u, r)] = kb
-                        break
-                if pid is None:
-                    crop = im.crop(ibox)
-                    pid = crop_id(crop)
-                    kept[iid].append((ibox, pid, len(ps.boxes)))
+                pid, kb = kept.match(ibox, dedup_iou) or (None, None)
+                if pid is not None:
+                    ps.box_of[(l, u, r)] = kb
+                else:
+                    crop = None
+                    pid = cut.get((h, *ibox)) if h is not None else None
+                    if pid is None:  # never cut: cut and hash it
+                        crop = image().crop(ibox)
+                        pid = crop_id(crop)
+                        if h is not None:
+                            cut[(h, *ibox)] = pid
+                            ps.cuts.append((h, *ibox, pid))
+                    kept.add(ibox, (pid, len(ps.boxes)))
                     ps.boxes.append(pid)
                     if pid not in seen:  # identical crops (of any image) are one patch
                         seen.add(pid)
+                        encode = [enc for enc in encoders if pid not in known.get(enc.id, ())]
+                        if crop is None and (encode or pid not in stored):
+                            crop = image().crop(ibox)
                         ps.rows.append({"patch_id": pid, "dataset": result.dataset, "image_id": iid,
                                         "x0": ibox[0], "y0": ibox[1], "x1": ibox[2], "y1": ibox[3],
                                         "thumbnail": None if pid in stored else thumbnail_png(crop)})
-                        for enc in encoders:
-                            if pid not in known.get(enc.id, ()):
-                                pending[enc.id].append(crop)
-                                emb_ids[enc.id].append(pid)
+                        for enc in encode:
+                            pending[enc.id].append(crop)
+                            emb_ids[enc.id].append(pid)
                 ps.assignment[(l, u, r)] = pid
                 ps.box_of.setdefault((l, u, r), len(ps.boxes) - 1)
         if not kept_maps:

@@ -15,9 +15,10 @@ the same work replaces its rows and different work sits beside it:
     scores, explanations            score:<dataset>:<scorer>:<vocabulary>:<encoder>  (per layer)
     evaluations                     eval:<dataset>:<layer>      (evaluate.py)
 
-Patches and embeddings (text, image, crop vectors) are content-addressed: only ids the store does
-not hold yet are written, under a key made of those ids (`patches:<hash>`, `emb:<encoder>:<kind>:
-<hash>`), so they sit beside earlier ones and no re-run drops a row other work refers to.
+Patches, crops (image content + box -> patch) and embeddings (text, image, crop vectors) are
+content-addressed: only ids the store does not hold yet are written, under a key made of those ids
+(`patches:<hash>`, `crops:<hash>`, `emb:<encoder>:<kind>:<hash>`), so they sit beside earlier ones
+and no re-run drops a row other work refers to.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from .explain import explanations_table, summarise
 from .encoding import cached_ids, cached_vectors
 from .images import ImageSource, ProbeMasks, probe_source
 from .models import Target, default_layers, layers_table_rows, list_layers, load_target, resolve_layer
-from .patches import extract_patches
+from .patches import cut_before, extract_patches
 from .record import Recorder, activation_maps
 from .results import DemoResult, DissectResult, EvaluationResult
 from .schema import vector_column
@@ -441,12 +442,14 @@ def _one_pass(d: _Dissection) -> None:
 
 
 def _patches(d: _Dissection) -> None:
-    """Boxes from the maps kept for each unit's top images; each crop embedded once."""
+    """Boxes from the maps kept for each unit's top images; each crop embedded once. Boxes the
+    store's `crops` table holds (by image content) are neither cut nor hashed again."""
     enc = d.enc
     d.stored_patches = _stored_patch_ids(d.store)
     d.ps = ps = extract_patches(d.target, d.rec, d.source, encoders=[enc],
                                 known={enc.id: cached_ids(d.store, enc.id, "patch")},
-                                stored=d.stored_patches, batch_size=d.opts["batch_size"], progress=d.opts["progress"])
+                                stored=d.stored_patches, hashes=d.hashes, cut=cut_before(d.store, d.hashes),
+                                batch_size=d.opts["batch_size"], progress=d.opts["progress"])
     d.counts["crops"] += ps.n_encoded
     d.counts["decoded_for_crops"] = ps.n_decoded
     new_ids, new_m = ps.embeddings[enc.id]
@@ -560,6 +563,8 @@ def _commit(d: _Dissection, started: float):
         if new_rows:
             pids = [r["patch_id"] for r in new_rows]
             run.write("patches", ps.table(new_rows), key=f"patches:{_ids_key(pids)}")
+        if ps.cuts:
+            run.write("crops", ps.cuts_table(), key=f"crops:{_ids_key([':'.join(map(str, c[:5])) for c in ps.cuts])}")
         for encoder_id, kind, ids, m in d.new_vectors:
             if ids:
                 run.write("embeddings", _embedding_rows(encoder_id, kind, ids, m),

@@ -29,6 +29,21 @@ def test_box_follows_the_peak_and_has_a_minimum_size():
     assert boxes_for_maps(torch.ones(3, 1, 1), 64) == [(0, 0, 64, 64)] * 3
 
 
+def test_maps_labelled_together_keep_their_own_regions():
+    """All maps of a call are labelled in one stack: a region never joins through the next map
+    (map 0's two top corners are apart, map 1's top band would bridge them), and each map's box is
+    the one it gets alone."""
+    yy, xx = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    m = -yy - 2 * (3.5 - (xx - 3.5).abs())                   # [8, 8] high at both top corners
+    m = m.expand(3, 8, 8).clone()
+    m[0, 0, 0], m[0, 0, 7] = 5.0, 4.9                        # peak top-left, a second blob top-right
+    m[1] = -yy
+    m[1, 0, :] = 4.0                                         # a band over the whole top row
+    together = boxes_for_maps(m, 64)
+    assert together == [boxes_for_maps(m[i : i + 1], 64)[0] for i in range(3)]
+    assert together[0][2] <= 24 and together[1][2] == 64     # the corner only; the band
+
+
 def test_box_geometry_back_to_the_image():
     # Centre crop of the shorter side: a 200x100 image shows x in 50..150 at input 50 px.
     assert to_image_box((0, 0, 50, 50), 50, 200, 100, 1.0) == (50, 0, 150, 100)
@@ -166,3 +181,31 @@ def test_patches_already_stored_get_no_thumbnail_again(recorded):
     for a, b in zip(first.rows, again.rows):
         assert {k: v for k, v in a.items() if k != "thumbnail"} == {k: v for k, v in b.items() if k != "thumbnail"}
         assert b["thumbnail"] == (None if a["patch_id"] in stored else a["thumbnail"])
+
+
+def test_boxes_cut_before_are_looked_up_not_decoded(recorded):
+    """With the boxes of an earlier cut (image content hash + box -> patch id), the patches stored
+    and their vectors known, no image is decoded: same ids, boxes and rows as cutting them."""
+    t, src, _ = recorded
+    hashes = []                                            # content hash of each image, recorder order
+    with Recorder(t, ["layer2", "fc"], k=3, dataset=src.dataset, keep_maps=True) as rec:
+        for b in src.batches(t.preprocess, 8):
+            rec.update(b.image_ids, b.pixels)
+            hashes += b.hashes
+    res = rec.result()
+    first = extract_patches(t, res, src, encoders=[_MeanColour()], hashes=hashes, progress=False)
+    assert first.n_decoded > 0 and len(first.cuts) == len(first.boxes)    # every kept box, cut once
+    cut = {tuple(c[:5]): c[5] for c in first.cuts}
+    assert all(pid == crop_id(src.load(res.image_ids[hashes.index(h)]).crop(box))
+               for (h, *box), pid in cut.items())
+    enc = _MeanColour()
+    again = extract_patches(t, res, src, encoders=[enc], known={enc.id: set(first.patch_ids)},
+                            stored=frozenset(first.patch_ids), hashes=hashes, cut=cut, progress=False)
+    assert again.n_decoded == enc.n == 0 and not again.cuts
+    assert (again.assignment, again.boxes, again.box_of) == (first.assignment, first.boxes, first.box_of)
+    assert [{**r, "thumbnail": None} for r in first.rows] == again.rows
+    # A patch the store lacks (no thumbnail yet) needs its pixels: only its image is decoded.
+    missing = first.rows[0]
+    third = extract_patches(t, res, src, stored=frozenset(first.patch_ids) - {missing["patch_id"]},
+                            hashes=hashes, cut=cut, progress=False)
+    assert third.n_decoded == 1 and third.rows[0] == missing

@@ -212,3 +212,57 @@ def test_warm_rerun_reuses_stored_patches_and_their_thumbnails(probe_world, tmp_
     assert first["passes"]["encoded_crops"] > 0 and again["passes"]["encoded_crops"] == 0
     assert "patches" not in again["rows"]
     assert store.sql("SELECT unit, summary FROM explanations ORDER BY unit").to_pylist() == expl
+
+
+def _tables(store: Store) -> dict:
+    """Every table's rows but the runs' (run ids differ), in a fixed order."""
+    out = {}
+    for t in store.tables():
+        if t != "runs":
+            cols = ", ".join(f'"{c}"' for c, *_ in store.schema(t) if c != "run_id")
+            out[t] = store.sql(f'SELECT {cols} FROM "{t}" ORDER BY ALL').to_pylist()
+    return out
+
+
+def test_warm_dissect_cuts_no_crop_again_and_writes_the_tables_of_a_cold_one(probe_world, tmp_path):
+    """The same dissect again finds every box in the store's crops table (by image content): it
+    decodes no image for its patches and encodes nothing, and the store ends exactly as the cold
+    run left it."""
+    store = Store.open(tmp_path / "s")
+    kw = dict(world=probe_world, layers=["conv2"], scorers=["patch", "cos_cubed"], k=3, max_images=40,
+              progress=False, log=lambda *a: None, evaluate=False)
+    cold = dissect(store, f"probe:cnn@{probe_world.root}", **kw)
+    assert cold["passes"]["decoded_for_crops"] > 0
+    crops = store.sql("SELECT count(*) AS n, count(DISTINCT (image_hash, x0, y0, x1, y1)) AS k FROM crops").to_pylist()[0]
+    assert crops["n"] == crops["k"] > 0
+    before = _tables(store)
+    warm = dissect(store, f"probe:cnn@{probe_world.root}", **kw)
+    p = warm["passes"]
+    assert p["decoded_for_crops"] == p["encoded_crops"] == p["encoded_images"] == p["encoded_texts"] == 0
+    assert warm["patches"] == cold["patches"] and warm["patch_boxes"] == cold["patch_boxes"]
+    assert "crops" not in warm["rows"] and "patches" not in warm["rows"]
+    assert _tables(store) == before
+
+
+def test_a_changed_image_file_gets_its_crops_cut_anew(probe_world, tmp_path):
+    """Crops are keyed by the file's content, never its name: an image overwritten under the same
+    name is decoded and cut again, and the run's patches are those of a cold run on the new files."""
+    import shutil
+
+    paths = probe_world.images().column("path").to_pylist()
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        shutil.copy(paths[i], folder / f"{i:02d}.png")
+    kw = dict(layers=["conv2"], scorers=["patch"], k=3, progress=False, log=lambda *a: None)
+    spec = f"probe:cnn@{probe_world.root}"
+    store = Store.open(tmp_path / "s")
+    dissect(store, spec, images=folder, **kw)
+    shutil.copy(paths[5], folder / "00.png")                     # same name, other content
+    warm = dissect(store, spec, images=folder, **kw)
+    cold = Store.open(tmp_path / "cold")
+    first = dissect(cold, spec, images=folder, **kw)
+    # the changed image (and any unchanged one with a box never cut before) is decoded again
+    assert 1 <= warm["passes"]["decoded_for_crops"] < first["passes"]["decoded_for_crops"] == 4
+    q = "SELECT layer, unit, rank, image_id, patch_id FROM activations WHERE run_id = $r ORDER BY ALL"
+    assert store.sql(q, {"r": warm["run_id"]}).to_pylist() == cold.sql(q, {"r": first["run_id"]}).to_pylist()
