@@ -14,7 +14,8 @@ CREATE TABLE audit_units (
     label_confidence  FLOAT,      -- confidence of the label in [0, 1]
     relatedness       FLOAT,      -- MiniLM cosine of the label and the class name
     threshold         FLOAT,      -- relatedness below this flags the unit (see neurostore.analysis.audit)
-    flagged           BOOLEAN,    -- the unit drives the class and its label is unrelated to the class name
+    selectivity       FLOAT,      -- AUROC of the unit's per-image peak activation, the class's probe images against the others' (0.5: fires alike on every class)
+    flagged           BOOLEAN,    -- the unit drives the class, fires selectively on it (selectivity >= 0.9) and its label is unrelated to the class name
     scorer            VARCHAR,    -- scorer whose explanations were used
     n_images          INTEGER,    -- probe images of the class the figures are over
     dataset           VARCHAR,    -- probe set id

@@ -21,14 +21,21 @@ from PIL import Image
 
 from .. import devices
 from ..errors import BadInput, BadParameter, UnknownLayer, UnknownModel, unknown
-from ..hooks import forward_hooks
+from ..hooks import forward_hooks, keep
 from ..models import list_layers, load_target
 from ..store import Store
 from ..textembed import embed_texts as minilm  # [n, 384] unit MiniLM vectors, cached per phrase
 
-# Images pushed through a model per forward pass in ablations and contributions: small models
-# of the probe world fit thousands, real ones a few dozen; 64 keeps memory flat for both.
+# Images pushed through a model per forward pass in ablations and contributions: 64 at 224 px
+# (real models), more for smaller inputs so that a batch holds the same number of pixels (784 at
+# the probe world's 64 px: its tiny models run 4-6x faster per image in large batches on a CPU).
 BATCH = 64
+
+
+def batch_size(pixels: torch.Tensor) -> int:
+    """Images per forward pass for inputs like `pixels` ([n, 3, H, W]): as many pixels as BATCH
+    images at 224 px, at most 1024 images."""
+    return int(np.clip(BATCH * 224 * 224 // (pixels.shape[-1] * pixels.shape[-2]), 1, 1024))
 
 
 def open_store(store: Store | str | Path, read_only: bool = False) -> Store:
@@ -163,16 +170,121 @@ def _channel_dim(target, out: torch.Tensor) -> int:
     return 1 if out.dim() in (2, 4) else out.dim() - 1
 
 
-def zeroed(target, units: dict[str, list[int]]):
+def zeroed(target, units: dict[str, list[int]], tokens: "TokenAblation | None" = None):
     """Forward hooks, for a `with` block, that set the given units of each layer to 0 (every
-    position and token: the whole unit is removed, as in the papers' ablation studies)."""
+    position and token: the whole unit is removed, as in the papers' ablation studies); with
+    `tokens`, also the tokens it masks replaced by their mean where they enter the blocks."""
     def zero(idx: torch.Tensor):
         def hook(out):
             z = out.clone()  # never in place: a later in-place op could see the original
             return z.index_fill_(_channel_dim(target, z), idx.to(z.device), 0.0)
         return hook
+    pre = {tokens.entry: tokens.hook} if tokens is not None else None
     return forward_hooks(target.module, {
-        layer: zero(torch.tensor(sorted(us), dtype=torch.long, device=target.device)) for layer, us in units.items()})
+        layer: zero(torch.tensor(sorted(us), dtype=torch.long, device=target.device)) for layer, us in units.items()},
+        pre=pre)
+
+
+# ---- token ablation (ViTs) ------------------------------------------------------------------------
+# A ViT does not keep a cue in its MLP neurons: the patch tokens where the cue is drawn carry it
+# through attention and the residual stream, around any neuron that is zeroed. So a token model's
+# units are removed together with the tokens they fire on: each image's patch tokens where a
+# unit exceeds FIRE x its largest activation on the probe images are replaced, where the tokens
+# enter the first block, by the mean token of that position (mean ablation).
+
+FIRE = 0.5
+
+
+def block_entry(target, layer: str) -> str | None:
+    """The first block of the block list `layer` sits in ('blocks.0' for 'blocks.2.mlp.fc1',
+    'transformer.resblocks.0' for 'transformer.resblocks.5.mlp.c_fc'): its input is the token
+    sequence entering the residual stream. None when `layer` is in no numbered block list."""
+    modules = dict(target.module.named_modules())
+    parts = layer.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit() and isinstance(modules.get(".".join(parts[:i])), (torch.nn.ModuleList, torch.nn.Sequential)):
+            first = ".".join(parts[:i] + ["0"])
+            return first if first in modules else None
+    return None
+
+
+def _btc(target, t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(0, 1) if target.token_layout == "tbc" else t  # -> [b, t, c]
+
+
+@dataclass
+class IntactStats:
+    """The intact model on the probe images: the baselines of contributions and token ablation."""
+
+    mean: dict[str, torch.Tensor]        # layer -> its mean output per position ([c, h, w], [t, c] or [c])
+    peak: dict[str, np.ndarray]          # layer -> [images, units] largest activation over positions/patch tokens
+    act_max: dict[str, torch.Tensor]     # token layer -> [units] largest activation over patch tokens
+    entry_mean: dict[str, torch.Tensor]  # block entry -> [t, d] mean token per position
+
+
+@torch.no_grad()
+def intact_stats(target, pixels: torch.Tensor, layers: Sequence[str]) -> IntactStats:
+    """One pass over `pixels` recording each layer's mean output and per-image peak, each token
+    layer's largest patch-token activation per unit, and the mean token at each token layer's
+    block entry."""
+    entries = {e for e in (block_entry(target, l) for l in layers) if e} if target.grid_size is not None else set()
+    act_max: dict[str, torch.Tensor] = {}
+    sums: dict[str, torch.Tensor] = {}
+    peaks: dict[str, list[np.ndarray]] = {}
+    p, batch = target.num_prefix_tokens, batch_size(pixels)
+    for i in range(0, len(pixels), batch):
+        outs = {}
+        with forward_hooks(target.module, {l: keep(outs, l) for l in layers}, pre={e: keep(outs, ("in", e)) for e in entries}):
+            logits_of(target, pixels[i : i + batch], exact=True)
+        for l, a in outs.items():
+            a = _btc(target, a).float() if a.dim() == 3 else a.float()   # tokens as [b, t, c]
+            sums[l] = a.sum(0) if l not in sums else sums[l] + a.sum(0)
+            if isinstance(l, tuple):
+                continue
+            peak = a[:, p:].amax(1) if a.dim() == 3 else a.amax((2, 3)) if a.dim() == 4 else a  # [b, units]
+            peaks.setdefault(l, []).append(peak.cpu().numpy())
+            if a.dim() == 3:
+                m = peak.amax(0)                                          # [units]
+                act_max[l] = m if l not in act_max else torch.maximum(act_max[l], m)
+    means = {k: v / max(1, len(pixels)) for k, v in sums.items()}
+    return IntactStats({l: means[l] for l in layers if l in means}, {l: np.concatenate(v) for l, v in peaks.items()},
+                       act_max,
+                       {e: means[("in", e)] for e in entries if ("in", e) in means})
+
+
+class TokenAblation:
+    """The tokens where `units` fire, for one batch at a time: `mask(x)` runs the intact model on
+    the batch and marks them; `hook` (a pre-hook on `entry`) swaps them for the mean token."""
+
+    def __init__(self, target, units: dict[str, list[int]], stats: IntactStats):
+        self.target, self.units = target, {l: us for l, us in units.items() if l in stats.act_max}
+        entries = {block_entry(target, l) for l in self.units}
+        self.entry = next(iter(entries)) if len(entries) == 1 else None
+        self.thresholds = {l: FIRE * stats.act_max[l][us] for l, us in self.units.items()}  # [k] each
+        self.mean = stats.entry_mean.get(self.entry)                     # [t, d]
+        self.masked: torch.Tensor | None = None                           # [b, t] of the last batch
+
+    @property
+    def usable(self) -> bool:
+        return bool(self.units) and self.entry is not None and self.mean is not None
+
+    @torch.no_grad()
+    def mask(self, x: torch.Tensor) -> None:
+        outs = {}
+        with forward_hooks(self.target.module, {l: keep(outs, l) for l in self.units}):
+            logits_of(self.target, x)
+        m = None
+        for l, us in self.units.items():
+            a = _btc(self.target, outs[l])[..., us].float()               # [b, t, k]
+            fired = (a > self.thresholds[l].to(a.device)).any(-1)        # [b, t]
+            m = fired if m is None else m | fired
+        m[:, : self.target.num_prefix_tokens] = False                     # the class token is the readout
+        self.masked = m
+
+    def hook(self, x: torch.Tensor) -> torch.Tensor:
+        xb = _btc(self.target, x)                                         # [b, t, d]
+        out = torch.where(self.masked[..., None].to(xb.device), self.mean.to(xb.device, xb.dtype), xb)
+        return out.transpose(0, 1) if self.target.token_layout == "tbc" else out
 
 
 def logits_of(target, x: torch.Tensor, exact: bool = False) -> torch.Tensor:
@@ -188,22 +300,27 @@ def logits_of(target, x: torch.Tensor, exact: bool = False) -> torch.Tensor:
 
 
 @torch.no_grad()
-def all_logits(target, pixels: torch.Tensor, units: dict[str, list[int]] | None = None, batch: int = BATCH) -> np.ndarray:
-    """[n, classes] logits, optionally with `units` zeroed."""
+def all_logits(target, pixels: torch.Tensor, units: dict[str, list[int]] | None = None, batch: int | None = None,
+               tokens: TokenAblation | None = None) -> np.ndarray:
+    """[n, classes] logits, optionally with `units` zeroed (and the `tokens` they fire on ablated)."""
     out = []
-    ctx = zeroed(target, units) if units else contextlib.nullcontext()
-    with ctx:
-        for i in range(0, len(pixels), batch):
-            out.append(logits_of(target, pixels[i : i + batch]).float().cpu().numpy())
+    batch = batch or batch_size(pixels)
+    for i in range(0, len(pixels), batch):
+        x = pixels[i : i + batch]
+        if tokens is not None:
+            tokens.mask(x)  # the intact model marks this batch's tokens before the ablated pass
+        with zeroed(target, units or {}, tokens) if units else contextlib.nullcontext():
+            out.append(logits_of(target, x).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
 @torch.no_grad()
-def predict(target, pixels: torch.Tensor, units: dict[str, list[int]] | None = None, batch: int = BATCH) -> np.ndarray:
-    """Predicted class index per image, optionally with `units` zeroed."""
+def predict(target, pixels: torch.Tensor, units: dict[str, list[int]] | None = None, batch: int | None = None,
+            tokens: TokenAblation | None = None) -> np.ndarray:
+    """Predicted class index per image, optionally with `units` zeroed (and `tokens` ablated)."""
     if not len(pixels):
         return np.zeros(0, np.int64)
-    return all_logits(target, pixels, units, batch).argmax(1)
+    return all_logits(target, pixels, units, batch, tokens).argmax(1)
 
 
 def per_class_accuracy(preds: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> dict[str, tuple[float, int]]:

@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+from scipy.stats import rankdata
 from tqdm import tqdm
 
 from ..errors import BadInput, BadParameter, NeurostoreError, unknown
@@ -55,12 +56,14 @@ from ..hooks import forward_hooks, keep
 from ..models import list_layers
 from ..schema import load_schemas
 from ..store import Store
-from ._common import (BATCH, all_logits, check_models, logits_of, model_layers, open_store, per_class_accuracy, predict,
-                      probe_images, relatedness, resolve, stored_models, world_of, load_model, cue_flip_rate)
+from ._common import (TokenAblation, all_logits, batch_size, check_models, cue_flip_rate, load_model, logits_of,
+                      model_layers, open_store, per_class_accuracy, predict, probe_images, relatedness, resolve,
+                      stored_models, intact_stats, world_of)
 from .ablate import cue_pairs_for
 from .compare import explanations, pick_scorer
 
 THRESHOLD = 0.5
+SELECTIVE = 0.9         # flagged units fire on the class's images more than on others': AUROC >= this
 TOP_UNITS = 10
 VERIFY_TOP = 3          # findings verified per class (by contribution)
 MIN_DROP = 0.05         # verified: flip rate drops by at least max(MIN_DROP, REL_DROP x before)
@@ -87,13 +90,17 @@ class AuditResult:
 # ---- contributions ----------------------------------------------------------------------------------
 
 
-def _sum_positions(target, g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """grad x act summed over every position/token -> [batch, units]."""
-    ga = g * a
+def _sum_positions(target, g: torch.Tensor, a: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """grad x (act - mean act) summed over every position/token -> [batch, units]. The mean
+    (per position, over the probe images) is the baseline: a unit that fires alike on every
+    class's images (a colour, in the probe world) contributes nothing to telling them apart."""
+    if a.dim() == 3 and target.token_layout == "tbc":
+        g, a = g.transpose(0, 1), a.transpose(0, 1)     # -> [b, t, c], as the mean is kept
+    ga = g * (a - mean.to(a.device))
     if ga.dim() == 4:
         return ga.sum((2, 3))                           # [b, c, h, w] -> [b, c]
     if ga.dim() == 3:
-        return ga.sum(0 if target.token_layout == "tbc" else 1)  # tokens -> [b, c]
+        return ga.sum(1)                                # [b, t, c] -> [b, c]
     return ga                                           # [b, c]
 
 
@@ -141,17 +148,19 @@ def head_input_layer(target, pixels: torch.Tensor) -> str | None:
     return None
 
 
-def contributions(target, probe, layers: Sequence[str], head_layer: str | None) -> dict:
-    """Mean grad x act per (layer, class) [classes, units] over each class's images (toward its
-    own logit), and weight x act at the head input [classes, units]."""
+def contributions(target, probe, layers: Sequence[str], head_layer: str | None, means: dict) -> dict:
+    """Mean grad x (act - mean act) per (layer, class) [classes, units] over each class's images
+    (toward its own logit; `means` from intact_stats), and weight x act at the head input
+    [classes, units]."""
     n_cls = len(probe.classes)
     sums = {layer: None for layer in layers}
     wxa = None
     counts = np.bincount(probe.labels, minlength=n_cls).astype(np.float64)
     head = head_of(target)
-    for i in range(0, len(probe.pixels), BATCH):
-        x = probe.pixels[i : i + BATCH]
-        y = torch.from_numpy(probe.labels[i : i + BATCH])
+    batch = batch_size(probe.pixels)
+    for i in range(0, len(probe.pixels), batch):
+        x = probe.pixels[i : i + batch]
+        y = torch.from_numpy(probe.labels[i : i + batch])
         outs, inp = {}, {}
         pre = {head[0]: keep(inp, "x")} if head is not None and head_layer is not None else {}
         with forward_hooks(target.module, {n: keep(outs, n) for n in layers}, pre=pre), torch.enable_grad():
@@ -164,7 +173,7 @@ def contributions(target, probe, layers: Sequence[str], head_layer: str | None) 
         for n, g in zip(names, grads):
             a = outs[n].detach()
             g = torch.zeros_like(a) if g is None else g
-            per = _sum_positions(target, g.float(), a.float()).cpu().double()  # [b, units] (MPS has no fp64)
+            per = _sum_positions(target, g.float(), a.float(), means[n]).cpu().double()  # [b, units] (MPS has no fp64)
             s = onehot.T @ per                                    # [classes, units]
             sums[n] = s if sums[n] is None else sums[n] + s
         if "x" in inp:
@@ -214,36 +223,55 @@ def audit_model(st: Store, model: str, classes: Sequence[str] | None, scorer: st
     if not layers:
         raise BadInput(f"Model '{model}' has no dissected layers in the store that exist in '{target.spec}'.")
     head_layer = head_input_layer(target, probe.pixels)
-    contrib = contributions(target, probe, layers, head_layer)
+    intact = intact_stats(target, probe.pixels, layers)
+    contrib = contributions(target, probe, layers, head_layer, intact.mean)
     world = world_of(target)
     pairs = cue_pairs_for(world, target)
     base_preds = predict(target, probe.pixels)
     base = per_class_accuracy(base_preds, probe.labels, probe.classes)
+    # Ablations are measured on the audited class's own images only (its accuracy is all they report).
+    own = {ci: probe.pixels[torch.from_numpy(np.flatnonzero(probe.labels == ci))] for ci in range(len(probe.classes))}
     if pairs is not None:
         clean, cued, plabels = pairs
         base_lc, base_lq = all_logits(target, clean), all_logits(target, cued)
 
-    def cue_stats(ci: int, units=None):
+    def ablation(units):
+        """How a finding's units are removed: zeroed, and on a token model also the tokens they
+        fire on (module doc of _common, token ablation); (what, TokenAblation or None)."""
+        tok = TokenAblation(target, units, intact) if target.grid_size is not None else None
+        return ("units+tokens", tok) if tok is not None and tok.usable else ("units", None)
+
+    def cue_stats(ci: int, units=None, tokens=None):
         """(flip rate, cued accuracy of other classes, cue gain, n): the cue gain is the mean rise
         of the class's logit when the cue is drawn on other-class scenes. Zeroing units that carry
         the class's shape lowers its logit with and without the cue alike; zeroing the cue's units
         removes the rise: the gain separates the two where the flip rate alone cannot."""
         if pairs is None:
             return None, None, None, 0
-        lc = base_lc if units is None else all_logits(target, clean, units)
-        lq = base_lq if units is None else all_logits(target, cued, units)
+        lc = base_lc if units is None else all_logits(target, clean, units, tokens=tokens)
+        lq = base_lq if units is None else all_logits(target, cued, units, tokens=tokens)
         pc, pq = lc.argmax(1), lq.argmax(1)
         flip, n = cue_flip_rate(pc, pq, plabels, ci)
         m = plabels != ci
         gain = float((lq[m, ci] - lc[m, ci]).mean()) if m.any() else None
         return flip, float((pq[m] == plabels[m]).mean()) if m.any() else None, gain, n
 
+    # Selectivity: AUROC of each unit's per-image peak, the class's images against the rest
+    # (0.5 = fires alike on every class, the baseline of a concept that has nothing to do with it).
+    ranks = {l: rankdata(p, axis=0) for l, p in intact.peak.items()}    # [images, units]
+
+    def selectivity(ci: int, layer: str) -> np.ndarray:
+        m = probe.labels == ci
+        n1, n0 = int(m.sum()), int((~m).sum())
+        if layer not in ranks or not n1 or not n0:
+            return np.full(len(contrib["grad_x_act"][layer][ci]), np.nan)
+        return (ranks[layer][m].sum(0) - n1 * (n1 + 1) / 2) / (n1 * n0)  # [units]
+
     ci_of = {c: i for i, c in enumerate(probe.classes)}
     labels_sorted = sorted({e["label"] for e in expl.values() if e["label"]})
     R = relatedness(want, labels_sorted)               # [classes, labels] MiniLM cosine
     rel = {c: dict(zip(labels_sorted, R[i].tolist())) for i, c in enumerate(want)}
     unit_rows, finding_rows, effect_rows = [], [], []
-    single_cache: dict[tuple, dict] = {}
     for c in tqdm(want, desc=f"audit {model}", disable=not progress, leave=False):
         ci = ci_of[c]
         if c not in base:
@@ -260,22 +288,22 @@ def audit_model(st: Store, model: str, classes: Sequence[str] | None, scorer: st
                     cands.append((float(v), layer, u, float(v / pos) if pos > 0 else 0.0))
         cands.sort(key=lambda t: (-t[0], t[1], t[2]))
         top = cands[:top_units]
+        sel = {layer: selectivity(ci, layer) for layer in {t[1] for t in top}}
         for rank, (v, layer, u, share) in enumerate(top):
             key = (layer, u)
-            if key not in single_cache:
-                preds = predict(target, probe.pixels, {layer: [u]})
-                single_cache[key] = per_class_accuracy(preds, probe.labels, probe.classes)
-            acc_a = single_cache[key][c][0]
+            acc_a = float((predict(target, own[ci], {layer: [u]}) == ci).mean())
             e = expl.get(key, {})
             label = e.get("label")
             r = rel[c].get(label) if label else None
+            s_u = float(sel[layer][u])
             w = None
             if head_layer == layer and contrib["weight_x_act"] is not None:
                 w = float(contrib["weight_x_act"][ci, u])
             unit_rows.append({"class": c, "rank": rank, "layer": layer, "unit": u, "grad_x_act": v, "weight_x_act": w,
                               "share": share, "ablation_effect": acc_a - acc_b, "label": label,
                               "label_confidence": e.get("confidence"), "relatedness": r, "threshold": threshold,
-                              "flagged": bool(r is not None and r < threshold), "scorer": scorer, "n_images": n_img,
+                              "selectivity": s_u, "flagged": bool(r is not None and r < threshold and s_u >= SELECTIVE),
+                              "scorer": scorer, "n_images": n_img,
                               "dataset": probe.dataset, "model": model})
             effect_rows.append({"layer": layer, "unit": u, "units": None, "class": c, "kind": "grad_x_act", "value": v,
                                 "baseline": None, "ablated": None, "n_images": n_img, "dataset": probe.dataset,
@@ -298,11 +326,14 @@ def audit_model(st: Store, model: str, classes: Sequence[str] | None, scorer: st
             units: dict[str, list[int]] = {}
             for r in rows:
                 units.setdefault(r["layer"], []).append(r["unit"])
-            acc_a = flip_a = cued_a = gain_a = None
+            acc_a = flip_a = cued_a = gain_a = how = None
             if frank < verify_top:
-                preds = predict(target, probe.pixels, units)
-                acc_a = per_class_accuracy(preds, probe.labels, probe.classes)[c][0]
-                flip_a, cued_a, gain_a, _ = cue_stats(ci, units)
+                how, tok = ablation(units)
+                acc_a = float((predict(target, own[ci], units, tokens=tok) == ci).mean())
+                # Verification needs a reliance to remove (_verified): without one the cue pairs
+                # are not run again, and the finding is not verified.
+                if flip_b is not None and flip_b >= MIN_DROP and gain_b is not None and gain_b > 0:
+                    flip_a, cued_a, gain_a, _ = cue_stats(ci, units, tok)
                 for layer, us in units.items():
                     effect_rows.append({"layer": layer, "unit": None, "units": sorted(us), "class": c, "kind": "ablation",
                                         "value": acc_a - acc_b, "baseline": acc_b, "ablated": acc_a, "n_images": n_img,
@@ -317,7 +348,8 @@ def audit_model(st: Store, model: str, classes: Sequence[str] | None, scorer: st
                 "cued_accuracy_before": cued_b if frank < verify_top else None, "cued_accuracy_after": cued_a,
                 "cue_gain_before": gain_b if frank < verify_top else None, "cue_gain_after": gain_a,
                 "reliance_drop": drop,
-                "verified": _verified(flip_b, flip_a, gain_b, gain_a) if frank < verify_top else None,
+                "verified": (bool(_verified(flip_b, flip_a, gain_b, gain_a)) if flip_b is not None else None)
+                            if frank < verify_top else None, "ablation": how,
                 "headline": False, "scorer": scorer, "n_images": n_img, "n_pairs": n_pairs if pairs is not None else None,
                 "dataset": probe.dataset, "model": model})
     # Headline: the verified finding with the largest reliance drop; else the finding whose
@@ -327,7 +359,9 @@ def audit_model(st: Store, model: str, classes: Sequence[str] | None, scorer: st
     verified = [f for f in finding_rows if f["verified"]]
     measured = [f for f in finding_rows if f.get("reliance_drop") is not None and f["reliance_drop"] > 0]
     if verified:
-        headline = max(verified, key=lambda f: (_gain_drop(f), f["contribution"]))
+        # gain drops within 0.1 of each other are a tie (token ablation removes a cue whole
+        # whichever of its findings it starts from): the larger contribution wins
+        headline = max(verified, key=lambda f: (round(_gain_drop(f), 1), f["contribution"]))
     elif measured:
         headline = max(measured, key=lambda f: (f["reliance_drop"], f["contribution"]))
     elif finding_rows:
@@ -338,6 +372,7 @@ def audit_model(st: Store, model: str, classes: Sequence[str] | None, scorer: st
                "head_layer": head_layer, "layers": layers, "classes": want,
                "class": headline["class"] if headline else None, "concept": headline["concept"] if headline else None,
                "verified": headline["verified"] if headline else None,
+               "ablation": headline["ablation"] if headline else None,
                "neurons": headline["neurons"] if headline else [],
                "cue_flip_before": headline["cue_flip_before"] if headline else None,
                "cue_flip_after": headline["cue_flip_after"] if headline else None,
