@@ -269,3 +269,35 @@ def test_compare_cnn_vit_and_find_open_vocabulary(world_store):
     f = find(st, "a small bright spot in the corner", methods=("open",))
     assert f.encoders == [world.encoder().id]
     assert f.units.num_rows > 0 and set(f.units.column("method").to_pylist()) == {"open"}
+
+
+# ---- token ablation (the ViT audit's verification) ---------------------------------------------------
+
+
+def test_token_ablation_swaps_only_the_patch_tokens_where_the_units_fire(probe_world):
+    """A ViT keeps a cue in its patch tokens, around any zeroed MLP neuron: the audit removes the
+    units together with the tokens they fire on, mean-ablated where tokens enter the blocks."""
+    import torch
+
+    from neurostore.analysis._common import TokenAblation, all_logits, block_entry, intact_stats
+    from neurostore.models import load_target
+
+    t = load_target(f"probe:vit@{probe_world.root}")
+    assert block_entry(t, "blocks.2.mlp.fc1") == "blocks.0" and block_entry(t, "head") is None
+    _, cued, _ = probe_world.cue_pairs()
+    x = cued[:48]
+    layer = "blocks.1.mlp.fc1"
+    stats = intact_stats(t, x, [layer])
+    assert stats.peak[layer].shape == (48, 128) and stats.entry_mean["blocks.0"].shape == (65, 64)
+    units = {layer: [int(stats.peak[layer].max(0).argmax())]}    # the unit with the largest peak
+    tok = TokenAblation(t, units, stats)
+    assert tok.usable and tok.entry == "blocks.0"
+    tok.mask(x)
+    m = tok.masked                                                  # [48, 65]
+    assert not m[:, 0].any() and m.any() and not m.all()            # never the class token
+    with_tokens = all_logits(t, x, units, tokens=tok)
+    zeroed_only = all_logits(t, x, units)
+    hit = m.any(1).numpy()
+    assert np.allclose(with_tokens[~hit], zeroed_only[~hit], atol=1e-5)  # nothing masked: same logits
+    assert not np.allclose(with_tokens[hit], zeroed_only[hit], atol=1e-3)
+    torch.testing.assert_close(torch.from_numpy(all_logits(t, x)), torch.from_numpy(all_logits(t, x, batch=7)))
