@@ -120,8 +120,9 @@ def build_report(store, out, models: list[str] | None = None, max_units: int | N
                 # files the store names.
                 keys = {p["image_key"] for c in cards.values() for p in c["patches"] if p["has_full"]}
                 keys |= {i["image_key"] for c in cards.values() for b in c["quantiles"] for i in b["images"]}
-                for key in sorted(keys - written_images):
-                    png = D.image_png(run, key)
+                paths = D.image_paths(run, sorted(keys - written_images))  # one query per layer, not per image
+                for key in sorted(paths):
+                    png = D.image_png(run, key, path=paths[key])
                     if png:
                         _write(out / "images" / f"{key}.png", png)
                         written_images.add(key)

@@ -450,18 +450,19 @@ def open_image(run: Run, key: str, path: str | None = None):
         return None
 
 
-def image_png(run: Run, key: str, side: int = 320) -> bytes | None:
-    """The whole probe image `key` as a PNG at most `side` px; None when its file is gone."""
+def image_png(run: Run, key: str, side: int = 320, path: str | None = None) -> bytes | None:
+    """The whole probe image `key` as a PNG at most `side` px; None when its file is gone.
+    `path`: its file, already looked up with image_paths (a caller writing many)."""
     import io
 
     from PIL import Image
 
-    im = open_image(run, key)
+    im = open_image(run, key, path)
     if im is None:
         return None
     im.thumbnail((side, side), Image.Resampling.BILINEAR)
     buf = io.BytesIO()
-    im.save(buf, format="PNG")
+    im.save(buf, format="PNG", compress_level=plots.PNG_LEVEL)
     return buf.getvalue()
 
 
