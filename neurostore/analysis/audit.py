@@ -9,21 +9,25 @@ that is unrelated to the class, and whether removing them removes the model's re
 
 Per model and class, on the labelled probe images the model was dissected on:
 
-1. contributions. gradient x activation toward the class logit for every unit of every
+1. contributions. gradient x (activation - its mean on the probe images) toward the class logit for every unit of every
    dissected layer (the layers table), summed over positions/tokens and averaged over the
    class's images; and, for the layer whose pooled output is the classifier head's input
    (found by comparing tensors, not names), weight x activation (W[class, unit] x input).
 2. driving units: the `top_units` units with the largest positive grad x act (all layers).
 3. ablation: each driving unit zeroed alone -> change of the class's accuracy.
 4. explanations: each unit's label (top concept) under `scorer` from the store; relatedness =
-   MiniLM cosine(label, class name); flagged when below `threshold`.
+   MiniLM cosine(label, class name); flagged when below `threshold` AND the unit fires
+   selectively on the class's images (selectivity = AUROC of its per-image peak, class vs rest,
+   >= SELECTIVE; 0.5 is a unit that fires alike on every class, like the probe world's colour
+   units, which drive every shape).
    THRESHOLD = 0.5, calibrated on the probe world: a class name scores 1.0 with itself, other
    shape names score 0.26-0.56 with it, and every cue, colour and texture word scores at most
    0.46 with every shape name ('dot' vs 'circle' 0.45 is the closest), so 0.5 flags every
    cue word for every class while a unit labelled with the class's own name is never
    flagged. (Single-word MiniLM cosines between unrelated everyday words sit at 0.1-0.45.)
 5. findings: flagged units grouped by label -> (class, concept, neurons, contribution).
-   Each is verified by zeroing its units together: class accuracy before/after and, in the
+   Each is verified by zeroing its units together (a token model's also by mean-ablating the
+   patch tokens they fire on, where tokens enter the blocks: a ViT carries a cue in its tokens): class accuracy before/after and, in the
    probe world, the cue flip rate toward the class (other-class scenes that become the class
    once the cue is drawn, from world.cue_pairs) before/after. verified when the flip rate
    drops by at least max(0.05, 0.3 x before) AND the cue gain (mean rise of the class logit
