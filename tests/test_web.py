@@ -382,7 +382,8 @@ def test_card_shows_the_units_it_feeds_and_is_fed_by_and_the_classes_it_pushes()
     assert [e["class"] for e in w["classes"]] == ["star", "circle"] and w["n_images"] == 64
     assert [e["scale"] for e in w["fed_by"]] == pytest.approx([1.0, 1 / 3])
     assert w["layers"] == {"fed_by": "l0", "feeds": "l2"}
-    assert cards[6]["wiring"] == {"fed_by": [], "feeds": [], "classes": [], "n_images": None, "layers": w["layers"]}
+    assert cards[6]["wiring"] == {"fed_by": [], "feeds": [], "classes": [], "n_images": None, "layers": w["layers"],
+                                  "covered": True}
     card = {"id": "m/l1/5", "model": "m", "layer": "l1", "unit": 5, "patches": [], "scorers": [], "summaries": [],
             "effects": [], "classes": [], "stats": None, "headline": None, "prev": 4, "next": None, "wiring": w}
     html = render("neuron.html", card, Links())
@@ -394,6 +395,11 @@ def test_card_shows_the_units_it_feeds_and_is_fed_by_and_the_classes_it_pushes()
     assert "style=" not in html.split('class="card wiring"')[1].split("</div>\n</div>")[0]
     card["wiring"] = None  # a model without edges: the card names the command that computes them
     assert "run <code>neurostore groups m</code>" in render("neuron.html", card, Links())
+    fc = {0: {"unit": 0}}
+    D.wiring(run, "m", "fc", fc)  # a layer groups left out (logits): said so, not 'run groups'
+    assert fc[0]["wiring"]["covered"] is False
+    html = render("neuron.html", {**card, "id": "m/fc/0", "layer": "fc", "unit": 0, "wiring": fc[0]["wiring"]}, Links())
+    assert "No attribution edges for fc" in html and "Fed by" not in html
 
 
 def test_quantile_examples_span_the_activation_range(tmp_path):

@@ -403,8 +403,13 @@ def wiring(run: Run, model: str, layer: str, cards: dict[int, dict], unit: int |
                CASE WHEN src_layer = $l THEN dst_layer ELSE src_layer END AS layer
         FROM unit_edges WHERE model = $m AND kind = 'unit' AND (src_layer = $l OR dst_layer = $l)""",
         {"m": model, "l": layer})}
-    for c in cards.values():  # layers: the adjacent layers with edges (None: the first / last layer)
-        c["wiring"] = {"fed_by": [], "feeds": [], "classes": [], "n_images": None, "layers": adjacent}
+    # covered: the layer has edges (groups leaves logits and feature layers out); layers: the
+    # adjacent layers with edges (none: the first / last layer).
+    covered = bool(adjacent) or bool(rows(run, "SELECT 1 FROM unit_edges WHERE model = $m AND src_layer = $l LIMIT 1",
+                                          {"m": model, "l": layer}))
+    for c in cards.values():
+        c["wiring"] = {"fed_by": [], "feeds": [], "classes": [], "n_images": None, "layers": adjacent,
+                       "covered": covered}
     for e in edges:
         c = cards.get(e.pop("unit"))
         if c is not None:
