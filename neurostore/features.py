@@ -53,8 +53,9 @@ METHODS = ("topk-sae", "nmf")
 # Fit on the quarter of the samples farthest from the layer's mean sample. Most positions of a
 # probe image are background, and a TopK SAE fitted on all of them spends most features on the
 # background (k features fire on every sample): on the fast probe world's CNN (8x, k 8) the share
-# of features whose headline agrees with the truth rose from 0.11 to 0.18 (neurons: 0.19), at a
-# lower FVE on all positions (0.93/0.90/0.83 -> 0.83/0.71/0.75). bench/features_vs_neurons.py.
+# of features whose headline agrees with the truth rose from 0.11 to 0.18 (neurons: 0.19; seed 1:
+# 0.09 to 0.16, neurons 0.18), at a lower FVE on all positions (0.93/0.90/0.83 -> 0.83/0.71/0.75).
+# bench/features_vs_neurons.py; README, "Beyond neurons".
 ACTIVE_FRACTION = 0.25
 HOLDOUT_EVERY = 5          # every 5th image is held out for the quality figures
 MIN_SAMPLES = 1024         # below this a dictionary is noise, whatever its size
