@@ -16,6 +16,8 @@ and the dictionary's quality (FVE, L0, dead features on held-out samples).
 
     .venv/bin/python bench/features_vs_neurons.py                   # fast world, conv2-conv4
     .venv/bin/python bench/features_vs_neurons.py --width 2 --k 4   # another dictionary
+    .venv/bin/python bench/features_vs_neurons.py --active 1        # fitted on all samples
+    .venv/bin/python bench/features_vs_neurons.py --seed 1 --cache DIR   # a second world (built in DIR)
 
 Ends by printing one line of JSON.
 """
