@@ -10,9 +10,9 @@ Per dissected hidden layer (in depth order; logits and feature layers left out):
 1. Units are clustered (average-linkage, scipy) on a distance that mixes co-activation and
    attribution: 1 - (corr_act + corr_attr) / 2, where corr_act correlates two units' pooled
    activations over the probe images (the `pooled` table) and corr_attr their class-attribution
-   profiles (the audit's contributions: gradient x (activation - its mean over the probe
-   images) toward each class's logit on its images; a unit that fires alike on every class's
-   images pushes none).
+   profiles (gradient x activation toward each class's logit on its images: the audit's
+   contributions with a baseline of 0 rather than the audit's mean activation, which on the
+   fast probe world blurred the cue class's path: its top groups no longer stood out).
 2. A group's explanation is the set of its members' labels (from `explanations`, one scorer),
    most common first.
 3. Unit edges: the attribution of upstream unit i to unit j of the next dissected layer is
@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .analysis._common import (BATCH, check_models, intact_stats, load_model, logits_of, model_dataset, model_layers,
+from .analysis._common import (BATCH, check_models, load_model, logits_of, model_dataset, model_layers,
                                open_store, probe_images)
 from .analysis.audit import contributions
 from .errors import BadInput, BadParameter, UnknownLayer, unknown
@@ -163,8 +163,8 @@ def groups(store: Store | str, model: str, *, layers: list[str] | None = None, n
     target = load_model(store, model)
     probe = probe_images(store, model, target, max_images=max_images, seed=seed)
     log(f"groups {model}: {len(hidden)} layers, {len(probe.image_ids)} labelled probe images")
-    means = intact_stats(target, probe.pixels, hidden).mean               # the audit's baseline (module doc)
-    attr = contributions(target, probe, hidden, None, means)["grad_x_act"]  # layer -> [classes, units]
+    zero = {l: torch.zeros(()) for l in hidden}                            # baseline 0: plain grad x act (module doc)
+    attr = contributions(target, probe, hidden, None, zero)["grad_x_act"]   # layer -> [classes, units]
     members, rows = {}, []
     for layer in hidden:
         _ids, acts = _pooled(store, model, layer, dataset)

@@ -8,7 +8,7 @@ CREATE TABLE group_edges (
     dst_layer      VARCHAR,    -- downstream layer (NULL for class edges)
     dst_group      INTEGER,    -- downstream group (NULL for class edges)
     class          VARCHAR,    -- the class (NULL for group edges)
-    weight         FLOAT,      -- the block sum of the members' unit_edges weights: mean over images of gradient x activation summed over the source's members toward the downstream group's summed mean activation; class edges: the members' gradient x (activation - its mean) toward the class logit on the class's images
+    weight         FLOAT,      -- the block sum of the members' unit_edges weights: mean over images of gradient x activation summed over the source's members toward the downstream group's summed mean activation; class edges: the members' gradient x activation toward the class logit on the class's images
     n_images       INTEGER,    -- images the attribution was averaged over
     dataset        VARCHAR,    -- probe set id
     run_id         VARCHAR,    -- run that wrote the row

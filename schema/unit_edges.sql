@@ -8,7 +8,7 @@ CREATE TABLE unit_edges (
     dst_layer      VARCHAR,    -- downstream layer (NULL for class edges)
     dst_unit       INTEGER,    -- downstream unit (NULL for class edges)
     class          VARCHAR,    -- the class (NULL for unit edges)
-    weight         FLOAT,      -- mean over images of gradient x activation of the source unit, summed over positions, toward the downstream unit's mean activation; class edges: gradient x (activation - its mean over the probe images) toward the class logit on the class's images; signed
+    weight         FLOAT,      -- mean over images of gradient x activation of the source unit, summed over positions, toward the downstream unit's mean activation; class edges: toward the class logit on the class's images; signed
     n_images       INTEGER,    -- images the attribution was averaged over
     dataset        VARCHAR,    -- probe set id
     run_id         VARCHAR,    -- run that wrote the row
