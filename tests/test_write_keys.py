@@ -19,6 +19,7 @@ NATURAL_KEYS = {
     "units": ("model", "layer", "dataset", "unit"),
     "pooled": ("model", "layer", "dataset", "image_id"),
     "patches": ("patch_id",),
+    "crops": ("image_hash", "x0", "y0", "x1", "y1"),
     "embeddings": ("encoder", "kind", "item_id"),
     "vocabularies": ("vocabulary",),
     "concepts": ("vocabulary", "concept"),
