@@ -194,8 +194,8 @@ def groups(store: Store | str, model: str, *, layers: list[str] | None = None, n
                    "weight": float(wg[i, j]), "n_images": len(pick)} for i, j in np.ndindex(*wg.shape)]
         links += [{"kind": "unit", "src_layer": up, "src_unit": int(i), "dst_layer": down, "dst_unit": int(j),
                    "class": None, "weight": float(w[i, j]), "n_images": len(pick)} for i, j in np.argwhere(strongest(w))]
+    n_cls = np.bincount(probe.labels, minlength=len(probe.classes))     # [classes] images of each
     for layer in hidden:
-        n_cls = np.bincount(probe.labels, minlength=len(probe.classes))
         for gid, m in enumerate(members[layer]):
             edges += [{"kind": "class", "src_layer": layer, "src_group": gid, "dst_layer": None, "dst_group": None,
                        "class": cls, "weight": float(attr[layer][ci, m].sum()), "n_images": int(n_cls[ci])}

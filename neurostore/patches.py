@@ -49,17 +49,19 @@ def crop_id(crop: Image.Image) -> str:
     return h.hexdigest()[:16]
 
 
-def iou(a, b) -> float:
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+def iou(a, b):
+    """IoU of box `a` with box `b`, or with each of boxes `b` [m, 4] (x0, y0, x1, y1) -> [m]."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    ix = np.maximum(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0)
+    iy = np.maximum(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0)
     inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+    union = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1]) + (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1]) - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 class _Kept:
     """The boxes kept on one image, in order, and the first of them a new box merges into:
-    the same box, or IoU >= dedup_iou (`iou`, vectorised over the kept boxes)."""
+    the same box, or IoU >= dedup_iou (`iou` over all kept boxes at once)."""
 
     def __init__(self):
         self.boxes = np.zeros((0, 4), np.int64)              # [m, 4] x0, y0, x1, y1
@@ -73,12 +75,7 @@ class _Kept:
         """The item of the first kept box `box` merges into, or None."""
         if not self.items:
             return None
-        b = self.boxes
-        ix = np.maximum(np.minimum(b[:, 2], box[2]) - np.maximum(b[:, 0], box[0]), 0)
-        iy = np.maximum(np.minimum(b[:, 3], box[3]) - np.maximum(b[:, 1], box[1]), 0)
-        inter = ix * iy
-        union = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) + (box[2] - box[0]) * (box[3] - box[1]) - inter
-        same = (b == box).all(1) | (np.where(union > 0, inter / np.maximum(union, 1), 0.0) >= dedup_iou)
+        same = (self.boxes == box).all(1) | (iou(box, self.boxes) >= dedup_iou)
         i = int(same.argmax())
         return self.items[i] if same[i] else None
 

@@ -208,7 +208,8 @@ def block_entry(target, layer: str) -> str | None:
     return None
 
 
-def _btc(target, t: torch.Tensor) -> torch.Tensor:
+def as_btc(target, t: torch.Tensor) -> torch.Tensor:
+    """A token layer's output (or its gradient) as [batch, tokens, channels], whatever its layout."""
     return t.transpose(0, 1) if target.token_layout == "tbc" else t  # -> [b, t, c]
 
 
@@ -237,7 +238,7 @@ def intact_stats(target, pixels: torch.Tensor, layers: Sequence[str]) -> IntactS
         with forward_hooks(target.module, {l: keep(outs, l) for l in layers}, pre={e: keep(outs, ("in", e)) for e in entries}):
             logits_of(target, pixels[i : i + batch], exact=True)
         for l, a in outs.items():
-            a = _btc(target, a).float() if a.dim() == 3 else a.float()   # tokens as [b, t, c]
+            a = as_btc(target, a).float() if a.dim() == 3 else a.float()  # tokens as [b, t, c]
             sums[l] = a.sum(0) if l not in sums else sums[l] + a.sum(0)
             if isinstance(l, tuple):
                 continue
@@ -275,16 +276,16 @@ class TokenAblation:
             logits_of(self.target, x)
         m = None
         for l, us in self.units.items():
-            a = _btc(self.target, outs[l])[..., us].float()               # [b, t, k]
+            a = as_btc(self.target, outs[l])[..., us].float()            # [b, t, k]
             fired = (a > self.thresholds[l].to(a.device)).any(-1)        # [b, t]
             m = fired if m is None else m | fired
         m[:, : self.target.num_prefix_tokens] = False                     # the class token is the readout
         self.masked = m
 
     def hook(self, x: torch.Tensor) -> torch.Tensor:
-        xb = _btc(self.target, x)                                         # [b, t, d]
+        xb = as_btc(self.target, x)                                      # [b, t, d]
         out = torch.where(self.masked[..., None].to(xb.device), self.mean.to(xb.device, xb.dtype), xb)
-        return out.transpose(0, 1) if self.target.token_layout == "tbc" else out
+        return as_btc(self.target, out)                                  # back to the layer's layout
 
 
 def logits_of(target, x: torch.Tensor, exact: bool = False) -> torch.Tensor:

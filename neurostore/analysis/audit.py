@@ -60,8 +60,8 @@ from ..hooks import forward_hooks, keep
 from ..models import list_layers
 from ..schema import load_schemas
 from ..store import Store
-from ._common import (TokenAblation, all_logits, batch_size, check_models, cue_flip_rate, load_model, logits_of,
-                      model_layers, open_store, per_class_accuracy, predict, probe_images, relatedness, resolve,
+from ._common import (TokenAblation, all_logits, as_btc, batch_size, check_models, cue_flip_rate, load_model,
+                      logits_of, model_layers, open_store, per_class_accuracy, predict, probe_images, relatedness, resolve,
                       stored_models, intact_stats, world_of)
 from .ablate import cue_pairs_for
 from .compare import explanations, pick_scorer
@@ -98,8 +98,8 @@ def _sum_positions(target, g: torch.Tensor, a: torch.Tensor, mean: torch.Tensor)
     """grad x (act - mean act) summed over every position/token -> [batch, units]. The mean
     (per position, over the probe images) is the baseline: a unit that fires alike on every
     class's images (a colour, in the probe world) contributes nothing to telling them apart."""
-    if a.dim() == 3 and target.token_layout == "tbc":
-        g, a = g.transpose(0, 1), a.transpose(0, 1)     # -> [b, t, c], as the mean is kept
+    if a.dim() == 3:
+        g, a = as_btc(target, g), as_btc(target, a)     # -> [b, t, c], as the mean is kept
     ga = g * (a - mean.to(a.device))
     if ga.dim() == 4:
         return ga.sum((2, 3))                           # [b, c, h, w] -> [b, c]
