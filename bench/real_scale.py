@@ -20,7 +20,9 @@ Ends with one line of JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import multiprocessing
 import resource
 import subprocess
 import sys
@@ -45,22 +47,47 @@ SCORERS = ["patch", "soft_wpmi", "wpmi", "cos_cubed"]
 LAYERS = ["conv1", "layer1", "layer2", "layer3", "layer4"]
 
 
-def make_images(folder: Path, n: int, seed: int = 0) -> None:
-    """n photo-sized JPEGs: smooth colour fields with shapes and grain (deterministic)."""
+@functools.lru_cache(maxsize=1)  # one tile per process
+def _noise(seed: int) -> np.ndarray:
+    """A 1024 x 1024 grain tile the images take shifted windows of (drawing fresh noise for every
+    photo-sized image was most of the generation time)."""
+    return np.random.default_rng(seed).normal(0, 12, (1024, 1024, 3)).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=1)
+def _grid() -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[0:375, 0:500].astype(np.float32) / 500.0
+    return yy, xx
+
+
+def _make_image(args) -> None:
+    path, seed, i = args
+    rng = np.random.default_rng([seed, i])
+    yy, xx = _grid()
+    c0, c1 = rng.uniform(0, 255, 3).astype(np.float32), rng.uniform(0, 255, 3).astype(np.float32)
+    t = ((np.sin(xx * np.float32(rng.uniform(2, 9)) + yy * np.float32(rng.uniform(2, 9))) + 1) / 2)[..., None]
+    oy, ox = rng.integers(0, 1024 - 375), rng.integers(0, 1024 - 500)
+    a = (c0 * t + c1 * (1 - t) + _noise(seed)[oy : oy + 375, ox : ox + 500]).clip(0, 255)
+    im = Image.fromarray(a.astype(np.uint8))
+    d = ImageDraw.Draw(im)
+    for _ in range(rng.integers(2, 7)):
+        x, y, r = rng.integers(0, 500), rng.integers(0, 375), rng.integers(15, 120)
+        shape = d.ellipse if rng.random() < 0.5 else d.rectangle
+        shape((x - r, y - r, x + r, y + r), fill=tuple(int(v) for v in rng.uniform(0, 255, 3)))
+    im.save(path, quality=90)
+
+
+def make_images(folder: Path, n: int, seed: int = 0, workers: int = 0) -> None:
+    """n photo-sized JPEGs: smooth colour fields with shapes and grain (deterministic: image i
+    depends on (seed, i) only), written by `workers` processes."""
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:375, 0:500] / 500.0
-    for i in range(n):
-        c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-        t = (np.sin(xx * rng.uniform(2, 9) + yy * rng.uniform(2, 9)) + 1) / 2
-        a = (c0 * t[..., None] + c1 * (1 - t[..., None]) + rng.normal(0, 12, (375, 500, 3))).clip(0, 255)
-        im = Image.fromarray(a.astype(np.uint8))
-        d = ImageDraw.Draw(im)
-        for _ in range(rng.integers(2, 7)):
-            x, y, r = rng.integers(0, 500), rng.integers(0, 375), rng.integers(15, 120)
-            shape = d.ellipse if rng.random() < 0.5 else d.rectangle
-            shape((x - r, y - r, x + r, y + r), fill=tuple(int(v) for v in rng.uniform(0, 255, 3)))
-        im.save(folder / f"{i:06d}.jpg", quality=90)
+    jobs = [(folder / f"{i:06d}.jpg", seed, i) for i in range(n)]
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            pool.map(_make_image, jobs, chunksize=64)
+    else:
+        for j in jobs:
+            _make_image(j)
 
 
 def load_models(args):
@@ -88,15 +115,24 @@ def floors(args, folder: Path, store: Path, dev, dtype) -> dict:
         enc.encode_images(b.pixels)
     out["b_encoder_images_s"] = time.time() - t
     rows = Store.open(store).sql("SELECT image_id, x0, y0, x1, y1 FROM patches ORDER BY image_id").to_pylist()
-    t = time.time()
-    batch, last, im = [], None, None
+    by_image: dict = {}
     for r in rows:
-        if r["image_id"] != last:
-            im, last = src.load(r["image_id"]), r["image_id"]
-        batch.append(enc.preprocess(im.crop((r["x0"], r["y0"], r["x1"], r["y1"]))))
-        if len(batch) == args.batch_size:
-            enc.encode_images(torch.stack(batch))
-            batch = []
+        by_image.setdefault(r["image_id"], []).append((r["x0"], r["y0"], r["x1"], r["y1"]))
+
+    def crops(item):  # one image decoded, its crops cut and preprocessed: [m, 3, S, S]
+        im = src.load(item[0])
+        return [enc.preprocess(im.crop(box)) for box in item[1]]
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    t = time.time()
+    batch = []
+    with ThreadPoolExecutor(max(1, args.workers)) as pool:
+        for got in pool.map(crops, by_image.items()):
+            batch += got
+            while len(batch) >= args.batch_size:
+                enc.encode_images(torch.stack(batch[: args.batch_size]))
+                batch = batch[args.batch_size :]
     if batch:
         enc.encode_images(torch.stack(batch))
     out["c_encoder_crops_s"], out["crops"] = time.time() - t, len(rows)
@@ -118,7 +154,7 @@ def run_dissect(args, folder: Path, store: Path, scorers=SCORERS):
 def rss_of_cold_dissect(args, n: int, root: Path) -> dict:
     """Peak RSS (MB) of a cold dissect of n images, in a fresh process."""
     folder = root / f"images-{n}"
-    make_images(folder, n)
+    make_images(folder, n, workers=args.workers)
     cmd = [sys.executable, __file__, "--_child", str(folder), "--images", str(n), "--vocab", args.vocab,
            "--device", args.device, "--precision", args.precision, "--batch-size", str(args.batch_size),
            "--workers", str(args.workers), "--model", args.model, "--encoder", args.encoder, "--quiet",
@@ -173,14 +209,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         folder = root / "images"
-        make_images(folder, args.images)
+        t = time.time()
+        make_images(folder, args.images, workers=args.workers)
+        print(f"[real_scale] {args.images} images made in {time.time() - t:.1f} s", file=sys.stderr, flush=True)
         t = time.time()
         cold = run_dissect(args, folder, root / "store")
         cold_s = time.time() - t
+        # each phase as it ends (a run cut short by a time limit still says what it measured)
+        print(f"[real_scale] cold {cold_s:.1f} s {json.dumps(cold['timings'])} {json.dumps(cold['passes'])}",
+              file=sys.stderr, flush=True)
         t = time.time()
         warm = run_dissect(args, folder, root / "store", scorers=["patch", "cos_cubed"])
         warm_s = time.time() - t
+        print(f"[real_scale] warm {warm_s:.1f} s {json.dumps(warm['timings'])} {json.dumps(warm['passes'])}",
+              file=sys.stderr, flush=True)
         fl = floors(args, folder, root / "store", dev, dtype)
+        print(f"[real_scale] floor {json.dumps(fl)}", file=sys.stderr, flush=True)
         floor_s = fl["a_target_forward_s"] + fl["b_encoder_images_s"] + fl["c_encoder_crops_s"] + fl["d_texts_s"]
         rss = {}
         if not args.no_rss:

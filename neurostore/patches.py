@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import io
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -235,7 +236,7 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
                     q: float = 0.95, min_frac: float = 0.25, dedup_iou: float = 0.8,
                     batch_size: int = 32, encoders: Sequence = (), known: dict | None = None,
                     stored: frozenset = frozenset(), hashes: Sequence[str] | None = None,
-                    cut: dict | None = None, progress: bool = True) -> PatchSet:
+                    cut: dict | None = None, progress: bool = True, workers: int = 0) -> PatchSet:
     """Cut the receptive-field patch of every (layer, unit, top image) of `result`.
 
     Boxes come from the maps the recorder kept for each unit's top images (`keep_maps=True`);
@@ -282,77 +283,109 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
             while buf and (force or len(buf) >= batch_size):
                 chunk, pending[enc.id] = buf[:batch_size], buf[batch_size:]
                 buf = pending[enc.id]
-                emb_parts[enc.id].append(enc.encode_images(torch.stack([enc.preprocess(c) for c in chunk])).float())
+                emb_parts[enc.id].append(enc.encode_images(torch.stack(chunk)).float())  # [b, dim]
                 ps.n_encoded += len(chunk)
 
     S = target.input_size
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    # The pixel work of an image (decode, box cutting, crop hashing, thumbnail, the encoders'
+    # preprocessing) runs in `workers` threads (PIL, zlib, hashlib and torch release the GIL);
+    # the bookkeeping below stays in order in this thread, so the result does not depend on them.
+    # (a few images per thread at a time: their preprocessed crops wait in memory for the encoder)
+    step = batch_size if workers <= 1 else 4 * workers
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+
+    def prepare(j: int, i: int, iid: str, pils: list, maps) -> tuple[list, int]:
+        """One image's boxes: ("dup", job, patch id, local box) for a box merged into an earlier
+        box of the image, ("new", job, patch id, box, cut row, thumbnail, preprocessed crops)."""
+        img, decoded = pils[j], 0
+
+        def image():  # the decoded image, loaded the first time a box needs pixels
+            nonlocal img, decoded
+            if img is None:
+                img, decoded = source.load(iid), decoded + 1
+            return img
+
+        W, H = sizes[iid] if img is None and iid in sizes else image().size
+        h = hashes[i] if hashes is not None else None
+        kept = _Kept()                                           # the boxes kept on this image
+        todo, boxes = [], []
+        for name in layers:  # layers differ in grid size: one stack per layer
+            mine = [job for job in jobs[i] if job[0] == name]
+            if mine:
+                if kept_maps:
+                    tm = result.layers[name].top_maps
+                    sel = torch.from_numpy(tm[[u for _, u, _ in mine], [r for _, _, r in mine]])  # [n_jobs, h, w]
+                else:
+                    sel = maps[name][j, [u for _, u, _ in mine]]       # [n_jobs, h, w]
+                todo += mine
+                boxes += boxes_for_maps(sel, S, q, min_frac)
+        out = []
+        for job, box in zip(todo, boxes):
+            ibox = to_image_box(box, S, W, H, target.crop_fraction)
+            pid, kb = kept.match(ibox, dedup_iou) or (None, None)
+            if pid is not None:
+                out.append(("dup", job, pid, kb))
+                continue
+            crop, row = None, None
+            pid = cut.get((h, *ibox)) if h is not None else None
+            if pid is None:  # never cut: cut and hash it
+                crop = image().crop(ibox)
+                pid = crop_id(crop)
+                row = (h, *ibox, pid) if h is not None else None
+            kept.add(ibox, (pid, len(kept.items)))
+            fresh = pid not in seen  # (seen only grows: a pid seen here is seen below too)
+            encode = [enc for enc in encoders if pid not in known.get(enc.id, ())] if fresh else []
+            thumb = fresh and pid not in stored
+            if crop is None and (encode or thumb):
+                crop = image().crop(ibox)
+            out.append(("new", job, pid, ibox, row, thumbnail_png(crop) if thumb else None,
+                        [enc.preprocess(crop) for enc in encode]))
+        return out, decoded
+
+    for start in range(0, len(order), step):
+        idx = order[start : start + step]
         ids = [result.image_ids[i] for i in idx]
         pils: list = [None] * len(idx)
+        maps = None
         if not kept_maps:
             pils = [source.load(iid) for iid in ids]
             ps.n_decoded += len(pils)
             pixels = torch.stack([target.preprocess(im) for im in pils])  # [b, 3, S, S]
             maps = activation_maps(target, layers, pixels)                 # layer -> [b, units, h, w]
-        for j, (i, iid) in enumerate(zip(idx, ids)):
-
-            def image(j=j, iid=iid):  # the decoded image, loaded the first time a box needs pixels
-                if pils[j] is None:
-                    pils[j] = source.load(iid)
-                    ps.n_decoded += 1
-                return pils[j]
-
-            W, H = sizes[iid] if pils[j] is None and iid in sizes else image().size
-            h = hashes[i] if hashes is not None else None
-            kept = _Kept()                                           # the boxes kept on this image
-            todo, boxes = [], []
-            for name in layers:  # layers differ in grid size: one stack per layer
-                mine = [job for job in jobs[i] if job[0] == name]
-                if mine:
-                    if kept_maps:
-                        tm = result.layers[name].top_maps
-                        sel = torch.from_numpy(tm[[u for _, u, _ in mine], [r for _, _, r in mine]])  # [n_jobs, h, w]
-                    else:
-                        sel = maps[name][j, [u for _, u, _ in mine]]       # [n_jobs, h, w]
-                    todo += mine
-                    boxes += boxes_for_maps(sel, S, q, min_frac)
-            for (l, u, r), box in zip(todo, boxes):
+        args = [(j, i, iid, pils, maps) for j, (i, iid) in enumerate(zip(idx, ids))]
+        done = pool.map(lambda a: prepare(*a), args) if pool else (prepare(*a) for a in args)
+        for (j, i, iid, _, _), (out, decoded) in zip(args, done):
+            ps.n_decoded += decoded
+            first = len(ps.boxes)  # the image's boxes are numbered from here
+            for kind, (l, u, r), pid, *rest in out:
                 ps.n_boxes += 1
-                ibox = to_image_box(box, S, W, H, target.crop_fraction)
-                pid, kb = kept.match(ibox, dedup_iou) or (None, None)
-                if pid is not None:
-                    ps.box_of[(l, u, r)] = kb
+                if kind == "dup":
+                    ps.box_of[(l, u, r)] = first + rest[0]
                 else:
-                    crop = None
-                    pid = cut.get((h, *ibox)) if h is not None else None
-                    if pid is None:  # never cut: cut and hash it
-                        crop = image().crop(ibox)
-                        pid = crop_id(crop)
-                        if h is not None:
-                            cut[(h, *ibox)] = pid
-                            ps.cuts.append((h, *ibox, pid))
-                    kept.add(ibox, (pid, len(ps.boxes)))
+                    ibox, row, thumb, pre = rest
+                    if row is not None and row[:5] not in cut:  # (a duplicate file cuts it once)
+                        cut[row[:5]] = pid
+                        ps.cuts.append(row)
                     ps.boxes.append(pid)
                     if pid not in seen:  # identical crops (of any image) are one patch
                         seen.add(pid)
-                        encode = [enc for enc in encoders if pid not in known.get(enc.id, ())]
-                        if crop is None and (encode or pid not in stored):
-                            crop = image().crop(ibox)
                         ps.rows.append({"patch_id": pid, "dataset": result.dataset, "image_id": iid,
                                         "x0": ibox[0], "y0": ibox[1], "x1": ibox[2], "y1": ibox[3],
-                                        "thumbnail": None if pid in stored else thumbnail_png(crop)})
-                        for enc in encode:
-                            pending[enc.id].append(crop)
+                                        "thumbnail": None if pid in stored else thumb})
+                        for enc, x in zip((e for e in encoders if pid not in known.get(e.id, ())), pre):
+                            pending[enc.id].append(x)
                             emb_ids[enc.id].append(pid)
                 ps.assignment[(l, u, r)] = pid
                 ps.box_of.setdefault((l, u, r), len(ps.boxes) - 1)
+            flush()
         if not kept_maps:
             del maps
         flush()
         if bar is not None:
             bar.update(len(idx))
     flush(force=True)
+    if pool is not None:
+        pool.shutdown()
     if bar is not None:
         bar.close()
     for enc in encoders:

@@ -411,7 +411,7 @@ def _vocabulary(d: _Dissection) -> None:
     have = cached_ids(d.store, MINILM_ID, "concept")
     missing = sorted(c for c in dict.fromkeys(d.vocab.concepts) if c not in have)
     if missing:
-        d.new_vectors.append((MINILM_ID, "concept", missing, embed_texts(missing)))  # [m, 384]
+        d.new_vectors.append((MINILM_ID, "concept", missing, embed_texts(missing, device=d.device)))  # [m, 384]
 
 
 def _one_pass(d: _Dissection) -> None:
@@ -449,7 +449,8 @@ def _patches(d: _Dissection) -> None:
     d.ps = ps = extract_patches(d.target, d.rec, d.source, encoders=[enc],
                                 known={enc.id: cached_ids(d.store, enc.id, "patch")},
                                 stored=d.stored_patches, hashes=d.hashes, cut=cut_before(d.store, d.hashes),
-                                batch_size=d.opts["batch_size"], progress=d.opts["progress"])
+                                batch_size=d.opts["batch_size"], progress=d.opts["progress"],
+                                workers=d.opts["workers"])
     d.counts["crops"] += ps.n_encoded
     d.counts["decoded_for_crops"] = ps.n_decoded
     new_ids, new_m = ps.embeddings[enc.id]

@@ -209,3 +209,21 @@ def test_boxes_cut_before_are_looked_up_not_decoded(recorded):
     third = extract_patches(t, res, src, stored=frozenset(first.patch_ids) - {missing["patch_id"]},
                             hashes=hashes, cut=cut, progress=False)
     assert third.n_decoded == 1 and third.rows[0] == missing
+
+
+def test_threads_cut_exactly_what_one_thread_cuts(recorded):
+    """`workers` threads do the pixel work (decode, cut, hash, thumbnail, preprocess); the patch
+    set is the same, field for field, as cutting in one thread."""
+    t, src, _ = recorded
+    hashes = []
+    with Recorder(t, ["layer2", "fc"], k=3, dataset=src.dataset, keep_maps=True) as rec:
+        for b in src.batches(t.preprocess, 8):
+            rec.update(b.image_ids, b.pixels)
+            hashes += b.hashes
+    res = rec.result()
+    one, many = (extract_patches(t, res, src, encoders=[_MeanColour()], hashes=hashes, batch_size=4,
+                                 workers=w, progress=False) for w in (0, 3))
+    for f in ("rows", "assignment", "boxes", "box_of", "cuts", "n_boxes", "n_decoded", "n_encoded"):
+        assert getattr(one, f) == getattr(many, f), f
+    assert one.embeddings["meancolour"][0] == many.embeddings["meancolour"][0]
+    np.testing.assert_array_equal(one.embeddings["meancolour"][1], many.embeddings["meancolour"][1])
