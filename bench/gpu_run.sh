@@ -12,13 +12,14 @@ export PYTHONPATH=/tmp/site:$PWD
 python3 bench/gpu_minilm_shim.py /tmp/site .gpu/minilm || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/device.txt"
 python3 -c "import torch, duckdb, open_clip, neurostore; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'cpus', __import__('os').cpu_count())" | tee -a "$OUT/device.txt"
-run() {  # N LABEL
+run() {  # N LABEL [MORE ARGS]
   python3 bench/real_scale.py --images "$1" --vocab file:.gpu/english-20k.txt --device cuda \
-    --workers 14 --batch-size 256 --no-rss --json > "$OUT/$2.json" 2> "$OUT/$2.err"
+    --workers 14 --batch-size 256 --no-rss --json "${@:3}" > "$OUT/$2.json" 2> "$OUT/$2.err"
   local rc=$?
   echo "== $2 (N=$1) rc=$rc"; grep -a '^\[real_scale\]\|Error\|Traceback' "$OUT/$2.err" | tail -20
   [ $rc -eq 0 ] && cat "$OUT/$2.json"
   return $rc
 }
-run "${1:-256}" smoke || { tail -c 4000 "$OUT/smoke.err"; exit 1; }
-run "${2:-50000}" full || tail -c 4000 "$OUT/full.err"
+# SMOKE_N 0 skips the smoke run; COLD_ONLY=1: only the cold dissect and the target's forward at N
+if [ "${1:-256}" != 0 ]; then run "${1:-256}" smoke || { tail -c 4000 "$OUT/smoke.err"; exit 1; }; fi
+run "${2:-50000}" full ${COLD_ONLY:+--cold-only} || tail -c 4000 "$OUT/full.err"

@@ -182,6 +182,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--no-rss", action="store_true", help="Skip the peak-RSS runs at N and 4N.")
+    ap.add_argument("--cold-only", action="store_true",
+                    help="Only the cold dissect and the target's plain forward (a) (a short device lease).")
     ap.add_argument("--rss-only", action="store_true", help="Only the peak-RSS runs at N and 4N.")
     ap.add_argument("--quiet", action="store_true", help="No progress bars.")
     ap.add_argument("--json", action="store_true", help="Only the JSON line on stdout.")
@@ -218,6 +220,21 @@ def main() -> None:
         # each phase as it ends (a run cut short by a time limit still says what it measured)
         print(f"[real_scale] cold {cold_s:.1f} s {json.dumps(cold['timings'])} {json.dumps(cold['passes'])}",
               file=sys.stderr, flush=True)
+        if args.cold_only:
+            target, _ = load_models(args)
+            src = ImageFolder(folder)
+            t = time.time()
+            with torch.no_grad():
+                for b in src.batches(target.preprocess, args.batch_size, num_workers=args.workers):
+                    with autocast(dev, dtype):
+                        target.module(b.pixels.to(dev))
+            a = time.time() - t
+            print(json.dumps({"bench": "real_scale", "device": describe(dev), "images": args.images,
+                              "units": cold["units"], "vocab": args.vocab, "concepts": cold["concepts"],
+                              "cold_s": round(cold_s, 2), "cold_timings": cold["timings"], "cold_passes": cold["passes"],
+                              "images_per_s_cold": round(args.images / cold_s, 2), "a_target_forward_s": round(a, 2),
+                              "cold_over_target_forward": round(cold_s / a, 3), "target_cold_50k_gpu_s": 120}))
+            return
         t = time.time()
         warm = run_dissect(args, folder, root / "store", scorers=["patch", "cos_cubed"])
         warm_s = time.time() - t

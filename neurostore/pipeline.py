@@ -485,9 +485,10 @@ def _scores(d: _Dissection) -> None:
         lr = rec.layers[name]
         inputs = _layer_inputs(d, name, sim, iou.get(name))
         for s in d.scorers:
-            res = S.run_scorer(s, inputs, d.params[s])
+            res = S.run_scorer(s, inputs, d.params[s], with_confidence=False)
             # calibrated confidence from a null of pseudo-units of this layer (trust module doc)
-            res, d.nulls.setdefault(name, {})[s] = trust.scored_with_null(res, inputs, iou_null.get(name))
+            res, d.nulls.setdefault(name, {})[s] = trust.scored_with_null(res, inputs, iou_null.get(name),
+                                                                         device=d.device)
             rows = S.top_concepts(res, d.vocab.concepts, o["top_n"], vocabulary=d.vocab.name,
                                   encoder=d.enc.id if res.uses_encoder else None,
                                   model=d.target.id, layer=name)

@@ -629,7 +629,7 @@ class ScoreResult:
     scorer: str
     params: dict[str, Any]
     scores: torch.Tensor       # [units, concepts]
-    confidence: torch.Tensor   # [units, concepts] in [0, 1]
+    confidence: Optional[torch.Tensor]   # [units, concepts] in [0, 1]; None when not asked for
     uses_encoder: bool = True
 
 
@@ -720,7 +720,7 @@ def resolve_params(name: str, params: Optional[dict[str, Any]] = None) -> dict[s
 
 
 def run_scorer(name: str, inputs: dict[str, Any], params: Optional[dict[str, Any]] = None,
-               progress: bool = False) -> ScoreResult:
+               progress: bool = False, with_confidence: bool = True) -> ScoreResult:
     """Score with a named scorer. `inputs` by scorer (see `list_scorers()`):
     patch: patch_emb, text_emb, unit_patches[, unit_weights];
     soft_wpmi / wpmi / cos_cubed: similarity (or image_emb and text_emb), pooled;
@@ -729,7 +729,9 @@ def run_scorer(name: str, inputs: dict[str, Any], params: Optional[dict[str, Any
     full = resolve_params(name, params)
     extra = {"progress": progress} if name in ("soft_wpmi", "wpmi") else {}
     scores = s.fn(inputs, **full, **extra)
-    return ScoreResult(name, full, scores, confidence(scores), s.uses_encoder)
+    # with_confidence=False: the caller replaces it (trust's calibrated confidence) or reads only
+    # the scores (a null's pseudo-units); the within-unit confidence costs a median per unit.
+    return ScoreResult(name, full, scores, confidence(scores) if with_confidence else None, s.uses_encoder)
 
 
 # --------------------------------------------------------------------------------------------

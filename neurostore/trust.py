@@ -233,22 +233,23 @@ def null_best(scorer: str, inputs: dict[str, Any], params: dict[str, Any], m: in
     gen = torch.Generator().manual_seed(seed)
     if scorer == "patch":
         idx, w = pseudo_patches(inputs, m, gen)
-        null = S.run_scorer("patch", {**inputs, "unit_patches": idx, "unit_weights": w}, params).scores
+        null = S.run_scorer("patch", {**inputs, "unit_patches": idx, "unit_weights": w}, params,
+                            with_confidence=False).scores
     elif scorer in ("soft_wpmi", "wpmi"):
         # score = log p(c | unit) - lam log p(c), p(c) the mean over the layer's units: each
         # pseudo-unit is scored as one more unit of the layer (p(c) over the u real units and it).
         # lam = 0 gives log p(c | unit) from the same code.
         pooled = inputs["pooled"].float()                           # [n, u]
         no_pc = {**params, "lam": 0.0}
-        log_p = S.run_scorer(scorer, inputs, no_pc).scores.double()    # [u, c]
+        log_p = S.run_scorer(scorer, inputs, no_pc, with_confidence=False).scores.double()    # [u, c]
         log_q = S.run_scorer(scorer, {**inputs, "pooled": pseudo_pooled(pooled, m, gen)},
-                             no_pc).scores.double()                  # [m, c]
+                             no_pc, with_confidence=False).scores.double()                  # [m, c]
         u = log_p.shape[0]
         log_pc = torch.logaddexp(torch.logsumexp(log_p, 0, keepdim=True), log_q) - math.log(u + 1)
         null = (log_q - params["lam"] * log_pc).float()
     elif scorer == "cos_cubed":  # each unit's score depends on its own column only
         pseudo = pseudo_pooled(inputs["pooled"], m, gen)
-        null = S.run_scorer(scorer, {**inputs, "pooled": pseudo}, params).scores
+        null = S.run_scorer(scorer, {**inputs, "pooled": pseudo}, params, with_confidence=False).scores
     else:
         raise BadParameter(f"no null for scorer '{scorer}' here; iou's null is NullIoU.")
     return torch.nan_to_num(null, nan=float("-inf")).max(dim=1).values
@@ -299,12 +300,12 @@ def bh_confidence(scores: torch.Tensor, null: Null, level_units: Optional[torch.
     best = p.min(dim=1).values if level_units is None else level_units.double()
     ref, _ = torch.sort(best)                                       # [u] ascending
     u = ref.numel()
-    q_ref = ref * u / torch.arange(1, u + 1, dtype=torch.float64)
+    q_ref = ref * u / torch.arange(1, u + 1, dtype=torch.float64, device=ref.device)
     q_ref = torch.flip(torch.cummin(torch.flip(q_ref, [0]), 0).values, [0])   # step-up minimum
     flat = p.reshape(-1).contiguous()
     below = torch.searchsorted(ref, flat, right=True)               # #{units with best p <= p}
     q = flat * u / below.clamp(min=1)
-    later = torch.cat([q_ref, torch.ones(1, dtype=torch.float64)])[below]   # next unit's q
+    later = torch.cat([q_ref, torch.ones(1, dtype=torch.float64, device=ref.device)])[below]   # next unit's q
     q = torch.minimum(q, later).clamp(max=1.0)
     return (1.0 - q).reshape(p.shape).clamp(0.0, 1.0).float()
 
@@ -562,20 +563,23 @@ def layer_trust(rows: "pd.DataFrame", peak: torch.Tensor, sim: torch.Tensor,  # 
 
 
 def scored_with_null(res: "S.ScoreResult", inputs: dict[str, Any], iou_best: Optional[torch.Tensor] = None,
-                     m: int = NULL_UNITS, seed: int = 0) -> tuple["S.ScoreResult", Null]:
+                     m: int = NULL_UNITS, seed: int = 0, device=None) -> tuple["S.ScoreResult", Null]:
     """A scorer's result with the calibrated confidence in place of the old one, and the null
-    (its parameters go with the run). iou: pass `iou_best` from a NullIoU fed beside the real IoU."""
+    (its parameters go with the run). iou: pass `iou_best` from a NullIoU fed beside the real IoU.
+    `device`: where the [u, c] arithmetic runs (a dissect's GPU: seconds per layer on a CPU at
+    20,000 concepts); the confidence comes back on the CPU."""
     from dataclasses import replace
 
     best = iou_best if res.scorer == "iou" else null_best(res.scorer, inputs, res.params, m, seed)
     null = fit_null(res.scorer, best, res.scores.shape[1], seed)
-    q = 1.0 - bh_confidence(res.scores, null).double()               # [u, c]
-    s = torch.nan_to_num(res.scores.double(), nan=float("-inf"))
+    scores = res.scores.to(device or "cpu")
+    q = 1.0 - bh_confidence(scores, null).double()                   # [u, c]
+    s = torch.nan_to_num(scores.double(), nan=float("-inf"))
     top2 = torch.topk(s, min(2, s.shape[1]), dim=1).values           # [u, 2]
     first = s == top2[:, :1]
     other = torch.where(first, top2[:, -1:], top2[:, :1])            # [u, c] best other concept
-    conf = calibration().explanation(res.scorer, q, null.margin(res.scores, other))
-    return replace(res, confidence=conf.float()), null
+    conf = calibration().explanation(res.scorer, q, null.margin(scores, other))
+    return replace(res, confidence=conf.float().cpu()), null
 
 
 def headlines(candidates: "pd.DataFrame") -> "pd.DataFrame":  # noqa: F821
@@ -725,7 +729,7 @@ def _assess_run(store, model: str, run_id: str, params: dict, m: int, seed: int,
             if scorer == "iou":
                 best = iou_best[layer]
             else:
-                real = S.run_scorer(scorer, inputs, sp).scores              # [u, c]
+                real = S.run_scorer(scorer, inputs, sp, with_confidence=False).scores  # [u, c]
                 best = null_best(scorer, inputs, sp, m, seed)
                 # the inputs read back from the store must reproduce the stored scores
                 got = real[np.array(r["unit"], np.int64), np.array(r["concept"].map(cindex), np.int64)].double().numpy()
