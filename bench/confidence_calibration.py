@@ -1,12 +1,13 @@
 """Benchmark: is the confidence (neurostore.trust) the probability that the label is right?
 
 The confidence is a fitted map (neurostore/data/confidence_calibration.json) of evidence every
-dissect has: the null's q-value and the margin over the next concept; the headline's confidence
-adds held-out encoder fidelity and agreement across scorers. With --fit the maps are fitted here
-on the fit world (the fast probe world, seed 0, watermark cue: its CNN and ViT, plus its CNN
-re-initialised, whose labels count as not right) and written; every figure below is then
-measured with the shipped file, on the fit world AND on held-out fast worlds (other seeds and cue
-kinds, --heldout), recomputed from each stored score and its run's stored null.
+dissect has: the null's q-value, the margin over the next concept and the explanation's held-out
+encoder fidelity; the headline's confidence adds agreement across scorers. With --fit the maps
+are fitted here on the fit world (the fast probe world, seed 0, watermark cue: the labels of its
+CNN and ViT, plus its CNN re-initialised, whose labels count as not right, weighted: see fit())
+and written; every figure below is then measured with the shipped file, on the fit world AND on
+held-out fast worlds (other seeds and cue kinds, --heldout), recomputed from each stored score,
+its run's stored null and its stored fidelity.
 
 1. Calibration: every hidden-unit label (rank 0) of the ground-truth-free scorers, binned by
    confidence decile; in each bin, the fraction that agrees with the truth (the mask-IoU
@@ -144,9 +145,9 @@ def features(rows) -> dict:
 
 
 def fit(worlds: list) -> dict:
-    """The explanation maps from the labels (rank-0 rows), then the headline map from the candidates scored with those maps, on
-    (store, model, random) triples: a random network's labels are all 'not right', whatever
-    the reference says.
+    """The explanation maps from the labels (rank-0 rows), then the headline map from the
+    candidates scored with those maps, on (store, model, random) triples: a random network's
+    labels are all 'not right', whatever the reference says.
 
     The random network's rows are weighted (RANDOM_WEIGHTS): they are a constraint (a network
     that learnt nothing gets no confident label), not the population the confidence is the

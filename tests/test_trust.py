@@ -192,8 +192,8 @@ def test_shipped_calibration_gives_monotone_probabilities():
         assert ((p >= 0) & (p <= 1)).all()
         assert (p.diff(dim=0) <= 1e-12).all() and (p.diff(dim=1) >= -1e-12).all(), scorer
         # [auprc, pearson] at a middling q and margin
-        p = cal.explanation(scorer, torch.full((9, 9), 0.05, dtype=torch.float64), torch.ones(9, 9, dtype=torch.float64),
-                            grid.abs().view(-1, 1).expand(-1, 9), grid.view(1, -1).expand(9, -1))
+        mid = torch.full((9, 9), 0.05, dtype=torch.float64)
+        p = cal.explanation(scorer, mid, 20 * mid, grid.abs().view(-1, 1).expand(-1, 9), grid.view(1, -1).expand(9, -1))
         assert ((p >= 0) & (p <= 1)).all() and (p.diff(dim=1) >= -1e-12).all(), scorer
         assert (p[4:].diff(dim=0) >= -1e-12).all(), scorer         # rows 4.. : auprc 0 -> 1
     base = pd.DataFrame({"unit": [0, 0], "scorer": ["patch", "wpmi"], "concept": ["a", "b"],
