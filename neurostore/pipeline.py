@@ -484,24 +484,31 @@ def _scores(d: _Dissection) -> None:
     for name in d.layers:
         lr = rec.layers[name]
         inputs = _layer_inputs(d, name, sim, iou.get(name))
+        tables = []
         for s in d.scorers:
             res = S.run_scorer(s, inputs, d.params[s], with_confidence=False)
-            # calibrated confidence from a null of pseudo-units of this layer (trust module doc)
+            # the null of pseudo-units of this layer (trust module doc); confidence from q and margin
             res, d.nulls.setdefault(name, {})[s] = trust.scored_with_null(res, inputs, iou_null.get(name),
                                                                          device=d.device)
-            rows = S.top_concepts(res, d.vocab.concepts, o["top_n"], vocabulary=d.vocab.name,
-                                  encoder=d.enc.id if res.uses_encoder else None,
-                                  model=d.target.id, layer=name)
-            d.score_tables.append(rows)
-            summaries = _summaries(d, name, rows) if o["summarise_with"] == s else None
-            d.expl_tables.append(explanations_table(rows, summaries))
+            tables.append(S.top_concepts(res, d.vocab.concepts, o["top_n"], vocabulary=d.vocab.name,
+                                         encoder=d.enc.id if res.uses_encoder else None,
+                                         model=d.target.id, layer=name))
             bar.update()
         if sim is not None and lr.pooled_max is not None:  # held-out fidelity of the layer's explanations; headlines
             peak = torch.from_numpy(lr.pooled_max.astype(np.float32))  # [n, u] per-image max
-            d.trust_tables.append(trust.layer_trust(
-                pa.concat_tables(d.score_tables[-len(d.scorers):]).to_pandas(), peak, sim, rec.image_ids, cindex,
-                amount, nulls=d.nulls[name], dataset=rec.dataset, vocabulary=d.vocab.name, encoder=d.enc.id,
-                model=d.target.id, layer=name))
+            fid, head, rows = trust.layer_trust(
+                pa.concat_tables(tables).to_pandas(), peak, sim, rec.image_ids, cindex, amount,
+                nulls=d.nulls[name], dataset=rec.dataset, vocabulary=d.vocab.name, encoder=d.enc.id,
+                model=d.target.id, layer=name)
+            d.trust_tables.append((fid, head))
+            # the calibrated confidence needs the fidelity: it replaces the one from q and margin alone
+            conf = np.split(rows["confidence"].to_numpy(np.float32), np.cumsum([t.num_rows for t in tables])[:-1])
+            tables = [t.set_column(t.schema.get_field_index("confidence"), "confidence", pa.array(c, pa.float32()))
+                      for t, c in zip(tables, conf)]
+        for s, rows in zip(d.scorers, tables):
+            d.score_tables.append(rows)
+            summaries = _summaries(d, name, rows) if o["summarise_with"] == s else None
+            d.expl_tables.append(explanations_table(rows, summaries))
     bar.close()
 
 

@@ -9,29 +9,37 @@ those below 0.8 1-5%). So the null's q-value is kept as evidence (explanation_sc
 'null_q'; its Gumbel parameters in the run's params) and the confidence is a map fitted where
 the truth is known:
 
-    confidence = sigmoid(a_s + b_s * evidence + c_s * margin)        b_s, c_s >= 0
+    confidence = sigmoid(a_s + b_s * evidence + c_s * margin + d_s * auprc + e_s * pearson)
 
     evidence   -log10 q, capped at EVIDENCE_MAX (the null's BH q-value, below)
     margin     (score - the unit's best other concept's score) / the null's Gumbel scale,
                clipped to +-MARGIN_CLIP: a label that barely beats the next one is often wrong
+    auprc,     the explanation's held-out encoder fidelity (below; none: 0). A label can be
+    pearson    right with little null evidence (seed 2's ViT: 40 labels at 1 - q < 0.5 agreed
+               58% of the time) and the fidelity sees it; a random network's colour filter
+               has fidelity too, and there the null's evidence is what is missing.
 
-logistic regression fitted by `bench/confidence_calibration.py --fit` on the fast probe world
-(seed 0, watermark cue): its CNN and ViT, label = "agrees with the mask-IoU reference" (the unit
-is interpretable, IoU >= 0.04, and the concept is the reference's), and its CNN re-initialised,
-every label "not right". Two maps, not one per scorer: s = '*' for every ground-truth-free
-scorer, because a scorer's own accuracy does not carry over between worlds (wpmi agrees on 0%
-of the seed-0 ViT's interpretable units, 63% of the seed-1 ViT's), and s = 'iou' on evidence
-only (its label is right when the unit is interpretable at all, which is what its null asks;
-its margin, in scales of a narrow null, is 3-7 for any colour filter of a random CNN). The
-coefficients ship in neurostore/data/CALIBRATION_FILE with what they were fitted on, and every
-dissect applies them. Coefficients are kept >= 0, so confidence never falls as evidence rises,
-and ranking concepts by confidence within a unit is ranking them by score. Only these two
-features: every dissect has them for every (unit, concept) when the scores are made; richer
-evidence (held-out fidelity, agreement across scorers) exists only once every scorer of a layer
-has run, so it goes into the headline's confidence (below). The bench measures both on worlds
-they were not fitted on (seeds 1 and 2, dot and frame cues) and on random networks (README,
-"Confidence and fidelity"): the headline confidence stays calibrated there; the explanation map
-does not where a world's labels are right with little null evidence (seed 2's ViT).
+all coefficients >= 0 (the fit drops a feature that would come out negative), so confidence
+never falls as any evidence rises. The dissect can only make it once the layer's fidelity
+exists: `layer_trust` computes fidelity, then the confidence (`calibrated`), and the dissect
+stores the confidence it returns (scored_with_null's is the same map without fidelity, the
+stand-in where no fidelity can be computed). Within a unit, confidence therefore need not
+follow the score: it is P(right), and a concept below the label may be likelier.
+
+The map is a logistic regression fitted by `bench/confidence_calibration.py --fit` on the fast
+probe world (seed 0, watermark cue) on the labels (rank 0) of its CNN and ViT, label = "agrees
+with the mask-IoU reference" (the unit is interpretable, IoU >= 0.04, and the concept is the
+reference's), and of its CNN re-initialised, every label "not right" but weighted (the bench
+says why: at full weight a random filter's labels, which look like trained ones in fidelity,
+pull the trained labels' confidence below their agreement). Two maps, not one per scorer:
+s = '*' for every ground-truth-free scorer, because a scorer's own accuracy does not carry over
+between worlds (wpmi agrees on 0% of the seed-0 ViT's interpretable units, 63% of the seed-1
+ViT's), and s = 'iou' on evidence only (its label is right when the unit is interpretable at
+all, which is what its null asks; its margin, in scales of a narrow null, is 3-7 for any colour
+filter of a random CNN). The coefficients ship in neurostore/data/CALIBRATION_FILE with what
+they were fitted on. The headline's confidence (below) is a second map, over candidates. The
+bench measures both on worlds they were not fitted on (seeds 1 and 2, dot and frame cues) and
+on random networks (README, "Confidence and fidelity").
 
 The null. A scorer's raw score means nothing until it is compared with what a unit that
 explains nothing would score. The null here is made of pseudo-units of the same layer, scored
@@ -313,10 +321,15 @@ def bh_confidence(scores: torch.Tensor, null: Null, level_units: Optional[torch.
 # ---- calibration: from evidence to the probability that the label is right ----------------------
 
 
-def explanation_features(q: torch.Tensor, margin: torch.Tensor) -> dict[str, torch.Tensor]:
-    """What every dissect knows of one explanation without ground truth: the null's evidence
-    (-log10 of the BH q, capped at EVIDENCE_MAX) and the margin over the unit's next concept."""
-    return {"evidence": -torch.log10(q.double().clamp(10.0 ** -EVIDENCE_MAX, 1.0)), "margin": margin.double()}
+def explanation_features(q: torch.Tensor, margin: torch.Tensor, auprc: Optional[torch.Tensor] = None,
+                         pearson: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    """What a dissect knows of one explanation without ground truth: the null's evidence
+    (-log10 of the BH q, capped at EVIDENCE_MAX), the margin over the unit's next concept, and
+    its held-out encoder fidelity (AUPRC, Pearson; None or NaN: no evidence, 0)."""
+    zero = torch.zeros_like(q, dtype=torch.float64)
+    fid = lambda v: zero if v is None else torch.nan_to_num(torch.as_tensor(v).double(), nan=0.0)   # noqa: E731
+    return {"evidence": -torch.log10(q.double().clamp(10.0 ** -EVIDENCE_MAX, 1.0)), "margin": margin.double(),
+            "auprc": fid(auprc), "pearson": fid(pearson)}
 
 
 def headline_features(c: "pd.DataFrame") -> dict[str, np.ndarray]:  # noqa: F821
@@ -362,10 +375,12 @@ class Calibration:
             raise BadInput(f"confidence calibration '{f}' is unreadable ({e}); reinstall neurostore or refit "
                            "it with 'python bench/confidence_calibration.py --fit'.") from None
 
-    def explanation(self, scorer: str, q: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
-        """P(the explanation agrees with the truth) from its null q-value and margin (any shape)."""
+    def explanation(self, scorer: str, q: torch.Tensor, margin: torch.Tensor, auprc: Optional[torch.Tensor] = None,
+                    pearson: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """P(the explanation agrees with the truth) from its null q-value, margin and held-out
+        encoder fidelity (any shape; no fidelity counts as none)."""
         coef = self.explanation_maps.get(scorer, self.explanation_maps["*"])
-        return logistic(coef, explanation_features(q, margin)).clamp(0.0, 1.0)
+        return logistic(coef, explanation_features(q, margin, auprc, pearson)).clamp(0.0, 1.0)
 
     def headline(self, candidates: "pd.DataFrame") -> np.ndarray:  # noqa: F821
         """P(the headline candidate agrees with the truth), per candidate row."""
@@ -536,11 +551,12 @@ def layer_trust(rows: "pd.DataFrame", peak: torch.Tensor, sim: torch.Tensor,  # 
                 image_ids: Sequence[str], concept_index: dict, amount: Optional[torch.Tensor] = None,
                 fraction: float = HELDOUT_FRACTION, nulls: Optional[dict] = None, **columns: Any) -> tuple:
     """One layer's explanation_scores rows and headlines from its score rows (unit, scorer,
-    concept, rank, score, confidence; calibrated confidence already in): fidelity of every row
-    on held-out images (and its null q when `nulls`, scorer -> Null, are given), then per unit
-    the headline among the ground-truth-free scorers' top HEADLINE_RANKS concepts.
-    `columns`: constants (dataset, vocabulary, encoder, model, layer); a mask or null metric's
-    encoder is NULL. Returns two DataFrames (schema minus run_id)."""
+    concept, rank, score, confidence): fidelity of every row on held-out images; with `nulls`
+    (scorer -> Null) its null q and its calibrated confidence, which needs the fidelity (so the
+    dissect takes it from here); then per unit the headline among the ground-truth-free
+    scorers' top HEADLINE_RANKS concepts. `columns`: constants (dataset, vocabulary, encoder,
+    model, layer); a mask or null metric's encoder is NULL. Returns (explanation_scores rows,
+    headlines, the score rows with their confidence), DataFrames (schema minus run_id)."""
     import pandas as pd
 
     rows = rows[rows["concept"].isin(concept_index)]
@@ -549,6 +565,7 @@ def layer_trust(rows: "pd.DataFrame", peak: torch.Tensor, sim: torch.Tensor,  # 
         index=["unit", "scorer", "concept"], columns="metric", values="value", dropna=False)
     if nulls:
         fid = pd.concat([fid, null_q_rows(rows, nulls)], ignore_index=True)
+        rows = calibrated(rows, nulls, enc)
     c = headline_candidates(rows, enc)
     c["confidence"] = calibration().headline(c)   # P(right) as a headline: evidence across scorers
     c["model"], c["layer"] = "", ""   # headlines() groups by them; the caller sets them
@@ -559,15 +576,32 @@ def layer_trust(rows: "pd.DataFrame", peak: torch.Tensor, sim: torch.Tensor,  # 
             t[k] = v
     if "encoder" in columns:
         fid["encoder"] = np.where(fid["presence"] == "encoder", columns["encoder"], None)
-    return fid, head
+    return fid, head, rows
+
+
+def calibrated(rows: "pd.DataFrame", nulls: dict, enc: "pd.DataFrame") -> "pd.DataFrame":  # noqa: F821
+    """Score rows of one layer (unit, scorer, concept, rank, score) with `confidence` from the
+    shipped map of their null q and margin (`nulls`: scorer -> Null) and held-out encoder
+    fidelity (`enc`: pearson and auprc columns indexed by unit, scorer, concept)."""
+    import pandas as pd
+
+    parts = []
+    for scorer, r in rows.groupby("scorer", sort=False):
+        q, margin = rows_q_margin(r, nulls[scorer])
+        key = list(zip(r["unit"], r["scorer"], r["concept"]))
+        ap, pr = (torch.from_numpy(np.array(enc[m].reindex(key), np.float64)) if m in enc else None
+                  for m in ("auprc", "pearson"))
+        parts.append(r.assign(confidence=calibration().explanation(scorer, q, margin, ap, pr).numpy()))
+    return pd.concat(parts).loc[rows.index] if parts else rows
 
 
 def scored_with_null(res: "S.ScoreResult", inputs: dict[str, Any], iou_best: Optional[torch.Tensor] = None,
                      m: int = NULL_UNITS, seed: int = 0, device=None) -> tuple["S.ScoreResult", Null]:
-    """A scorer's result with the calibrated confidence in place of the old one, and the null
-    (its parameters go with the run). iou: pass `iou_best` from a NullIoU fed beside the real IoU.
-    `device`: where the [u, c] arithmetic runs (a dissect's GPU: seconds per layer on a CPU at
-    20,000 concepts); the confidence comes back on the CPU."""
+    """A scorer's result with the calibrated confidence of q and margin alone (no fidelity yet:
+    the dissect replaces it with layer_trust's once the layer's fidelity exists) in place of the
+    old one, and the null (its parameters go with the run). iou: pass `iou_best` from a NullIoU
+    fed beside the real IoU. `device`: where the [u, c] arithmetic runs (a dissect's GPU: seconds
+    per layer on a CPU at 20,000 concepts); the confidence comes back on the CPU."""
     from dataclasses import replace
 
     best = iou_best if res.scorer == "iou" else null_best(res.scorer, inputs, res.params, m, seed)
@@ -735,16 +769,16 @@ def _assess_run(store, model: str, run_id: str, params: dict, m: int, seed: int,
                 got = real[np.array(r["unit"], np.int64), np.array(r["concept"].map(cindex), np.int64)].double().numpy()
                 diff = np.abs(got - r["score"].to_numpy(np.float64))
                 worst = max(worst, float(np.nanmax(diff / np.maximum(1.0, np.abs(got))))) if len(r) else worst
-            null = fit_null(scorer, best, len(concepts), seed)
-            nulls.setdefault(layer, {})[scorer] = null
-            r["confidence"] = calibration().explanation(scorer, *rows_q_margin(r, null)).numpy()
+            nulls.setdefault(layer, {})[scorer] = fit_null(scorer, best, len(concepts), seed)
             new_conf[(layer, scorer)] = r
-            summary_conf.setdefault(scorer, []).append(torch.from_numpy(np.array(r.loc[r["rank"] == 0, "confidence"])))
         # fidelity of every stored (unit, scorer, concept) on held-out images; the headline
         rows_c = pd.concat([new_conf[(layer, sc)] for sc in rows_l["scorer"].unique()])
         amount = mask_amount(masks, ids, cindex) if masks is not None else None
-        fid, head = layer_trust(rows_c, peak, sim, ids, cindex, amount, fraction, nulls=nulls[layer], dataset=ds,
-                                vocabulary=vocab, encoder=enc_id, model=model, layer=layer)
+        fid, head, rows_c = layer_trust(rows_c, peak, sim, ids, cindex, amount, fraction, nulls=nulls[layer],
+                                        dataset=ds, vocabulary=vocab, encoder=enc_id, model=model, layer=layer)
+        for sc, r in rows_c.groupby("scorer"):   # the confidence with held-out fidelity
+            new_conf[(layer, sc)] = r
+            summary_conf.setdefault(sc, []).append(torch.from_numpy(np.array(r.loc[r["rank"] == 0, "confidence"])))
         nulls[layer] = {sc: n.to_dict() for sc, n in nulls[layer].items()}
         writes.append((f"trust:{ds}:{vocab}:{enc_id}", "explanation_scores", fid))
         if len(head):

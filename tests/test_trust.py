@@ -177,7 +177,8 @@ def test_headline_prefers_the_calibrated_confidence_then_held_out_fidelity():
 
 def test_shipped_calibration_gives_monotone_probabilities():
     """The fitted maps load, give probabilities in [0, 1], never fall as the null's evidence
-    (smaller q) or the margin over the next concept rises, and say what they were fitted on."""
+    (smaller q), the margin over the next concept or the held-out fidelity rises, and say what
+    they were fitted on."""
     import pandas as pd
 
     cal = T.Calibration.load()
@@ -185,10 +186,16 @@ def test_shipped_calibration_gives_monotone_probabilities():
     assert {"iou", "*"} <= set(cal.explanation_maps)
     q = torch.logspace(-8, 0, 40, dtype=torch.float64)              # ascending q: less evidence
     margin = torch.linspace(-12, 12, 30, dtype=torch.float64)
+    grid = torch.linspace(-1, 1, 9, dtype=torch.float64)
     for scorer in list(cal.explanation_maps) + ["a-scorer-it-never-saw"]:
         p = cal.explanation(scorer, q.view(-1, 1).expand(-1, 30), margin.view(1, -1).expand(40, -1))  # [q, margin]
         assert ((p >= 0) & (p <= 1)).all()
         assert (p.diff(dim=0) <= 1e-12).all() and (p.diff(dim=1) >= -1e-12).all(), scorer
+        # [auprc, pearson] at a middling q and margin
+        mid = torch.full((9, 9), 0.05, dtype=torch.float64)
+        p = cal.explanation(scorer, mid, 20 * mid, grid.abs().view(-1, 1).expand(-1, 9), grid.view(1, -1).expand(9, -1))
+        assert ((p >= 0) & (p <= 1)).all() and (p.diff(dim=1) >= -1e-12).all(), scorer
+        assert (p[4:].diff(dim=0) >= -1e-12).all(), scorer         # rows 4.. : auprc 0 -> 1
     base = pd.DataFrame({"unit": [0, 0], "scorer": ["patch", "wpmi"], "concept": ["a", "b"],
                          "confidence": 0.3, "auprc": 0.2, "fidelity": 0.1})
     p0 = cal.headline(base)
@@ -267,6 +274,31 @@ def test_dissect_stores_null_confidence_fidelity_and_headlines(demo_run):
     # concept_neurons leads with units whose headline the concept is
     top = store.query("concept_neurons", {"concept": "watermark", "top": 50}).to_pandas()
     assert top["headline"].any() and top["headline"].is_monotonic_decreasing
+
+
+def test_dissect_confidence_is_the_map_of_q_margin_and_held_out_fidelity(demo_run):
+    """The dissect stores the confidence it takes back from layer_trust, made once the layer's
+    held-out fidelity exists: the shipped map of q, margin AND encoder fidelity (before, it was
+    the map of q and margin alone, made before the fidelity)."""
+    import json
+
+    from neurostore.trust import Null
+
+    _, store = demo_run
+    s = store.df("""SELECT s.run_id, s.layer, s.unit, s.scorer, s.rank, s.concept, s.score, s.confidence,
+                           max(e.value) FILTER (WHERE e.metric = 'auprc') AS auprc,
+                           max(e.value) FILTER (WHERE e.metric = 'pearson') AS pearson
+                    FROM scores s JOIN explanation_scores e USING (model, layer, unit, scorer, concept)
+                    WHERE s.model = 'probe-cnn' AND e.presence = 'encoder' GROUP BY ALL""")
+    params = store.df("SELECT run_id, params FROM runs WHERE run_id = $r", {"r": s["run_id"].iloc[0]})["params"]
+    nulls = json.loads(params.iloc[0])["nulls"]
+    cal, changed = T.calibration(), []
+    for (layer, scorer), r in s.groupby(["layer", "scorer"]):
+        q, margin = T.rows_q_margin(r, Null(**nulls[layer][scorer]))
+        fid = [torch.tensor(r[c].to_numpy(np.float64)) for c in ("auprc", "pearson")]
+        np.testing.assert_allclose(cal.explanation(scorer, q, margin, *fid).numpy(), r["confidence"], atol=1e-5)
+        changed.append((cal.explanation(scorer, q, margin) - cal.explanation(scorer, q, margin, *fid)).abs() > 1e-3)
+    assert torch.cat(changed).double().mean() > 0.5, "the fidelity must move most confidences"
 
 
 # ---- a stored dissect, assessed ---------------------------------------------------------------
