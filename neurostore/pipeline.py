@@ -486,10 +486,10 @@ def _scores(d: _Dissection) -> None:
         inputs = _layer_inputs(d, name, sim, iou.get(name))
         tables = []
         for s in d.scorers:
-            res = S.run_scorer(s, inputs, d.params[s], with_confidence=False)
-            # the null of pseudo-units of this layer (trust module doc); confidence from q and margin
-            res, d.nulls.setdefault(name, {})[s] = trust.scored_with_null(res, inputs, iou_null.get(name),
-                                                                         device=d.device)
+            # the scores and the null of pseudo-units of this layer (trust module doc); confidence
+            # from q and margin until the layer's fidelity replaces it below
+            res, d.nulls.setdefault(name, {})[s] = trust.score(s, inputs, d.params[s], iou_null.get(name),
+                                                               device=d.device)
             tables.append(S.top_concepts(res, d.vocab.concepts, o["top_n"], vocabulary=d.vocab.name,
                                          encoder=d.enc.id if res.uses_encoder else None,
                                          model=d.target.id, layer=name))

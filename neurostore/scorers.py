@@ -112,9 +112,10 @@ class Similarity:
         return 2
 
     @torch.no_grad()
-    def columns(self, c0: int, c1: int) -> torch.Tensor:
-        """[n, c1 - c0] float32 on the CPU."""
-        return (self.img @ self.txt[c0:c1].T).cpu()
+    def columns(self, c0: int, c1: int, on_device: bool = False) -> torch.Tensor:
+        """[n, c1 - c0] float32 on the CPU (on_device: where the embeddings are)."""
+        out = self.img @ self.txt[c0:c1].T
+        return out if on_device else out.cpu()
 
     @torch.no_grad()
     def take(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -132,10 +133,11 @@ def _logsumexp_rows(sim: "torch.Tensor | Similarity", a: float, tile: int = 4096
     if not isinstance(sim, Similarity):
         return torch.logsumexp(a * sim.float(), dim=1, keepdim=True)
     if a not in sim._lse:
-        out = torch.full((sim.shape[0], 1), -math.inf)
+        out = torch.full((sim.shape[0], 1), -math.inf, device=sim.device)
         for c0 in range(0, sim.shape[1], tile):
-            out = torch.logaddexp(out, torch.logsumexp(a * sim.columns(c0, c0 + tile), dim=1, keepdim=True))
-        sim._lse[a] = out
+            cols = sim.columns(c0, c0 + tile, on_device=True)
+            out = torch.logaddexp(out, torch.logsumexp(a * cols, dim=1, keepdim=True))
+        sim._lse[a] = out.cpu()
     return sim._lse[a]
 
 
@@ -184,6 +186,8 @@ def _sum_log_factors(
     n_units = acts.shape[1]
     if float(coef_b.min()) <= 0 or float(coef_a.min()) <= 0:
         raise BadParameter("membership weights must lie in (0, 1] and min_prob must be > 0.")
+    if isinstance(sim, Similarity) and sim.device.type != "cpu":
+        return _sum_log_factors_on(sim.device, sim, acts, top_k, a, coef_a, coef_b, progress)
     # topk along rows of the transposed matrix: same indices as topk over dim 0, ~10x faster.
     inds = torch.topk(acts.float().T.contiguous(), dim=1, k=top_k)[1].T.contiguous()  # [top_k, u]
     lse = _logsumexp_rows(sim, a)                                 # [n, 1] softmax denominators
@@ -259,6 +263,43 @@ def _sum_log_factors(
 
 
 @torch.no_grad()
+def _sum_log_factors_on(device: torch.device, sim: "torch.Tensor | Similarity", acts: torch.Tensor, top_k: int,
+                        a: float, coef_a: torch.Tensor, coef_b: torch.Tensor, progress: bool = False) -> torch.Tensor:
+    """`_sum_log_factors` on a GPU (any device; the CPU keeps the threaded version above): for a
+    block of concepts, every unit's top_k images gathered at once ([top_k, u, block], the block
+    sized to the device's free memory), one log per factor in float32, summed in float64 (the
+    rounding of each log is ~1e-7 of a term around -5). Returns [u, c] float64 on the CPU."""
+    from .devices import chunk_rows
+
+    n, n_concepts = sim.shape
+    n_units = acts.shape[1]
+    inds = torch.topk(acts.float().to(device).T, dim=1, k=top_k)[1].T.reshape(-1)   # [top_k * u]
+    lse = _logsumexp_rows(sim, a).to(device)                                          # [n, 1]
+    ca, cb = coef_a.double(), coef_b.double()
+    kappa = (ca / cb).float().to(device).view(-1, 1, 1)                                # [top_k, 1, 1]
+    out = torch.empty(n_units, n_concepts, dtype=torch.float64, device=device)         # [u, c]
+    # per concept: the gathered factors (float32), their logs and the float64 copy
+    block = min(n_concepts, chunk_rows(device, top_k * n_units * 16, fraction=0.25))
+    starts = range(0, n_concepts, block)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(starts), desc="scoring concepts", unit="block", leave=False)
+    for c0 in starts:
+        c1 = min(c0 + block, n_concepts)
+        cols = sim.columns(c0, c1, on_device=True) if isinstance(sim, Similarity) else sim[:, c0:c1].float().to(device)
+        probs = torch.exp(a * cols - lse)                                              # [n, b]
+        g = probs.index_select(0, inds).view(top_k, n_units, c1 - c0)                 # [top_k, u, b]
+        out[:, c0:c1] = g.add_(kappa).log_().double().sum(0)                           # [u, b]
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return out.add_(float(torch.log(cb).sum())).cpu()
+
+
+@torch.no_grad()
 def soft_wpmi(
     sim: torch.Tensor,
     acts: torch.Tensor,
@@ -277,14 +318,15 @@ def soft_wpmi(
     log p(c | unit) = sum_r log(1 + w_r (p(c | img_r) - 1) + min_prob) over the unit's top_k
     images img_r, with p(c | img) = softmax over concepts of a * sim and membership weights w_r
     from p_start down toward p_end; log p(c) = log mean over units of p(c | unit);
-    score = log p(c | unit) - lam * log p(c)."""
+    score = log p(c | unit) - lam * log p(c). lam=None: log p(c | unit) itself, float64
+    (`log_p_given_unit`)."""
     _check_acts(sim, acts, top_k)
     if not (0 <= p_end <= 1 and 0 <= p_start <= 1):
         raise BadParameter(f"p_start={p_start} and p_end={p_end} must lie in [0, 1].")
     w = membership_weights(top_k, p_start, p_end).double()
     # 1 + w (p - 1) + min_prob  ==  w p + (1 - w + min_prob), without the cancellation of p - 1
     log_p = _sum_log_factors(sim, acts, top_k, a, 1 - w + min_prob, w, concept_chunk, progress)
-    return _pmi(log_p, lam)
+    return log_p if lam is None else _pmi(log_p, lam)
 
 
 @torch.no_grad()
@@ -299,11 +341,24 @@ def wpmi(
     progress: bool = False,
 ) -> torch.Tensor:
     """CLIP-Dissect's WPMI: log p(c | unit) = sum over the top_k images of log(p(c | img) +
-    min_prob); p(c) and the score as in `soft_wpmi`. Returns [u, c]."""
+    min_prob); p(c) and the score as in `soft_wpmi` (lam=None: log p(c | unit)). Returns [u, c]."""
     _check_acts(sim, acts, top_k)
     ones = torch.ones(top_k, dtype=torch.float64)
     log_p = _sum_log_factors(sim, acts, top_k, a, ones * min_prob, ones, concept_chunk, progress)
-    return _pmi(log_p, lam)
+    return log_p if lam is None else _pmi(log_p, lam)
+
+
+def log_p_given_unit(name: str, inputs: dict[str, Any], params: Optional[dict[str, Any]] = None) -> torch.Tensor:
+    """soft_wpmi's or wpmi's log p(c | unit), [u, c] float64, before the PMI step: its scores are
+    `pmi(log_p, lam)`, and trust's null reuses it for p(c) instead of scoring the units again."""
+    if name not in PMI_SCORERS:
+        raise BadParameter(f"log p(c | unit) is soft_wpmi's or wpmi's, not '{name}'s.")
+    return get_scorer(name).fn(inputs, **{**resolve_params(name, params), "lam": None})
+
+
+def pmi(log_p: torch.Tensor, lam: float) -> torch.Tensor:
+    """[u, c] float64 log p(c | unit) -> the PMI scores, float32 (log_p is left as it is)."""
+    return _pmi(log_p.clone(), lam)
 
 
 def _pmi(log_p: torch.Tensor, lam: float) -> torch.Tensor:
@@ -324,16 +379,19 @@ def cos_cubed(
     images, cube, L2-normalise over images (norm clipped below at min_norm), and take the
     cosine. Returns [u, c], bounded in [-1, 1]."""
     _check_acts(sim, acts)
-    t = acts.float() - acts.float().mean(dim=0, keepdim=True)
-    t = t.pow_(3)
+    # on the similarity's device (a GPU: the [u, n] x [n, tile] products are the whole cost)
+    device = sim.device if isinstance(sim, Similarity) else torch.device("cpu")
+    t = acts.float().to(device)
+    t = (t - t.mean(dim=0, keepdim=True)).pow_(3)
     t = t / torch.clip(torch.norm(t, p=2, dim=0, keepdim=True), min_norm)   # [n, u]
-    out = torch.empty(acts.shape[1], sim.shape[1])
+    out = torch.empty(acts.shape[1], sim.shape[1], device=device)
     for c0 in range(0, sim.shape[1], concept_chunk):
-        c = similarity_columns(sim, c0, c0 + concept_chunk)                 # [n, tile]
+        c = (sim.columns(c0, c0 + concept_chunk, on_device=True) if isinstance(sim, Similarity)
+             else similarity_columns(sim, c0, c0 + concept_chunk))          # [n, tile]
         c = (c - c.mean(dim=0, keepdim=True)).pow_(3)
         c = c / torch.clip(torch.norm(c, p=2, dim=0, keepdim=True), min_norm)
         torch.matmul(t.T, c, out=out[:, c0 : c0 + concept_chunk])
-    return out
+    return out.cpu()
 
 
 # --------------------------------------------------------------------------------------------
@@ -668,6 +726,8 @@ def _need(inputs: dict[str, Any], key: str) -> Any:
         raise BadInput(f"scorer input '{key}' is missing; given: {', '.join(sorted(inputs)) or 'none'}.")
     return inputs[key]
 
+
+PMI_SCORERS = ("soft_wpmi", "wpmi")   # score = log p(c | unit) - lam log p(c)
 
 SCORERS: dict[str, Scorer] = {
     s.name: s

@@ -235,9 +235,10 @@ def pseudo_patches(inputs: dict[str, Any], m: int, gen: torch.Generator) -> tupl
 
 
 def null_best(scorer: str, inputs: dict[str, Any], params: dict[str, Any], m: int = NULL_UNITS,
-              seed: int = 0) -> torch.Tensor:
+              seed: int = 0, log_p: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[m] best score over the vocabulary of m pseudo-units of the layer whose real units are
-    scored from `inputs` (the scorer's own inputs, see scorers.run_scorer) with `params`."""
+    scored from `inputs` (the scorer's own inputs, see scorers.run_scorer) with `params`.
+    soft_wpmi / wpmi: `log_p`, the real units' log p(c | unit) when the caller has it."""
     gen = torch.Generator().manual_seed(seed)
     if scorer == "patch":
         idx, w = pseudo_patches(inputs, m, gen)
@@ -248,10 +249,9 @@ def null_best(scorer: str, inputs: dict[str, Any], params: dict[str, Any], m: in
         # pseudo-unit is scored as one more unit of the layer (p(c) over the u real units and it).
         # lam = 0 gives log p(c | unit) from the same code.
         pooled = inputs["pooled"].float()                           # [n, u]
-        no_pc = {**params, "lam": 0.0}
-        log_p = S.run_scorer(scorer, inputs, no_pc, with_confidence=False).scores.double()    # [u, c]
-        log_q = S.run_scorer(scorer, {**inputs, "pooled": pseudo_pooled(pooled, m, gen)},
-                             no_pc, with_confidence=False).scores.double()                  # [m, c]
+        if log_p is None:
+            log_p = S.log_p_given_unit(scorer, inputs, params)      # [u, c] float64
+        log_q = S.log_p_given_unit(scorer, {**inputs, "pooled": pseudo_pooled(pooled, m, gen)}, params)  # [m, c]
         u = log_p.shape[0]
         log_pc = torch.logaddexp(torch.logsumexp(log_p, 0, keepdim=True), log_q) - math.log(u + 1)
         null = (log_q - params["lam"] * log_pc).float()
@@ -595,8 +595,25 @@ def calibrated(rows: "pd.DataFrame", nulls: dict, enc: "pd.DataFrame") -> "pd.Da
     return pd.concat(parts).loc[rows.index] if parts else rows
 
 
+def score(scorer: str, inputs: dict[str, Any], params: Optional[dict[str, Any]] = None,
+          iou_best: Optional[torch.Tensor] = None, m: int = NULL_UNITS, seed: int = 0,
+          device=None) -> tuple["S.ScoreResult", Null]:
+    """`S.run_scorer` then `scored_with_null`, with what they share computed once: soft_wpmi's and
+    wpmi's log p(c | unit) of the real units gives both the scores and the null's p(c) (scoring
+    the units twice was half of those scorers' time at 20,000 concepts)."""
+    log_p = None
+    if scorer in S.PMI_SCORERS:
+        full = S.resolve_params(scorer, params)
+        log_p = S.log_p_given_unit(scorer, inputs, full)            # [u, c] float64
+        res = S.ScoreResult(scorer, full, S.pmi(log_p, full["lam"]), None, S.get_scorer(scorer).uses_encoder)
+    else:
+        res = S.run_scorer(scorer, inputs, params, with_confidence=False)
+    return scored_with_null(res, inputs, iou_best, m, seed, device, log_p=log_p)
+
+
 def scored_with_null(res: "S.ScoreResult", inputs: dict[str, Any], iou_best: Optional[torch.Tensor] = None,
-                     m: int = NULL_UNITS, seed: int = 0, device=None) -> tuple["S.ScoreResult", Null]:
+                     m: int = NULL_UNITS, seed: int = 0, device=None,
+                     log_p: Optional[torch.Tensor] = None) -> tuple["S.ScoreResult", Null]:
     """A scorer's result with the calibrated confidence of q and margin alone (no fidelity yet:
     the dissect replaces it with layer_trust's once the layer's fidelity exists) in place of the
     old one, and the null (its parameters go with the run). iou: pass `iou_best` from a NullIoU
@@ -604,7 +621,7 @@ def scored_with_null(res: "S.ScoreResult", inputs: dict[str, Any], iou_best: Opt
     per layer on a CPU at 20,000 concepts); the confidence comes back on the CPU."""
     from dataclasses import replace
 
-    best = iou_best if res.scorer == "iou" else null_best(res.scorer, inputs, res.params, m, seed)
+    best = iou_best if res.scorer == "iou" else null_best(res.scorer, inputs, res.params, m, seed, log_p)
     null = fit_null(res.scorer, best, res.scores.shape[1], seed)
     scores = res.scores.to(device or "cpu")
     q = 1.0 - bh_confidence(scores, null).double()                   # [u, c]
@@ -763,8 +780,10 @@ def _assess_run(store, model: str, run_id: str, params: dict, m: int, seed: int,
             if scorer == "iou":
                 best = iou_best[layer]
             else:
-                real = S.run_scorer(scorer, inputs, sp, with_confidence=False).scores  # [u, c]
-                best = null_best(scorer, inputs, sp, m, seed)
+                log_p = S.log_p_given_unit(scorer, inputs, sp) if scorer in S.PMI_SCORERS else None
+                real = (S.pmi(log_p, S.resolve_params(scorer, sp)["lam"]) if log_p is not None
+                        else S.run_scorer(scorer, inputs, sp, with_confidence=False).scores)  # [u, c]
+                best = null_best(scorer, inputs, sp, m, seed, log_p)
                 # the inputs read back from the store must reproduce the stored scores
                 got = real[np.array(r["unit"], np.int64), np.array(r["concept"].map(cindex), np.int64)].double().numpy()
                 diff = np.abs(got - r["score"].to_numpy(np.float64))

@@ -92,6 +92,26 @@ def test_soft_wpmi_full_defaults_and_chunking_do_not_change_result():
         assert (got.double() - ref64).abs().max() <= 1e-4
 
 
+def test_the_gpu_path_of_the_log_sums_equals_the_published_formula():
+    """`_sum_log_factors_on` (what a dissect on a GPU runs: one gather per concept block, float32
+    logs summed in float64), run here on the CPU, from a dense and a streamed similarity."""
+    sim, acts = _clip_inputs(n=400, c=70, u=9, seed=3)
+    w = S.membership_weights(100).double()
+    ref64 = S._soft_wpmi_reference(sim.double(), acts.double())           # top_k=100
+    streamed = S.Similarity(torch.randn(400, 16), torch.randn(70, 16))
+    for s in (sim, streamed):
+        ref = ref64 if s is sim else S._soft_wpmi_reference(_dense(s).double(), acts.double())
+        got = S._pmi(S._sum_log_factors_on(torch.device("cpu"), s, acts, 100, 10.0, 1 - w + 1e-7, w), 1.0)
+        assert got.dtype == torch.float32 and (got.double() - ref).abs().max() <= 1e-4
+    ones = torch.ones(28, dtype=torch.float64)
+    got = S._pmi(S._sum_log_factors_on(torch.device("cpu"), sim, acts, 28, 2.0, ones * 1e-7, ones), 0.6)
+    assert (got.double() - S._wpmi_reference(sim.double(), acts.double())).abs().max() <= 1e-4
+
+
+def _dense(sim: "S.Similarity") -> torch.Tensor:
+    return sim.columns(0, sim.shape[1])
+
+
 def test_wpmi_equals_direct_transcription():
     sim, acts = _clip_inputs(seed=2)
     fast = S.wpmi(sim, acts)
