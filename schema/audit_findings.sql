@@ -21,6 +21,7 @@ CREATE TABLE audit_findings (
     reliance_drop       FLOAT,      -- cue_flip_before - cue_flip_after
     verified            BOOLEAN,    -- zeroing the units removed reliance: reliance_drop >= max(0.05, 0.3 x cue_flip_before) and the cue gain fell by half; NULL without cue pairs
     ablation            VARCHAR,    -- how the units were removed: 'units' (zeroed) or 'units+tokens' (token models: zeroed, and the patch tokens they fire on mean-ablated where tokens enter the blocks)
+    direction_layer     VARCHAR,    -- ablation 'direction': the block whose output had the concept's residual direction projected out (token models); NULL otherwise
     headline            BOOLEAN,    -- the model's main finding: the verified finding with the largest relative cue-gain drop (else the largest contribution)
     scorer              VARCHAR,    -- scorer whose explanations were used
     n_images            INTEGER,    -- probe images of the class
