@@ -14,20 +14,32 @@ Per model and class, on the labelled probe images the model was dissected on:
    class's images; and, for the layer whose pooled output is the classifier head's input
    (found by comparing tensors, not names), weight x activation (W[class, unit] x input).
 2. driving units: the `top_units` units with the largest positive grad x act (all layers).
-3. ablation: each driving unit zeroed alone -> change of the class's accuracy.
+3. ablation: each driving unit zeroed alone -> change of the class's accuracy (on at most
+   ABLATE_IMAGES of its images).
 4. explanations: each unit's label (top concept) under `scorer` from the store; relatedness =
    MiniLM cosine(label, class name); flagged when below `threshold` AND the unit fires
    selectively on the class's images (selectivity = AUROC of its per-image peak, class vs rest,
    >= SELECTIVE; 0.5 is a unit that fires alike on every class, like the probe world's colour
-   units, which drive every shape).
+   units, which drive every shape) AND, where the world can draw the cue (world.cue_pairs), the
+   unit depends on it: drawing the cue on other-class scenes raises the unit's per-image peak by
+   >= CUE_TIED of its SDs over the probe images (cue_effect). Selectivity alone cannot tell a cue
+   unit from a shape unit a scorer mislabels: both fire on the class's images; only the cue's
+   own units rise with the cue (2-3 SDs on the probe worlds, shape units -0.1-0.2).
    THRESHOLD = 0.5, calibrated on the probe world: a class name scores 1.0 with itself, other
    shape names score 0.26-0.56 with it, and every cue, colour and texture word scores at most
    0.46 with every shape name ('dot' vs 'circle' 0.45 is the closest), so 0.5 flags every
    cue word for every class while a unit labelled with the class's own name is never
    flagged. (Single-word MiniLM cosines between unrelated everyday words sit at 0.1-0.45.)
-5. findings: flagged units grouped by label -> (class, concept, neurons, contribution).
-   Each is verified by zeroing its units together (a token model's also by mean-ablating the
-   patch tokens they fire on, where tokens enter the blocks: a ViT carries a cue in its tokens): class accuracy before/after and, in the
+5. findings: flagged units grouped by label -> (class, concept, neurons, contribution); on a
+   token model also residual-stream directions, since a ViT can carry a cue around its MLP
+   neurons (the watermark worlds' ViTs do: no star-driving neuron is a cue unit): for each label,
+   the direction after each block from the probe images its units fire on most to the rest
+   (`concept_directions`), its contribution grad x act along it (`contributions`), kept at its
+   best block when that is positive, the label unrelated, the projection selective for the class
+   and (probe world) raised by the cue, with the label's units so too (their median cue_effect).
+   Each finding is verified by removing it: its units zeroed together (a token model's also with
+   the patch tokens they fire on mean-ablated where tokens enter the blocks), or its direction
+   projected out of every token of that block's output: class accuracy before/after and, in the
    probe world, the cue flip rate toward the class (other-class scenes that become the class
    once the cue is drawn, from world.cue_pairs) before/after. verified when the flip rate
    drops by at least max(0.05, 0.3 x before) AND the cue gain (mean rise of the class logit
@@ -61,7 +73,7 @@ from ..models import list_layers
 from ..schema import load_schemas
 from ..store import Store
 from ._common import (TokenAblation, all_logits, as_btc, batch_size, blocks_of, check_models, cue_flip_rate,
-                      load_model, logits_of, model_layers, open_store, per_class_accuracy, predict, probe_images,
+                      load_model, logits_of, model_layers, open_store, predict, probe_images,
                       relatedness, resolve, stored_models, intact_stats, world_of)
 from .ablate import cue_pairs_for
 from .compare import explanations, pick_scorer
@@ -74,6 +86,7 @@ MIN_DROP = 0.05         # verified: flip rate drops by at least max(MIN_DROP, RE
 REL_DROP = 0.3
 REL_GAIN = 0.5          # ... and the cue's logit gain toward the class by at least half
 CUE_TIED = 1.0          # probe world: drawing the cue raises a flagged unit's peak by >= this many of its SDs
+ABLATE_IMAGES = 200     # a class's images per ablation: its accuracy to +-0.07 (95%, worst case)
 PRESENT = 0.9           # a concept's images: where its units' mean peak rank is in the top 10%
 
 
@@ -231,7 +244,7 @@ def auroc(ranks: np.ndarray, positive: np.ndarray) -> np.ndarray:
     r = ranks
     n1, n0 = int(positive.sum()), int((~positive).sum())
     if not n1 or not n0:
-        return np.full(ranked.shape[1], np.nan)
+        return np.full(ranks.shape[1], np.nan)
     return (r[positive].sum(0) - n1 * (n1 + 1) / 2) / (n1 * n0)
 
 
@@ -286,9 +299,12 @@ def audit_model(st: Store, model: str, classes: Sequence[str] | None, scorer: st
     world = world_of(target)
     pairs = cue_pairs_for(world, target)
     base_preds = predict(target, probe.pixels)
-    base = per_class_accuracy(base_preds, probe.labels, probe.classes)
-    # Ablations are measured on the audited class's own images only (its accuracy is all they report).
-    own = {ci: probe.pixels[torch.from_numpy(np.flatnonzero(probe.labels == ci))] for ci in range(len(probe.classes))}
+    # Ablations are measured on the audited class's own images only (its accuracy is all they
+    # report), at most ABLATE_IMAGES of them: the single-unit ablations are most of an audit's time.
+    own_idx = {ci: np.flatnonzero(probe.labels == ci)[:ABLATE_IMAGES] for ci in range(len(probe.classes))}
+    own = {ci: probe.pixels[torch.from_numpy(i)] for ci, i in own_idx.items()}
+    base = {c: (float((base_preds[own_idx[ci]] == ci).mean()), len(own_idx[ci]))
+            for ci, c in enumerate(probe.classes) if len(own_idx[ci])}
     cue_effect: dict[str, np.ndarray] = {}       # layer or block -> [units or k] (probe world)
     if pairs is not None:
         clean, cued, plabels = pairs
