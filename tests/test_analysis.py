@@ -348,3 +348,21 @@ def test_direction_ablation_projects_it_out_of_the_residual_stream(probe_world):
         t.module(x)
     assert got["in"].shape == (32, 65, 64) and float((got["in"] @ d).abs().max()) < 1e-4
     assert not np.allclose(all_logits(t, x, directions={"blocks.1": d}), all_logits(t, x), atol=1e-3)
+
+
+@pytest.mark.parametrize("name,layers", [("vit", ["blocks.1.mlp.fc1", "blocks.3.mlp.fc1"]), ("cnn", ["conv3", "conv4"])])
+def test_logits_each_zeroed_equals_one_ablation_per_unit(probe_world, name, layers):
+    """The audit's single-unit ablations run stacked in full batches; each must equal zeroing
+    that unit alone."""
+    from neurostore.analysis._common import all_logits, logits_each_zeroed
+    from neurostore.models import load_target
+
+    t = load_target(f"probe:{name}@{probe_world.root}")
+    _, cued, _ = probe_world.cue_pairs()
+    x = cued[:40]
+    units = [(layers[0], 3), (layers[1], 0), (layers[0], 5)]
+    got = logits_each_zeroed(t, x, units)                             # [3, 40, classes]
+    assert got.shape == (3, 40, len(probe_world.classes))
+    for j, (layer, u) in enumerate(units):
+        np.testing.assert_allclose(got[j], all_logits(t, x, {layer: [u]}), atol=1e-4)
+    assert not np.allclose(got[0], got[2], atol=1e-4)                # each row its own unit

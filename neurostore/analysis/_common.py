@@ -347,6 +347,45 @@ def predict(target, pixels: torch.Tensor, units: dict[str, list[int]] | None = N
     return all_logits(target, pixels, units, batch, tokens, directions).argmax(1)
 
 
+@torch.no_grad()
+def logits_each_zeroed(target, pixels: torch.Tensor, units: Sequence[tuple[str, int]]) -> np.ndarray:
+    """[len(units), n, classes] logits with each (layer, unit) zeroed alone, as `all_logits` with
+    {layer: [unit]} gives them, but computed over the stacked units x images rows in full batches:
+    a small model runs up to 2x faster per image in large batches on a CPU (the probe ViT: 2.7 vs
+    5.8 CPU-s for 2000 images in batches of 784 vs 200)."""
+    k, n = len(units), len(pixels)
+    if not k or not n:
+        return np.zeros((k, n, 0), np.float32)
+    which = torch.arange(k).repeat_interleave(n)           # [k*n] the unit zeroed in each row
+    image = torch.arange(n).repeat(k)                      # [k*n] the image of each row
+    chans = torch.tensor([u for _, u in units])
+
+    def zero_rows(rows: torch.Tensor, ch: torch.Tensor):
+        def hook(out):
+            z = out.clone()  # never in place (see zeroed)
+            r, c = rows.to(z.device), ch.to(z.device)
+            if z.dim() == 3 and target.token_layout == "tbc":
+                z[:, r, c] = 0.0                           # [t, b, c]
+            elif z.dim() == 3:
+                z[r, :, c] = 0.0                           # [b, t, c]
+            else:
+                z[r, c] = 0.0                              # [b, c, h, w] or [b, c]
+            return z
+        return hook
+
+    out, batch = [], batch_size(pixels)
+    for i in range(0, k * n, batch):
+        w = which[i : i + batch]
+        hooks = {}
+        for layer in {units[j][0] for j in w.unique().tolist()}:
+            mine = torch.tensor([j for j, (l, _) in enumerate(units) if l == layer])
+            rows = torch.nonzero(torch.isin(w, mine)).flatten()
+            hooks[layer] = zero_rows(rows, chans[w[rows]])
+        with forward_hooks(target.module, hooks):
+            out.append(logits_of(target, pixels[image[i : i + batch]]).float().cpu().numpy())
+    return np.concatenate(out).reshape(k, n, -1)
+
+
 def per_class_accuracy(preds: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> dict[str, tuple[float, int]]:
     """{class: (accuracy, n_images)} over the classes that have images."""
     out = {}

@@ -73,7 +73,7 @@ from ..models import list_layers
 from ..schema import load_schemas
 from ..store import Store
 from ._common import (TokenAblation, all_logits, as_btc, batch_size, blocks_of, check_models, cue_flip_rate,
-                      load_model, logits_of, model_layers, open_store, predict, probe_images,
+                      load_model, logits_each_zeroed, logits_of, model_layers, open_store, predict, probe_images,
                       relatedness, resolve, stored_models, intact_stats, world_of)
 from .ablate import cue_pairs_for
 from .compare import explanations, pick_scorer
@@ -378,9 +378,10 @@ def audit_model(st: Store, model: str, classes: Sequence[str] | None, scorer: st
         cands.sort(key=lambda t: (-t[0], t[1], t[2]))
         top = cands[:top_units]
         sel = {layer: auroc(ranks[layer], is_c) for layer in {t[1] for t in top} if layer in ranks}
+        alone = logits_each_zeroed(target, own[ci], [(t[1], t[2]) for t in top]).argmax(-1) == ci  # [k, n]
         for rank, (v, layer, u, share) in enumerate(top):
             key = (layer, u)
-            acc_a = float((predict(target, own[ci], {layer: [u]}) == ci).mean())
+            acc_a = float(alone[rank].mean())
             e = expl.get(key, {})
             label = e.get("label")
             r = rel[c].get(label) if label else None
