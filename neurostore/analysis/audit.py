@@ -285,9 +285,10 @@ def audit_model(st: Store, model: str, classes: Sequence[str] | None, scorer: st
         raise BadInput(f"Model '{model}' has no dissected layers in the store that exist in '{target.spec}'.")
     head_layer = head_input_layer(target, probe.pixels)
     # A token model's block outputs: the residual stream, where a ViT carries a cue around its
-    # neurons (module doc, step 5).
-    blocks = list(dict.fromkeys(b for l in layers for b in blocks_of(target, l))) if target.grid_size else []
-    hooked = list(dict.fromkeys([*layers, *blocks]))
+    # neurons (module doc, step 5). A block dissected as a layer keeps its units (one hook a module).
+    blocks = [] if not target.grid_size else [
+        b for b in dict.fromkeys(b for l in layers for b in blocks_of(target, l)) if b not in layers]
+    hooked = [*layers, *blocks]
     intact = intact_stats(target, probe.pixels, hooked)
     # Selectivity: AUROC of each unit's per-image peak, the class's images against the rest
     # (0.5 = fires alike on every class, the baseline of a concept that has nothing to do with it).
