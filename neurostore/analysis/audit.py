@@ -24,7 +24,7 @@ Per model and class, on the labelled probe images the model was dissected on:
    unit depends on it: drawing the cue on other-class scenes raises the unit's per-image peak by
    >= CUE_TIED of its SDs over the probe images (cue_effect). Selectivity alone cannot tell a cue
    unit from a shape unit a scorer mislabels: both fire on the class's images; only the cue's
-   own units rise with the cue (2-3 SDs on the probe worlds, shape units -0.1-0.2).
+   own units rise with the cue (2-3 SDs on the probe worlds, shape units -0.1-0.7).
    THRESHOLD = 0.5, calibrated on the probe world: a class name scores 1.0 with itself, other
    shape names score 0.26-0.56 with it, and every cue, colour and texture word scores at most
    0.46 with every shape name ('dot' vs 'circle' 0.45 is the closest), so 0.5 flags every
@@ -241,11 +241,10 @@ def concept_directions(expl: dict, ranks: dict, token_mean: dict, layers: Sequen
 def auroc(ranks: np.ndarray, positive: np.ndarray) -> np.ndarray:
     """AUROC of each column of `ranks` ([images, k] ranks of scores, scipy's rankdata), the
     `positive` images against the rest (Mann-Whitney) -> [k]; NaN without both kinds of image."""
-    r = ranks
     n1, n0 = int(positive.sum()), int((~positive).sum())
     if not n1 or not n0:
         return np.full(ranks.shape[1], np.nan)
-    return (r[positive].sum(0) - n1 * (n1 + 1) / 2) / (n1 * n0)
+    return (ranks[positive].sum(0) - n1 * (n1 + 1) / 2) / (n1 * n0)
 
 
 # ---- audit --------------------------------------------------------------------------------------------
