@@ -889,7 +889,8 @@ def audit_cmd(
     scorer: Optional[str] = typer.Option(None, "--scorer", help="Scorer whose explanations label the units."),
     top_units: int = typer.Option(10, "--top-units", help="Driving units examined per class."),
     threshold: float = typer.Option(0.5, "--threshold", help="MiniLM relatedness (label, class) below which a "
-                                    "driving unit is flagged."),
+                                    "driving unit is flagged, when it also fires selectively on the class's images "
+                                    "(AUROC >= 0.9) and, in the probe world, rises when the cue is drawn."),
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
     store: Optional[Path] = StoreOpt,
@@ -897,7 +898,8 @@ def audit_cmd(
 ) -> None:
     """Spurious-concept audit: per class, the units that drive it (grad x act, weight x act, ablation),
     their explanations, a flag where the concept is unrelated to the class, and verification by
-    zeroing the flagged units (reliance on the cue before/after). Stored in audit_findings.
+    zeroing the flagged units (a ViT's also by ablating their tokens, or by projecting a concept's
+    direction out of the residual stream): reliance on the cue before/after. Stored in audit_findings.
 
     Example: neurostore audit --store ./neurostore-store --model probe-cnn --class star --device cuda
     """
@@ -913,14 +915,16 @@ def audit_cmd(
             v = {True: "verified by ablation", False: "NOT verified by ablation", None: "no cue pairs to verify"}[h["verified"]]
             flip = (f"; cue flip rate {h['cue_flip_before']:.2f} -> {h['cue_flip_after']:.2f}"
                     if h["cue_flip_before"] is not None and h["cue_flip_after"] is not None else "")
+            where = (f"its residual direction after {h['direction_layer']}" if h["ablation"] == "direction"
+                     else f"{len(h['neurons'])} units: {', '.join(h['neurons'][:6])}")
             console.print(f"[bold]{h['model']}[/bold]: class '{h['class']}' is driven by '{h['concept']}' "
-                          f"({len(h['neurons'])} units: {', '.join(h['neurons'][:6])}){flip} — {v}")
+                          f"({where}){flip} — {v}")
         else:
             console.print(f"[bold]{h['model']}[/bold]: no driving unit has a label unrelated to its class.")
     rows = res.findings.to_pylist()
     console.print(_rows_table(rows, ["model", "class", "concept", "n_units", "contribution", "relatedness",
                                      "cue_flip_before", "cue_flip_after", "accuracy_before", "accuracy_after",
-                                     "verified", "headline"], title=f"Findings (threshold {res.threshold})"))
+                                     "verified", "ablation", "headline"], title=f"Findings (threshold {res.threshold})"))
     for n in res.notes:
         err_console.print(f"note: {n}", highlight=False)
 
@@ -930,6 +934,8 @@ def ablate_cmd(
     model: str = typer.Argument(..., help="A stored model id, e.g. probe-cnn."),
     units: list[str] = typer.Option(..., "--units", "-u", help="LAYER:UNIT[,UNIT...] or LAYER:FIRST-LAST (repeat)."),
     individually: bool = typer.Option(False, "--individually", help="Also ablate each unit alone."),
+    tokens: bool = typer.Option(False, "--tokens", help="Token models (ViTs): also mean-ablate the patch tokens where "
+                                "the units fire, as the audit verifies a ViT finding."),
     max_images: int = typer.Option(2000, "--max-images", help="Probe images to measure on (even per class)."),
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
@@ -939,10 +945,11 @@ def ablate_cmd(
     """Zero units and measure per-class accuracy on the probe images; stored in effects (kind 'ablation').
 
     Example: neurostore ablate probe-cnn --units conv4:3,7 --individually
+    Example: neurostore ablate probe-vit --units blocks.1.mlp.fc1:5,9 --tokens
     """
     from .analysis import ablate
 
-    res = ablate(store_path(store), model, units, individually=individually, max_images=max_images,
+    res = ablate(store_path(store), model, units, individually=individually, tokens=tokens, max_images=max_images,
                  device=device, precision=precision)
     if as_json:
         print_json(res.to_dict())

@@ -5,7 +5,7 @@
 -- param verified BOOLEAN = false: only findings whose ablation removed the model's reliance on the cue
 SELECT model, class, concept, headline, verified, rank, n_units, neurons, contribution, relatedness, threshold,
        accuracy_before, accuracy_after, cue_flip_before, cue_flip_after, reliance_drop,
-       cued_accuracy_before, cued_accuracy_after, scorer, n_images, n_pairs, dataset, run_id
+       cued_accuracy_before, cued_accuracy_after, ablation, direction_layer, scorer, n_images, n_pairs, dataset, run_id
 FROM audit_findings
 WHERE ($model IS NULL OR model = $model) AND ($class IS NULL OR class = $class)
   AND (NOT $verified OR verified)

@@ -15,7 +15,8 @@ CREATE TABLE audit_units (
     relatedness       FLOAT,      -- MiniLM cosine of the label and the class name
     threshold         FLOAT,      -- relatedness below this flags the unit (see neurostore.analysis.audit)
     selectivity       FLOAT,      -- AUROC of the unit's per-image peak activation, the class's probe images against the others' (0.5: fires alike on every class)
-    flagged           BOOLEAN,    -- the unit drives the class, fires selectively on it (selectivity >= 0.9) and its label is unrelated to the class name
+    cue_effect        FLOAT,      -- probe world: mean rise of the unit's per-image peak when the cue is drawn on other-class scenes, in SDs of the peak over the probe images; NULL elsewhere
+    flagged           BOOLEAN,    -- the unit drives the class, fires selectively on it (selectivity >= 0.9), its label is unrelated to the class name and, where cue_effect is known, it is >= 1
     scorer            VARCHAR,    -- scorer whose explanations were used
     n_images          INTEGER,    -- probe images of the class the figures are over
     dataset           VARCHAR,    -- probe set id

@@ -301,3 +301,68 @@ def test_token_ablation_swaps_only_the_patch_tokens_where_the_units_fire(probe_w
     assert np.allclose(with_tokens[~hit], zeroed_only[~hit], atol=1e-5)  # nothing masked: same logits
     assert not np.allclose(with_tokens[hit], zeroed_only[hit], atol=1e-3)
     torch.testing.assert_close(torch.from_numpy(all_logits(t, x)), torch.from_numpy(all_logits(t, x, batch=7)))
+
+
+# ---- residual-stream directions (where a ViT carries a cue outside its neurons) ----------------------
+
+
+def test_concept_directions_point_from_the_concepts_images_to_the_rest():
+    """A label's direction: the mean output on the images its units fire on most minus the rest."""
+    from scipy.stats import rankdata
+
+    from neurostore.analysis.audit import auroc, concept_directions
+
+    rng = np.random.default_rng(0)
+    n, d = 400, 16
+    X = rng.normal(size=(n, d))
+    on = np.zeros(n, bool)
+    on[:40] = True                                            # 10% of the images hold the concept
+    X[on, 3] += 3.0                                           # ... and move the stream along axis 3
+    unit = np.where(on, 5.0, 0.0) + rng.normal(scale=0.1, size=n)
+    ranks = {"l": rankdata(np.stack([unit, rng.normal(size=n)], 1), axis=0)}
+    expl = {("l", 0): {"label": "watermark"}, ("l", 1): {"label": "noise"}}
+    labels, D = concept_directions(expl, ranks, {"b": X}, ["l"], ["b"])
+    assert labels == ["noise", "watermark"] and D["b"].shape == (2, d)
+    assert float(D["b"][1, 3]) > 0.9 and abs(float(D["b"][0, 3])) < 0.5
+    assert auroc(ranks["l"], on).tolist() == pytest.approx([1.0, 0.5], abs=0.15)
+    assert concept_directions(expl, ranks, {"b": X}, ["l"], []) == ([], {})   # no blocks: a CNN
+
+
+def test_direction_ablation_projects_it_out_of_the_residual_stream(probe_world):
+    import torch
+
+    from neurostore.analysis._common import all_logits, blocks_of, zeroed
+    from neurostore.hooks import forward_hooks, keep
+    from neurostore.models import load_target
+
+    t = load_target(f"probe:vit@{probe_world.root}")
+    assert blocks_of(t, "blocks.2.mlp.fc1") == ["blocks.0", "blocks.1", "blocks.2", "blocks.3"]
+    assert blocks_of(t, "head") == []
+    _, cued, _ = probe_world.cue_pairs()
+    x = cued[:32]
+    d = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    d = d / d.norm()
+    got = {}
+    with torch.no_grad(), zeroed(t, {}, directions={"blocks.1": d}), \
+            forward_hooks(t.module, pre={"blocks.2": keep(got, "in")}):
+        t.module(x)
+    assert got["in"].shape == (32, 65, 64) and float((got["in"] @ d).abs().max()) < 1e-4
+    assert not np.allclose(all_logits(t, x, directions={"blocks.1": d}), all_logits(t, x), atol=1e-3)
+
+
+@pytest.mark.parametrize("name,layers", [("vit", ["blocks.1.mlp.fc1", "blocks.3.mlp.fc1"]), ("cnn", ["conv3", "conv4"])])
+def test_logits_each_zeroed_equals_one_ablation_per_unit(probe_world, name, layers):
+    """The audit's single-unit ablations run stacked in full batches; each must equal zeroing
+    that unit alone."""
+    from neurostore.analysis._common import all_logits, logits_each_zeroed
+    from neurostore.models import load_target
+
+    t = load_target(f"probe:{name}@{probe_world.root}")
+    _, cued, _ = probe_world.cue_pairs()
+    x = cued[:40]
+    units = [(layers[0], 3), (layers[1], 0), (layers[0], 5)]
+    got = logits_each_zeroed(t, x, units)                             # [3, 40, classes]
+    assert got.shape == (3, 40, len(probe_world.classes))
+    for j, (layer, u) in enumerate(units):
+        np.testing.assert_allclose(got[j], all_logits(t, x, {layer: [u]}), atol=1e-4)
+    assert not np.allclose(got[0], got[2], atol=1e-4)                # each row its own unit

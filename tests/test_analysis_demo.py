@@ -74,3 +74,33 @@ def test_piped_result_tables_are_not_folded(demo_run):
     assert any("depth frac" in l and "confidence" in l for l in lines), r.stdout  # one header line
     rows = [l for l in lines if l.lstrip().startswith(("exact", "open", "semantic"))]
     assert rows and all(("probe-cnn" in l or "probe-vit" in l) for l in rows), r.stdout
+
+
+def test_audit_flags_only_cue_units_and_verifies_the_vit(demo_run):
+    """The CNN flags only units that rise when the cue is drawn (not the class-selective shape
+    units a scorer mislabels), and the ViT, which carries the watermark in its residual stream
+    rather than its MLP neurons, is verified by projecting the cue's direction out."""
+    summary, store = demo_run
+    cfg = summary["world"]["config"]
+    res = audit(store, ["probe-cnn", "probe-vit"], progress=False, max_images=600, write=False)
+    units = res.units.to_pylist()
+    flagged = [u for u in units if u["flagged"]]
+    assert flagged and all(u["cue_effect"] >= 1.0 for u in flagged)
+    assert {u["label"] for u in flagged if u["model"] == "probe-cnn"} == {cfg["cue_kind"]}
+    h = {x["model"]: x for x in res.headlines}["probe-vit"]
+    assert (h["class"], h["concept"]) == (cfg["cue_class"], cfg["cue_kind"])
+    assert h["verified"] is True and h["ablation"] == "direction" and h["direction_layer"].startswith("blocks.")
+    assert h["cue_flip_after"] <= 0.3 * h["cue_flip_before"]
+
+
+def test_ablate_tokens(demo_run):
+    from neurostore.errors import BadParameter
+
+    _, store = demo_run
+    with pytest.raises(BadParameter, match="needs a token model"):
+        ablate(store, "probe-cnn", ["conv4:0"], tokens=True, write=False, progress=False)
+    units = ["blocks.1.mlp.fc1:0-31"]
+    plain = ablate(store, "probe-vit", units, write=False, progress=False, max_images=300).ablations[0]
+    tok = ablate(store, "probe-vit", units, tokens=True, write=False, progress=False, max_images=300).ablations[0]
+    assert tok.per_class.keys() == plain.per_class.keys()
+    assert tok.accuracy_after != plain.accuracy_after or tok.cue != plain.cue   # the tokens changed something

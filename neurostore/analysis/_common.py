@@ -170,19 +170,28 @@ def _channel_dim(target, out: torch.Tensor) -> int:
     return 1 if out.dim() in (2, 4) else out.dim() - 1
 
 
-def zeroed(target, units: dict[str, list[int]], tokens: "TokenAblation | None" = None):
+def zeroed(target, units: dict[str, list[int]], tokens: "TokenAblation | None" = None,
+           directions: dict[str, torch.Tensor] | None = None):
     """Forward hooks, for a `with` block, that set the given units of each layer to 0 (every
     position and token: the whole unit is removed, as in the papers' ablation studies); with
-    `tokens`, also the tokens it masks replaced by their mean where they enter the blocks."""
+    `tokens`, also the tokens it masks replaced by their mean where they enter the blocks; with
+    `directions` ({block: unit vector [d]}), also that direction projected out of every token of
+    the block's output (the residual stream: what a ViT carries outside its neurons)."""
     def zero(idx: torch.Tensor):
         def hook(out):
             z = out.clone()  # never in place: a later in-place op could see the original
             return z.index_fill_(_channel_dim(target, z), idx.to(z.device), 0.0)
         return hook
+
+    def project_out(d: torch.Tensor):
+        def hook(out):                                    # [b, t, d] or [t, b, d]: d is last either way
+            v = d.to(out.device, out.dtype)
+            return out - (out @ v)[..., None] * v
+        return hook
+    fwd = {layer: zero(torch.tensor(sorted(us), dtype=torch.long, device=target.device)) for layer, us in units.items()}
+    fwd.update({block: project_out(d) for block, d in (directions or {}).items()})
     pre = {tokens.entry: tokens.hook} if tokens is not None else None
-    return forward_hooks(target.module, {
-        layer: zero(torch.tensor(sorted(us), dtype=torch.long, device=target.device)) for layer, us in units.items()},
-        pre=pre)
+    return forward_hooks(target.module, fwd, pre=pre)
 
 
 # ---- token ablation (ViTs) ------------------------------------------------------------------------
@@ -195,17 +204,25 @@ def zeroed(target, units: dict[str, list[int]], tokens: "TokenAblation | None" =
 FIRE = 0.5
 
 
+def blocks_of(target, layer: str) -> list[str]:
+    """The blocks of the numbered block list `layer` sits in, in order (['blocks.0', ...,
+    'blocks.3'] for 'blocks.2.mlp.fc1'; 'transformer.resblocks.N' for open_clip): each one's
+    output is the residual stream after it. [] when `layer` is in no block list."""
+    modules = dict(target.module.named_modules())
+    parts = layer.split(".")
+    for i, p in enumerate(parts):
+        lst = modules.get(".".join(parts[:i]))
+        if p.isdigit() and isinstance(lst, (torch.nn.ModuleList, torch.nn.Sequential)):
+            return [".".join(parts[:i] + [str(j)]) for j in range(len(lst))]
+    return []
+
+
 def block_entry(target, layer: str) -> str | None:
     """The first block of the block list `layer` sits in ('blocks.0' for 'blocks.2.mlp.fc1',
     'transformer.resblocks.0' for 'transformer.resblocks.5.mlp.c_fc'): its input is the token
     sequence entering the residual stream. None when `layer` is in no numbered block list."""
-    modules = dict(target.module.named_modules())
-    parts = layer.split(".")
-    for i, p in enumerate(parts):
-        if p.isdigit() and isinstance(modules.get(".".join(parts[:i])), (torch.nn.ModuleList, torch.nn.Sequential)):
-            first = ".".join(parts[:i] + ["0"])
-            return first if first in modules else None
-    return None
+    blocks = blocks_of(target, layer)
+    return blocks[0] if blocks else None
 
 
 def as_btc(target, t: torch.Tensor) -> torch.Tensor:
@@ -221,6 +238,7 @@ class IntactStats:
     peak: dict[str, np.ndarray]          # layer -> [images, units] largest activation over positions/patch tokens
     act_max: dict[str, torch.Tensor]     # token layer -> [units] largest activation over patch tokens
     entry_mean: dict[str, torch.Tensor]  # block entry -> [t, d] mean token per position
+    token_mean: dict[str, np.ndarray]    # token layer -> [images, units] mean over patch tokens
 
 
 @torch.no_grad()
@@ -232,6 +250,7 @@ def intact_stats(target, pixels: torch.Tensor, layers: Sequence[str]) -> IntactS
     act_max: dict[str, torch.Tensor] = {}
     sums: dict[str, torch.Tensor] = {}
     peaks: dict[str, list[np.ndarray]] = {}
+    tmeans: dict[str, list[np.ndarray]] = {}
     p, batch = target.num_prefix_tokens, batch_size(pixels)
     for i in range(0, len(pixels), batch):
         outs = {}
@@ -245,12 +264,14 @@ def intact_stats(target, pixels: torch.Tensor, layers: Sequence[str]) -> IntactS
             peak = a[:, p:].amax(1) if a.dim() == 3 else a.amax((2, 3)) if a.dim() == 4 else a  # [b, units]
             peaks.setdefault(l, []).append(peak.cpu().numpy())
             if a.dim() == 3:
+                tmeans.setdefault(l, []).append(a[:, p:].mean(1).cpu().numpy())  # [b, units]
                 m = peak.amax(0)                                          # [units]
                 act_max[l] = m if l not in act_max else torch.maximum(act_max[l], m)
     means = {k: v / max(1, len(pixels)) for k, v in sums.items()}
     return IntactStats({l: means[l] for l in layers if l in means}, {l: np.concatenate(v) for l, v in peaks.items()},
                        act_max,
-                       {e: means[("in", e)] for e in entries if ("in", e) in means})
+                       {e: means[("in", e)] for e in entries if ("in", e) in means},
+                       {l: np.concatenate(v) for l, v in tmeans.items()})
 
 
 class TokenAblation:
@@ -302,26 +323,67 @@ def logits_of(target, x: torch.Tensor, exact: bool = False) -> torch.Tensor:
 
 @torch.no_grad()
 def all_logits(target, pixels: torch.Tensor, units: dict[str, list[int]] | None = None, batch: int | None = None,
-               tokens: TokenAblation | None = None) -> np.ndarray:
-    """[n, classes] logits, optionally with `units` zeroed (and the `tokens` they fire on ablated)."""
+               tokens: TokenAblation | None = None, directions: dict[str, torch.Tensor] | None = None) -> np.ndarray:
+    """[n, classes] logits, optionally with `units` zeroed (and the `tokens` they fire on ablated)
+    and `directions` projected out of block outputs (`zeroed`)."""
     out = []
     batch = batch or batch_size(pixels)
     for i in range(0, len(pixels), batch):
         x = pixels[i : i + batch]
         if tokens is not None:
             tokens.mask(x)  # the intact model marks this batch's tokens before the ablated pass
-        with zeroed(target, units or {}, tokens) if units else contextlib.nullcontext():
+        with zeroed(target, units or {}, tokens, directions) if units or directions else contextlib.nullcontext():
             out.append(logits_of(target, x).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
 @torch.no_grad()
 def predict(target, pixels: torch.Tensor, units: dict[str, list[int]] | None = None, batch: int | None = None,
-            tokens: TokenAblation | None = None) -> np.ndarray:
-    """Predicted class index per image, optionally with `units` zeroed (and `tokens` ablated)."""
+            tokens: TokenAblation | None = None, directions: dict[str, torch.Tensor] | None = None) -> np.ndarray:
+    """Predicted class index per image, optionally with `units` zeroed (and `tokens` ablated,
+    `directions` projected out)."""
     if not len(pixels):
         return np.zeros(0, np.int64)
-    return all_logits(target, pixels, units, batch, tokens).argmax(1)
+    return all_logits(target, pixels, units, batch, tokens, directions).argmax(1)
+
+
+@torch.no_grad()
+def logits_each_zeroed(target, pixels: torch.Tensor, units: Sequence[tuple[str, int]]) -> np.ndarray:
+    """[len(units), n, classes] logits with each (layer, unit) zeroed alone, as `all_logits` with
+    {layer: [unit]} gives them, but computed over the stacked units x images rows in full batches:
+    a small model runs up to 2x faster per image in large batches on a CPU (the probe ViT: 2.7 vs
+    5.8 CPU-s for 2000 images in batches of 784 vs 200)."""
+    k, n = len(units), len(pixels)
+    if not k or not n:
+        return np.zeros((k, n, 0), np.float32)
+    which = torch.arange(k).repeat_interleave(n)           # [k*n] the unit zeroed in each row
+    image = torch.arange(n).repeat(k)                      # [k*n] the image of each row
+    chans = torch.tensor([u for _, u in units])
+
+    def zero_rows(rows: torch.Tensor, ch: torch.Tensor):
+        def hook(out):
+            z = out.clone()  # never in place (see zeroed)
+            r, c = rows.to(z.device), ch.to(z.device)
+            if z.dim() == 3 and target.token_layout == "tbc":
+                z[:, r, c] = 0.0                           # [t, b, c]
+            elif z.dim() == 3:
+                z[r, :, c] = 0.0                           # [b, t, c]
+            else:
+                z[r, c] = 0.0                              # [b, c, h, w] or [b, c]
+            return z
+        return hook
+
+    out, batch = [], batch_size(pixels)
+    for i in range(0, k * n, batch):
+        w = which[i : i + batch]
+        hooks = {}
+        for layer in {units[j][0] for j in w.unique().tolist()}:
+            mine = torch.tensor([j for j, (l, _) in enumerate(units) if l == layer])
+            rows = torch.nonzero(torch.isin(w, mine)).flatten()
+            hooks[layer] = zero_rows(rows, chans[w[rows]])
+        with forward_hooks(target.module, hooks):
+            out.append(logits_of(target, pixels[image[i : i + batch]]).float().cpu().numpy())
+    return np.concatenate(out).reshape(k, n, -1)
 
 
 def per_class_accuracy(preds: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> dict[str, tuple[float, int]]:

@@ -8,7 +8,9 @@
 
 A unit is zeroed at every position and token by a forward hook on its layer (the channel of a
 conv map, the neuron of a linear layer, the hidden neuron of a ViT MLP over every token), so the
-rest of the network sees it as dead. Images: the labelled probe images the model was dissected
+rest of the network sees it as dead. With `tokens` (token models), the patch tokens where the
+units fire are also mean-ablated where tokens enter the blocks, as the audit verifies a ViT's
+finding (`_common.TokenAblation`). Images: the labelled probe images the model was dissected
 on (`_common.probe_images`). In the probe world, also the reliance on the planted cue: the
 cue flip rate toward each class (`cue_flip_rate`) before and after, from `world.cue_pairs`.
 
@@ -27,9 +29,10 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
+from ..errors import BadParameter
 from ..store import Store
-from ._common import (check_units, cue_flip_rate, load_model, neuron_names, open_store, parse_units,
-                      per_class_accuracy, predict, probe_images, resolve, world_of)
+from ._common import (TokenAblation, check_units, cue_flip_rate, intact_stats, load_model, neuron_names, open_store,
+                      parse_units, per_class_accuracy, predict, probe_images, resolve, world_of)
 
 
 @dataclass
@@ -74,14 +77,15 @@ def cue_pairs_for(world, target, split: str = "test"):
 
 
 def measure(target, probe, units: dict[str, list[int]] | None, pairs=None,
-            base_preds: np.ndarray | None = None) -> dict:
-    """Predictions with `units` zeroed (None: intact) -> per-class accuracy and cue flip rates."""
-    preds = base_preds if base_preds is not None else predict(target, probe.pixels, units)
+            base_preds: np.ndarray | None = None, tokens: TokenAblation | None = None) -> dict:
+    """Predictions with `units` zeroed (None: intact; with `tokens`, also the tokens they fire on
+    ablated) -> per-class accuracy and cue flip rates."""
+    preds = base_preds if base_preds is not None else predict(target, probe.pixels, units, tokens=tokens)
     out = {"preds": preds, "per_class": per_class_accuracy(preds, probe.labels, probe.classes),
            "accuracy": float((preds == probe.labels).mean())}
     if pairs is not None:
         clean, cued, labels = pairs
-        pc, pq = predict(target, clean, units), predict(target, cued, units)
+        pc, pq = predict(target, clean, units, tokens=tokens), predict(target, cued, units, tokens=tokens)
         flips = {c: cue_flip_rate(pc, pq, labels, ci)[0] for ci, c in enumerate(probe.classes)}
         other = {}
         for ci, c in enumerate(probe.classes):
@@ -106,7 +110,7 @@ def effects_rows(model: str, dataset: str, units: dict[str, list[int]], before: 
 
 
 def ablate(store: Store | str | Path, model: str, units: Sequence[str] | str, *, layer: str | None = None,
-           individually: bool = False, together: bool = True, max_images: int = 2000,
+           individually: bool = False, together: bool = True, tokens: bool = False, max_images: int = 2000,
            split: str | None = None, write: bool = True, progress: bool = True, device=None,
            precision: str | None = None) -> AblationResult:
     """Zero `units` of `model` (a model id in the store) and measure per-class accuracy on its
@@ -114,6 +118,7 @@ def ablate(store: Store | str | Path, model: str, units: Sequence[str] | str, *,
 
     units: selections like 'conv4:3,7', 'blocks.3.mlp.fc1:0-15' (or bare numbers with `layer`).
     together: ablate the whole selection at once; individually: also each unit alone.
+    tokens: (token models) also mean-ablate the patch tokens where the units fire.
     The model runs on `device` (default auto: CUDA when present) under autocast at `precision`.
     Re-running the same ablation replaces its rows."""
     sel = parse_units(units, layer)  # the user's input first: no model is loaded for a typo
@@ -121,7 +126,11 @@ def ablate(store: Store | str | Path, model: str, units: Sequence[str] | str, *,
     st = open_store(store)
     target = load_model(st, model, device, precision)
     check_units(target, sel)
+    if tokens and target.grid_size is None:
+        raise BadParameter(f"tokens=True (--tokens) needs a token model such as a ViT; {model} has no patch tokens. "
+                           "Leave it out to zero the units alone.")
     probe = probe_images(st, model, target, max_images=max_images, split=split)
+    stats = intact_stats(target, probe.pixels, list(sel)) if tokens else None
     world = world_of(target)
     pairs = cue_pairs_for(world, target)
     sets: list[dict[str, list[int]]] = []
@@ -133,7 +142,13 @@ def ablate(store: Store | str | Path, model: str, units: Sequence[str] | str, *,
     base = measure(target, probe, None, pairs)
     out, rows = [], []
     for s in tqdm(sets, desc=f"ablate {model}", disable=not progress or len(sets) < 3, leave=False):
-        after = measure(target, probe, s, pairs)
+        tok = None
+        if tokens:
+            tok = TokenAblation(target, s, stats)
+            if not tok.usable:
+                raise BadParameter(f"Cannot ablate the tokens of {', '.join(neuron_names(s)[:4])}: token ablation "
+                                   "needs units of token layers inside one block list (e.g. blocks.N.mlp.fc1).")
+        after = measure(target, probe, s, pairs, tokens=tok)
         per = {c: {"baseline": b, "ablated": after["per_class"][c][0], "change": after["per_class"][c][0] - b,
                    "n_images": n} for c, (b, n) in base["per_class"].items()}
         cue = None
@@ -146,9 +161,10 @@ def ablate(store: Store | str | Path, model: str, units: Sequence[str] | str, *,
     res = AblationResult(model, probe.dataset, len(probe.image_ids), out, table)
     if write and rows:
         params = {"model": model, "neurons": neuron_names(sel), "individually": individually,
-                  "together": together, "dataset": probe.dataset, "n_images": len(probe.image_ids),
+                  "together": together, "tokens": tokens, "dataset": probe.dataset, "n_images": len(probe.image_ids),
                   "split": split, "max_images": max_images, "device": device, "precision": precision}
         with st.run("ablate", params) as run:
-            run.write("effects", table, key="ablate:" + ",".join(neuron_names(sel)) + f":{individually}:{together}")
+            run.write("effects", table, key="ablate:" + ",".join(neuron_names(sel)) + f":{individually}:{together}"
+                      + (":tokens" if tokens else ""))
         res.run_id = run.run_id
     return res
