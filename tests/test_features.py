@@ -166,7 +166,8 @@ def test_cli_fit_ls_and_errors(tmp_path, probe_world, capsys, monkeypatch):
                              "batchtopk-sae", "--width", "1", "--k", "4", "--steps", "20", "--max-samples", "8000",
                              "--store", st, "--json")
     assert code == 0, err
-    assert json.loads(out)["layer"] == "conv2.batchtopk_sae_1x"
+    s = json.loads(out)
+    assert s["layer"] == "conv2.batchtopk_sae_1x" and s["method"] == "batchtopk-sae" and s["threshold"] > 0
     code, out, _ = run_cli(capsys, monkeypatch, "features", "ls", "--store", st, "--format", "json")
     assert code == 0 and [r["layer"] for r in json.loads(out)] == ["conv2.batchtopk_sae_1x", "conv2.topk_sae_1x"]
     thresholds = Store.open(st).df("SELECT layer, threshold FROM dictionaries ORDER BY layer")["threshold"].tolist()
