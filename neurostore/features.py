@@ -17,6 +17,11 @@ Methods:
     topk-sae   a TopK sparse autoencoder (Gao et al. 2024) in torch: z = TopK(W_enc (x - b_dec)
                + b_enc), x_hat = W_dec z + b_dec, unit-norm decoder rows, AuxK loss on dead
                latents. `k` features are active per sample.
+    batchtopk-sae  the same autoencoder trained with BatchTopK (Bussmann et al. 2024): the top
+               k x batch pre-activations of a batch are kept, so `k` is the mean number of active
+               features per sample and a sample that stands out takes more than the background;
+               encoding keeps the features above one threshold (the mean of the smallest kept
+               value over the last half of training), so the number active varies per sample.
     nmf        scikit-learn's NMF of the rectified output max(x, 0) (NMF needs x >= 0); a sample's
                features are its non-negative least-squares code under the components.
 
@@ -49,7 +54,8 @@ from .models import Target, list_layers, load_target, resolve_layer
 from .record import hooks
 from .store import Store
 
-METHODS = ("topk-sae", "nmf")
+METHODS = ("topk-sae", "batchtopk-sae", "nmf")
+SAES = ("topk-sae", "batchtopk-sae")   # methods with an encoder (w_enc, b_enc)
 # Fit on the quarter of the samples farthest from the layer's mean sample. Most positions of a
 # probe image are background, and a TopK SAE fitted on all of them spends most features on the
 # background (k features fire on every sample): on the fast probe world's CNN (8x, k 8) the share
@@ -78,12 +84,13 @@ class FeatureEncoder(nn.Module):
     stays the model's own."""
 
     def __init__(self, method: str, w_dec: torch.Tensor, b_dec: torch.Tensor,
-                 w_enc: torch.Tensor | None = None, b_enc: torch.Tensor | None = None, k: int | None = None):
+                 w_enc: torch.Tensor | None = None, b_enc: torch.Tensor | None = None, k: int | None = None,
+                 threshold: float | None = None):
         super().__init__()
-        self.method, self.k = method, k
+        self.method, self.k, self.threshold = method, k, threshold
         self.register_buffer("w_dec", w_dec.float())            # [features, units]
         self.register_buffer("b_dec", b_dec.float())            # [units]
-        if method == "topk-sae":
+        if method in SAES:
             self.register_buffer("w_enc", w_enc.float())        # [units, features]
             self.register_buffer("b_enc", b_enc.float())        # [features]
         else:
@@ -95,10 +102,12 @@ class FeatureEncoder(nn.Module):
         return self.w_dec.shape[0]
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """[n, units] -> [n, features] (non-negative, sparse for topk-sae)."""
+        """[n, units] -> [n, features] (non-negative, sparse for the autoencoders)."""
         x = x.float()
-        if self.method == "topk-sae":
+        if self.method in SAES:
             pre = (x - self.b_dec) @ self.w_enc + self.b_enc     # [n, features]
+            if self.method == "batchtopk-sae":
+                return pre * (pre > self.threshold)              # threshold > 0: non-negative
             val, idx = pre.topk(self.k, dim=1)
             return torch.zeros_like(pre).scatter_(1, idx, val.relu())
         # NMF: min ||x+ - z W||, z >= 0, by multiplicative updates from the clipped least-squares code
@@ -111,7 +120,7 @@ class FeatureEncoder(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """[n, features] -> [n, units]."""
-        return z @ self.w_dec + (self.b_dec if self.method == "topk-sae" else 0.0)
+        return z @ self.w_dec + (self.b_dec if self.method in SAES else 0.0)
 
     def forward(self, out: torch.Tensor) -> torch.Tensor:
         """The source layer's output -> features in the same layout: [b, units, h, w] ->
@@ -161,7 +170,8 @@ def _encoder_from_row(r: dict) -> FeatureEncoder:
 
     def t(col, *shape):
         return torch.tensor(np.asarray(r[col], np.float32).reshape(shape)) if r[col] is not None else None
-    return FeatureEncoder(r["method"], t("w_dec", F, U), t("b_dec", U), t("w_enc", U, F), t("b_enc", F), r["k"])
+    return FeatureEncoder(r["method"], t("w_dec", F, U), t("b_dec", U), t("w_enc", U, F), t("b_enc", F), r["k"],
+                          r.get("threshold"))
 
 
 # ---- samples ----------------------------------------------------------------------------------------
@@ -206,10 +216,11 @@ def active_samples(x: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 def fit_topk_sae(x: torch.Tensor, n_features: int, k: int, *, steps: int, seed: int, batch: int = 1024,
-                 lr: float = 1e-3, device: torch.device | str = "cpu") -> FeatureEncoder:
-    """A TopK sparse autoencoder on samples x [n, units]. The data are centred and scaled to unit
-    mean squared norm per dimension for the optimiser; the scale is folded back into the weights,
-    so the encoder takes the layer's raw output."""
+                 lr: float = 1e-3, batch_topk: bool = False, device: torch.device | str = "cpu") -> FeatureEncoder:
+    """A TopK sparse autoencoder on samples x [n, units] (BatchTopK with `batch_topk`: the top
+    k x batch of a batch's pre-activations, and a threshold for encoding). The data are centred
+    and scaled to unit mean squared norm per dimension for the optimiser; the scale is folded back
+    into the weights, so the encoder takes the layer's raw output."""
     g = torch.Generator().manual_seed(seed)
     mu = x.mean(0)                                               # [units]
     s = float((x - mu).pow(2).mean().sqrt()) or 1.0
@@ -224,11 +235,18 @@ def fit_topk_sae(x: torch.Tensor, n_features: int, k: int, *, steps: int, seed: 
     last_fired = torch.zeros(n_features, dtype=torch.long, device=device)
     k_aux = min(n_features, max(1, U // 2))
     gd = torch.Generator(device=device).manual_seed(seed) if torch.device(device).type != "cpu" else g
+    kept_min = []  # batchtopk: the smallest kept pre-activation of each batch (last half of training)
     for step in range(1, steps + 1):
         xb = xn[torch.randint(0, n, (min(batch, n),), generator=gd, device=device)]  # [b, units]
         pre = (xb - b_dec) @ w_enc + b_enc                       # [b, features]
-        val, idx = pre.topk(k, dim=1)
-        z = torch.zeros_like(pre).scatter(1, idx, val.relu())    # [b, features]
+        if batch_topk:
+            val, idx = pre.relu().flatten().topk(k * len(xb))   # [b * k] over the whole batch
+            z = torch.zeros_like(pre).flatten().scatter(0, idx, val).view_as(pre)
+            if step > steps // 2 and bool((val > 0).any()):
+                kept_min.append(float(val[val > 0].min().detach()))
+        else:
+            val, idx = pre.topk(k, dim=1)
+            z = torch.zeros_like(pre).scatter(1, idx, val.relu())    # [b, features]
         recon = z @ w_dec + b_dec                                # [b, units]
         loss = (recon - xb).pow(2).sum(1).mean()
         fired = (z > 0).any(0)
@@ -248,8 +266,10 @@ def fit_topk_sae(x: torch.Tensor, n_features: int, k: int, *, steps: int, seed: 
             w_dec /= w_dec.norm(dim=1, keepdim=True).clamp(min=1e-8)
     with torch.no_grad():  # fold the normalisation: z(x) and x_hat(x) in the raw units
         mu_d = mu.to(device)
-        return FeatureEncoder("topk-sae", w_dec.detach() * s, mu_d + s * b_dec.detach(),
-                              w_enc.detach() / s, b_enc.detach(), k).cpu()
+        # the threshold compares pre-activations, which the folding leaves as they were
+        threshold = (float(np.mean(kept_min)) if kept_min else 0.0) if batch_topk else None
+        return FeatureEncoder("batchtopk-sae" if batch_topk else "topk-sae", w_dec.detach() * s,
+                              mu_d + s * b_dec.detach(), w_enc.detach() / s, b_enc.detach(), k, threshold).cpu()
 
 
 def fit_nmf(x: torch.Tensor, n_features: int, *, steps: int, seed: int) -> FeatureEncoder:
@@ -292,8 +312,8 @@ def _check_args(method: str, width: int, k: int | None) -> None:
     if not isinstance(width, int) or width < 1:
         raise BadParameter(f"--width must be a whole number of features per unit, at least 1; got {width}. "
                            "Example: --width 8 (8 features per unit of the layer).")
-    if method == "topk-sae" and (k is None or k < 1):
-        raise BadParameter(f"--k (active features per sample) must be at least 1 for topk-sae; got {k}.")
+    if method in SAES and (k is None or k < 1):
+        raise BadParameter(f"--k (active features per sample) must be at least 1 for {method}; got {k}.")
 
 
 def fit(store: Store | str, model: str, layer: str, method: str = "topk-sae", width: int = 8,
@@ -302,7 +322,7 @@ def fit(store: Store | str, model: str, layer: str, method: str = "topk-sae", wi
         device: str = "auto", target: Target | None = None, progress: bool = True, log=print) -> dict:
     """Learn a dictionary on `layer` of `model` over the probe images (a probe-world model's own,
     or the folder `images`), store it with its provenance and quality, and return the summary.
-    steps: optimiser steps (topk-sae, default 3000) or NMF iterations (default 200)."""
+    steps: optimiser steps (the autoencoders, default 3000) or NMF iterations (default 200)."""
 
     t0 = time.time()
     _check_args(method, width, k)
@@ -329,7 +349,7 @@ def fit(store: Store | str, model: str, layer: str, method: str = "topk-sae", wi
     world = target.extra.get("world")
     source = probe_source(images, None if images is not None else world, max_images)
     n_features = width * info.n_units
-    k = min(k, n_features) if method == "topk-sae" else None
+    k = min(k, n_features) if method in SAES else None
     need = max(MIN_SAMPLES, SAMPLES_PER_FEATURE * n_features)   # samples fitted on
     need_all = math.ceil(need / active)                          # samples streamed, `active` of them fitted
     of_them = f" ({active} of them fitted, --active)" if active < 1 else ""
@@ -342,7 +362,7 @@ def fit(store: Store | str, model: str, layer: str, method: str = "topk-sae", wi
     if max_samples < need_all:
         raise BadParameter(f"--max-samples {max_samples} is below the {need_all} samples {n_features} features "
                            f"need{of_them}; raise it or use a smaller --width.")
-    steps = steps or (3000 if method == "topk-sae" else 200)
+    steps = steps or (200 if method == "nmf" else 3000)
     name = feature_layer_name(layer, method, width)
     log(f"features {name}: {method}, {n_features} features of {info.n_units} units, "
         f"{len(source)} images, device {describe(dev)}")
@@ -356,13 +376,15 @@ def fit(store: Store | str, model: str, layer: str, method: str = "topk-sae", wi
     if len(train_x) < need:
         raise BadInput(f"--active {active} keeps {len(train_x)} of the {len(fit_x)} samples of layer '{layer}'; "
                        f"{n_features} features need at least {need}. Raise --active or use a smaller --width.")
-    if method == "topk-sae":
-        enc = fit_topk_sae(train_x, n_features, k, steps=steps, seed=seed, device=dev)
+    if method in SAES:
+        enc = fit_topk_sae(train_x, n_features, k, steps=steps, seed=seed, batch_topk=method == "batchtopk-sae",
+                           device=dev)
     else:
         enc = fit_nmf(train_x, n_features, steps=steps, seed=seed)
     q = quality(enc, fit_x, held_x)
     fit_s = time.time() - t_fit
     row = {"layer": name, "source_layer": layer, "method": method, "width": width, "k": k,
+           "threshold": enc.threshold,
            "n_units": info.n_units, "n_features": n_features, "input": "relu" if method == "nmf" else "raw",
            "dataset": source.dataset, "n_images": n_images, "n_samples": len(train_x), "n_holdout": len(held_x),
            "seed": seed, "steps": steps, **q,
@@ -376,8 +398,9 @@ def fit(store: Store | str, model: str, layer: str, method: str = "topk-sae", wi
         run.write("dictionaries", pa.Table.from_pylist([row]), key=f"dictionary:{name}")
     attach(target, rows=[row])
     return {"run_id": run.run_id, "model": target.id, "spec": target.spec, "layer": name, "source_layer": layer,
-            "method": method, "width": width, "k": k, "n_units": info.n_units, "n_features": n_features,
-            "dataset": source.dataset, "images": n_images, "samples": len(train_x), "holdout": len(held_x),
+            "method": method, "width": width, "k": k, "threshold": enc.threshold, "n_units": info.n_units,
+            "n_features": n_features, "dataset": source.dataset, "images": n_images, "samples": len(train_x),
+            "holdout": len(held_x),
             "seed": seed, "steps": steps, "active": active, **{m: round(v, 4) if isinstance(v, float) else v for m, v in q.items()},
             "device": describe(dev), "fit_seconds": round(fit_s, 1), "seconds": round(time.time() - t0, 1),
             "next": f"neurostore dissect {target.spec} --layer {name}"}

@@ -7,6 +7,7 @@ CREATE TABLE dictionaries (
     method         VARCHAR,    -- 'topk-sae' or 'nmf'
     width          INTEGER,    -- features per unit of the source layer (n_features = width x n_units)
     k              INTEGER,    -- active features per sample (topk-sae); NULL for nmf
+    threshold      FLOAT,      -- a feature is active where its pre-activation exceeds this (BatchTopK's inference rule), instead of the top k; NULL: the top k
     n_units        INTEGER,    -- units of the source layer (input dimension)
     n_features     INTEGER,    -- dictionary size: the feature layer's units
     input          VARCHAR,    -- what is encoded: 'raw' (the layer output) or 'relu' (max(output, 0), for nmf)

@@ -108,6 +108,30 @@ def test_topk_sae_learns_a_planted_sparse_dictionary():
     assert trained["fve"] > 0.8 > untrained["fve"] + 0.2
 
 
+def test_batchtopk_sae_gives_samples_with_more_atoms_more_features():
+    """Samples made of 0 to 4 of 32 planted directions: BatchTopK (k 2 on average) encodes an empty
+    sample with about no features and a 4-atom sample with more than k, while TopK gives every
+    sample k; its threshold round-trips through a store row."""
+    g = torch.Generator().manual_seed(1)
+    atoms = torch.nn.functional.normalize(torch.randn(32, 16, generator=g), dim=1)   # [32, 16]
+    n_atoms = torch.randint(0, 5, (6000,), generator=g)                               # [6000]
+    on = torch.arange(4)[None] < n_atoms[:, None]                                      # [6000, 4]
+    codes = torch.zeros(6000, 32).scatter_add_(1, torch.randint(0, 32, (6000, 4), generator=g),
+                                               (torch.rand(6000, 4, generator=g) + 0.5) * on)
+    x = codes @ atoms                                                                  # [6000, 16]
+    enc = features.fit_topk_sae(x[:5000], 64, 2, steps=600, seed=0, batch_topk=True)
+    assert enc.method == "batchtopk-sae" and enc.threshold > 0
+    held, n_held = x[5000:], n_atoms[5000:]
+    l0 = (enc.encode(held) > 0).sum(1).float()                                         # [1000]
+    assert l0[n_held == 0].mean() < 0.5 and l0[n_held == 4].mean() > 2.5
+    assert 1.5 < float(l0.mean()) < 2.5 and features.quality(enc, x[:5000], held)["fve"] > 0.6
+    topk = features.fit_topk_sae(x[:5000], 64, 2, steps=60, seed=0)
+    assert topk.threshold is None and set((topk.encode(held) > 0).sum(1).tolist()) <= {1, 2}
+    row = {"method": enc.method, "n_units": 16, "n_features": 64, "k": 2, "threshold": enc.threshold,
+           **{c: features._flat(getattr(enc, c)) for c in ("w_enc", "b_enc", "w_dec", "b_dec")}}
+    assert torch.allclose(features._encoder_from_row(row).encode(held), enc.encode(held))
+
+
 def test_active_samples_are_those_farthest_from_the_mean():
     """A background of near-identical samples and a few that stand out: the active fraction is the
     ones that stand out, and 1.0 keeps everything."""
@@ -138,10 +162,19 @@ def test_cli_fit_ls_and_errors(tmp_path, probe_world, capsys, monkeypatch):
     assert code == 0, err
     s = json.loads(out)
     assert s["layer"] == "conv2.topk_sae_1x" and s["next"].endswith("--layer conv2.topk_sae_1x")
+    code, out, err = run_cli(capsys, monkeypatch, "features", "fit", spec, "--layer", "conv2", "--method",
+                             "batchtopk-sae", "--width", "1", "--k", "4", "--steps", "20", "--max-samples", "8000",
+                             "--store", st, "--json")
+    assert code == 0, err
+    s = json.loads(out)
+    assert s["layer"] == "conv2.batchtopk_sae_1x" and s["method"] == "batchtopk-sae" and s["threshold"] > 0
     code, out, _ = run_cli(capsys, monkeypatch, "features", "ls", "--store", st, "--format", "json")
-    assert code == 0 and json.loads(out)[0]["layer"] == "conv2.topk_sae_1x"
+    assert code == 0 and [r["layer"] for r in json.loads(out)] == ["conv2.batchtopk_sae_1x", "conv2.topk_sae_1x"]
+    thresholds = Store.open(st).df("SELECT layer, threshold FROM dictionaries ORDER BY layer")["threshold"].tolist()
+    assert thresholds[0] > 0 and thresholds[1] != thresholds[1]                # NULL (NaN) for topk-sae
     bad = {
-        ("--method", "pca"): "Error: Unknown feature method 'pca'. Valid: nmf, topk-sae. Example: --method topk-sae.",
+        ("--method", "pca"): "Error: Unknown feature method 'pca'. Valid: batchtopk-sae, nmf, topk-sae. "
+                            "Example: --method topk-sae.",
         ("--width", "0"): "Error: --width must be a whole number of features per unit, at least 1; got 0. "
                           "Example: --width 8 (8 features per unit of the layer).",
         ("--max-images", "5"): "Error: Layer 'conv4' of probe-cnn gives too few samples for 512 features: 5 images "
