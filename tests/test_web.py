@@ -308,6 +308,13 @@ def test_audit_page_leads_with_the_verdict_per_class():
     assert html.index("Verdict per class") < html.index("Evidence") < html.index("<code>audit_findings</code>")
     assert "62% → 5%" in html and "cued accuracy before" not in html  # the main columns only
     assert "NULL" not in html
+    # a ViT's finding removed as a residual-stream direction says so, not "zeroing 0 units"
+    con.execute("""CREATE OR REPLACE TABLE audit_findings AS SELECT *, 'direction' AS ablation,
+        'blocks.3' AS direction_layer FROM audit_findings""")
+    con.execute("UPDATE audit_findings SET n_units = 0, neurons = []")
+    html = render("findings.html", D.findings(run, "audit"), Links())
+    assert "a direction of the residual stream after <code>blocks.3</code> · projecting it out moves the cue flip rate 62% → 5%" in html
+    assert "zeroing them" not in html
 
 
 def test_values_print_as_people_read_them(server):

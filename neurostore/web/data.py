@@ -737,32 +737,36 @@ def findings(run: Run, kind: str, limit: int = 500) -> dict:
     if kind == "audit":
         out["verdicts"] = audit_verdicts(run)
         # The evidence: the columns that make the case first; every column stays in the JSON and the console.
-        lead = {"audit_findings": ["model", "class", "concept", "verified", "headline", "n_units", "neurons",
-                                   "contribution", "relatedness", "cue_flip_before", "cue_flip_after",
-                                   "reliance_drop", "accuracy_before", "accuracy_after"],
+        lead = {"audit_findings": ["model", "class", "concept", "verified", "headline", "ablation", "direction_layer",
+                                   "n_units", "neurons", "contribution", "relatedness", "cue_flip_before",
+                                   "cue_flip_after", "reliance_drop", "accuracy_before", "accuracy_after"],
                 "audit_units": ["model", "class", "rank", "layer", "unit", "label", "label_confidence", "flagged",
-                                "relatedness", "grad_x_act", "share", "ablation_effect"]}
+                                "relatedness", "selectivity", "cue_effect", "grad_x_act", "share", "ablation_effect"]}
         for t in out["tables"]:
-            if t["table"] in lead and set(lead[t["table"]]) <= set(t["columns"]):  # the schema's table
-                t["shown"] = lead[t["table"]]
+            if t["table"] in lead and set(lead[t["table"]][:5]) <= set(t["columns"]):  # the schema's table
+                t["shown"] = [c for c in lead[t["table"]] if c in t["columns"]]  # (older stores lack some)
     return out
 
 
 def audit_verdicts(run: Run) -> list[dict]:
     """One line per audited (model, class), the answer before the evidence: the concept it relies on
-    (verified or only suspected) with the cue flip rate before and after zeroing its units, or none."""
+    (verified or only suspected) with the cue flip rate before and after removing it (its units
+    zeroed, or its residual-stream direction projected out), or none."""
     if not has_table(run, "audit_units"):
         return []
+    have = set(run("SELECT * FROM audit_findings LIMIT 0").column_names) if has_table(run, "audit_findings") else set()
+    how = ", ".join(f"b.{c}" if c in have else f"NULL::VARCHAR AS {c}" for c in ("ablation", "direction_layer"))
     return rows(run, f"""
         WITH c AS (SELECT DISTINCT model, class FROM audit_units),
              f AS ({"SELECT * FROM audit_findings" if has_table(run, "audit_findings") else
                     "SELECT NULL::VARCHAR AS model, NULL::VARCHAR AS class, NULL::VARCHAR AS concept, "
                     "NULL::INTEGER AS rank, NULL::BOOLEAN AS verified, NULL::BOOLEAN AS headline, "
-                    "NULL::INTEGER AS n_units, NULL::FLOAT AS cue_flip_before, NULL::FLOAT AS cue_flip_after, "
+                    "NULL::INTEGER AS n_units, NULL::VARCHAR AS ablation, NULL::VARCHAR AS direction_layer, "
+                    "NULL::FLOAT AS cue_flip_before, NULL::FLOAT AS cue_flip_after, "
                     "NULL::FLOAT AS accuracy_before, NULL::FLOAT AS accuracy_after WHERE false"}),
              best AS (SELECT * FROM f QUALIFY row_number() OVER (PARTITION BY model, class
                                                                  ORDER BY verified DESC NULLS LAST, rank) = 1)
-        SELECT c.model, c.class, b.concept, b.verified, coalesce(b.headline, false) AS headline, b.n_units,
+        SELECT c.model, c.class, b.concept, b.verified, coalesce(b.headline, false) AS headline, b.n_units, {how},
                b.cue_flip_before, b.cue_flip_after, b.accuracy_before, b.accuracy_after,
                (SELECT count(*) FROM f WHERE f.model = c.model AND f.class = c.class) AS n_findings,
                CASE WHEN b.verified THEN 'relies on a spurious concept'
