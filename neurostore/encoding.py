@@ -12,7 +12,8 @@ the registry that picks one by spec (neurostore.encoders.load_encoder), so the i
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,6 +21,44 @@ from PIL import Image
 
 from . import devices
 from .store import Store
+
+
+@dataclass(frozen=True)
+class SplitPreprocess:
+    """A torchvision-style preprocessing [PIL steps..., (Maybe)ToTensor, Normalize] in two halves:
+    `pixels(im)`, the PIL steps and a uint8 [3, S, S] tensor (cheap, per image, in worker
+    threads), and `finish(batch)`, the float conversion and normalisation of a whole uint8 batch at
+    once, on the batch's device. The same numbers as the whole: x / 255, then (x - mean) / std.
+    Converting and normalising crop by crop was 3/4 of cutting patches on a CPU."""
+
+    pil: Callable
+    mean: tuple
+    std: tuple
+
+    @classmethod
+    def of(cls, preprocess) -> "SplitPreprocess | None":
+        """The split of a `preprocess` of that form (open_clip's and torchvision's), else None."""
+        steps = list(getattr(preprocess, "transforms", None) or [])
+        names = [type(t).__name__ for t in steps]
+        if len(steps) < 2 or names[-1] != "Normalize" or names[-2] not in ("ToTensor", "MaybeToTensor"):
+            return None
+        norm = steps[-1]
+        if getattr(norm, "inplace", False) or len(norm.mean) != 3:
+            return None
+        from torchvision.transforms import Compose
+
+        return cls(Compose(steps[:-2]), tuple(float(m) for m in norm.mean), tuple(float(v) for v in norm.std))
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """[3, S, S] uint8."""
+        a = np.asarray(self.pil(image).convert("RGB"), dtype=np.uint8)           # [S, S, 3]
+        return torch.from_numpy(a.copy()).permute(2, 0, 1).contiguous()
+
+    def finish(self, batch: torch.Tensor) -> torch.Tensor:
+        """[b, 3, S, S] uint8 -> float32, normalised (on batch's device)."""
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
+        return batch.float().div_(255).sub_(mean).div_(std)
 
 
 class Encoder(ABC):
@@ -51,6 +90,11 @@ class Encoder(ABC):
     @abstractmethod
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """One RGB PIL image (any size) -> [3, image_size, image_size] float tensor."""
+
+    def split_preprocess(self) -> "SplitPreprocess | None":
+        """`preprocess` in a per-image uint8 half and a batched normalising half, where it has
+        that form (SplitPreprocess); None where it does not."""
+        return SplitPreprocess.of(self.preprocess)
 
     @abstractmethod
     def encode_images(self, batch: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .encoding import Encoder
+from .encoding import Encoder, SplitPreprocess
 from .errors import BadInput, UnknownEncoder, unknown
 from .weights import downloading, seeded
 
@@ -189,6 +189,9 @@ class OpenClipEncoder(Encoder):
 
     def preprocess(self, image):
         return self._preprocess(image)
+
+    def split_preprocess(self):
+        return SplitPreprocess.of(self._preprocess)
 
     def encode_images(self, batch: torch.Tensor) -> torch.Tensor:
         return self._run(self.model.encode_image, batch)  # [n, 3, S, S] -> [n, dim]

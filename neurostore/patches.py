@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .encoding import SplitPreprocess
 from .models import Target
 from .record import RecordResult, activation_maps
 
@@ -277,13 +278,22 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
 
         bar = tqdm(total=len(order), desc="patches", unit="img", leave=False)
 
+    # crops go to the encoder as uint8 and are normalised a batch at a time on its device, where
+    # its preprocessing has the usual form (SplitPreprocess); else crop by crop
+    split = {enc.id: enc.split_preprocess() if hasattr(enc, "split_preprocess") else SplitPreprocess.of(enc.preprocess)
+             for enc in encoders}
+    to_pixels = {enc.id: split[enc.id].pixels if split[enc.id] else enc.preprocess for enc in encoders}
+
     def flush(force=False):
         for enc in encoders:
             buf = pending[enc.id]
             while buf and (force or len(buf) >= batch_size):
                 chunk, pending[enc.id] = buf[:batch_size], buf[batch_size:]
                 buf = pending[enc.id]
-                emb_parts[enc.id].append(enc.encode_images(torch.stack(chunk)).float())  # [b, dim]
+                x = torch.stack(chunk)                                     # [b, 3, S, S]
+                if split[enc.id] is not None:
+                    x = split[enc.id].finish(x.to(getattr(enc, "device", "cpu")))
+                emb_parts[enc.id].append(enc.encode_images(x).float())    # [b, dim]
                 ps.n_encoded += len(chunk)
 
     S = target.input_size
@@ -339,7 +349,7 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
             if crop is None and (encode or thumb):
                 crop = image().crop(ibox)
             out.append(("new", job, pid, ibox, row, thumbnail_png(crop) if thumb else None,
-                        [enc.preprocess(crop) for enc in encode]))
+                        [to_pixels[enc.id](crop) for enc in encode]))
         return out, decoded
 
     for start in range(0, len(order), step):

@@ -117,3 +117,37 @@ def test_random_encoder_is_the_same_in_every_load():
     b = load_encoder("open_clip:RN50/random")
     assert a.id == b.id and a.random_weights
     assert torch.equal(a.encode_texts(["a dog", "a red car"]), b.encode_texts(["a dog", "a red car"]))
+
+
+def test_split_preprocess_gives_the_same_pixels(saved):
+    """Crops go to the encoder as uint8 and are normalised a batch at a time (patches): exactly the
+    tensors of OpenCLIP's own preprocessing, any size or mode of image."""
+    _, folder = saved
+    enc = load_encoder(f"open_clip:{folder}")
+    split = enc.split_preprocess()
+    rng = np.random.default_rng(1)
+    ims = _images() + [Image.fromarray(rng.integers(0, 255, (9, 300, 3), dtype=np.uint8)),
+                       Image.fromarray(rng.integers(0, 255, (50, 50), dtype=np.uint8))]   # grey
+    px = torch.stack([split.pixels(im) for im in ims])
+    assert px.dtype == torch.uint8 and px.shape == (5, 3, 32, 32)
+    assert torch.equal(split.finish(px), torch.stack([enc.preprocess(im) for im in ims]))
+
+
+def test_patches_encoded_through_the_split_are_the_crops_embeddings(saved, tmp_path):
+    from neurostore.images import ImageFolder
+    from neurostore.patches import embed_patches, extract_patches
+    from neurostore.record import record
+
+    _, folder = saved
+    enc = load_encoder(f"open_clip:{folder}")
+    rng = np.random.default_rng(2)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    torch.manual_seed(0)
+    t = load_target("torchvision:resnet18@random", input_size=48)
+    src = ImageFolder(tmp_path)
+    res = record(t, ["layer2"], src, k=2, batch_size=8, progress=False)
+    ps = extract_patches(t, res, src, encoders=[enc], batch_size=5, workers=2, progress=False)
+    ids, emb = ps.embeddings[enc.id]
+    assert ids == ps.patch_ids and len(ids) > 5
+    np.testing.assert_allclose(emb, embed_patches(ps.crops(src), enc, batch_size=7), atol=1e-5)
