@@ -28,7 +28,8 @@ class ProbeCNN(nn.Module):
     max-pooled map (max pooling lets a small local detail, like a corner mark, count as much as a
     large shape — which is what makes a spurious cue learnable)."""
 
-    def __init__(self, n_classes: int, widths: tuple[int, ...] = (16, 32, 64, 64), norm: bool = True):
+    def __init__(self, n_classes: int, widths: tuple[int, ...] = (16, 32, 64, 64), norm: bool = True,
+                 poly: int = 0):
         super().__init__()
         c1, c2, c3, c4 = widths
         self.conv1 = nn.Conv2d(3, c1, 3, stride=2, padding=1)
@@ -42,14 +43,34 @@ class ProbeCNN(nn.Module):
         bn = (lambda c: nn.BatchNorm2d(c, affine=False)) if norm else (lambda c: nn.Identity())
         self.bn1, self.bn2, self.bn3, self.bn4 = bn(c1), bn(c2), bn(c3), bn(c4)
         self.fc = nn.Linear(2 * c4, n_classes)
+        self.poly = ConceptPairs(c4, poly) if poly else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [n, 3, S, S]
+    def features(self, x: torch.Tensor) -> torch.Tensor:  # x: [n, 3, S, S]
         x = F.relu(self.bn1(self.conv1(x)))  # [n, c1, S/2, S/2]
         x = F.relu(self.bn2(self.conv2(x)))  # [n, c2, S/4, S/4]
         x = F.relu(self.bn3(self.conv3(x)))  # [n, c3, S/8, S/8]
-        x = F.relu(self.bn4(self.conv4(x)))  # [n, c4, S/8, S/8]
+        return F.relu(self.bn4(self.conv4(x)))  # [n, c4, S/8, S/8]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [n, 3, S, S]
+        x = self.features(x)  # [n, c4, S/8, S/8]
+        if self.poly is not None:
+            self.poly(x)  # a probe beside the classifier: hooks read it, the logits never do
         pooled = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], 1)  # [n, 2*c4]
         return self.fc(pooled)  # [n, classes]
+
+
+class ConceptPairs(nn.Module):
+    """Polysemantic units by construction: unit j is the max of concept detectors 2j and 2j+1
+    (sigmoids of one 3x3 convolution over the conv4 map, trained on per-pixel masks after the
+    CNN), so its truth is exactly that pair of concepts (the world's `truth_sets`)."""
+
+    def __init__(self, c_in: int, n_pairs: int):
+        super().__init__()
+        self.detect = nn.Conv2d(c_in, 2 * n_pairs, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [n, c_in, h, w]
+        d = torch.sigmoid(self.detect(x))  # [n, 2P, h, w]
+        return torch.maximum(d[:, 0::2], d[:, 1::2])  # [n, P, h, w]
 
 
 def _conv_stem_embed():
@@ -93,7 +114,8 @@ def make_target(arch: dict, n_classes: int, size: int) -> nn.Module:
     """Rebuild an architecture from its recorded description (saved next to the weights)."""
     # Keys added later default to what older files were built with.
     if arch["kind"] == "cnn":
-        return ProbeCNN(n_classes, tuple(arch["widths"]), norm=arch.get("norm", False))
+        return ProbeCNN(n_classes, tuple(arch["widths"]), norm=arch.get("norm", False),
+                        poly=len(arch.get("poly", [])))
     if arch["kind"] == "vit":
         return make_vit(n_classes, size, arch["dim"], arch["depth"], patch=arch.get("patch", 8),
                         heads=arch.get("heads", 4), mlp_ratio=arch.get("mlp_ratio", 2.0),
