@@ -3,7 +3,9 @@
 Metrics, per model, layer and scorer:
 
     top1, top5        final layer only: a logit unit's truth is its class name; is it the top
-                      concept (top1) or among the top five (top5)?
+                      concept (top1) or among the top five (top5)? A combined class ("red
+                      circle", the shape-colour world) is named by the combined concept or by
+                      both its parts: the top two concepts (top1), both among the top five (top5)
     iou_agreement     hidden layers: the fraction of units whose top concept equals the
                       Network Dissection reference label (the `iou` scorer's top concept, from
                       per-pixel masks), over units the reference finds interpretable
@@ -11,23 +13,37 @@ Metrics, per model, layer and scorer:
     minilm_cosine     hidden layers: mean MiniLM cosine between the unit's top concept and the
                       reference label over the same units (partial credit for near misses)
     interpretable     hidden layers, scorer `iou`: the fraction of units with IoU >= threshold
+    set_precision,    units whose truth is a SET of concepts (the world's `truth_sets`: the
+    set_recall,       polysemantic units), scorer `patch`: the explanation set (`explanation_sets`,
+    set_f1            a greedy cover of the unit's top patches) against the truth set, mean over units
 
-`evaluate` measures what the store holds and commits a run of its own (`neurostore eval`); a
-probe-world dissect measures its own tables with `evaluate_run` and writes the rows in its run.
+`evaluate` measures what the store holds and commits a run of its own (`neurostore eval`), with
+the explanation sets of every layer that has patches (table `explanation_sets`); a probe-world
+dissect measures its own tables with `evaluate_run` and writes the rows in its run (no sets: they
+are made from the stored patch and concept vectors).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import torch
 
+from .encoding import cached_vectors
 from .errors import BadInput
 from .results import EvaluationResult
+from .scorers import cover_sets
 from .store import Store
+from .world import World
 
 REFERENCE_MIN_IOU = 0.04
 REFERENCE_SCORER = "iou"   # Network Dissection's label from the truth's masks is the reference
+SET_SCORER = "patch"       # explanation sets cover the top patches, as the patch method reads them
+SET_PARAMS = {"temperature": 0.05, "min_gain": 0.25, "max_size": 4}
 
 
 def evaluate(store: Store | str, model: str | None = None, dataset: str | None = None,
@@ -47,7 +63,7 @@ def evaluate(store: Store | str, model: str | None = None, dataset: str | None =
     if not models:
         raise BadInput(f"Store '{store.path}' has no explanations to evaluate. Run 'neurostore dissect' or "
                        "'neurostore demo' first.")
-    figures, rows = {}, []
+    figures, rows, sets = {}, [], []
     for m in models:
         expl = store.df("""
             SELECT e.layer, e.unit, e.scorer, e.label, e.concepts, l.kind
@@ -61,10 +77,19 @@ def evaluate(store: Store | str, model: str | None = None, dataset: str | None =
                                {"m": m})["d"].iloc[0]
         figures[m], mine = _model_figures(expl, _stored_reference(store, m), classes, m, ds)
         rows += mine
+        mine_sets = explanation_sets(store, m)
+        sets.append(mine_sets)
+        for layer, res in _set_figures(mine_sets, truth_sets(store, m)).items():
+            figures[m].setdefault(layer, {}).setdefault(SET_SCORER, {}).update(res["figures"])
+            rows += [{"layer": layer, "scorer": SET_SCORER, "metric": k, "value": v, "n": res["n"],
+                      "dataset": ds, "model": m} for k, v in res["figures"].items()]
     result = EvaluationResult(figures, rows)
     if write and rows:
-        with store.run("eval", {"models": models, "dataset": dataset}) as run:
+        with store.run("eval", {"models": models, "dataset": dataset, "sets": SET_PARAMS}) as run:
             write_rows(run, rows)
+            for t in sets:
+                for layer in sorted(set(t.column("layer").to_pylist())):
+                    run.write("explanation_sets", t.filter(pc.equal(t["layer"], layer)), key=f"sets:{layer}")
         result.run_id = run.run_id
     return result
 
@@ -84,6 +109,105 @@ def evaluate_run(store: Store, model: str, dataset: str, classes: list[str] | No
         ref = pd.concat([ref, stored], ignore_index=True)
     figures, rows = _model_figures(expl, ref, classes, model, dataset)
     return EvaluationResult({model: figures}, rows)
+
+
+def explanation_sets(store: Store, model: str, layers: list[str] | None = None) -> pa.Table:
+    """Every unit's explanation SET (scorers.cover_sets over its stored top patches, with the
+    patch and concept vectors of the encoder and vocabulary its `patch` explanation used), for
+    each layer of `model` that has patches -> rows of schema/explanation_sets.sql (no run_id)."""
+    cols = ["unit", "scorer", "concepts", "gains", "coverage", "n_patches", "method", "vocabulary",
+            "encoder", "model", "layer"]
+    out: dict[str, list] = {c: [] for c in cols}
+    method = ("greedy cover of the unit's top patches: softmax((cos - mean cos over the layer's "
+              "patches) / {temperature}) per patch, add while gain >= {min_gain} x coverage, "
+              "at most {max_size}").format(**SET_PARAMS)
+    src = store.df("""
+        SELECT DISTINCT layer, vocabulary, encoder FROM explanations
+        WHERE model = $m AND scorer = $s AND encoder IS NOT NULL""", {"m": model, "s": SET_SCORER})
+    for layer, vocabulary, encoder in src.itertuples(index=False):
+        if layers is not None and layer not in layers:
+            continue
+        acts = store.df("""
+            SELECT unit, rank, patch_id FROM activations
+            WHERE model = $m AND layer = $l AND patch_id IS NOT NULL ORDER BY unit, rank""",
+                        {"m": model, "l": layer})
+        concepts = store.df("SELECT concept FROM concepts WHERE vocabulary = $v ORDER BY concept",
+                            {"v": vocabulary})["concept"].tolist()
+        pvec = cached_vectors(store, encoder, "patch", acts["patch_id"].tolist())
+        tvec = cached_vectors(store, encoder, "concept", concepts)
+        concepts = [c for c in concepts if c in tvec]
+        if acts.empty or not pvec or not concepts:
+            continue
+        ids = sorted(pvec)
+        pos = {p: i for i, p in enumerate(ids)}
+        units = sorted(acts["unit"].unique().tolist())
+        k = int(acts.groupby("unit").size().max())
+        up = torch.full((len(units), k), -1, dtype=torch.long)  # [u, k] indices into ids
+        for j, (u, g) in enumerate(acts.groupby("unit", sort=True)):
+            got = [pos[p] for p in g["patch_id"] if p in pos]
+            up[j, : len(got)] = torch.tensor(got, dtype=torch.long)
+        P = torch.from_numpy(np.stack([pvec[p] for p in ids]))       # [P, d]
+        T = torch.from_numpy(np.stack([tvec[c] for c in concepts]))  # [c, d]
+        for u, (chosen, gains, coverage), row in zip(units, cover_sets(P, T, up, **SET_PARAMS), up):
+            out["unit"].append(int(u))
+            out["scorer"].append(SET_SCORER)
+            out["concepts"].append([concepts[c] for c in chosen])
+            out["gains"].append(gains)
+            out["coverage"].append(coverage)
+            out["n_patches"].append(int((row >= 0).sum()))
+            out["method"].append(method)
+            out["vocabulary"].append(vocabulary)
+            out["encoder"].append(encoder)
+            out["model"].append(model)
+            out["layer"].append(layer)
+    types = {"unit": pa.int32(), "scorer": pa.string(), "concepts": pa.list_(pa.string()),
+             "gains": pa.list_(pa.float32()), "coverage": pa.float32(), "n_patches": pa.int32(),
+             "method": pa.string(), "vocabulary": pa.string(), "encoder": pa.string(),
+             "model": pa.string(), "layer": pa.string()}
+    return pa.table({c: pa.array(out[c], types[c]) for c in cols})
+
+
+def truth_sets(store: Store, model: str) -> dict[str, dict[int, list[str]]]:
+    """{layer: {unit: [concepts]}} of a probe-world model whose world knows units with a truth
+    SET (the polysemantic units); {} for any other model."""
+    spec = store.df("SELECT any_value(spec) AS s FROM models WHERE model = $m", {"m": model})["s"]
+    spec = spec.iloc[0] if len(spec) else None
+    if not spec or not spec.startswith("probe:") or "@" not in spec:
+        return {}
+    target, folder = spec[len("probe:"):].split("@", 1)
+    if not (Path(folder) / "world.json").exists():
+        return {}
+    return {layer: {int(u): list(c) for u, c in units.items()}
+            for layer, units in World(folder).truth_sets.get(target, {}).items()}
+
+
+def _set_figures(sets: pa.Table, truth: dict[str, dict[int, list[str]]]) -> dict:
+    """{layer: {"figures": {set_precision, set_recall, set_f1}, "n": units}}: each unit's set
+    against its truth set, averaged over the layer's units that have one."""
+    out = {}
+    df = sets.to_pandas()
+    for layer, units in truth.items():
+        got = {int(u): set(c) for u, c in df.loc[df["layer"] == layer, ["unit", "concepts"]].itertuples(index=False)}
+        p, r, f = [], [], []
+        for u, t in units.items():
+            s, t = got.get(u, set()), set(t)
+            hit = len(s & t)
+            p.append(hit / len(s) if s else 0.0)
+            r.append(hit / len(t))
+            f.append(2 * hit / (len(s) + len(t)))
+        if units and got:
+            out[layer] = {"figures": {"set_precision": float(np.mean(p)), "set_recall": float(np.mean(r)),
+                                      "set_f1": float(np.mean(f))}, "n": len(units)}
+    return out
+
+
+def names_class(concepts: list[str], cls: str, top: int) -> bool:
+    """Do the first `top` concepts name class `cls`: the class name itself in the first `top`, or,
+    for a combined class ("red circle"), both its parts in the first max(top, 2)?"""
+    if cls in concepts[:top]:
+        return True
+    parts = cls.split(" ")
+    return len(parts) > 1 and set(parts) <= set(concepts[: max(top, len(parts))])
 
 
 def write_rows(run, rows: list[dict]) -> None:
@@ -121,8 +245,10 @@ def _model_figures(expl: pd.DataFrame, ref: pd.DataFrame, classes: list[str] | N
         res = out.setdefault(layer, {}).setdefault(scorer, {})
         if g["kind"].iloc[0] == "logits" and classes:
             truth = [classes[u] if 0 <= u < len(classes) else None for u in g["unit"]]
-            res["top1"] = float(np.mean([t == lab for t, lab in zip(truth, g["label"])]))
-            res["top5"] = float(np.mean([t in list(cs)[:5] for t, cs in zip(truth, g["concepts"])]))
+            res["top1"] = float(np.mean([t is not None and names_class(list(cs), t, 1)
+                                         for t, cs in zip(truth, g["concepts"])]))
+            res["top5"] = float(np.mean([t is not None and names_class(list(cs), t, 5)
+                                         for t, cs in zip(truth, g["concepts"])]))
             n = len(g)
         else:
             r = g.merge(ref[ref["layer"] == layer], on=["layer", "unit"], how="inner")

@@ -469,6 +469,45 @@ def _patch_scores_reference(patch_emb, text_emb, unit_patches, unit_weights=None
     return out
 
 
+@torch.no_grad()
+def cover_sets(patch_emb: torch.Tensor, text_emb: torch.Tensor, unit_patches: torch.Tensor, *,
+               temperature: float = 0.05, min_gain: float = 0.25, max_size: int = 4,
+               all_emb: Optional[torch.Tensor] = None) -> list[tuple[list[int], list[float], float]]:
+    """Explanation SETS by the patch method: the concepts that together describe a unit's top
+    patches, chosen greedily. Each patch gets a distribution over concepts, softmax((cos - the
+    concept's mean cos over all patches) / temperature) (the contrast of `patch_scores`); a set
+    covers a patch by its best member's probability; concepts are added by largest gain in mean
+    coverage while a gain is at least `min_gain` x the coverage so far (a unit that detects two
+    things has two halves of its patches to cover; one that detects one thing gains little from
+    a second word). patch_emb [P, d]; text_emb [c, d]; unit_patches [u, k] (-1 pads);
+    all_emb [Q, d]: the patches the contrast is over (default patch_emb).
+    Returns per unit (concept indices, gains, coverage); ([], [], 0.0) for a unit without patches."""
+    if unit_patches.dim() != 2:
+        raise BadInput(f"unit_patches must be [units, k] indices, got {tuple(unit_patches.shape)}.")
+    P = F.normalize(patch_emb.float(), dim=-1)                    # [P, d]
+    T = F.normalize(text_emb.float(), dim=-1)                     # [c, d]
+    base = (F.normalize(all_emb.float(), dim=-1) if all_emb is not None else P).mean(0) @ T.T  # [c]
+    out = []
+    for row in unit_patches.long():
+        idx = row[row >= 0]
+        if len(idx) == 0:
+            out.append(([], [], 0.0))
+            continue
+        prob = torch.softmax((P[idx] @ T.T - base) / temperature, dim=1)  # [k, c]
+        cover = torch.zeros(len(idx))                                      # [k]
+        chosen, gains = [], []
+        while len(chosen) < max_size:
+            gain = (torch.maximum(prob, cover[:, None]) - cover[:, None]).mean(0)  # [c]
+            c = int(gain.argmax())
+            if chosen and float(gain[c]) < min_gain * float(cover.mean()):
+                break
+            chosen.append(c)
+            gains.append(float(gain[c]))
+            cover = torch.maximum(cover, prob[:, c])
+        out.append((chosen, gains, float(cover.mean())))
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # iou (Network Dissection)
 

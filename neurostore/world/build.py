@@ -523,11 +523,11 @@ def _build_into(root: Path, config: WorldConfig, progress: bool, device: str) ->
 
 
 def _fit_poly(path: Path, config: WorldConfig, x_train: np.ndarray, scenes: dict, objmap: dict,
-              x_test: np.ndarray, n_classes: int, epochs: float = 15.0) -> dict:
-    """Train the concept detectors of the CNN's `poly` layer (targets.ConceptPairs) on its frozen
-    conv4 map, each cell's target the fraction of its pixels the concept covers (masks average-
-    pooled to the map), and save them into the CNN's file. Returns each detector's test IoU
-    (cells above 0.5, prediction vs truth) and the truth sets."""
+              x_test: np.ndarray, n_classes: int) -> dict:
+    """Train the concept detectors of the CNN's `poly` layer (targets.ConceptPairs) on the
+    training images, each cell's target the fraction of its pixels the concept covers (masks
+    average-pooled to the 8x8 map), as long as the CNN trains, and save them into the CNN's
+    file. Returns each detector's test IoU (cells above 0.5, prediction vs truth) and the truth sets."""
     import torch
     import torch.nn.functional as F
 
@@ -536,33 +536,27 @@ def _fit_poly(path: Path, config: WorldConfig, x_train: np.ndarray, scenes: dict
 
     state = torch.load(path, map_location="cpu", weights_only=True)
     arch = dict(state["arch"], poly=[list(p) for p in gen.POLY_PAIRS])
-    model = tg.make_target(arch, n_classes, config.size).eval()
+    model = tg.make_target(arch, n_classes, config.size)
     missing = model.load_state_dict(state["weights"], strict=False).missing_keys
     assert all(k.startswith("poly.") for k in missing), missing
     concepts = [c for pair in gen.POLY_PAIRS for c in pair]  # detector 2j, 2j+1 -> unit j
+    cell = 8  # the map is S/8 a side
 
-    @torch.no_grad()
-    def features_and_targets(x, sc, om, chunk=1000):
-        feats, targets = [], []
-        for i in range(0, len(x), chunk):
-            f = model.features(tg.to_input(torch.from_numpy(x[i : i + chunk])))  # [b, c4, h, w]
-            sub = {k: v[i : i + chunk] for k, v in sc.items()}
-            m = torch.from_numpy(gen.concept_maps(sub, om[i : i + chunk], concepts)).float()  # [b, 2P, S, S]
-            feats.append(f)
-            targets.append(F.avg_pool2d(m, config.size // f.shape[-1]))  # [b, 2P, h, w]
-        return torch.cat(feats), torch.cat(targets)
+    def targets(sc, om, idx):  # [b, 2P, S/8, S/8] fraction of each cell the concept covers
+        sub = {k: v[idx] for k, v in sc.items()}
+        return F.avg_pool2d(torch.from_numpy(gen.concept_maps(sub, om[idx], concepts)).float(), cell)
 
-    f_train, t_train = features_and_targets(x_train, scenes["train"], objmap["train"])
-    det = model.poly.detect
-    det.train()
-    fit(det.parameters(), len(f_train),
-        lambda idx: F.binary_cross_entropy_with_logits(det(f_train[idx]), t_train[idx]),
-        epochs=epochs, lr=1e-2, seed=config.seed * 101 + 5, batch_size=128, weight_decay=0.0)
-    det.eval()
-    f_test, t_test = features_and_targets(x_test, scenes["test"], objmap["test"])
+    poly = model.poly.train()
+    x = torch.from_numpy(x_train)
+    t_train = torch.cat([targets(scenes["train"], objmap["train"], np.arange(i, min(i + 1000, len(x))))
+                         for i in range(0, len(x), 1000)])  # [n, 2P, S/8, S/8]
+    fit(poly.parameters(), len(x),
+        lambda idx: F.binary_cross_entropy_with_logits(poly.detect(poly.stem(tg.to_input(x[idx]))), t_train[idx]),
+        epochs=config.cnn_epochs, lr=3e-3, seed=config.seed * 101 + 5, batch_size=128, weight_decay=0.0)
+    poly.eval()
     with torch.no_grad():
-        pred = torch.sigmoid(det(f_test)) > 0.5  # [n, 2P, h, w]
-    truth = t_test > 0.5
+        pred = poly.detectors(tg.to_input(torch.from_numpy(x_test))) > 0.5  # [n, 2P, S/8, S/8]
+    truth = targets(scenes["test"], objmap["test"], np.arange(len(x_test))) > 0.5
     inter = (pred & truth).sum((0, 2, 3)).double()
     union = (pred | truth).sum((0, 2, 3)).double().clamp(min=1)
     state["arch"], state["weights"] = arch, model.state_dict()

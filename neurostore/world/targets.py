@@ -43,34 +43,39 @@ class ProbeCNN(nn.Module):
         bn = (lambda c: nn.BatchNorm2d(c, affine=False)) if norm else (lambda c: nn.Identity())
         self.bn1, self.bn2, self.bn3, self.bn4 = bn(c1), bn(c2), bn(c3), bn(c4)
         self.fc = nn.Linear(2 * c4, n_classes)
-        self.poly = ConceptPairs(c4, poly) if poly else None
+        self.poly = ConceptPairs(poly) if poly else None
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:  # x: [n, 3, S, S]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [n, 3, S, S]
+        if self.poly is not None:
+            self.poly(x)  # a branch beside the classifier: hooks read it, the logits never do
         x = F.relu(self.bn1(self.conv1(x)))  # [n, c1, S/2, S/2]
         x = F.relu(self.bn2(self.conv2(x)))  # [n, c2, S/4, S/4]
         x = F.relu(self.bn3(self.conv3(x)))  # [n, c3, S/8, S/8]
-        return F.relu(self.bn4(self.conv4(x)))  # [n, c4, S/8, S/8]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [n, 3, S, S]
-        x = self.features(x)  # [n, c4, S/8, S/8]
-        if self.poly is not None:
-            self.poly(x)  # a probe beside the classifier: hooks read it, the logits never do
+        x = F.relu(self.bn4(self.conv4(x)))  # [n, c4, S/8, S/8]
         pooled = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], 1)  # [n, 2*c4]
         return self.fc(pooled)  # [n, classes]
 
 
 class ConceptPairs(nn.Module):
-    """Polysemantic units by construction: unit j is the max of concept detectors 2j and 2j+1
-    (sigmoids of one 3x3 convolution over the conv4 map, trained on per-pixel masks after the
-    CNN), so its truth is exactly that pair of concepts (the world's `truth_sets`)."""
+    """Polysemantic units by construction: unit j is the max of concept detectors 2j and 2j+1,
+    so its truth is exactly that pair of concepts (the world's `truth_sets`). The detectors are
+    a small segmentation net of their own on the input (trained on the per-pixel masks after the
+    CNN): the CNN's own features, trained for shape, hold too little colour and texture."""
 
-    def __init__(self, c_in: int, n_pairs: int):
+    def __init__(self, n_pairs: int, widths: tuple[int, ...] = (16, 32, 48, 48)):
         super().__init__()
-        self.detect = nn.Conv2d(c_in, 2 * n_pairs, 3, padding=1)
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip((3,) + widths, widths)):
+            layers += [nn.Conv2d(a, b, 3, stride=2 if i < 3 else 1, padding=1), nn.BatchNorm2d(b), nn.ReLU()]
+        self.stem = nn.Sequential(*layers)  # [n, 3, S, S] -> [n, widths[-1], S/8, S/8]
+        self.detect = nn.Conv2d(widths[-1], 2 * n_pairs, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [n, c_in, h, w]
-        d = torch.sigmoid(self.detect(x))  # [n, 2P, h, w]
-        return torch.maximum(d[:, 0::2], d[:, 1::2])  # [n, P, h, w]
+    def detectors(self, x: torch.Tensor) -> torch.Tensor:  # x: [n, 3, S, S]
+        return torch.sigmoid(self.detect(self.stem(x)))  # [n, 2P, S/8, S/8]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [n, 3, S, S]
+        d = self.detectors(x)  # [n, 2P, S/8, S/8]
+        return torch.maximum(d[:, 0::2], d[:, 1::2])  # [n, P, S/8, S/8]
 
 
 def _conv_stem_embed():
