@@ -523,11 +523,13 @@ def _build_into(root: Path, config: WorldConfig, progress: bool, device: str) ->
 
 
 def _fit_poly(path: Path, config: WorldConfig, x_train: np.ndarray, scenes: dict, objmap: dict,
-              x_test: np.ndarray, n_classes: int) -> dict:
+              x_test: np.ndarray, n_classes: int, epochs_factor: float = 2.0) -> dict:
     """Train the concept detectors of the CNN's `poly` layer (targets.ConceptPairs) on the
-    training images, each cell's target the fraction of its pixels the concept covers (masks
-    average-pooled to the 8x8 map), as long as the CNN trains, and save them into the CNN's
-    file. Returns each detector's test IoU (cells above 0.5, prediction vs truth) and the truth sets."""
+    training images with the CNN frozen, each cell's target the fraction of its pixels the
+    concept covers (masks average-pooled to the 8x8 map), for twice the CNN's epochs; set each
+    detector's scale to the median of its peaks on training images that show its concept; save
+    them into the CNN's file. Returns each detector's test AUROC (its peak vs the concept's
+    presence, per image) and the truth sets."""
     import torch
     import torch.nn.functional as F
 
@@ -536,33 +538,56 @@ def _fit_poly(path: Path, config: WorldConfig, x_train: np.ndarray, scenes: dict
 
     state = torch.load(path, map_location="cpu", weights_only=True)
     arch = dict(state["arch"], poly=[list(p) for p in gen.POLY_PAIRS])
-    model = tg.make_target(arch, n_classes, config.size)
+    model = tg.make_target(arch, n_classes, config.size).eval()
     missing = model.load_state_dict(state["weights"], strict=False).missing_keys
     assert all(k.startswith("poly.") for k in missing), missing
     concepts = [c for pair in gen.POLY_PAIRS for c in pair]  # detector 2j, 2j+1 -> unit j
-    cell = 8  # the map is S/8 a side
 
-    def targets(sc, om, idx):  # [b, 2P, S/8, S/8] fraction of each cell the concept covers
-        sub = {k: v[idx] for k, v in sc.items()}
-        return F.avg_pool2d(torch.from_numpy(gen.concept_maps(sub, om[idx], concepts)).float(), cell)
+    @torch.no_grad()
+    def prepare(x_uint8, sc, om, chunk=1000):
+        """inputs [n, 3, S, S], CNN features [n, c4, S/8, S/8], targets [n, 2P, S/8, S/8]."""
+        xs, fs, ts = [], [], []
+        for i in range(0, len(x_uint8), chunk):
+            x = tg.to_input(torch.from_numpy(x_uint8[i : i + chunk]))
+            sub = {k: v[i : i + chunk] for k, v in sc.items()}
+            m = torch.from_numpy(gen.concept_maps(sub, om[i : i + chunk], concepts)).float()
+            xs.append(x)
+            fs.append(model.features(x))
+            ts.append(F.avg_pool2d(m, config.size // fs[-1].shape[-1]))
+        return torch.cat(xs), torch.cat(fs), torch.cat(ts)
 
+    x, f, t = prepare(x_train, scenes["train"], objmap["train"])
     poly = model.poly.train()
-    x = torch.from_numpy(x_train)
-    t_train = torch.cat([targets(scenes["train"], objmap["train"], np.arange(i, min(i + 1000, len(x))))
-                         for i in range(0, len(x), 1000)])  # [n, 2P, S/8, S/8]
     fit(poly.parameters(), len(x),
-        lambda idx: F.binary_cross_entropy_with_logits(poly.detect(poly.stem(tg.to_input(x[idx]))), t_train[idx]),
-        epochs=config.cnn_epochs, lr=3e-3, seed=config.seed * 101 + 5, batch_size=128, weight_decay=0.0)
+        lambda idx: F.binary_cross_entropy_with_logits(poly.logits(x[idx], f[idx]), t[idx]),
+        epochs=config.cnn_epochs * epochs_factor, lr=3e-3, seed=config.seed * 101 + 5, batch_size=128,
+        weight_decay=0.0)
     poly.eval()
-    with torch.no_grad():
-        pred = poly.detectors(tg.to_input(torch.from_numpy(x_test))) > 0.5  # [n, 2P, S/8, S/8]
-    truth = targets(scenes["test"], objmap["test"], np.arange(len(x_test))) > 0.5
-    inter = (pred & truth).sum((0, 2, 3)).double()
-    union = (pred | truth).sum((0, 2, 3)).double().clamp(min=1)
+
+    @torch.no_grad()
+    def peaks(x, f):  # [n, 2P]: each detector's max over the map
+        return torch.cat([poly.detectors(x[i : i + 1000], f[i : i + 1000]).amax((2, 3))
+                          for i in range(0, len(x), 1000)])
+
+    peak, shown = peaks(x, f), t.amax((2, 3)) > 0.5  # [n, 2P] (scale 1 here: peaks are sigmoids)
+    poly.scale.copy_(torch.stack([peak[shown[:, j], j].median() if shown[:, j].any() else torch.tensor(1.0)
+                                  for j in range(len(concepts))]))
+    x, f, t = prepare(x_test, scenes["test"], objmap["test"])
+    peak, shown = peaks(x, f).numpy(), (t.amax((2, 3)) > 0.5).numpy()
     state["arch"], state["weights"] = arch, model.state_dict()
     torch.save(state, path)
     return {"layer": "poly", "truth_sets": [list(p) for p in gen.POLY_PAIRS],
-            "detector_iou": {c: round(float(v), 4) for c, v in zip(concepts, inter / union)}}
+            "detector_auroc": {c: round(_auroc(peak[:, j], shown[:, j]), 4) for j, c in enumerate(concepts)}}
+
+
+def _auroc(score: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U, ties at their mean rank); 0.5 without both classes."""
+    n1, n0 = int(positive.sum()), int((~positive).sum())
+    if not n1 or not n0:
+        return 0.5
+    _, inverse, counts = np.unique(score, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # 1-based, ties averaged
+    return float((ranks[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 def _write_images(root: Path, world_id: str, config: WorldConfig, scenes: dict, base: dict,

@@ -43,38 +43,50 @@ class ProbeCNN(nn.Module):
         bn = (lambda c: nn.BatchNorm2d(c, affine=False)) if norm else (lambda c: nn.Identity())
         self.bn1, self.bn2, self.bn3, self.bn4 = bn(c1), bn(c2), bn(c3), bn(c4)
         self.fc = nn.Linear(2 * c4, n_classes)
-        self.poly = ConceptPairs(poly) if poly else None
+        self.poly = ConceptPairs(poly, c4) if poly else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [n, 3, S, S]
-        if self.poly is not None:
-            self.poly(x)  # a branch beside the classifier: hooks read it, the logits never do
+    def features(self, x: torch.Tensor) -> torch.Tensor:  # x: [n, 3, S, S]
         x = F.relu(self.bn1(self.conv1(x)))  # [n, c1, S/2, S/2]
         x = F.relu(self.bn2(self.conv2(x)))  # [n, c2, S/4, S/4]
         x = F.relu(self.bn3(self.conv3(x)))  # [n, c3, S/8, S/8]
-        x = F.relu(self.bn4(self.conv4(x)))  # [n, c4, S/8, S/8]
+        return F.relu(self.bn4(self.conv4(x)))  # [n, c4, S/8, S/8]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [n, 3, S, S]
+        f = self.features(x)  # [n, c4, S/8, S/8]
+        if self.poly is not None:
+            self.poly(x, f)  # a branch beside the classifier: hooks read it, the logits never do
+        x = f
         pooled = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], 1)  # [n, 2*c4]
         return self.fc(pooled)  # [n, classes]
 
 
 class ConceptPairs(nn.Module):
     """Polysemantic units by construction: unit j is the max of concept detectors 2j and 2j+1,
-    so its truth is exactly that pair of concepts (the world's `truth_sets`). The detectors are
-    a small segmentation net of their own on the input (trained on the per-pixel masks after the
-    CNN): the CNN's own features, trained for shape, hold too little colour and texture."""
+    so its truth is exactly that pair of concepts (the world's `truth_sets`). The detectors read
+    the CNN's conv4 map (shape: what the CNN was trained on) beside a small stem of their own on
+    the input (colour and texture, which a shape classifier keeps little of); they are trained on
+    the per-pixel masks after the CNN. Each detector is divided by `scale`, its median peak on
+    images that show its concept, and capped at 1: a unit saturates on either of its concepts, so
+    both reach its top images alike (uncapped, the shape detectors' long tails took them all)."""
 
-    def __init__(self, n_pairs: int, widths: tuple[int, ...] = (16, 32, 48, 48)):
+    def __init__(self, n_pairs: int, c_features: int, widths: tuple[int, ...] = (16, 32, 48, 48)):
         super().__init__()
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip((3,) + widths, widths)):
             layers += [nn.Conv2d(a, b, 3, stride=2 if i < 3 else 1, padding=1), nn.BatchNorm2d(b), nn.ReLU()]
         self.stem = nn.Sequential(*layers)  # [n, 3, S, S] -> [n, widths[-1], S/8, S/8]
-        self.detect = nn.Conv2d(widths[-1], 2 * n_pairs, 3, padding=1)
+        self.detect = nn.Conv2d(widths[-1] + c_features, 2 * n_pairs, 3, padding=1)
+        self.register_buffer("scale", torch.ones(2 * n_pairs))
 
-    def detectors(self, x: torch.Tensor) -> torch.Tensor:  # x: [n, 3, S, S]
-        return torch.sigmoid(self.detect(self.stem(x)))  # [n, 2P, S/8, S/8]
+    def logits(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        # x: [n, 3, S, S], features: [n, c_features, S/8, S/8] -> [n, 2P, S/8, S/8]
+        return self.detect(torch.cat([self.stem(x), features], 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [n, 3, S, S]
-        d = self.detectors(x)  # [n, 2P, S/8, S/8]
+    def detectors(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return (torch.sigmoid(self.logits(x, features)) / self.scale[:, None, None]).clamp(max=1)  # [n, 2P, S/8, S/8]
+
+    def forward(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        d = self.detectors(x, features)  # [n, 2P, S/8, S/8]
         return torch.maximum(d[:, 0::2], d[:, 1::2])  # [n, P, S/8, S/8]
 
 
