@@ -526,9 +526,8 @@ def _fit_poly(path: Path, config: WorldConfig, x_train: np.ndarray, scenes: dict
               x_test: np.ndarray, n_classes: int, epochs_factor: float = 2.0) -> dict:
     """Train the concept detectors of the CNN's `poly` layer (targets.ConceptPairs) on the
     training images with the CNN frozen, each cell's target the fraction of its pixels the
-    concept covers (masks average-pooled to the 8x8 map), for twice the CNN's epochs; set each
-    detector's scale to the median of its peaks on training images that show its concept; save
-    them into the CNN's file. Returns each detector's test AUROC (its peak vs the concept's
+    concept covers (masks average-pooled to the 8x8 map), for twice the CNN's epochs; record each
+    detector's quantiles over the training cells (its output scale); save them into the CNN's file. Returns each detector's test AUROC (its peak vs the concept's
     presence, per image) and the truth sets."""
     import torch
     import torch.nn.functional as F
@@ -564,14 +563,17 @@ def _fit_poly(path: Path, config: WorldConfig, x_train: np.ndarray, scenes: dict
         weight_decay=0.0)
     poly.eval()
 
+    with torch.no_grad():  # each detector's quantiles over the training cells
+        z = torch.cat([poly.logits(x[i : i + 1000], f[i : i + 1000]) for i in range(0, len(x), 1000)])
+        z = z.permute(1, 0, 2, 3).reshape(len(concepts), -1)  # [2P, cells]
+        levels = torch.linspace(0, 1, poly.knots.shape[1])
+        poly.knots.copy_(torch.quantile(z[:, :: max(1, z.shape[1] // 100_000)], levels, dim=1).T.contiguous())
+
     @torch.no_grad()
     def peaks(x, f):  # [n, 2P]: each detector's max over the map
         return torch.cat([poly.detectors(x[i : i + 1000], f[i : i + 1000]).amax((2, 3))
                           for i in range(0, len(x), 1000)])
 
-    peak, shown = peaks(x, f), t.amax((2, 3)) > 0.5  # [n, 2P] (scale 1 here: peaks are sigmoids)
-    poly.scale.copy_(torch.stack([peak[shown[:, j], j].median() if shown[:, j].any() else torch.tensor(1.0)
-                                  for j in range(len(concepts))]))
     x, f, t = prepare(x_test, scenes["test"], objmap["test"])
     peak, shown = peaks(x, f).numpy(), (t.amax((2, 3)) > 0.5).numpy()
     state["arch"], state["weights"] = arch, model.state_dict()

@@ -65,25 +65,35 @@ class ConceptPairs(nn.Module):
     so its truth is exactly that pair of concepts (the world's `truth_sets`). The detectors read
     the CNN's conv4 map (shape: what the CNN was trained on) beside a small stem of their own on
     the input (colour and texture, which a shape classifier keeps little of); they are trained on
-    the per-pixel masks after the CNN. Each detector is divided by `scale`, its median peak on
-    images that show its concept, and capped at 1: a unit saturates on either of its concepts, so
-    both reach its top images alike (uncapped, the shape detectors' long tails took them all)."""
+    the per-pixel masks after the CNN. Each detector's logit goes through its own distribution
+    over the training cells (`knots`: its quantiles; the output is the fraction of training cells
+    below, interpolated), so both halves of a unit are on one scale and share its top images:
+    raw, the colour detectors saturated and the shape detectors' long tails took them all."""
 
-    def __init__(self, n_pairs: int, c_features: int, widths: tuple[int, ...] = (16, 32, 48, 48)):
+    def __init__(self, n_pairs: int, c_features: int, widths: tuple[int, ...] = (16, 32, 48, 48),
+                 n_knots: int = 1025):
         super().__init__()
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip((3,) + widths, widths)):
             layers += [nn.Conv2d(a, b, 3, stride=2 if i < 3 else 1, padding=1), nn.BatchNorm2d(b), nn.ReLU()]
         self.stem = nn.Sequential(*layers)  # [n, 3, S, S] -> [n, widths[-1], S/8, S/8]
         self.detect = nn.Conv2d(widths[-1] + c_features, 2 * n_pairs, 3, padding=1)
-        self.register_buffer("scale", torch.ones(2 * n_pairs))
+        # [2P, K] quantiles of each detector's logit at levels 0..1 (set after training)
+        self.register_buffer("knots", torch.linspace(-10, 10, n_knots).repeat(2 * n_pairs, 1))
 
     def logits(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         # x: [n, 3, S, S], features: [n, c_features, S/8, S/8] -> [n, 2P, S/8, S/8]
         return self.detect(torch.cat([self.stem(x), features], 1))
 
     def detectors(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        return (torch.sigmoid(self.logits(x, features)) / self.scale[:, None, None]).clamp(max=1)  # [n, 2P, S/8, S/8]
+        z = self.logits(x, features)  # [n, 2P, h, w]
+        n, d, h, w = z.shape
+        flat = z.permute(1, 0, 2, 3).reshape(d, -1).contiguous()  # [2P, n*h*w]
+        k = self.knots.shape[1]
+        i = torch.searchsorted(self.knots, flat).clamp(1, k - 1)  # knots[i-1] < z <= knots[i]
+        lo, hi = self.knots.gather(1, i - 1), self.knots.gather(1, i)
+        level = (i - 1 + ((flat - lo) / (hi - lo).clamp(min=1e-12)).clamp(0, 1)) / (k - 1)
+        return level.reshape(d, n, h, w).permute(1, 0, 2, 3)  # [n, 2P, h, w] in [0, 1]
 
     def forward(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         d = self.detectors(x, features)  # [n, 2P, S/8, S/8]
