@@ -546,7 +546,8 @@ def eval_cmd(
     as_json: bool = JsonOpt,
 ) -> None:
     """Measure stored explanations against the probe world's truth, or with --classes against the
-    class names of a class layer (top-1 and label/class cosine, per method); write them to 'evaluations'.
+    class names of a class layer (top-1 and label/class cosine, per method); write them to 'evaluations'
+    (and each unit's explanation set to 'explanation_sets', scored where the world knows truth sets).
 
     Example: neurostore eval --model probe-cnn --json
 
