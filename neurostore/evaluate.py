@@ -135,6 +135,11 @@ def explanation_sets(store: Store, model: str, layers: list[str] | None = None, 
     src = store.df("""
         SELECT DISTINCT layer, vocabulary, encoder FROM explanations
         WHERE model = $m AND scorer = $s AND encoder IS NOT NULL""", {"m": model, "s": SET_SCORER})
+    masks = None
+    if world is not None and len(src):  # the masks of the model's top images, read once
+        top = set(store.df("SELECT DISTINCT image_id FROM activations WHERE model = $m", {"m": model})["image_id"])
+        masks = world.masks().to_pandas()
+        masks = masks[masks["image_id"].isin(top)]
     for layer, vocabulary, encoder in src.itertuples(index=False):
         if layers is not None and layer not in layers:
             continue
@@ -147,8 +152,8 @@ def explanation_sets(store: Store, model: str, layers: list[str] | None = None, 
         if acts.empty or not concepts:
             continue
         found = {"patch": _patch_sets(store, acts, concepts, encoder)}
-        if world is not None:
-            found["iou"] = _mask_sets(world, acts, concepts)
+        if masks is not None:
+            found["iou"] = _mask_sets(masks, acts, concepts)
         for scorer, (units, names, results, sizes) in found.items():
             for u, (chosen, gains, coverage), size in zip(units, results, sizes):
                 out["unit"].append(int(u))
@@ -187,9 +192,9 @@ def _patch_sets(store: Store, acts: pd.DataFrame, concepts: list[str], encoder: 
     return [u for u, _ in groups], names, cover_sets(P, T, up, **SET_PARAMS), [len(g) for _, g in groups]
 
 
-def _mask_sets(world: World, acts: pd.DataFrame, concepts: list[str]):
-    """(units, concept names, greedy_cover results, images per unit) from the world's masks."""
-    masks = world.masks().to_pandas()
+def _mask_sets(masks: pd.DataFrame, acts: pd.DataFrame, concepts: list[str]):
+    """(units, concept names, greedy_cover results, images per unit) from the world's masks
+    (rows of schema/masks.sql)."""
     masks = masks[masks["image_id"].isin(set(acts["image_id"])) & masks["concept"].isin(set(concepts))]
     names = sorted(set(masks["concept"]))
     index = {c: j for j, c in enumerate(names)}

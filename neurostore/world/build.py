@@ -207,7 +207,7 @@ def _steps(job: dict) -> int:
 
 
 def _fit_target(*, arch: dict, x: np.ndarray, y: np.ndarray, epochs: float, fit: dict, seed: int,
-                size: int, test: tuple, path: Path, n_classes: int, device: str = "cpu", counter=None,
+                size: int, test: tuple, path: Path, n_classes: int = len(gen.SHAPES), device: str = "cpu", counter=None,
                 on_step=None) -> dict:
     """Train one target model on one thread (on `device`), save it to `path` and measure it on the
     paired test scenes. Runs in the building process or in a worker process (which counts its
