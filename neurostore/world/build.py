@@ -207,8 +207,8 @@ def _steps(job: dict) -> int:
 
 
 def _fit_target(*, arch: dict, x: np.ndarray, y: np.ndarray, epochs: float, fit: dict, seed: int,
-                size: int, test: tuple, path: Path, n_classes: int = len(gen.SHAPES), device: str = "cpu", counter=None,
-                on_step=None) -> dict:
+                size: int, test: tuple, path: Path, n_classes: int = len(gen.SHAPES), device: str = "cpu",
+                counter=None, on_step=None) -> dict:
     """Train one target model on one thread (on `device`), save it to `path` and measure it on the
     paired test scenes. Runs in the building process or in a worker process (which counts its
     steps in the shared `counter`, for the progress bar in the building process)."""
@@ -527,8 +527,9 @@ def _fit_poly(path: Path, config: WorldConfig, x_train: np.ndarray, scenes: dict
     """Train the concept detectors of the CNN's `poly` layer (targets.ConceptPairs) on the
     training images with the CNN frozen, each cell's target the fraction of its pixels the
     concept covers (masks average-pooled to the 8x8 map), for twice the CNN's epochs; record each
-    detector's quantiles over the training cells (its output scale); save them into the CNN's file. Returns each detector's test AUROC (its peak vs the concept's
-    presence, per image) and the truth sets."""
+    detector's quantiles over the training cells (its output scale); save them into the CNN's
+    file. Returns each detector's test AUROC (its peak vs the concept's presence, per image) and
+    the truth sets."""
     import torch
     import torch.nn.functional as F
 

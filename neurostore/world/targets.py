@@ -55,8 +55,7 @@ class ProbeCNN(nn.Module):
         f = self.features(x)  # [n, c4, S/8, S/8]
         if self.poly is not None:
             self.poly(x, f)  # a branch beside the classifier: hooks read it, the logits never do
-        x = f
-        pooled = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], 1)  # [n, 2*c4]
+        pooled = torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], 1)  # [n, 2*c4]
         return self.fc(pooled)  # [n, classes]
 
 
