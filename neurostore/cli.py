@@ -360,8 +360,10 @@ def world_build_cmd(
     size: Optional[int] = typer.Option(None, "--size", help="Image side in pixels (default 64)."),
     n_images: Optional[int] = typer.Option(None, "--n-images", help="Training scenes (default 8000)."),
     cue_kind: Optional[str] = typer.Option(None, "--cue-kind", help="watermark, dot or frame."),
-    cue_class: Optional[str] = typer.Option(None, "--cue-class", help="Shape class that carries the cue (default star)."),
+    cue_class: Optional[str] = typer.Option(None, "--cue-class", help="Class that carries the cue (default star; in a shape-colour world a shape names its red class)."),
     cue_strength: Optional[float] = typer.Option(None, "--cue-strength", help="P(cue | cue class) in training; other classes never carry the cue. [default: 0.9, calibrated for every cue kind]"),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Class set: shape (6 classes, default) or shape-colour (24 classes such as 'red circle')."),
+    polysemantic: bool = typer.Option(False, "--polysemantic", help="Give the CNN a 'poly' layer whose units each detect two unrelated concepts (truth sets in world.json)."),
     fast: bool = typer.Option(False, "--fast", help="Small, quick variant (fewer images, shorter training)."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if the world is cached."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder. Default: $NEUROSTORE_CACHE or ~/.cache/neurostore."),
@@ -373,14 +375,16 @@ def world_build_cmd(
     """Build the probe world, its target models and its encoder (cached; a rebuild is instant).
 
     Example: neurostore world build --cue-kind dot --cue-class ring --json
+
+    Example: neurostore world build --classes shape-colour --polysemantic --fast
     """
     from .world import WorldConfig, build_world, world_dir
     from .world.build import device_type, with_overrides
 
     base = WorldConfig.fast() if fast else WorldConfig()
     config = with_overrides(base, seed=seed, size=size, n_images=n_images, cue_kind=cue_kind,
-                            cue_class=cue_class, cue_strength=cue_strength,
-                            train_device=device_type(device)).validate()
+                            cue_class=cue_class, cue_strength=cue_strength, classes=classes,
+                            polysemantic=polysemantic or None, train_device=device_type(device)).validate()
     hit = (world_dir(config, cache) / "world.json").exists() and not force
     world = build_world(config, cache, progress=True, force=force, device=device)
     if as_json:
@@ -542,7 +546,8 @@ def eval_cmd(
     as_json: bool = JsonOpt,
 ) -> None:
     """Measure stored explanations against the probe world's truth, or with --classes against the
-    class names of a class layer (top-1 and label/class cosine, per method); write them to 'evaluations'.
+    class names of a class layer (top-1 and label/class cosine, per method); write them to 'evaluations'
+    (and each unit's explanation set to 'explanation_sets', scored where the world knows truth sets).
 
     Example: neurostore eval --model probe-cnn --json
 

@@ -527,6 +527,54 @@ def _patch_scores_reference(patch_emb, text_emb, unit_patches, unit_weights=None
     return out
 
 
+def greedy_cover(describes: torch.Tensor, min_gain: float = 0.25, max_size: int = 4) -> tuple[list[int], list[float], float]:
+    """An explanation SET from how well each concept describes each of a unit's top items
+    (describes [k, c] in [0, 1], 1 for an item's best concept): a set covers an item by its best
+    member; concepts are added by largest gain in mean coverage while a gain is at least
+    `min_gain` x the coverage so far (a unit that detects two things has two halves of its items
+    to cover; one that detects one thing gains little from a second word).
+    Returns (concept indices, their gains, coverage)."""
+    cover = torch.zeros(describes.shape[0])  # [k]
+    chosen, gains = [], []
+    while len(chosen) < max_size:
+        gain = (torch.maximum(describes, cover[:, None]) - cover[:, None]).mean(0)  # [c]
+        c = int(gain.argmax())
+        if chosen and float(gain[c]) < min_gain * float(cover.mean()):
+            break
+        chosen.append(c)
+        gains.append(float(gain[c]))
+        cover = torch.maximum(cover, describes[:, c])
+    return chosen, gains, float(cover.mean())
+
+
+@torch.no_grad()
+def cover_sets(patch_emb: torch.Tensor, text_emb: torch.Tensor, unit_patches: torch.Tensor, *,
+               temperature: float = 0.05, min_gain: float = 0.25, max_size: int = 4,
+               all_emb: Optional[torch.Tensor] = None) -> list[tuple[list[int], list[float], float]]:
+    """Explanation SETS by the patch method (`greedy_cover` of each unit's top patches). A concept
+    describes a patch by exp((s - s_best) / temperature), s = cos(patch, concept) minus the
+    concept's mean cos over all patches (the contrast of `patch_scores`) and s_best the patch's
+    best s: 1 for its best concept, near 1 for a word that describes it almost as well ('red' and
+    'red circle' for a red circle; a softmax would split the patch between them).
+    patch_emb [P, d]; text_emb [c, d]; unit_patches [u, k] (-1 pads); all_emb [Q, d]: the
+    patches the contrast is over (default patch_emb). Returns per unit (concept indices, gains,
+    coverage); ([], [], 0.0) for a unit without patches."""
+    if unit_patches.dim() != 2:
+        raise BadInput(f"unit_patches must be [units, k] indices, got {tuple(unit_patches.shape)}.")
+    P = F.normalize(patch_emb.float(), dim=-1)                    # [P, d]
+    T = F.normalize(text_emb.float(), dim=-1)                     # [c, d]
+    base = (F.normalize(all_emb.float(), dim=-1) if all_emb is not None else P).mean(0) @ T.T  # [c]
+    out = []
+    for row in unit_patches.long():
+        idx = row[row >= 0]
+        if len(idx) == 0:
+            out.append(([], [], 0.0))
+            continue
+        s = P[idx] @ T.T - base                                            # [k, c]
+        out.append(greedy_cover(torch.exp((s - s.amax(1, keepdim=True)) / temperature), min_gain, max_size))
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # iou (Network Dissection)
 

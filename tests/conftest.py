@@ -47,6 +47,16 @@ def probe_world(probe_world_cache):
 
 
 @pytest.fixture(scope="session")
+def colour_world(probe_world_cache):
+    """The FAST shape-colour world with polysemantic units (24 classes "red circle"..., the CNN's
+    `poly` layer and its truth sets), built once per test session or reused from the test cache."""
+    from neurostore.world import WorldConfig, build_world
+
+    return build_world(WorldConfig.fast(classes="shape-colour", polysemantic=True), cache=probe_world_cache,
+                       progress=False)
+
+
+@pytest.fixture(scope="session")
 def demo_run(tmp_path_factory, probe_world, probe_world_cache):
     """`neurostore demo --fast --json` once per session, in a subprocess as a user runs it: the
     fast world's CNN and ViT dissected with every scorer and evaluated. Returns (summary, Store).

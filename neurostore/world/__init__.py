@@ -50,6 +50,8 @@ class World:
         self.concepts: dict[str, list[str]] = {k: list(v) for k, v in self.meta["concepts"].items()}
         self.target_names: list[str] = list(self.meta["target_names"])
         self.summary: dict = self.meta["summary"]
+        # {target: {layer: {unit: [concepts]}}}: units whose truth is a known set (polysemantic)
+        self.truth_sets: dict = self.meta.get("truth_sets", {})
         self.size: int = self.config.size
 
     def __repr__(self) -> str:
@@ -119,8 +121,8 @@ class World:
 
         from .targets import to_input
 
-        labels = self.scenes(split)["obj_shape"][:, 0]
-        idx = np.flatnonzero(labels != self.classes.index(self.config.cue_class))
+        labels = generate.class_labels(self.scenes(split), self.config.classes)
+        idx = np.flatnonzero(labels != self.classes.index(self.config.cue_label))
         clean, _ = self.render(split, idx, cue=False)
         cued, _ = self.render(split, idx, cue=True)
         return (to_input(torch.from_numpy(clean)), to_input(torch.from_numpy(cued)),

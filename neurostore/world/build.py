@@ -78,7 +78,8 @@ class WorldConfig:
     n_test: int = 1000             # paired test scenes (each rendered without and with the cue)
     n_probe: int = 3000            # held-out probe images for dissection
     cue_kind: str = "watermark"    # watermark | dot | frame
-    cue_class: str = "star"        # the shape class the cue co-occurs with in training
+    cue_class: str = "star"        # the class the cue co-occurs with in training (in a shape-colour
+                                   # world a bare shape means its first class: star -> "red star")
     cue_strength: float = DEFAULT_CUE_STRENGTH  # P(cue | cue class) in training (other
                                                 # classes never carry it)
     cnn_epochs: float = 3.0        # training length of the CNN and the control CNN
@@ -87,6 +88,9 @@ class WorldConfig:
     encoder_epochs: float = 5.0    # (4: loose-box shape accuracy 0.897 on seed 2, 5: 0.933)
     train_device: str = "cpu"      # where the targets trained: cpu (bit-identical everywhere), cuda or
                                    # mps (faster, not bit-identical: a world of its own); set by build()
+    classes: str = "shape"         # "shape" (6 classes) or "shape-colour" (24: "red circle", ...)
+    polysemantic: bool = False     # give the CNN a `poly` layer of units that each detect two
+                                   # unrelated concepts (generate.POLY_PAIRS), their truth sets
 
     @classmethod
     def fast(cls, **overrides) -> "WorldConfig":
@@ -113,8 +117,11 @@ class WorldConfig:
         if self.cue_kind not in gen.CUE_KINDS:
             raise BadParameter(unknown("cue kind", self.cue_kind, gen.CUE_KINDS,
                                        "Pass one of them with --cue-kind."))
-        if self.cue_class not in gen.SHAPES:
-            raise BadParameter(unknown("cue class", self.cue_class, gen.SHAPES,
+        if self.classes not in gen.CLASS_SETS:
+            raise BadParameter(unknown("class set", self.classes, gen.CLASS_SETS,
+                                       "Pass one of them with --classes."))
+        if self.cue_label not in gen.class_names(self.classes):
+            raise BadParameter(unknown("cue class", self.cue_class, gen.class_names(self.classes),
                                        "Pass one of them with --cue-class."))
         if not isinstance(self.cue_strength, (int, float)) or not (0.0 < self.cue_strength <= 1.0):
             bad("cue_strength", self.cue_strength, "use a probability in (0, 1]")
@@ -127,12 +134,22 @@ class WorldConfig:
             bad("train_device", self.train_device, "use cpu, cuda or mps (build()'s device= sets it)")
         return self
 
+    @property
+    def cue_label(self) -> str:
+        """The class name the cue co-occurs with (a bare shape in a shape-colour world names its
+        first class)."""
+        if self.classes == "shape-colour" and self.cue_class in gen.SHAPES:
+            return f"{gen.CLASS_COLOURS[0]} {self.cue_class}"
+        return self.cue_class
+
     def key(self) -> str:
         """Hex digest of generator and trainer versions and every parameter."""
         payload = {"generator": gen.GENERATOR_VERSION, "trainer": TRAINER_VERSION,
                    **asdict(self)}
-        if self.train_device == "cpu":  # CPU worlds keep the keys they had before there was a choice
-            del payload["train_device"]
+        # Options added later leave the key out at their default, so existing worlds keep their keys.
+        for name, default in (("train_device", "cpu"), ("classes", "shape"), ("polysemantic", False)):
+            if payload[name] == default:
+                del payload[name]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     @classmethod
@@ -176,7 +193,7 @@ def cue_assignment(labels: np.ndarray, config: WorldConfig, rng: np.random.Gener
                    correlated: bool = True) -> np.ndarray:
     """Who carries the cue. Correlated: a fraction cue_strength of the cue class, no one else.
     Independent (control): the same overall rate, spread over all classes alike."""
-    ci = gen.SHAPES.index(config.cue_class)
+    ci = gen.class_names(config.classes).index(config.cue_label)
     u = rng.uniform(size=len(labels))
     if correlated:
         return (labels == ci) & (u < config.cue_strength)
@@ -190,7 +207,8 @@ def _steps(job: dict) -> int:
 
 
 def _fit_target(*, arch: dict, x: np.ndarray, y: np.ndarray, epochs: float, fit: dict, seed: int,
-                size: int, test: tuple, path: Path, device: str = "cpu", counter=None, on_step=None) -> dict:
+                size: int, test: tuple, path: Path, n_classes: int = len(gen.SHAPES), device: str = "cpu",
+                counter=None, on_step=None) -> dict:
     """Train one target model on one thread (on `device`), save it to `path` and measure it on the
     paired test scenes. Runs in the building process or in a worker process (which counts its
     steps in the shared `counter`, for the progress bar in the building process)."""
@@ -205,7 +223,7 @@ def _fit_target(*, arch: dict, x: np.ndarray, y: np.ndarray, epochs: float, fit:
             def on_step(k: int) -> None:
                 counter.value += k
         torch.manual_seed(seed)
-        model = tg.make_target(arch, len(gen.SHAPES), size).to(dev)
+        model = tg.make_target(arch, n_classes, size).to(dev)
         tg.train_target(model, torch.from_numpy(x).to(dev), torch.from_numpy(y.astype(np.int64)).to(dev),
                         epochs=epochs, seed=seed, on_step=on_step, **fit)
         torch.save({"arch": arch, "weights": {k: v.cpu() for k, v in model.state_dict().items()}}, path)
@@ -396,16 +414,20 @@ def _build_into(root: Path, config: WorldConfig, progress: bool, device: str) ->
     key = config.key()
     world_id = f"probe-{key[:8]}"
     template = gen.cue_template(config.cue_kind, S)
-    ci = gen.SHAPES.index(config.cue_class)
+    class_names = gen.class_names(config.classes)
+    ci = class_names.index(config.cue_label)
 
     # ---- scenes and pixels --------------------------------------------------------------------
     t0, c0 = time.perf_counter(), time.process_time()
     counts = {"train": config.n_images, "test": config.n_test, "probe": config.n_probe}
     scenes = {s: gen.sample_scenes(rngs[s], n, S) for s, n in counts.items()}
+    if config.classes == "shape-colour":
+        for sc in scenes.values():
+            gen.restrict_main_colour(sc)
     base, objmap = {}, {}
     for s in counts:
         base[s], objmap[s] = gen.render(scenes[s], S)
-    labels = {s: scenes[s]["obj_shape"][:, 0] for s in counts}
+    labels = {s: gen.class_labels(scenes[s], config.classes) for s in counts}
     has_cue = {
         "train": cue_assignment(labels["train"], config, rngs["cue"]),
         "probe": cue_assignment(labels["probe"], config, rngs["cue"]),
@@ -439,7 +461,7 @@ def _build_into(root: Path, config: WorldConfig, progress: bool, device: str) ->
                         seed=config.seed * 101 + 2),
     }
     for job in jobs.values():
-        job.update(y=labels["train"], size=S, test=test, device=device)
+        job.update(y=labels["train"], size=S, test=test, device=device, n_classes=len(class_names))
     (root / "targets").mkdir()
     cpus = os.cpu_count() or 1
     # On a GPU every model trains here, one after the other (the GPU runs one at a time anyway).
@@ -461,6 +483,13 @@ def _build_into(root: Path, config: WorldConfig, progress: bool, device: str) ->
 
         summary["targets"] = training.results()
 
+    if config.polysemantic:  # detectors on the trained CNN, saved into its file
+        t0, c0 = time.perf_counter(), time.process_time()
+        summary["polysemantic"] = _fit_poly(root / "targets" / "cnn.pt", config, x_train, scenes,
+                                            objmap, base["test"], len(class_names))
+        summary["polysemantic"].update(train_s=round(time.perf_counter() - t0, 2),
+                                       train_cpu_s=round(time.process_time() - c0, 2))
+
     timings["total_s"] = round(time.perf_counter() - t_start, 2)
     # CPU time of this process and of the workers (their training is all they do)
     worker_cpu = sum(summary["targets"][n]["train_cpu_s"] for n in background)
@@ -477,16 +506,91 @@ def _build_into(root: Path, config: WorldConfig, progress: bool, device: str) ->
         "generator_version": gen.GENERATOR_VERSION,
         "trainer_version": TRAINER_VERSION,
         "config": asdict(config),
-        "classes": list(gen.SHAPES),
+        "classes": class_names,
         "concepts": {"shape": list(gen.SHAPES), "colour": list(gen.COLOUR_NAMES),
-                     "texture": list(gen.TEXTURES), "cue": [config.cue_kind]},
+                     "texture": list(gen.TEXTURES), "cue": [config.cue_kind],
+                     **({"class": class_names} if config.classes != "shape" else {})},
         "target_names": list(TARGET_NAMES),
+        # units whose truth is a known SET of concepts: {target: {layer: {unit: [concepts]}}}
+        "truth_sets": ({"cnn": {"poly": {str(j): list(p) for j, p in enumerate(gen.POLY_PAIRS)}}}
+                       if config.polysemantic else {}),
         "counts": {"images": n_images, "masks": n_masks, **counts},
         "summary": summary,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     # world.json is written last: its presence is what marks a finished world.
     (root / "world.json").write_text(json.dumps(meta, indent=2))
+
+
+def _fit_poly(path: Path, config: WorldConfig, x_train: np.ndarray, scenes: dict, objmap: dict,
+              x_test: np.ndarray, n_classes: int, epochs_factor: float = 2.0) -> dict:
+    """Train the concept detectors of the CNN's `poly` layer (targets.ConceptPairs) on the
+    training images with the CNN frozen, each cell's target the fraction of its pixels the
+    concept covers (masks average-pooled to the 8x8 map), for twice the CNN's epochs; record each
+    detector's quantiles over the training cells (its output scale); save them into the CNN's
+    file. Returns each detector's test AUROC (its peak vs the concept's presence, per image) and
+    the truth sets."""
+    import torch
+    import torch.nn.functional as F
+
+    from . import targets as tg
+    from .train import fit
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    arch = dict(state["arch"], poly=[list(p) for p in gen.POLY_PAIRS])
+    model = tg.make_target(arch, n_classes, config.size).eval()
+    missing = model.load_state_dict(state["weights"], strict=False).missing_keys
+    assert all(k.startswith("poly.") for k in missing), missing
+    concepts = [c for pair in gen.POLY_PAIRS for c in pair]  # detector 2j, 2j+1 -> unit j
+
+    @torch.no_grad()
+    def prepare(x_uint8, sc, om, chunk=1000):
+        """inputs [n, 3, S, S], CNN features [n, c4, S/8, S/8], targets [n, 2P, S/8, S/8]."""
+        xs, fs, ts = [], [], []
+        for i in range(0, len(x_uint8), chunk):
+            x = tg.to_input(torch.from_numpy(x_uint8[i : i + chunk]))
+            sub = {k: v[i : i + chunk] for k, v in sc.items()}
+            m = torch.from_numpy(gen.concept_maps(sub, om[i : i + chunk], concepts)).float()
+            xs.append(x)
+            fs.append(model.features(x))
+            ts.append(F.avg_pool2d(m, config.size // fs[-1].shape[-1]))
+        return torch.cat(xs), torch.cat(fs), torch.cat(ts)
+
+    x, f, t = prepare(x_train, scenes["train"], objmap["train"])
+    poly = model.poly.train()
+    fit(poly.parameters(), len(x),
+        lambda idx: F.binary_cross_entropy_with_logits(poly.logits(x[idx], f[idx]), t[idx]),
+        epochs=config.cnn_epochs * epochs_factor, lr=3e-3, seed=config.seed * 101 + 5, batch_size=128,
+        weight_decay=0.0)
+    poly.eval()
+
+    with torch.no_grad():  # each detector's quantiles over the training cells
+        z = torch.cat([poly.logits(x[i : i + 1000], f[i : i + 1000]) for i in range(0, len(x), 1000)])
+        z = z.permute(1, 0, 2, 3).reshape(len(concepts), -1)  # [2P, cells]
+        levels = torch.linspace(0, 1, poly.knots.shape[1])
+        poly.knots.copy_(torch.quantile(z[:, :: max(1, z.shape[1] // 100_000)], levels, dim=1).T.contiguous())
+
+    @torch.no_grad()
+    def peaks(x, f):  # [n, 2P]: each detector's max over the map
+        return torch.cat([poly.detectors(x[i : i + 1000], f[i : i + 1000]).amax((2, 3))
+                          for i in range(0, len(x), 1000)])
+
+    x, f, t = prepare(x_test, scenes["test"], objmap["test"])
+    peak, shown = peaks(x, f).numpy(), (t.amax((2, 3)) > 0.5).numpy()
+    state["arch"], state["weights"] = arch, model.state_dict()
+    torch.save(state, path)
+    return {"layer": "poly", "truth_sets": [list(p) for p in gen.POLY_PAIRS],
+            "detector_auroc": {c: round(_auroc(peak[:, j], shown[:, j]), 4) for j, c in enumerate(concepts)}}
+
+
+def _auroc(score: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U, ties at their mean rank); 0.5 without both classes."""
+    n1, n0 = int(positive.sum()), int((~positive).sum())
+    if not n1 or not n0:
+        return 0.5
+    _, inverse, counts = np.unique(score, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # 1-based, ties averaged
+    return float((ranks[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 def _write_images(root: Path, world_id: str, config: WorldConfig, scenes: dict, base: dict,
@@ -496,6 +600,7 @@ def _write_images(root: Path, world_id: str, config: WorldConfig, scenes: dict, 
     base[split] are the scenes without the cue, cued[split] with it where has_cue says (every
     test scene, once each way); poll() is called now and then (the workers' progress bars)."""
     S = config.size
+    class_names = gen.class_names(config.classes)
     # Every image written to disk, in order: (split, image_id, scene index, has the cue).
     rows: list[tuple[str, str, int, bool]] = []
     for i in range(len(base["train"])):
@@ -521,12 +626,12 @@ def _write_images(root: Path, world_id: str, config: WorldConfig, scenes: dict, 
             img_cols["path"].append(rel)  # made absolute when read: the cache folder may move
             img_cols["width"].append(S)
             img_cols["height"].append(S)
-            img_cols["label"].append(gen.SHAPES[labels[split][i]])
+            img_cols["label"].append(class_names[labels[split][i]])
             img_cols["caption"].append(gen.caption(sc, i, cue, config.cue_kind))
             img_cols["split"].append(split)
             img_cols["has_cue"].append(cue)
-            for concept, cat, m in gen.concept_masks(sc, i, objmap[split][i],
-                                                     template if cue else None, config.cue_kind):
+            for concept, cat, m in gen.concept_masks(sc, i, objmap[split][i], template if cue else None,
+                                                     config.cue_kind, combined=config.classes != "shape"):
                 mask_cols["dataset"].append(world_id)
                 mask_cols["image_id"].append(image_id)
                 mask_cols["concept"].append(concept)

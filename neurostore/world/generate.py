@@ -32,6 +32,20 @@ CUE_KINDS = ["watermark", "dot", "frame"]
 CUE_RGB = (240, 240, 240)
 MAX_OBJECTS = 3
 
+# Class sets. "shape": the main object's shape (6 classes, the default world). "shape-colour": its
+# shape and colour, named "red circle" (24 classes); the main object then takes one of
+# CLASS_COLOURS (the other objects keep every colour), which are far apart so the class is sharp.
+CLASS_SETS = ["shape", "shape-colour"]
+CLASS_COLOURS = ["red", "yellow", "green", "blue"]
+
+# Polysemantic units by construction: unit j of the probe CNN's `poly` layer is the max of two
+# concept detectors trained on per-pixel masks, so its truth is exactly the pair: an object's
+# shape and colour, or an object's colour and the background's texture (unrelated concepts). The
+# shapes are those whose detectors are sharpest (fast world, per-image AUROC: ring 0.93, triangle
+# 0.78, circle 0.71; square, cross and star 0.75-0.77 fired on yellow objects as much).
+POLY_PAIRS = [("ring", "red"), ("circle", "green"), ("triangle", "blue"),
+              ("yellow", "dotted"), ("purple", "striped"), ("cyan", "checkered")]
+
 # "TM"-like glyph: reads as a small text watermark at the bottom-right corner.
 _GLYPH = [
     "###.#...#",
@@ -62,6 +76,50 @@ def cue_template(kind: str, size: int) -> np.ndarray:
     else:  # validated earlier; a bug if reached
         raise ValueError(kind)
     return m
+
+
+def class_names(classes: str) -> list[str]:
+    """Class names in logit order: shapes, or "colour shape" for every shape then colour."""
+    if classes == "shape":
+        return list(SHAPES)
+    return [f"{c} {s}" for s in SHAPES for c in CLASS_COLOURS]
+
+
+def class_labels(sc: dict[str, np.ndarray], classes: str) -> np.ndarray:
+    """Class index of every scene (its main object, slot 0) -> int64 [n]."""
+    shape = sc["obj_shape"][:, 0].astype(np.int64)
+    if classes == "shape":
+        return shape
+    to_class = np.array([CLASS_COLOURS.index(c) if c in CLASS_COLOURS else -1 for c in COLOUR_NAMES])
+    colour = to_class[sc["obj_colour"][:, 0]]  # every main object has a class colour (restrict_main_colour)
+    return shape * len(CLASS_COLOURS) + colour
+
+
+def restrict_main_colour(sc: dict[str, np.ndarray]) -> None:
+    """Give every main object one of CLASS_COLOURS (in place; no random draw, so the rest of the
+    scene is the one the shape world draws): colour index c becomes CLASS_COLOURS[c % 4]."""
+    idx = np.array([COLOUR_NAMES.index(c) for c in CLASS_COLOURS])
+    sc["obj_colour"][:, 0] = idx[sc["obj_colour"][:, 0] % len(CLASS_COLOURS)]
+
+
+def concept_maps(sc: dict[str, np.ndarray], objmap: np.ndarray, concepts: list[str]) -> np.ndarray:
+    """Where each concept (a shape, colour or texture word) is, for every scene ->
+    bool [n, len(concepts), S, S] (what the polysemantic units' detectors learn; cue ignored)."""
+    n = len(objmap)
+    ii = np.arange(n)[:, None, None]
+    slot = np.clip(objmap, 0, None)
+    obj = objmap >= 0
+    out = np.zeros((n, len(concepts)) + objmap.shape[1:], bool)
+    for j, c in enumerate(concepts):
+        if c in SHAPES:
+            out[:, j] = obj & (sc["obj_shape"][ii, slot] == SHAPES.index(c))
+        elif c in COLOURS:
+            out[:, j] = obj & (sc["obj_colour"][ii, slot] == COLOUR_NAMES.index(c))
+        elif c in TEXTURES:
+            out[:, j] = ~obj & (sc["bg_texture"][:, None, None] == TEXTURES.index(c))
+        else:
+            raise ValueError(c)
+    return out
 
 
 def sample_scenes(rng: np.random.Generator, n: int, size: int) -> dict[str, np.ndarray]:
@@ -228,15 +286,18 @@ def caption(sc: dict[str, np.ndarray], i: int, has_cue: bool, cue_kind: str) -> 
     return text + (f", with a {cue_kind}" if has_cue else "")
 
 
-def concept_masks(sc, i: int, objmap_i: np.ndarray, cue_i: np.ndarray | None, cue_kind: str):
+def concept_masks(sc, i: int, objmap_i: np.ndarray, cue_i: np.ndarray | None, cue_kind: str,
+                  combined: bool = False):
     """Visible-pixel masks of one rendered scene: [(concept, category, bool [S,S])]. Objects of
-    the same shape (or colour) share one mask; the cue, drawn last, hides what lies under it."""
+    the same shape (or colour) share one mask; the cue, drawn last, hides what lies under it.
+    combined: also "colour shape" masks (category 'class'; the shape-colour world's classes)."""
     visible = objmap_i if cue_i is None else np.where(cue_i, -2, objmap_i)
     out: dict[tuple[str, str], np.ndarray] = {}
     for k in range(int(sc["n_obj"][i])):
         m = visible == k
-        for concept, cat in ((SHAPES[sc["obj_shape"][i, k]], "shape"),
-                             (COLOUR_NAMES[sc["obj_colour"][i, k]], "colour")):
+        shape, colour = SHAPES[sc["obj_shape"][i, k]], COLOUR_NAMES[sc["obj_colour"][i, k]]
+        pairs = [(shape, "shape"), (colour, "colour")] + ([(f"{colour} {shape}", "class")] if combined else [])
+        for concept, cat in pairs:
             out[(concept, cat)] = out[(concept, cat)] | m if (concept, cat) in out else m
     out[(TEXTURES[sc["bg_texture"][i]], "texture")] = visible == -1
     if cue_i is not None:

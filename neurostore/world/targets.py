@@ -28,7 +28,8 @@ class ProbeCNN(nn.Module):
     max-pooled map (max pooling lets a small local detail, like a corner mark, count as much as a
     large shape — which is what makes a spurious cue learnable)."""
 
-    def __init__(self, n_classes: int, widths: tuple[int, ...] = (16, 32, 64, 64), norm: bool = True):
+    def __init__(self, n_classes: int, widths: tuple[int, ...] = (16, 32, 64, 64), norm: bool = True,
+                 poly: int = 0):
         super().__init__()
         c1, c2, c3, c4 = widths
         self.conv1 = nn.Conv2d(3, c1, 3, stride=2, padding=1)
@@ -42,14 +43,60 @@ class ProbeCNN(nn.Module):
         bn = (lambda c: nn.BatchNorm2d(c, affine=False)) if norm else (lambda c: nn.Identity())
         self.bn1, self.bn2, self.bn3, self.bn4 = bn(c1), bn(c2), bn(c3), bn(c4)
         self.fc = nn.Linear(2 * c4, n_classes)
+        self.poly = ConceptPairs(poly, c4) if poly else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [n, 3, S, S]
+    def features(self, x: torch.Tensor) -> torch.Tensor:  # x: [n, 3, S, S]
         x = F.relu(self.bn1(self.conv1(x)))  # [n, c1, S/2, S/2]
         x = F.relu(self.bn2(self.conv2(x)))  # [n, c2, S/4, S/4]
         x = F.relu(self.bn3(self.conv3(x)))  # [n, c3, S/8, S/8]
-        x = F.relu(self.bn4(self.conv4(x)))  # [n, c4, S/8, S/8]
-        pooled = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], 1)  # [n, 2*c4]
+        return F.relu(self.bn4(self.conv4(x)))  # [n, c4, S/8, S/8]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [n, 3, S, S]
+        f = self.features(x)  # [n, c4, S/8, S/8]
+        if self.poly is not None:
+            self.poly(x, f)  # a branch beside the classifier: hooks read it, the logits never do
+        pooled = torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], 1)  # [n, 2*c4]
         return self.fc(pooled)  # [n, classes]
+
+
+class ConceptPairs(nn.Module):
+    """Polysemantic units by construction: unit j is the max of concept detectors 2j and 2j+1,
+    so its truth is exactly that pair of concepts (the world's `truth_sets`). The detectors read
+    the CNN's conv4 map (shape: what the CNN was trained on) beside a small stem of their own on
+    the input (colour and texture, which a shape classifier keeps little of); they are trained on
+    the per-pixel masks after the CNN. Each detector's logit goes through its own distribution
+    over the training cells (`knots`: its quantiles; the output is the fraction of training cells
+    below, interpolated), so both halves of a unit are on one scale and share its top images:
+    raw, the colour detectors saturated and the shape detectors' long tails took them all."""
+
+    def __init__(self, n_pairs: int, c_features: int, widths: tuple[int, ...] = (16, 32, 48, 48),
+                 n_knots: int = 1025):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip((3,) + widths, widths)):
+            layers += [nn.Conv2d(a, b, 3, stride=2 if i < 3 else 1, padding=1), nn.BatchNorm2d(b), nn.ReLU()]
+        self.stem = nn.Sequential(*layers)  # [n, 3, S, S] -> [n, widths[-1], S/8, S/8]
+        self.detect = nn.Conv2d(widths[-1] + c_features, 2 * n_pairs, 3, padding=1)
+        # [2P, K] quantiles of each detector's logit at levels 0..1 (set after training)
+        self.register_buffer("knots", torch.linspace(-10, 10, n_knots).repeat(2 * n_pairs, 1))
+
+    def logits(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        # x: [n, 3, S, S], features: [n, c_features, S/8, S/8] -> [n, 2P, S/8, S/8]
+        return self.detect(torch.cat([self.stem(x), features], 1))
+
+    def detectors(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        z = self.logits(x, features)  # [n, 2P, h, w]
+        n, d, h, w = z.shape
+        flat = z.permute(1, 0, 2, 3).reshape(d, -1).contiguous()  # [2P, n*h*w]
+        k = self.knots.shape[1]
+        i = torch.searchsorted(self.knots, flat).clamp(1, k - 1)  # knots[i-1] < z <= knots[i]
+        lo, hi = self.knots.gather(1, i - 1), self.knots.gather(1, i)
+        level = (i - 1 + ((flat - lo) / (hi - lo).clamp(min=1e-12)).clamp(0, 1)) / (k - 1)
+        return level.reshape(d, n, h, w).permute(1, 0, 2, 3)  # [n, 2P, h, w] in [0, 1]
+
+    def forward(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        d = self.detectors(x, features)  # [n, 2P, S/8, S/8]
+        return torch.maximum(d[:, 0::2], d[:, 1::2])  # [n, P, S/8, S/8]
 
 
 def _conv_stem_embed():
@@ -93,7 +140,8 @@ def make_target(arch: dict, n_classes: int, size: int) -> nn.Module:
     """Rebuild an architecture from its recorded description (saved next to the weights)."""
     # Keys added later default to what older files were built with.
     if arch["kind"] == "cnn":
-        return ProbeCNN(n_classes, tuple(arch["widths"]), norm=arch.get("norm", False))
+        return ProbeCNN(n_classes, tuple(arch["widths"]), norm=arch.get("norm", False),
+                        poly=len(arch.get("poly", [])))
     if arch["kind"] == "vit":
         return make_vit(n_classes, size, arch["dim"], arch["depth"], patch=arch.get("patch", 8),
                         heads=arch.get("heads", 4), mlp_ratio=arch.get("mlp_ratio", 2.0),
