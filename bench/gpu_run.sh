@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The GPU benchmark of issue 10, as one prepared run on a lent device machine (no internet there).
-# Carried in .gpu/: wheels the machine lacks (duckdb, open_clip_torch, ftfy, wcwidth for Python
-# 3.12), the english-20k vocabulary as a file (wordfreq is not there), and MiniLM's config and
-# tokenizer (bench/gpu_minilm_shim.py gives it random weights: the 90 MB of trained weights exceed
-# the carry limit; timing is the same). Usage: bash bench/gpu_run.sh [SMOKE_N] [N]
+# Carried in .gpu/ (made here by bench/gpu_prepare.sh): wheels the machine lacks (duckdb,
+# open_clip_torch, ftfy, wcwidth for Python 3.12), the english-20k vocabulary as a file (wordfreq
+# is not there), and MiniLM's config and tokenizer (bench/gpu_minilm_shim.py gives it random
+# weights: the 90 MB of trained weights exceed the carry limit; timing is the same).
+# Usage: bash bench/gpu_run.sh [SMOKE_N] [N]; with COLD_ONLY=1 the N run is the cold dissect and
+# the target's forward only. Each phase's figures are printed as it ends (bench/real_scale.py).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
