@@ -290,9 +290,8 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
             while buf and (force or len(buf) >= batch_size):
                 chunk, pending[enc.id] = buf[:batch_size], buf[batch_size:]
                 buf = pending[enc.id]
-                x = torch.stack(chunk)                                     # [b, 3, S, S]
-                if split[enc.id] is not None:
-                    x = split[enc.id].finish(x.to(getattr(enc, "device", "cpu")))
+                x = (split[enc.id].batch(chunk, getattr(enc, "device", "cpu")) if split[enc.id] is not None
+                     else torch.stack(chunk))                              # [b, 3, S, S]
                 emb_parts[enc.id].append(enc.encode_images(x).float())    # [b, dim]
                 ps.n_encoded += len(chunk)
 
