@@ -26,8 +26,8 @@ from __future__ import annotations
 import hashlib
 import io
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -305,7 +305,8 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
 
     def prepare(j: int, i: int, iid: str, pils: list, maps) -> tuple[list, int]:
         """One image's boxes: ("dup", job, patch id, local box) for a box merged into an earlier
-        box of the image, ("new", job, patch id, box, cut row, thumbnail, preprocessed crops)."""
+        box of the image, ("new", job, patch id, box, cut row, thumbnail, [(encoder, its input)]
+        for the encoders that lack the crop)."""
         img, decoded = pils[j], 0
 
         def image():  # the decoded image, loaded the first time a box needs pixels
@@ -348,7 +349,7 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
             if crop is None and (encode or thumb):
                 crop = image().crop(ibox)
             out.append(("new", job, pid, ibox, row, thumbnail_png(crop) if thumb else None,
-                        [to_pixels[enc.id](crop) for enc in encode]))
+                        [(enc, to_pixels[enc.id](crop)) for enc in encode]))
         return out, decoded
 
     for start in range(0, len(order), step):
@@ -381,7 +382,7 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
                         ps.rows.append({"patch_id": pid, "dataset": result.dataset, "image_id": iid,
                                         "x0": ibox[0], "y0": ibox[1], "x1": ibox[2], "y1": ibox[3],
                                         "thumbnail": None if pid in stored else thumb})
-                        for enc, x in zip((e for e in encoders if pid not in known.get(e.id, ())), pre):
+                        for enc, x in pre:  # the encoders that do not know this crop, its input
                             pending[enc.id].append(x)
                             emb_ids[enc.id].append(pid)
                 ps.assignment[(l, u, r)] = pid

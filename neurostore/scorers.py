@@ -123,9 +123,10 @@ class Similarity:
         return (self.img[rows.to(self.device)] @ self.txt[cols.to(self.device)].T).cpu()
 
 
-def similarity_columns(sim: "torch.Tensor | Similarity", c0: int, c1: int) -> torch.Tensor:
-    """Columns c0:c1 of a similarity, dense [n, c] or streamed (`Similarity`): [n, c1 - c0]."""
-    return sim.columns(c0, c1) if isinstance(sim, Similarity) else sim[:, c0:c1].float()
+def similarity_columns(sim: "torch.Tensor | Similarity", c0: int, c1: int, on_device: bool = False) -> torch.Tensor:
+    """Columns c0:c1 of a similarity, dense [n, c] or streamed (`Similarity`): [n, c1 - c0]
+    (a streamed one's on its device with on_device, else on the CPU)."""
+    return sim.columns(c0, c1, on_device) if isinstance(sim, Similarity) else sim[:, c0:c1].float()
 
 
 def _logsumexp_rows(sim: "torch.Tensor | Similarity", a: float, tile: int = 4096) -> torch.Tensor:
@@ -288,7 +289,7 @@ def _sum_log_factors_on(device: torch.device, sim: "torch.Tensor | Similarity", 
         bar = tqdm(total=len(starts), desc="scoring concepts", unit="block", leave=False)
     for c0 in starts:
         c1 = min(c0 + block, n_concepts)
-        cols = sim.columns(c0, c1, on_device=True) if isinstance(sim, Similarity) else sim[:, c0:c1].float().to(device)
+        cols = similarity_columns(sim, c0, c1, on_device=True).to(device)              # [n, b]
         probs = torch.exp(a * cols - lse)                                              # [n, b]
         g = probs.index_select(0, inds).view(top_k, n_units, c1 - c0)                 # [top_k, u, b]
         out[:, c0:c1] = g.add_(kappa).log_().double().sum(0)                           # [u, b]
@@ -386,8 +387,7 @@ def cos_cubed(
     t = t / torch.clip(torch.norm(t, p=2, dim=0, keepdim=True), min_norm)   # [n, u]
     out = torch.empty(acts.shape[1], sim.shape[1], device=device)
     for c0 in range(0, sim.shape[1], concept_chunk):
-        c = (sim.columns(c0, c0 + concept_chunk, on_device=True) if isinstance(sim, Similarity)
-             else similarity_columns(sim, c0, c0 + concept_chunk))          # [n, tile]
+        c = similarity_columns(sim, c0, c0 + concept_chunk, on_device=True)  # [n, tile]
         c = (c - c.mean(dim=0, keepdim=True)).pow_(3)
         c = c / torch.clip(torch.norm(c, p=2, dim=0, keepdim=True), min_norm)
         torch.matmul(t.T, c, out=out[:, c0 : c0 + concept_chunk])
@@ -835,7 +835,7 @@ def run_scorer(name: str, inputs: dict[str, Any], params: Optional[dict[str, Any
     iou: iou_scores (already computed), act_maps and masks, or accumulator (a filled IoUAccumulator)."""
     s = get_scorer(name)
     full = resolve_params(name, params)
-    extra = {"progress": progress} if name in ("soft_wpmi", "wpmi") else {}
+    extra = {"progress": progress} if name in PMI_SCORERS else {}
     scores = s.fn(inputs, **full, **extra)
     # with_confidence=False: the caller replaces it (trust's calibrated confidence) or reads only
     # the scores (a null's pseudo-units); the within-unit confidence costs a median per unit.

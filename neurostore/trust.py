@@ -601,14 +601,18 @@ def score(scorer: str, inputs: dict[str, Any], params: Optional[dict[str, Any]] 
     """`S.run_scorer` then `scored_with_null`, with what they share computed once: soft_wpmi's and
     wpmi's log p(c | unit) of the real units gives both the scores and the null's p(c) (scoring
     the units twice was half of those scorers' time at 20,000 concepts)."""
-    log_p = None
-    if scorer in S.PMI_SCORERS:
-        full = S.resolve_params(scorer, params)
-        log_p = S.log_p_given_unit(scorer, inputs, full)            # [u, c] float64
-        res = S.ScoreResult(scorer, full, S.pmi(log_p, full["lam"]), None, S.get_scorer(scorer).uses_encoder)
-    else:
-        res = S.run_scorer(scorer, inputs, params, with_confidence=False)
+    res, log_p = _scored(scorer, inputs, params)
     return scored_with_null(res, inputs, iou_best, m, seed, device, log_p=log_p)
+
+
+def _scored(scorer: str, inputs: dict[str, Any], params: Optional[dict[str, Any]]) -> tuple["S.ScoreResult", Optional[torch.Tensor]]:
+    """The scorer's result without a confidence, and soft_wpmi's / wpmi's log p(c | unit) [u, c]
+    float64 it came from (None for the other scorers), for the null to reuse."""
+    if scorer not in S.PMI_SCORERS:
+        return S.run_scorer(scorer, inputs, params, with_confidence=False), None
+    full = S.resolve_params(scorer, params)
+    log_p = S.log_p_given_unit(scorer, inputs, full)                # [u, c] float64
+    return S.ScoreResult(scorer, full, S.pmi(log_p, full["lam"]), None, S.get_scorer(scorer).uses_encoder), log_p
 
 
 def scored_with_null(res: "S.ScoreResult", inputs: dict[str, Any], iou_best: Optional[torch.Tensor] = None,
@@ -780,9 +784,8 @@ def _assess_run(store, model: str, run_id: str, params: dict, m: int, seed: int,
             if scorer == "iou":
                 best = iou_best[layer]
             else:
-                log_p = S.log_p_given_unit(scorer, inputs, sp) if scorer in S.PMI_SCORERS else None
-                real = (S.pmi(log_p, S.resolve_params(scorer, sp)["lam"]) if log_p is not None
-                        else S.run_scorer(scorer, inputs, sp, with_confidence=False).scores)  # [u, c]
+                res, log_p = _scored(scorer, inputs, sp)
+                real = res.scores                                           # [u, c]
                 best = null_best(scorer, inputs, sp, m, seed, log_p)
                 # the inputs read back from the store must reproduce the stored scores
                 got = real[np.array(r["unit"], np.int64), np.array(r["concept"].map(cindex), np.int64)].double().numpy()
