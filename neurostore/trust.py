@@ -111,6 +111,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from . import devices
 from . import scorers as S
 from .encoding import cached_vectors
 from .errors import BadInput, BadParameter
@@ -434,7 +435,7 @@ def auprc(score: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     order = torch.argsort(score.double(), dim=0, descending=True)
     lab = torch.gather(label.double(), 0, order)                    # [n, e] sorted by score
     tp = lab.cumsum(0)
-    prec = tp / torch.arange(1, lab.shape[0] + 1, dtype=torch.float64).view(-1, 1)
+    prec = tp / torch.arange(1, lab.shape[0] + 1, dtype=torch.float64, device=lab.device).view(-1, 1)
     npos = lab.sum(0)
     return torch.where(npos > 0, (prec * lab).sum(0) / npos.clamp(min=1), float("nan"))
 
@@ -450,16 +451,27 @@ def encoder_presence(sim: torch.Tensor, top: float = ENCODER_PRESENT) -> torch.T
 
 
 def fidelity(acts: torch.Tensor, amount: torch.Tensor, present: torch.Tensor,
-             units: np.ndarray, concepts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+             units: np.ndarray, concepts: np.ndarray, device=None) -> tuple[np.ndarray, np.ndarray]:
     """Explanations (units[e], concepts[e]) on held-out images: acts [n, u] pooled activations,
     amount [n, c] concept presence (cosine or mask area), present [n, c] bool.
-    Returns (pearson [e], auprc [e]); NaN (no evidence) with fewer than 2 held-out images."""
+    Returns (pearson [e], auprc [e]); NaN (no evidence) with fewer than 2 held-out images.
+    Computed on `device` (default the CPU) in blocks of explanations: [n, e] at once is 10,000
+    held-out images x 41,000 explanations of a 2,048-unit layer, gigabytes in float64."""
     if acts.shape[0] < 2:
         nan = np.full(len(units), np.nan)
         return nan, nan.copy()
-    a = acts.float()[:, torch.tensor(np.asarray(units), dtype=torch.long)]   # [n, e]
-    ci = torch.tensor(np.asarray(concepts), dtype=torch.long)
-    return (pearson(a, amount.float()[:, ci]).numpy(), auprc(a, present[:, ci]).numpy())
+    device = torch.device(device or "cpu")
+    units, concepts = torch.as_tensor(np.asarray(units), dtype=torch.long), torch.as_tensor(np.asarray(concepts), dtype=torch.long)
+    acts, amount, present = acts.float().to(device), amount.float().to(device), present.to(device)
+    block = devices.chunk_rows(device, acts.shape[0] * 64, fraction=0.25)   # ~8 float64 [n] columns each
+    p_out, a_out = [], []
+    for e0 in range(0, len(units), block):
+        u, c = units[e0 : e0 + block].to(device), concepts[e0 : e0 + block].to(device)
+        a = acts[:, u]                                              # [n, b]
+        p_out.append(pearson(a, amount[:, c]).cpu())
+        a_out.append(auprc(a, present[:, c]).cpu())
+    cat = lambda parts: torch.cat(parts).numpy() if parts else np.zeros(0)   # noqa: E731
+    return cat(p_out), cat(a_out)
 
 
 def mask_amount(masks, image_ids: Sequence[str], concept_index: dict) -> torch.Tensor:
@@ -494,11 +506,12 @@ def explanation_fidelity(expl: "pd.DataFrame", peak: torch.Tensor, sim: torch.Te
     used, col = np.unique(np.asarray(cis, np.int64), return_inverse=True)
     sim_h = sim.take(hold, torch.from_numpy(used)) if isinstance(sim, S.Similarity) \
         else sim[hold][:, torch.from_numpy(used)]                   # [nh, used]
-    parts = [("encoder", *fidelity(acts_h, sim_h, encoder_presence(sim_h), units, col),
+    device = sim.device if isinstance(sim, S.Similarity) else None   # a dissect's GPU, where it has one
+    parts = [("encoder", *fidelity(acts_h, sim_h, encoder_presence(sim_h), units, col, device),
               "image-concept cosine")]
     if amount is not None:
         am = amount[hold]                                           # [nh, c]
-        p, a = fidelity(acts_h, am, am > 0, units, cis)
+        p, a = fidelity(acts_h, am, am > 0, units, cis, device)
         absent = ((am > 0).sum(0)[torch.tensor(np.asarray(cis), dtype=torch.long)] == 0).numpy()
         parts.append(("masks", np.where(absent, np.nan, p), a, "mask area"))
     out = []

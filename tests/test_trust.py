@@ -352,3 +352,19 @@ def test_assess_again_is_idempotent(assessed):
     T.assess(s, model="probe-cnn", null_units=64, log=lambda *a: None)
     again = s.df("SELECT layer, unit, scorer, rank, confidence FROM scores WHERE model = 'probe-cnn' ORDER BY ALL")
     assert first.equals(again)
+
+
+def test_fidelity_in_blocks_equals_fidelity_at_once(monkeypatch):
+    """fidelity splits the explanations into blocks sized to the device's memory (a GPU dissect
+    of 50,000 images); blocks of 3 give the same figures as one block."""
+    from neurostore import devices
+
+    g = torch.Generator().manual_seed(0)
+    acts, amount = torch.rand(50, 6, generator=g), torch.rand(50, 4, generator=g)
+    units, concepts = np.array([0, 1, 2, 3, 4, 5, 0, 2]), np.array([0, 1, 2, 3, 0, 1, 3, 3])
+    whole = T.fidelity(acts, amount, amount > 0.5, units, concepts)
+    monkeypatch.setattr(devices, "free_memory_bytes", lambda d: 3 * 50 * 64 * 4)   # 3 explanations a block
+    assert devices.chunk_rows(torch.device("cpu"), 50 * 64, fraction=0.25) == 3
+    blocks = T.fidelity(acts, amount, amount > 0.5, units, concepts)
+    for w, b in zip(whole, blocks):
+        assert w.shape == (8,) and np.array_equal(w, b)
