@@ -5,7 +5,9 @@
 # is not there), and MiniLM's config and tokenizer (bench/gpu_minilm_shim.py gives it random
 # weights: the 90 MB of trained weights exceed the carry limit; timing is the same).
 # Usage: bash bench/gpu_run.sh [SMOKE_N] [N]; with COLD_ONLY=1 the N run is the cold dissect and
-# the target's forward only. Each phase's figures are printed as it ends (bench/real_scale.py).
+# the target's forward only; with FULL_FIRST=1 the N run goes first (the headline figure before the
+# smoke run's ratios, when device time is short). Each phase's figures are printed as it ends
+# (bench/real_scale.py).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -23,5 +25,6 @@ run() {  # N LABEL [MORE ARGS]
   return $rc
 }
 # SMOKE_N 0 skips the smoke run; COLD_ONLY=1: only the cold dissect and the target's forward at N
-if [ "${1:-256}" != 0 ]; then run "${1:-256}" smoke || { tail -c 4000 "$OUT/smoke.err"; exit 1; }; fi
-run "${2:-50000}" full ${COLD_ONLY:+--cold-only} || tail -c 4000 "$OUT/full.err"
+smoke() { [ "${1:-256}" = 0 ] || run "${1:-256}" smoke || { tail -c 4000 "$OUT/smoke.err"; return 1; }; }
+full() { run "${2:-50000}" full ${COLD_ONLY:+--cold-only} || tail -c 4000 "$OUT/full.err"; }
+if [ -n "${FULL_FIRST:-}" ]; then full "$@"; smoke "$@"; else smoke "$@" || exit 1; full "$@"; fi

@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from .encoding import SplitPreprocess
 from .errors import BadInput, BadParameter
 from .world.generate import rle_decode
 
@@ -151,9 +152,11 @@ class _Files(torch.utils.data.Dataset):
     Each file is decoded once; every preprocessing (`preprocess`, then `also`) takes that image."""
 
     def __init__(self, items, preprocess, min_side, max_pixels, also=(), skip_also=frozenset()):
-        self.items, self.preprocess = items, preprocess
+        # a SplitPreprocess makes its uint8 half here; `batches` finishes the batch on its device
+        half = lambda p: p.uint8 if isinstance(p, SplitPreprocess) else p   # noqa: E731
+        self.items, self.preprocess = items, half(preprocess)
         self.min_side, self.max_pixels = min_side, max_pixels
-        self.also, self.skip_also = tuple(also), skip_also
+        self.also, self.skip_also = tuple(half(p) for p in also), skip_also
 
     def __len__(self):
         return len(self.items)
@@ -216,22 +219,33 @@ class ImageSource:
     def batches(self, preprocess: Callable[[Image.Image], torch.Tensor], batch_size: int = 64,
                 num_workers: int = 0, progress: bool = False, *, start: int = 0,
                 also: tuple[Callable, ...] = (), skip_also: frozenset = frozenset(),
-                pin_memory: bool = False) -> Iterator[Batch]:
+                device=None) -> Iterator[Batch]:
         """Decoded, preprocessed batches in source order, from item `start` on (a resumed run).
         Rejected files are appended to `self.rejects` and left out of the batches; a batch can
         hence be smaller than asked. `also`: more preprocessings of the same decoded image (an
         encoder's), skipped for files whose content hash is in `skip_also`. `num_workers`
-        processes decode in parallel (DataLoader); `pin_memory` for a CUDA consumer."""
+        processes decode in parallel (DataLoader). The pixels come on `device` (default the CPU;
+        CUDA: through pinned memory): a preprocessing of the usual form (SplitPreprocess: PIL
+        steps, ToTensor, Normalize) travels as uint8 and is normalised there, a batch at once;
+        the same numbers, a quarter of the bytes between processes, no per-image float work."""
         if start == 0:
             self.rejects = []
         self.position = start  # items (images and rejects) consumed so far: where a resume starts
-        ds = _Files(self.items, preprocess, self.min_side, self.max_pixels, also, skip_also)
+        device = torch.device(device or "cpu")
+        split = lambda p: p if isinstance(p, SplitPreprocess) else SplitPreprocess.of(p)   # noqa: E731
+        pre, more = split(preprocess) or preprocess, tuple(split(p) or p for p in also)
+        ds = _Files(self.items, pre, self.min_side, self.max_pixels, more, skip_also)
         if start:
             ds = torch.utils.data.Subset(ds, range(start, len(self.items)))
         loader = torch.utils.data.DataLoader(
             ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-            collate_fn=_collate, persistent_workers=False, pin_memory=pin_memory,
+            collate_fn=_collate, persistent_workers=False, pin_memory=device.type == "cuda",
         )
+
+        def finish(p, x: torch.Tensor) -> torch.Tensor:
+            x = x.to(device, non_blocking=True)
+            return p.finish(x) if isinstance(p, SplitPreprocess) else x
+
         bar = None
         if progress:
             from tqdm import tqdm
@@ -249,6 +263,8 @@ class ImageSource:
                 if bar is not None:
                     bar.update(len(batch.image_ids) + len(batch.rejects))
                 if batch.image_ids:
+                    batch.pixels = finish(pre, batch.pixels)
+                    batch.also = [finish(p, x) for p, x in zip(more, batch.also)]
                     yield batch
         finally:
             if bar is not None:

@@ -251,12 +251,11 @@ def _single_pass(target: Target, layer_names: list[str], source: ImageSource, en
                 "new_images": new_images, "hashes": hashes, "position": source.position,
                 "rejects": list(source.rejects), "sizes": dict(source.sizes)}
 
-    device = rec.device
-    also = (enc.preprocess,) if image_emb else ()
+    # the encoder's half of the batch: uint8 from the workers, normalised on the device
+    also = ((enc.split_preprocess() or enc.preprocess),) if image_emb else ()
     with rec, torch.no_grad():
         for b in source.batches(target.preprocess, batch_size, num_workers=workers, progress=progress,
-                                start=start, also=also, skip_also=known_images,
-                                pin_memory=device.type == "cuda"):
+                                start=start, also=also, skip_also=known_images, device=rec.device):
             counts["decoded"] += len(b.image_ids) + len(b.rejects)
             rec.update(b.image_ids, b.pixels)
             if b.also_rows:
@@ -286,7 +285,8 @@ def _iou_scores(target: Target, layers: list[str], source: ImageSource, masks: P
     Also the null's best IoU per pseudo-unit (trust.NullIoU), fed the same batches."""
     acc = {l: S.IoUAccumulator(thresholds[l].cpu(), len(masks.index)) for l in layers}
     null = {l: trust.NullIoU(thresholds[l].numel(), len(masks.index)) for l in layers}
-    for b in source.batches(target.preprocess, batch_size, num_workers=workers, progress=progress):
+    for b in source.batches(target.preprocess, batch_size, num_workers=workers, progress=progress,
+                            device=target.device):
         counts["decoded"] += len(b.image_ids) + len(b.rejects)
         maps = activation_maps(target, layers, b.pixels)
         m = masks.batch(b.image_ids)

@@ -504,9 +504,9 @@ def explanation_fidelity(expl: "pd.DataFrame", peak: torch.Tensor, sim: torch.Te
     # Only the explained concepts' columns (each column's presence is its own): a streamed
     # similarity (scorers.Similarity) is never materialised as [images, vocabulary].
     used, col = np.unique(np.asarray(cis, np.int64), return_inverse=True)
-    sim_h = sim.take(hold, torch.from_numpy(used)) if isinstance(sim, S.Similarity) \
-        else sim[hold][:, torch.from_numpy(used)]                   # [nh, used]
     device = sim.device if isinstance(sim, S.Similarity) else None   # a dissect's GPU, where it has one
+    sim_h = sim.take(hold, torch.from_numpy(used)).to(device or "cpu") if isinstance(sim, S.Similarity) \
+        else sim[hold][:, torch.from_numpy(used)]                   # [nh, used]
     parts = [("encoder", *fidelity(acts_h, sim_h, encoder_presence(sim_h), units, col, device),
               "image-concept cosine")]
     if amount is not None:

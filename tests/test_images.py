@@ -138,3 +138,19 @@ def test_source_from_table_and_load(zoo):
     batches = list(src.batches(_to_tensor, 8))
     assert batches[0].image_ids == ["x"] and src.rejects[0]["reason"] == "zero bytes"
     assert src.images_table().column("label").to_pylist() == ["cat"]
+
+
+def test_usual_preprocessing_travels_as_uint8_and_gives_the_same_pixels(zoo):
+    """A preprocessing of the usual form (PIL steps, ToTensor, Normalize) is split: workers send
+    uint8, `batches` normalises a whole batch on its device. Bit for bit what the whole
+    preprocessing gives image by image, from worker processes too, for `also` as well."""
+    from neurostore.models import simple_preprocess
+
+    d, _ = zoo
+    pre, enc = simple_preprocess(24, 28), simple_preprocess(20, 20, mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4))
+    whole = list(ImageFolder(d).batches(lambda im: pre(im), 3, also=(lambda im: enc(im),)))   # not splittable
+    split = list(ImageFolder(d).batches(pre, 3, num_workers=2, also=(enc,), device="cpu"))
+    assert len(split) == len(whole) and sum(len(b.image_ids) for b in split) == 7
+    for a, b in zip(split, whole):
+        assert a.image_ids == b.image_ids and a.pixels.dtype == torch.float32
+        assert torch.equal(a.pixels, b.pixels) and torch.equal(a.also[0], b.also[0])
