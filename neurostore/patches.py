@@ -41,6 +41,7 @@ from .models import Target
 from .record import RecordResult, activation_maps
 
 THUMB = 96
+BOX_BLOCK = 4096   # maps per boxes_for_maps call: [4096, 64, 64] float32 and its labels, ~130 MB
 
 
 def crop_id(crop: Image.Image) -> str:
@@ -296,14 +297,30 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
                 ps.n_encoded += len(chunk)
 
     S = target.input_size
-    # The pixel work of an image (decode, box cutting, crop hashing, thumbnail, the encoders'
-    # preprocessing) runs in `workers` threads (PIL, zlib, hashlib and torch release the GIL);
-    # the bookkeeping below stays in order in this thread, so the result does not depend on them.
-    # (a few images per thread at a time: their preprocessed crops wait in memory for the encoder)
+    # The boxes depend on the maps alone: a whole layer's at once, here in this thread (torch ops
+    # called from many threads at once stall in torch's own thread pool: the pixel threads below
+    # run PIL, zlib, hashlib and numpy only). Each map's box is its own (boxes_for_maps).
+    box_of: dict[tuple[str, int, int], tuple] = {}
+
+    def add_boxes(name: str, keys: list, maps: torch.Tensor) -> None:   # maps [n, h, w]
+        for c0 in range(0, len(keys), BOX_BLOCK):
+            box_of.update(zip(keys[c0 : c0 + BOX_BLOCK], boxes_for_maps(maps[c0 : c0 + BOX_BLOCK], S, q, min_frac)))
+
+    if kept_maps:
+        for name in layers:
+            lr = result.layers[name]
+            us, rs = np.nonzero(lr.top_idx >= 0)
+            add_boxes(name, [(name, int(u), int(r)) for u, r in zip(us, rs)], torch.from_numpy(lr.top_maps[us, rs]))
+
+    # The pixel work of an image (decode, cutting, crop hashing, thumbnail, the encoders'
+    # preprocessing) runs in `workers` threads (PIL, zlib and hashlib release the GIL), a chunk of
+    # images ahead of the bookkeeping, which stays in order in this thread (so the result does not
+    # depend on the threads) and feeds the encoder meanwhile. (A few images per thread at a time:
+    # their preprocessed crops wait in memory for the encoder.)
     step = batch_size if workers <= 1 else 4 * workers
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
 
-    def prepare(j: int, i: int, iid: str, pils: list, maps) -> tuple[list, int]:
+    def prepare(j: int, i: int, iid: str, pils: list) -> tuple[list, int]:
         """One image's boxes: ("dup", job, patch id, local box) for a box merged into an earlier
         box of the image, ("new", job, patch id, box, cut row, thumbnail, [(encoder, its input)]
         for the encoders that lack the crop)."""
@@ -318,20 +335,10 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
         W, H = sizes[iid] if img is None and iid in sizes else image().size
         h = hashes[i] if hashes is not None else None
         kept = _Kept()                                           # the boxes kept on this image
-        todo, boxes = [], []
-        for name in layers:  # layers differ in grid size: one stack per layer
-            mine = [job for job in jobs[i] if job[0] == name]
-            if mine:
-                if kept_maps:
-                    tm = result.layers[name].top_maps
-                    sel = torch.from_numpy(tm[[u for _, u, _ in mine], [r for _, _, r in mine]])  # [n_jobs, h, w]
-                else:
-                    sel = maps[name][j, [u for _, u, _ in mine]]       # [n_jobs, h, w]
-                todo += mine
-                boxes += boxes_for_maps(sel, S, q, min_frac)
+        todo = [job for name in layers for job in jobs[i] if job[0] == name]   # layer by layer
         out = []
-        for job, box in zip(todo, boxes):
-            ibox = to_image_box(box, S, W, H, target.crop_fraction)
+        for job in todo:
+            ibox = to_image_box(box_of[job], S, W, H, target.crop_fraction)
             pid, kb = kept.match(ibox, dedup_iou) or (None, None)
             if pid is not None:
                 out.append(("dup", job, pid, kb))
@@ -352,19 +359,31 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
                         [(enc, to_pixels[enc.id](crop)) for enc in encode]))
         return out, decoded
 
-    for start in range(0, len(order), step):
-        idx = order[start : start + step]
+    def launch(idx: list[int]) -> tuple[list, list | None]:
+        """Start a chunk of images: its boxes (from recomputed maps where none were kept), then
+        its pixel work in the pool (None without a pool: done in order as it is read)."""
         ids = [result.image_ids[i] for i in idx]
         pils: list = [None] * len(idx)
-        maps = None
         if not kept_maps:
             pils = [source.load(iid) for iid in ids]
             ps.n_decoded += len(pils)
             pixels = torch.stack([target.preprocess(im) for im in pils])  # [b, 3, S, S]
             maps = activation_maps(target, layers, pixels)                 # layer -> [b, units, h, w]
-        args = [(j, i, iid, pils, maps) for j, (i, iid) in enumerate(zip(idx, ids))]
-        done = pool.map(lambda a: prepare(*a), args) if pool else (prepare(*a) for a in args)
-        for (j, i, iid, _, _), (out, decoded) in zip(args, done):
+            for j, i in enumerate(idx):
+                for name in layers:
+                    mine = [job for job in jobs[i] if job[0] == name]
+                    if mine:
+                        add_boxes(name, mine, maps[name][j, [u for _, u, _ in mine]])
+        args = [(j, i, iid, pils) for j, (i, iid) in enumerate(zip(idx, ids))]
+        return args, [pool.submit(prepare, *a) for a in args] if pool else None
+
+    chunks = [order[c : c + step] for c in range(0, len(order), step)]
+    ahead = launch(chunks[0]) if chunks else None
+    for c, idx in enumerate(chunks):
+        args, futures = ahead
+        ahead = launch(chunks[c + 1]) if c + 1 < len(chunks) else None   # the pool cuts the next chunk meanwhile
+        done = (f.result() for f in futures) if futures is not None else (prepare(*a) for a in args)
+        for (j, i, iid, _), (out, decoded) in zip(args, done):
             ps.n_decoded += decoded
             first = len(ps.boxes)  # the image's boxes are numbered from here
             for kind, (l, u, r), pid, *rest in out:
@@ -388,8 +407,6 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
                 ps.assignment[(l, u, r)] = pid
                 ps.box_of.setdefault((l, u, r), len(ps.boxes) - 1)
             flush()
-        if not kept_maps:
-            del maps
         flush()
         if bar is not None:
             bar.update(len(idx))

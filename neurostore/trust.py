@@ -461,7 +461,7 @@ def fidelity(acts: torch.Tensor, amount: torch.Tensor, present: torch.Tensor,
         nan = np.full(len(units), np.nan)
         return nan, nan.copy()
     device = torch.device(device or "cpu")
-    units, concepts = torch.as_tensor(np.asarray(units), dtype=torch.long), torch.as_tensor(np.asarray(concepts), dtype=torch.long)
+    units, concepts = (torch.tensor(np.asarray(x), dtype=torch.long) for x in (units, concepts))
     acts, amount, present = acts.float().to(device), amount.float().to(device), present.to(device)
     block = devices.chunk_rows(device, acts.shape[0] * 64, fraction=0.25)   # ~8 float64 [n] columns each
     p_out, a_out = [], []
@@ -574,8 +574,10 @@ def layer_trust(rows: "pd.DataFrame", peak: torch.Tensor, sim: torch.Tensor,  # 
 
     rows = rows[rows["concept"].isin(concept_index)]
     fid = explanation_fidelity(rows, peak, sim, image_ids, concept_index, amount, fraction)
-    enc = fid[fid["presence"] == "encoder"].pivot_table(
-        index=["unit", "scorer", "concept"], columns="metric", values="value", dropna=False)
+    # (not pivot_table(dropna=False): it spans every unit x scorer x concept, 164M rows for a
+    # 2,048-unit layer at 20,000 concepts; these are the explanations' own keys, NaN kept)
+    enc = fid[fid["presence"] == "encoder"].groupby(["unit", "scorer", "concept", "metric"])["value"].first() \
+        .unstack("metric")
     if nulls:
         fid = pd.concat([fid, null_q_rows(rows, nulls)], ignore_index=True)
         rows = calibrated(rows, nulls, enc)

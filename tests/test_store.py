@@ -148,6 +148,34 @@ def test_writer_sorts_and_uses_point_lookup_row_groups(store, monkeypatch):
     assert keys == sorted(keys)
 
 
+def test_a_sorted_chunk_is_sealed_as_written_and_reads_like_a_sorted_one(store, monkeypatch):
+    """A slot's one chunk already in the table's order is written as its sealed file (sealing
+    moves it: no re-read, sort or recompression); a second chunk, or an unsorted one, goes through
+    DuckDB's sort. Both read back alike: same rows, same order, same footer facts, row groups."""
+    from neurostore.store.commit import _is_sorted
+
+    monkeypatch.setitem(files.ROW_GROUP_ROWS, "scores", 4096)
+    t = scores_table(n_units=3000, k=5)              # sorted by unit, scorer, rank
+    assert _is_sorted(t, ["unit", "scorer", "rank"]) and not _is_sorted(t, ["rank"])
+    shuffled = t.take(np.random.default_rng(1).permutation(t.num_rows))
+    backs = {}
+    for name, parts in (("sorted", [t]), ("shuffled", [shuffled]), ("sorted+more", [t.slice(0, 7000), t.slice(7000)])):
+        with store.run(name, {"model": name}) as run:
+            for p in parts:
+                run.write("scores", p.set_column(t.schema.get_field_index("model"), "model", pa.array([name.replace("+", "-")] * p.num_rows)))
+        (f,) = list((store.path / "tables/scores").glob(f"model={name.replace('+', '-')}/**/*.parquet"))
+        pf = pq.ParquetFile(f)
+        facts = files._file_facts(f)
+        assert facts["table"] == "scores" and facts["run_id"] == run.run_id and facts["partition"]["model"] == name.replace("+", "-")
+        assert max(pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)) <= 4096
+        # the sorted chunk is the file (Arrow wrote it); the others were sorted by DuckDB
+        assert pf.metadata.created_by.startswith("parquet-cpp") == (name == "sorted"), pf.metadata.created_by
+        backs[name] = pf.read().drop_columns(["run_id"])
+    assert backs["sorted"].to_pylist() == backs["shuffled"].to_pylist()
+    assert backs["sorted"].to_pylist() == backs["sorted+more"].to_pylist()
+    assert count(store) == 45000 and store.sql("SELECT count(*) AS n FROM scores WHERE model = 'sorted' AND unit = 7")["n"][0].as_py() == 5
+
+
 def test_uncommitted_rows_are_invisible_until_commit(store):
     run = store.run("slow")
     run.write("scores", scores_table())

@@ -36,6 +36,10 @@ ROW_GROUP_ROWS = {t: POINT_LOOKUP_ROW_GROUP for t in
                   ("scores", "concept_units", "activations", "explanations", "units", "effects", "embeddings", "masks",
                    "patches")}
 ROW_GROUP_ROWS["concept_units"] = 65536  # measured best for concept -> units at 8M rows
+# A pooled row holds a layer's every unit twice (16 KB for 2,048 units): DuckDB's default row
+# group would be 2 GB, built in memory past the sort's memory limit (spilled: most of a 50,000-image
+# dissect's store stage).
+ROW_GROUP_ROWS["pooled"] = 2048
 DEFAULT_ROW_GROUP = 122_880
 
 # A staging folder without a held lock this old belongs to a dead writer.
