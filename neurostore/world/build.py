@@ -46,6 +46,10 @@ from . import generate as gen
 
 # Bump when training changes in a way that changes the artefacts (it is part of the cache key).
 TRAINER_VERSION = "4"
+# Bump when the `poly` layer's detectors change (part of the key of polysemantic worlds only, so
+# an older polysemantic world is rebuilt, not reused with stale detectors). 2: scaled by their
+# per-image peaks (1, unversioned: by their training cells).
+POLY_VERSION = "2"
 TARGET_NAMES = ["cnn", "vit", "control"]
 
 # The probe ViT: timm VisionTransformer on an 8×8 token grid (8-px patches at 64 px) with a conv
@@ -150,6 +154,8 @@ class WorldConfig:
         for name, default in (("train_device", "cpu"), ("classes", "shape"), ("polysemantic", False)):
             if payload[name] == default:
                 del payload[name]
+        if self.polysemantic:
+            payload["poly"] = POLY_VERSION
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     @classmethod
@@ -527,8 +533,8 @@ def _fit_poly(path: Path, config: WorldConfig, x_train: np.ndarray, scenes: dict
     """Train the concept detectors of the CNN's `poly` layer (targets.ConceptPairs) on the
     training images with the CNN frozen, each cell's target the fraction of its pixels the
     concept covers (masks average-pooled to the 8x8 map), for twice the CNN's epochs; record each
-    detector's quantiles over the training cells (its output scale); save them into the CNN's
-    file. Returns each detector's test AUROC (its peak vs the concept's presence, per image) and
+    detector's output scale (ConceptPairs.calibrate: the quantiles of its per-image peak over the
+    training images); save them into the CNN's file. Returns each detector's test AUROC (its peak vs the concept's presence, per image) and
     the truth sets."""
     import torch
     import torch.nn.functional as F
@@ -564,11 +570,8 @@ def _fit_poly(path: Path, config: WorldConfig, x_train: np.ndarray, scenes: dict
         weight_decay=0.0)
     poly.eval()
 
-    with torch.no_grad():  # each detector's quantiles over the training cells
-        z = torch.cat([poly.logits(x[i : i + 1000], f[i : i + 1000]) for i in range(0, len(x), 1000)])
-        z = z.permute(1, 0, 2, 3).reshape(len(concepts), -1)  # [2P, cells]
-        levels = torch.linspace(0, 1, poly.knots.shape[1])
-        poly.knots.copy_(torch.quantile(z[:, :: max(1, z.shape[1] // 100_000)], levels, dim=1).T.contiguous())
+    with torch.no_grad():  # each detector's scale: its per-image peak over the training images
+        poly.calibrate(torch.cat([poly.logits(x[i : i + 1000], f[i : i + 1000]) for i in range(0, len(x), 1000)]))
 
     @torch.no_grad()
     def peaks(x, f):  # [n, 2P]: each detector's max over the map
@@ -579,7 +582,7 @@ def _fit_poly(path: Path, config: WorldConfig, x_train: np.ndarray, scenes: dict
     peak, shown = peaks(x, f).numpy(), (t.amax((2, 3)) > 0.5).numpy()
     state["arch"], state["weights"] = arch, model.state_dict()
     torch.save(state, path)
-    return {"layer": "poly", "truth_sets": [list(p) for p in gen.POLY_PAIRS],
+    return {"layer": "poly", "version": POLY_VERSION, "truth_sets": [list(p) for p in gen.POLY_PAIRS],
             "detector_auroc": {c: round(_auroc(peak[:, j], shown[:, j]), 4) for j, c in enumerate(concepts)}}
 
 
