@@ -53,10 +53,11 @@ def _two_kinds_of_detector(n: int, g: torch.Generator) -> torch.Tensor:
     return z
 
 
-def test_poly_detectors_share_a_units_top_images_at_the_top_of_a_large_probe_set():
-    # Scaled by their per-image peaks, both detectors of a pair rank images on one scale up to the
-    # top: the 30 top images of 3,000 (1%) come from both. Scaled over all training cells, the
-    # large-object detector's peaks bunched just below the spiky one's and it got none of them.
+def test_poly_detectors_scaled_by_their_per_image_peaks_share_a_units_top_images():
+    # Both detectors of a pair rank images on one scale up to the top: each one's per-image peak
+    # is uniform, and the 30 top images of 3,000 (1%) come from both. Scaled over all training
+    # cells, the large-object detector's peaks sat at the top (above 0.99 in 28% of the images,
+    # the spiky one's in 51%), so how a unit's top images split was left to the shapes of the tails.
     from neurostore.world.targets import ConceptPairs
 
     g = torch.Generator().manual_seed(0)
@@ -170,12 +171,14 @@ def test_each_poly_unit_takes_its_top_images_from_both_its_detectors(colour_worl
     x = to_input(torch.from_numpy(colour_world.render("probe", range(colour_world.config.n_probe))[0]))
     with torch.no_grad():
         peak = cnn.poly.detectors(x, cnn.features(x)).amax((2, 3))  # [n, 2P]
-    # on held-out images too, each detector's per-image peak is about uniform (its scale)
-    assert ((peak >= 0.9).float().mean(0) - 0.1).abs().max() < 0.07, (peak >= 0.9).float().mean(0)
+    # scaled on these images: each detector's per-image peak is uniform, so each half of a unit
+    # takes about half of its top k, whatever k
+    assert ((peak >= 0.9).float().mean(0) - 0.1).abs().max() < 0.02, (peak >= 0.9).float().mean(0)
     for j in range(len(gen.POLY_PAIRS)):
-        top = peak[:, 2 * j : 2 * j + 2].amax(1).topk(10).indices
-        first = int((peak[top, 2 * j] >= peak[top, 2 * j + 1]).sum())
-        assert 1 <= first <= 9, (gen.POLY_PAIRS[j], first)
+        for k, lo in ((10, 3), (50, 20)):
+            top = peak[:, 2 * j : 2 * j + 2].amax(1).topk(k).indices
+            first = int((peak[top, 2 * j] >= peak[top, 2 * j + 1]).sum())
+            assert lo <= first <= k - lo, (gen.POLY_PAIRS[j], k, first)
 
 
 def test_final_layer_names_the_24_combined_classes(colour_store):

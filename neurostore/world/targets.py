@@ -65,12 +65,14 @@ class ConceptPairs(nn.Module):
     the CNN's conv4 map (shape: what the CNN was trained on) beside a small stem of their own on
     the input (colour and texture, which a shape classifier keeps little of); they are trained on
     the per-pixel masks after the CNN. Each detector's logit goes through the distribution of its
-    per-image peak over the training images (`knots`: its quantiles; the output is the fraction
-    of training images whose peak is below, interpolated), so a unit's two halves rank images on
-    one scale up to its very top and share its top images. Raw, the colour detectors saturated
-    and the shape detectors' long tails took them all; scaled over all training cells instead, a
-    10-of-3,000 choice still came from one detector for 4 of 6 units (the cells' top is not the
-    images' top: a large object puts many cells there)."""
+    per-image peak over the world's probe images (`knots`: its quantiles; the output is the
+    fraction of probe images whose peak is below, interpolated), so on the images a dissect reads
+    a unit's two halves rank images on one scale up to the very top, and each takes about half of
+    its top k, whatever k. Raw, the colour detectors saturated and the shape detectors' long tails
+    took them all; scaled over all training cells, a 10-of-3,000 choice still came from one
+    detector for 4 of 6 units (a large object puts many cells at the top); scaled by per-image
+    peaks on the training images, 9 of 10 did for 2 units (the shape detectors read CNN features
+    fitted on those images and peak lower on others)."""
 
     def __init__(self, n_pairs: int, c_features: int, widths: tuple[int, ...] = (16, 32, 48, 48),
                  n_knots: int = 1025):
@@ -85,8 +87,8 @@ class ConceptPairs(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, z: torch.Tensor) -> None:
-        """Set the knots from detector logits z [n, 2P, h, w] of the training images: each
-        detector's per-image peak becomes uniform on [0, 1] over them."""
+        """Set the knots from detector logits z [n, 2P, h, w] of a set of images (the probe
+        images): each detector's per-image peak becomes uniform on [0, 1] over them."""
         peak = z.amax((2, 3))  # [n, 2P]
         levels = torch.linspace(0, 1, self.knots.shape[1], dtype=peak.dtype)
         self.knots.copy_(torch.quantile(peak, levels, dim=0).T.contiguous())  # [2P, K]
