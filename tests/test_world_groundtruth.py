@@ -161,7 +161,8 @@ def colour_store(colour_world, tmp_path_factory):
 def test_colour_world_trains_its_24_classes_and_its_detectors(colour_world):
     assert colour_world.summary["targets"]["cnn"]["clean_accuracy"] >= 0.9
     auroc = colour_world.summary["polysemantic"]["detector_auroc"]  # per image: peak vs presence
-    assert min(auroc.values()) >= 0.65 and np.mean(list(auroc.values())) >= 0.9, auroc
+    # trained 4x the CNN's epochs: circle 0.80, the rest 0.90-1.0 (2x: circle 0.71, mean 0.93)
+    assert min(auroc.values()) >= 0.75 and np.mean(list(auroc.values())) >= 0.95, auroc
 
 
 def test_each_poly_unit_takes_its_top_images_from_both_its_detectors(colour_world):
