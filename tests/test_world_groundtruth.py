@@ -2,6 +2,7 @@
 classes, the CNN's polysemantic `poly` units and their truth sets, explanation sets scored
 against them, and the cue named by its own word on all three cue kinds."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -29,6 +30,44 @@ def test_new_options_leave_the_default_worlds_keys_alone():
     assert WorldConfig.fast().key()[:16] == "b8c2bc5e109400e9"
     assert WorldConfig(classes="shape-colour").key() != WorldConfig().key()
     assert WorldConfig(polysemantic=True).key() != WorldConfig().key()
+
+
+def test_poly_detectors_version_is_in_the_polysemantic_worlds_key_only(monkeypatch):
+    # a polysemantic world built with older detectors is rebuilt, not reused
+    build = importlib.import_module("neurostore.world.build")  # the package's `build` is a function
+    poly, plain = WorldConfig.fast(classes="shape-colour", polysemantic=True), WorldConfig.fast(classes="shape-colour")
+    before = poly.key(), plain.key()
+    monkeypatch.setattr(build, "POLY_VERSION", "0")
+    assert poly.key() != before[0] and plain.key() == before[1]
+
+
+def _two_kinds_of_detector(n: int, g: torch.Generator) -> torch.Tensor:
+    """Logits [n, 2, 8, 8] of one pair: detector 0 fires on 30% of the images over a large object
+    (30 cells near 3), detector 1 on 30% at one cell with a long tail (what a colour and a shape
+    detector looked like: one fills many cells at a similar level, the other peaks sharply)."""
+    z = torch.randn(n, 2, 8, 8, generator=g) - 4
+    big = torch.rand(n, generator=g) < 0.3
+    z[big, 0, :5, :6] = 3 + 0.3 * torch.randn(int(big.sum()), 5, 6, generator=g)
+    spot = torch.rand(n, generator=g) < 0.3
+    z[spot, 1, 2, 2] = 1 - torch.log(torch.rand(int(spot.sum()), generator=g))
+    return z
+
+
+def test_poly_detectors_scaled_by_their_per_image_peaks_share_a_units_top_images():
+    # Both detectors of a pair rank images on one scale up to the top: each one's per-image peak
+    # is uniform, and the 30 top images of 3,000 (1%) come from both. Scaled over all training
+    # cells, the large-object detector's peaks sat at the top (above 0.99 in 28% of the images,
+    # the spiky one's in 51%), so how a unit's top images split was left to the shapes of the tails.
+    from neurostore.world.targets import ConceptPairs
+
+    g = torch.Generator().manual_seed(0)
+    pair = ConceptPairs(1, 4)
+    pair.calibrate(_two_kinds_of_detector(8000, g))
+    peak = pair.scale(_two_kinds_of_detector(3000, g)).amax((2, 3))  # [3000, 2]
+    assert ((peak >= 0.99).float().mean(0) - 0.01).abs().max() < 0.006  # uniform per-image peaks
+    top = peak.amax(1).topk(30).indices
+    first = int((peak[top, 0] >= peak[top, 1]).sum())
+    assert 8 <= first <= 22, first
 
 
 def test_shape_colour_world_has_24_named_classes_and_poly_truth_sets(tmp_path):
@@ -122,7 +161,25 @@ def colour_store(colour_world, tmp_path_factory):
 def test_colour_world_trains_its_24_classes_and_its_detectors(colour_world):
     assert colour_world.summary["targets"]["cnn"]["clean_accuracy"] >= 0.9
     auroc = colour_world.summary["polysemantic"]["detector_auroc"]  # per image: peak vs presence
-    assert min(auroc.values()) >= 0.65 and np.mean(list(auroc.values())) >= 0.9, auroc
+    # trained 4x the CNN's epochs: circle 0.80, the rest 0.90-1.0 (2x: circle 0.71, mean 0.93)
+    assert min(auroc.values()) >= 0.75 and np.mean(list(auroc.values())) >= 0.95, auroc
+
+
+def test_each_poly_unit_takes_its_top_images_from_both_its_detectors(colour_world):
+    from neurostore.world.targets import to_input
+
+    cnn = colour_world.load_target("cnn")
+    x = to_input(torch.from_numpy(colour_world.render("probe", range(colour_world.config.n_probe))[0]))
+    with torch.no_grad():
+        peak = cnn.poly.detectors(x, cnn.features(x)).amax((2, 3))  # [n, 2P]
+    # scaled on these images: each detector's per-image peak is uniform, so each half of a unit
+    # takes about half of its top k, whatever k
+    assert ((peak >= 0.9).float().mean(0) - 0.1).abs().max() < 0.02, (peak >= 0.9).float().mean(0)
+    for j in range(len(gen.POLY_PAIRS)):
+        for k, lo in ((10, 3), (50, 20)):
+            top = peak[:, 2 * j : 2 * j + 2].amax(1).topk(k).indices
+            first = int((peak[top, 2 * j] >= peak[top, 2 * j + 1]).sum())
+            assert lo <= first <= k - lo, (gen.POLY_PAIRS[j], k, first)
 
 
 def test_final_layer_names_the_24_combined_classes(colour_store):
