@@ -469,9 +469,11 @@ def patch_scores(
     """The patch method: how much closer a unit's top patches are to a concept than patches in
     general are.
 
-    patch_emb [P, d]: every patch of the run; text_emb [c, d]; unit_patches [u, k]: indices into
-    patch_emb of each unit's top-k patches (-1 pads units with fewer); unit_weights [u, k]: their
-    activations (negatives count as 0; all-zero rows fall back to equal weights).
+    patch_emb [P, d]: the patches the contrast is over (the dissect gives each layer its own, so a
+    unit's scores do not depend on the other layers of the run); text_emb [c, d]; unit_patches
+    [u, k]: indices into patch_emb of each unit's top-k patches (-1 pads units with fewer);
+    unit_weights [u, k]: their activations (negatives count as 0; all-zero rows fall back to equal
+    weights).
 
     mode 'diff' (default): activation-weighted mean cos(unit patch, concept) minus the mean
     cos(any patch, concept). The contrast stops generic concepts that sit close to every patch

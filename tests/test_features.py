@@ -93,6 +93,29 @@ def test_features_are_dissected_and_queried_like_neurons(fitted):
     assert any("topk_sae" in layer for layer in concepts)
 
 
+def test_patch_scores_of_a_layer_do_not_depend_on_the_other_layers_of_the_run(fitted, probe_world, tmp_path):
+    """The `patch` scorer contrasts a unit's patches with its own layer's: conv4, dissected alone,
+    gets the scores it got beside its dictionary's features (with every patch of the run as the
+    population, a neuron's headline moved with the dictionary beside it). Only the first layer of
+    a run is compared: a later layer's box may reuse an earlier layer's near-identical box
+    (patches.py's deduplication), a patch of its own that differs slightly."""
+    import shutil
+
+    store, out = fitted
+    spec, s, _ = out["cnn"]
+    shutil.copytree(store.path, tmp_path / "st")
+    alone = Store.open(tmp_path / "st")
+    sql = ("SELECT unit, rank, concept, score FROM scores WHERE model = 'probe-cnn' AND layer = 'conv4' "
+           "AND scorer = 'patch' ORDER BY unit, rank")
+    together = store.df(sql)
+    dissect(alone, spec, world=probe_world, layers=["conv4"], vocabulary="probe", scorers=["patch"],
+            max_images=120, progress=False, evaluate=False, log=lambda *a: None)
+    got = alone.df(sql)
+    assert len(got) == len(together) == 64 * 5
+    assert got["concept"].tolist() == together["concept"].tolist()
+    assert (got["score"] - together["score"]).abs().max() < 1e-5
+
+
 def test_topk_sae_learns_a_planted_sparse_dictionary():
     """Data made of 2 of 32 planted directions per sample: a trained SAE explains most of the
     variance; the same SAE untrained (0 steps) does not."""
