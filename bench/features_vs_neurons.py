@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--active", type=float, default=features.ACTIVE_FRACTION,
                     help="fit on this fraction of samples farthest from the mean (features.fit's active)")
     ap.add_argument("--seed", type=int, default=0, help="the probe world's seed (a second world: --seed 1)")
+    ap.add_argument("--fit-seed", type=int, default=0, help="the dictionaries' seed (features.fit's seed)")
     ap.add_argument("--full", action="store_true", help="the default world instead of the fast one")
     ap.add_argument("--cache", default=os.environ.get("NEUROSTORE_TEST_CACHE"))
     ap.add_argument("--threads", type=int, default=1)
@@ -107,7 +108,7 @@ def main() -> None:
     store = Store.open(Path(tempfile.mkdtemp(prefix="bench-features-")) / "store")
     dicts, names = {}, []
     for layer in args.layers:
-        s = features.fit(store, spec, layer, args.method, args.width, args.k, steps=args.steps,
+        s = features.fit(store, spec, layer, args.method, args.width, args.k, steps=args.steps, seed=args.fit_seed,
                          active=args.active, progress=False, log=lambda *a: None)
         dicts[layer] = {m: s[m] for m in ("layer", "n_features", "fve", "l0", "dead_fraction", "fit_seconds")}
         names.append(s["layer"])
@@ -129,6 +130,7 @@ def main() -> None:
     frac = {k: v[0] / v[1] for k, v in tot.items()}
     out = {"bench": "features_vs_neurons", "world": world.id, "model": model, "method": args.method,
            "width": args.width, "k": args.k if args.method in features.SAES else None, "steps": args.steps,
+           "fit_seed": args.fit_seed,
            "active": args.active, "fidelity_min": args.fidelity,
            "neurons_agree_fid": round(frac["neurons"], 4), "features_agree_fid": round(frac["features"], 4),
            "ratio": round(frac["features"] / frac["neurons"], 3) if frac["neurons"] else None,

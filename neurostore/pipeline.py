@@ -519,14 +519,11 @@ def _layer_inputs(d: _Dissection, layer: str, sim, iou) -> dict:
     for (l, u, r), box in d.ps.box_of.items():
         if l == layer:
             idx[u, r] = box
-    # The patch scorer contrasts a unit's patches with all it is given: the layer's own boxes, so a
-    # unit's scores do not depend on which other layers (an 8x dictionary's features) share the run.
-    own = np.unique(idx[idx >= 0])                                      # [boxes of the layer]
-    idx = np.where(idx >= 0, np.searchsorted(own, idx), -1)            # [u, k] into own
-    return {"similarity": sim, "iou_scores": iou, "patch_emb": d.patch_emb[torch.from_numpy(own)],
-            "text_emb": d.text_emb,
+    # the layer's own boxes: a unit's patch scores do not depend on the other layers of the run
+    patch_emb, unit_patches = S.own_patches(d.patch_emb, torch.from_numpy(idx))   # [p, d], [u, k]
+    return {"similarity": sim, "iou_scores": iou, "patch_emb": patch_emb, "text_emb": d.text_emb,
             "pooled": torch.from_numpy(lr.pooled_mean.astype(np.float32)) if lr.pooled_mean is not None else None,
-            "unit_patches": torch.from_numpy(idx), "unit_images": torch.from_numpy(lr.top_idx),
+            "unit_patches": unit_patches, "unit_images": torch.from_numpy(lr.top_idx),
             "unit_weights": torch.from_numpy(np.nan_to_num(lr.top_val.astype(np.float32), nan=0.0))}
 
 

@@ -512,6 +512,18 @@ def patch_scores(
     return scores
 
 
+def own_patches(patch_emb: torch.Tensor, unit_patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's inputs to `patch_scores`: (the patches its units have [p, d], unit_patches
+    [u, k] re-indexed into them, -1 kept). `patch_scores` contrasts with every patch it is given,
+    so a layer given its own gets scores that do not depend on the other layers of the run."""
+    idx = unit_patches.long()
+    have = idx >= 0
+    own = torch.unique(idx[have])                                 # [p] sorted indices into patch_emb
+    local = torch.full_like(idx, -1)
+    local[have] = torch.searchsorted(own, idx[have])
+    return patch_emb[own], local
+
+
 def _patch_scores_reference(patch_emb, text_emb, unit_patches, unit_weights=None):
     """Direct form of mode 'diff', for tests: gather every similarity, average, subtract."""
     P = F.normalize(patch_emb.float(), dim=-1)

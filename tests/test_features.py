@@ -116,6 +116,19 @@ def test_patch_scores_of_a_layer_do_not_depend_on_the_other_layers_of_the_run(fi
     assert (got["score"] - together["score"]).abs().max() < 1e-5
 
 
+def test_own_patches_scores_a_layer_as_if_its_patches_were_the_only_ones():
+    from neurostore import scorers as S
+
+    g = torch.Generator().manual_seed(0)
+    pool, text = torch.randn(30, 8, generator=g), torch.randn(5, 8, generator=g)   # [P, d], [c, d]
+    up = torch.tensor([[3, 7, -1], [7, 12, 20]])                                      # [u, k] into pool
+    pe, local = S.own_patches(pool, up)
+    assert pe.shape == (4, 8) and local.tolist() == [[0, 1, -1], [1, 2, 3]]
+    alone = S.patch_scores(pool[[3, 7, 12, 20]], text, local)                         # only the layer's patches
+    assert torch.allclose(S.patch_scores(pe, text, local), alone)
+    assert not torch.allclose(S.patch_scores(pool, text, up), alone)                  # the run-wide contrast
+
+
 def test_topk_sae_learns_a_planted_sparse_dictionary():
     """Data made of 2 of 32 planted directions per sample: a trained SAE explains most of the
     variance; the same SAE untrained (0 steps) does not."""
