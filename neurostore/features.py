@@ -66,9 +66,6 @@ ACTIVE_FRACTION = 0.25
 HOLDOUT_EVERY = 5          # every 5th image is held out for the quality figures
 MIN_SAMPLES = 1024         # below this a dictionary is noise, whatever its size
 SAMPLES_PER_FEATURE = 4    # and at least this many samples per feature
-RESAMPLE_EVERY = 0         # steps between restarts of rare features (0: never), first half of training only
-RARE_FRACTION = 0.1        # rare: active on at most this fraction of the mean feature's samples
-MATRYOSHKA: tuple = ()     # fractions f < 1: the first f x features must reconstruct alone too (Bussmann et al. 2025)
 NMF_CODE_ITERS = 50        # multiplicative updates of a sample's non-negative code
 
 
@@ -219,8 +216,7 @@ def active_samples(x: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 def fit_topk_sae(x: torch.Tensor, n_features: int, k: int, *, steps: int, seed: int, batch: int = 1024,
-                 lr: float = 1e-3, batch_topk: bool = False, resample_every: int | None = None,
-                 device: torch.device | str = "cpu") -> FeatureEncoder:
+                 lr: float = 1e-3, batch_topk: bool = False, device: torch.device | str = "cpu") -> FeatureEncoder:
     """A TopK sparse autoencoder on samples x [n, units] (BatchTopK with `batch_topk`: the top
     k x batch of a batch's pre-activations, and a threshold for encoding). The data are centred
     and scaled to unit mean squared norm per dimension for the optimiser; the scale is folded back
@@ -240,9 +236,6 @@ def fit_topk_sae(x: torch.Tensor, n_features: int, k: int, *, steps: int, seed: 
     k_aux = min(n_features, max(1, U // 2))
     gd = torch.Generator(device=device).manual_seed(seed) if torch.device(device).type != "cpu" else g
     kept_min = []  # batchtopk: the smallest kept pre-activation of each batch (last half of training)
-    resample_every = RESAMPLE_EVERY if resample_every is None else resample_every
-    fires = torch.zeros(n_features, device=device)             # samples each feature was active on, this window
-    nested = [max(1, int(f * n_features)) for f in MATRYOSHKA if f < 1]
     for step in range(1, steps + 1):
         xb = xn[torch.randint(0, n, (min(batch, n),), generator=gd, device=device)]  # [b, units]
         pre = (xb - b_dec) @ w_enc + b_enc                       # [b, features]
@@ -256,8 +249,6 @@ def fit_topk_sae(x: torch.Tensor, n_features: int, k: int, *, steps: int, seed: 
             z = torch.zeros_like(pre).scatter(1, idx, val.relu())    # [b, features]
         recon = z @ w_dec + b_dec                                # [b, units]
         loss = (recon - xb).pow(2).sum(1).mean()
-        for m in nested:  # Matryoshka: the first m features reconstruct on their own too
-            loss = loss + (z[:, :m] @ w_dec[:m] + b_dec - xb).pow(2).sum(1).mean()
         fired = (z > 0).any(0)
         last_fired = torch.where(fired, torch.full_like(last_fired, step), last_fired)
         dead = (step - last_fired) > 200
@@ -273,38 +264,12 @@ def fit_topk_sae(x: torch.Tensor, n_features: int, k: int, *, steps: int, seed: 
         opt.step()
         with torch.no_grad():
             w_dec /= w_dec.norm(dim=1, keepdim=True).clamp(min=1e-8)
-            fires += (z > 0).sum(0)
-            if resample_every and step % resample_every == 0 and step <= steps // 2:
-                # rare features (a tenth of the mean frequency or less) restart on what the batch missed
-                rare = fires / (resample_every * len(xb)) < RARE_FRACTION * k / n_features
-                if rare.any():
-                    _resample(rare, xb - recon, w_enc, b_enc, w_dec, opt, gd)
-                fires.zero_()
     with torch.no_grad():  # fold the normalisation: z(x) and x_hat(x) in the raw units
         mu_d = mu.to(device)
         # the threshold compares pre-activations, which the folding leaves as they were
         threshold = (float(np.mean(kept_min)) if kept_min else 0.0) if batch_topk else None
         return FeatureEncoder("batchtopk-sae" if batch_topk else "topk-sae", w_dec.detach() * s,
                               mu_d + s * b_dec.detach(), w_enc.detach() / s, b_enc.detach(), k, threshold).cpu()
-
-
-@torch.no_grad()
-def _resample(rare: torch.Tensor, resid: torch.Tensor, w_enc, b_enc, w_dec, opt, gen) -> None:
-    """Restart the `rare` features [features] on residuals resid [b, units] drawn in proportion to
-    their squared norm (Anthropic's resampling, Bricken et al. 2023): decoder row = the residual's
-    direction, encoder column = the same at the live features' mean norm, bias 0, Adam state reset."""
-    r = int(rare.sum())
-    p = resid.pow(2).sum(1)                                       # [b]
-    pick = torch.multinomial(p / p.sum(), r, replacement=r > len(p), generator=gen)
-    d = resid[pick] / resid[pick].norm(dim=1, keepdim=True).clamp(min=1e-8)  # [r, units]
-    live = w_enc[:, ~rare].norm(dim=0).mean() if bool((~rare).any()) else 1.0
-    w_dec[rare] = d
-    w_enc[:, rare] = d.T * live
-    b_enc[rare] = 0.0
-    for t, sel in ((w_dec, rare), (w_enc, (slice(None), rare)), (b_enc, rare)):
-        for v in opt.state.get(t, {}).values():
-            if torch.is_tensor(v) and v.shape == t.shape:
-                v[sel] = 0.0
 
 
 def fit_nmf(x: torch.Tensor, n_features: int, *, steps: int, seed: int) -> FeatureEncoder:
