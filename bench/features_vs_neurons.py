@@ -112,9 +112,9 @@ def main() -> None:
                          active=args.active, progress=False, log=lambda *a: None)
         dicts[layer] = {m: s[m] for m in ("layer", "n_features", "fve", "l0", "dead_fraction", "fit_seconds")}
         names.append(s["layer"])
-    # Neurons and features in runs of their own: the `patch` scorer contrasts a unit's patches with
-    # every patch of its run, so neurons dissected beside a dictionary's (8x more) features would
-    # get another contrast, and other headlines, with every dictionary.
+    # Neurons and features in runs of their own: the `patch` scorer's contrast is per layer, but a
+    # box of a later layer reuses an earlier layer's near-identical box on the same image
+    # (patches.py), so one side's patches would depend on the other's being in the run.
     for layers in (args.layers, names):
         dissect(store, spec, world=world, layers=layers, vocabulary="probe", scorers=["patch", "iou"],
                 progress=False, evaluate=False, log=lambda *a: None)

@@ -797,7 +797,7 @@ SCORERS: dict[str, Scorer] = {
         Scorer("patch", _run_patch, {"mode": "diff"},
                ("patch_emb", "text_emb", "unit_patches", "unit_weights"),
                "mean similarity of a unit's top patches to a concept minus that concept's mean "
-               "similarity over all patches (mode 'z': divided by its spread)"),
+               "similarity over all patches of its layer (mode 'z': divided by its spread)"),
         Scorer("soft_wpmi", _run_clip(soft_wpmi),
                {"top_k": 100, "a": 10.0, "lam": 1.0, "min_prob": 1e-7, "p_start": 0.998,
                 "p_end": 0.97},
