@@ -11,6 +11,8 @@ their own), and compares, per layer, neurons with features:
     agree_fid    the same, counting only units whose fidelity is >= --fidelity: Pearson
                  correlation, on held-out images (every 5th image), between the unit's pooled
                  max activation and the explained concept's mask area
+    by_activity  [units, reaching the reference's IoU, agree_fid] per band of the fraction of all
+                 probe positions a unit is active on (ACTIVITY_BANDS): what decides a feature
     ratio        features' agree_fid / neurons' agree_fid (the issue's target: >= 1.5); fractions
                  of each side's own units, so a 2x dictionary's twice as many units do not count twice
 
@@ -52,7 +54,33 @@ def pearson_cols(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(den > 0, (a * b).sum(0) / np.maximum(den, 1e-300), 0.0)
 
 
-def layer_figures(store: Store, model: str, layer: str, fid_min: float) -> dict:
+ACTIVITY_BANDS = (0.0, 0.002, 0.005, 0.02, 1.0)   # fraction of all probe positions a unit is active on
+
+
+def activity(spec: str, store: Store, world, layers: list[str]) -> dict:
+    """layer -> [units] the fraction of all probe positions where each unit is > 0 (the `iou`
+    reference takes each unit's top 0.5%: a unit active on less has its whole support taken)."""
+    import torch
+
+    from neurostore.images import probe_source
+    from neurostore.models import load_target
+    from neurostore.record import hooks
+
+    target = load_target(spec)
+    features.attach(target, store)
+    on = {layer: 0.0 for layer in layers}
+
+    def take(layer, m):                                          # m: [b, units, h, w]
+        on[layer] = on[layer] + (m > 0).float().mean((2, 3)).sum(0)
+
+    source = probe_source(None, world)
+    with torch.no_grad(), hooks(target, layers, take):
+        for b in source.batches(target.preprocess, 64):
+            target.module(b.pixels)
+    return {layer: (v / len(source)).numpy() for layer, v in on.items()}
+
+
+def layer_figures(store: Store, model: str, layer: str, fid_min: float, active: np.ndarray | None = None) -> dict:
     ref = store.df("SELECT unit, concept AS ref, score AS ref_iou FROM scores WHERE model = $m AND layer = $l "
                    "AND scorer = 'iou' AND rank = 0", {"m": model, "l": layer})
     head = store.df("SELECT unit, label FROM explanations WHERE model = $m AND layer = $l AND scorer = 'patch'",
@@ -75,7 +103,13 @@ def layer_figures(store: Store, model: str, layer: str, fid_min: float) -> dict:
     d["fidelity"] = fid
     n = len(d)
     good = d["agree"] & (d["fidelity"] >= fid_min)
-    return {"units": n, "interpretable": float((d["ref_iou"] >= REFERENCE_MIN_IOU).mean()),
+    bands = {}
+    if active is not None:  # units, reaching IoU 0.04, agreeing, per band of activity
+        band = np.digitize(active[d["unit"].to_numpy()], ACTIVITY_BANDS[1:-1])
+        ok = (d["ref_iou"] >= REFERENCE_MIN_IOU).to_numpy()
+        bands = {f"{lo:g}-{hi:g}": [int((band == i).sum()), int(ok[band == i].sum()), int(good[band == i].sum())]
+                 for i, (lo, hi) in enumerate(zip(ACTIVITY_BANDS, ACTIVITY_BANDS[1:]))}
+    return {"units": n, "interpretable": float((d["ref_iou"] >= REFERENCE_MIN_IOU).mean()), "by_activity": bands,
             "agree": float(d["agree"].mean()), "agree_fid": float(good.mean()), "n_agree_fid": int(good.sum()),
             "mean_fidelity_agree": float(d.loc[d["agree"], "fidelity"].mean()) if d["agree"].any() else None}
 
@@ -120,8 +154,10 @@ def main() -> None:
                 progress=False, evaluate=False, log=lambda *a: None)
     model = "probe-cnn"
     per_layer, tot = {}, {"neurons": [0, 0], "features": [0, 0]}
+    act = activity(spec, store, world, args.layers + names)
     for layer, name in zip(args.layers, names):
-        nf, ff = layer_figures(store, model, layer, args.fidelity), layer_figures(store, model, name, args.fidelity)
+        nf = layer_figures(store, model, layer, args.fidelity, act[layer])
+        ff = layer_figures(store, model, name, args.fidelity, act[name])
         ratio = ff["agree_fid"] / nf["agree_fid"] if nf["agree_fid"] > 0 else None
         per_layer[layer] = {"neurons": nf, "features": ff, "ratio": ratio, "dictionary": dicts[layer]}
         for key, f in (("neurons", nf), ("features", ff)):
