@@ -66,7 +66,6 @@ ACTIVE_FRACTION = 0.25
 HOLDOUT_EVERY = 5          # every 5th image is held out for the quality figures
 MIN_SAMPLES = 1024         # below this a dictionary is noise, whatever its size
 SAMPLES_PER_FEATURE = 4    # and at least this many samples per feature
-BALANCE = 0.0
 NMF_CODE_ITERS = 50        # multiplicative updates of a sample's non-negative code
 
 
@@ -265,8 +264,6 @@ def fit_topk_sae(x: torch.Tensor, n_features: int, k: int, *, steps: int, seed: 
         opt.step()
         with torch.no_grad():
             w_dec /= w_dec.norm(dim=1, keepdim=True).clamp(min=1e-8)
-            if BALANCE:  # each feature's frequency pulled to the mean, k / features, by its encoder bias
-                b_enc += BALANCE * torch.sign(k / n_features - (z > 0).float().mean(0))
     with torch.no_grad():  # fold the normalisation: z(x) and x_hat(x) in the raw units
         mu_d = mu.to(device)
         # the threshold compares pre-activations, which the folding leaves as they were
