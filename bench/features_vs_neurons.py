@@ -22,6 +22,7 @@ and the dictionary's quality (FVE, L0, dead features on held-out samples).
     .venv/bin/python bench/features_vs_neurons.py --method topk-sae --width 8 --k 8   # another dictionary
     .venv/bin/python bench/features_vs_neurons.py --active 1        # fitted on all samples
     .venv/bin/python bench/features_vs_neurons.py --seed 1 --cache DIR   # a second world (built in DIR)
+    .venv/bin/python bench/features_vs_neurons.py --fit-seed 1      # another fit of the dictionaries
 
 Ends by printing one line of JSON.
 """
