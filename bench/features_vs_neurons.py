@@ -11,6 +11,8 @@ their own), and compares, per layer, neurons with features:
     agree_fid    the same, counting only units whose fidelity is >= --fidelity: Pearson
                  correlation, on held-out images (every 5th image), between the unit's pooled
                  max activation and the explained concept's mask area
+    by_activity  [units, reaching the reference's IoU, agree_fid] per band of the fraction of all
+                 probe positions a unit is active on (ACTIVITY_BANDS): what decides a feature
     ratio        features' agree_fid / neurons' agree_fid (the issue's target: >= 1.5); fractions
                  of each side's own units, so a 2x dictionary's twice as many units do not count twice
 
@@ -20,6 +22,7 @@ and the dictionary's quality (FVE, L0, dead features on held-out samples).
     .venv/bin/python bench/features_vs_neurons.py --method topk-sae --width 8 --k 8   # another dictionary
     .venv/bin/python bench/features_vs_neurons.py --active 1        # fitted on all samples
     .venv/bin/python bench/features_vs_neurons.py --seed 1 --cache DIR   # a second world (built in DIR)
+    .venv/bin/python bench/features_vs_neurons.py --fit-seed 1      # another fit of the dictionaries
 
 Ends by printing one line of JSON.
 """
@@ -52,7 +55,33 @@ def pearson_cols(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(den > 0, (a * b).sum(0) / np.maximum(den, 1e-300), 0.0)
 
 
-def layer_figures(store: Store, model: str, layer: str, fid_min: float) -> dict:
+ACTIVITY_BANDS = (0.0, 0.002, 0.005, 0.02, 1.0)   # fraction of all probe positions a unit is active on
+
+
+def activity(spec: str, store: Store, world, layers: list[str]) -> dict:
+    """layer -> [units] the fraction of all probe positions where each unit is > 0 (the `iou`
+    reference takes each unit's top 0.5%: a unit active on less has its whole support taken)."""
+    import torch
+
+    from neurostore.images import probe_source
+    from neurostore.models import load_target
+    from neurostore.record import hooks
+
+    target = load_target(spec)
+    features.attach(target, store)
+    on = {layer: 0.0 for layer in layers}
+
+    def take(layer, m):                                          # m: [b, units, h, w]
+        on[layer] = on[layer] + (m > 0).float().mean((2, 3)).sum(0)
+
+    source = probe_source(None, world)
+    with torch.no_grad(), hooks(target, layers, take):
+        for b in source.batches(target.preprocess, 64):
+            target.module(b.pixels)
+    return {layer: (v / len(source)).numpy() for layer, v in on.items()}
+
+
+def layer_figures(store: Store, model: str, layer: str, fid_min: float, active: np.ndarray | None = None) -> dict:
     ref = store.df("SELECT unit, concept AS ref, score AS ref_iou FROM scores WHERE model = $m AND layer = $l "
                    "AND scorer = 'iou' AND rank = 0", {"m": model, "l": layer})
     head = store.df("SELECT unit, label FROM explanations WHERE model = $m AND layer = $l AND scorer = 'patch'",
@@ -75,7 +104,13 @@ def layer_figures(store: Store, model: str, layer: str, fid_min: float) -> dict:
     d["fidelity"] = fid
     n = len(d)
     good = d["agree"] & (d["fidelity"] >= fid_min)
-    return {"units": n, "interpretable": float((d["ref_iou"] >= REFERENCE_MIN_IOU).mean()),
+    bands = {}
+    if active is not None:  # units, reaching IoU 0.04, agreeing, per band of activity
+        band = np.digitize(active[d["unit"].to_numpy()], ACTIVITY_BANDS[1:-1])
+        ok = (d["ref_iou"] >= REFERENCE_MIN_IOU).to_numpy()
+        bands = {f"{lo:g}-{hi:g}": [int((band == i).sum()), int(ok[band == i].sum()), int(good[band == i].sum())]
+                 for i, (lo, hi) in enumerate(zip(ACTIVITY_BANDS, ACTIVITY_BANDS[1:]))}
+    return {"units": n, "interpretable": float((d["ref_iou"] >= REFERENCE_MIN_IOU).mean()), "by_activity": bands,
             "agree": float(d["agree"].mean()), "agree_fid": float(good.mean()), "n_agree_fid": int(good.sum()),
             "mean_fidelity_agree": float(d.loc[d["agree"], "fidelity"].mean()) if d["agree"].any() else None}
 
@@ -91,6 +126,7 @@ def main() -> None:
     ap.add_argument("--active", type=float, default=features.ACTIVE_FRACTION,
                     help="fit on this fraction of samples farthest from the mean (features.fit's active)")
     ap.add_argument("--seed", type=int, default=0, help="the probe world's seed (a second world: --seed 1)")
+    ap.add_argument("--fit-seed", type=int, default=0, help="the dictionaries' seed (features.fit's seed)")
     ap.add_argument("--full", action="store_true", help="the default world instead of the fast one")
     ap.add_argument("--cache", default=os.environ.get("NEUROSTORE_TEST_CACHE"))
     ap.add_argument("--threads", type=int, default=1)
@@ -107,20 +143,22 @@ def main() -> None:
     store = Store.open(Path(tempfile.mkdtemp(prefix="bench-features-")) / "store")
     dicts, names = {}, []
     for layer in args.layers:
-        s = features.fit(store, spec, layer, args.method, args.width, args.k, steps=args.steps,
+        s = features.fit(store, spec, layer, args.method, args.width, args.k, steps=args.steps, seed=args.fit_seed,
                          active=args.active, progress=False, log=lambda *a: None)
         dicts[layer] = {m: s[m] for m in ("layer", "n_features", "fve", "l0", "dead_fraction", "fit_seconds")}
         names.append(s["layer"])
-    # Neurons and features in runs of their own: the `patch` scorer contrasts a unit's patches with
-    # every patch of its run, so neurons dissected beside a dictionary's (8x more) features would
-    # get another contrast, and other headlines, with every dictionary.
+    # Neurons and features in runs of their own: the `patch` scorer's contrast is per layer, but a
+    # box of a later layer reuses an earlier layer's near-identical box on the same image
+    # (patches.py), so one side's patches would depend on the other's being in the run.
     for layers in (args.layers, names):
         dissect(store, spec, world=world, layers=layers, vocabulary="probe", scorers=["patch", "iou"],
                 progress=False, evaluate=False, log=lambda *a: None)
     model = "probe-cnn"
     per_layer, tot = {}, {"neurons": [0, 0], "features": [0, 0]}
+    act = activity(spec, store, world, args.layers + names)
     for layer, name in zip(args.layers, names):
-        nf, ff = layer_figures(store, model, layer, args.fidelity), layer_figures(store, model, name, args.fidelity)
+        nf = layer_figures(store, model, layer, args.fidelity, act[layer])
+        ff = layer_figures(store, model, name, args.fidelity, act[name])
         ratio = ff["agree_fid"] / nf["agree_fid"] if nf["agree_fid"] > 0 else None
         per_layer[layer] = {"neurons": nf, "features": ff, "ratio": ratio, "dictionary": dicts[layer]}
         for key, f in (("neurons", nf), ("features", ff)):
@@ -129,6 +167,7 @@ def main() -> None:
     frac = {k: v[0] / v[1] for k, v in tot.items()}
     out = {"bench": "features_vs_neurons", "world": world.id, "model": model, "method": args.method,
            "width": args.width, "k": args.k if args.method in features.SAES else None, "steps": args.steps,
+           "fit_seed": args.fit_seed,
            "active": args.active, "fidelity_min": args.fidelity,
            "neurons_agree_fid": round(frac["neurons"], 4), "features_agree_fid": round(frac["features"], 4),
            "ratio": round(frac["features"] / frac["neurons"], 3) if frac["neurons"] else None,

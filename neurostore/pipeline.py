@@ -457,7 +457,7 @@ def _patches(d: _Dissection) -> None:
     d.new_vectors.append((enc.id, "patch", new_ids, new_m))
     vec = dict(zip(new_ids, new_m))
     vec.update(cached_vectors(d.store, enc.id, "patch", [p for p in ps.patch_ids if p not in vec]))
-    # [boxes, d]: the scorer compares a unit's boxes with every box cut (as before content ids)
+    # [boxes, d]: every box cut (as before content ids); each layer's scorers take its own (_layer_inputs)
     d.patch_emb = torch.from_numpy(np.stack([vec[p] for p in ps.boxes])) if ps.boxes \
         else torch.zeros(0, d.text_emb.shape[1])
 
@@ -519,9 +519,11 @@ def _layer_inputs(d: _Dissection, layer: str, sim, iou) -> dict:
     for (l, u, r), box in d.ps.box_of.items():
         if l == layer:
             idx[u, r] = box
-    return {"similarity": sim, "iou_scores": iou, "patch_emb": d.patch_emb, "text_emb": d.text_emb,
+    # the layer's own boxes: a unit's patch scores do not depend on the other layers of the run
+    patch_emb, unit_patches = S.own_patches(d.patch_emb, torch.from_numpy(idx))   # [p, d], [u, k]
+    return {"similarity": sim, "iou_scores": iou, "patch_emb": patch_emb, "text_emb": d.text_emb,
             "pooled": torch.from_numpy(lr.pooled_mean.astype(np.float32)) if lr.pooled_mean is not None else None,
-            "unit_patches": torch.from_numpy(idx), "unit_images": torch.from_numpy(lr.top_idx),
+            "unit_patches": unit_patches, "unit_images": torch.from_numpy(lr.top_idx),
             "unit_weights": torch.from_numpy(np.nan_to_num(lr.top_val.astype(np.float32), nan=0.0))}
 
 

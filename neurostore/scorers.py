@@ -469,9 +469,11 @@ def patch_scores(
     """The patch method: how much closer a unit's top patches are to a concept than patches in
     general are.
 
-    patch_emb [P, d]: every patch of the run; text_emb [c, d]; unit_patches [u, k]: indices into
-    patch_emb of each unit's top-k patches (-1 pads units with fewer); unit_weights [u, k]: their
-    activations (negatives count as 0; all-zero rows fall back to equal weights).
+    patch_emb [P, d]: the patches the contrast is over (the dissect gives each layer its own, so a
+    unit's scores do not depend on the other layers of the run); text_emb [c, d]; unit_patches
+    [u, k]: indices into patch_emb of each unit's top-k patches (-1 pads units with fewer);
+    unit_weights [u, k]: their activations (negatives count as 0; all-zero rows fall back to equal
+    weights).
 
     mode 'diff' (default): activation-weighted mean cos(unit patch, concept) minus the mean
     cos(any patch, concept). The contrast stops generic concepts that sit close to every patch
@@ -508,6 +510,18 @@ def patch_scores(
     # Units without any patch have no evidence: the lowest score.
     scores[~valid.any(dim=1)] = float("nan")
     return scores
+
+
+def own_patches(patch_emb: torch.Tensor, unit_patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's inputs to `patch_scores`: (the patches its units have [p, d], unit_patches
+    [u, k] re-indexed into them, -1 kept). `patch_scores` contrasts with every patch it is given,
+    so a layer given its own gets scores that do not depend on the other layers of the run."""
+    idx = unit_patches.long()
+    have = idx >= 0
+    own = torch.unique(idx[have])                                 # [p] sorted indices into patch_emb
+    local = torch.full_like(idx, -1)
+    local[have] = torch.searchsorted(own, idx[have])
+    return patch_emb[own], local
 
 
 def _patch_scores_reference(patch_emb, text_emb, unit_patches, unit_weights=None):
@@ -783,7 +797,7 @@ SCORERS: dict[str, Scorer] = {
         Scorer("patch", _run_patch, {"mode": "diff"},
                ("patch_emb", "text_emb", "unit_patches", "unit_weights"),
                "mean similarity of a unit's top patches to a concept minus that concept's mean "
-               "similarity over all patches (mode 'z': divided by its spread)"),
+               "similarity over all patches of its layer (mode 'z': divided by its spread)"),
         Scorer("soft_wpmi", _run_clip(soft_wpmi),
                {"top_k": 100, "a": 10.0, "lam": 1.0, "min_prob": 1e-7, "p_start": 0.998,
                 "p_end": 0.97},

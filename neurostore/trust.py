@@ -790,7 +790,9 @@ def _assess_run(store, model: str, run_id: str, params: dict, m: int, seed: int,
             up[at] = torch.from_numpy(np.array(a["patch_id"].map(prow), np.int64))
             ui[at] = torch.from_numpy(np.array(a["image_id"].map({i: j for j, i in enumerate(ids)}).fillna(-1), np.int64))
             uw[at] = torch.from_numpy(np.nan_to_num(np.array(a["act_value"], np.float32)))
-        inputs = {"similarity": sim, "pooled": pooled, "patch_emb": patch_emb, "text_emb": text_emb,
+        # the layer's own patches, as the dissect scored them
+        pe, up = S.own_patches(patch_emb, up) if patch_emb is not None else (None, up)
+        inputs = {"similarity": sim, "pooled": pooled, "patch_emb": pe, "text_emb": text_emb,
                   "unit_patches": up, "unit_images": ui, "unit_weights": uw}
         rows_l = scores[scores["layer"] == layer]
         for scorer in sorted(rows_l["scorer"].unique()):

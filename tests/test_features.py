@@ -93,6 +93,42 @@ def test_features_are_dissected_and_queried_like_neurons(fitted):
     assert any("topk_sae" in layer for layer in concepts)
 
 
+def test_patch_scores_of_a_layer_do_not_depend_on_the_other_layers_of_the_run(fitted, probe_world, tmp_path):
+    """The `patch` scorer contrasts a unit's patches with its own layer's: conv4, dissected alone,
+    gets the scores it got beside its dictionary's features (with every patch of the run as the
+    population, a neuron's headline moved with the dictionary beside it). Only the first layer of
+    a run is compared: a later layer's box may reuse an earlier layer's near-identical box
+    (patches.py's deduplication), a patch of its own that differs slightly."""
+    import shutil
+
+    store, out = fitted
+    spec, s, _ = out["cnn"]
+    shutil.copytree(store.path, tmp_path / "st")
+    alone = Store.open(tmp_path / "st")
+    sql = ("SELECT unit, rank, concept, score FROM scores WHERE model = 'probe-cnn' AND layer = 'conv4' "
+           "AND scorer = 'patch' ORDER BY unit, rank")
+    together = store.df(sql)
+    dissect(alone, spec, world=probe_world, layers=["conv4"], vocabulary="probe", scorers=["patch"],
+            max_images=120, progress=False, evaluate=False, log=lambda *a: None)
+    got = alone.df(sql)
+    assert len(got) == len(together) == 64 * 5
+    assert got["concept"].tolist() == together["concept"].tolist()
+    assert (got["score"] - together["score"]).abs().max() < 1e-5
+
+
+def test_own_patches_scores_a_layer_as_if_its_patches_were_the_only_ones():
+    from neurostore import scorers as S
+
+    g = torch.Generator().manual_seed(0)
+    pool, text = torch.randn(30, 8, generator=g), torch.randn(5, 8, generator=g)   # [P, d], [c, d]
+    up = torch.tensor([[3, 7, -1], [7, 12, 20]])                                      # [u, k] into pool
+    pe, local = S.own_patches(pool, up)
+    assert pe.shape == (4, 8) and local.tolist() == [[0, 1, -1], [1, 2, 3]]
+    alone = S.patch_scores(pool[[3, 7, 12, 20]], text, local)                         # only the layer's patches
+    assert torch.allclose(S.patch_scores(pe, text, local), alone)
+    assert not torch.allclose(S.patch_scores(pool, text, up), alone)                  # the run-wide contrast
+
+
 def test_topk_sae_learns_a_planted_sparse_dictionary():
     """Data made of 2 of 32 planted directions per sample: a trained SAE explains most of the
     variance; the same SAE untrained (0 steps) does not."""
