@@ -374,7 +374,8 @@ def test_assess_rewrites_confidence_and_writes_tables(assessed):
     es = s.df("SELECT presence, metric, count(*) AS n, count(value) AS v FROM explanation_scores "
               "WHERE model = 'probe-cnn' GROUP BY ALL")
     assert set(zip(es["presence"], es["metric"])) == \
-        {(p, m) for p in ("encoder", "masks") for m in ("pearson", "auprc")} | {("encoder", "cosine_pearson"), ("null", "null_q")}
+        {(p, m) for p in ("encoder", "masks") for m in ("pearson", "auprc")} \
+        | {("encoder", "cosine_pearson"), ("null", "null_q")}
     q = s.df("SELECT e.value AS q, s.confidence FROM explanation_scores e JOIN scores s USING (model, layer, unit, scorer, concept) "
              "WHERE e.model = 'probe-cnn' AND e.metric = 'null_q'")
     assert len(q) == len(after) and q["q"].between(0, 1).all()       # the null's q kept beside the confidence
