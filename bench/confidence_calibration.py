@@ -54,7 +54,7 @@ from neurostore.store import Store  # noqa: E402
 from neurostore.weights import reinitialise  # noqa: E402
 
 ENCODER_SCORERS = list(trust.HEADLINE_SCORERS)
-EXPLANATION_FEATURES = ["evidence", "margin", "auprc", "pearson"]   # of the ground-truth-free scorers' map
+EXPLANATION_FEATURES = ["evidence", "margin", "auprc", "cosine_pearson"]   # of the ground-truth-free scorers' map
 RANDOM_WEIGHTS = (0.0, 0.1, 0.3, 1.0)   # tried in order by fit(), which says why
 HELDOUT_WORLDS = "1:dot:ring,2:frame:triangle"   # seed:cue kind:cue class, never fitted on
 
@@ -98,7 +98,7 @@ def evidence(store: Store, model: str, cal: trust.Calibration, truth: bool = Tru
     for (run, layer, scorer), r in s.groupby(["run_id", "layer", "scorer"]):
         null = Null(**nulls[run][layer][scorer])
         q, margin = trust.rows_q_margin(r, null)
-        ap, pr = torch.tensor(r["auprc"].to_numpy(np.float64)), torch.tensor(r["pearson"].to_numpy(np.float64))
+        ap, pr = (torch.tensor(r[k].to_numpy(np.float64)) if k in r else None for k in ("auprc", "cosine_pearson"))
         r = r.assign(null_q=q.numpy(), margin=margin.numpy(),
                      confidence=cal.explanation(scorer, q, margin, ap, pr).numpy(), stored=r["confidence"])
         parts.append(r)
@@ -141,7 +141,7 @@ def fit_logistic(X: dict, y: np.ndarray, weight: np.ndarray | None = None) -> di
 def features(rows) -> dict:
     """explanation_features of evidence() rows."""
     col = lambda c: torch.tensor(rows[c].to_numpy(np.float64))   # noqa: E731
-    return trust.explanation_features(col("null_q"), col("margin"), col("auprc"), col("pearson"))
+    return trust.explanation_features(col("null_q"), col("margin"), col("auprc"), col("cosine_pearson"))
 
 
 def fit(worlds: list) -> dict:

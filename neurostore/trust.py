@@ -9,13 +9,15 @@ those below 0.8 1-5%). So the null's q-value is kept as evidence (explanation_sc
 'null_q'; its Gumbel parameters in the run's params) and the confidence is a map fitted where
 the truth is known:
 
-    confidence = sigmoid(a_s + b_s * evidence + c_s * margin + d_s * auprc + e_s * pearson)
+    confidence = sigmoid(a_s + b_s * evidence + c_s * margin + d_s * auprc + e_s * cosine_pearson)
 
     evidence   -log10 q, capped at EVIDENCE_MAX (the null's BH q-value, below)
     margin     (score - the unit's best other concept's score) / the null's Gumbel scale,
                clipped to +-MARGIN_CLIP: a label that barely beats the next one is often wrong
-    auprc,     the explanation's held-out encoder fidelity (below; none: 0). A label can be
-    pearson    right with little null evidence (seed 2's ViT: 40 labels at 1 - q < 0.5 agreed
+    auprc,     the explanation's held-out encoder fidelity (below; none: 0); the Pearson is
+    cosine_    with the raw cosine, not the zero-shot presence the stored fidelity uses (as a
+    pearson    feature that one worsened calibration, below). A label can be
+               right with little null evidence (seed 2's ViT: 40 labels at 1 - q < 0.5 agreed
                58% of the time) and the fidelity sees it; a random network's colour filter
                has fidelity too, and there the null's evidence is what is missing.
 
@@ -82,9 +84,19 @@ on held-out probe images (HELDOUT_FRACTION of them, chosen by a hash of the imag
 correlation of the unit's per-image max activation (how top images are chosen; the spatial mean
 followed whole-image properties such as the background and chose worse headlines) with the
 concept's presence, and AUPRC of that activation as a detector of the concept (NeuronEval, ICML 2025, finds these two pass its sanity
-checks). Presence comes from the encoder (image–concept cosine; "present" for AUPRC: the 10%
-of images most similar to the concept), so it works on real models; on the probe world also from
-the masks (area fraction; present: any pixel). The explanations themselves are computed on
+checks). Presence comes from the encoder, so it works on real models: for Pearson, CLIP's
+zero-shot p(concept | image), the softmax over the whole vocabulary of a x cosine at soft_wpmi's
+a (`zero_shot`): the image's concepts compete, so an image near every concept at once does not
+hold each of them, and the encoder's fidelity ranks explanations like the masks' (Spearman
+0.749 -> 0.835 on the fit world, 0.781 -> 0.859 and 0.822 -> 0.886 on two others; README); "present"
+for AUPRC: the 10% of images most similar to the concept. On the probe world also from the masks
+(area fraction; present: any pixel). The confidence maps read AUPRC and `cosine_pearson`, the
+Pearson with the raw cosine, also stored: fed the zero-shot Pearson instead, the maps calibrated
+worse on the held-out worlds (worst decile gap 0.139 -> 0.225 and 0.012 -> 0.218), because it
+ranks a unit's activation like the masks do, and the masks' own fidelity is not what "right"
+means (the mask-IoU reference: choosing each unit's headline by mask Pearson agrees with it on
+0.846 / 0.710 of the fit world's units), and within a unit it favours concepts the probe world
+never draws. The explanations themselves are computed on
 every probe image by today's pipeline (held-out images included): the split is held out from
 the fidelity's choice of headline, not from the scorers.
 
@@ -120,6 +132,7 @@ from .images import ProbeMasks
 NULL_UNITS = 256          # pseudo-units per layer and scorer
 HELDOUT_FRACTION = 0.2    # probe images held out for fidelity
 ENCODER_PRESENT = 0.10    # encoder presence for AUPRC: the concept's top 10% of images
+ZERO_SHOT_SCALE = S.SCORERS["soft_wpmi"].defaults["a"]   # p(c | image) = softmax(a x cosine), soft_wpmi's a
 EULER_GAMMA = 0.5772156649015329
 CALIBRATION_FILE = "confidence_calibration.json"   # neurostore/data/: the fitted maps (module doc)
 EVIDENCE_MAX = 6.0        # -log10 q is capped: a q below 1e-6 says nothing more
@@ -323,25 +336,25 @@ def bh_confidence(scores: torch.Tensor, null: Null, level_units: Optional[torch.
 
 
 def explanation_features(q: torch.Tensor, margin: torch.Tensor, auprc: Optional[torch.Tensor] = None,
-                         pearson: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+                         cosine_pearson: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """What a dissect knows of one explanation without ground truth: the null's evidence
     (-log10 of the BH q, capped at EVIDENCE_MAX), the margin over the unit's next concept, and
-    its held-out encoder fidelity (AUPRC, Pearson; None or NaN: no evidence, 0)."""
+    its held-out encoder evidence (AUPRC, Pearson with the raw cosine; None or NaN: none, 0)."""
     zero = torch.zeros_like(q, dtype=torch.float64)
     fid = lambda v: zero if v is None else torch.nan_to_num(torch.as_tensor(v).double(), nan=0.0)   # noqa: E731
     return {"evidence": -torch.log10(q.double().clamp(10.0 ** -EVIDENCE_MAX, 1.0)), "margin": margin.double(),
-            "auprc": fid(auprc), "pearson": fid(pearson)}
+            "auprc": fid(auprc), "cosine_pearson": fid(cosine_pearson)}
 
 
 def headline_features(c: "pd.DataFrame") -> dict[str, np.ndarray]:  # noqa: F821
     """A headline candidate's evidence (rows: unit, scorer, concept, confidence, auprc,
-    fidelity): its scorer's calibrated confidence (as a logit), held-out encoder AUPRC and
-    Pearson (NaN: no evidence, 0), and how many ground-truth-free scorers put the concept in
-    their top HEADLINE_RANKS."""
+    cosine_pearson): its scorer's calibrated confidence (as a logit), held-out encoder AUPRC and
+    Pearson with the raw cosine (NaN: no evidence, 0), and how many ground-truth-free scorers
+    put the concept in their top HEADLINE_RANKS."""
     p = np.clip(c["confidence"].to_numpy(np.float64), 1e-4, 1 - 1e-4)
     return {"confidence_logit": np.log(p / (1 - p)),
             "auprc": np.nan_to_num(c["auprc"].to_numpy(np.float64)),
-            "pearson": np.nan_to_num(c["fidelity"].to_numpy(np.float64)),
+            "cosine_pearson": np.nan_to_num(c["cosine_pearson"].to_numpy(np.float64)),
             "scorers_agreeing": c.groupby(["unit", "concept"])["scorer"].transform("nunique").to_numpy(np.float64)}
 
 
@@ -377,11 +390,11 @@ class Calibration:
                            "it with 'python bench/confidence_calibration.py --fit'.") from None
 
     def explanation(self, scorer: str, q: torch.Tensor, margin: torch.Tensor, auprc: Optional[torch.Tensor] = None,
-                    pearson: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    cosine_pearson: Optional[torch.Tensor] = None) -> torch.Tensor:
         """P(the explanation agrees with the truth) from its null q-value, margin and held-out
-        encoder fidelity (any shape; no fidelity counts as none)."""
+        encoder evidence (any shape; none counts as 0)."""
         coef = self.explanation_maps.get(scorer, self.explanation_maps["*"])
-        return logistic(coef, explanation_features(q, margin, auprc, pearson)).clamp(0.0, 1.0)
+        return logistic(coef, explanation_features(q, margin, auprc, cosine_pearson)).clamp(0.0, 1.0)
 
     def headline(self, candidates: "pd.DataFrame") -> np.ndarray:  # noqa: F821
         """P(the headline candidate agrees with the truth), per candidate row."""
@@ -450,11 +463,28 @@ def encoder_presence(sim: torch.Tensor, top: float = ENCODER_PRESENT) -> torch.T
     return sim.float() >= thr
 
 
+def zero_shot(sim, rows: torch.Tensor, cols: torch.Tensor, a: float = ZERO_SHOT_SCALE,
+              cosine: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[len(rows), len(cols)] p(concept | image), CLIP's zero-shot probability: the softmax over
+    the WHOLE vocabulary of a x image-concept cosine (`sim` [n, c], dense or streamed), as
+    soft_wpmi computes it (same a, and a streamed similarity's cached log-normaliser). For the
+    images `rows` (indices or a bool mask) and concepts `cols`. Unlike the raw cosine, an image
+    that is near every concept (a busy or a blank one) does not make each of them "present":
+    the concepts of an image compete, so an image holds a concept more than other concepts.
+    `cosine`: those cosines when the caller has them (on its device)."""
+    s = cosine if cosine is not None else \
+        sim.take(rows, cols) if isinstance(sim, S.Similarity) else sim.float()[rows][:, cols]   # [r, k]
+    lse = S._logsumexp_rows(sim, a)[rows].to(s.device)             # [r, 1]
+    return torch.exp(a * s.float() - lse)
+
+
 def fidelity(acts: torch.Tensor, amount: torch.Tensor, present: torch.Tensor,
-             units: np.ndarray, concepts: np.ndarray, device=None) -> tuple[np.ndarray, np.ndarray]:
+             units: np.ndarray, concepts: np.ndarray, device=None,
+             auprc_too: bool = True) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """Explanations (units[e], concepts[e]) on held-out images: acts [n, u] pooled activations,
     amount [n, c] concept presence (cosine or mask area), present [n, c] bool.
-    Returns (pearson [e], auprc [e]); NaN (no evidence) with fewer than 2 held-out images.
+    Returns (pearson [e], auprc [e], None without auprc_too); NaN (no evidence) with fewer than
+    2 held-out images.
     Computed on `device` (default the CPU) in blocks of explanations: [n, e] at once is 10,000
     held-out images x 41,000 explanations of a 2,048-unit layer, gigabytes in float64."""
     if acts.shape[0] < 2:
@@ -469,9 +499,10 @@ def fidelity(acts: torch.Tensor, amount: torch.Tensor, present: torch.Tensor,
         u, c = units[e0 : e0 + block].to(device), concepts[e0 : e0 + block].to(device)
         a = acts[:, u]                                              # [n, b]
         p_out.append(pearson(a, amount[:, c]).cpu())
-        a_out.append(auprc(a, present[:, c]).cpu())
+        if auprc_too:
+            a_out.append(auprc(a, present[:, c]).cpu())
     cat = lambda parts: torch.cat(parts).numpy() if parts else np.zeros(0)   # noqa: E731
-    return cat(p_out), cat(a_out)
+    return cat(p_out), cat(a_out) if auprc_too else None
 
 
 def mask_amount(masks, image_ids: Sequence[str], concept_index: dict) -> torch.Tensor:
@@ -505,18 +536,22 @@ def explanation_fidelity(expl: "pd.DataFrame", peak: torch.Tensor, sim: torch.Te
     # similarity (scorers.Similarity) is never materialised as [images, vocabulary].
     used, col = np.unique(np.asarray(cis, np.int64), return_inverse=True)
     device = sim.device if isinstance(sim, S.Similarity) else None   # a dissect's GPU, where it has one
-    sim_h = sim.take(hold, torch.from_numpy(used)).to(device or "cpu") if isinstance(sim, S.Similarity) \
-        else sim[hold][:, torch.from_numpy(used)]                   # [nh, used]
-    parts = [("encoder", *fidelity(acts_h, sim_h, encoder_presence(sim_h), units, col, device),
-              "image-concept cosine")]
+    used = torch.from_numpy(used)
+    sim_h = sim.take(hold, used).to(device) if isinstance(sim, S.Similarity) else sim[hold][:, used]   # [nh, used]
+    present = encoder_presence(sim_h)
+    p, a = fidelity(acts_h, zero_shot(sim, hold, used, cosine=sim_h), present, units, col, device)
+    cosine_p, _ = fidelity(acts_h, sim_h, present, units, col, device, auprc_too=False)
+    parts = [("encoder", (("pearson", p), ("auprc", a), ("cosine_pearson", cosine_p)),
+              f"zero-shot p(concept | image) at a = {ZERO_SHOT_SCALE:g} (cosine_pearson: the raw cosine); "
+              "present: the concept's top 10% by cosine")]
     if amount is not None:
         am = amount[hold]                                           # [nh, c]
         p, a = fidelity(acts_h, am, am > 0, units, cis, device)
         absent = ((am > 0).sum(0)[torch.tensor(np.asarray(cis), dtype=torch.long)] == 0).numpy()
-        parts.append(("masks", np.where(absent, np.nan, p), a, "mask area"))
+        parts.append(("masks", (("pearson", np.where(absent, np.nan, p)), ("auprc", a)), "mask area"))
     out = []
-    for presence, p, a, what in parts:
-        for metric, v in (("pearson", p), ("auprc", a)):
+    for presence, metrics, what in parts:
+        for metric, v in metrics:
             t = expl[["unit", "scorer", "concept", "rank"]].copy()
             t["metric"], t["presence"] = metric, presence
             t["value"] = np.where(np.isfinite(v), v, np.nan)
@@ -551,12 +586,13 @@ def null_q_rows(rows: "pd.DataFrame", nulls: dict) -> "pd.DataFrame":  # noqa: F
 def headline_candidates(rows: "pd.DataFrame", enc: "pd.DataFrame") -> "pd.DataFrame":  # noqa: F821
     """A layer's headline candidates: the ground-truth-free scorers' top HEADLINE_RANKS score rows
     (unit, scorer, concept, rank, confidence) with their held-out encoder fidelity (`enc`:
-    pearson and auprc columns indexed by unit, scorer, concept)."""
+    pearson, auprc and cosine_pearson columns indexed by unit, scorer, concept)."""
     c = rows[(rows["rank"] < HEADLINE_RANKS) & rows["scorer"].isin(HEADLINE_SCORERS)]
     c = c[["unit", "scorer", "concept", "rank", "confidence"]].copy()
     key = list(zip(c["unit"], c["scorer"], c["concept"]))
     c["fidelity"] = enc["pearson"].reindex(key).to_numpy()
     c["auprc"] = enc["auprc"].reindex(key).to_numpy()
+    c["cosine_pearson"] = enc["cosine_pearson"].reindex(key).to_numpy() if "cosine_pearson" in enc else np.nan
     return c
 
 
@@ -585,7 +621,7 @@ def layer_trust(rows: "pd.DataFrame", peak: torch.Tensor, sim: torch.Tensor,  # 
     c["confidence"] = calibration().headline(c)   # P(right) as a headline: evidence across scorers
     c["model"], c["layer"] = "", ""   # headlines() groups by them; the caller sets them
     head = headlines(c).merge(c.groupby("unit").size().rename("candidates").reset_index(), on="unit")
-    head = head.drop(columns=["model", "layer"])
+    head = head.drop(columns=["model", "layer", "cosine_pearson"])
     for t in (fid, head):
         for k, v in columns.items():
             t[k] = v
@@ -597,7 +633,7 @@ def layer_trust(rows: "pd.DataFrame", peak: torch.Tensor, sim: torch.Tensor,  # 
 def calibrated(rows: "pd.DataFrame", nulls: dict, enc: "pd.DataFrame") -> "pd.DataFrame":  # noqa: F821
     """Score rows of one layer (unit, scorer, concept, rank, score) with `confidence` from the
     shipped map of their null q and margin (`nulls`: scorer -> Null) and held-out encoder
-    fidelity (`enc`: pearson and auprc columns indexed by unit, scorer, concept)."""
+    evidence (`enc`: auprc and cosine_pearson columns indexed by unit, scorer, concept)."""
     import pandas as pd
 
     parts = []
@@ -605,7 +641,7 @@ def calibrated(rows: "pd.DataFrame", nulls: dict, enc: "pd.DataFrame") -> "pd.Da
         q, margin = rows_q_margin(r, nulls[scorer])
         key = list(zip(r["unit"], r["scorer"], r["concept"]))
         ap, pr = (torch.from_numpy(np.array(enc[m].reindex(key), np.float64)) if m in enc else None
-                  for m in ("auprc", "pearson"))
+                  for m in ("auprc", "cosine_pearson"))
         parts.append(r.assign(confidence=calibration().explanation(scorer, q, margin, ap, pr).numpy()))
     return pd.concat(parts).loc[rows.index] if parts else rows
 

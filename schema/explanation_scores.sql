@@ -6,8 +6,8 @@ CREATE TABLE explanation_scores (
     scorer       VARCHAR,    -- scorer whose explanation it is
     concept      VARCHAR,    -- the explained concept
     rank         INTEGER,    -- its rank among the scorer's concepts for the unit (0 = label)
-    metric       VARCHAR,    -- 'pearson' or 'auprc' (unit activation vs concept presence); 'null_q' (BH q against random directions)
-    presence     VARCHAR,    -- what gave the concept's presence: 'encoder' (image-concept cosine) or 'masks' (truth); 'null' for null_q
+    metric       VARCHAR,    -- 'pearson' or 'auprc' (unit activation vs concept presence); 'cosine_pearson' (encoder: vs the raw cosine); 'null_q' (BH q against random directions)
+    presence     VARCHAR,    -- what gave the concept's presence: 'encoder' (zero-shot p(concept | image) from the image-concept cosine) or 'masks' (truth); 'null' for null_q
     value        DOUBLE,     -- the figure (NULL when the concept is absent from every held-out image)
     n_images     INTEGER,    -- held-out images it is over
     method       VARCHAR,    -- how it was computed, e.g. 'pooled act_mean, heldout sha1(image_id) < 0.2'

@@ -158,8 +158,48 @@ def test_fidelity_with_too_few_held_out_images_is_nan_not_a_crash():
         assert T.heldout(sub).sum() == keep
         expl = pd.DataFrame({"unit": [0, 1], "scorer": "patch", "concept": ["a", "b"], "rank": 0})
         out = T.explanation_fidelity(expl, torch.rand(len(sub), 2), torch.rand(len(sub), 2), sub, {"a": 0, "b": 1})
-        assert out["value"].isna().all() and len(out) == 4
+        assert out["value"].isna().all() and len(out) == 6   # pearson, auprc, cosine_pearson
     assert not T.encoder_presence(torch.rand(0, 3)).any()
+
+
+def test_zero_shot_presence_is_softmax_over_the_vocabulary_dense_or_streamed():
+    g = torch.Generator().manual_seed(1)
+    img, txt = torch.randn(50, 16, generator=g), torch.randn(30, 16, generator=g)
+    dense = S.image_text_similarity(img, txt)                        # [50, 30]
+    rows, cols = torch.arange(50) % 3 == 0, torch.tensor([4, 0, 29])
+    want = torch.softmax(T.ZERO_SHOT_SCALE * dense, dim=1)[rows][:, cols]
+    torch.testing.assert_close(T.zero_shot(dense, rows, cols), want)
+    torch.testing.assert_close(T.zero_shot(S.Similarity(img, txt), rows, cols), want, atol=1e-6, rtol=1e-5)
+    assert T.ZERO_SHOT_SCALE == S.SCORERS["soft_wpmi"].defaults["a"]
+
+
+def test_encoder_fidelity_is_blind_to_how_near_an_image_is_to_every_concept():
+    """An image near every concept at once (busy, blank, off-distribution) does not hold each
+    of them more: the held-out encoder Pearson of a unit that follows concept 0 is the same
+    with and without a per-image offset on every concept's cosine (the raw cosine, the
+    previous presence, loses most of it here)."""
+    import pandas as pd
+
+    g = torch.Generator().manual_seed(2)
+    n, c = 1000, 8
+    ids = [f"img{i:04d}" for i in range(n)]
+    x = torch.rand(n, generator=g)                                   # concept 0's amount per image
+    sim = 0.02 * torch.randn(n, c, generator=g)
+    sim[:, 0] += 0.1 * x
+    acts = (x + 0.1 * torch.randn(n, generator=g)).view(-1, 1)       # [n, 1] one unit
+    offset = 0.1 * torch.randn(n, 1, generator=g)                    # [n, 1] shared by every concept
+    expl = pd.DataFrame({"unit": [0], "scorer": "patch", "concept": ["c0"], "rank": 0})
+    cidx = {f"c{j}": j for j in range(c)}
+
+    def enc_pearson(s):
+        f = T.explanation_fidelity(expl, acts, s, ids, cidx)
+        return float(f.loc[f["metric"] == "pearson", "value"].iloc[0])
+
+    clean, shifted = enc_pearson(sim), enc_pearson(sim + offset)
+    assert clean > 0.7 and abs(clean - shifted) < 1e-5
+    hold = torch.from_numpy(T.heldout(ids))
+    raw = T.pearson(acts[hold], (sim + offset)[hold][:, :1]).item()  # the cosine as presence
+    assert raw < clean - 0.2
 
 
 def test_headline_prefers_the_calibrated_confidence_then_held_out_fidelity():
@@ -191,15 +231,15 @@ def test_shipped_calibration_gives_monotone_probabilities():
         p = cal.explanation(scorer, q.view(-1, 1).expand(-1, 30), margin.view(1, -1).expand(40, -1))  # [q, margin]
         assert ((p >= 0) & (p <= 1)).all()
         assert (p.diff(dim=0) <= 1e-12).all() and (p.diff(dim=1) >= -1e-12).all(), scorer
-        # [auprc, pearson] at a middling q and margin
+        # [auprc, cosine_pearson] at a middling q and margin
         mid = torch.full((9, 9), 0.05, dtype=torch.float64)
         p = cal.explanation(scorer, mid, 20 * mid, grid.abs().view(-1, 1).expand(-1, 9), grid.view(1, -1).expand(9, -1))
         assert ((p >= 0) & (p <= 1)).all() and (p.diff(dim=1) >= -1e-12).all(), scorer
         assert (p[4:].diff(dim=0) >= -1e-12).all(), scorer         # rows 4.. : auprc 0 -> 1
     base = pd.DataFrame({"unit": [0, 0], "scorer": ["patch", "wpmi"], "concept": ["a", "b"],
-                         "confidence": 0.3, "auprc": 0.2, "fidelity": 0.1})
+                         "confidence": 0.3, "auprc": 0.2, "fidelity": 0.1, "cosine_pearson": 0.1})
     p0 = cal.headline(base)
-    for col, hi in (("confidence", 0.8), ("auprc", 0.9), ("fidelity", 0.7), ("concept", "a")):
+    for col, hi in (("confidence", 0.8), ("auprc", 0.9), ("cosine_pearson", 0.7), ("concept", "a")):
         p1 = cal.headline(base.assign(**{col: hi}))                  # concept 'a' twice: two scorers agree
         assert ((p1 >= p0 - 1e-12) & (p1 <= 1) & (p1 >= 0)).all(), col
 
@@ -265,7 +305,7 @@ def test_dissect_stores_null_confidence_fidelity_and_headlines(demo_run):
                   "FROM explanation_scores GROUP BY ALL")
     # fidelity from both presences, and the null's q of every row (what the calibrated confidence maps)
     assert set(zip(es["presence"], es["metric"])) == ({(p, m) for p in ("encoder", "masks") for m in ("pearson", "auprc")}
-                                                      | {("null", "null_q")})
+                                                      | {("encoder", "cosine_pearson"), ("null", "null_q")})
     assert set(es["r"]) <= set(runs["run_id"])                    # written by the dissect's own run
     h = store.df("SELECT model, layer, count(*) AS n, count(DISTINCT unit) AS u FROM headlines GROUP BY ALL")
     units = store.df("SELECT model, layer, count(DISTINCT unit) AS u FROM explanations GROUP BY ALL")
@@ -287,7 +327,7 @@ def test_dissect_confidence_is_the_map_of_q_margin_and_held_out_fidelity(demo_ru
     _, store = demo_run
     s = store.df("""SELECT s.run_id, s.layer, s.unit, s.scorer, s.rank, s.concept, s.score, s.confidence,
                            max(e.value) FILTER (WHERE e.metric = 'auprc') AS auprc,
-                           max(e.value) FILTER (WHERE e.metric = 'pearson') AS pearson
+                           max(e.value) FILTER (WHERE e.metric = 'cosine_pearson') AS cosine_pearson
                     FROM scores s JOIN explanation_scores e USING (model, layer, unit, scorer, concept)
                     WHERE s.model = 'probe-cnn' AND e.presence = 'encoder' GROUP BY ALL""")
     params = store.df("SELECT run_id, params FROM runs WHERE run_id = $r", {"r": s["run_id"].iloc[0]})["params"]
@@ -295,7 +335,7 @@ def test_dissect_confidence_is_the_map_of_q_margin_and_held_out_fidelity(demo_ru
     cal, changed = T.calibration(), []
     for (layer, scorer), r in s.groupby(["layer", "scorer"]):
         q, margin = T.rows_q_margin(r, Null(**nulls[layer][scorer]))
-        fid = [torch.tensor(r[c].to_numpy(np.float64)) for c in ("auprc", "pearson")]
+        fid = [torch.tensor(r[c].to_numpy(np.float64)) for c in ("auprc", "cosine_pearson")]
         np.testing.assert_allclose(cal.explanation(scorer, q, margin, *fid).numpy(), r["confidence"], atol=1e-5)
         changed.append((cal.explanation(scorer, q, margin) - cal.explanation(scorer, q, margin, *fid)).abs() > 1e-3)
     assert torch.cat(changed).double().mean() > 0.5, "the fidelity must move most confidences"
@@ -334,7 +374,8 @@ def test_assess_rewrites_confidence_and_writes_tables(assessed):
     es = s.df("SELECT presence, metric, count(*) AS n, count(value) AS v FROM explanation_scores "
               "WHERE model = 'probe-cnn' GROUP BY ALL")
     assert set(zip(es["presence"], es["metric"])) == \
-        {(p, m) for p in ("encoder", "masks") for m in ("pearson", "auprc")} | {("null", "null_q")}
+        {(p, m) for p in ("encoder", "masks") for m in ("pearson", "auprc")} \
+        | {("encoder", "cosine_pearson"), ("null", "null_q")}
     q = s.df("SELECT e.value AS q, s.confidence FROM explanation_scores e JOIN scores s USING (model, layer, unit, scorer, concept) "
              "WHERE e.model = 'probe-cnn' AND e.metric = 'null_q'")
     assert len(q) == len(after) and q["q"].between(0, 1).all()       # the null's q kept beside the confidence
