@@ -49,10 +49,6 @@ class SplitPreprocess:
 
         return cls(Compose(steps[:-2]), tuple(float(m) for m in norm.mean), tuple(float(v) for v in norm.std))
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        """The whole preprocessing of one image: [3, S, S] float32 (what `preprocess` gives)."""
-        return self.finish(self.uint8(image)[None])[0]
-
     def uint8(self, image: Image.Image) -> torch.Tensor:
         """`pixels` as a tensor (a DataLoader worker's half; `finish` makes the rest)."""
         return torch.from_numpy(self.pixels(image))

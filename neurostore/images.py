@@ -25,7 +25,7 @@ import hashlib
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,11 +152,9 @@ class _Files(torch.utils.data.Dataset):
     Each file is decoded once; every preprocessing (`preprocess`, then `also`) takes that image."""
 
     def __init__(self, items, preprocess, min_side, max_pixels, also=(), skip_also=frozenset()):
-        # a SplitPreprocess makes its uint8 half here; `batches` finishes the batch on its device
-        half = lambda p: p.uint8 if isinstance(p, SplitPreprocess) else p   # noqa: E731
-        self.items, self.preprocess = items, half(preprocess)
+        self.items, self.preprocess = items, preprocess
         self.min_side, self.max_pixels = min_side, max_pixels
-        self.also, self.skip_also = tuple(half(p) for p in also), skip_also
+        self.also, self.skip_also = tuple(also), skip_also
 
     def __len__(self):
         return len(self.items)
@@ -234,7 +232,9 @@ class ImageSource:
         device = torch.device(device or "cpu")
         split = lambda p: p if isinstance(p, SplitPreprocess) else SplitPreprocess.of(p)   # noqa: E731
         pre, more = split(preprocess) or preprocess, tuple(split(p) or p for p in also)
-        ds = _Files(self.items, pre, self.min_side, self.max_pixels, more, skip_also)
+        # a SplitPreprocess's uint8 half runs in the workers; `finish` below makes the rest
+        half = lambda p: p.uint8 if isinstance(p, SplitPreprocess) else p   # noqa: E731
+        ds = _Files(self.items, half(pre), self.min_side, self.max_pixels, tuple(map(half, more)), skip_also)
         if start:
             ds = torch.utils.data.Subset(ds, range(start, len(self.items)))
         loader = torch.utils.data.DataLoader(

@@ -26,7 +26,7 @@ from .. import __version__
 from ..errors import BadInput, StoreDamaged
 from ..schema import conform
 from .derived import DERIVED_TABLES, derived_select
-from .files import (DEFAULT_ROW_GROUP, KV_KEY, ROW_GROUP_ROWS, _atomic_write, _fsync, _kv_sql, _locked, _part_dir,
+from .files import (DEFAULT_ROW_GROUP, ROW_GROUP_ROWS, _atomic_write, _fsync, _kv_arrow, _kv_sql, _locked, _part_dir,
                     _reason, _sha256, _split_partitions, _sql_str, _utcnow, _work_connection)
 
 if TYPE_CHECKING:
@@ -233,7 +233,7 @@ class Commits:
                  "retired": retired}
         arrow = conform(self.schemas["runs"], pa.Table.from_pylist([row]))
         tmp = run.staging / "runs.parquet"
-        pq.write_table(arrow.replace_schema_metadata({KV_KEY: json.dumps(facts, sort_keys=True)}), tmp)
+        pq.write_table(arrow.replace_schema_metadata(_kv_arrow(facts)), tmp)
         _fsync(tmp)
         (self.path / "tables/runs").mkdir(parents=True, exist_ok=True)
         os.rename(tmp, self.path / path)
@@ -351,12 +351,10 @@ class Run:
                 # A slot's first chunk, already in the table's order, is written as the sealed file
                 # would be: if no other chunk follows, sealing only moves it (re-reading, sorting and
                 # recompressing a 50,000-image dissect's pooled rows, 3 GB, was most of its store stage).
-                facts = {"table": table, "partition": part, "run_id": self.run_id, "work_key": slot[2],
-                         "replace": self.replace}
                 # (no dictionary for float columns: building one for millions of distinct values
                 # before falling back to plain encoding took half the time)
                 flat = [f.name for f in body.schema if not (pa.types.is_floating(f.type) or pa.types.is_nested(f.type))]
-                pq.write_table(body.replace_schema_metadata({KV_KEY: json.dumps(facts, sort_keys=True)}), p,
+                pq.write_table(body.replace_schema_metadata(_kv_arrow(self._facts(slot))), p,
                                compression="zstd", use_dictionary=flat,
                                row_group_size=ROW_GROUP_ROWS.get(table, DEFAULT_ROW_GROUP))
                 self._final.add(slot)
@@ -366,6 +364,12 @@ class Run:
             files.append(p)
         self.rows[table] = self.rows.get(table, 0) + arrow.num_rows
         return arrow.num_rows
+
+    def _facts(self, slot: tuple) -> dict:
+        """The manifest facts a sealed file of (table, partition dir, work key) records in its footer."""
+        table, _, wkey = slot
+        return {"table": table, "partition": self._partitions[slot], "run_id": self.run_id, "work_key": wkey,
+                "replace": self.replace}
 
     def _seal(self) -> list[dict]:
         """Sort each staged (table, partition) into one final file with the table's row-group size.
@@ -385,13 +389,12 @@ class Run:
                 order = f" ORDER BY {', '.join(ts.sort)}" if ts.sort else ""
                 rg = ROW_GROUP_ROWS.get(table, DEFAULT_ROW_GROUP)
                 part = self._partitions[(table, pdir, wkey)]
-                facts = {"table": table, "partition": part, "run_id": self.run_id, "work_key": wkey,
-                         "replace": self.replace}
                 if (table, pdir, wkey) in self._final:   # one chunk, sorted, already sealed (write)
                     os.replace(files[0], out)
                 else:
                     con.execute(f"COPY (SELECT {cols} FROM read_parquet({src}){order}) TO {_sql_str(out)} "
-                                f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {rg}, {_kv_sql(facts)})")
+                                f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {rg}, "
+                                f"{_kv_sql(self._facts((table, pdir, wkey)))})")
                 _fsync(out)
                 rows = pq.ParquetFile(out).metadata.num_rows
                 sealed.append({"table": table, "partition": part, "src": out,

@@ -36,9 +36,8 @@ ROW_GROUP_ROWS = {t: POINT_LOOKUP_ROW_GROUP for t in
                   ("scores", "concept_units", "activations", "explanations", "units", "effects", "embeddings", "masks",
                    "patches")}
 ROW_GROUP_ROWS["concept_units"] = 65536  # measured best for concept -> units at 8M rows
-# A pooled row holds a layer's every unit twice (16 KB for 2,048 units): DuckDB's default row
-# group would be 2 GB, built in memory past the sort's memory limit (spilled: most of a 50,000-image
-# dissect's store stage).
+# A pooled row holds a layer's every unit twice (16 KB for 2,048 units): the default row group
+# would be 2 GB, one unit of reading and of memory for a reader; 2,048 rows is 32 MB.
 ROW_GROUP_ROWS["pooled"] = 2048
 DEFAULT_ROW_GROUP = 122_880
 
@@ -98,6 +97,11 @@ def _sha256(path: Path) -> str:
 def _kv_sql(meta: dict) -> str:
     """DuckDB COPY option recording a file's manifest facts in its Parquet key-value metadata."""
     return f"KV_METADATA {{{KV_KEY}: {_sql_str(json.dumps(meta, sort_keys=True))}}}"
+
+
+def _kv_arrow(meta: dict) -> dict:
+    """The same facts as Arrow schema metadata, for a file pyarrow writes."""
+    return {KV_KEY: json.dumps(meta, sort_keys=True)}
 
 
 def _file_facts(path: Path) -> dict | None:
