@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,7 @@ from .devices import resolve_device, resolve_precision
 from .errors import BadInput, UnknownLayer, UnknownModel, did_you_mean, unknown
 from .hooks import forward_hooks
 from .openclip import create_openclip
-from .weights import downloading, seeded
+from .weights import downloading, hub_url, seeded
 from .world import load_world
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -166,8 +167,10 @@ def _torchvision(rest: str, spec: str, input_size: int | None, load_weights: boo
         raise UnknownModel(unknown("torchvision model", name, valid,
                                    "Example: torchvision:resnet50@IMAGENET1K_V2."))
     weights = _torchvision_weights(name, wname or "DEFAULT")
+    fetch = weights is not None and load_weights and not _in_torch_hub(weights.url)
     with downloading(f"torchvision:{name} ({weights})",
-                     f"torchvision:{name}@random or a local checkpoint (torch.save(model, 'model.pt'))"), seeded():
+                     f"torchvision:{name}@random or a local checkpoint (torch.save(model, 'model.pt'))",
+                     weights.url if fetch else None), seeded():
         module = torchvision.models.get_model(name, weights=weights if load_weights else None)
     classes = None
     if weights is not None:
@@ -207,6 +210,11 @@ def _torchvision_weights(name: str, wname: str):
     return enum[member]
 
 
+def _in_torch_hub(url: str) -> bool:
+    """Whether torch.hub already holds the file of `url` (then loading it needs no network)."""
+    return (Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlsplit(url).path).name).is_file()
+
+
 def _timm(rest: str, spec: str, input_size: int | None, load_weights: bool = True) -> Target:
     import timm
 
@@ -219,8 +227,8 @@ def _timm(rest: str, spec: str, input_size: int | None, load_weights: bool = Tru
         raise UnknownModel(unknown("timm model", base, timm.list_models(),
                                    "Example: timm:vit_small_patch16_224."))
     pretrained = not flag
-    with downloading(f"timm:{name}", f"timm:{name}@random or a local checkpoint (torch.save(model, 'model.pt'))"), \
-            seeded():
+    with downloading(f"timm:{name}", f"timm:{name}@random or a local checkpoint (torch.save(model, 'model.pt'))",
+                     hub_url() if pretrained and load_weights else None), seeded():
         try:
             # Transformers take img_size (the position embedding is resized); convnets do not.
             module = timm.create_model(name, pretrained=pretrained and load_weights,

@@ -30,7 +30,7 @@ import torch
 
 from .encoding import Encoder, SplitPreprocess
 from .errors import BadInput, UnknownEncoder, unknown
-from .weights import downloading, seeded
+from .weights import downloading, hub_url, seeded
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
@@ -86,7 +86,8 @@ def create_openclip(rest: str, weights: bool = True):
     # Only a pretrained tag or hf-hub: spec reaches for the network; local files fail as files.
     remote = model_name.startswith("hf-hub:") or (pretrained is not None and not _is_path(pretrained))
     fetch = (downloading(f"OpenCLIP {rest}", f"open_clip:{model_name.split('/')[0]}/random or a local "
-                         "checkpoint (open_clip:MODEL/PATH)") if remote else contextlib.nullcontext())
+                         "checkpoint (open_clip:MODEL/PATH)", _source(model_name, pretrained))
+             if remote else contextlib.nullcontext())
     try:
         with fetch, seeded():  # /random: the same weights in every process
             model, _, preprocess = open_clip.create_model_and_transforms(
@@ -100,6 +101,14 @@ def create_openclip(rest: str, weights: bool = True):
             "id": f"open_clip:{rest}", "random_weights": pretrained is None and not model_name.startswith(
                 ("hf-hub:", "local-dir:"))}
     return model, preprocess, info
+
+
+def _source(model_name: str, tag: str | None) -> str:
+    """Where OpenCLIP fetches these weights from: the hub, or a tag's own URL."""
+    import open_clip
+
+    cfg = {} if model_name.startswith("hf-hub:") else open_clip.get_pretrained_cfg(model_name, tag) or {}
+    return cfg.get("url") if cfg.get("url") and not cfg.get("hf_hub") else hub_url()
 
 
 def _local(path: Path):

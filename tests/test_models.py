@@ -258,6 +258,36 @@ def test_failed_encoder_download_wrapped_by_open_clip_is_one_line(tmp_path):
     assert "open_clip:ViT-B-32/random" in lines[0]
 
 
+_UNREACHABLE = textwrap.dedent("""
+    import os, sys
+    # The hub at a closed local port and no proxy, no HF_HUB_OFFLINE: an offline machine as a user has it.
+    for k in ("https_proxy", "http_proxy", "HTTPS_PROXY", "HTTP_PROXY", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.pop(k, None)
+    os.environ.update(HF_ENDPOINT="http://127.0.0.1:9", TORCH_HOME=sys.argv[1], HF_HOME=sys.argv[1])
+    sys.argv = ["neurostore", *sys.argv[2:]]
+    from neurostore.cli import main
+    main()
+""")
+
+
+def test_unreachable_hub_fails_at_once(tmp_path):
+    """Without the check, huggingface_hub retried the closed port five times (~50 s of 'Retrying in
+    8s' warnings) before the error; now one line names the host, and nothing is retried."""
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "img" / "a.jpg")
+    p = subprocess.run([sys.executable, "-c", _UNREACHABLE, str(tmp_path), "dissect", "torchvision:resnet18@random",
+                        "--images", str(tmp_path / "img"), "--layer", "layer4", "--store", str(tmp_path / "s")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1
+    assert "Retrying" not in p.stderr and "ERROR:" not in p.stderr, p.stderr
+    lines = [l for l in p.stderr.splitlines() if l.startswith("Error:")]
+    assert len(lines) == 1 and p.stderr.strip().endswith(lines[0]), p.stderr
+    assert "127.0.0.1 cannot be reached" in lines[0] and "not in the local cache" in lines[0], lines[0]
+    assert "open_clip:ViT-B-32/random" in lines[0]
+
+
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
