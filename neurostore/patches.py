@@ -27,7 +27,8 @@ import hashlib
 import io
 from collections import defaultdict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -234,6 +235,79 @@ class PatchSet:
         return out
 
 
+@dataclass
+class _Cutter:
+    """The pixel work of one top image: decode it (the first time a box needs pixels), cut each
+    of its boxes, hash the crop, make its thumbnail and each encoder's input. What all images
+    share is here; an image's own boxes and cut-before entries come with its call."""
+
+    source: object                    # .load(image_id) -> RGB image
+    size: int                         # the target's input side (boxes are in its pixels)
+    crop_fraction: float | None       # the target's crop geometry (to_image_box)
+    dedup_iou: float
+    known: dict                       # encoder id -> patch ids it has embedded
+    stored: frozenset                 # patch ids the store holds (their rows need no thumbnail)
+    to_pixels: dict                   # encoder id -> crop -> its input
+    sizes: dict                       # image id -> (width, height) where known without decoding
+
+    def __call__(self, iid: str, h: str | None, img, todo: list, cut: dict) -> tuple[list, int]:
+        """`todo`: [(job, box in input pixels)] in cutting order; `cut`: {image box: patch_id} of
+        boxes of this image cut before. Returns ("dup", job, patch id, index of the kept box) for
+        a box merged into an earlier box of the image, ("new", job, patch id, box, cut row or None,
+        thumbnail or None, [(encoder id, its input)] for the encoders that lack the crop); and
+        how many times the image was decoded (0 or 1)."""
+        decoded = 0
+
+        def image():  # the decoded image, loaded the first time a box needs pixels
+            nonlocal img, decoded
+            if img is None:
+                img, decoded = self.source.load(iid), decoded + 1
+            return img
+
+        W, H = self.sizes[iid] if img is None and iid in self.sizes else image().size
+        kept = _Kept()                                           # the boxes kept on this image
+        out = []
+        for job, box in todo:
+            ibox = to_image_box(box, self.size, W, H, self.crop_fraction)
+            pid, kb = kept.match(ibox, self.dedup_iou) or (None, None)
+            if pid is not None:
+                out.append(("dup", job, pid, kb))
+                continue
+            crop, row = None, None
+            pid = cut.get(ibox)
+            if pid is None:  # never cut: cut and hash it
+                crop = image().crop(ibox)
+                pid = crop_id(crop)
+                row = (h, *ibox, pid) if h is not None else None
+            kept.add(ibox, (pid, len(kept.items)))
+            encode = [e for e in self.to_pixels if pid not in self.known[e]]
+            thumb = pid not in self.stored
+            if crop is None and (encode or thumb):
+                crop = image().crop(ibox)
+            out.append(("new", job, pid, ibox, row, thumbnail_png(crop) if thumb else None,
+                        [(e, self.to_pixels[e](crop)) for e in encode]))
+        return out, decoded
+
+
+_CUTTER: dict = {}  # the _Cutter of the running extract_patches, which forked workers inherit
+
+
+def _cut_in_worker(*args):
+    return _CUTTER["cutter"](*args)
+
+
+def _pool(workers: int, cutter: _Cutter):
+    """(executor, the function it runs) for `workers` > 1: forked processes, which inherit the
+    cutter (its known and stored ids can be millions) rather than receive it; threads where the
+    platform cannot fork. (None, cutter) otherwise."""
+    if workers <= 1:
+        return None, cutter
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return ThreadPoolExecutor(workers), cutter
+    _CUTTER["cutter"] = cutter
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")), _cut_in_worker
+
+
 def extract_patches(target: Target, result: RecordResult, source, layers: Sequence[str] | None = None,
                     q: float = 0.95, min_frac: float = 0.25, dedup_iou: float = 0.8,
                     batch_size: int = 32, encoders: Sequence = (), known: dict | None = None,
@@ -297,9 +371,9 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
                 ps.n_encoded += len(chunk)
 
     S = target.input_size
-    # The boxes depend on the maps alone: a whole layer's at once, here in this thread (torch ops
-    # called from many threads at once stall in torch's own thread pool: the pixel threads below
-    # run PIL, zlib, hashlib and numpy only). Each map's box is its own (boxes_for_maps).
+    # The boxes depend on the maps alone: a whole layer's at once, here (batched torch ops; the
+    # pixel workers below run PIL, zlib, hashlib and numpy only). Each map's box is its own
+    # (boxes_for_maps).
     box_of: dict[tuple[str, int, int], tuple] = {}
 
     def add_boxes(name: str, keys: list, maps: torch.Tensor) -> None:   # maps [n, h, w]
@@ -313,51 +387,18 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
             add_boxes(name, [(name, int(u), int(r)) for u, r in zip(us, rs)], torch.from_numpy(lr.top_maps[us, rs]))
 
     # The pixel work of an image (decode, cutting, crop hashing, thumbnail, the encoders'
-    # preprocessing) runs in `workers` threads (PIL, zlib and hashlib release the GIL), a chunk of
-    # images ahead of the bookkeeping, which stays in order in this thread (so the result does not
-    # depend on the threads) and feeds the encoder meanwhile. (A few images per thread at a time:
-    # their preprocessed crops wait in memory for the encoder.)
+    # preprocessing: _Cutter) runs in `workers` processes, a chunk of images ahead of the
+    # bookkeeping, which stays in order in this thread (so the result does not depend on the
+    # workers) and feeds the encoder meanwhile. Processes, not threads: under one GIL the threads
+    # cut ~140 top images/s however many there were (14 on the GPU machine). (A few images per
+    # worker at a time: their preprocessed crops wait in memory for the encoder.)
     step = batch_size if workers <= 1 else 4 * workers
-    pool = ThreadPoolExecutor(workers) if workers > 1 else None
-
-    def prepare(j: int, i: int, iid: str, pils: list) -> tuple[list, int]:
-        """One image's boxes: ("dup", job, patch id, local box) for a box merged into an earlier
-        box of the image, ("new", job, patch id, box, cut row, thumbnail, [(encoder, its input)]
-        for the encoders that lack the crop)."""
-        img, decoded = pils[j], 0
-
-        def image():  # the decoded image, loaded the first time a box needs pixels
-            nonlocal img, decoded
-            if img is None:
-                img, decoded = source.load(iid), decoded + 1
-            return img
-
-        W, H = sizes[iid] if img is None and iid in sizes else image().size
-        h = hashes[i] if hashes is not None else None
-        kept = _Kept()                                           # the boxes kept on this image
-        todo = [job for name in layers for job in jobs[i] if job[0] == name]   # layer by layer
-        out = []
-        for job in todo:
-            ibox = to_image_box(box_of[job], S, W, H, target.crop_fraction)
-            pid, kb = kept.match(ibox, dedup_iou) or (None, None)
-            if pid is not None:
-                out.append(("dup", job, pid, kb))
-                continue
-            crop, row = None, None
-            pid = cut.get((h, *ibox)) if h is not None else None
-            if pid is None:  # never cut: cut and hash it
-                crop = image().crop(ibox)
-                pid = crop_id(crop)
-                row = (h, *ibox, pid) if h is not None else None
-            kept.add(ibox, (pid, len(kept.items)))
-            fresh = pid not in seen  # (seen only grows: a pid seen here is seen below too)
-            encode = [enc for enc in encoders if pid not in known.get(enc.id, ())] if fresh else []
-            thumb = fresh and pid not in stored
-            if crop is None and (encode or thumb):
-                crop = image().crop(ibox)
-            out.append(("new", job, pid, ibox, row, thumbnail_png(crop) if thumb else None,
-                        [(enc, to_pixels[enc.id](crop)) for enc in encode]))
-        return out, decoded
+    cutter = _Cutter(source, S, target.crop_fraction, dedup_iou, {e: known.get(e, frozenset()) for e in to_pixels},
+                     stored, to_pixels, sizes)
+    pool, run = _pool(workers, cutter)
+    by_hash: dict[str, dict] = defaultdict(dict)                 # image hash -> {box: patch_id} cut before
+    for (h, *box), pid in cut.items():
+        by_hash[h][tuple(box)] = pid
 
     def launch(idx: list[int]) -> tuple[list, list | None]:
         """Start a chunk of images: its boxes (from recomputed maps where none were kept), then
@@ -374,45 +415,52 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
                     mine = [job for job in jobs[i] if job[0] == name]
                     if mine:
                         add_boxes(name, mine, maps[name][j, [u for _, u, _ in mine]])
-        args = [(j, i, iid, pils) for j, (i, iid) in enumerate(zip(idx, ids))]
-        return args, [pool.submit(prepare, *a) for a in args] if pool else None
+        args = []
+        for j, (i, iid) in enumerate(zip(idx, ids)):
+            h = hashes[i] if hashes is not None else None
+            todo = [(job, box_of[job]) for name in layers for job in jobs[i] if job[0] == name]  # layer by layer
+            args.append((iid, h, pils[j], todo, by_hash.get(h, {})))
+        return args, [pool.submit(run, *a) for a in args] if pool else None
 
-    chunks = [order[c : c + step] for c in range(0, len(order), step)]
-    ahead = launch(chunks[0]) if chunks else None
-    for c, idx in enumerate(chunks):
-        args, futures = ahead
-        ahead = launch(chunks[c + 1]) if c + 1 < len(chunks) else None   # the pool cuts the next chunk meanwhile
-        done = (f.result() for f in futures) if futures is not None else (prepare(*a) for a in args)
-        for (j, i, iid, _), (out, decoded) in zip(args, done):
-            ps.n_decoded += decoded
-            first = len(ps.boxes)  # the image's boxes are numbered from here
-            for kind, (l, u, r), pid, *rest in out:
-                ps.n_boxes += 1
-                if kind == "dup":
-                    ps.box_of[(l, u, r)] = first + rest[0]
-                else:
-                    ibox, row, thumb, pre = rest
-                    if row is not None and row[:5] not in cut:  # (a duplicate file cuts it once)
-                        cut[row[:5]] = pid
-                        ps.cuts.append(row)
-                    ps.boxes.append(pid)
-                    if pid not in seen:  # identical crops (of any image) are one patch
-                        seen.add(pid)
-                        ps.rows.append({"patch_id": pid, "dataset": result.dataset, "image_id": iid,
-                                        "x0": ibox[0], "y0": ibox[1], "x1": ibox[2], "y1": ibox[3],
-                                        "thumbnail": None if pid in stored else thumb})
-                        for enc, x in pre:  # the encoders that do not know this crop, its input
-                            pending[enc.id].append(x)
-                            emb_ids[enc.id].append(pid)
-                ps.assignment[(l, u, r)] = pid
-                ps.box_of.setdefault((l, u, r), len(ps.boxes) - 1)
+    try:
+        chunks = [order[c : c + step] for c in range(0, len(order), step)]
+        ahead = launch(chunks[0]) if chunks else None
+        for c, idx in enumerate(chunks):
+            args, futures = ahead
+            ahead = launch(chunks[c + 1]) if c + 1 < len(chunks) else None   # the pool cuts the next chunk meanwhile
+            done = (f.result() for f in futures) if futures is not None else (cutter(*a) for a in args)
+            for (iid, *_), (out, decoded) in zip(args, done):
+                ps.n_decoded += decoded
+                first = len(ps.boxes)  # the image's boxes are numbered from here
+                for kind, (l, u, r), pid, *rest in out:
+                    ps.n_boxes += 1
+                    if kind == "dup":
+                        ps.box_of[(l, u, r)] = first + rest[0]
+                    else:
+                        ibox, row, thumb, pre = rest
+                        if row is not None and row[:5] not in cut:  # (a duplicate file cuts it once)
+                            cut[row[:5]] = pid
+                            ps.cuts.append(row)
+                        ps.boxes.append(pid)
+                        if pid not in seen:  # identical crops (of any image) are one patch
+                            seen.add(pid)
+                            ps.rows.append({"patch_id": pid, "dataset": result.dataset, "image_id": iid,
+                                            "x0": ibox[0], "y0": ibox[1], "x1": ibox[2], "y1": ibox[3],
+                                            "thumbnail": None if pid in stored else thumb})
+                            for e, x in pre:  # the encoders that do not know this crop, its input
+                                pending[e].append(x)
+                                emb_ids[e].append(pid)
+                    ps.assignment[(l, u, r)] = pid
+                    ps.box_of.setdefault((l, u, r), len(ps.boxes) - 1)
+                flush()
             flush()
-        flush()
-        if bar is not None:
-            bar.update(len(idx))
-    flush(force=True)
-    if pool is not None:
-        pool.shutdown()
+            if bar is not None:
+                bar.update(len(idx))
+        flush(force=True)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+            _CUTTER.clear()
     if bar is not None:
         bar.close()
     for enc in encoders:

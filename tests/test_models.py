@@ -7,7 +7,6 @@ import textwrap
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 from neurostore.errors import BadInput, UnknownLayer, UnknownModel
 from neurostore.models import (_torchvision_weights, default_layers, layers, layers_table_rows, list_layers,

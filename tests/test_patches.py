@@ -211,9 +211,12 @@ def test_boxes_cut_before_are_looked_up_not_decoded(recorded):
     assert third.n_decoded == 1 and third.rows[0] == missing
 
 
-def test_threads_cut_exactly_what_one_thread_cuts(recorded):
-    """`workers` threads do the pixel work (decode, cut, hash, thumbnail, preprocess); the patch
-    set is the same, field for field, as cutting in one thread."""
+def test_worker_processes_cut_exactly_what_one_process_cuts(recorded):
+    """`workers` forked processes do the pixel work (decode, cut, hash, thumbnail, preprocess);
+    the patch set is the same, field for field, as cutting in this process: cold, and again with
+    half the crops known, a third stored and half the boxes cut before."""
+    from neurostore import patches
+
     t, src, _ = recorded
     hashes = []
     with Recorder(t, ["layer2", "fc"], k=3, dataset=src.dataset, keep_maps=True) as rec:
@@ -221,9 +224,15 @@ def test_threads_cut_exactly_what_one_thread_cuts(recorded):
             rec.update(b.image_ids, b.pixels)
             hashes += b.hashes
     res = rec.result()
-    one, many = (extract_patches(t, res, src, encoders=[_MeanColour()], hashes=hashes, batch_size=4,
-                                 workers=w, progress=False) for w in (0, 3))
-    for f in ("rows", "assignment", "boxes", "box_of", "cuts", "n_boxes", "n_decoded", "n_encoded"):
-        assert getattr(one, f) == getattr(many, f), f
-    assert one.embeddings["meancolour"][0] == many.embeddings["meancolour"][0]
-    np.testing.assert_array_equal(one.embeddings["meancolour"][1], many.embeddings["meancolour"][1])
+    warm = {}
+    for kind in ("cold", "warm"):
+        one, many = (extract_patches(t, res, src, encoders=[_MeanColour()], hashes=hashes, batch_size=4,
+                                     workers=w, progress=False, **warm) for w in (0, 3))
+        for f in ("rows", "assignment", "boxes", "box_of", "cuts", "n_boxes", "n_decoded", "n_encoded"):
+            assert getattr(one, f) == getattr(many, f), (kind, f)
+        assert one.embeddings["meancolour"][0] == many.embeddings["meancolour"][0]
+        np.testing.assert_array_equal(one.embeddings["meancolour"][1], many.embeddings["meancolour"][1])
+        ids = one.patch_ids
+        warm = {"known": {"meancolour": frozenset(ids[::2])}, "stored": frozenset(ids[::3]),
+                "cut": {tuple(c[:5]): c[5] for c in one.cuts[::2]}}
+    assert one.n_encoded < len(ids) and not patches._CUTTER   # the workers' state is let go
