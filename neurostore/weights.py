@@ -97,12 +97,21 @@ def _offline(on: bool):
     offline, timeout = constants.HF_HUB_OFFLINE, socket.getdefaulttimeout()
     constants.HF_HUB_OFFLINE = True
     socket.setdefaulttimeout(REACH_S)
-    logging.disable(logging.ERROR)
     try:
-        yield
+        with logging_quiet(logging.ERROR):
+            yield
     finally:
         constants.HF_HUB_OFFLINE = offline
         socket.setdefaulttimeout(timeout)
+
+
+@contextlib.contextmanager
+def logging_quiet(level: int = logging.WARNING):
+    """No log records at `level` or below while inside (libraries' lines that would mislead)."""
+    logging.disable(level)
+    try:
+        yield
+    finally:
         logging.disable(logging.NOTSET)
 
 

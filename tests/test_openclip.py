@@ -119,6 +119,28 @@ def test_random_encoder_is_the_same_in_every_load():
     assert torch.equal(a.encode_texts(["a dog", "a red car"]), b.encode_texts(["a dog", "a red car"]))
 
 
+def test_registry_encoder_builds_its_weights_on_first_use():
+    """A warm dissect encodes nothing, so it needs no encoder weights: a registry spec loads as a
+    meta-device skeleton with OpenCLIP's preprocessing and the width, and the weights are built on
+    the first encode, the same ones an eager build has."""
+    from neurostore.encoding import SplitPreprocess
+    from neurostore.openclip import create_openclip
+
+    enc = load_encoder("open_clip:RN50/random")
+    assert enc._model is None and enc.dim == 1024 and enc.image_size == 224
+    eager, preprocess, _ = create_openclip("RN50/random")
+    assert repr(enc.split_preprocess()) == repr(SplitPreprocess.of(preprocess)) and enc._model is None
+    got = enc.encode_texts(["a dog", "a red car"])
+    assert enc._model is not None and next(enc.model.parameters()).device.type == "cpu"
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(eager.encode_text(open_clip.get_tokenizer("RN50")(["a dog", "a red car"])))
+    assert torch.allclose(got, want, atol=1e-6)
+    # a pretrained tag's skeleton has the tag's own preprocessing (SigLIP: mean 0.5, squash), no download
+    _, pre, info = create_openclip("ViT-B-16-SigLIP/webli", skeleton=True)
+    assert "mean=(0.5, 0.5, 0.5)" in repr(pre) and "CenterCrop" not in repr(pre) and not info["random_weights"]
+    assert create_openclip("hf-hub:timm/ViT-B-16-SigLIP", skeleton=True) is None   # only a full load can tell
+
+
 def test_split_preprocess_gives_the_same_pixels(saved):
     """Crops go to the encoder as uint8 and are normalised a batch at a time (patches): exactly the
     tensors of OpenCLIP's own preprocessing, any size or mode of image."""
