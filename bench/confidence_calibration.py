@@ -13,7 +13,9 @@ its run's stored null and its stored fidelity.
    confidence decile; in each bin, the fraction that agrees with the truth (the mask-IoU
    reference finds the unit interpretable, IoU >= 0.04, and names the same concept) should lie
    within 0.15 of the bin's mean confidence (bins with fewer than --min-bin labels are
-   reported, not judged). The same over the headlines (one per unit).
+   reported, not judged). The same over the headlines (one per unit). Beside each, what the
+   worst gap would be from sampling alone if the confidences were exactly right
+   (`if_calibrated`: with 20-label deciles, one decile's noise is about 0.1).
 2. Random networks: each world's probe CNN re-initialised (seeded by the world's seed; the fit
    world's is in the fit, the others are not) and torchvision:resnet18@random layer4 with
    open_clip:ViT-B-32/random and the english-3k vocabulary on the probe images: the fraction of
@@ -28,6 +30,7 @@ No downloads: fast probe worlds from the caches (built there when missing), rand
     NEUROSTORE_TEST_CACHE=/tmp/ns-test-cache .venv/bin/python bench/confidence_calibration.py --fit
     .venv/bin/python bench/confidence_calibration.py --skip-resnet --heldout ''   # fit world only
     .venv/bin/python bench/confidence_calibration.py --store DIR    # DIR's stored dissects are reused
+    ... --fit --fit-also 3:frame:star --heldout-cache DIR   # fit on seed 0 and a seed-3 world too
 
 Ends by printing one line of JSON.
 """
