@@ -486,7 +486,7 @@ def concept_peak(p: torch.Tensor) -> np.ndarray:
     """[n, c] zero-shot p(concept | image) on held-out images -> [c] log(max / mean) over the
     images: how far the concept's clearest image stands out. A concept the probe images never
     show has its probability spread evenly (measured on four fast worlds, it tells the 19 drawn
-    concepts from the 34 never drawn at ROC AUC 0.96-0.99), and the encoder's "top 10%" still
+    concepts from the 34 never drawn at ROC AUC 0.97-0.99), and the encoder's "top 10%" still
     calls it present somewhere, so its AUPRC can look like a real concept's. NaN with fewer than
     2 images."""
     if p.shape[0] < 2:

@@ -262,7 +262,8 @@ def test_shipped_calibration_gives_monotone_probabilities():
     base = pd.DataFrame({"unit": [0, 0], "scorer": ["patch", "wpmi"], "concept": ["a", "b"],
                          "confidence": 0.3, "auprc": 0.2, "fidelity": 0.1, "cosine_pearson": 0.1, "concept_peak": 1.0})
     p0 = cal.headline(base)
-    for col, hi in (("confidence", 0.8), ("auprc", 0.9), ("cosine_pearson", 0.7), ("concept_peak", 2.0), ("concept", "a")):
+    for col, hi in (("confidence", 0.8), ("auprc", 0.9), ("cosine_pearson", 0.7), ("concept_peak", 2.0),
+                    ("concept", "a")):
         p1 = cal.headline(base.assign(**{col: hi}))                  # concept 'a' twice: two scorers agree
         assert ((p1 >= p0 - 1e-12) & (p1 <= 1) & (p1 >= 0)).all(), col
 
