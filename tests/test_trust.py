@@ -158,7 +158,7 @@ def test_fidelity_with_too_few_held_out_images_is_nan_not_a_crash():
         assert T.heldout(sub).sum() == keep
         expl = pd.DataFrame({"unit": [0, 1], "scorer": "patch", "concept": ["a", "b"], "rank": 0})
         out = T.explanation_fidelity(expl, torch.rand(len(sub), 2), torch.rand(len(sub), 2), sub, {"a": 0, "b": 1})
-        assert out["value"].isna().all() and len(out) == 6   # pearson, auprc, cosine_pearson
+        assert out["value"].isna().all() and len(out) == 8   # pearson, auprc, cosine_pearson, concept_peak
     assert not T.encoder_presence(torch.rand(0, 3)).any()
 
 
@@ -202,6 +202,29 @@ def test_encoder_fidelity_is_blind_to_how_near_an_image_is_to_every_concept():
     assert raw < clean - 0.2
 
 
+def test_concept_peak_tells_a_concept_some_images_show_from_one_none_shows():
+    """concept_peak: a concept drawn in a tenth of the held-out images (cosine raised there)
+    peaks far above its mean zero-shot p; one drawn nowhere, whose cosine is noise like every
+    other concept's, does not, though the encoder's top 10% still calls it present somewhere.
+    The explanation_scores rows carry it per explanation; too few images: NaN."""
+    import pandas as pd
+
+    g = torch.Generator().manual_seed(3)
+    n, c = 600, 20
+    ids = [f"img{i:04d}" for i in range(n)]
+    sim = 0.2 + 0.02 * torch.randn(n, c, generator=g)                # [n, c] cosines
+    sim[torch.arange(n) % 10 == 0, 0] += 0.3                          # concept 0 in 10% of the images
+    hold = torch.from_numpy(T.heldout(ids))
+    peak = T.concept_peak(T.zero_shot(sim, hold, torch.arange(c)))   # [c]
+    assert peak[0] > peak[1:].max() + 0.5
+    assert T.encoder_presence(sim[hold])[:, 1].any()                 # "present" by the top 10% anyway
+    expl = pd.DataFrame({"unit": [0, 0], "scorer": "patch", "concept": ["c0", "c1"], "rank": [0, 1]})
+    f = T.explanation_fidelity(expl, torch.rand(n, 1, generator=g), sim, ids, {f"c{j}": j for j in range(c)})
+    got = f[f["metric"] == "concept_peak"].set_index("concept")["value"]
+    np.testing.assert_allclose(got[["c0", "c1"]].to_numpy(), peak[:2], rtol=1e-5)
+    assert np.isnan(T.concept_peak(torch.rand(1, 3))).all()
+
+
 def test_headline_prefers_the_calibrated_confidence_then_held_out_fidelity():
     import pandas as pd
 
@@ -237,9 +260,10 @@ def test_shipped_calibration_gives_monotone_probabilities():
         assert ((p >= 0) & (p <= 1)).all() and (p.diff(dim=1) >= -1e-12).all(), scorer
         assert (p[4:].diff(dim=0) >= -1e-12).all(), scorer         # rows 4.. : auprc 0 -> 1
     base = pd.DataFrame({"unit": [0, 0], "scorer": ["patch", "wpmi"], "concept": ["a", "b"],
-                         "confidence": 0.3, "auprc": 0.2, "fidelity": 0.1, "cosine_pearson": 0.1})
+                         "confidence": 0.3, "auprc": 0.2, "fidelity": 0.1, "cosine_pearson": 0.1, "concept_peak": 1.0})
     p0 = cal.headline(base)
-    for col, hi in (("confidence", 0.8), ("auprc", 0.9), ("cosine_pearson", 0.7), ("concept", "a")):
+    for col, hi in (("confidence", 0.8), ("auprc", 0.9), ("cosine_pearson", 0.7), ("concept_peak", 2.0),
+                    ("concept", "a")):
         p1 = cal.headline(base.assign(**{col: hi}))                  # concept 'a' twice: two scorers agree
         assert ((p1 >= p0 - 1e-12) & (p1 <= 1) & (p1 >= 0)).all(), col
 
@@ -305,7 +329,8 @@ def test_dissect_stores_null_confidence_fidelity_and_headlines(demo_run):
                   "FROM explanation_scores GROUP BY ALL")
     # fidelity from both presences, and the null's q of every row (what the calibrated confidence maps)
     assert set(zip(es["presence"], es["metric"])) == ({(p, m) for p in ("encoder", "masks") for m in ("pearson", "auprc")}
-                                                      | {("encoder", "cosine_pearson"), ("null", "null_q")})
+                                                      | {("encoder", "cosine_pearson"), ("encoder", "concept_peak"),
+                                                         ("null", "null_q")})
     assert set(es["r"]) <= set(runs["run_id"])                    # written by the dissect's own run
     h = store.df("SELECT model, layer, count(*) AS n, count(DISTINCT unit) AS u FROM headlines GROUP BY ALL")
     units = store.df("SELECT model, layer, count(DISTINCT unit) AS u FROM explanations GROUP BY ALL")
@@ -375,7 +400,7 @@ def test_assess_rewrites_confidence_and_writes_tables(assessed):
               "WHERE model = 'probe-cnn' GROUP BY ALL")
     assert set(zip(es["presence"], es["metric"])) == \
         {(p, m) for p in ("encoder", "masks") for m in ("pearson", "auprc")} \
-        | {("encoder", "cosine_pearson"), ("null", "null_q")}
+        | {("encoder", "cosine_pearson"), ("encoder", "concept_peak"), ("null", "null_q")}
     q = s.df("SELECT e.value AS q, s.confidence FROM explanation_scores e JOIN scores s USING (model, layer, unit, scorer, concept) "
              "WHERE e.model = 'probe-cnn' AND e.metric = 'null_q'")
     assert len(q) == len(after) and q["q"].between(0, 1).all()       # the null's q kept beside the confidence
