@@ -6,7 +6,7 @@ CREATE TABLE explanation_scores (
     scorer       VARCHAR,    -- scorer whose explanation it is
     concept      VARCHAR,    -- the explained concept
     rank         INTEGER,    -- its rank among the scorer's concepts for the unit (0 = label)
-    metric       VARCHAR,    -- 'pearson' or 'auprc' (unit activation vs concept presence); 'cosine_pearson' (encoder: vs the raw cosine); 'null_q' (BH q against random directions)
+    metric       VARCHAR,    -- 'pearson' or 'auprc' (unit activation vs concept presence); 'cosine_pearson' (encoder: vs the raw cosine); 'concept_peak' (encoder: log max/mean of the concept's zero-shot p over held-out images, a property of the concept); 'null_q' (BH q against random directions)
     presence     VARCHAR,    -- what gave the concept's presence: 'encoder' (zero-shot p(concept | image) from the image-concept cosine) or 'masks' (truth); 'null' for null_q
     value        DOUBLE,     -- the figure (NULL when the concept is absent from every held-out image)
     n_images     INTEGER,    -- held-out images it is over
