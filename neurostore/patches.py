@@ -15,8 +15,11 @@ plays the same role: it selects where the unit fired most on an image where it f
 Deduplication: a patch is identified by its content (`patch_id` = 16 hex of a SHA-1 of the
 crop's pixels, `crop_id`), so identical crops share one patch and one embedding per encoder,
 across units, models and runs. Near-identical boxes share one too: on the same image, a box
-whose IoU with an already kept box is >= `dedup_iou` (default 0.8) reuses that patch. Boxes are
-visited in (layer, unit, rank) order, so the result is deterministic. Which patch a box is, once
+whose IoU with an already kept box of its own layer is >= `dedup_iou` (default 0.8) reuses that
+patch. Boxes are visited in (layer, unit, rank) order, so the result is deterministic, and a
+unit's patches depend on its own layer alone, not on which other layers the run cuts (merged
+across layers, a feature layer's box took its source layer's slightly different crop, and 5 of
+128 features got another headline beside their source layer than alone). Which patch a box is, once
 cut, is kept by content too (the store's `crops` table: image file hash + box -> patch_id), so a
 later run finds it without decoding the image again.
 """
@@ -182,7 +185,7 @@ class PatchSet:
     dataset: str
     rows: list[dict] = field(default_factory=list)           # schema/patches.sql minus run_id
     assignment: dict = field(default_factory=dict)           # (layer, unit, rank) -> patch_id
-    # Each box kept on an image (near-duplicates on the same image merged), in cutting order: the
+    # Each box kept on an image (a layer's near-duplicates on the same image merged), in cutting order: the
     # patch population a unit's patches are compared with (identical crops of different images
     # count once per image, as distinct boxes).
     boxes: list = field(default_factory=list)                # patch_id of each kept box
@@ -334,12 +337,12 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
 
         W, H = sizes[iid] if img is None and iid in sizes else image().size
         h = hashes[i] if hashes is not None else None
-        kept = _Kept()                                           # the boxes kept on this image
+        kept = defaultdict(_Kept)                                # layer -> the boxes kept on this image
         todo = [job for name in layers for job in jobs[i] if job[0] == name]   # layer by layer
-        out = []
+        out, n_kept = [], 0                                      # n_kept: the image's boxes, all layers
         for job in todo:
             ibox = to_image_box(box_of[job], S, W, H, target.crop_fraction)
-            pid, kb = kept.match(ibox, dedup_iou) or (None, None)
+            pid, kb = kept[job[0]].match(ibox, dedup_iou) or (None, None)
             if pid is not None:
                 out.append(("dup", job, pid, kb))
                 continue
@@ -349,7 +352,8 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
                 crop = image().crop(ibox)
                 pid = crop_id(crop)
                 row = (h, *ibox, pid) if h is not None else None
-            kept.add(ibox, (pid, len(kept.items)))
+            kept[job[0]].add(ibox, (pid, n_kept))
+            n_kept += 1
             fresh = pid not in seen  # (seen only grows: a pid seen here is seen below too)
             encode = [enc for enc in encoders if pid not in known.get(enc.id, ())] if fresh else []
             thumb = fresh and pid not in stored

@@ -93,27 +93,30 @@ def test_features_are_dissected_and_queried_like_neurons(fitted):
     assert any("topk_sae" in layer for layer in concepts)
 
 
-def test_patch_scores_of_a_layer_do_not_depend_on_the_other_layers_of_the_run(fitted, probe_world, tmp_path):
-    """The `patch` scorer contrasts a unit's patches with its own layer's: conv4, dissected alone,
-    gets the scores it got beside its dictionary's features (with every patch of the run as the
-    population, a neuron's headline moved with the dictionary beside it). Only the first layer of
-    a run is compared: a later layer's box may reuse an earlier layer's near-identical box
-    (patches.py's deduplication), a patch of its own that differs slightly."""
+def test_patches_and_patch_scores_of_a_layer_do_not_depend_on_the_other_layers_of_the_run(fitted, probe_world,
+                                                                                         tmp_path):
+    """conv4 and its dictionary's features, each dissected alone, get the patches and `patch`
+    scores they got in one run together: the contrast is over a layer's own patches
+    (scorers.own_patches) and a box merges only with its own layer's near-identical boxes
+    (patches.py; merged across layers, features took conv4's slightly different crops)."""
     import shutil
 
     store, out = fitted
     spec, s, _ = out["cnn"]
-    shutil.copytree(store.path, tmp_path / "st")
-    alone = Store.open(tmp_path / "st")
-    sql = ("SELECT unit, rank, concept, score FROM scores WHERE model = 'probe-cnn' AND layer = 'conv4' "
-           "AND scorer = 'patch' ORDER BY unit, rank")
-    together = store.df(sql)
-    dissect(alone, spec, world=probe_world, layers=["conv4"], vocabulary="probe", scorers=["patch"],
-            max_images=120, progress=False, evaluate=False, log=lambda *a: None)
-    got = alone.df(sql)
-    assert len(got) == len(together) == 64 * 5
-    assert got["concept"].tolist() == together["concept"].tolist()
-    assert (got["score"] - together["score"]).abs().max() < 1e-5
+    scores = ("SELECT unit, rank, concept, score FROM scores WHERE model = 'probe-cnn' AND layer = $l "
+              "AND scorer = 'patch' ORDER BY unit, rank")
+    patches = ("SELECT unit, rank, patch_id FROM activations WHERE model = 'probe-cnn' AND layer = $l "
+               "ORDER BY unit, rank")
+    for layer, n in (("conv4", 64), (s["layer"], 128)):
+        shutil.copytree(store.path, tmp_path / layer)
+        alone = Store.open(tmp_path / layer)
+        dissect(alone, spec, world=probe_world, layers=[layer], vocabulary="probe", scorers=["patch"],
+                max_images=120, progress=False, evaluate=False, log=lambda *a: None)
+        assert alone.df(patches, {"l": layer}).equals(store.df(patches, {"l": layer}))
+        got, together = alone.df(scores, {"l": layer}), store.df(scores, {"l": layer})
+        assert len(got) == len(together) == n * 5
+        assert got["concept"].tolist() == together["concept"].tolist()
+        assert (got["score"] - together["score"]).abs().max() < 1e-5
 
 
 def test_own_patches_scores_a_layer_as_if_its_patches_were_the_only_ones():
