@@ -2,19 +2,20 @@
 
 On the probe world (the truth of every pixel is known) it fits a dictionary (default: a BatchTopK
 sparse autoencoder, 2 features per unit, 4 active on average) on each hidden layer of the CNN,
-dissects the neurons and the features (scorers `patch` and `iou`; neurons and features in runs of
-their own), and compares, per layer, neurons with features:
+dissects the neurons and the features in one run (the ground-truth-free scorers and `iou`), and
+compares, per layer, neurons with features, for each rule of what a unit's explanation is
+(RULES: the product's headline, the `headlines` table, first; then each scorer's top concept):
 
-    agree        fraction of units whose headline explanation (the `patch` scorer's top concept:
-                 patches and encoder, no ground truth) equals the per-pixel truth (the `iou`
-                 scorer's top concept, with IoU >= evaluate.REFERENCE_MIN_IOU)
+    agree        fraction of units whose explanation (no ground truth) equals the per-pixel truth
+                 (the `iou` scorer's top concept, with IoU >= evaluate.REFERENCE_MIN_IOU)
     agree_fid    the same, counting only units whose fidelity is >= --fidelity: Pearson
                  correlation, on held-out images (every 5th image), between the unit's pooled
                  max activation and the explained concept's mask area
     by_activity  [units, reaching the reference's IoU, agree_fid] per band of the fraction of all
                  probe positions a unit is active on (ACTIVITY_BANDS): what decides a feature
     ratio        features' agree_fid / neurons' agree_fid (the issue's target: >= 1.5); fractions
-                 of each side's own units, so a 2x dictionary's twice as many units do not count twice
+                 of each side's own units, so a 2x dictionary's twice as many units do not count twice;
+                 `ratio` is the first rule's (--rules), `ratio_by_rule` every rule's
 
 and the dictionary's quality (FVE, L0, dead features on held-out samples).
 
@@ -23,6 +24,7 @@ and the dictionary's quality (FVE, L0, dead features on held-out samples).
     .venv/bin/python bench/features_vs_neurons.py --active 1        # fitted on all samples
     .venv/bin/python bench/features_vs_neurons.py --seed 1 --cache DIR   # a second world (built in DIR)
     .venv/bin/python bench/features_vs_neurons.py --fit-seed 1      # another fit of the dictionaries
+    .venv/bin/python bench/features_vs_neurons.py --rules patch     # the `patch` scorer's top concept alone (faster)
 
 Ends by printing one line of JSON.
 """
@@ -163,15 +165,14 @@ def main() -> None:
                          active=args.active, progress=False, log=lambda *a: None)
         dicts[layer] = {m: s[m] for m in ("layer", "n_features", "fve", "l0", "dead_fraction", "fit_seconds")}
         names.append(s["layer"])
-    # Neurons and features in runs of their own: the `patch` scorer's contrast is per layer, but a
-    # box of a later layer reuses an earlier layer's near-identical box on the same image
-    # (patches.py), so one side's patches would depend on the other's being in the run.
+    # Neurons and features in one run: a layer's patches and scores depend on that layer alone
+    # (the `patch` contrast is over the layer's own patches, a box merges only with its own
+    # layer's; tests/test_features.py checks both).
     from neurostore.trust import HEADLINE_SCORERS
 
     scorers = sorted({s for r in args.rules for s in (HEADLINE_SCORERS if r == "headline" else (r,))}) + ["iou"]
-    for layers in (args.layers, names):
-        dissect(store, spec, world=world, layers=layers, vocabulary="probe", scorers=scorers,
-                progress=False, evaluate=False, log=lambda *a: None)
+    dissect(store, spec, world=world, layers=args.layers + names, vocabulary="probe", scorers=scorers,
+            progress=False, evaluate=False, log=lambda *a: None)
     model = "probe-cnn"
     act = activity(spec, store, world, args.layers + names)
     by_rule = {}
