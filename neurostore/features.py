@@ -264,7 +264,6 @@ class _JumpReLU(torch.autograd.Function):
         return g * (pre > theta), -(g * theta * _kernel(pre, theta)).sum(0)
 
 
-
 def fit_topk_sae(x: torch.Tensor, n_features: int, k: int, *, steps: int, seed: int, batch: int = 1024,
                  lr: float = 1e-3, batch_topk: bool = False, band: tuple[float, float] | None = None,
                  band_x: torch.Tensor | None = None, device: torch.device | str = "cpu") -> FeatureEncoder:
