@@ -187,7 +187,8 @@ def main() -> None:
                 tot[key][0] += f["n_agree_fid"]
                 tot[key][1] += f["units"]
         frac = {k: v[0] / v[1] for k, v in tot.items()}
-        by_rule[rule] = {"neurons_agree_fid": round(frac["neurons"], 4), "features_agree_fid": round(frac["features"], 4),
+        by_rule[rule] = {"neurons_agree_fid": round(frac["neurons"], 4),
+                         "features_agree_fid": round(frac["features"], 4),
                          "ratio": round(frac["features"] / frac["neurons"], 3) if frac["neurons"] else None,
                          "layers": per_layer}
     main_rule = by_rule[args.rules[0]]

@@ -480,7 +480,8 @@ def fit(store: Store | str, model: str, layer: str, method: str = "topk-sae", wi
             "method": method, "width": width, "k": k, "threshold": enc.threshold, "n_units": info.n_units,
             "n_features": n_features, "dataset": source.dataset, "images": n_images, "samples": len(train_x),
             "holdout": len(held_x),
-            "seed": seed, "steps": steps, "active": active, "band": band, **{m: round(v, 4) if isinstance(v, float) else v for m, v in q.items()},
+            "seed": seed, "steps": steps, "active": active, "band": band,
+            **{m: round(v, 4) if isinstance(v, float) else v for m, v in q.items()},
             "device": describe(dev), "fit_seconds": round(fit_s, 1), "seconds": round(time.time() - t0, 1),
             "next": f"neurostore dissect {target.spec} --layer {name}"}
 

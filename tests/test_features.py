@@ -241,8 +241,8 @@ def test_cli_fit_ls_and_errors(tmp_path, probe_world, capsys, monkeypatch):
     thresholds = Store.open(st).df("SELECT layer, threshold FROM dictionaries ORDER BY layer")["threshold"].tolist()
     assert thresholds[0] > 0 and thresholds[1] != thresholds[1]                # NULL (NaN) for topk-sae
     bad = {
-        ("--method", "pca"): "Error: Unknown feature method 'pca'. Valid: batchtopk-sae, nmf, topk-sae. "
-                            "Example: --method topk-sae.",
+        ("--method", "pca"): "Error: Unknown feature method 'pca'. Valid: batchtopk-sae, jumprelu-sae, nmf, "
+                            "topk-sae. Example: --method topk-sae.",
         ("--width", "0"): "Error: --width must be a whole number of features per unit, at least 1; got 0. "
                           "Example: --width 8 (8 features per unit of the layer).",
         ("--max-images", "5"): "Error: Layer 'conv4' of probe-cnn gives too few samples for 512 features: 5 images "
