@@ -2,19 +2,20 @@
 
 On the probe world (the truth of every pixel is known) it fits a dictionary (default: a BatchTopK
 sparse autoencoder, 2 features per unit, 4 active on average) on each hidden layer of the CNN,
-dissects the neurons and the features (scorers `patch` and `iou`; neurons and features in runs of
-their own), and compares, per layer, neurons with features:
+dissects the neurons and the features in one run (the ground-truth-free scorers and `iou`), and
+compares, per layer, neurons with features, for each rule of what a unit's explanation is
+(RULES: the product's headline, the `headlines` table, first; then each scorer's top concept):
 
-    agree        fraction of units whose headline explanation (the `patch` scorer's top concept:
-                 patches and encoder, no ground truth) equals the per-pixel truth (the `iou`
-                 scorer's top concept, with IoU >= evaluate.REFERENCE_MIN_IOU)
+    agree        fraction of units whose explanation (no ground truth) equals the per-pixel truth
+                 (the `iou` scorer's top concept, with IoU >= evaluate.REFERENCE_MIN_IOU)
     agree_fid    the same, counting only units whose fidelity is >= --fidelity: Pearson
                  correlation, on held-out images (every 5th image), between the unit's pooled
                  max activation and the explained concept's mask area
     by_activity  [units, reaching the reference's IoU, agree_fid] per band of the fraction of all
                  probe positions a unit is active on (ACTIVITY_BANDS): what decides a feature
     ratio        features' agree_fid / neurons' agree_fid (the issue's target: >= 1.5); fractions
-                 of each side's own units, so a 2x dictionary's twice as many units do not count twice
+                 of each side's own units, so a 2x dictionary's twice as many units do not count twice;
+                 `ratio` is the first rule's (--rules), `ratio_by_rule` every rule's
 
 and the dictionary's quality (FVE, L0, dead features on held-out samples).
 
@@ -23,6 +24,7 @@ and the dictionary's quality (FVE, L0, dead features on held-out samples).
     .venv/bin/python bench/features_vs_neurons.py --active 1        # fitted on all samples
     .venv/bin/python bench/features_vs_neurons.py --seed 1 --cache DIR   # a second world (built in DIR)
     .venv/bin/python bench/features_vs_neurons.py --fit-seed 1      # another fit of the dictionaries
+    .venv/bin/python bench/features_vs_neurons.py --rules patch     # the `patch` scorer's top concept alone (faster)
 
 Ends by printing one line of JSON.
 """
@@ -81,11 +83,25 @@ def activity(spec: str, store: Store, world, layers: list[str]) -> dict:
     return {layer: (v / len(source)).numpy() for layer, v in on.items()}
 
 
-def layer_figures(store: Store, model: str, layer: str, fid_min: float, active: np.ndarray | None = None) -> dict:
+RULES = ("headline", "patch", "soft_wpmi", "wpmi", "cos_cubed")   # what a unit's explanation is
+
+
+def explained(store: Store, model: str, layer: str, rule: str):
+    """A unit's explanation under `rule`: the product's headline (the `headlines` table: one
+    concept per unit across the ground-truth-free scorers, chosen by held-out fidelity), or one
+    scorer's top concept. DataFrame (unit, label)."""
+    if rule == "headline":
+        return store.df("SELECT unit, concept AS label FROM headlines WHERE model = $m AND layer = $l",
+                        {"m": model, "l": layer})
+    return store.df("SELECT unit, label FROM explanations WHERE model = $m AND layer = $l AND scorer = $s",
+                    {"m": model, "l": layer, "s": rule})
+
+
+def layer_figures(store: Store, model: str, layer: str, fid_min: float, active: np.ndarray | None = None,
+                  rule: str = "headline") -> dict:
     ref = store.df("SELECT unit, concept AS ref, score AS ref_iou FROM scores WHERE model = $m AND layer = $l "
                    "AND scorer = 'iou' AND rank = 0", {"m": model, "l": layer})
-    head = store.df("SELECT unit, label FROM explanations WHERE model = $m AND layer = $l AND scorer = 'patch'",
-                    {"m": model, "l": layer})
+    head = explained(store, model, layer, rule)
     pooled = store.df("SELECT image_id, act_max FROM pooled WHERE model = $m AND layer = $l ORDER BY image_id",
                       {"m": model, "l": layer})
     held = np.arange(len(pooled)) % 5 == 4
@@ -130,6 +146,8 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="the default world instead of the fast one")
     ap.add_argument("--cache", default=os.environ.get("NEUROSTORE_TEST_CACHE"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES,
+                    help="what a unit's explanation is; the first gives `ratio` (default: the product's headline)")
     args = ap.parse_args()
     import torch
 
@@ -147,31 +165,41 @@ def main() -> None:
                          active=args.active, progress=False, log=lambda *a: None)
         dicts[layer] = {m: s[m] for m in ("layer", "n_features", "fve", "l0", "dead_fraction", "fit_seconds")}
         names.append(s["layer"])
-    # Neurons and features in runs of their own: the `patch` scorer's contrast is per layer, but a
-    # box of a later layer reuses an earlier layer's near-identical box on the same image
-    # (patches.py), so one side's patches would depend on the other's being in the run.
-    for layers in (args.layers, names):
-        dissect(store, spec, world=world, layers=layers, vocabulary="probe", scorers=["patch", "iou"],
-                progress=False, evaluate=False, log=lambda *a: None)
+    # Neurons and features in one run: a layer's patches and scores depend on that layer alone
+    # (the `patch` contrast is over the layer's own patches, a box merges only with its own
+    # layer's; tests/test_features.py checks both).
+    from neurostore.trust import HEADLINE_SCORERS
+
+    scorers = sorted({s for r in args.rules for s in (HEADLINE_SCORERS if r == "headline" else (r,))}) + ["iou"]
+    dissect(store, spec, world=world, layers=args.layers + names, vocabulary="probe", scorers=scorers,
+            progress=False, evaluate=False, log=lambda *a: None)
     model = "probe-cnn"
-    per_layer, tot = {}, {"neurons": [0, 0], "features": [0, 0]}
     act = activity(spec, store, world, args.layers + names)
-    for layer, name in zip(args.layers, names):
-        nf = layer_figures(store, model, layer, args.fidelity, act[layer])
-        ff = layer_figures(store, model, name, args.fidelity, act[name])
-        ratio = ff["agree_fid"] / nf["agree_fid"] if nf["agree_fid"] > 0 else None
-        per_layer[layer] = {"neurons": nf, "features": ff, "ratio": ratio, "dictionary": dicts[layer]}
-        for key, f in (("neurons", nf), ("features", ff)):
-            tot[key][0] += f["n_agree_fid"]
-            tot[key][1] += f["units"]
-    frac = {k: v[0] / v[1] for k, v in tot.items()}
+    by_rule = {}
+    for rule in args.rules:
+        per_layer, tot = {}, {"neurons": [0, 0], "features": [0, 0]}
+        for layer, name in zip(args.layers, names):
+            nf = layer_figures(store, model, layer, args.fidelity, act[layer], rule)
+            ff = layer_figures(store, model, name, args.fidelity, act[name], rule)
+            ratio = ff["agree_fid"] / nf["agree_fid"] if nf["agree_fid"] > 0 else None
+            per_layer[layer] = {"neurons": nf, "features": ff, "ratio": ratio, "dictionary": dicts[layer]}
+            for key, f in (("neurons", nf), ("features", ff)):
+                tot[key][0] += f["n_agree_fid"]
+                tot[key][1] += f["units"]
+        frac = {k: v[0] / v[1] for k, v in tot.items()}
+        by_rule[rule] = {"neurons_agree_fid": round(frac["neurons"], 4),
+                         "features_agree_fid": round(frac["features"], 4),
+                         "ratio": round(frac["features"] / frac["neurons"], 3) if frac["neurons"] else None,
+                         "layers": per_layer}
+    main_rule = by_rule[args.rules[0]]
     out = {"bench": "features_vs_neurons", "world": world.id, "model": model, "method": args.method,
            "width": args.width, "k": args.k if args.method in features.SAES else None, "steps": args.steps,
-           "fit_seed": args.fit_seed,
-           "active": args.active, "fidelity_min": args.fidelity,
-           "neurons_agree_fid": round(frac["neurons"], 4), "features_agree_fid": round(frac["features"], 4),
-           "ratio": round(frac["features"] / frac["neurons"], 3) if frac["neurons"] else None,
-           "target_ratio": 1.5, "layers": per_layer, "seconds": round(time.time() - t0, 1)}
+           "fit_seed": args.fit_seed, "active": args.active, "fidelity_min": args.fidelity, "rule": args.rules[0],
+           "neurons_agree_fid": main_rule["neurons_agree_fid"], "features_agree_fid": main_rule["features_agree_fid"],
+           "ratio": main_rule["ratio"], "target_ratio": 1.5,
+           "ratio_by_rule": {r: v["ratio"] for r, v in by_rule.items()},
+           "agree_fid_by_rule": {r: [v["neurons_agree_fid"], v["features_agree_fid"]] for r, v in by_rule.items()},
+           "by_rule": by_rule, "seconds": round(time.time() - t0, 1)}
     print(json.dumps(out))
 
 

@@ -15,8 +15,11 @@ plays the same role: it selects where the unit fired most on an image where it f
 Deduplication: a patch is identified by its content (`patch_id` = 16 hex of a SHA-1 of the
 crop's pixels, `crop_id`), so identical crops share one patch and one embedding per encoder,
 across units, models and runs. Near-identical boxes share one too: on the same image, a box
-whose IoU with an already kept box is >= `dedup_iou` (default 0.8) reuses that patch. Boxes are
-visited in (layer, unit, rank) order, so the result is deterministic. Which patch a box is, once
+whose IoU with an already kept box of its own layer is >= `dedup_iou` (default 0.8) reuses that
+patch. Boxes are visited in (layer, unit, rank) order, so the result is deterministic, and a
+unit's patches depend on its own layer alone, not on which other layers the run cuts (merged
+across layers, a feature layer's box took its source layer's slightly different crop, and 5 of
+128 features got another headline beside their source layer than alone). Which patch a box is, once
 cut, is kept by content too (the store's `crops` table: image file hash + box -> patch_id), so a
 later run finds it without decoding the image again.
 """
@@ -183,7 +186,7 @@ class PatchSet:
     dataset: str
     rows: list[dict] = field(default_factory=list)           # schema/patches.sql minus run_id
     assignment: dict = field(default_factory=dict)           # (layer, unit, rank) -> patch_id
-    # Each box kept on an image (near-duplicates on the same image merged), in cutting order: the
+    # Each box kept on an image (a layer's near-duplicates on the same image merged), in cutting order: the
     # patch population a unit's patches are compared with (identical crops of different images
     # count once per image, as distinct boxes).
     boxes: list = field(default_factory=list)                # patch_id of each kept box
@@ -253,7 +256,7 @@ class _Cutter:
     def __call__(self, iid: str, h: str | None, img, todo: list, cut: dict) -> tuple[list, int]:
         """`todo`: [(job, box in input pixels)] in cutting order; `cut`: {image box: patch_id} of
         boxes of this image cut before. Returns ("dup", job, patch id, index of the kept box) for
-        a box merged into an earlier box of the image, ("new", job, patch id, box, cut row or None,
+        a box merged into an earlier box of its layer on the image, ("new", job, patch id, box, cut row or None,
         thumbnail or None, [(encoder id, its input)] for the encoders that lack the crop); and
         how many times the image was decoded (0 or 1)."""
         decoded = 0
@@ -265,11 +268,11 @@ class _Cutter:
             return img
 
         W, H = self.sizes[iid] if img is None and iid in self.sizes else image().size
-        kept = _Kept()                                           # the boxes kept on this image
-        out = []
+        kept = defaultdict(_Kept)                                # layer -> the boxes kept on this image
+        out, n_kept = [], 0                                      # n_kept: the image's boxes, all layers
         for job, box in todo:
             ibox = to_image_box(box, self.size, W, H, self.crop_fraction)
-            pid, kb = kept.match(ibox, self.dedup_iou) or (None, None)
+            pid, kb = kept[job[0]].match(ibox, self.dedup_iou) or (None, None)
             if pid is not None:
                 out.append(("dup", job, pid, kb))
                 continue
@@ -279,7 +282,8 @@ class _Cutter:
                 crop = image().crop(ibox)
                 pid = crop_id(crop)
                 row = (h, *ibox, pid) if h is not None else None
-            kept.add(ibox, (pid, len(kept.items)))
+            kept[job[0]].add(ibox, (pid, n_kept))
+            n_kept += 1
             encode = [e for e in self.to_pixels if pid not in self.known[e]]
             thumb = pid not in self.stored
             if crop is None and (encode or thumb):

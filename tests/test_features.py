@@ -93,27 +93,30 @@ def test_features_are_dissected_and_queried_like_neurons(fitted):
     assert any("topk_sae" in layer for layer in concepts)
 
 
-def test_patch_scores_of_a_layer_do_not_depend_on_the_other_layers_of_the_run(fitted, probe_world, tmp_path):
-    """The `patch` scorer contrasts a unit's patches with its own layer's: conv4, dissected alone,
-    gets the scores it got beside its dictionary's features (with every patch of the run as the
-    population, a neuron's headline moved with the dictionary beside it). Only the first layer of
-    a run is compared: a later layer's box may reuse an earlier layer's near-identical box
-    (patches.py's deduplication), a patch of its own that differs slightly."""
+def test_patches_and_patch_scores_of_a_layer_do_not_depend_on_the_other_layers_of_the_run(fitted, probe_world,
+                                                                                         tmp_path):
+    """conv4 and its dictionary's features, each dissected alone, get the patches and `patch`
+    scores they got in one run together: the contrast is over a layer's own patches
+    (scorers.own_patches) and a box merges only with its own layer's near-identical boxes
+    (patches.py; merged across layers, features took conv4's slightly different crops)."""
     import shutil
 
     store, out = fitted
     spec, s, _ = out["cnn"]
-    shutil.copytree(store.path, tmp_path / "st")
-    alone = Store.open(tmp_path / "st")
-    sql = ("SELECT unit, rank, concept, score FROM scores WHERE model = 'probe-cnn' AND layer = 'conv4' "
-           "AND scorer = 'patch' ORDER BY unit, rank")
-    together = store.df(sql)
-    dissect(alone, spec, world=probe_world, layers=["conv4"], vocabulary="probe", scorers=["patch"],
-            max_images=120, progress=False, evaluate=False, log=lambda *a: None)
-    got = alone.df(sql)
-    assert len(got) == len(together) == 64 * 5
-    assert got["concept"].tolist() == together["concept"].tolist()
-    assert (got["score"] - together["score"]).abs().max() < 1e-5
+    scores = ("SELECT unit, rank, concept, score FROM scores WHERE model = 'probe-cnn' AND layer = $l "
+              "AND scorer = 'patch' ORDER BY unit, rank")
+    patches = ("SELECT unit, rank, patch_id FROM activations WHERE model = 'probe-cnn' AND layer = $l "
+               "ORDER BY unit, rank")
+    for layer, n in (("conv4", 64), (s["layer"], 128)):
+        shutil.copytree(store.path, tmp_path / layer)
+        alone = Store.open(tmp_path / layer)
+        dissect(alone, spec, world=probe_world, layers=[layer], vocabulary="probe", scorers=["patch"],
+                max_images=120, progress=False, evaluate=False, log=lambda *a: None)
+        assert alone.df(patches, {"l": layer}).equals(store.df(patches, {"l": layer}))
+        got, together = alone.df(scores, {"l": layer}), store.df(scores, {"l": layer})
+        assert len(got) == len(together) == n * 5
+        assert got["concept"].tolist() == together["concept"].tolist()
+        assert (got["score"] - together["score"]).abs().max() < 1e-5
 
 
 def test_own_patches_scores_a_layer_as_if_its_patches_were_the_only_ones():
@@ -168,6 +171,35 @@ def test_batchtopk_sae_gives_samples_with_more_atoms_more_features():
     assert torch.allclose(features._encoder_from_row(row).encode(held), enc.encode(held))
 
 
+def test_jumprelu_sae_pulls_features_into_the_band_with_one_threshold(tmp_path):
+    """Planted directions drawn from common to rare (probability ~ 1 / rank): jumprelu-sae puts
+    more features' frequency within the band than BatchTopK, at about its FVE; the per-feature
+    thresholds are folded into the weights, so one threshold encodes it and its row round-trips.
+    A band that is not a range is refused."""
+    from neurostore.errors import BadParameter
+
+    g = torch.Generator().manual_seed(1)
+    atoms = torch.nn.functional.normalize(torch.randn(32, 16, generator=g), dim=1)   # [32, 16]
+    p = 1.0 / torch.arange(1, 33).float()                                              # [32]
+    idx = torch.multinomial(p / p.sum(), 6000 * 2, replacement=True, generator=g).view(6000, 2)
+    x = torch.zeros(6000, 32).scatter_(1, idx, torch.rand(6000, 2, generator=g) + 0.5) @ atoms   # [6000, 16]
+    lo, hi = 0.02, 0.05
+    base = features.fit_topk_sae(x[:5000], 64, 2, steps=600, seed=0, batch_topk=True)
+    jump = features.fit_topk_sae(x[:5000], 64, 2, steps=600, seed=0, band=(lo, hi))
+
+    def in_band(enc):
+        f = (enc.encode(x[:5000]) > 0).float().mean(0)                                  # [64] frequency
+        return int(((f >= lo) & (f <= hi)).sum())
+    assert jump.method == "jumprelu-sae" and in_band(jump) >= in_band(base) + 8        # measured 28 vs 12
+    held = x[5000:]
+    assert features.quality(jump, x[:5000], held)["fve"] > features.quality(base, x[:5000], held)["fve"] - 0.1
+    row = {"method": jump.method, "n_units": 16, "n_features": 64, "k": 2, "threshold": jump.threshold,
+           **{c: features._flat(getattr(jump, c)) for c in ("w_enc", "b_enc", "w_dec", "b_dec")}}
+    assert torch.allclose(features._encoder_from_row(row).encode(held), jump.encode(held))
+    with pytest.raises(BadParameter, match="band"):
+        features.fit(tmp_path / "st", "probe:cnn", "conv4", "jumprelu-sae", 2, 4, band=(0.5, 0.1))
+
+
 def test_active_samples_are_those_farthest_from_the_mean():
     """A background of near-identical samples and a few that stand out: the active fraction is the
     ones that stand out, and 1.0 keeps everything."""
@@ -209,8 +241,8 @@ def test_cli_fit_ls_and_errors(tmp_path, probe_world, capsys, monkeypatch):
     thresholds = Store.open(st).df("SELECT layer, threshold FROM dictionaries ORDER BY layer")["threshold"].tolist()
     assert thresholds[0] > 0 and thresholds[1] != thresholds[1]                # NULL (NaN) for topk-sae
     bad = {
-        ("--method", "pca"): "Error: Unknown feature method 'pca'. Valid: batchtopk-sae, nmf, topk-sae. "
-                            "Example: --method topk-sae.",
+        ("--method", "pca"): "Error: Unknown feature method 'pca'. Valid: batchtopk-sae, jumprelu-sae, nmf, "
+                            "topk-sae. Example: --method topk-sae.",
         ("--width", "0"): "Error: --width must be a whole number of features per unit, at least 1; got 0. "
                           "Example: --width 8 (8 features per unit of the layer).",
         ("--max-images", "5"): "Error: Layer 'conv4' of probe-cnn gives too few samples for 512 features: 5 images "

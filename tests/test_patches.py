@@ -159,6 +159,20 @@ def test_maps_kept_by_the_recorder_give_the_patches_of_a_second_pass(recorded):
     assert a.rows == b.rows and a.assignment == b.assignment and a.boxes == b.boxes
 
 
+def test_a_layers_patches_do_not_depend_on_the_other_layers_cut_beside_it(recorded):
+    """A unit's boxes merge only with near-identical boxes of its own layer: layer2 cut beside
+    layer1 (whose boxes on the same images are often near-identical) gets exactly the patches,
+    and the same population of kept boxes, as cut alone."""
+    t, src, _ = recorded
+    res = record(t, ["layer1", "layer2"], src, k=3, batch_size=8, progress=False)
+    alone = extract_patches(t, res, src, layers=["layer2"], progress=False)
+    both = extract_patches(t, res, src, layers=["layer1", "layer2"], progress=False)
+    keys = [key for key in both.assignment if key[0] == "layer2"]
+    assert len(keys) == 128 * 3 and {k: both.assignment[k] for k in keys} == alone.assignment
+    own = lambda ps: [ps.boxes[i] for i in sorted({ps.box_of[k] for k in keys})]   # noqa: E731 (scorers.own_patches)
+    assert own(both) == own(alone) and len(own(alone)) < len(keys)   # (layer2's own near-duplicates merge)
+
+
 def test_known_crops_are_not_encoded_again(recorded):
     t, src, res = recorded
     first = extract_patches(t, res, src, layers=["layer2"], encoders=[_MeanColour()], progress=False)
