@@ -995,7 +995,7 @@ def _summary_table(title: str, s: dict, keys: list[str]) -> None:
 def features_fit_cmd(
     model: str = typer.Argument(..., help="Model spec, e.g. probe:cnn or torchvision:resnet50@IMAGENET1K_V2."),
     layer: str = typer.Option(..., "--layer", "-l", help="Layer whose output the dictionary encodes (see 'neurostore layers MODEL')."),
-    method: str = typer.Option("topk-sae", "--method", help="topk-sae (TopK sparse autoencoder), batchtopk-sae (trained with BatchTopK: k active on average, more where a sample stands out) or nmf (scikit-learn NMF of max(x, 0))."),
+    method: str = typer.Option("topk-sae", "--method", help="topk-sae (TopK sparse autoencoder), batchtopk-sae (trained with BatchTopK: k active on average, more where a sample stands out), jumprelu-sae (BatchTopK, then a learned threshold per feature keeping each feature active on a --band of all positions: sparser, more monosemantic features at a cost in reconstruction) or nmf (scikit-learn NMF of max(x, 0))."),
     width: int = typer.Option(8, "--width", help="Features per unit of the layer (8: a 64-unit layer gets 512 features)."),
     k: int = typer.Option(32, "--k", help="Active features per sample (topk-sae; batchtopk-sae: on average over the fitted samples)."),
     images: Optional[Path] = typer.Option(None, "--images", "-i", help="Folder of images. Probe-world models default to the world's probe images."),
@@ -1004,6 +1004,7 @@ def features_fit_cmd(
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (the autoencoders, default 3000) or NMF iterations (default 200)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the subsample and the fit."),
     active: Optional[float] = typer.Option(None, "--active", help="Fit on this fraction of the samples, those farthest from the layer's mean (where it responds; default 0.25). Quality is measured on all held-out samples."),
+    band: Optional[tuple[float, float]] = typer.Option(None, "--band", help="jumprelu-sae: the range of each feature's fraction of active positions, two fractions low high (default 0.002 0.005: where a unit's top 0.5% of positions, Network Dissection's, can be all of its support)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
     device: str = DeviceOpt,
     store: Optional[Path] = StoreOpt,
@@ -1020,7 +1021,7 @@ def features_fit_cmd(
 
     s = fit(store_path(store), model, layer, method=method, width=width, k=k, images=images,
             max_images=max_images, max_samples=max_samples, steps=steps, seed=seed, active=active,
-            batch_size=batch_size, device=device, progress=not as_json, log=_log(False))
+            **({"band": band} if band else {}), batch_size=batch_size, device=device, progress=not as_json, log=_log(False))
     if as_json:
         print_json(s)
         return
