@@ -1133,15 +1133,25 @@ def serve_cmd(
           allow_hosts=allow_host or (), on_ready=ready)
 
 
+def _close_bars() -> None:
+    """Close the progress bars an error left open, so its line starts on a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main() -> None:
     """Console entry point: run the app, translating neurostore errors into one line. Usage
     errors (bad options) are click's own: it prints them with the usage and exits 2."""
     try:
         app()
     except NeurostoreError as e:  # the API's argument names, as this CLI's flags
+        _close_bars()
         err_console.print(f"Error: {cli_message(e)}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
+        _close_bars()
         err_console.print("Aborted.")
         sys.exit(130)
 
