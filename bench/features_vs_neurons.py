@@ -1,7 +1,9 @@
 """Benchmark: are dictionary features more monosemantic than the neurons of the same layer?
 
-On the probe world (the truth of every pixel is known) it fits a dictionary (default: a BatchTopK
-sparse autoencoder, 2 features per unit, 4 active on average) on each hidden layer of the CNN,
+On the probe world (the truth of every pixel is known) it fits a dictionary (default: a JumpReLU
+sparse autoencoder, 2 features per unit, BatchTopK k 4 then thresholds keeping each feature
+active on features.BAND of all positions; `--method batchtopk-sae` for the better reconstruction
+without the band) on each hidden layer of the CNN,
 dissects the neurons and the features in one run (the ground-truth-free scorers and `iou`), and
 compares, per layer, neurons with features, for each rule of what a unit's explanation is
 (RULES: the product's headline, the `headlines` table, first; then each scorer's top concept):
@@ -134,7 +136,7 @@ def layer_figures(store: Store, model: str, layer: str, fid_min: float, active: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", nargs="+", default=["conv2", "conv3", "conv4"])
-    ap.add_argument("--method", default="batchtopk-sae", choices=features.METHODS)
+    ap.add_argument("--method", default="jumprelu-sae", choices=features.METHODS)
     ap.add_argument("--width", type=int, default=2)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--steps", type=int, default=1500)
