@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/real_scale.py --images 32 --vocab english-3k --json
     .venv/bin/python bench/real_scale.py --images 2000 --vocab english-20k --device cuda --json
+    .venv/bin/python bench/real_scale.py --images 256 --layers layer4 --cold-only --workdir DIR
+    .venv/bin/python bench/real_scale.py --images 256 --layers layer4 --warm-only --workdir DIR --json
 
 Real architectures with random weights (no downloads): torchvision resnet50, layers conv1,
 layer1..layer4 (3,904 units), the OpenCLIP ViT-B-32 encoder, scorers patch, soft_wpmi, wpmi,
@@ -20,6 +22,7 @@ Ends with one line of JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import multiprocessing
@@ -160,6 +163,38 @@ def run_dissect(args, folder: Path, store: Path, scorers=SCORERS):
                    log=lambda m: print(m, file=sys.stderr))
 
 
+def target_forward(args, folder: Path, dev, dtype) -> float:
+    """(a): seconds of the target's plain forward over the images, no neurostore work around it."""
+    target, _ = load_models(args)
+    src = ImageFolder(folder)
+    t = time.time()
+    with torch.no_grad():
+        for b in src.batches(target.preprocess, args.batch_size, num_workers=args.workers, device=dev):
+            with autocast(dev, dtype):
+                target.module(b.pixels)
+    return time.time() - t
+
+
+def warm_only(args, root: Path, dev, dtype) -> None:
+    """The warm dissect of a kept cold store, divided by the mean of a plain forward (a) just before
+    and just after it: on a shared machine the load moves within minutes."""
+    folder, store = root / "images", root / "store"
+    if not (store / "store.json").is_file():
+        raise SystemExit(f"--warm-only needs --workdir with a cold dissect in it; {store} has none.")
+    a0 = target_forward(args, folder, dev, dtype)
+    t = time.time()
+    warm = run_dissect(args, folder, store, scorers=["patch", "cos_cubed"])
+    warm_s = time.time() - t
+    a1 = target_forward(args, folder, dev, dtype)
+    a = (a0 + a1) / 2
+    print(json.dumps({"bench": "real_scale", "device": describe(dev), "images": args.images, "layers": args.layers,
+                      "vocab": args.vocab, "warm_s": round(warm_s, 2), "warm_timings": warm["timings"],
+                      "warm_passes": warm["passes"], "a_target_forward_s": [round(a0, 2), round(a1, 2)],
+                      "warm_over_target_forward": round(warm_s / a, 3), "target_warm_over_target_forward": 1.5,
+                      "warm_encodings": sum(warm["passes"][k] for k in ("encoded_texts", "encoded_images",
+                                                                        "encoded_crops"))}))
+
+
 def rss_of_cold_dissect(args, n: int, root: Path) -> dict:
     """Peak RSS (MB) of a cold dissect of n images, in a fresh process."""
     folder = root / f"images-{n}"
@@ -194,6 +229,10 @@ def main() -> None:
     ap.add_argument("--cold-only", action="store_true",
                     help="Only the cold dissect and the target's plain forward (a) (a short device lease).")
     ap.add_argument("--rss-only", action="store_true", help="Only the peak-RSS runs at N and 4N.")
+    ap.add_argument("--workdir", help="Keep the images and the store here (default: a temporary folder).")
+    ap.add_argument("--warm-only", action="store_true",
+                    help="With --workdir holding a cold dissect: only the warm dissect, between two plain target "
+                         "forwards (a) whose mean it is divided by, so both see the same machine load.")
     ap.add_argument("--quiet", action="store_true", help="No progress bars.")
     ap.add_argument("--json", action="store_true", help="Only the JSON line on stdout.")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
@@ -217,11 +256,14 @@ def main() -> None:
                           "rss_beyond_pooled_ratio": _beyond(a, b), "target_ratio": 1.10}))
         return
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    with tempfile.TemporaryDirectory() as d:
+    if args.warm_only:
+        return warm_only(args, Path(args.workdir), dev, dtype)
+    with (contextlib.nullcontext(args.workdir) if args.workdir else tempfile.TemporaryDirectory()) as d:
         root = Path(d)
         folder = root / "images"
         t = time.time()
-        make_images(folder, args.images, workers=args.workers)
+        if not folder.is_dir():
+            make_images(folder, args.images, workers=args.workers)
         print(f"[real_scale] {args.images} images made in {time.time() - t:.1f} s", file=sys.stderr, flush=True)
         t = time.time()
         cold = run_dissect(args, folder, root / "store")
@@ -230,14 +272,7 @@ def main() -> None:
         print(f"[real_scale] cold {cold_s:.1f} s {json.dumps(cold['timings'])} {json.dumps(cold['passes'])}",
               file=sys.stderr, flush=True)
         if args.cold_only:
-            target, _ = load_models(args)
-            src = ImageFolder(folder)
-            t = time.time()
-            with torch.no_grad():
-                for b in src.batches(target.preprocess, args.batch_size, num_workers=args.workers, device=dev):
-                    with autocast(dev, dtype):
-                        target.module(b.pixels)
-            a = time.time() - t
+            a = target_forward(args, folder, dev, dtype)
             print(json.dumps({"bench": "real_scale", "device": describe(dev), "images": args.images,
                               "units": cold["units"], "vocab": args.vocab, "concepts": cold["concepts"],
                               "cold_s": round(cold_s, 2), "cold_timings": cold["timings"], "cold_passes": cold["passes"],
