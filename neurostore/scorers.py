@@ -129,7 +129,7 @@ def similarity_columns(sim: "torch.Tensor | Similarity", c0: int, c1: int, on_de
     return sim.columns(c0, c1, on_device) if isinstance(sim, Similarity) else sim[:, c0:c1].float()
 
 
-def _logsumexp_rows(sim: "torch.Tensor | Similarity", a: float, tile: int = 4096) -> torch.Tensor:
+def logsumexp_rows(sim: "torch.Tensor | Similarity", a: float, tile: int = 4096) -> torch.Tensor:
     """log sum_c exp(a * sim[i, c]) -> [n, 1], one column tile at a time."""
     if not isinstance(sim, Similarity):
         return torch.logsumexp(a * sim.float(), dim=1, keepdim=True)
@@ -191,7 +191,7 @@ def _sum_log_factors(
         return _sum_log_factors_on(sim.device, sim, acts, top_k, a, coef_a, coef_b, progress)
     # topk along rows of the transposed matrix: same indices as topk over dim 0, ~10x faster.
     inds = torch.topk(acts.float().T.contiguous(), dim=1, k=top_k)[1].T.contiguous()  # [top_k, u]
-    lse = _logsumexp_rows(sim, a)                                 # [n, 1] softmax denominators
+    lse = logsumexp_rows(sim, a)                                 # [n, 1] softmax denominators
     ca, cb = coef_a.double(), coef_b.double()
     # a_r + b_r p = b_r (p + a_r / b_r): the b_r factor out as one constant, sum_r log b_r,
     # added at the end, which saves a multiplication per gathered value.
@@ -275,7 +275,7 @@ def _sum_log_factors_on(device: torch.device, sim: "torch.Tensor | Similarity", 
     n, n_concepts = sim.shape
     n_units = acts.shape[1]
     inds = torch.topk(acts.float().to(device).T, dim=1, k=top_k)[1].T.reshape(-1)   # [top_k * u]
-    lse = _logsumexp_rows(sim, a).to(device)                                          # [n, 1]
+    lse = logsumexp_rows(sim, a).to(device)                                          # [n, 1]
     ca, cb = coef_a.double(), coef_b.double()
     kappa = (ca / cb).float().to(device).view(-1, 1, 1)                                # [top_k, 1, 1]
     out = torch.empty(n_units, n_concepts, dtype=torch.float64, device=device)         # [u, c]

@@ -478,7 +478,7 @@ def zero_shot(sim, rows: torch.Tensor, cols: torch.Tensor, a: float = ZERO_SHOT_
     `cosine`: those cosines when the caller has them (on its device)."""
     s = cosine if cosine is not None else \
         sim.take(rows, cols) if isinstance(sim, S.Similarity) else sim.float()[rows][:, cols]   # [r, k]
-    lse = S._logsumexp_rows(sim, a)[rows].to(s.device)             # [r, 1]
+    lse = S.logsumexp_rows(sim, a)[rows].to(s.device)             # [r, 1]
     return torch.exp(a * s.float() - lse)
 
 
