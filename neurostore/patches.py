@@ -256,9 +256,9 @@ class _Cutter:
     def __call__(self, iid: str, h: str | None, img, todo: list, cut: dict) -> tuple[list, int]:
         """`todo`: [(job, box in input pixels)] in cutting order; `cut`: {image box: patch_id} of
         boxes of this image cut before. Returns ("dup", job, patch id, index of the kept box) for
-        a box merged into an earlier box of its layer on the image, ("new", job, patch id, box, cut row or None,
-        thumbnail or None, [(encoder id, its input)] for the encoders that lack the crop); and
-        how many times the image was decoded (0 or 1)."""
+        a box merged into an earlier box of its layer on the image, ("new", job, patch id, box,
+        cut row or None, thumbnail or None, [(encoder id, its input)] for the encoders that lack
+        the crop); and how many times the image was decoded (0 or 1)."""
         decoded = 0
 
         def image():  # the decoded image, loaded the first time a box needs pixels
