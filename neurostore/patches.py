@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import multiprocessing
 from collections import defaultdict
 from collections.abc import Sequence
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 

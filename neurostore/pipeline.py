@@ -393,7 +393,7 @@ def _plan(store: Store, model: str, *, images, layers, vocabulary, scorers, enco
         enc = load_encoder(encoder, worlds=[str(world.root)] if world is not None else (), device=dev,
                            precision=precision)
     if not set(vocab.concepts) <= cached_ids(store, enc.id, "concept"):
-        enc.module  # a run that encodes builds (or downloads) the encoder's weights here, before any work
+        enc.module  # texts to encode: the encoder's weights built (or downloaded) here, before any work
     opts["log"](f"dissect {target.id}: {len(layer_names)} layers, {len(source)} images, vocabulary "
         f"{vocab.name} ({len(vocab)} concepts), scorers {', '.join(names)}, encoder {enc.id}, "
         f"device {describe(dev)}")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import socket
 import urllib.parse
 import urllib.request
@@ -80,8 +79,11 @@ def unreachable(url: str, timeout: float = REACH_S) -> str | None:
 
 
 def hub_url() -> str:
-    """The Hugging Face hub the weights of hub-hosted models come from ($HF_ENDPOINT)."""
-    return os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    """The Hugging Face hub the weights of hub-hosted models come from (huggingface_hub's own
+    reading of $HF_ENDPOINT)."""
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
 
 
 @contextlib.contextmanager
@@ -107,12 +109,14 @@ def _offline(on: bool):
 
 @contextlib.contextmanager
 def logging_quiet(level: int = logging.WARNING):
-    """No log records at `level` or below while inside (libraries' lines that would mislead)."""
-    logging.disable(level)
+    """No log records at `level` or below while inside (libraries' lines that would mislead);
+    the level disabled before is restored after, so these nest."""
+    before = logging.root.manager.disable
+    logging.disable(max(level, before))
     try:
         yield
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(before)
 
 
 def _network_error(e: BaseException | None) -> OSError | None:

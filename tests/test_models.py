@@ -307,3 +307,16 @@ def test_random_weights_are_the_same_in_every_load(spec):
     torch.manual_seed(123)
     load_target(spec)
     assert torch.equal(torch.rand(3), before)
+
+
+def test_logging_quiet_restores_what_was_disabled_before():
+    """Nested (a failed download inside a skeleton build): the inner one gives back the outer's level."""
+    import logging
+
+    from neurostore.weights import logging_quiet
+
+    with logging_quiet(logging.WARNING):
+        with logging_quiet(logging.ERROR):
+            assert logging.root.manager.disable == logging.ERROR
+        assert logging.root.manager.disable == logging.WARNING
+    assert logging.root.manager.disable == logging.NOTSET
