@@ -525,6 +525,7 @@ def _layer_inputs(d: _Dissection, layer: str, sim, iou) -> dict:
     patch_emb, unit_patches = S.own_patches(d.patch_emb, torch.from_numpy(idx))   # [p, d], [u, k]
     return {"similarity": sim, "iou_scores": iou, "patch_emb": patch_emb, "text_emb": d.text_emb,
             "pooled": torch.from_numpy(lr.pooled_mean.astype(np.float32)) if lr.pooled_mean is not None else None,
+            "peak": torch.from_numpy(lr.pooled_max.astype(np.float32)) if lr.pooled_max is not None else None,
             "unit_patches": unit_patches, "unit_images": torch.from_numpy(lr.top_idx),
             "unit_weights": torch.from_numpy(np.nan_to_num(lr.top_val.astype(np.float32), nan=0.0))}
 

@@ -49,7 +49,7 @@ by the SAME scorer code as the real units:
 
     pooled-activation scorers   a pseudo-unit is a random direction of the layer: its
     (soft_wpmi, wpmi,           activations are the layer's standardised activations projected
-     cos_cubed)                 on a random unit vector;
+     cos_cubed, top_images)     on a random unit vector (top_images: the per-image max ones);
     patch                       a random direction's top-k images, each represented by the
                                 patch of the unit contributing most to the direction there;
     iou                         a random direction of the layer's standardised activation maps,
@@ -272,9 +272,10 @@ def null_best(scorer: str, inputs: dict[str, Any], params: dict[str, Any], m: in
         u = log_p.shape[0]
         log_pc = torch.logaddexp(torch.logsumexp(log_p, 0, keepdim=True), log_q) - math.log(u + 1)
         null = (log_q - params["lam"] * log_pc).float()
-    elif scorer == "cos_cubed":  # each unit's score depends on its own column only
-        pseudo = pseudo_pooled(inputs["pooled"], m, gen)
-        null = S.run_scorer(scorer, {**inputs, "pooled": pseudo}, params, with_confidence=False).scores
+    elif scorer in ("cos_cubed", "top_images"):  # each unit's score depends on its own column only
+        key = "pooled" if scorer == "cos_cubed" else "peak"       # the activations it reads
+        pseudo = pseudo_pooled(inputs[key], m, gen)
+        null = S.run_scorer(scorer, {**inputs, key: pseudo}, params, with_confidence=False).scores
     else:
         raise BadParameter(f"no null for scorer '{scorer}' here; iou's null is NullIoU.")
     return torch.nan_to_num(null, nan=float("-inf")).max(dim=1).values
@@ -722,7 +723,7 @@ def headlines(candidates: "pd.DataFrame") -> "pd.DataFrame":  # noqa: F821
 
 # ---- a dissect's stored run, assessed ------------------------------------------------------------
 
-HEADLINE_SCORERS = ("patch", "soft_wpmi", "wpmi", "cos_cubed")   # ground-truth free; iou is the truth
+HEADLINE_SCORERS = ("patch", "top_images", "soft_wpmi", "wpmi", "cos_cubed")   # ground-truth free; iou is the truth
 HEADLINE_RANKS = 3        # each scorer's top 3 concepts are headline candidates
 
 
@@ -849,7 +850,7 @@ def _assess_run(store, model: str, run_id: str, params: dict, m: int, seed: int,
             uw[at] = torch.from_numpy(np.nan_to_num(np.array(a["act_value"], np.float32)))
         # the layer's own patches, as the dissect scored them
         pe, up = S.own_patches(patch_emb, up) if patch_emb is not None else (None, up)
-        inputs = {"similarity": sim, "pooled": pooled, "patch_emb": pe, "text_emb": text_emb,
+        inputs = {"similarity": sim, "pooled": pooled, "peak": peak, "patch_emb": pe, "text_emb": text_emb,
                   "unit_patches": up, "unit_images": ui, "unit_weights": uw}
         rows_l = scores[scores["layer"] == layer]
         for scorer in sorted(rows_l["scorer"].unique()):

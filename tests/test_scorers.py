@@ -192,6 +192,22 @@ def test_planted_concept_ranks_first_patch():
         assert (res.confidence.gather(1, planted[:, None]) > 0.9).all()
 
 
+def test_planted_concept_ranks_first_top_images():
+    """top_images: the mean of a unit's top images' similarities minus the concept's mean; streamed
+    through the embeddings (the mean of cosines is the cosine with the mean) or from the dense
+    matrix, the same scores, and equal to gathering each unit's top images by hand."""
+    img, txt, sim, acts, planted = _planted_world()
+    res = S.run_scorer("top_images", {"similarity": sim, "peak": acts}, {"top_k": 10})
+    assert torch.equal(res.scores[:6].argmax(dim=1), planted)
+    streamed = S.top_image_scores(S.Similarity(img, txt), acts, top_k=10, chunk=7)
+    torch.testing.assert_close(streamed, res.scores, rtol=0, atol=1e-5)
+    top = torch.topk(acts, 10, dim=0).indices.T                    # [u, 10]
+    by_hand = torch.stack([sim[t].mean(0) for t in top]) - sim.mean(0)
+    torch.testing.assert_close(res.scores, by_hand, rtol=0, atol=1e-6)
+    with pytest.raises(BadInput, match="images"):
+        S.top_image_scores(sim[:-1], acts)
+
+
 def test_patch_contrast_stops_generic_concept():
     """A concept near every patch wins on raw similarity but not after the contrast."""
     g = torch.Generator().manual_seed(11)
@@ -284,7 +300,7 @@ def test_confidence_bounded_for_every_scorer(name):
         inputs = {"act_maps": torch.randn(20, 6, 4, 4, generator=g),
                   "masks": torch.rand(20, 30, 8, 8, generator=g) > 0.7}
     else:
-        inputs = {"similarity": sim, "pooled": acts}
+        inputs = {"similarity": sim, "pooled": acts, "peak": acts}
     res = S.run_scorer(name, inputs)
     assert res.confidence.shape == res.scores.shape
     assert torch.isfinite(res.confidence).all()
@@ -315,7 +331,7 @@ def test_confidence_calibrated_under_null_and_high_for_signal():
 
 def test_registry_lists_and_rejects():
     names = [s["name"] for s in S.list_scorers()]
-    assert names == ["patch", "soft_wpmi", "wpmi", "cos_cubed", "iou"]
+    assert names == ["patch", "soft_wpmi", "wpmi", "cos_cubed", "top_images", "iou"]
     with pytest.raises(UnknownScorer) as e:
         S.get_scorer("softwpmi")
     assert "Did you mean soft_wpmi" in str(e.value) and "cos_cubed" in str(e.value)
@@ -331,13 +347,14 @@ def test_scorers_declare_what_a_pipeline_computes_for_them():
     needs = {name: S.get_scorer(name).needs() for name in S.SCORERS}
     assert needs["patch"] == {"patch_emb", "text_emb", "unit_patches", "unit_weights"}
     assert needs["soft_wpmi"] == needs["wpmi"] == needs["cos_cubed"] == {"similarity", "pooled"}
+    assert needs["top_images"] == {"similarity", "peak"}
     assert needs["iou"] == {"iou_scores"}
     assert [n for n in S.SCORERS if S.get_scorer(n).needs_masks()] == ["iou"]
 
 
 def test_scorers_fit_their_parameters_to_the_probe_set():
     """CLIP-Dissect's top_k cannot exceed the number of images; other parameters pass through."""
-    for name in ("soft_wpmi", "wpmi"):
+    for name in ("soft_wpmi", "wpmi", "top_images"):
         p = S.resolve_params(name)
         assert S.get_scorer(name).prepared(p, 7) == {**p, "top_k": 7}
         assert S.get_scorer(name).prepared(p, 10_000) == p

@@ -33,13 +33,13 @@ def _patch_inputs(img, txt, acts, k=8):
             "unit_weights": top.values.T, "pooled": acts}
 
 
-@pytest.mark.parametrize("name", ["soft_wpmi", "wpmi", "cos_cubed", "patch"])
+@pytest.mark.parametrize("name", ["soft_wpmi", "wpmi", "cos_cubed", "top_images", "patch"])
 def test_planted_units_confident_random_units_not(name):
     """6 planted units fire on images of their concept; 40 units fire at random. The planted
     concept gets confidence >= 0.9; random units' best concepts almost never do (the old
     Phi(z)^C confidence gave the random units' best ~0.5 on average and often ~1)."""
     img, txt, sim, acts, planted = _planted_world(noise_units=40)
-    inputs = _patch_inputs(img, txt, acts) if name == "patch" else {"similarity": sim, "pooled": acts}
+    inputs = _patch_inputs(img, txt, acts) if name == "patch" else {"similarity": sim, "pooled": acts, "peak": acts}
     conf, real = _confidence(name, inputs)
     assert torch.equal(real[:6].argmax(1), planted)
     if name != "soft_wpmi":
@@ -60,8 +60,9 @@ def test_random_layer_gets_no_confidence_at_any_vocabulary_size():
     acts = torch.randn(400, 64, generator=g)
     for c in (30, 1000):
         txt = torch.nn.functional.normalize(torch.randn(c, 32, generator=g), dim=-1)
-        for name in ("soft_wpmi", "cos_cubed"):
-            conf, _ = _confidence(name, {"similarity": S.image_text_similarity(img, txt), "pooled": acts})
+        for name in ("soft_wpmi", "cos_cubed", "top_images"):
+            conf, _ = _confidence(name, {"similarity": S.image_text_similarity(img, txt), "pooled": acts,
+                                         "peak": acts})
             assert (conf.max(1).values >= 0.9).float().mean() <= 0.05, (name, c)
             assert conf.max() < 1.0
 
