@@ -47,7 +47,7 @@ from ._common import check_models, matrix, minilm, model_layers, open_store
 MIN_CONFIDENCE = 0.9
 MAX_UNITS = 4096
 TOP_CONCEPTS = 3
-SCORER_PREFERENCE = ("patch", "iou", "soft_wpmi", "wpmi", "cos_cubed")
+SCORER_PREFERENCE = ("patch", "top_images", "iou", "soft_wpmi", "wpmi", "cos_cubed")
 
 
 @dataclass
