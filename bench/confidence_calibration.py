@@ -31,6 +31,7 @@ No downloads: fast probe worlds from the caches (built there when missing), rand
     .venv/bin/python bench/confidence_calibration.py --skip-resnet --heldout ''   # fit world only
     .venv/bin/python bench/confidence_calibration.py --store DIR    # DIR's stored dissects are reused
     ... --fit --fit-also 3:frame:star --heldout-cache DIR   # fit on seed 0 and a seed-3 world too
+    .venv/bin/python bench/confidence_calibration.py --full --store DIR   # full-size worlds, as the demo's
 
 Ends by printing one line of JSON.
 """
@@ -52,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from neurostore import trust  # noqa: E402
 from neurostore.evaluate import REFERENCE_MIN_IOU  # noqa: E402
-from neurostore.pipeline import dissect  # noqa: E402
+from neurostore.pipeline import DEMO_MAX_IMAGES, dissect  # noqa: E402
 from neurostore.store import Store  # noqa: E402
 from neurostore.weights import reinitialise  # noqa: E402
 
@@ -351,6 +352,9 @@ def main():
                          "already holds is not dissected again")
     ap.add_argument("--fit", action="store_true",
                     help=f"fit the maps on the fit world and write neurostore/data/{trust.CALIBRATION_FILE}")
+    ap.add_argument("--full", action="store_true",
+                    help="full-size worlds (the default world's config, as `neurostore demo` builds it; "
+                         f"{DEMO_MAX_IMAGES} probe images per dissect unless --max-images) instead of fast ones")
     ap.add_argument("--max-images", type=int, default=None, help="probe images per dissect")
     ap.add_argument("--min-bin", type=int, default=20, help="explanations a decile needs to be judged")
     ap.add_argument("--skip-resnet", action="store_true", help="leave the resnet18@random check out")
@@ -369,7 +373,10 @@ def main():
     t0 = time.time()
     root = Path(args.store or tempfile.mkdtemp(prefix="ns-calib-"))
     quiet = dict(progress=False, log=log, max_images=args.max_images)
-    world = build_world(WorldConfig.fast(), cache=args.cache, progress=False)
+    size = WorldConfig if args.full else WorldConfig.fast     # the world's size; seed and cue override it
+    if args.full and args.max_images is None:
+        args.max_images = quiet["max_images"] = DEMO_MAX_IMAGES
+    world = build_world(size(), cache=args.cache, progress=False)
     store = Store.open(root / "fit" / "store")
     trained = world_models(store, world, quiet)
     rnd = dissected(store, random_probe_cnn(world, root), world=world, vocabulary="probe", evaluate=False, **quiet)
@@ -382,7 +389,7 @@ def main():
         out = []
         for w in filter(None, specs.split(",")):
             seed, kind, cls = w.split(":")
-            hw = build_world(WorldConfig.fast(seed=int(seed), cue_kind=kind, cue_class=cls),
+            hw = build_world(size(seed=int(seed), cue_kind=kind, cue_class=cls),
                              cache=args.heldout_cache or args.cache, progress=False)
             hs = Store.open(root / f"seed{seed}-{kind}" / "store")
             hr = dissected(hs, random_probe_cnn(hw, hs.path.parent), world=hw, vocabulary="probe",
@@ -402,7 +409,7 @@ def main():
         fitted["fitted_on"] = {
             "world": [w.id for w in fit_worlds], "seed": [w.config.seed for w in fit_worlds],
             "cue_kind": [w.config.cue_kind for w in fit_worlds],
-            "cue_class": [w.config.cue_class for w in fit_worlds], "config": "WorldConfig.fast()",
+            "cue_class": [w.config.cue_class for w in fit_worlds], "config": "WorldConfig()" if args.full else "WorldConfig.fast()",
             "models": trained, "random_models": [rnd],
             "explanation_rows": "labels (rank 0)", "headline_rows": f"the top {trust.HEADLINE_RANKS} of each scorer",
             "label": f"agrees with the mask-IoU reference (IoU >= {REFERENCE_MIN_IOU}, same concept)",
