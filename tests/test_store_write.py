@@ -123,3 +123,33 @@ def test_a_failed_partition_thread_fails_the_run_and_keeps_committed_rows(store)
     assert [r["status"] for r in store.runs().to_pylist()] == ["failed", "committed"]
     assert not list((store.path / "staging").iterdir())
     assert store.check()["clean"]
+
+
+def test_a_large_partition_is_several_files_read_back_as_one(store, monkeypatch):
+    """A partition over FILE_BYTES is staged as several files cut at row-group boundaries, encoded
+    in parallel: read back, the rows are the same and in the same order; the same work again
+    replaces every one of them; a second write to the slot merges all into one sorted file."""
+    monkeypatch.setattr(files, "FILE_BYTES", 2000)
+    monkeypatch.setitem(files.ROW_GROUP_ROWS, "pooled", 8)
+    t = pooled_rows(n_images=40)
+    want = t.sort_by([("layer", "ascending"), ("image_id", "ascending")])
+    for _ in range(2):   # the second run replaces all of the first one's files
+        with store.run("dissect", {"model": "m"}) as run:
+            run.write("pooled", t, key="record:probe")
+        layer4 = [store.path / e["path"] for e in store.manifest()["tables"]["pooled"] if e["partition"]["layer"] == "layer4"]
+        assert len(layer4) > 1 and all(files._file_facts(f)["run_id"] == run.run_id for f in layer4)
+        groups = [pq.ParquetFile(f).metadata.row_group(i).num_rows for f in layer4
+                  for i in range(pq.ParquetFile(f).metadata.num_row_groups)]
+        assert groups == [8] * 5 and sum(pq.ParquetFile(f).metadata.num_rows for f in layer4) == 40
+        assert same(read_back(store), want)
+        # in manifest order (the order the views read them), unsorted, the rows are in image order
+        ids = store.sql("SELECT image_id FROM pooled WHERE layer = 'layer4'")["image_id"].to_pylist()
+        assert ids == sorted(ids)
+        assert store.check()["clean"]
+    assert {e["run_id"] for e in store.manifest()["tables"]["pooled"]} == {run.run_id}
+    with store.run("dissect", {"model": "m"}) as run:
+        run.write("pooled", t.slice(0, 100), key="record:probe")
+        run.write("pooled", t.slice(100), key="record:probe")
+    # rows 0..99: conv1, layer1 and half of layer4; layer4's second half is a second chunk
+    assert [e["partition"]["layer"] for e in store.manifest()["tables"]["pooled"]].count("layer4") == 1
+    assert same(read_back(store), want)
