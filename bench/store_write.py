@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -119,9 +120,10 @@ def worker(n: int, folder: Path) -> dict:
     cpu["commit"] = round(time.process_time() - c_commit, 3)
     out["total"] = round(time.perf_counter() - t0, 3)
     out["cpu"] = cpu
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024   # recording + commit
     out["pooled_bytes"] = sum(e["bytes"] for e in store.manifest()["tables"]["pooled"])
     reads = []
-    for _ in range(3):   # one layer's pooled rows, as trust and compare read them; a fresh connection each
+    for _ in range(5):   # one layer's pooled rows, as trust and compare read them; a fresh connection each
         with Store.open(folder, read_only=True) as st:
             t1 = time.perf_counter()
             st.sql("SELECT image_id, act_mean, act_max FROM pooled WHERE model = $m AND layer = $l",
@@ -188,7 +190,7 @@ def main() -> None:
            "cores": os.cpu_count(), "new_s": best["new"]["total"], "new_pieces_s": {k: best["new"][k] for k in pieces},
            "new_pieces_cpu_s": best["new"]["cpu"],
            "new_at_50k_s": round(at_full(best["new"], a.images), 1), "pooled_mb": round(best["new"]["pooled_bytes"] / 1e6, 1),
-           "read_layer4_s": best["new"]["read_layer4_s"], "units_of_time": "seconds",
+           "read_layer4_s": best["new"]["read_layer4_s"], "peak_rss_mb": best["new"]["peak_rss_mb"], "units_of_time": "seconds",
            "target": f"store stage well under the H200's {H200_STORE_S} s at 50,000 images; same values; reads no slower"}
     if "old" in best:
         old = best["old"]
@@ -196,11 +198,12 @@ def main() -> None:
         res |= {"baseline": a.baseline, "old_s": old["total"], "old_pieces_s": {k: old[k] for k in pieces},
                 "old_pieces_cpu_s": old["cpu"],
                 "old_at_50k_s": round(at_full(old, a.images), 1), "old_pooled_mb": round(old["pooled_bytes"] / 1e6, 1),
-                "old_read_layer4_s": old["read_layer4_s"], "speedup": round(old["total"] / best["new"]["total"], 2),
+                "old_read_layer4_s": old["read_layer4_s"], "old_peak_rss_mb": old["peak_rss_mb"], "speedup": round(old["total"] / best["new"]["total"], 2),
                 "same_values": same}
         print(f"old/new {res['speedup']}x; at 50,000 images ~{res['old_at_50k_s']} s -> ~{res['new_at_50k_s']} s here; "
               f"layer4 read {old['read_layer4_s']} -> {best['new']['read_layer4_s']} s; "
-              f"pooled {res['old_pooled_mb']} -> {res['pooled_mb']} MB; same values read back: {same}", file=sys.stderr)
+              f"pooled {res['old_pooled_mb']} -> {res['pooled_mb']} MB; peak RSS {old['peak_rss_mb']} -> "
+              f"{best['new']['peak_rss_mb']} MB; same values read back: {same}", file=sys.stderr)
     print(json.dumps(res))
 
 
