@@ -301,7 +301,7 @@ class Run:
             {"run_id": self.run_id, "command": command, "params": self.params, "pid": os.getpid()}))
         self._chunks: dict[tuple[str, str], list[Path]] = {}
         self._partitions: dict[tuple[str, str], dict] = {}
-        self._final: set[tuple] = set()   # slots whose one staged chunk is already the sealed file
+        self._final: set[tuple] = set()   # slots whose staged files are already the sealed files
         self._sealed_facts: dict[Path, dict] = {}   # a final slot's staged file: bytes and sha256, once synced
         self.rows: dict[str, int] = {}
         self.state = "open"
@@ -353,7 +353,10 @@ class Run:
             # would be: if no other chunk follows, sealing only moves them (re-reading, sorting and
             # recompressing a 50,000-image dissect's pooled rows, 3 GB, was most of its store stage).
             final = not files and _is_sorted(body, ts.sort)
-            (self._final.add if final else self._final.discard)(slot)
+            if final:
+                self._final.add(slot)
+            else:
+                self._final.discard(slot)
             for piece in _file_slices(body, ROW_GROUP_ROWS.get(table, DEFAULT_ROW_GROUP)) if final else [body]:
                 p = d / f"{len(files):05d}.parquet"
                 files.append(p)
@@ -401,7 +404,7 @@ class Run:
                 folder = self.staging / "sealed" / table / pdir
                 folder.mkdir(parents=True, exist_ok=True)
                 outs = []   # (sealed file, its bytes and sha256), in row order
-                if (table, pdir, wkey) in self._final:   # one chunk, sorted, already sealed (write)
+                if (table, pdir, wkey) in self._final:   # a sorted first chunk, sealed by write: move it
                     for f in files:
                         outs.append((folder / f"{self.run_id}-{n}.parquet", self._sealed_facts[f]))
                         os.replace(f, outs[-1][0])
