@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
@@ -26,8 +27,8 @@ from .. import __version__
 from ..errors import BadInput, StoreDamaged
 from ..schema import conform
 from .derived import DERIVED_TABLES, derived_select
-from .files import (DEFAULT_ROW_GROUP, ROW_GROUP_ROWS, _atomic_write, _fsync, _kv_arrow, _kv_sql, _locked, _part_dir,
-                    _reason, _sha256, _split_partitions, _sql_str, _utcnow, _work_connection)
+from .files import (DEFAULT_ROW_GROUP, ROW_GROUP_ROWS, _atomic_write, _file_slices, _fsync, _kv_arrow, _kv_sql, _locked,
+                    _parquet_options, _part_dir, _reason, _sha256, _split_partitions, _sql_str, _utcnow, _work_connection)
 
 if TYPE_CHECKING:
     from .core import Store
@@ -300,7 +301,8 @@ class Run:
             {"run_id": self.run_id, "command": command, "params": self.params, "pid": os.getpid()}))
         self._chunks: dict[tuple[str, str], list[Path]] = {}
         self._partitions: dict[tuple[str, str], dict] = {}
-        self._final: set[tuple] = set()   # slots whose one staged chunk is already the sealed file
+        self._final: set[tuple] = set()   # slots whose staged files are already the sealed files
+        self._sealed_facts: dict[Path, dict] = {}   # a final slot's staged file: bytes and sha256, once synced
         self.rows: dict[str, int] = {}
         self.state = "open"
         self.summary: dict | None = None
@@ -338,6 +340,7 @@ class Run:
         arrow = conform(ts, data, fill={"run_id": self.run_id})
         if arrow.num_rows == 0:
             return 0
+        jobs = []
         for part, chunk in _split_partitions(ts, arrow):
             pdir = _part_dir(part)
             slot = (table, pdir, key or self.work_key)
@@ -345,25 +348,41 @@ class Run:
             self._partitions[slot] = part
             d = self.staging / "chunks" / table / pdir / hashlib.sha1(slot[2].encode()).hexdigest()[:12]
             d.mkdir(parents=True, exist_ok=True)
-            p = d / f"{len(files):05d}.parquet"
             body = chunk.select([c.name for c in ts.file_columns])
-            if not files and _is_sorted(body, ts.sort):
-                # A slot's first chunk, already in the table's order, is written as the sealed file
-                # would be: if no other chunk follows, sealing only moves it (re-reading, sorting and
-                # recompressing a 50,000-image dissect's pooled rows, 3 GB, was most of its store stage).
-                # (no dictionary for float columns: building one for millions of distinct values
-                # before falling back to plain encoding took half the time)
-                flat = [f.name for f in body.schema if not (pa.types.is_floating(f.type) or pa.types.is_nested(f.type))]
-                pq.write_table(body.replace_schema_metadata(_kv_arrow(self._facts(slot))), p,
-                               compression="zstd", use_dictionary=flat,
-                               row_group_size=ROW_GROUP_ROWS.get(table, DEFAULT_ROW_GROUP))
+            # A slot's first chunk, already in the table's order, is written as the sealed files
+            # would be: if no other chunk follows, sealing only moves them (re-reading, sorting and
+            # recompressing a 50,000-image dissect's pooled rows, 3 GB, was most of its store stage).
+            final = not files and _is_sorted(body, ts.sort)
+            if final:
                 self._final.add(slot)
             else:
-                pq.write_table(body, p, compression="lz4")
                 self._final.discard(slot)
-            files.append(p)
+            for piece in _file_slices(body, ROW_GROUP_ROWS.get(table, DEFAULT_ROW_GROUP)) if final else [body]:
+                p = d / f"{len(files):05d}.parquet"
+                files.append(p)
+                jobs.append((slot, p, piece, final))
+        # Each file is encoded, synced and hashed in a thread of its own (pyarrow and hashlib
+        # release the GIL): the 5 layers of a pooled write at once, its large ones in several
+        # files. A failure in any of them raises here, after all have stopped, and fails the run.
+        if len(jobs) == 1:
+            self._stage(*jobs[0])
+        else:
+            with ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool:
+                list(pool.map(lambda job: self._stage(*job), jobs))
         self.rows[table] = self.rows.get(table, 0) + arrow.num_rows
         return arrow.num_rows
+
+    def _stage(self, slot: tuple, path: Path, body: pa.Table, final: bool) -> None:
+        """Write one staged chunk: a final one as its sealed file (footer facts, row groups,
+        encodings, fsync and hash done here, so sealing only moves it), any other as a quick lz4
+        chunk for sealing to sort."""
+        if not final:
+            pq.write_table(body, path, compression="lz4")
+            return
+        pq.write_table(body.replace_schema_metadata(_kv_arrow(self._facts(slot))), path,
+                       row_group_size=ROW_GROUP_ROWS.get(slot[0], DEFAULT_ROW_GROUP), **_parquet_options(body.schema))
+        _fsync(path)
+        self._sealed_facts[path] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
 
     def _facts(self, slot: tuple) -> dict:
         """The manifest facts a sealed file of (table, partition dir, work key) records in its footer."""
@@ -379,29 +398,35 @@ class Run:
             return sealed
         con = _work_connection(self.staging)
         try:
-            for i, ((table, pdir, wkey), files) in enumerate(sorted(self._chunks.items())):
+            n = 0   # sealed files so far: they are named <run_id>-<n>.parquet
+            for (table, pdir, wkey), files in sorted(self._chunks.items()):
                 ts = self.store.schemas[table]
-                name = f"{self.run_id}-{i}.parquet"
-                out = self.staging / "sealed" / table / pdir / name
-                out.parent.mkdir(parents=True, exist_ok=True)
-                src = "[" + ", ".join(_sql_str(f) for f in files) + "]"
-                cols = ", ".join(c.name for c in ts.file_columns)
-                order = f" ORDER BY {', '.join(ts.sort)}" if ts.sort else ""
-                rg = ROW_GROUP_ROWS.get(table, DEFAULT_ROW_GROUP)
-                part = self._partitions[(table, pdir, wkey)]
-                if (table, pdir, wkey) in self._final:   # one chunk, sorted, already sealed (write)
-                    os.replace(files[0], out)
+                folder = self.staging / "sealed" / table / pdir
+                folder.mkdir(parents=True, exist_ok=True)
+                outs = []   # (sealed file, its bytes and sha256), in row order
+                if (table, pdir, wkey) in self._final:   # a sorted first chunk, sealed by write: move it
+                    for f in files:
+                        outs.append((folder / f"{self.run_id}-{n}.parquet", self._sealed_facts[f]))
+                        os.replace(f, outs[-1][0])
+                        n += 1
                 else:
+                    out = folder / f"{self.run_id}-{n}.parquet"
+                    n += 1
+                    src = "[" + ", ".join(_sql_str(f) for f in files) + "]"
+                    cols = ", ".join(c.name for c in ts.file_columns)
+                    order = f" ORDER BY {', '.join(ts.sort)}" if ts.sort else ""
+                    rg = ROW_GROUP_ROWS.get(table, DEFAULT_ROW_GROUP)
                     con.execute(f"COPY (SELECT {cols} FROM read_parquet({src}){order}) TO {_sql_str(out)} "
                                 f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {rg}, "
                                 f"{_kv_sql(self._facts((table, pdir, wkey)))})")
-                _fsync(out)
-                rows = pq.ParquetFile(out).metadata.num_rows
-                sealed.append({"table": table, "partition": part, "src": out,
-                               "columns": [c.name for c in ts.file_columns],
-                               "path": f"tables/{table}/{pdir}/{name}" if pdir else f"tables/{table}/{name}",
-                               "run_id": self.run_id, "work_key": wkey, "rows": rows,
-                               "bytes": out.stat().st_size, "sha256": _sha256(out)})
+                    _fsync(out)
+                    outs.append((out, {"bytes": out.stat().st_size, "sha256": _sha256(out)}))
+                for out, facts in outs:
+                    sealed.append({"table": table, "partition": self._partitions[(table, pdir, wkey)], "src": out,
+                                   "columns": [c.name for c in ts.file_columns],
+                                   "path": f"tables/{table}/{pdir}/{out.name}" if pdir else f"tables/{table}/{out.name}",
+                                   "run_id": self.run_id, "work_key": wkey,
+                                   "rows": pq.ParquetFile(out).metadata.num_rows, **facts})
         finally:
             con.close()
         return sealed
