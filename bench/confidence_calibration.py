@@ -413,9 +413,11 @@ def main():
             "models": trained, "random_models": [rnd],
             "explanation_rows": "labels (rank 0)", "headline_rows": f"the top {trust.HEADLINE_RANKS} of each scorer",
             "label": f"agrees with the mask-IoU reference (IoU >= {REFERENCE_MIN_IOU}, same concept)",
-            "command": "NEUROSTORE_TEST_CACHE=/tmp/ns-test-cache .venv/bin/python "
-                       "bench/confidence_calibration.py --fit --resnet-k 5"
+            "command": ("" if args.full else "NEUROSTORE_TEST_CACHE=/tmp/ns-test-cache ")
+                       + ".venv/bin/python bench/confidence_calibration.py --fit --resnet-k 5"
+                       + (" --full" if args.full else "")
                        + (f" --fit-also {args.fit_also}" if args.fit_also else ""),
+            "max_images": args.max_images,
             **fitted.pop("n")}
         path.write_text(json.dumps(fitted, indent=1) + "\n")
         log(f"wrote {path}")
