@@ -32,6 +32,7 @@ No downloads: fast probe worlds from the caches (built there when missing), rand
     .venv/bin/python bench/confidence_calibration.py --store DIR    # DIR's stored dissects are reused
     ... --fit --fit-also 3:frame:star --heldout-cache DIR   # fit on seed 0 and a seed-3 world too
     .venv/bin/python bench/confidence_calibration.py --full --store DIR   # full-size worlds, as the demo's
+    ... --top-images                 # dissect with the opt-in top_images scorer too
 
 Ends by printing one line of JSON.
 """
@@ -53,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from neurostore import trust  # noqa: E402
 from neurostore.evaluate import REFERENCE_MIN_IOU  # noqa: E402
-from neurostore.pipeline import DEMO_MAX_IMAGES, dissect  # noqa: E402
+from neurostore.pipeline import DEFAULT_SCORERS, DEMO_MAX_IMAGES, dissect  # noqa: E402
 from neurostore.store import Store  # noqa: E402
 from neurostore.weights import reinitialise  # noqa: E402
 
@@ -356,6 +357,8 @@ def main():
                     help="full-size worlds (the default world's config, as `neurostore demo` builds it; "
                          f"{DEMO_MAX_IMAGES} probe images per dissect unless --max-images) instead of fast ones")
     ap.add_argument("--max-images", type=int, default=None, help="probe images per dissect")
+    ap.add_argument("--top-images", action="store_true",
+                    help="dissect with the opt-in top_images scorer too (README, 'Confidence and fidelity')")
     ap.add_argument("--min-bin", type=int, default=20, help="explanations a decile needs to be judged")
     ap.add_argument("--skip-resnet", action="store_true", help="leave the resnet18@random check out")
     ap.add_argument("--resnet-k", type=int, default=10, help="top images (and patches) per resnet18 unit")
@@ -373,6 +376,8 @@ def main():
     t0 = time.time()
     root = Path(args.store or tempfile.mkdtemp(prefix="ns-calib-"))
     quiet = dict(progress=False, log=log, max_images=args.max_images)
+    if args.top_images:
+        quiet["scorers"] = [*DEFAULT_SCORERS, "top_images"]
     size = WorldConfig if args.full else WorldConfig.fast     # the world's size; seed and cue override it
     if args.full and args.max_images is None:
         args.max_images = quiet["max_images"] = DEMO_MAX_IMAGES
@@ -384,7 +389,8 @@ def main():
     if not args.skip_resnet:
         resnet = dissected(store, "torchvision:resnet18@random", images=str(Path(world.root) / "images" / "probe"),
                            layers=["layer4"], vocabulary="english-3k", encoder="open_clip:ViT-B-32/random",
-                           k=args.resnet_k, evaluate=False, **quiet)
+                           k=args.resnet_k, evaluate=False,
+                           **{**quiet, "scorers": [x for x in quiet.get("scorers", DEFAULT_SCORERS) if x != "iou"]})
     def other_worlds(specs: str) -> list:
         out = []
         for w in filter(None, specs.split(",")):

@@ -51,7 +51,8 @@ from .schema import vector_column
 from .store import Store
 from .vocab import Vocabulary, concepts_table, load_vocabulary, vocabulary_table
 
-ALL_SCORERS = tuple(S.SCORERS)
+# top_images is asked for by name: its labels' confidence is not yet calibrated (README)
+DEFAULT_SCORERS = tuple(s for s in S.SCORERS if not S.get_scorer(s).opt_in)
 DEFAULT_ENCODER_ONLINE = "open_clip:ViT-B-32/laion2b_s34b_b79k"
 
 
@@ -377,7 +378,7 @@ def _plan(store: Store, model: str, *, images, layers, vocabulary, scorers, enco
     mask_world = None if images is not None else world
     source = probe_source(images, mask_world, opts["max_images"])
     layer_names = list(dict.fromkeys(resolve_layer(target, l) for l in layers)) if layers else default_layers(target)
-    names = list(scorers) if scorers else [s for s in ALL_SCORERS
+    names = list(scorers) if scorers else [s for s in DEFAULT_SCORERS
                                            if mask_world is not None or not S.get_scorer(s).needs_masks()]
     masked = [s for s in names if S.get_scorer(s).needs_masks()]  # (unknown names fail here)
     if masked and mask_world is None:
@@ -617,8 +618,8 @@ def dissect(store: Store | str | Path, model: str, *, images: str | Path | None 
     and write every table of the run to `store` in one commit: scores, explanations, concept
     vectors and (probe world, `evaluate`) the evaluation. Returns a `DissectResult`.
 
-    scorers: names from `neurostore.scorers.SCORERS` (default: all that apply; `iou` needs
-    per-pixel masks, which only the probe world has). encoder: an encoder spec (default: the
+    scorers: names from `neurostore.scorers.SCORERS` (default: all that apply but the opt-in
+    top_images; `iou` needs per-pixel masks, which only the probe world has). encoder: an encoder spec (default: the
     probe world's encoder for probe models, also with `images`, else OpenCLIP ViT-B-32).
     summarise_with: a scorer whose top concepts an LLM turns into one sentence per unit (needs
     ANTHROPIC_API_KEY; without it a template sentence is stored and marked so).

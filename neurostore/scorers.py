@@ -753,7 +753,7 @@ class Scorer:
     """A scorer and what it takes. `inputs` lists each input as its alternatives ('a|b+c': a,
     or b and c); a pipeline provides the first of each (`needs`) and computes only what the
     scorers of a run need (module doc: pipeline inputs). `prepare` fits the parameters to the
-    probe set once its size is known."""
+    probe set once its size is known. `opt_in`: run only when asked for by name, not by default."""
 
     name: str
     fn: Callable[..., torch.Tensor]
@@ -762,6 +762,7 @@ class Scorer:
     description: str
     uses_encoder: bool = True
     prepare: Optional[Callable[[dict[str, Any], int], dict[str, Any]]] = None
+    opt_in: bool = False
 
     def needs(self) -> frozenset[str]:
         """The inputs a pipeline provides: the first alternative of each declared input."""
@@ -855,8 +856,9 @@ SCORERS: dict[str, Scorer] = {
                "CLIP-Dissect cos_similarity_cubed: cosine of centred, cubed columns"),
         Scorer("top_images", _run_top_images, {"top_k": 50}, ("similarity|image_emb+text_emb", "peak"),
                "mean similarity of a unit's top-k images (by per-image max activation) to a concept "
-               "minus that concept's mean similarity over all probe images",
-               prepare=_top_k_within),
+               "minus that concept's mean similarity over all probe images (opt-in: README, "
+               "'Confidence and fidelity')",
+               prepare=_top_k_within, opt_in=True),
         Scorer("iou", _run_iou, {"top_fraction": 0.005}, ("iou_scores|act_maps+masks|accumulator",),
                "Network Dissection IoU of the unit's top-0.5% region with per-pixel concept "
                "masks, summed over images", uses_encoder=False),

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from neurostore.cli import app
 from neurostore.errors import BadInput, BadParameter, UnknownScorer, UnknownVocabulary, cli_message
-from neurostore.pipeline import ALL_SCORERS, default_layers, dissect
+from neurostore.pipeline import DEFAULT_SCORERS, default_layers, dissect
 from neurostore.store import Store
 
 
@@ -36,7 +36,7 @@ def test_demo_store_holds_every_stage(demo_run):
                       {"m": d["model"]}).to_pylist()[0]
         assert n["n"] == n["p"] == d["units"] * 10
         expl = store.sql("SELECT count(*) AS n FROM explanations WHERE model = $m", {"m": d["model"]})
-        assert expl["n"][0].as_py() == d["units"] * len(ALL_SCORERS)
+        assert expl["n"][0].as_py() == d["units"] * len(DEFAULT_SCORERS)
     # Patches are joined to their embeddings, with the encoder the run recorded.
     missing = store.sql("""
         SELECT count(*) AS n FROM patches p
@@ -50,7 +50,7 @@ def test_scores_have_bounded_confidence_and_provenance(demo_run):
     r = store.sql("""SELECT min(confidence) AS lo, max(confidence) AS hi, count(*) FILTER (WHERE run_id IS NULL) AS no_run,
                             count(DISTINCT scorer) AS scorers FROM scores""").to_pylist()[0]
     assert 0.0 <= r["lo"] <= r["hi"] <= 1.0
-    assert r["no_run"] == 0 and r["scorers"] == len(ALL_SCORERS)
+    assert r["no_run"] == 0 and r["scorers"] == len(DEFAULT_SCORERS)
     runs = store.sql("SELECT command, status FROM runs WHERE command = 'dissect'").to_pylist()
     assert runs and all(x["status"] == "committed" for x in runs)
 
@@ -266,3 +266,25 @@ def test_a_changed_image_file_gets_its_crops_cut_anew(probe_world, tmp_path):
     assert 1 <= warm["passes"]["decoded_for_crops"] < first["passes"]["decoded_for_crops"] == 4
     q = "SELECT layer, unit, rank, image_id, patch_id FROM activations WHERE run_id = $r ORDER BY ALL"
     assert store.sql(q, {"r": warm["run_id"]}).to_pylist() == cold.sql(q, {"r": first["run_id"]}).to_pylist()
+
+
+def test_top_images_runs_when_named_and_its_stored_scores_are_reproduced(probe_world, tmp_path):
+    """The opt-in top_images scorer is not in a default dissect; named, it is scored from the
+    pass's per-image maxima with its own null, takes part in the headline, and trust.assess
+    recomputes its stored scores from the store's pooled rows."""
+    from neurostore import trust
+
+    assert "top_images" not in DEFAULT_SCORERS
+    store = Store.open(tmp_path / "s")
+    d = dissect(store, f"probe:cnn@{probe_world.root}", world=probe_world, layers=["conv3"],
+                scorers=["patch", "top_images"], k=3, max_images=60, progress=False, log=lambda *a: None,
+                evaluate=False)
+    r = store.sql("SELECT count(DISTINCT unit) AS n, min(confidence) AS lo, max(confidence) AS hi FROM scores "
+                  "WHERE scorer = 'top_images'").to_pylist()[0]
+    assert r["n"] == d["units"] and 0 <= r["lo"] <= r["hi"] <= 1
+    params = store.df("SELECT params FROM runs WHERE command = 'dissect'")["params"].iloc[0]
+    assert '"top_images": {"top_k": 50}' in params and '"conv3": {"patch"' in params
+    heads = store.df("SELECT candidates FROM headlines")
+    assert len(heads) == d["units"] and (heads["candidates"] > 3).all()   # both scorers' top 3
+    out = trust.assess(store, null_units=32, log=lambda *a: None)
+    assert out["probe-cnn"]["probe"]["recomputed_max_diff"] < 1e-2
