@@ -74,3 +74,13 @@ def demo_run(tmp_path_factory, probe_world, probe_world_cache):
                          capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout), Store.open(store)
+
+
+@pytest.fixture
+def store(tmp_path):
+    """An empty store in the test's own folder, closed after it."""
+    from neurostore.store import Store
+
+    s = Store.open(tmp_path / "st")
+    yield s
+    s.close()

@@ -43,13 +43,6 @@ def count(store, table="scores") -> int:
     return store.sql(f"SELECT count(*) AS n FROM {table}").column("n")[0].as_py()
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = Store.open(tmp_path / "st")
-    yield s
-    s.close()
-
-
 # ---- opening --------------------------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from neurostore.store import Store, files
+from neurostore.store import files
 
 LAYERS = {"conv1": 3, "layer1": 5, "layer4": 8}
 SPECIAL = np.array([np.nan, -0.0, np.inf, -np.inf, 1e-45, np.finfo(np.float32).max, -1.5, 0.0], np.float32)
@@ -56,13 +56,6 @@ def same(a: pa.Table, b: pa.Table) -> bool:
 
 def read_back(store) -> pa.Table:
     return store.sql("SELECT * EXCLUDE (run_id) FROM pooled ORDER BY layer, image_id")
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = Store.open(tmp_path / "st")
-    yield s
-    s.close()
 
 
 def test_pooled_rows_read_back_bit_for_bit_from_byte_stream_split_files(store):
