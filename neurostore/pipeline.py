@@ -619,8 +619,9 @@ def dissect(store: Store | str | Path, model: str, *, images: str | Path | None 
     vectors and (probe world, `evaluate`) the evaluation. Returns a `DissectResult`.
 
     scorers: names from `neurostore.scorers.SCORERS` (default: all that apply but the opt-in
-    top_images; `iou` needs per-pixel masks, which only the probe world has). encoder: an encoder spec (default: the
-    probe world's encoder for probe models, also with `images`, else OpenCLIP ViT-B-32).
+    top_images; `iou` needs per-pixel masks, which only the probe world has). encoder: an
+    encoder spec (default: the probe world's encoder for probe models, also with `images`, else
+    OpenCLIP ViT-B-32).
     summarise_with: a scorer whose top concepts an LLM turns into one sentence per unit (needs
     ANTHROPIC_API_KEY; without it a template sentence is stored and marked so).
 

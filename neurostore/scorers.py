@@ -11,8 +11,9 @@ bounded confidence next to every raw score.
 
 Pipeline inputs. Each `Scorer` declares its inputs; the dissect asks the scorers of a run what
 they `need()` and computes only that: `similarity` (whole-image embeddings, taken in the single
-pass), `pooled`, `peak` (per-image mean and max), `unit_images` (the recorder), `patch_emb`, `text_emb`, `unit_patches`,
-`unit_weights` (patches), `iou_scores` (per-pixel masks: thresholds in the pass, then IoU).
+pass), `pooled` and `peak` (per-image mean and max), `unit_images` (the recorder), `patch_emb`,
+`text_emb`, `unit_patches`, `unit_weights` (patches), `iou_scores` (per-pixel masks: thresholds
+in the pass, then IoU).
 
 The CLIP-Dissect formulas follow the published code (Trustworthy-ML-Lab/CLIP-dissect,
 similarity.py) exactly, including its quirks: p(d) in soft_wpmi/wpmi is the mean over the
@@ -523,11 +524,11 @@ def top_image_scores(sim: "torch.Tensor | Similarity", peak: torch.Tensor, top_k
 
     sim [n, c] image-concept cosine, dense or streamed (`Similarity`: then through the
     embeddings, since the mean of cosines with unit vectors is the cosine with their mean:
-    [u, d] x [d, c], never [u, k, c]); peak [n, u]. Why beside `patch`: its k top images are
-    more than the k top patches a dissect cuts (crops cost an encoding each; the whole images
-    are encoded in the pass anyway), and on the fast probe worlds the label of the top 50
-    agreed with the mask-IoU reference more often than patch's top 10 (README, "Confidence and
-    fidelity")."""
+    [u, d] x [d, c], never [u, k, c]); peak [n, u]. Why beside `patch`: it reads more of a
+    unit's images than the k crops a dissect cuts per unit (a crop costs an encoding; the whole
+    images are encoded in the pass anyway), and on the fast probe worlds the label of the top
+    50 agreed with the mask-IoU reference more often than patch's top 10 (README, "Confidence
+    and fidelity")."""
     n, u = peak.shape
     if sim.shape[0] != n:
         raise BadInput(f"similarity has {sim.shape[0]} images but the activations {n}.")
@@ -789,15 +790,20 @@ class ScoreResult:
     uses_encoder: bool = True
 
 
+def _similarity(inputs: dict[str, Any], acts: str) -> "torch.Tensor | Similarity":
+    """The image-concept similarity given, else streamed from the embeddings given."""
+    sim = inputs.get("similarity")
+    if sim is None:
+        if "image_emb" not in inputs or "text_emb" not in inputs:
+            raise BadInput(f"this scorer needs 'similarity' [n, c] or 'image_emb' and 'text_emb', "
+                           f"plus '{acts}' activations [n, u].")
+        sim = Similarity(inputs["image_emb"], inputs["text_emb"])
+    return sim
+
+
 def _run_clip(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     def run(inputs: dict[str, Any], **params: Any) -> torch.Tensor:
-        sim = inputs.get("similarity")
-        if sim is None:
-            if "image_emb" not in inputs or "text_emb" not in inputs:
-                raise BadInput("CLIP-Dissect scorers need 'similarity' [n, c] or 'image_emb' "
-                               "and 'text_emb', plus 'pooled' activations [n, u].")
-            sim = Similarity(inputs["image_emb"], inputs["text_emb"])
-        return fn(sim, _need(inputs, "pooled"), **params)
+        return fn(_similarity(inputs, "pooled"), _need(inputs, "pooled"), **params)
     return run
 
 
@@ -807,10 +813,7 @@ def _run_patch(inputs: dict[str, Any], **params: Any) -> torch.Tensor:
 
 
 def _run_top_images(inputs: dict[str, Any], **params: Any) -> torch.Tensor:
-    sim = inputs.get("similarity")
-    if sim is None:
-        sim = Similarity(_need(inputs, "image_emb"), _need(inputs, "text_emb"))
-    return top_image_scores(sim, _need(inputs, "peak"), **params)
+    return top_image_scores(_similarity(inputs, "peak"), _need(inputs, "peak"), **params)
 
 
 def _run_iou(inputs: dict[str, Any], **params: Any) -> torch.Tensor:
