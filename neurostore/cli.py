@@ -621,8 +621,8 @@ def demo_cmd(
     store: Optional[Path] = StoreOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Run everything on the probe world: build it, dissect its CNN and ViT with every scorer,
-    evaluate against the truth, and answer three example questions in SQL.
+    """Run everything on the probe world: build it, dissect its CNN and ViT with the default
+    scorers, evaluate against the truth, and answer three example questions in SQL.
 
     Example: neurostore demo --cue-kind dot --cue-class ring --store demo-store --device auto
     """

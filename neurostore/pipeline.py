@@ -695,7 +695,7 @@ def demo(store: Store | str | Path, *, seed: int | None = None, cue_kind: str | 
          max_images: int | None = DEMO_MAX_IMAGES, device: str = "auto", precision: str = "auto",
          workers: int = 0, progress: bool = True, log=print) -> DemoResult:
     """Everything on the probe world: build (or reuse) the world, dissect its CNN and ViT on
-    several layers with every scorer, evaluate against the truth, and answer three questions."""
+    several layers with the default scorers, evaluate against the truth, and answer three questions."""
     from .world import WorldConfig, build_world
     from .world.build import with_overrides
 
