@@ -485,7 +485,6 @@ def _scores(d: _Dissection) -> None:
         amount = trust.mask_amount(d.mask_world.masks(), rec.image_ids, cindex)
     bar = _bar(o["progress"], len(d.layers) * len(d.scorers), "scores", "scorer")
     for name in d.layers:
-        lr = rec.layers[name]
         inputs = _layer_inputs(d, name, sim, iou.get(name))
         tables = []
         for s in d.scorers:
@@ -497,10 +496,9 @@ def _scores(d: _Dissection) -> None:
                                          encoder=d.enc.id if res.uses_encoder else None,
                                          model=d.target.id, layer=name))
             bar.update()
-        if sim is not None and lr.pooled_max is not None:  # held-out fidelity of the layer's explanations; headlines
-            peak = torch.from_numpy(lr.pooled_max.astype(np.float32))  # [n, u] per-image max
+        if sim is not None and inputs["peak"] is not None:  # held-out fidelity of the layer's explanations; headlines
             fid, head, rows = trust.layer_trust(
-                pa.concat_tables(tables).to_pandas(), peak, sim, rec.image_ids, cindex, amount,
+                pa.concat_tables(tables).to_pandas(), inputs["peak"], sim, rec.image_ids, cindex, amount,
                 nulls=d.nulls[name], dataset=rec.dataset, vocabulary=d.vocab.name, encoder=d.enc.id,
                 model=d.target.id, layer=name)
             d.trust_tables.append((fid, head))
@@ -526,7 +524,7 @@ def _layer_inputs(d: _Dissection, layer: str, sim, iou) -> dict:
     patch_emb, unit_patches = S.own_patches(d.patch_emb, torch.from_numpy(idx))   # [p, d], [u, k]
     return {"similarity": sim, "iou_scores": iou, "patch_emb": patch_emb, "text_emb": d.text_emb,
             "pooled": torch.from_numpy(lr.pooled_mean.astype(np.float32)) if lr.pooled_mean is not None else None,
-            "peak": torch.from_numpy(lr.pooled_max.astype(np.float32)) if lr.pooled_max is not None else None,
+            "peak": torch.from_numpy(lr.pooled_max.astype(np.float32)) if lr.pooled_max is not None else None,  # [n, u]
             "unit_patches": unit_patches, "unit_images": torch.from_numpy(lr.top_idx),
             "unit_weights": torch.from_numpy(np.nan_to_num(lr.top_val.astype(np.float32), nan=0.0))}
 
