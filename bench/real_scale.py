@@ -107,13 +107,8 @@ def floors(args, folder: Path, store: Path, dev, dtype) -> dict:
     t = time.time()
     target, enc = load_models(args)
     out = {"load_models_s": time.time() - t}
+    out["a_target_forward_s"] = target_forward(target, args, folder, dev, dtype)
     src = ImageFolder(folder)
-    t = time.time()
-    # the pixels made as the dissect makes them: uint8 from the workers, normalised on the device
-    for b in src.batches(target.preprocess, args.batch_size, num_workers=args.workers, device=dev):
-        with autocast(dev, dtype):
-            target.module(b.pixels)
-    out["a_target_forward_s"] = time.time() - t
     t = time.time()
     for b in src.batches(enc.split_preprocess() or enc.preprocess, args.batch_size, num_workers=args.workers,
                          device=dev):
@@ -163,15 +158,14 @@ def run_dissect(args, folder: Path, store: Path, scorers=SCORERS):
                    log=lambda m: print(m, file=sys.stderr))
 
 
-def target_forward(args, folder: Path, dev, dtype) -> float:
-    """(a): seconds of the target's plain forward over the images, no neurostore work around it."""
-    target, _ = load_models(args)
-    src = ImageFolder(folder)
+@torch.no_grad()
+def target_forward(target, args, folder: Path, dev, dtype) -> float:
+    """(a): seconds of the target's plain forward over the images, no neurostore work around it
+    (the pixels made as the dissect makes them: uint8 from the workers, normalised on the device)."""
     t = time.time()
-    with torch.no_grad():
-        for b in src.batches(target.preprocess, args.batch_size, num_workers=args.workers, device=dev):
-            with autocast(dev, dtype):
-                target.module(b.pixels)
+    for b in ImageFolder(folder).batches(target.preprocess, args.batch_size, num_workers=args.workers, device=dev):
+        with autocast(dev, dtype):
+            target.module(b.pixels)
     return time.time() - t
 
 
@@ -181,11 +175,12 @@ def warm_only(args, root: Path, dev, dtype) -> None:
     folder, store = root / "images", root / "store"
     if not (store / "store.json").is_file():
         raise SystemExit(f"--warm-only needs --workdir with a cold dissect in it; {store} has none.")
-    a0 = target_forward(args, folder, dev, dtype)
+    target, _ = load_models(args)
+    a0 = target_forward(target, args, folder, dev, dtype)
     t = time.time()
     warm = run_dissect(args, folder, store, scorers=["patch", "cos_cubed"])
     warm_s = time.time() - t
-    a1 = target_forward(args, folder, dev, dtype)
+    a1 = target_forward(target, args, folder, dev, dtype)
     a = (a0 + a1) / 2
     print(json.dumps({"bench": "real_scale", "device": describe(dev), "images": args.images, "layers": args.layers,
                       "vocab": args.vocab, "warm_s": round(warm_s, 2), "warm_timings": warm["timings"],
@@ -272,7 +267,7 @@ def main() -> None:
         print(f"[real_scale] cold {cold_s:.1f} s {json.dumps(cold['timings'])} {json.dumps(cold['passes'])}",
               file=sys.stderr, flush=True)
         if args.cold_only:
-            a = target_forward(args, folder, dev, dtype)
+            a = target_forward(load_models(args)[0], args, folder, dev, dtype)
             print(json.dumps({"bench": "real_scale", "device": describe(dev), "images": args.images,
                               "units": cold["units"], "vocab": args.vocab, "concepts": cold["concepts"],
                               "cold_s": round(cold_s, 2), "cold_timings": cold["timings"], "cold_passes": cold["passes"],
