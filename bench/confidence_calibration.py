@@ -33,6 +33,7 @@ No downloads: fast probe worlds from the caches (built there when missing), rand
     ... --fit --fit-also 3:frame:star --heldout-cache DIR   # fit on seed 0 and a seed-3 world too
     .venv/bin/python bench/confidence_calibration.py --full --store DIR   # full-size worlds, as the demo's
     ... --top-images                 # dissect with the opt-in top_images scorer too
+    ... --store DIR --exclude top_images   # DIR dissected with --top-images, measured as the default dissect
 
 Ends by printing one line of JSON.
 """
@@ -59,6 +60,7 @@ from neurostore.store import Store  # noqa: E402
 from neurostore.weights import reinitialise  # noqa: E402
 
 ENCODER_SCORERS = list(trust.HEADLINE_SCORERS)
+EXCLUDED: list[str] = []   # --exclude: scorers measured as if they had not run
 EXPLANATION_FEATURES = ["evidence", "margin", "auprc", "cosine_pearson"]   # of the ground-truth-free scorers' map
 RANDOM_WEIGHTS = (0.0, 0.1, 0.3, 1.0)   # tried in order by fit(), which says why
 # The headline map's L2 regularisation (sklearn's C; the explanation maps use 1.0). With the
@@ -94,6 +96,7 @@ def evidence(store: Store, model: str, cal: trust.Calibration, truth: bool = Tru
 
     s = store.df("""SELECT s.* FROM scores s JOIN layers l USING (model, layer)
                     WHERE s.model = $m AND l.kind <> 'logits'""", {"m": model})
+    s = s[~s["scorer"].isin(EXCLUDED)]
     runs = store.df("SELECT run_id, params FROM runs WHERE list_contains($r, run_id)",
                     {"r": sorted(set(s["run_id"]))})
     nulls = {}
@@ -102,6 +105,7 @@ def evidence(store: Store, model: str, cal: trust.Calibration, truth: bool = Tru
         nulls[run] = next((v for k, v in n.items() if k.startswith(model + "|")), n)
     fid = store.df("""SELECT layer, unit, scorer, concept, metric, value FROM explanation_scores
                       WHERE model = $m AND presence = 'encoder'""", {"m": model})
+    fid = fid[~fid["scorer"].isin(EXCLUDED)]
     wide = fid.pivot_table(index=["layer", "unit", "scorer", "concept"], columns="metric", values="value",
                            dropna=False).reset_index()
     s = s.merge(wide, on=["layer", "unit", "scorer", "concept"], how="left")
@@ -218,14 +222,21 @@ def deciles(conf: np.ndarray, agree: np.ndarray, min_bin: int) -> tuple[list, fl
     return out, max((b["gap"] for b in out if b["judged"]), default=None)
 
 
-def noise_floor(conf: np.ndarray, min_bin: int, target: float = 0.15, draws: int = 2000) -> dict:
+def noise_floor(conf: np.ndarray, min_bin: int, observed: float | None = None, target: float = 0.15,
+                draws: int = 2000) -> dict:
     """What the worst-decile gap would be if these confidences were exactly right: labels drawn
     'right' with probability = confidence, binned and judged as measured. With 20-label deciles
-    one decile's sampling noise alone is about 0.1, so the gap target can fail by chance."""
+    one decile's sampling noise alone is about 0.1, so the gap target can fail by chance.
+    `p_observed`: the share of those draws whose worst gap reaches the `observed` one, a p-value
+    for "these confidences are right": a world can miss the target by chance (p_observed well
+    above 0.05) or by a real shift (near 0)."""
     rng = np.random.default_rng(0)
     worst = np.array([deciles(conf, rng.random(len(conf)) < conf, min_bin)[1] or 0.0 for _ in range(draws)])
-    return {"p_over_target": round(float((worst > target).mean()), 3), "median": round(float(np.median(worst)), 3),
-            "q95": round(float(np.quantile(worst, 0.95)), 3)}
+    out = {"p_over_target": round(float((worst > target).mean()), 3), "median": round(float(np.median(worst)), 3),
+           "q95": round(float(np.quantile(worst, 0.95)), 3)}
+    if observed is not None:
+        out["p_observed"] = round(float((worst >= observed - 1e-9).mean()), 3)
+    return out
 
 
 def calibration(e, min_bin: int):
@@ -240,7 +251,8 @@ def headline_agreement(store: Store, model: str, heads) -> dict:
     h = heads.merge(ref, on=["layer", "unit"])
     e = store.df("SELECT layer, unit, scorer, label FROM explanations WHERE model = $m", {"m": model}).merge(
         ref, on=["layer", "unit"])
-    per = {s: round(float((g["label"] == g["ref"]).mean()), 3) for s, g in e.groupby("scorer") if s != "iou"}
+    per = {s: round(float((g["label"] == g["ref"]).mean()), 3) for s, g in e.groupby("scorer")
+           if s != "iou" and s not in EXCLUDED}
     return {"headline": round(float((h["concept"] == h["ref"]).mean()), 3), "n": int(len(h)), "scorers": per}
 
 
@@ -252,7 +264,8 @@ def fidelity_spearman(store: Store, models: list[str]) -> float:
                max(value) FILTER (WHERE presence = 'encoder') AS enc,
                max(value) FILTER (WHERE presence = 'masks') AS truth
         FROM explanation_scores WHERE metric = 'pearson' AND list_contains($ms, model)
-        GROUP BY ALL""", {"ms": models}).dropna()
+             AND NOT list_contains($x, scorer)
+        GROUP BY ALL""", {"ms": models, "x": EXCLUDED or [""]}).dropna()
     return float(spearmanr(f["enc"], f["truth"]).statistic), int(len(f))
 
 
@@ -330,8 +343,8 @@ def measure(store: Store, models: list[str], cal, min_bin: int) -> dict:
     judged = e[(e["rank"] == 0) & e["scorer"].isin(ENCODER_SCORERS)]
     labels = judged["confidence"].to_numpy()
     return {"_labels": (labels, judged["agree"].to_numpy()), "deciles": bins, "max_calibration_gap": gap, "headline_deciles": hb, "headline_max_gap": hgap,
-            "if_calibrated": {"labels": noise_floor(labels, min_bin),
-                              "headlines": noise_floor(heads["confidence"].to_numpy(), min_bin)},
+            "if_calibrated": {"labels": noise_floor(labels, min_bin, gap),
+                              "headlines": noise_floor(heads["confidence"].to_numpy(), min_bin, hgap)},
             "headline_agreement": {m: {**headline_agreement(store, m, heads[heads["model"] == m]),
                                        "by_auprc": headline_agreement(store, m, by_auprc[by_auprc["model"] == m])["headline"]}
                                    for m in models},
@@ -360,6 +373,9 @@ def main():
     ap.add_argument("--max-images", type=int, default=None, help="probe images per dissect")
     ap.add_argument("--top-images", action="store_true",
                     help="dissect with the opt-in top_images scorer too (README, 'Confidence and fidelity')")
+    ap.add_argument("--exclude", default="",
+                    help="scorers to measure as if they had not run, comma-separated: a store dissected with "
+                         "--top-images measured as the default dissect with '--exclude top_images'")
     ap.add_argument("--min-bin", type=int, default=20, help="explanations a decile needs to be judged")
     ap.add_argument("--skip-resnet", action="store_true", help="leave the resnet18@random check out")
     ap.add_argument("--resnet-k", type=int, default=10, help="top images (and patches) per resnet18 unit")
@@ -367,6 +383,7 @@ def main():
                     help="only time each scorer and its null at resnet layer4 size (512 units, 3,000 concepts)")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    EXCLUDED[:] = list(filter(None, args.exclude.split(",")))
     if args.overhead_only:
         cost = null_overhead()
         log(f"scorer and null seconds: {cost}")
@@ -444,6 +461,7 @@ def main():
     pooled = [r.pop("_labels") for r in results.values()][len(also) + 1:]
     pooled_bins, pooled_gap = deciles(np.concatenate([c for c, a in pooled]), np.concatenate([a for c, a in pooled]),
                                       args.min_bin) if pooled else ([], None)
+    pooled_noise = noise_floor(np.concatenate([c for c, a in pooled]), args.min_bin, pooled_gap) if pooled else None
     for name, r in results.items():
         log(f"== {name}")
         log("decile  n     mean_conf  agreement")
@@ -455,7 +473,8 @@ def main():
         log(f"fidelity: Spearman(encoder, masks) = {r['fidelity_spearman']:.3f} over {r['fidelity_n']} explanations")
         log(f"headline agreement: {r['headline_agreement']}")
         log(f"stored vs recomputed confidence, max difference: {r['stored_vs_recomputed']}")
-    log(f"held-out worlds' labels pooled: {[(b['decile'], b['n'], b['mean_confidence'], b['agreement']) for b in pooled_bins]}")
+    log(f"held-out worlds' labels pooled: {[(b['decile'], b['n'], b['mean_confidence'], b['agreement']) for b in pooled_bins]}; "
+        f"if exactly right: {pooled_noise}")
     log(f"random networks, confidence >= 0.9: {random_frac}")
     gaps = [r["max_calibration_gap"] for r in results.values()]
     held = [r["max_calibration_gap"] for k, r in results.items() if not k.startswith("fit:")]
@@ -463,9 +482,9 @@ def main():
     rhos = [r["fidelity_spearman"] for r in results.values()]
     worst_random = max(v["any"] for v in random_frac.values())
     print(json.dumps({
-        "bench": "confidence_calibration", "images": args.max_images, "null_units": trust.NULL_UNITS,
+        "bench": "confidence_calibration", "images": args.max_images, "excluded": EXCLUDED, "null_units": trust.NULL_UNITS,
         "calibration": cal.fitted_on, "worlds": results, "random_confident_fraction": random_frac,
-        "heldout_pooled": {"deciles": pooled_bins, "max_calibration_gap": pooled_gap},
+        "heldout_pooled": {"deciles": pooled_bins, "max_calibration_gap": pooled_gap, "if_calibrated": pooled_noise},
         "seconds": {"dissect": round(t_dissect, 1), "total": round(time.time() - t0, 1)},
         "targets": {"max_calibration_gap": 0.15, "random_confident_fraction": 0.05,
                     "fidelity_spearman": 0.8, "headline_agreement": 0.9},
