@@ -160,7 +160,7 @@ def features(rows) -> dict:
     return trust.explanation_features(col("null_q"), col("margin"), col("auprc"), col("cosine_pearson"))
 
 
-def fit(worlds: list) -> dict:
+def fit(worlds: list, keep: "trust.Calibration | None" = None) -> dict:
     """The explanation maps from the labels (rank-0 rows), then the headline map from the
     candidates scored with those maps, on (store, model, random) triples: a random network's
     labels are all 'not right', whatever the reference says.
@@ -185,7 +185,12 @@ def fit(worlds: list) -> dict:
 
     labels = frames(blank, 0)
     labels = labels[labels["rank"] == 0]
-    for w in RANDOM_WEIGHTS:
+    # keep: the explanation maps as shipped (--fit-headline), only the headline map refitted
+    for w in ([keep.fitted_on.get("random_weight", 0.3)] if keep else RANDOM_WEIGHTS):
+        if keep:
+            cal = trust.Calibration(keep.explanation_maps, {"intercept": 0.0}, {})
+            maps = keep.explanation_maps
+            break
         weight = np.where(labels["random"], w, 1.0)
         maps = {}
         # one map for iou (the truth's own scorer) and one for every other scorer: a scorer's own
@@ -373,6 +378,10 @@ def main():
     ap.add_argument("--max-images", type=int, default=None, help="probe images per dissect")
     ap.add_argument("--top-images", action="store_true",
                     help="dissect with the opt-in top_images scorer too (README, 'Confidence and fidelity')")
+    ap.add_argument("--encoder-iou", action="store_true",
+                    help="dissect with the opt-in encoder_iou scorer too (README, 'Confidence and fidelity')")
+    ap.add_argument("--fit-headline", action="store_true",
+                    help="with --fit: keep the shipped explanation maps, refit only the headline map")
     ap.add_argument("--exclude", default="",
                     help="scorers to measure as if they had not run, comma-separated: a store dissected with "
                          "--top-images measured as the default dissect with '--exclude top_images'")
@@ -394,8 +403,9 @@ def main():
     t0 = time.time()
     root = Path(args.store or tempfile.mkdtemp(prefix="ns-calib-"))
     quiet = dict(progress=False, log=log, max_images=args.max_images)
-    if args.top_images:
-        quiet["scorers"] = [*DEFAULT_SCORERS, "top_images"]
+    opt_in = [s for s, on in (("top_images", args.top_images), ("encoder_iou", args.encoder_iou)) if on]
+    if opt_in:
+        quiet["scorers"] = [*DEFAULT_SCORERS, *opt_in]
     size = WorldConfig if args.full else WorldConfig.fast     # the world's size; seed and cue override it
     if args.full and args.max_images is None:
         args.max_images = quiet["max_images"] = DEMO_MAX_IMAGES
@@ -426,9 +436,10 @@ def main():
     t_dissect = time.time() - t0
     path = Path(trust.__file__).parent / "data" / trust.CALIBRATION_FILE
     if args.fit:
+        shipped = trust.Calibration.load(path) if args.fit_headline else None
         fitted = fit([(store, m, False) for m in trained] + [(store, rnd, True)]
                      + [(hs, m, False) for w, hw, hs, models, hr in also for m in models]
-                     + [(hs, hr, True) for w, hw, hs, models, hr in also])
+                     + [(hs, hr, True) for w, hw, hs, models, hr in also], keep=shipped)
         fit_worlds = [world] + [hw for w, hw, hs, models, hr in also]
         fitted["fitted_on"] = {
             "world": [w.id for w in fit_worlds], "seed": [w.config.seed for w in fit_worlds],
@@ -440,9 +451,15 @@ def main():
             "command": ("" if args.full else "NEUROSTORE_TEST_CACHE=/tmp/ns-test-cache ")
                        + ".venv/bin/python bench/confidence_calibration.py --fit --resnet-k 5"
                        + (" --full" if args.full else "")
-                       + (f" --fit-also {args.fit_also}" if args.fit_also else ""),
+                       + (f" --fit-also {args.fit_also}" if args.fit_also else "")
+                       + "".join(f" --{s.replace('_', '-')}" for s in opt_in)
+                       + (" --fit-headline" if args.fit_headline else ""),
+            "scorers": quiet.get("scorers", list(DEFAULT_SCORERS)),
             "max_images": args.max_images,
             **fitted.pop("n")}
+        if shipped is not None:   # the explanation maps were kept: say what they were fitted on
+            fitted["fitted_on"]["explanation_maps_fitted_on"] = {
+                k: v for k, v in shipped.fitted_on.items() if k != "explanation_maps_fitted_on"}
         path.write_text(json.dumps(fitted, indent=1) + "\n")
         log(f"wrote {path}")
     cal = trust.Calibration.load(path)

@@ -359,6 +359,35 @@ def _full_source(images, world) -> ImageSource:
     return ImageSource.from_table(world.id, t)
 
 
+class CellWindows:
+    """encoder_iou's view of an image: `grid` x `grid` cells over the part of the image the
+    target sees (its centre crop: `crop_fraction`, as patches.to_image_box), each seen through a
+    window twice the cell's side centred on it (edge pixels repeated past the border), in the
+    encoder's preprocessing -> [grid * grid, 3, s, s], row by row. Twice the cell: the encoder
+    names what is around a point, not a few pixels (on the fast probe worlds, windows of the
+    cell's own side labelled cells worse). A class, not a closure: DataLoader workers pickle it."""
+
+    def __init__(self, preprocess: Callable[[Image.Image], torch.Tensor], grid: int, crop_fraction: float | None):
+        self.preprocess, self.grid, self.crop_fraction = preprocess, grid, crop_fraction
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        im = image.convert("RGB")
+        if self.crop_fraction is not None:   # resize + centre crop: the input shows a central square
+            W, H = im.size
+            side = self.crop_fraction * min(W, H)
+            im = im.crop((round((W - side) / 2), round((H - side) / 2), round((W + side) / 2), round((H + side) / 2)))
+        a = np.asarray(im)
+        h, w = a.shape[0] / self.grid, a.shape[1] / self.grid
+        py, px = int(np.ceil(h / 2)), int(np.ceil(w / 2))
+        p = np.pad(a, ((py, py), (px, px), (0, 0)), mode="edge")
+        out = []
+        for gy in range(self.grid):
+            for gx in range(self.grid):
+                y0, x0 = round(gy * h + py - h / 2), round(gx * w + px - w / 2)
+                out.append(self.preprocess(Image.fromarray(p[y0 : y0 + max(1, round(2 * h)), x0 : x0 + max(1, round(2 * w))])))
+        return torch.stack(out)
+
+
 class ProbeMasks:
     """Per-pixel concept masks of the probe world, decoded per batch: [b, concepts, H, W] bool."""
 

@@ -42,7 +42,7 @@ from .errors import BadInput, BadParameter
 from .evaluate import evaluate_run, write_rows
 from .explain import explanations_table, summarise
 from .encoding import cached_ids, cached_vectors
-from .images import ImageSource, ProbeMasks, probe_source
+from .images import CellWindows, ImageSource, ProbeMasks, probe_source
 from .models import Target, default_layers, layers_table_rows, list_layers, load_target, resolve_layer
 from .patches import cut_before, extract_patches
 from .record import Recorder, activation_maps
@@ -277,32 +277,55 @@ def _single_pass(target: Target, layer_names: list[str], source: ImageSource, en
     return rec, thresholds or None, new_images, hashes, start
 
 
-def _iou_scores(target: Target, layers: list[str], source: ImageSource, masks: ProbeMasks,
-                thresholds: dict[str, torch.Tensor], batch_size: int, workers: int, counts: dict,
-                progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def _iou_scores(target: Target, layers: list[str], source: ImageSource, thresholds: dict[str, torch.Tensor],
+                batch_size: int, workers: int, counts: dict, progress: bool, *, masks: ProbeMasks | None = None,
+                cells: tuple | None = None) -> dict[str, tuple[dict, dict]]:
     """Network Dissection IoU for every layer, against the thresholds the single pass found (the
-    dataset-wide quantile must be known before any image is scored: a second pass, for probe
-    worlds only). Concepts without any mask in the probe set get NaN (no evidence), not 0.
-    Also the null's best IoU per pseudo-unit (trust.NullIoU), fed the same batches."""
-    acc = {l: S.IoUAccumulator(thresholds[l].cpu(), len(masks.index)) for l in layers}
-    null = {l: trust.NullIoU(thresholds[l].numel(), len(masks.index)) for l in layers}
-    for b in source.batches(target.preprocess, batch_size, num_workers=workers, progress=progress,
+    dataset-wide quantile must be known before any image is scored: a second pass), with
+    `masks` (the probe world's truth: scorer iou; concepts without any mask in the probe set get
+    NaN, no evidence, not 0) and/or `cells` = (encoder, text_emb [c, d], baseline [c]): the
+    encoder's pseudo-masks (scorer encoder_iou; S.cell_concepts), one pass for both. Also each
+    one's null, the best IoU per pseudo-unit (trust.NullIoU), fed the same batches.
+    Returns {scorer: ({layer: [u, c] IoU}, {layer: [m] null best})}."""
+    kinds = {}
+    if masks is not None:
+        kinds["iou"] = len(masks.index)
+    also = ()
+    if cells is not None:
+        enc, text_emb, baseline = cells
+        kinds["encoder_iou"] = text_emb.shape[0]
+        also = (CellWindows(enc.preprocess, S.CELL_GRID, getattr(target, "crop_fraction", None)),)
+    acc = {(k, l): S.IoUAccumulator(thresholds[l].cpu(), n) for k, n in kinds.items() for l in layers}
+    null = {(k, l): trust.NullIoU(thresholds[l].numel(), n) for k, n in kinds.items() for l in layers}
+    for b in source.batches(target.preprocess, batch_size, num_workers=workers, progress=progress, also=also,
                             device=target.device):
         counts["decoded"] += len(b.image_ids) + len(b.rejects)
         maps = activation_maps(target, layers, b.pixels)
-        m = masks.batch(b.image_ids)
-        for l in layers:
-            acc[l].update(maps[l].cpu(), m)
-            null[l].update(maps[l].cpu(), m)
+        given = {}
+        if masks is not None:
+            given["iou"] = masks.batch(b.image_ids)
+        if cells is not None:
+            w = b.also[0]                                                      # [b, g*g, 3, s, s]
+            emb = enc.encode_images(w.flatten(0, 1)).float().view(w.shape[0], w.shape[1], -1)
+            counts["cells"] += w.shape[0] * w.shape[1]   # encoder_iou's windows: not cached, opt-in
+            given["encoder_iou"] = S.label_map(S.cell_concepts(emb, text_emb, baseline))
+        for (k, l), a in acc.items():
+            a.update(maps[l].cpu(), given[k])
+            null[(k, l)].update(maps[l].cpu(), given[k])
     counts["target_passes"] += 1
     out = {}
-    absent = torch.ones(len(masks.index), dtype=torch.bool)
-    absent[masks.present] = False
-    for l in layers:
-        s = acc[l].result()
-        s[:, absent] = float("nan")
-        out[l] = s
-    return out, {l: null[l].best(absent) for l in layers}
+    for k in kinds:
+        absent = torch.zeros(kinds[k], dtype=torch.bool)
+        if k == "iou":
+            absent[:] = True
+            absent[masks.present] = False
+        res = {}
+        for l in layers:
+            s = acc[(k, l)].result()
+            s[:, absent] = float("nan")
+            res[l] = s
+        out[k] = (res, {l: null[(k, l)].best(absent) for l in layers})
+    return out
 
 
 class _Lap:
@@ -340,7 +363,7 @@ class _Dissection:
     opts: dict                           # k, top_n, batch_size, workers, max_images, summarise_with, ...
     timings: dict = field(default_factory=dict)
     counts: dict = field(default_factory=lambda: {"decoded": 0, "target_passes": 0, "texts": 0, "images": 0,
-                                                  "crops": 0, "checkpoints": 0})
+                                                  "crops": 0, "cells": 0, "checkpoints": 0})
     text_emb: torch.Tensor | None = None  # [c, d] the concepts in the encoder's space
     new_vectors: list = field(default_factory=list)  # (encoder, kind, ids, [n, d]) the store lacks
     rec: object = None                    # the recorder's result
@@ -386,6 +409,9 @@ def _plan(store: Store, model: str, *, images, layers, vocabulary, scorers, enco
                        "the probe world has. Drop it from --scorer, or dissect a probe-world model on its own "
                        "probe images.")
     params = {s: S.resolve_params(s, (scorer_params or {}).get(s)) for s in names}
+    fractions = {params[s]["top_fraction"] for s in names if S.get_scorer(s).needs_thresholds()}
+    if len(fractions) > 1:   # one pass finds one threshold per unit
+        raise BadParameter(f"iou and encoder_iou need the same top_fraction (given {sorted(fractions)}).")
     vocab = resolve_vocabulary(vocabulary, store, world=mask_world)
     if encoder is None:
         enc = world.encoder() if world is not None else load_encoder(DEFAULT_ENCODER_ONLINE, device=dev,
@@ -423,7 +449,7 @@ def _one_pass(d: _Dissection) -> None:
     o = d.opts
     image_emb = "similarity" in d.needs
     # the IoU input is computed with the top_fraction of the scorer that asks for it
-    iou_fraction = next((d.params[s]["top_fraction"] for s in d.scorers if S.get_scorer(s).needs_masks()), None)
+    iou_fraction = next((d.params[s]["top_fraction"] for s in d.scorers if S.get_scorer(s).needs_thresholds()), None)
     identity = {"dataset": d.source.dataset, "layers": d.layers, "k": o["k"], "encoder": d.enc.id,
                 "image_emb": image_emb, "iou_top_fraction": iou_fraction, "precision": str(d.dtype),
                 "device": d.device.type, "max_images": o["max_images"]}
@@ -475,23 +501,30 @@ def _scores(d: _Dissection) -> None:
         vec.update(cached_vectors(d.store, d.enc.id, "image", [h for h in d.hashes if h not in vec]))
         image_emb = torch.from_numpy(np.stack([vec[h] for h in d.hashes]))  # [n, d] recorder order
         sim = S.Similarity(image_emb, d.text_emb, device=d.device)  # [n, c], computed a column tile at a time
-    iou, iou_null = {}, {}
-    if "iou_scores" in d.needs:
-        iou, iou_null = _iou_scores(d.target, d.layers, d.source, ProbeMasks(d.mask_world, d.vocab.concepts),
-                                    d.thresholds, o["batch_size"], o["workers"], d.counts, o["progress"])
+    ious = {}   # scorer -> ({layer: IoU}, {layer: null best})
+    if {"iou_scores", "encoder_iou_scores"} & d.needs:
+        masks = ProbeMasks(d.mask_world, d.vocab.concepts) if "iou_scores" in d.needs else None
+        cells = None
+        if "encoder_iou_scores" in d.needs:
+            # a concept's baseline: its mean cosine over the probe images (the mean image embedding's)
+            mean_img = torch.nn.functional.normalize(image_emb.float(), dim=-1).mean(dim=0)
+            baseline = torch.nn.functional.normalize(d.text_emb.float(), dim=-1) @ mean_img
+            cells = (d.enc, d.text_emb.to(d.device), baseline.to(d.device))
+        ious = _iou_scores(d.target, d.layers, d.source, d.thresholds, o["batch_size"], o["workers"], d.counts,
+                           o["progress"], masks=masks, cells=cells)
     cindex = {c: i for i, c in enumerate(d.vocab.concepts)}
     amount = None  # [n, c] mask area per probe image: the truth's fidelity
     if d.mask_world is not None and sim is not None:
         amount = trust.mask_amount(d.mask_world.masks(), rec.image_ids, cindex)
     bar = _bar(o["progress"], len(d.layers) * len(d.scorers), "scores", "scorer")
     for name in d.layers:
-        inputs = _layer_inputs(d, name, sim, iou.get(name))
+        inputs = _layer_inputs(d, name, sim, *(ious.get(k, ({}, {}))[0].get(name) for k in ("iou", "encoder_iou")))
         tables = []
         for s in d.scorers:
             # the scores and the null of pseudo-units of this layer (trust module doc); confidence
             # from q and margin until the layer's fidelity replaces it below
-            res, d.nulls.setdefault(name, {})[s] = trust.score(s, inputs, d.params[s], iou_null.get(name),
-                                                               device=d.device)
+            res, d.nulls.setdefault(name, {})[s] = trust.score(s, inputs, d.params[s],
+                                                               ious.get(s, ({}, {}))[1].get(name), device=d.device)
             tables.append(S.top_concepts(res, d.vocab.concepts, o["top_n"], vocabulary=d.vocab.name,
                                          encoder=d.enc.id if res.uses_encoder else None,
                                          model=d.target.id, layer=name))
@@ -513,7 +546,7 @@ def _scores(d: _Dissection) -> None:
     bar.close()
 
 
-def _layer_inputs(d: _Dissection, layer: str, sim, iou) -> dict:
+def _layer_inputs(d: _Dissection, layer: str, sim, iou, encoder_iou=None) -> dict:
     """What the scorers (and their nulls) of one layer read; those not computed are None."""
     lr = d.rec.layers[layer]
     idx = np.full(lr.top_idx.shape, -1, np.int64)  # [u, k] box of each unit's r-th top image
@@ -522,7 +555,8 @@ def _layer_inputs(d: _Dissection, layer: str, sim, iou) -> dict:
             idx[u, r] = box
     # the layer's own boxes: a unit's patch scores do not depend on the other layers of the run
     patch_emb, unit_patches = S.own_patches(d.patch_emb, torch.from_numpy(idx))   # [p, d], [u, k]
-    return {"similarity": sim, "iou_scores": iou, "patch_emb": patch_emb, "text_emb": d.text_emb,
+    return {"similarity": sim, "iou_scores": iou, "encoder_iou_scores": encoder_iou, "patch_emb": patch_emb,
+            "text_emb": d.text_emb,
             "pooled": torch.from_numpy(lr.pooled_mean.astype(np.float32)) if lr.pooled_mean is not None else None,
             "peak": torch.from_numpy(lr.pooled_max.astype(np.float32)) if lr.pooled_max is not None else None,  # [n, u]
             "unit_patches": unit_patches, "unit_images": torch.from_numpy(lr.top_idx),
@@ -656,7 +690,7 @@ def dissect(store: Store | str | Path, model: str, *, images: str | Path | None 
         timings=d.timings,
         passes={"decoded": c["decoded"], "decoded_for_crops": c["decoded_for_crops"],
                 "target_passes": c["target_passes"], "encoded_texts": c["texts"],
-                "encoded_images": c["images"], "encoded_crops": c["crops"]},
+                "encoded_images": c["images"], "encoded_crops": c["crops"], "encoded_cells": c["cells"]},
         resumed_from=d.resumed, checkpoints=c["checkpoints"], evaluation=d.evaluation)
 
 

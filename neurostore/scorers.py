@@ -679,8 +679,12 @@ class IoUAccumulator:
 
     @torch.no_grad()
     def update(self, act_maps: torch.Tensor, masks: torch.Tensor) -> None:
-        """act_maps [b, units, h, w] raw; masks [b, concepts, H, W] bool. Maps are upsampled
-        bilinearly to the mask size, then thresholded."""
+        """act_maps [b, units, h, w] raw; masks [b, concepts, H, W] bool, or a label map
+        [b, H, W] int64 (each pixel's one concept index, -1 for none: encoder_iou's pseudo-masks,
+        which at 20,000 concepts would not fit as bool planes). Maps are upsampled bilinearly to
+        the mask size, then thresholded."""
+        if masks.dim() == 3 and masks.dtype != torch.bool:
+            return self._update_labels(act_maps, masks)
         if act_maps.dim() != 4 or masks.dim() != 4 or act_maps.shape[0] != masks.shape[0]:
             raise BadInput(f"act_maps {tuple(act_maps.shape)} and masks {tuple(masks.shape)} "
                            "must be [b, units, h, w] and [b, concepts, H, W] for the same images.")
@@ -701,6 +705,23 @@ class IoUAccumulator:
             self.act_area += on.sum(dim=1).double()
             self.mask_area += m.sum(dim=1).double()
 
+    def _update_labels(self, act_maps: torch.Tensor, labels: torch.Tensor) -> None:
+        if act_maps.dim() != 4 or act_maps.shape[0] != labels.shape[0] or act_maps.shape[1] != self.n_units:
+            raise BadInput(f"act_maps {tuple(act_maps.shape)} and labels {tuple(labels.shape)} must be "
+                           f"[b, {self.n_units}, h, w] and [b, H, W] for the same images.")
+        H, W = labels.shape[-2:]
+        step = max(1, self.max_values // (H * W * self.n_units))
+        for i in range(0, act_maps.shape[0], step):
+            a = act_maps[i : i + step].float()
+            if a.shape[-2:] != (H, W):
+                a = F.interpolate(a, size=(H, W), mode="bilinear", align_corners=False)
+            on = (a > self.thr).transpose(0, 1).reshape(self.n_units, -1).double()   # [u, px]
+            lab = labels[i : i + step].reshape(-1).long()
+            keep = lab >= 0
+            self.inter.index_add_(1, lab[keep], on[:, keep])      # each pixel counts for its one concept
+            self.act_area += on.sum(dim=1)
+            self.mask_area += torch.bincount(lab[keep], minlength=self.n_concepts).double()
+
     def result(self) -> torch.Tensor:
         """[units, concepts] IoU in [0, 1] (0 where both unit and concept are empty)."""
         union = self.act_area[:, None] + self.mask_area[None, :] - self.inter
@@ -716,6 +737,51 @@ def iou_scores(act_maps: torch.Tensor, masks: torch.Tensor, top_fraction: float 
     acc = IoUAccumulator(tq.thresholds(), masks.shape[1])
     for i in range(0, act_maps.shape[0], batch_size):
         acc.update(act_maps[i : i + batch_size], masks[i : i + batch_size])
+    return acc.result()
+
+
+CELL_GRID = 4          # encoder_iou: cells per side of an image
+CELL_RESOLUTION = 32   # encoder_iou: the side its label maps (and the upsampled unit maps) are compared at
+
+
+@torch.no_grad()
+def cell_concepts(cell_emb: torch.Tensor, text_emb: torch.Tensor, baseline: torch.Tensor,
+                  chunk: int = 4096) -> torch.Tensor:
+    """encoder_iou's pseudo-masks: each cell's one concept. cell_emb [b, g*g, d] (the encoder's
+    embedding of a window around each cell, images.CellWindows), text_emb [c, d], baseline [c]
+    (the concept's mean cosine over the whole probe images) -> [b, g, g] int64: per cell the
+    concept whose cosine with it exceeds its baseline most. The baseline does what the patch
+    method's contrast does: a concept close to every image ("photo") does not win every cell.
+    Measured against the whole images' mean, not the cells', so the labels need nothing beyond
+    the one pass (the cells' mean is the alternative; on the fast probe worlds both agree with
+    the mask-IoU reference alike but on frame-cue worlds, where the images' mean is better)."""
+    b, cells, _ = cell_emb.shape
+    e = F.normalize(cell_emb.float().reshape(b * cells, -1), dim=-1)
+    t = F.normalize(text_emb.float(), dim=-1)
+    out = torch.empty(b * cells, dtype=torch.long)
+    for i in range(0, len(e), chunk):   # [chunk, c] at a time: 20,000 concepts stay small
+        out[i : i + chunk] = (e[i : i + chunk] @ t.T - baseline.float()).argmax(dim=1).cpu()
+    g = int(round(math.sqrt(cells)))
+    return out.view(b, g, g)
+
+
+def label_map(cells: torch.Tensor, size: int = CELL_RESOLUTION) -> torch.Tensor:
+    """[b, g, g] cell concepts -> [b, size, size] (each cell's label over its pixels)."""
+    g = cells.shape[-1]
+    rep = -(-size // g)
+    return cells.repeat_interleave(rep, dim=1).repeat_interleave(rep, dim=2)[:, :size, :size]
+
+
+def encoder_iou_scores(act_maps: torch.Tensor, cell_emb: torch.Tensor, text_emb: torch.Tensor,
+                       baseline: torch.Tensor, top_fraction: float = 0.005, batch_size: int = 64) -> torch.Tensor:
+    """In-memory convenience (the pipeline streams the same): Network Dissection IoU of each
+    unit's top region against the encoder's pseudo-masks (cell_concepts). [u, c]."""
+    tq = TopQuantile(act_maps.shape[1], act_maps[:, 0].numel(), top_fraction)
+    for i in range(0, act_maps.shape[0], batch_size):
+        tq.update(act_maps[i : i + batch_size])
+    acc = IoUAccumulator(tq.thresholds(), text_emb.shape[0])
+    for i in range(0, act_maps.shape[0], batch_size):
+        acc.update(act_maps[i : i + batch_size], label_map(cell_concepts(cell_emb[i : i + batch_size], text_emb, baseline)))
     return acc.result()
 
 
@@ -773,6 +839,10 @@ class Scorer:
         """Whether it scores against per-pixel concept masks (which only the probe world has)."""
         return "iou_scores" in self.needs()
 
+    def needs_thresholds(self) -> bool:
+        """Whether it thresholds units at their top `top_fraction` (a Network Dissection IoU)."""
+        return bool({"iou_scores", "encoder_iou_scores"} & self.needs())
+
     def prepared(self, params: dict[str, Any], n_images: int) -> dict[str, Any]:
         """`params` fitted to a probe set of `n_images` images."""
         return self.prepare(params, n_images) if self.prepare else dict(params)
@@ -824,6 +894,13 @@ def _run_iou(inputs: dict[str, Any], **params: Any) -> torch.Tensor:
     return iou_scores(_need(inputs, "act_maps"), _need(inputs, "masks"), **params)
 
 
+def _run_encoder_iou(inputs: dict[str, Any], **params: Any) -> torch.Tensor:
+    if inputs.get("encoder_iou_scores") is not None:   # computed while streaming the images (pipeline)
+        return inputs["encoder_iou_scores"]
+    return encoder_iou_scores(_need(inputs, "act_maps"), _need(inputs, "cell_emb"), _need(inputs, "text_emb"),
+                              _need(inputs, "baseline"), **params)
+
+
 def _top_k_within(params: dict[str, Any], n_images: int) -> dict[str, Any]:
     """CLIP-Dissect's top_k cannot exceed the number of images."""
     return {**params, "top_k": min(params["top_k"], n_images)}
@@ -865,6 +942,12 @@ SCORERS: dict[str, Scorer] = {
         Scorer("iou", _run_iou, {"top_fraction": 0.005}, ("iou_scores|act_maps+masks|accumulator",),
                "Network Dissection IoU of the unit's top-0.5% region with per-pixel concept "
                "masks, summed over images", uses_encoder=False),
+        Scorer("encoder_iou", _run_encoder_iou, {"top_fraction": 0.005},
+               ("encoder_iou_scores|act_maps+cell_emb+text_emb+baseline", "similarity|image_emb+text_emb"),
+               "Network Dissection IoU with masks from the encoder instead of the truth: each of a "
+               "4x4 grid of cells takes the concept its window is closest to (above the concept's "
+               "mean over the probe images); works on any model (opt-in: it encodes 16 windows "
+               "per image)", opt_in=True),
     ]
 }
 
@@ -897,7 +980,8 @@ def run_scorer(name: str, inputs: dict[str, Any], params: Optional[dict[str, Any
     """Score with a named scorer. `inputs` by scorer (see `list_scorers()`):
     patch: patch_emb, text_emb, unit_patches[, unit_weights];
     soft_wpmi / wpmi / cos_cubed: similarity (or image_emb and text_emb), pooled;
-    iou: iou_scores (already computed), act_maps and masks, or accumulator (a filled IoUAccumulator)."""
+    iou: iou_scores (already computed), act_maps and masks, or accumulator (a filled IoUAccumulator);
+    encoder_iou: encoder_iou_scores (already computed), or act_maps, cell_emb, text_emb and baseline."""
     s = get_scorer(name)
     full = resolve_params(name, params)
     extra = {"progress": progress} if name in PMI_SCORERS else {}

@@ -133,6 +133,7 @@ from .errors import BadInput, BadParameter
 from .images import ProbeMasks
 
 NULL_UNITS = 256          # pseudo-units per layer and scorer
+STREAMED_NULLS = ("iou", "encoder_iou")   # NullIoU, fed beside the real IoU while the images stream
 HELDOUT_FRACTION = 0.2    # probe images held out for fidelity
 ENCODER_PRESENT = 0.10    # encoder presence for AUPRC: the concept's top 10% of images
 ZERO_SHOT_SCALE = S.SCORERS["soft_wpmi"].defaults["a"]   # p(c | image) = softmax(a x cosine), soft_wpmi's a
@@ -277,7 +278,8 @@ def null_best(scorer: str, inputs: dict[str, Any], params: dict[str, Any], m: in
         pseudo = pseudo_pooled(inputs[key], m, gen)
         null = S.run_scorer(scorer, {**inputs, key: pseudo}, params, with_confidence=False).scores
     else:
-        raise BadParameter(f"no null for scorer '{scorer}' here; iou's null is NullIoU.")
+        raise BadParameter(f"no null for scorer '{scorer}' here; the nulls of {', '.join(STREAMED_NULLS)} are "
+                           "NullIoU, fed while the images stream.")
     return torch.nan_to_num(null, nan=float("-inf")).max(dim=1).values
 
 
@@ -698,7 +700,7 @@ def scored_with_null(res: "S.ScoreResult", inputs: dict[str, Any], iou_best: Opt
     per layer on a CPU at 20,000 concepts); the confidence comes back on the CPU."""
     from dataclasses import replace
 
-    best = iou_best if res.scorer == "iou" else null_best(res.scorer, inputs, res.params, m, seed, log_p)
+    best = iou_best if res.scorer in STREAMED_NULLS else null_best(res.scorer, inputs, res.params, m, seed, log_p)
     null = fit_null(res.scorer, best, res.scores.shape[1], seed)
     scores = res.scores.to(device or "cpu")
     q = 1.0 - bh_confidence(scores, null).double()                   # [u, c]
@@ -723,7 +725,7 @@ def headlines(candidates: "pd.DataFrame") -> "pd.DataFrame":  # noqa: F821
 
 # ---- a dissect's stored run, assessed ------------------------------------------------------------
 
-HEADLINE_SCORERS = ("patch", "top_images", "soft_wpmi", "wpmi", "cos_cubed")   # ground-truth free; iou is the truth
+HEADLINE_SCORERS = ("patch", "top_images", "encoder_iou", "soft_wpmi", "wpmi", "cos_cubed")   # ground-truth free; iou is the truth
 HEADLINE_RANKS = 3        # each scorer's top 3 concepts are headline candidates
 
 
@@ -856,6 +858,11 @@ def _assess_run(store, model: str, run_id: str, params: dict, m: int, seed: int,
         for scorer in sorted(rows_l["scorer"].unique()):
             sp = scorer_params.get(scorer, {})
             r = rows_l[rows_l["scorer"] == scorer].copy()
+            if scorer == "encoder_iou":
+                # its null needs the encoder over every image's cells again: the dissect's, as stored
+                nulls.setdefault(layer, {})[scorer] = Null(**params["nulls"][layer][scorer])
+                new_conf[(layer, scorer)] = r
+                continue
             if scorer == "iou":
                 best = iou_best[layer]
             else:

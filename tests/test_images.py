@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from neurostore.errors import BadInput
-from neurostore.images import ImageFolder, ImageSource, RejectedImage, load_image
+from neurostore.images import CellWindows, ImageFolder, ImageSource, RejectedImage, load_image
 
 
 def _to_tensor(im):
@@ -154,3 +154,21 @@ def test_usual_preprocessing_travels_as_uint8_and_gives_the_same_pixels(zoo):
     for a, b in zip(split, whole):
         assert a.image_ids == b.image_ids and a.pixels.dtype == torch.float32
         assert torch.equal(a.pixels, b.pixels) and torch.equal(a.also[0], b.also[0])
+
+
+def test_cell_windows_centre_a_window_twice_the_cell_on_each_cell():
+    """4 x 4 cells of a 64-px image: 32-px windows, row by row, each centred on its cell (edge
+    pixels repeated past the border); with a centre crop only the central square is gridded."""
+    a = np.zeros((64, 64, 3), np.uint8)
+    a[16:32, 32:48] = 255                                   # cell (row 1, column 2) is white
+    as_tensor = lambda im: torch.from_numpy(np.asarray(im).copy())   # noqa: E731  [h, w, 3]
+    w = CellWindows(as_tensor, 4, None)(Image.fromarray(a))
+    assert w.shape == (16, 32, 32, 3)
+    white = [int((x == 255).all(dim=-1).sum()) for x in w]
+    assert white[1 * 4 + 2] == 16 * 16 and w[6][8:24, 8:24].eq(255).all()   # its cell, in the middle
+    assert white[0] == 0 and white[1 * 4 + 1] == 8 * 16                    # a neighbour sees half of it
+    edge = CellWindows(as_tensor, 4, None)(Image.fromarray(np.pad(a[:, :, :1], ((0, 0), (0, 0), (0, 2)))))
+    assert edge.shape == (16, 32, 32, 3)
+    wide = np.zeros((64, 128, 3), np.uint8)
+    wide[:, 32:96] = a                                      # the centre crop of a wide image is `a`
+    assert torch.equal(CellWindows(as_tensor, 4, 1.0)(Image.fromarray(wide)), w)

@@ -8,6 +8,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
+from neurostore import scorers as S
 from neurostore.cli import app
 from neurostore.errors import BadInput, BadParameter, UnknownScorer, UnknownVocabulary, cli_message
 from neurostore.pipeline import DEFAULT_SCORERS, default_layers, dissect
@@ -288,3 +289,32 @@ def test_top_images_runs_when_named_and_its_stored_scores_are_reproduced(probe_w
     assert len(heads) == d["units"] and (heads["candidates"] > 3).all()   # both scorers' top 3
     out = trust.assess(store, null_units=32, log=lambda *a: None)
     assert out["probe-cnn"]["probe"]["recomputed_max_diff"] < 1e-2
+
+
+def test_encoder_iou_runs_when_named_with_its_null_and_in_the_headline(probe_world, tmp_path):
+    """The opt-in encoder_iou scorer: not in a default dissect; named, its pseudo-masks come from
+    16 windows per image through the encoder (counted), it is scored with its own streamed null
+    (stored with the run), its top 3 are headline candidates, and trust.assess keeps its null."""
+    from neurostore import trust
+
+    assert "encoder_iou" not in DEFAULT_SCORERS
+    store = Store.open(tmp_path / "s")
+    d = dissect(store, f"probe:cnn@{probe_world.root}", world=probe_world, layers=["conv3"],
+                scorers=["top_images", "encoder_iou"], k=3, max_images=60, progress=False, log=lambda *a: None,
+                evaluate=False)
+    assert d["passes"]["encoded_cells"] == 60 * S.CELL_GRID ** 2
+    r = store.sql("SELECT count(DISTINCT unit) AS n, min(score) AS lo, max(score) AS hi, max(confidence) AS c "
+                  "FROM scores WHERE scorer = 'encoder_iou'").to_pylist()[0]
+    assert r["n"] == d["units"] and 0 <= r["lo"] <= r["hi"] <= 1 and 0 <= r["c"] <= 1
+    params = json.loads(store.df("SELECT params FROM runs WHERE command = 'dissect'")["params"].iloc[0])
+    null = params["nulls"]["conv3"]["encoder_iou"]
+    assert null["scorer"] == "encoder_iou" and null["scale"] > 0
+    heads = store.df("SELECT candidates FROM headlines")
+    assert len(heads) == d["units"] and (heads["candidates"] > 3).all()
+    out = trust.assess(store, null_units=32, log=lambda *a: None)
+    assert out["probe-cnn"]["probe"]["nulls"]["conv3"]["encoder_iou"] == null
+    # one pass finds one threshold per unit: iou and encoder_iou must share their top_fraction
+    with pytest.raises(BadParameter, match="same top_fraction"):
+        dissect(store, f"probe:cnn@{probe_world.root}", world=probe_world, layers=["conv3"],
+                scorers=["iou", "encoder_iou"], scorer_params={"iou": {"top_fraction": 0.01}}, max_images=8,
+                progress=False, log=lambda *a: None, evaluate=False)

@@ -299,6 +299,10 @@ def test_confidence_bounded_for_every_scorer(name):
         g = torch.Generator().manual_seed(0)
         inputs = {"act_maps": torch.randn(20, 6, 4, 4, generator=g),
                   "masks": torch.rand(20, 30, 8, 8, generator=g) > 0.7}
+    elif name == "encoder_iou":
+        g = torch.Generator().manual_seed(0)
+        inputs = {"act_maps": torch.randn(20, 6, 4, 4, generator=g), "cell_emb": torch.randn(20, 16, 12, generator=g),
+                  "text_emb": torch.randn(30, 12, generator=g), "baseline": torch.zeros(30)}
     else:
         inputs = {"similarity": sim, "pooled": acts, "peak": acts}
     res = S.run_scorer(name, inputs)
@@ -331,7 +335,7 @@ def test_confidence_calibrated_under_null_and_high_for_signal():
 
 def test_registry_lists_and_rejects():
     names = [s["name"] for s in S.list_scorers()]
-    assert names == ["patch", "soft_wpmi", "wpmi", "cos_cubed", "top_images", "iou"]
+    assert names == ["patch", "soft_wpmi", "wpmi", "cos_cubed", "top_images", "iou", "encoder_iou"]
     with pytest.raises(UnknownScorer) as e:
         S.get_scorer("softwpmi")
     assert "Did you mean soft_wpmi" in str(e.value) and "cos_cubed" in str(e.value)
@@ -349,7 +353,9 @@ def test_scorers_declare_what_a_pipeline_computes_for_them():
     assert needs["soft_wpmi"] == needs["wpmi"] == needs["cos_cubed"] == {"similarity", "pooled"}
     assert needs["top_images"] == {"similarity", "peak"}
     assert needs["iou"] == {"iou_scores"}
+    assert needs["encoder_iou"] == {"encoder_iou_scores", "similarity"}
     assert [n for n in S.SCORERS if S.get_scorer(n).needs_masks()] == ["iou"]
+    assert [n for n in S.SCORERS if S.get_scorer(n).needs_thresholds()] == ["iou", "encoder_iou"]
 
 
 def test_scorers_fit_their_parameters_to_the_probe_set():
@@ -392,3 +398,42 @@ def test_top_tables_match_schema_columns():
     assert [r["concept"] for r in rows if r["rank"] == 0] == [concepts[i] for i in planted]
     # concept -> units is derived by the store from these rows (test_store.py, test_store_derived.py)
 
+
+
+# ---- encoder_iou ------------------------------------------------------------------------------
+
+
+def test_a_label_map_scores_the_same_iou_as_its_one_hot_masks():
+    """The label-map path (one concept per pixel, -1 none) is the bool-mask path exactly."""
+    g = torch.Generator().manual_seed(0)
+    acts = torch.rand(6, 5, 4, 4, generator=g)
+    labels = torch.randint(-1, 7, (6, 16, 16), generator=g)
+    masks = torch.stack([labels == c for c in range(7)], dim=1)            # [6, 7, 16, 16]
+    thr = torch.quantile(acts.transpose(0, 1).reshape(5, -1), 0.8, dim=1)
+    a, b = S.IoUAccumulator(thr, 7), S.IoUAccumulator(thr, 7)
+    for i in (0, 3):
+        a.update(acts[i : i + 3], masks[i : i + 3])
+        b.update(acts[i : i + 3], labels[i : i + 3])
+    assert torch.equal(a.result(), b.result())
+
+
+def test_encoder_iou_names_the_concept_the_encoder_sees_where_the_unit_fires():
+    """Cells take the concept their window is closest to above its baseline; a unit firing on
+    the cells of concept 2 (and a little everywhere) scores IoU 1 with it and ranks it first;
+    a concept close to every cell (a high baseline) does not win them."""
+    d, n, g = 8, 20, 4
+    text = torch.eye(d)[:4]                                          # concepts 0..3 on the axes
+    gen = torch.Generator().manual_seed(1)
+    where = torch.randint(0, 3, (n, g * g), generator=gen)           # each cell shows concept 0, 1 or 2
+    cells = torch.nn.functional.one_hot(where, d).float() + 0.6 * torch.eye(d)[3]   # all near concept 3
+    baseline = torch.tensor([0.3, 0.3, 0.3, 0.6])                    # concept 3: close to everything
+    lab = S.cell_concepts(cells, text, baseline)
+    assert torch.equal(lab.view(n, -1), where)
+    big = S.label_map(lab, 16)
+    assert big.shape == (n, 16, 16) and torch.equal(big[:, :4, :4], lab[:, :1, :1].expand(n, 4, 4))
+    side = S.CELL_RESOLUTION
+    on = S.label_map(lab, side) == 2                                 # the cells of concept 2, at full size
+    acts = on.float()[:, None] + 0.01 * torch.rand(n, 1, side, side, generator=gen)
+    res = S.run_scorer("encoder_iou", {"act_maps": acts, "cell_emb": cells, "text_emb": text, "baseline": baseline},
+                       {"top_fraction": float(on.float().mean()) - 1e-3})
+    assert int(res.scores[0].argmax()) == 2 and float(res.scores[0, 2]) > 0.95
