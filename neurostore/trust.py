@@ -28,6 +28,12 @@ stores the confidence it returns (scored_with_null's is the same map without fid
 stand-in where no fidelity can be computed). Within a unit, confidence therefore need not
 follow the score: it is P(right), and a concept below the label may be likelier.
 
+encoder_iou (the opt-in Network Dissection IoU against the encoder's own pseudo-masks) has a map
+of its own too, fitted with `--fit --fit-headline --encoder-iou` on the same world while the others
+were kept: it reads the concept's peak besides (the cells of a concept the encoder cannot see in a
+window take a concept near it, often one the images never show), and headline candidates among
+which it runs have their own headline map (`Calibration.encoder_iou_headline_map`).
+
 The map is a logistic regression fitted by `bench/confidence_calibration.py --fit` on the fast
 probe world (seed 0, watermark cue) on the labels (rank 0) of its CNN and ViT, label = "agrees
 with the mask-IoU reference" (the unit is interpretable, IoU >= 0.04, and the concept is the
@@ -342,14 +348,16 @@ def bh_confidence(scores: torch.Tensor, null: Null, level_units: Optional[torch.
 
 
 def explanation_features(q: torch.Tensor, margin: torch.Tensor, auprc: Optional[torch.Tensor] = None,
-                         cosine_pearson: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+                         cosine_pearson: Optional[torch.Tensor] = None,
+                         concept_peak: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """What a dissect knows of one explanation without ground truth: the null's evidence
     (-log10 of the BH q, capped at EVIDENCE_MAX), the margin over the unit's next concept, and
-    its held-out encoder evidence (AUPRC, Pearson with the raw cosine; None or NaN: none, 0)."""
+    its held-out encoder evidence (AUPRC, Pearson with the raw cosine, the concept's peak;
+    None or NaN: none, 0). A map reads the features it has coefficients for."""
     zero = torch.zeros_like(q, dtype=torch.float64)
     fid = lambda v: zero if v is None else torch.nan_to_num(torch.as_tensor(v).double(), nan=0.0)   # noqa: E731
     return {"evidence": -torch.log10(q.double().clamp(10.0 ** -EVIDENCE_MAX, 1.0)), "margin": margin.double(),
-            "auprc": fid(auprc), "cosine_pearson": fid(cosine_pearson)}
+            "auprc": fid(auprc), "cosine_pearson": fid(cosine_pearson), "concept_peak": fid(concept_peak)}
 
 
 def headline_features(c: "pd.DataFrame") -> dict[str, np.ndarray]:  # noqa: F821
@@ -383,6 +391,9 @@ class Calibration:
     explanation_maps: dict
     headline_map: dict
     fitted_on: dict
+    # candidates with encoder_iou among them have a headline map of their own: its labels are right
+    # far more often, and the shared map fitted with them was over-confident without them
+    encoder_iou_headline_map: Optional[dict] = None
 
     @classmethod
     def load(cls, path=None) -> "Calibration":
@@ -391,21 +402,24 @@ class Calibration:
         f = resources.files("neurostore").joinpath("data", CALIBRATION_FILE) if path is None else Path(path)
         try:
             d = json.loads(f.read_text(encoding="utf-8"))
-            return cls(d["explanation"], d["headline"], d["fitted_on"])
+            return cls(d["explanation"], d["headline"], d["fitted_on"], d.get("headline_with_encoder_iou"))
         except (OSError, ValueError, KeyError) as e:
             raise BadInput(f"confidence calibration '{f}' is unreadable ({e}); reinstall neurostore or refit "
                            "it with 'python bench/confidence_calibration.py --fit'.") from None
 
     def explanation(self, scorer: str, q: torch.Tensor, margin: torch.Tensor, auprc: Optional[torch.Tensor] = None,
-                    cosine_pearson: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    cosine_pearson: Optional[torch.Tensor] = None,
+                    concept_peak: Optional[torch.Tensor] = None) -> torch.Tensor:
         """P(the explanation agrees with the truth) from its null q-value, margin and held-out
         encoder evidence (any shape; none counts as 0)."""
         coef = self.explanation_maps.get(scorer, self.explanation_maps["*"])
-        return logistic(coef, explanation_features(q, margin, auprc, cosine_pearson)).clamp(0.0, 1.0)
+        return logistic(coef, explanation_features(q, margin, auprc, cosine_pearson, concept_peak)).clamp(0.0, 1.0)
 
     def headline(self, candidates: "pd.DataFrame") -> np.ndarray:  # noqa: F821
         """P(the headline candidate agrees with the truth), per candidate row."""
-        return np.clip(logistic(self.headline_map, headline_features(candidates)), 0.0, 1.0)
+        own = self.encoder_iou_headline_map is not None and (candidates["scorer"] == "encoder_iou").any()
+        coef = self.encoder_iou_headline_map if own else self.headline_map
+        return np.clip(logistic(coef, headline_features(candidates)), 0.0, 1.0)
 
 
 @functools.cache
@@ -664,9 +678,9 @@ def calibrated(rows: "pd.DataFrame", nulls: dict, enc: "pd.DataFrame") -> "pd.Da
     for scorer, r in rows.groupby("scorer", sort=False):
         q, margin = rows_q_margin(r, nulls[scorer])
         key = list(zip(r["unit"], r["scorer"], r["concept"]))
-        ap, pr = (torch.from_numpy(np.array(enc[m].reindex(key), np.float64)) if m in enc else None
-                  for m in ("auprc", "cosine_pearson"))
-        parts.append(r.assign(confidence=calibration().explanation(scorer, q, margin, ap, pr).numpy()))
+        ap, pr, pk = (torch.from_numpy(np.array(enc[m].reindex(key), np.float64)) if m in enc else None
+                      for m in ("auprc", "cosine_pearson", "concept_peak"))
+        parts.append(r.assign(confidence=calibration().explanation(scorer, q, margin, ap, pr, pk).numpy()))
     return pd.concat(parts).loc[rows.index] if parts else rows
 
 

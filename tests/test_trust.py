@@ -435,3 +435,20 @@ def test_fidelity_in_blocks_equals_fidelity_at_once(monkeypatch):
     blocks = T.fidelity(acts, amount, amount > 0.5, units, concepts)
     for w, b in zip(whole, blocks):
         assert w.shape == (8,) and np.array_equal(w, b)
+
+
+def test_candidates_with_encoder_iou_take_its_own_headline_map():
+    """encoder_iou's labels have a map of their own, and so do headline candidates among which
+    it runs (the shared map, fitted with it, was over-confident without it); the shipped file
+    holds both, and a dissect without encoder_iou keeps the shared one."""
+    import pandas as pd
+
+    cal = T.Calibration({"*": {"intercept": 0.0}}, {"intercept": -2.0}, {}, {"intercept": 2.0})
+    c = pd.DataFrame({"unit": [0, 0], "scorer": ["patch", "encoder_iou"], "concept": ["a", "b"],
+                      "confidence": [0.5, 0.5], "auprc": [0.0, 0.0], "cosine_pearson": [0.0, 0.0],
+                      "concept_peak": [0.0, 0.0]})
+    assert cal.headline(c) == pytest.approx([1 / (1 + np.exp(-2.0))] * 2)
+    assert cal.headline(c[c["scorer"] == "patch"]) == pytest.approx([1 / (1 + np.exp(2.0))])
+    shipped = T.calibration()
+    assert shipped.encoder_iou_headline_map is not None and "encoder_iou" in shipped.explanation_maps
+    assert "concept_peak" in shipped.explanation_maps["encoder_iou"]
