@@ -47,7 +47,8 @@ from ._common import check_models, matrix, minilm, model_layers, open_store
 MIN_CONFIDENCE = 0.9
 MAX_UNITS = 4096
 TOP_CONCEPTS = 3
-SCORER_PREFERENCE = ("patch", "top_images", "iou", "soft_wpmi", "wpmi", "cos_cubed")
+# best first: agreement with the probe world's truth on hidden units (README, "Confidence and fidelity")
+SCORER_PREFERENCE = ("encoder_iou", "patch", "top_images", "iou", "soft_wpmi", "wpmi", "cos_cubed")
 
 
 @dataclass
