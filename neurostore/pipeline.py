@@ -53,6 +53,9 @@ from .vocab import Vocabulary, concepts_table, load_vocabulary, vocabulary_table
 
 # top_images is asked for by name: its labels' confidence is not yet calibrated (README)
 DEFAULT_SCORERS = tuple(s for s in S.SCORERS if not S.get_scorer(s).opt_in)
+# The demo adds encoder_iou: on the probe world's small images its 16 windows each cost little, and
+# its labels give the best headlines there (README, "Confidence and fidelity")
+DEMO_SCORERS = (*DEFAULT_SCORERS, "encoder_iou")
 DEFAULT_ENCODER_ONLINE = "open_clip:ViT-B-32/laion2b_s34b_b79k"
 
 
@@ -727,7 +730,8 @@ def demo(store: Store | str | Path, *, seed: int | None = None, cue_kind: str | 
          max_images: int | None = DEMO_MAX_IMAGES, device: str = "auto", precision: str = "auto",
          workers: int = 0, progress: bool = True, log=print) -> DemoResult:
     """Everything on the probe world: build (or reuse) the world, dissect its CNN and ViT on
-    several layers with the default scorers, evaluate against the truth, and answer three questions."""
+    several layers with the default scorers and encoder_iou (DEMO_SCORERS), evaluate against the
+    truth, and answer three questions."""
     from .world import WorldConfig, build_world
     from .world.build import with_overrides
 
@@ -740,7 +744,7 @@ def demo(store: Store | str | Path, *, seed: int | None = None, cue_kind: str | 
     log(f"world {world.id} at {world.root}")
     runs = {}
     for name in DEMO_TARGETS:
-        runs[name] = dissect(store, f"probe:{name}@{world.root}", world=world,
+        runs[name] = dissect(store, f"probe:{name}@{world.root}", world=world, scorers=DEMO_SCORERS,
                              vocabulary="probe", max_images=max_images, device=device,
                              precision=precision, workers=workers, progress=progress, log=log)
     return DemoResult(

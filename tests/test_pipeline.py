@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from neurostore import scorers as S
 from neurostore.cli import app
 from neurostore.errors import BadInput, BadParameter, UnknownScorer, UnknownVocabulary, cli_message
-from neurostore.pipeline import DEFAULT_SCORERS, default_layers, dissect
+from neurostore.pipeline import DEFAULT_SCORERS, DEMO_SCORERS, default_layers, dissect
 from neurostore.store import Store
 
 
@@ -37,7 +37,7 @@ def test_demo_store_holds_every_stage(demo_run):
                       {"m": d["model"]}).to_pylist()[0]
         assert n["n"] == n["p"] == d["units"] * 10
         expl = store.sql("SELECT count(*) AS n FROM explanations WHERE model = $m", {"m": d["model"]})
-        assert expl["n"][0].as_py() == d["units"] * len(DEFAULT_SCORERS)
+        assert expl["n"][0].as_py() == d["units"] * len(DEMO_SCORERS)
     # Patches are joined to their embeddings, with the encoder the run recorded.
     missing = store.sql("""
         SELECT count(*) AS n FROM patches p
@@ -51,7 +51,7 @@ def test_scores_have_bounded_confidence_and_provenance(demo_run):
     r = store.sql("""SELECT min(confidence) AS lo, max(confidence) AS hi, count(*) FILTER (WHERE run_id IS NULL) AS no_run,
                             count(DISTINCT scorer) AS scorers FROM scores""").to_pylist()[0]
     assert 0.0 <= r["lo"] <= r["hi"] <= 1.0
-    assert r["no_run"] == 0 and r["scorers"] == len(DEFAULT_SCORERS)
+    assert r["no_run"] == 0 and r["scorers"] == len(DEMO_SCORERS)
     runs = store.sql("SELECT command, status FROM runs WHERE command = 'dissect'").to_pylist()
     assert runs and all(x["status"] == "committed" for x in runs)
 

@@ -345,7 +345,7 @@ def test_dissect_stores_null_confidence_fidelity_and_headlines(demo_run):
 def test_dissect_confidence_is_the_map_of_q_margin_and_held_out_fidelity(demo_run):
     """The dissect stores the confidence it takes back from layer_trust, made once the layer's
     held-out fidelity exists: the shipped map of q, margin AND encoder fidelity (before, it was
-    the map of q and margin alone, made before the fidelity)."""
+    the map of q and margin alone, made before the fidelity); the demo's encoder_iou included."""
     import json
 
     from neurostore.trust import Null
@@ -353,15 +353,17 @@ def test_dissect_confidence_is_the_map_of_q_margin_and_held_out_fidelity(demo_ru
     _, store = demo_run
     s = store.df("""SELECT s.run_id, s.layer, s.unit, s.scorer, s.rank, s.concept, s.score, s.confidence,
                            max(e.value) FILTER (WHERE e.metric = 'auprc') AS auprc,
-                           max(e.value) FILTER (WHERE e.metric = 'cosine_pearson') AS cosine_pearson
+                           max(e.value) FILTER (WHERE e.metric = 'cosine_pearson') AS cosine_pearson,
+                           max(e.value) FILTER (WHERE e.metric = 'concept_peak') AS concept_peak
                     FROM scores s JOIN explanation_scores e USING (model, layer, unit, scorer, concept)
                     WHERE s.model = 'probe-cnn' AND e.presence = 'encoder' GROUP BY ALL""")
     params = store.df("SELECT run_id, params FROM runs WHERE run_id = $r", {"r": s["run_id"].iloc[0]})["params"]
     nulls = json.loads(params.iloc[0])["nulls"]
     cal, changed = T.calibration(), []
+    assert "encoder_iou" in set(s["scorer"])
     for (layer, scorer), r in s.groupby(["layer", "scorer"]):
         q, margin = T.rows_q_margin(r, Null(**nulls[layer][scorer]))
-        fid = [torch.tensor(r[c].to_numpy(np.float64)) for c in ("auprc", "cosine_pearson")]
+        fid = [torch.tensor(r[c].to_numpy(np.float64)) for c in ("auprc", "cosine_pearson", "concept_peak")]
         np.testing.assert_allclose(cal.explanation(scorer, q, margin, *fid).numpy(), r["confidence"], atol=1e-5)
         changed.append((cal.explanation(scorer, q, margin) - cal.explanation(scorer, q, margin, *fid)).abs() > 1e-3)
     assert torch.cat(changed).double().mean() > 0.5, "the fidelity must move most confidences"

@@ -47,8 +47,9 @@ from ._common import check_models, matrix, minilm, model_layers, open_store
 MIN_CONFIDENCE = 0.9
 MAX_UNITS = 4096
 TOP_CONCEPTS = 3
-# best first: agreement with the probe world's truth on hidden units (README, "Confidence and fidelity")
-SCORER_PREFERENCE = ("encoder_iou", "patch", "top_images", "iou", "soft_wpmi", "wpmi", "cos_cubed")
+# patch first (the audits were measured with its labels), then the best by agreement with the probe
+# world's truth on hidden units (README, "Confidence and fidelity")
+SCORER_PREFERENCE = ("patch", "encoder_iou", "top_images", "iou", "soft_wpmi", "wpmi", "cos_cubed")
 
 
 @dataclass

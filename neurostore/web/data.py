@@ -28,7 +28,7 @@ class NoSuchPage(NeurostoreError):
 TOP_PATCHES = 12
 TOP_CONCEPTS = 8
 # The scorer whose best concepts the depth plots and unit lists use, when a model has it.
-PREFERRED_SCORERS = ("encoder_iou", "patch", "top_images", "soft_wpmi", "iou", "wpmi", "cos_cubed")
+PREFERRED_SCORERS = ("patch", "encoder_iou", "top_images", "soft_wpmi", "iou", "wpmi", "cos_cubed")
 AUDIT_PREFIXES = ("audit",)
 COMPARE_PREFIXES = ("compar", "unit_match", "model_match")
 
