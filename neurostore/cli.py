@@ -622,7 +622,7 @@ def demo_cmd(
     as_json: bool = JsonOpt,
 ) -> None:
     """Run everything on the probe world: build it, dissect its CNN and ViT with the default
-    scorers, evaluate against the truth, and answer three example questions in SQL.
+    scorers and encoder_iou, evaluate against the truth, and answer three example questions in SQL.
 
     Example: neurostore demo --cue-kind dot --cue-class ring --store demo-store --device auto
     """
