@@ -399,7 +399,8 @@ def main():
     ap.add_argument("--encoder-iou", action="store_true",
                     help="dissect with the opt-in encoder_iou scorer too (README, 'Confidence and fidelity')")
     ap.add_argument("--fit-headline", action="store_true",
-                    help="with --fit: keep the shipped explanation maps, refit only the headline map")
+                    help="with --fit: keep the shipped maps; fit only those they lack (encoder_iou's "
+                         "explanation map, the headline map of candidates with encoder_iou)")
     ap.add_argument("--exclude", default="",
                     help="scorers to measure as if they had not run, comma-separated: a store dissected with "
                          "--top-images measured as the default dissect with '--exclude top_images'")

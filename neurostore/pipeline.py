@@ -51,7 +51,8 @@ from .schema import vector_column
 from .store import Store
 from .vocab import Vocabulary, concepts_table, load_vocabulary, vocabulary_table
 
-# top_images is asked for by name: its labels' confidence is not yet calibrated (README)
+# top_images and encoder_iou are asked for by name (Scorer.opt_in): top_images' labels' confidence is
+# not calibrated, encoder_iou encodes 16 windows per image (README, "Confidence and fidelity")
 DEFAULT_SCORERS = tuple(s for s in S.SCORERS if not S.get_scorer(s).opt_in)
 # The demo adds encoder_iou: on the probe world's small images its 16 windows each cost little, and
 # its labels give the best headlines there (README, "Confidence and fidelity")
@@ -289,7 +290,7 @@ def _iou_scores(target: Target, layers: list[str], source: ImageSource, threshol
     NaN, no evidence, not 0) and/or `cells` = (encoder, text_emb [c, d], baseline [c]): the
     encoder's pseudo-masks (scorer encoder_iou; S.cell_concepts), one pass for both. Also each
     one's null, the best IoU per pseudo-unit (trust.NullIoU), fed the same batches.
-    Returns {scorer: ({layer: [u, c] IoU}, {layer: [m] null best})}."""
+    Returns {(scorer, layer): ([u, c] IoU, [m] null best)}."""
     kinds = {}
     if masks is not None:
         kinds["iou"] = len(masks.index)
@@ -316,18 +317,15 @@ def _iou_scores(target: Target, layers: list[str], source: ImageSource, threshol
             a.update(maps[l].cpu(), given[k])
             null[(k, l)].update(maps[l].cpu(), given[k])
     counts["target_passes"] += 1
+    absent = {k: torch.zeros(n, dtype=torch.bool) for k, n in kinds.items()}   # concepts no image has
+    if masks is not None:
+        absent["iou"][:] = True
+        absent["iou"][masks.present] = False
     out = {}
-    for k in kinds:
-        absent = torch.zeros(kinds[k], dtype=torch.bool)
-        if k == "iou":
-            absent[:] = True
-            absent[masks.present] = False
-        res = {}
-        for l in layers:
-            s = acc[(k, l)].result()
-            s[:, absent] = float("nan")
-            res[l] = s
-        out[k] = (res, {l: null[(k, l)].best(absent) for l in layers})
+    for (k, l), a in acc.items():
+        s = a.result()
+        s[:, absent[k]] = float("nan")
+        out[(k, l)] = (s, null[(k, l)].best(absent[k]))
     return out
 
 
@@ -504,7 +502,7 @@ def _scores(d: _Dissection) -> None:
         vec.update(cached_vectors(d.store, d.enc.id, "image", [h for h in d.hashes if h not in vec]))
         image_emb = torch.from_numpy(np.stack([vec[h] for h in d.hashes]))  # [n, d] recorder order
         sim = S.Similarity(image_emb, d.text_emb, device=d.device)  # [n, c], computed a column tile at a time
-    ious = {}   # scorer -> ({layer: IoU}, {layer: null best})
+    ious = {}   # (scorer, layer) -> (IoU, null best)
     if {"iou_scores", "encoder_iou_scores"} & d.needs:
         masks = ProbeMasks(d.mask_world, d.vocab.concepts) if "iou_scores" in d.needs else None
         cells = None
@@ -521,13 +519,13 @@ def _scores(d: _Dissection) -> None:
         amount = trust.mask_amount(d.mask_world.masks(), rec.image_ids, cindex)
     bar = _bar(o["progress"], len(d.layers) * len(d.scorers), "scores", "scorer")
     for name in d.layers:
-        inputs = _layer_inputs(d, name, sim, *(ious.get(k, ({}, {}))[0].get(name) for k in ("iou", "encoder_iou")))
+        iou = lambda s: ious.get((s, name), (None, None))   # noqa: E731  (scores, null best) of an IoU scorer
+        inputs = _layer_inputs(d, name, sim, iou("iou")[0], iou("encoder_iou")[0])
         tables = []
         for s in d.scorers:
             # the scores and the null of pseudo-units of this layer (trust module doc); confidence
             # from q and margin until the layer's fidelity replaces it below
-            res, d.nulls.setdefault(name, {})[s] = trust.score(s, inputs, d.params[s],
-                                                               ious.get(s, ({}, {}))[1].get(name), device=d.device)
+            res, d.nulls.setdefault(name, {})[s] = trust.score(s, inputs, d.params[s], iou(s)[1], device=d.device)
             tables.append(S.top_concepts(res, d.vocab.concepts, o["top_n"], vocabulary=d.vocab.name,
                                          encoder=d.enc.id if res.uses_encoder else None,
                                          model=d.target.id, layer=name))
@@ -654,7 +652,7 @@ def dissect(store: Store | str | Path, model: str, *, images: str | Path | None 
     vectors and (probe world, `evaluate`) the evaluation. Returns a `DissectResult`.
 
     scorers: names from `neurostore.scorers.SCORERS` (default: all that apply but the opt-in
-    top_images; `iou` needs per-pixel masks, which only the probe world has). encoder: an
+    top_images and encoder_iou; `iou` needs per-pixel masks, which only the probe world has). encoder: an
     encoder spec (default: the probe world's encoder for probe models, also with `images`, else
     OpenCLIP ViT-B-32).
     summarise_with: a scorer whose top concepts an LLM turns into one sentence per unit (needs

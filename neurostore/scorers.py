@@ -683,44 +683,33 @@ class IoUAccumulator:
         [b, H, W] int64 (each pixel's one concept index, -1 for none: encoder_iou's pseudo-masks,
         which at 20,000 concepts would not fit as bool planes). Maps are upsampled bilinearly to
         the mask size, then thresholded."""
-        if masks.dim() == 3 and masks.dtype != torch.bool:
-            return self._update_labels(act_maps, masks)
-        if act_maps.dim() != 4 or masks.dim() != 4 or act_maps.shape[0] != masks.shape[0]:
+        labels = masks.dim() == 3 and masks.dtype != torch.bool
+        if act_maps.dim() != 4 or masks.dim() != (3 if labels else 4) or act_maps.shape[0] != masks.shape[0]:
             raise BadInput(f"act_maps {tuple(act_maps.shape)} and masks {tuple(masks.shape)} "
-                           "must be [b, units, h, w] and [b, concepts, H, W] for the same images.")
-        if masks.shape[1] != self.n_concepts or act_maps.shape[1] != self.n_units:
+                           "must be [b, units, h, w] and [b, concepts, H, W] (or a [b, H, W] label map) "
+                           "for the same images.")
+        if act_maps.shape[1] != self.n_units or (not labels and masks.shape[1] != self.n_concepts):
             raise BadInput(f"expected {self.n_units} units and {self.n_concepts} concepts, got "
-                           f"{act_maps.shape[1]} and {masks.shape[1]}.")
+                           f"{act_maps.shape[1]} and {'a label map' if labels else masks.shape[1]}.")
         H, W = masks.shape[-2:]
         per_image = H * W
-        step = max(1, self.max_values // (per_image * max(self.n_units, self.n_concepts)))
+        step = max(1, self.max_values // (per_image * (self.n_units if labels else max(self.n_units, self.n_concepts))))
         for i in range(0, act_maps.shape[0], step):
             a = act_maps[i : i + step].float()
             if a.shape[-2:] != (H, W):
                 a = F.interpolate(a, size=(H, W), mode="bilinear", align_corners=False)
             on = (a > self.thr).transpose(0, 1).reshape(self.n_units, -1).float()   # [u, px]
-            m = masks[i : i + step].transpose(0, 1).reshape(self.n_concepts, -1).float()  # [c, px]
-            # 0/1 products summed in float32 are exact below 2**24 pixels per chunk.
-            self.inter += (on @ m.T).double()
+            if labels:   # each pixel counts for its one concept
+                lab = masks[i : i + step].reshape(-1).long()
+                keep = lab >= 0
+                self.inter.index_add_(1, lab[keep], on[:, keep].double())
+                self.mask_area += torch.bincount(lab[keep], minlength=self.n_concepts).double()
+            else:
+                m = masks[i : i + step].transpose(0, 1).reshape(self.n_concepts, -1).float()  # [c, px]
+                # 0/1 products summed in float32 are exact below 2**24 pixels per chunk.
+                self.inter += (on @ m.T).double()
+                self.mask_area += m.sum(dim=1).double()
             self.act_area += on.sum(dim=1).double()
-            self.mask_area += m.sum(dim=1).double()
-
-    def _update_labels(self, act_maps: torch.Tensor, labels: torch.Tensor) -> None:
-        if act_maps.dim() != 4 or act_maps.shape[0] != labels.shape[0] or act_maps.shape[1] != self.n_units:
-            raise BadInput(f"act_maps {tuple(act_maps.shape)} and labels {tuple(labels.shape)} must be "
-                           f"[b, {self.n_units}, h, w] and [b, H, W] for the same images.")
-        H, W = labels.shape[-2:]
-        step = max(1, self.max_values // (H * W * self.n_units))
-        for i in range(0, act_maps.shape[0], step):
-            a = act_maps[i : i + step].float()
-            if a.shape[-2:] != (H, W):
-                a = F.interpolate(a, size=(H, W), mode="bilinear", align_corners=False)
-            on = (a > self.thr).transpose(0, 1).reshape(self.n_units, -1).double()   # [u, px]
-            lab = labels[i : i + step].reshape(-1).long()
-            keep = lab >= 0
-            self.inter.index_add_(1, lab[keep], on[:, keep])      # each pixel counts for its one concept
-            self.act_area += on.sum(dim=1)
-            self.mask_area += torch.bincount(lab[keep], minlength=self.n_concepts).double()
 
     def result(self) -> torch.Tensor:
         """[units, concepts] IoU in [0, 1] (0 where both unit and concept are empty)."""
@@ -729,12 +718,13 @@ class IoUAccumulator:
 
 
 def iou_scores(act_maps: torch.Tensor, masks: torch.Tensor, top_fraction: float = 0.005,
-               batch_size: int = 64) -> torch.Tensor:
-    """In-memory convenience: thresholds from all maps, then the streamed IoU. [u, c]."""
+               batch_size: int = 64, n_concepts: Optional[int] = None) -> torch.Tensor:
+    """In-memory convenience: thresholds from all maps, then the streamed IoU. [u, c]. masks as
+    IoUAccumulator.update takes them; a label map needs `n_concepts`."""
     tq = TopQuantile(act_maps.shape[1], act_maps[:, 0].numel(), top_fraction)
     for i in range(0, act_maps.shape[0], batch_size):
         tq.update(act_maps[i : i + batch_size])
-    acc = IoUAccumulator(tq.thresholds(), masks.shape[1])
+    acc = IoUAccumulator(tq.thresholds(), n_concepts or masks.shape[1])
     for i in range(0, act_maps.shape[0], batch_size):
         acc.update(act_maps[i : i + batch_size], masks[i : i + batch_size])
     return acc.result()
@@ -752,9 +742,10 @@ def cell_concepts(cell_emb: torch.Tensor, text_emb: torch.Tensor, baseline: torc
     (the concept's mean cosine over the whole probe images) -> [b, g, g] int64: per cell the
     concept whose cosine with it exceeds its baseline most. The baseline does what the patch
     method's contrast does: a concept close to every image ("photo") does not win every cell.
-    Measured against the whole images' mean, not the cells', so the labels need nothing beyond
-    the one pass (the cells' mean is the alternative; on the fast probe worlds both agree with
-    the mask-IoU reference alike but on frame-cue worlds, where the images' mean is better)."""
+    It is the whole images' mean, known after the one pass, not the cells' own mean, which would
+    need every cell encoded before any is labelled; on the fast probe worlds the two agreed with
+    the mask-IoU reference alike on the watermark and dot worlds, the images' mean better on the
+    frame worlds."""
     b, cells, _ = cell_emb.shape
     e = F.normalize(cell_emb.float().reshape(b * cells, -1), dim=-1)
     t = F.normalize(text_emb.float(), dim=-1)
@@ -776,13 +767,8 @@ def encoder_iou_scores(act_maps: torch.Tensor, cell_emb: torch.Tensor, text_emb:
                        baseline: torch.Tensor, top_fraction: float = 0.005, batch_size: int = 64) -> torch.Tensor:
     """In-memory convenience (the pipeline streams the same): Network Dissection IoU of each
     unit's top region against the encoder's pseudo-masks (cell_concepts). [u, c]."""
-    tq = TopQuantile(act_maps.shape[1], act_maps[:, 0].numel(), top_fraction)
-    for i in range(0, act_maps.shape[0], batch_size):
-        tq.update(act_maps[i : i + batch_size])
-    acc = IoUAccumulator(tq.thresholds(), text_emb.shape[0])
-    for i in range(0, act_maps.shape[0], batch_size):
-        acc.update(act_maps[i : i + batch_size], label_map(cell_concepts(cell_emb[i : i + batch_size], text_emb, baseline)))
-    return acc.result()
+    labels = label_map(cell_concepts(cell_emb, text_emb, baseline))
+    return iou_scores(act_maps, labels, top_fraction, batch_size, n_concepts=text_emb.shape[0])
 
 
 # --------------------------------------------------------------------------------------------
