@@ -268,6 +268,15 @@ def calibration(e, min_bin: int):
     return deciles(e["confidence"].to_numpy(), e["agree"].to_numpy(), min_bin)
 
 
+def mid_labels(judged) -> dict:
+    """Labels of confidence 0.1-0.7: how many agree, and how many name the reference's concept
+    at all (the rest of those are on units whose reference IoU is under REFERENCE_MIN_IOU: how
+    often a unit clears it differs between worlds, and no explanation feature sees it)."""
+    m = judged[(judged["confidence"] >= 0.1) & (judged["confidence"] < 0.7)]
+    return {"n": int(len(m)), "agree": round(float(m["agree"].mean()), 3) if len(m) else None,
+            "same_concept": round(float((m["concept"] == m["ref"]).mean()), 3) if len(m) else None}
+
+
 def headline_agreement(store: Store, model: str, heads) -> dict:
     ref = hidden_truth(store, model)
     ref = ref[ref["ref_iou"] >= REFERENCE_MIN_IOU]
@@ -276,7 +285,17 @@ def headline_agreement(store: Store, model: str, heads) -> dict:
         ref, on=["layer", "unit"])
     per = {s: round(float((g["label"] == g["ref"]).mean()), 3) for s, g in e.groupby("scorer")
            if s != "iou" and s not in EXCLUDED}
-    return {"headline": round(float((h["concept"] == h["ref"]).mean()), 3), "n": int(len(h)), "scorers": per}
+    # the misses judged by the other ground truth: held-out AUPRC with presence from the masks
+    # (does the concept's presence predict the unit's activation on images not used to explain it?)
+    ap = store.df("""SELECT layer, unit, concept, max(value) AS ap FROM explanation_scores
+                     WHERE model = $m AND presence = 'masks' AND metric = 'auprc' GROUP BY ALL""", {"m": model})
+    miss = h[h["concept"] != h["ref"]].merge(ap, on=["layer", "unit", "concept"], how="left").merge(
+        ap.rename(columns={"concept": "ref", "ap": "ref_ap"}), on=["layer", "unit", "ref"], how="left")
+    return {"headline": round(float((h["concept"] == h["ref"]).mean()), 3), "n": int(len(h)), "scorers": per,
+            "misses": int(len(miss)), "misses_truth_auprc_prefers_headline": int((miss["ap"] > miss["ref_ap"]).sum()),
+            # right by one ground truth or the other: the reference's concept, or one the masks' AUPRC prefers
+            "headline_or_truth_auprc": round(float(((h["concept"] == h["ref"]).sum() + (miss["ap"] > miss["ref_ap"]).sum())
+                                                   / max(len(h), 1)), 3)}
 
 
 def fidelity_spearman(store: Store, models: list[str]) -> float:
@@ -372,6 +391,7 @@ def measure(store: Store, models: list[str], cal, min_bin: int) -> dict:
                                        "by_auprc": headline_agreement(store, m, by_auprc[by_auprc["model"] == m])["headline"]}
                                    for m in models},
             "fidelity_spearman": round(rho, 3), "fidelity_n": n_rho,
+            "mid_confidence_labels": mid_labels(judged),
             "stored_vs_recomputed": round(float((e["stored"] - e["confidence"]).abs().max()), 4)}
 
 
@@ -508,6 +528,7 @@ def main():
         log(f"worst gap if these confidences were exactly right (sampling alone): {r['if_calibrated']}")
         log(f"fidelity: Spearman(encoder, masks) = {r['fidelity_spearman']:.3f} over {r['fidelity_n']} explanations")
         log(f"headline agreement: {r['headline_agreement']}")
+        log(f"labels of confidence 0.1-0.7: {r['mid_confidence_labels']}")
         log(f"stored vs recomputed confidence, max difference: {r['stored_vs_recomputed']}")
     log(f"held-out worlds' labels pooled: {[(b['decile'], b['n'], b['mean_confidence'], b['agreement']) for b in pooled_bins]}; "
         f"if exactly right: {pooled_noise}")
