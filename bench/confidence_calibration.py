@@ -324,7 +324,15 @@ def confident_fraction(e) -> dict:
     """Units with confidence >= 0.9 from any scorer (their label, rank 0), and per scorer."""
     e = e[e["rank"] == 0]
     per = e.groupby("scorer")["confidence"].apply(lambda c: round(float((c >= 0.9).mean()), 4)).to_dict()
-    return {"any": round(float((e.groupby(["layer", "unit"])["confidence"].max() >= 0.9).mean()), 4), **per}
+    out = {"any": round(float((e.groupby(["layer", "unit"])["confidence"].max() >= 0.9).mean()), 4), **per}
+    if "ref" in e:
+        # the random network's confident labels judged by the masks all the same: a random conv1
+        # filter can be a colour or dot detector in fact (the target counts every one as wrong)
+        c = e[(e["confidence"] >= 0.9) & (e["scorer"] != "iou")]
+        out["confident_labels"] = int(len(c))
+        out["confident_labels_agreeing_with_masks"] = int(((c["concept"] == c["ref"])
+                                                           & (c["ref_iou"] >= REFERENCE_MIN_IOU)).sum())
+    return out
 
 
 def null_overhead(n=1000, units=512, concepts=3000, dim=512, k=10) -> dict:

@@ -54,8 +54,9 @@ from .vocab import Vocabulary, concepts_table, load_vocabulary, vocabulary_table
 # top_images and encoder_iou are asked for by name (Scorer.opt_in): top_images' labels' confidence is
 # not calibrated, encoder_iou encodes 16 windows per image (README, "Confidence and fidelity")
 DEFAULT_SCORERS = tuple(s for s in S.SCORERS if not S.get_scorer(s).opt_in)
-# The demo adds encoder_iou: on the probe world's small images its 16 windows each cost little, and
-# its labels give the best headlines there (README, "Confidence and fidelity")
+# The demo adds encoder_iou: on the probe world's small images its 16 windows each cost little (the
+# ViT's dissect reuses the CNN's, _CellCache), and its labels give the best headlines there (README,
+# "Confidence and fidelity")
 DEMO_SCORERS = (*DEFAULT_SCORERS, "encoder_iou")
 DEFAULT_ENCODER_ONLINE = "open_clip:ViT-B-32/laion2b_s34b_b79k"
 
@@ -281,37 +282,77 @@ def _single_pass(target: Target, layer_names: list[str], source: ImageSource, en
     return rec, thresholds or None, new_images, hashes, start
 
 
+class _CellCache:
+    """encoder_iou's window embeddings kept in the store (kind 'cell'), one row per window,
+    keyed `{image content hash}/{geometry}/{cell}`: the geometry (grid, window rule, the
+    target's crop) is in the key, so a target that sees another part of the image cuts its
+    own. A second dissect of the same images (another model, other layers) encodes none."""
+
+    def __init__(self, store: Store, encoder_id: str, windows: CellWindows):
+        cf = "full" if windows.crop_fraction is None else f"{windows.crop_fraction:g}"
+        self.store, self.encoder_id, self.windows = store, encoder_id, windows
+        self.geometry, self.n = f"g{windows.grid}w2c{cf}", windows.grid ** 2
+        self.new: dict[str, np.ndarray] = {}          # image hash -> [n, d] encoded by this run
+        self.known = frozenset()
+        if "embeddings" in store.tables():               # images whose every window is stored
+            t = store.sql("SELECT split_part(item_id, '/', 1) AS h FROM embeddings "
+                          "WHERE encoder = $e AND kind = 'cell' AND split_part(item_id, '/', 2) = $g "
+                          "GROUP BY h HAVING count(DISTINCT item_id) = $n",
+                          {"e": encoder_id, "g": self.geometry, "n": self.n})
+            self.known = frozenset(t.column("h").to_pylist())
+
+    def ids(self, h: str) -> list[str]:
+        return [f"{h}/{self.geometry}/{i}" for i in range(self.n)]
+
+    def lookup(self, hashes: Sequence[str]) -> np.ndarray:
+        """[len(hashes), n, d]: this run's new windows, else the stored ones."""
+        want = [i for h in hashes if h not in self.new for i in self.ids(h)]
+        got = cached_vectors(self.store, self.encoder_id, "cell", want)
+        return np.stack([self.new[h] if h in self.new else np.stack([got[i] for i in self.ids(h)]) for h in hashes])
+
+    def vectors(self) -> tuple[list[str], np.ndarray | None]:
+        """(ids, [rows, d]) of the windows this run encoded, for the store."""
+        if not self.new:
+            return [], None
+        return [i for h in self.new for i in self.ids(h)], np.concatenate(list(self.new.values()))
+
+
 def _iou_scores(target: Target, layers: list[str], source: ImageSource, thresholds: dict[str, torch.Tensor],
                 batch_size: int, workers: int, counts: dict, progress: bool, *, masks: ProbeMasks | None = None,
                 cells: tuple | None = None) -> dict[str, tuple[dict, dict]]:
     """Network Dissection IoU for every layer, against the thresholds the single pass found (the
     dataset-wide quantile must be known before any image is scored: a second pass), with
     `masks` (the probe world's truth: scorer iou; concepts without any mask in the probe set get
-    NaN, no evidence, not 0) and/or `cells` = (encoder, text_emb [c, d], baseline [c]): the
-    encoder's pseudo-masks (scorer encoder_iou; S.cell_concepts), one pass for both. Also each
+    NaN, no evidence, not 0) and/or `cells` = (encoder, text_emb [c, d], baseline [c], _CellCache):
+    the encoder's pseudo-masks (scorer encoder_iou; S.cell_concepts; windows the cache holds are
+    not encoded again, new ones are added to it), one pass for both. Also each
     one's null, the best IoU per pseudo-unit (trust.NullIoU), fed the same batches.
     Returns {(scorer, layer): ([u, c] IoU, [m] null best)}."""
     kinds = {}
     if masks is not None:
         kinds["iou"] = len(masks.index)
-    also = ()
+    also, cache = (), None
     if cells is not None:
-        enc, text_emb, baseline = cells
+        enc, text_emb, baseline, cache = cells
         kinds["encoder_iou"] = text_emb.shape[0]
-        also = (CellWindows(enc.preprocess, S.CELL_GRID, getattr(target, "crop_fraction", None)),)
+        also = (cache.windows,)
     acc = {(k, l): S.IoUAccumulator(thresholds[l].cpu(), n) for k, n in kinds.items() for l in layers}
     null = {(k, l): trust.NullIoU(thresholds[l].numel(), n) for k, n in kinds.items() for l in layers}
     for b in source.batches(target.preprocess, batch_size, num_workers=workers, progress=progress, also=also,
-                            device=target.device):
+                            skip_also=cache.known if cache else frozenset(), device=target.device):
         counts["decoded"] += len(b.image_ids) + len(b.rejects)
         maps = activation_maps(target, layers, b.pixels)
         given = {}
         if masks is not None:
             given["iou"] = masks.batch(b.image_ids)
         if cells is not None:
-            w = b.also[0]                                                      # [b, g*g, 3, s, s]
-            emb = enc.encode_images(w.flatten(0, 1)).float().view(w.shape[0], w.shape[1], -1)
-            counts["cells"] += w.shape[0] * w.shape[1]   # encoder_iou's windows: not cached, opt-in
+            todo = [j for j in b.also_rows if b.hashes[j] not in cache.new]
+            if todo:                                                           # windows [m, g*g, 3, s, s]
+                w = b.also[0][[b.also_rows.index(j) for j in todo]]
+                emb = enc.encode_images(w.flatten(0, 1)).float().view(w.shape[0], w.shape[1], -1)
+                counts["cells"] += w.shape[0] * w.shape[1]
+                cache.new.update(zip((b.hashes[j] for j in todo), emb.cpu().numpy()))
+            emb = torch.from_numpy(cache.lookup(b.hashes)).to(text_emb.device)   # [b, g*g, d]
             given["encoder_iou"] = S.label_map(S.cell_concepts(emb, text_emb, baseline))
         for (k, l), a in acc.items():
             a.update(maps[l].cpu(), given[k])
@@ -510,9 +551,12 @@ def _scores(d: _Dissection) -> None:
             # a concept's baseline: its mean cosine over the probe images (the mean image embedding's)
             mean_img = torch.nn.functional.normalize(image_emb.float(), dim=-1).mean(dim=0)
             baseline = torch.nn.functional.normalize(d.text_emb.float(), dim=-1) @ mean_img
-            cells = (d.enc, d.text_emb.to(d.device), baseline.to(d.device))
+            windows = CellWindows(d.enc.preprocess, S.CELL_GRID, getattr(d.target, "crop_fraction", None))
+            cells = (d.enc, d.text_emb.to(d.device), baseline.to(d.device), _CellCache(d.store, d.enc.id, windows))
         ious = _iou_scores(d.target, d.layers, d.source, d.thresholds, o["batch_size"], o["workers"], d.counts,
                            o["progress"], masks=masks, cells=cells)
+        if cells is not None and cells[3].new:
+            d.new_vectors.append((d.enc.id, "cell", *cells[3].vectors()))
     cindex = {c: i for i, c in enumerate(d.vocab.concepts)}
     amount = None  # [n, c] mask area per probe image: the truth's fidelity
     if d.mask_world is not None and sim is not None:

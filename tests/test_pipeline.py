@@ -313,8 +313,35 @@ def test_encoder_iou_runs_when_named_with_its_null_and_in_the_headline(probe_wor
     assert len(heads) == d["units"] and (heads["candidates"] > 3).all()
     out = trust.assess(store, null_units=32, log=lambda *a: None)
     assert out["probe-cnn"]["probe"]["nulls"]["conv3"]["encoder_iou"] == null
+    # the windows are kept in the store by image content: the same images again (another layer
+    # beside conv3 here) encode none, and conv3's scores come out the same from the stored ones
+    n = store.sql("SELECT count(*) AS n FROM embeddings WHERE kind = 'cell'").to_pylist()[0]["n"]
+    assert n == 60 * S.CELL_GRID ** 2
+    q = "SELECT unit, rank, concept, score FROM scores WHERE scorer = 'encoder_iou' AND layer = 'conv3' ORDER BY unit, rank"
+    first = store.df(q)
+    d2 = dissect(store, f"probe:cnn@{probe_world.root}", world=probe_world, layers=["conv2", "conv3"],
+                 scorers=["top_images", "encoder_iou"], k=3, max_images=60, progress=False, log=lambda *a: None,
+                 evaluate=False)
+    assert d2["passes"]["encoded_cells"] == 0
+    assert store.sql("SELECT count(*) AS n FROM embeddings WHERE kind = 'cell'").to_pylist()[0]["n"] == n
+    second = store.df(q)
+    assert len(first) and len(second) == len(first)
+    assert (first[["unit", "rank", "concept"]] == second[["unit", "rank", "concept"]]).all().all()
+    assert (first["score"] == second["score"]).all()   # the stored windows are the encoded ones, exactly
     # one pass finds one threshold per unit: iou and encoder_iou must share their top_fraction
     with pytest.raises(BadParameter, match="same top_fraction"):
         dissect(store, f"probe:cnn@{probe_world.root}", world=probe_world, layers=["conv3"],
                 scorers=["iou", "encoder_iou"], scorer_params={"iou": {"top_fraction": 0.01}}, max_images=8,
                 progress=False, log=lambda *a: None, evaluate=False)
+
+
+def test_encoder_iou_window_cache_keys_carry_the_geometry(tmp_path):
+    """A target that sees another part of the image (its centre crop) or another grid cuts other
+    windows: their keys differ, so neither reuses the other's."""
+    from neurostore.images import CellWindows
+    from neurostore.pipeline import _CellCache
+
+    store = Store.open(tmp_path / "s")
+    keys = {_CellCache(store, "enc", CellWindows(None, g, cf)).ids("abc")[0]
+            for g, cf in ((4, None), (4, 0.875), (8, None))}
+    assert len(keys) == 3 and all(k.startswith("abc/") for k in keys)
