@@ -129,9 +129,10 @@ def cached_vectors(store: Store, encoder_id: str, kind: str, ids: Sequence[str])
     """Stored vectors of `ids` (those there are) for this encoder and kind."""
     if not ids or "embeddings" not in store.tables():
         return {}
-    t = store.sql("SELECT e.item_id, any_value(e.vector) AS vector FROM embeddings e "
-                  "JOIN (SELECT unnest($ids) AS item_id) w USING (item_id) "
-                  "WHERE e.encoder = $e AND e.kind = $k GROUP BY e.item_id",
+    # an IN filter, duplicates (two runs that encoded the same item) dropped here: a GROUP BY
+    # with any_value(vector) cost 4x the time on 262,144 rows
+    t = store.sql("SELECT item_id, vector FROM embeddings WHERE encoder = $e AND kind = $k "
+                  "AND item_id IN (SELECT unnest($ids))",
                   {"ids": list(dict.fromkeys(ids)), "e": encoder_id, "k": kind})
     if not t.num_rows:
         return {}

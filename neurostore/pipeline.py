@@ -286,13 +286,19 @@ class _CellCache:
     """encoder_iou's window embeddings kept in the store (kind 'cell'), one row per window,
     keyed `{image content hash}/{geometry}/{cell}`: the geometry (grid, window rule, the
     target's crop) is in the key, so a target that sees another part of the image cuts its
-    own. A second dissect of the same images (another model, other layers) encodes none."""
+    own. A second dissect of the same images (another model, other layers) encodes none.
+    Stored windows are read PREFETCH images at a time in the pass's order (`order`: the image
+    hashes as the first pass met them), as one query each scans the table's cell rows."""
 
-    def __init__(self, store: Store, encoder_id: str, windows: CellWindows):
+    PREFETCH = 8192   # images (16 x dim float32 each: 268 MB at dim 512)
+
+    def __init__(self, store: Store, encoder_id: str, windows: CellWindows, order: Sequence[str] = ()):
         cf = "full" if windows.crop_fraction is None else f"{windows.crop_fraction:g}"
         self.store, self.encoder_id, self.windows = store, encoder_id, windows
         self.geometry, self.n = f"g{windows.grid}w2c{cf}", windows.grid ** 2
+        self.order, self.at = list(order), {h: i for i, h in enumerate(order)}
         self.new: dict[str, np.ndarray] = {}          # image hash -> [n, d] encoded by this run
+        self.read: dict[str, np.ndarray] = {}         # image hash -> [n, d] stored (the current chunk)
         self.known = frozenset()
         if "embeddings" in store.tables():               # images whose every window is stored
             t = store.sql("SELECT split_part(item_id, '/', 1) AS h FROM embeddings "
@@ -306,9 +312,15 @@ class _CellCache:
 
     def lookup(self, hashes: Sequence[str]) -> np.ndarray:
         """[len(hashes), n, d]: this run's new windows, else the stored ones."""
-        want = [i for h in hashes if h not in self.new for i in self.ids(h)]
-        got = cached_vectors(self.store, self.encoder_id, "cell", want)
-        return np.stack([self.new[h] if h in self.new else np.stack([got[i] for i in self.ids(h)]) for h in hashes])
+        miss = [h for h in hashes if h not in self.new and h not in self.read]
+        if miss:
+            start = min(self.at.get(h, len(self.order)) for h in miss)
+            keep = {h: self.read[h] for h in hashes if h in self.read}      # a batch across two chunks
+            chunk = [h for h in dict.fromkeys([h for h in self.order[start:start + self.PREFETCH]
+                                                if h in self.known] + miss) if h not in keep]
+            got = cached_vectors(self.store, self.encoder_id, "cell", [i for h in chunk for i in self.ids(h)])
+            self.read = {**keep, **{h: np.stack([got[i] for i in self.ids(h)]) for h in chunk}}
+        return np.stack([self.new[h] if h in self.new else self.read[h] for h in hashes])
 
     def vectors(self) -> tuple[list[str], np.ndarray | None]:
         """(ids, [rows, d]) of the windows this run encoded, for the store."""
@@ -552,7 +564,7 @@ def _scores(d: _Dissection) -> None:
             mean_img = torch.nn.functional.normalize(image_emb.float(), dim=-1).mean(dim=0)
             baseline = torch.nn.functional.normalize(d.text_emb.float(), dim=-1) @ mean_img
             windows = CellWindows(d.enc.preprocess, S.CELL_GRID, getattr(d.target, "crop_fraction", None))
-            cells = (d.enc, d.text_emb.to(d.device), baseline.to(d.device), _CellCache(d.store, d.enc.id, windows))
+            cells = (d.enc, d.text_emb.to(d.device), baseline.to(d.device), _CellCache(d.store, d.enc.id, windows, d.hashes))
         ious = _iou_scores(d.target, d.layers, d.source, d.thresholds, o["batch_size"], o["workers"], d.counts,
                            o["progress"], masks=masks, cells=cells)
         if cells is not None and cells[3].new:
