@@ -37,7 +37,10 @@ class SplitPreprocess:
 
     @classmethod
     def of(cls, preprocess) -> "SplitPreprocess | None":
-        """The split of a `preprocess` of that form (open_clip's and torchvision's), else None."""
+        """The split of a `preprocess` of that form (open_clip's and torchvision's), else None;
+        an object that knows its own split says it (`as_split`: images.CellWindows)."""
+        if hasattr(preprocess, "as_split"):
+            return preprocess.as_split()
         steps = list(getattr(preprocess, "transforms", None) or [])
         names = [type(t).__name__ for t in steps]
         if len(steps) < 2 or names[-1] != "Normalize" or names[-2] not in ("ToTensor", "MaybeToTensor"):

@@ -172,3 +172,26 @@ def test_cell_windows_centre_a_window_twice_the_cell_on_each_cell():
     wide = np.zeros((64, 128, 3), np.uint8)
     wide[:, 32:96] = a                                      # the centre crop of a wide image is `a`
     assert torch.equal(CellWindows(as_tensor, 4, 1.0)(Image.fromarray(wide)), w)
+
+
+def test_cell_windows_split_like_the_encoders_preprocessing(tmp_path):
+    """With a preprocessing of torchvision's form, the windows travel from the workers as uint8
+    and are normalised a batch at once: exactly the tensors of the whole preprocessing, through
+    ImageSource.batches (which picks the split form by itself)."""
+    from torchvision import transforms as T
+
+    from neurostore.encoding import SplitPreprocess
+    from neurostore.images import SplitWindows
+
+    pre = T.Compose([T.Resize(24, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(24), T.ToTensor(),
+                     T.Normalize((0.48, 0.45, 0.40), (0.27, 0.26, 0.28))])
+    im = Image.fromarray(np.random.default_rng(1).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    cells = CellWindows(pre, 4, 0.875)
+    split = SplitPreprocess.of(cells)
+    assert isinstance(split, SplitWindows) and split.uint8(im).dtype == torch.uint8
+    assert torch.equal(split.finish(split.uint8(im)[None])[0], cells(im))
+    assert SplitPreprocess.of(CellWindows(_to_tensor, 4, None)) is None      # no split form: whole
+    (tmp_path / "imgs").mkdir()
+    im.save(tmp_path / "imgs" / "a.png")
+    b = next(ImageFolder(tmp_path / "imgs").batches(pre, 4, also=(cells,)))
+    assert b.also[0].dtype == torch.float32 and torch.equal(b.also[0][0], cells(im))
