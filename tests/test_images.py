@@ -58,7 +58,7 @@ def test_folder_streams_sorted_converts_and_rejects(zoo):
     assert [iid for iid, _ in src.items] == sorted(iid for iid, _ in src.items)
     assert ".hidden.png" not in dict(src.items)
     assert "sub/f_gray.png" in dict(src.items)
-    ids, sizes = [], []
+    ids = []
     for batch in src.batches(_to_tensor, batch_size=3):
         assert batch.pixels.shape[1:] == (3, 16, 16) and batch.pixels.shape[0] <= 3
         ids += batch.image_ids

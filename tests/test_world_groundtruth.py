@@ -3,8 +3,6 @@ classes, the CNN's polysemantic `poly` units and their truth sets, explanation s
 against them, and the cue named by its own word on all three cue kinds."""
 
 import importlib
-import json
-import os
 import subprocess
 import sys
 from dataclasses import replace

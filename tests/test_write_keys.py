@@ -4,7 +4,6 @@ A dissect of some layers leaves every other layer's rows (activations, units, po
 scores, explanations, evaluations) and every patch and embedding other work refers to untouched;
 `patch_id` is unique in `patches`, and every table's natural key is unique after any re-run."""
 
-import pyarrow.compute as pc
 import pytest
 
 from neurostore.pipeline import dissect
