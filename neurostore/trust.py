@@ -729,12 +729,21 @@ def scored_with_null(res: "S.ScoreResult", inputs: dict[str, Any], iou_best: Opt
 def headlines(candidates: "pd.DataFrame") -> "pd.DataFrame":  # noqa: F821
     """One row per (model, layer, unit): the candidate (scorer, concept) with the highest
     confidence (the headline map's P(right)); ties by held-out encoder AUPRC, then Pearson,
-    then scorer name (deterministic). NaN fidelity ranks last."""
+    then scorer name (deterministic). NaN fidelity ranks last. Beside it the runner-up: the best
+    candidate naming another concept (`runner_up`, `runner_up_scorer`, `runner_up_confidence`;
+    None where every candidate names the headline's). Where the headline misses the probe world's
+    mask-IoU reference, the runner-up is mostly the reference (README, "Confidence and fidelity")."""
+    key = ["model", "layer", "unit"]
     c = candidates.assign(_a=candidates["auprc"].fillna(-1.0), _p=candidates["fidelity"].fillna(-2.0))
-    c = c.sort_values(["model", "layer", "unit", "confidence", "_a", "_p", "scorer"],
+    c = c.sort_values([*key, "confidence", "_a", "_p", "scorer"],
                       ascending=[True, True, True, False, False, False, True], kind="stable")
     c = c.drop(columns=["_a", "_p"])
-    return c.groupby(["model", "layer", "unit"], sort=False).head(1).reset_index(drop=True)
+    head = c.groupby(key, sort=False).head(1).reset_index(drop=True)
+    other = c.merge(head[[*key, "concept"]].rename(columns={"concept": "_head"}), on=key, how="left")
+    other = other[other["concept"] != other["_head"]].groupby(key, sort=False).head(1)
+    other = other[[*key, "concept", "scorer", "confidence"]].rename(
+        columns={"concept": "runner_up", "scorer": "runner_up_scorer", "confidence": "runner_up_confidence"})
+    return head.merge(other, on=key, how="left")
 
 
 # ---- a dissect's stored run, assessed ------------------------------------------------------------

@@ -10,6 +10,9 @@ CREATE TABLE headlines (
     fidelity     DOUBLE,     -- held-out Pearson of activation with encoder presence
     auprc        DOUBLE,     -- held-out AUPRC with encoder presence
     candidates   INTEGER,    -- how many (scorer, concept) candidates it was chosen from
+    runner_up    VARCHAR,    -- the best candidate naming another concept (NULL: every candidate names this one)
+    runner_up_scorer VARCHAR,  -- scorer that proposed the runner-up
+    runner_up_confidence FLOAT,  -- its confidence as a headline (the same map)
     dataset      VARCHAR,    -- probe set whose held-out images gave the fidelity
     vocabulary   VARCHAR,    -- vocabulary of the concept
     encoder      VARCHAR,    -- encoder id of the presence

@@ -234,6 +234,11 @@ def test_headline_prefers_the_calibrated_confidence_then_held_out_fidelity():
                       "fidelity": [0.5, 0.1, 0.9, 0.2, 0.3], "confidence": [0.8, 0.6, 0.5, 0.7, 0.7]})
     h = T.headlines(c)
     assert h["concept"].tolist() == ["a", "e"]                      # unit 1: a tie, broken by AUPRC
+    # beside it the runner-up: the best candidate naming another concept
+    assert h["runner_up"].tolist() == ["b", "d"] and h["runner_up_scorer"].tolist() == ["wpmi", "patch"]
+    assert h["runner_up_confidence"].tolist() == [0.6, 0.7]
+    same = T.headlines(c.assign(concept=["a", "a", "c", "d", "d"]))   # unit 1: every candidate says d
+    assert same["runner_up"].tolist()[0] == "c" and same["runner_up"].isna().tolist() == [False, True]
 
 
 # ---- calibration ------------------------------------------------------------------------------
@@ -337,6 +342,8 @@ def test_dissect_stores_null_confidence_fidelity_and_headlines(demo_run):
     units = store.df("SELECT model, layer, count(DISTINCT unit) AS u FROM explanations GROUP BY ALL")
     both = h.merge(units, on=["model", "layer"])
     assert len(both) == len(units) and (both["n"] == both["u_y"]).all()   # one headline per unit
+    ru = store.df("SELECT concept, runner_up, confidence, runner_up_confidence FROM headlines WHERE runner_up IS NOT NULL")
+    assert len(ru) and (ru["runner_up"] != ru["concept"]).all() and (ru["runner_up_confidence"] <= ru["confidence"]).all()
     # concept_neurons leads with units whose headline the concept is
     top = store.query("concept_neurons", {"concept": "watermark", "top": 50}).to_pandas()
     assert top["headline"].any() and top["headline"].is_monotonic_decreasing

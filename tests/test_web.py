@@ -277,9 +277,13 @@ def test_card_leads_with_the_headline(server):
     status, card = get_json(server, "/neuron/toy-cnn/conv1/2.json")
     assert card["prev"] == 1 and card["next"] == 3
     card["headline"] = {"concept": "vermilion", "scorer": "patch", "confidence": 0.42, "fidelity": 0.61,
-                        "auprc": 0.7, "candidates": 9, "vocabulary": "probe"}
+                        "auprc": 0.7, "candidates": 9, "vocabulary": "probe", "runner_up": "scarlet",
+                        "runner_up_scorer": "encoder_iou", "runner_up_confidence": 0.3}
     html = render("neuron.html", card, Links())
-    assert html.index("vermilion") < html.index("Top images") < html.index("Concepts per scorer")
+    assert html.index("vermilion") < html.index("scarlet") < html.index("Top images") < html.index("Concepts per scorer")
+    assert "by encoder_iou" in html
+    card["headline"].update(runner_up=None, runner_up_scorer=None, runner_up_confidence=None)
+    assert "runner-up" not in render("neuron.html", card, Links())
     assert 'width="29.4"' in html  # the 0.42 bar: 42% of 70 px, as an SVG attribute (CSP allows it)
     assert 'rel="prev"' in html and 'href="/neuron/toy-cnn/conv1/3"' in html
 

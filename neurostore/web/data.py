@@ -247,7 +247,8 @@ def neuron_cards(run: Run, model: str, layer: str, unit: int | None = None, top_
         card(r.pop("unit"))["patches"].append(r)
     if has_table(run, "headlines"):
         for r in rows(run, """
-                SELECT unit, concept, scorer, confidence, fidelity, auprc, candidates, vocabulary FROM headlines
+                SELECT unit, concept, scorer, confidence, fidelity, auprc, candidates, vocabulary,
+                       runner_up, runner_up_scorer, runner_up_confidence FROM headlines
                 WHERE model = $m AND layer = $l AND ($u IS NULL OR unit = $u)""", p):
             card(r.pop("unit"))["headline"] = r
     if has_table(run, "audit_units"):  # the classes a unit pushes (gradient x activation toward the logit)
