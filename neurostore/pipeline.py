@@ -564,11 +564,12 @@ def _scores(d: _Dissection) -> None:
             mean_img = torch.nn.functional.normalize(image_emb.float(), dim=-1).mean(dim=0)
             baseline = torch.nn.functional.normalize(d.text_emb.float(), dim=-1) @ mean_img
             windows = CellWindows(d.enc.preprocess, S.CELL_GRID, getattr(d.target, "crop_fraction", None))
-            cells = (d.enc, d.text_emb.to(d.device), baseline.to(d.device), _CellCache(d.store, d.enc.id, windows, d.hashes))
+            cache = _CellCache(d.store, d.enc.id, windows, d.hashes)
+            cells = (d.enc, d.text_emb.to(d.device), baseline.to(d.device), cache)
         ious = _iou_scores(d.target, d.layers, d.source, d.thresholds, o["batch_size"], o["workers"], d.counts,
                            o["progress"], masks=masks, cells=cells)
-        if cells is not None and cells[3].new:
-            d.new_vectors.append((d.enc.id, "cell", *cells[3].vectors()))
+        if cells is not None and cache.new:
+            d.new_vectors.append((d.enc.id, "cell", *cache.vectors()))
     cindex = {c: i for i, c in enumerate(d.vocab.concepts)}
     amount = None  # [n, c] mask area per probe image: the truth's fidelity
     if d.mask_world is not None and sim is not None:
