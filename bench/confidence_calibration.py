@@ -289,15 +289,16 @@ def headline_agreement(store: Store, model: str, heads) -> dict:
     # (does the concept's presence predict the unit's activation on images not used to explain it?)
     ap = store.df("""SELECT layer, unit, concept, max(value) AS ap FROM explanation_scores
                      WHERE model = $m AND presence = 'masks' AND metric = 'auprc' GROUP BY ALL""", {"m": model})
-    miss = h[h["concept"] != h["ref"]].merge(ap, on=["layer", "unit", "concept"], how="left").merge(
+    hit = h["concept"] == h["ref"]
+    miss = h[~hit].merge(ap, on=["layer", "unit", "concept"], how="left").merge(
         ap.rename(columns={"concept": "ref", "ap": "ref_ap"}), on=["layer", "unit", "ref"], how="left")
-    return {"headline": round(float((h["concept"] == h["ref"]).mean()), 3), "n": int(len(h)), "scorers": per,
+    prefer = int((miss["ap"] > miss["ref_ap"]).sum())
+    return {"headline": round(float(hit.mean()), 3), "n": int(len(h)), "scorers": per,
             # the reference is the headline or the runner-up (the card shows both)
-            "headline_or_runner_up": round(float(((h["concept"] == h["ref"]) | (h["runner_up"] == h["ref"])).mean()), 3),
-            "misses": int(len(miss)), "misses_truth_auprc_prefers_headline": int((miss["ap"] > miss["ref_ap"]).sum()),
+            "headline_or_runner_up": round(float((hit | (h["runner_up"] == h["ref"])).mean()), 3),
+            "misses": int(len(miss)), "misses_truth_auprc_prefers_headline": prefer,
             # right by one ground truth or the other: the reference's concept, or one the masks' AUPRC prefers
-            "headline_or_truth_auprc": round(float(((h["concept"] == h["ref"]).sum() + (miss["ap"] > miss["ref_ap"]).sum())
-                                                   / max(len(h), 1)), 3)}
+            "headline_or_truth_auprc": round(float((hit.sum() + prefer) / max(len(h), 1)), 3)}
 
 
 def fidelity_spearman(store: Store, models: list[str]) -> float:

@@ -223,6 +223,13 @@ class _Checkpoint:
 # ---- the single pass ----------------------------------------------------------------------------
 
 
+def _unencoded(b, done: dict) -> tuple[list[str], list[int]]:
+    """The images of batch `b` whose `also` view was made (b.also_rows) and whose vector is not in
+    `done` yet: their content hashes and their rows in b.also."""
+    pairs = [(b.hashes[j], i) for i, j in enumerate(b.also_rows) if b.hashes[j] not in done]
+    return [h for h, _ in pairs], [i for _, i in pairs]
+
+
 def _single_pass(target: Target, layer_names: list[str], source: ImageSource, enc, *, k: int,
                  batch_size: int, workers: int, precision, image_emb: bool, iou_fraction: float | None,
                  known_images: frozenset, ckpt: _Checkpoint, counts: dict, progress: bool):
@@ -264,13 +271,11 @@ def _single_pass(target: Target, layer_names: list[str], source: ImageSource, en
                                 start=start, also=also, skip_also=known_images, device=rec.device):
             counts["decoded"] += len(b.image_ids) + len(b.rejects)
             rec.update(b.image_ids, b.pixels)
-            if b.also_rows:
-                todo = [j for j in b.also_rows if b.hashes[j] not in new_images]
-                if todo:
-                    rows = [b.also_rows.index(j) for j in todo]
-                    vecs = enc.encode_images(b.also[0][rows]).float().cpu().numpy()  # [m, d]
-                    counts["images"] += len(todo)
-                    new_images.update({b.hashes[j]: v for j, v in zip(todo, vecs)})
+            hs, rows = _unencoded(b, new_images)
+            if rows:
+                vecs = enc.encode_images(b.also[0][rows]).float().cpu().numpy()  # [m, d]
+                counts["images"] += len(rows)
+                new_images.update(zip(hs, vecs))
             hashes += b.hashes
             if ckpt.maybe_save(state):
                 counts["checkpoints"] += 1
@@ -358,12 +363,12 @@ def _iou_scores(target: Target, layers: list[str], source: ImageSource, threshol
         if masks is not None:
             given["iou"] = masks.batch(b.image_ids)
         if cells is not None:
-            todo = [j for j in b.also_rows if b.hashes[j] not in cache.new]
-            if todo:                                                           # windows [m, g*g, 3, s, s]
-                w = b.also[0][[b.also_rows.index(j) for j in todo]]
+            hs, rows = _unencoded(b, cache.new)
+            if rows:                                                           # windows [m, g*g, 3, s, s]
+                w = b.also[0][rows]
                 emb = enc.encode_images(w.flatten(0, 1)).float().view(w.shape[0], w.shape[1], -1)
                 counts["cells"] += w.shape[0] * w.shape[1]
-                cache.new.update(zip((b.hashes[j] for j in todo), emb.cpu().numpy()))
+                cache.new.update(zip(hs, emb.cpu().numpy()))
             emb = torch.from_numpy(cache.lookup(b.hashes)).to(text_emb.device)   # [b, g*g, d]
             given["encoder_iou"] = S.label_map(S.cell_concepts(emb, text_emb, baseline))
         for (k, l), a in acc.items():
