@@ -370,7 +370,20 @@ def headline_features(c: "pd.DataFrame") -> dict[str, np.ndarray]:  # noqa: F821
     col = lambda k: np.nan_to_num(c[k].to_numpy(np.float64)) if k in c else np.zeros(len(c))   # noqa: E731
     return {"confidence_logit": np.log(p / (1 - p)), "auprc": col("auprc"), "cosine_pearson": col("cosine_pearson"),
             "concept_peak": col("concept_peak"),
-            "scorers_agreeing": c.groupby(["unit", "concept"])["scorer"].transform("nunique").to_numpy(np.float64)}
+            "scorers_agreeing": c.groupby(["unit", "concept"])["scorer"].transform("nunique").to_numpy(np.float64),
+            "encoder_iou_first": encoder_iou_first(c)}
+
+
+def encoder_iou_first(c: "pd.DataFrame") -> np.ndarray:  # noqa: F821
+    """1.0 where the candidate's concept is encoder_iou's first for its unit, else 0 (also where
+    encoder_iou did not run). The one spatial scorer's choice, whichever scorer's row this is:
+    the other scorers rank a unit's concepts by where the unit fires across images, so a colour
+    next to the right one (cyan for green) can win on them while the windows say where it fires."""
+    if "rank" not in c:
+        return np.zeros(len(c))
+    top = c.loc[(c["scorer"] == "encoder_iou") & (c["rank"] == 0), ["unit", "concept"]]
+    first = set(zip(top["unit"], top["concept"]))
+    return np.fromiter(((u, k) in first for u, k in zip(c["unit"], c["concept"])), np.float64, len(c))
 
 
 def logistic(coef: dict[str, float], features: dict[str, Any]):
