@@ -461,3 +461,20 @@ def test_candidates_with_encoder_iou_take_its_own_headline_map():
     shipped = T.calibration()
     assert shipped.encoder_iou_headline_map is not None and "encoder_iou" in shipped.explanation_maps
     assert "concept_peak" in shipped.explanation_maps["encoder_iou"]
+
+
+def test_encoder_iou_first_marks_every_row_of_the_concept_encoder_iou_ranks_first():
+    """The headline feature `encoder_iou_first` is 1 on each candidate (whichever scorer's) whose
+    concept is encoder_iou's first for that unit, 0 elsewhere and where encoder_iou did not run;
+    the shipped map with encoder_iou weighs it (> 0), so with all else equal it wins."""
+    import pandas as pd
+
+    c = pd.DataFrame({"unit": [0, 0, 0, 1, 1], "scorer": ["patch", "encoder_iou", "encoder_iou", "patch", "encoder_iou"],
+                      "concept": ["cyan", "green", "cyan", "green", "blue"], "rank": [0, 0, 1, 0, 2],
+                      "confidence": 0.3, "auprc": 0.5, "cosine_pearson": 0.2, "concept_peak": 1.0})
+    assert T.headline_features(c)["encoder_iou_first"].tolist() == [0, 1, 0, 0, 0]
+    assert T.headline_features(c[c["scorer"] == "patch"])["encoder_iou_first"].tolist() == [0, 0]
+    shipped = T.calibration()
+    assert shipped.encoder_iou_headline_map.get("encoder_iou_first", 0) > 0
+    p = shipped.headline(c)
+    assert p[1] > p[2] and p[1] > p[0]       # unit 0: green (encoder_iou's first) over cyan
