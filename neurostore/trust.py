@@ -32,7 +32,8 @@ encoder_iou (the opt-in Network Dissection IoU against the encoder's own pseudo-
 of its own too, fitted with `--fit --fit-headline --encoder-iou` on the same world while the others
 were kept: it reads the concept's peak besides (the cells of a concept the encoder cannot see in a
 window take a concept near it, often one the images never show), and headline candidates among
-which it runs have their own headline map (`Calibration.encoder_iou_headline_map`).
+which it runs have their own headline map (`Calibration.encoder_iou_headline_map`), which also
+reads whether a candidate's concept is encoder_iou's first for the unit (`encoder_iou_first`).
 
 The map is a logistic regression fitted by `bench/confidence_calibration.py --fit` on the fast
 probe world (seed 0, watermark cue) on the labels (rank 0) of its CNN and ViT, label = "agrees
@@ -114,7 +115,7 @@ concept's peak on held-out images (`concept_peak`: a concept the probe images ne
 spread evenly over them, and candidates the world never draws were most of the headline's
 misses) and how many scorers put the concept in their top HEADLINE_RANKS; the headline is the
 candidate with the highest, reported with it (ties: AUPRC, then Pearson). The headline map is
-fitted regularised (the bench's HEADLINE_C, which says why). No ground truth is used at dissect
+fitted regularised (the bench's HEADLINE_C and HEADLINE_C_ENCODER_IOU, which say why). No ground truth is used at dissect
 time, so the same choice runs on real models.
 """
 
