@@ -37,6 +37,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .encoding import SplitPreprocess
 from .errors import BadInput, BadParameter
+from .scorers import border_cells
 from .world.generate import rle_decode
 
 MIN_SIDE = 16
@@ -363,9 +364,14 @@ class CellWindows:
     """encoder_iou's view of an image: `grid` x `grid` cells over the part of the image the
     target sees (its centre crop: `crop_fraction`, as patches.to_image_box), each seen through a
     window twice the cell's side centred on it (edge pixels repeated past the border), in the
-    encoder's preprocessing -> [grid * grid, 3, s, s], row by row. Twice the cell: the encoder
-    names what is around a point, not a few pixels (on the fast probe worlds, windows of the
-    cell's own side labelled cells worse). A class, not a closure: DataLoader workers pickle it."""
+    encoder's preprocessing, row by row; then each border cell's window again, shifted inside the
+    image (border_cells order) -> [grid * grid + len(border_cells(grid)), 3, s, s]. Twice the
+    cell: the encoder names what is around a point, not a few pixels (on the fast probe worlds,
+    windows of the cell's own side labelled cells worse). Both at the border: repeated edge
+    pixels turn a thin line along the edge (a frame) into a band the encoder does not call a
+    frame, while a shifted window moves a corner object (a dot) off its centre, where the
+    encoder no longer sees it; scorers.cell_concepts keeps the one that says more. A class, not
+    a closure: DataLoader workers pickle it."""
 
     def __init__(self, preprocess: Callable[[Image.Image], torch.Tensor], grid: int, crop_fraction: float | None):
         self.preprocess, self.grid, self.crop_fraction = preprocess, grid, crop_fraction
@@ -387,21 +393,28 @@ class CellWindows:
             side = self.crop_fraction * min(W, H)
             im = im.crop((round((W - side) / 2), round((H - side) / 2), round((W + side) / 2), round((H + side) / 2)))
         a = np.asarray(im)
+        H, W = a.shape[:2]
         h, w = a.shape[0] / self.grid, a.shape[1] / self.grid
         py, px = int(np.ceil(h / 2)), int(np.ceil(w / 2))
         p = np.pad(a, ((py, py), (px, px), (0, 0)), mode="edge")
         out = []
+        sh, sw = max(1, round(2 * h)), max(1, round(2 * w))
         for gy in range(self.grid):
             for gx in range(self.grid):
                 y0, x0 = round(gy * h + py - h / 2), round(gx * w + px - w / 2)
-                out.append(Image.fromarray(p[y0 : y0 + max(1, round(2 * h)), x0 : x0 + max(1, round(2 * w))]))
+                out.append(Image.fromarray(p[y0 : y0 + sh, x0 : x0 + sw]))
+        ch, cw = min(H, sh), min(W, sw)
+        for gy, gx in border_cells(self.grid):     # and the same window shifted inside the image
+            y0 = min(max(round(gy * h - h / 2), 0), H - ch)
+            x0 = min(max(round(gx * w - w / 2), 0), W - cw)
+            out.append(Image.fromarray(a[y0 : y0 + ch, x0 : x0 + cw]))
         return out
 
 
 @dataclass(frozen=True)
 class SplitWindows(SplitPreprocess):
-    """CellWindows in SplitPreprocess's two halves: `uint8(image)` -> [g*g, 3, s, s] uint8 in a
-    worker, `finish` -> [m, g*g, 3, s, s] float32 normalised on the batch's device."""
+    """CellWindows in SplitPreprocess's two halves: `uint8(image)` -> [windows, 3, s, s] uint8 in a
+    worker, `finish` -> [m, windows, 3, s, s] float32 normalised on the batch's device."""
 
     windows: Callable[[Image.Image], list] = None
 

@@ -52,9 +52,9 @@ from .store import Store
 from .vocab import Vocabulary, concepts_table, load_vocabulary, vocabulary_table
 
 # top_images and encoder_iou are asked for by name (Scorer.opt_in): top_images' labels' confidence is
-# not calibrated, encoder_iou encodes 16 windows per image (README, "Confidence and fidelity")
+# not calibrated, encoder_iou encodes 28 windows per image (README, "Confidence and fidelity")
 DEFAULT_SCORERS = tuple(s for s in S.SCORERS if not S.get_scorer(s).opt_in)
-# The demo adds encoder_iou: on the probe world's small images its 16 windows each cost little (the
+# The demo adds encoder_iou: on the probe world's small images its 28 windows each cost little (the
 # ViT's dissect reuses the CNN's, _CellCache), and its labels give the best headlines there (README,
 # "Confidence and fidelity")
 DEMO_SCORERS = (*DEFAULT_SCORERS, "encoder_iou")
@@ -300,7 +300,7 @@ class _CellCache:
     def __init__(self, store: Store, encoder_id: str, windows: CellWindows, order: Sequence[str] = ()):
         cf = "full" if windows.crop_fraction is None else f"{windows.crop_fraction:g}"
         self.store, self.encoder_id, self.windows = store, encoder_id, windows
-        self.geometry, self.n = f"g{windows.grid}w2c{cf}", windows.grid ** 2
+        self.geometry, self.n = f"g{windows.grid}w2bc{cf}", windows.grid ** 2 + len(S.border_cells(windows.grid))
         self.order, self.at = list(order), {h: i for i, h in enumerate(order)}
         self.new: dict[str, np.ndarray] = {}          # image hash -> [n, d] encoded by this run
         self.read: dict[str, np.ndarray] = {}         # image hash -> [n, d] stored (the current chunk)
@@ -364,12 +364,12 @@ def _iou_scores(target: Target, layers: list[str], source: ImageSource, threshol
             given["iou"] = masks.batch(b.image_ids)
         if cells is not None:
             hs, rows = _unencoded(b, cache.new)
-            if rows:                                                           # windows [m, g*g, 3, s, s]
+            if rows:                                                           # windows [m, n, 3, s, s]
                 w = b.also[0][rows]
                 emb = enc.encode_images(w.flatten(0, 1)).float().view(w.shape[0], w.shape[1], -1)
                 counts["cells"] += w.shape[0] * w.shape[1]
                 cache.new.update(zip(hs, emb.cpu().numpy()))
-            emb = torch.from_numpy(cache.lookup(b.hashes)).to(text_emb.device)   # [b, g*g, d]
+            emb = torch.from_numpy(cache.lookup(b.hashes)).to(text_emb.device)   # [b, n, d]
             given["encoder_iou"] = S.label_map(S.cell_concepts(emb, text_emb, baseline))
         for (k, l), a in acc.items():
             a.update(maps[l].cpu(), given[k])

@@ -734,14 +734,22 @@ CELL_GRID = 4          # encoder_iou: cells per side of an image
 CELL_RESOLUTION = 32   # encoder_iou: the side its label maps (and the upsampled unit maps) are compared at
 
 
+def border_cells(grid: int) -> list[tuple[int, int]]:
+    """The (row, column) cells on a grid's border, row by row (images.CellWindows' second windows)."""
+    return [(gy, gx) for gy in range(grid) for gx in range(grid) if min(gy, gx) == 0 or max(gy, gx) == grid - 1]
+
+
 @torch.no_grad()
 def cell_concepts(cell_emb: torch.Tensor, text_emb: torch.Tensor, baseline: torch.Tensor,
                   chunk: int = 4096) -> torch.Tensor:
     """encoder_iou's pseudo-masks: each cell's one concept. cell_emb [b, g*g, d] (the encoder's
     embedding of a window around each cell, images.CellWindows), text_emb [c, d], baseline [c]
     (the concept's mean cosine over the whole probe images) -> [b, g, g] int64: per cell the
-    concept whose cosine with it exceeds its baseline most. The baseline does what the patch
-    method's contrast does: a concept close to every image ("photo") does not win every cell.
+    concept whose cosine with it exceeds its baseline most. With CellWindows' second windows of
+    the border cells after the g*g (cell_emb [b, g*g + len(border_cells(g)), d]), a border cell
+    takes the concept of whichever of its two windows exceeds its baseline more. The baseline
+    does what the patch method's contrast does: a concept close to every image ("photo") does
+    not win every cell.
     It is the whole images' mean, known after the one pass, not the cells' own mean, which would
     need every cell encoded before any is labelled; on the fast probe worlds the two agreed with
     the mask-IoU reference alike on the watermark and dot worlds, the images' mean better on the
@@ -750,10 +758,18 @@ def cell_concepts(cell_emb: torch.Tensor, text_emb: torch.Tensor, baseline: torc
     e = F.normalize(cell_emb.float().reshape(b * cells, -1), dim=-1)
     t = F.normalize(text_emb.float(), dim=-1)
     out = torch.empty(b * cells, dtype=torch.long)
+    val = torch.empty(b * cells)
     for i in range(0, len(e), chunk):   # [chunk, c] at a time: 20,000 concepts stay small
-        out[i : i + chunk] = (e[i : i + chunk] @ t.T - baseline.float()).argmax(dim=1).cpu()
-    g = int(round(math.sqrt(cells)))
-    return out.view(b, g, g)
+        v, k = (e[i : i + chunk] @ t.T - baseline.float()).max(dim=1)
+        out[i : i + chunk], val[i : i + chunk] = k.cpu(), v.float().cpu()
+    g = next(g for g in range(1, 257) if g * g == cells or g * g + len(border_cells(g)) == cells)
+    out, val = out.view(b, cells), val.view(b, cells)
+    lab = out[:, : g * g].clone()
+    if cells > g * g:   # border cells: the window (repeated edge or shifted inside) with the higher best contrast
+        idx = torch.tensor([gy * g + gx for gy, gx in border_cells(g)])
+        better = val[:, g * g :] > val[:, idx]
+        lab[:, idx] = torch.where(better, out[:, g * g :], lab[:, idx])
+    return lab.view(b, g, g)
 
 
 def label_map(cells: torch.Tensor, size: int = CELL_RESOLUTION) -> torch.Tensor:
@@ -932,7 +948,7 @@ SCORERS: dict[str, Scorer] = {
                ("encoder_iou_scores|act_maps+cell_emb+text_emb+baseline", "similarity|image_emb+text_emb"),
                "Network Dissection IoU with masks from the encoder instead of the truth: each of a "
                "4x4 grid of cells takes the concept its window is closest to (above the concept's "
-               "mean over the probe images); works on any model (opt-in: it encodes 16 windows "
+               "mean over the probe images); works on any model (opt-in: it encodes 28 windows "
                "per image)", opt_in=True),
     ]
 }

@@ -158,17 +158,23 @@ def test_usual_preprocessing_travels_as_uint8_and_gives_the_same_pixels(zoo):
 
 def test_cell_windows_centre_a_window_twice_the_cell_on_each_cell():
     """4 x 4 cells of a 64-px image: 32-px windows, row by row, each centred on its cell (edge
-    pixels repeated past the border); with a centre crop only the central square is gridded."""
+    pixels repeated past the border), then the 12 border cells' windows shifted inside the image;
+    with a centre crop only the central square is gridded."""
     a = np.zeros((64, 64, 3), np.uint8)
     a[16:32, 32:48] = 255                                   # cell (row 1, column 2) is white
     as_tensor = lambda im: torch.from_numpy(np.asarray(im).copy())   # noqa: E731  [h, w, 3]
+    a[0:2, :] = 200                                          # a 2-px line along the top edge
     w = CellWindows(as_tensor, 4, None)(Image.fromarray(a))
-    assert w.shape == (16, 32, 32, 3)
+    assert w.shape == (16 + 12, 32, 32, 3)
+    assert w[0][:10].eq(200).all()                          # repeated: the line is a 10-px band
+    assert torch.equal(w[16], torch.from_numpy(a[0:32, 0:32]))   # shifted: cell (0, 0) sees the image's corner
+    assert torch.equal(w[16 + 3], torch.from_numpy(a[0:32, 32:64]))   # cell (0, 3)
+    assert torch.equal(w[-1], torch.from_numpy(a[32:64, 32:64]))    # cell (3, 3)
     white = [int((x == 255).all(dim=-1).sum()) for x in w]
     assert white[1 * 4 + 2] == 16 * 16 and w[6][8:24, 8:24].eq(255).all()   # its cell, in the middle
     assert white[0] == 0 and white[1 * 4 + 1] == 8 * 16                    # a neighbour sees half of it
     edge = CellWindows(as_tensor, 4, None)(Image.fromarray(np.pad(a[:, :, :1], ((0, 0), (0, 0), (0, 2)))))
-    assert edge.shape == (16, 32, 32, 3)
+    assert edge.shape == (28, 32, 32, 3)
     wide = np.zeros((64, 128, 3), np.uint8)
     wide[:, 32:96] = a                                      # the centre crop of a wide image is `a`
     assert torch.equal(CellWindows(as_tensor, 4, 1.0)(Image.fromarray(wide)), w)

@@ -437,3 +437,21 @@ def test_encoder_iou_names_the_concept_the_encoder_sees_where_the_unit_fires():
     res = S.run_scorer("encoder_iou", {"act_maps": acts, "cell_emb": cells, "text_emb": text, "baseline": baseline},
                        {"top_fraction": float(on.float().mean()) - 1e-3})
     assert int(res.scores[0].argmax()) == 2 and float(res.scores[0, 2]) > 0.95
+
+
+def test_a_border_cell_takes_the_window_that_says_more():
+    """With each border cell's second window after the g*g (images.CellWindows), a border cell
+    takes the concept of whichever of its two windows exceeds its baseline more; inner cells
+    have one window."""
+    g, d = 4, 4
+    text = torch.eye(d)
+    baseline = torch.tensor([0.0, 0.0, 0.0, 1.0])                    # concept 3 never wins
+    border = S.border_cells(g)
+    assert len(border) == 12 and (0, 0) in border and (1, 1) not in border
+    first = torch.tensor([0.5, 0.0, 0.0, 0.5]).expand(1, g * g, d).clone()   # concept 0 at cosine 0.71
+    second = torch.tensor([0.0, 0.0, 0.3, 0.6]).expand(1, len(border), d).clone()   # concept 2 at 0.45
+    second[0, 0] = torch.tensor([0.0, 0.9, 0.0, 0.1])                # cell (0, 0): concept 1 at 0.99, says more
+    lab = S.cell_concepts(torch.cat([first, second], 1), text, baseline)
+    assert lab.shape == (1, g, g)
+    assert int(lab[0, 0, 0]) == 1 and int(lab[0, 0, 1]) == 0 and int(lab[0, 1, 1]) == 0
+    assert torch.equal(S.cell_concepts(first, text, baseline), torch.zeros(1, g, g, dtype=torch.long))
