@@ -295,7 +295,7 @@ class _CellCache:
     Stored windows are read PREFETCH images at a time in the pass's order (`order`: the image
     hashes as the first pass met them), as one query each scans the table's cell rows."""
 
-    PREFETCH = 8192   # images (16 x dim float32 each: 268 MB at dim 512)
+    PREFETCH = 8192   # images (28 x dim float32 each: 470 MB at dim 512)
 
     def __init__(self, store: Store, encoder_id: str, windows: CellWindows, order: Sequence[str] = ()):
         cf = "full" if windows.crop_fraction is None else f"{windows.crop_fraction:g}"
