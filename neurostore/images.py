@@ -394,7 +394,7 @@ class CellWindows:
             im = im.crop((round((W - side) / 2), round((H - side) / 2), round((W + side) / 2), round((H + side) / 2)))
         a = np.asarray(im)
         H, W = a.shape[:2]
-        h, w = a.shape[0] / self.grid, a.shape[1] / self.grid
+        h, w = H / self.grid, W / self.grid
         py, px = int(np.ceil(h / 2)), int(np.ceil(w / 2))
         p = np.pad(a, ((py, py), (px, px), (0, 0)), mode="edge")
         out = []

@@ -300,7 +300,7 @@ class _CellCache:
     def __init__(self, store: Store, encoder_id: str, windows: CellWindows, order: Sequence[str] = ()):
         cf = "full" if windows.crop_fraction is None else f"{windows.crop_fraction:g}"
         self.store, self.encoder_id, self.windows = store, encoder_id, windows
-        self.geometry, self.n = f"g{windows.grid}w2bc{cf}", windows.grid ** 2 + len(S.border_cells(windows.grid))
+        self.geometry, self.n = f"g{windows.grid}w2bc{cf}", S.cell_windows(windows.grid)
         self.order, self.at = list(order), {h: i for i, h in enumerate(order)}
         self.new: dict[str, np.ndarray] = {}          # image hash -> [n, d] encoded by this run
         self.read: dict[str, np.ndarray] = {}         # image hash -> [n, d] stored (the current chunk)

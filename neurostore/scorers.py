@@ -739,6 +739,11 @@ def border_cells(grid: int) -> list[tuple[int, int]]:
     return [(gy, gx) for gy in range(grid) for gx in range(grid) if min(gy, gx) == 0 or max(gy, gx) == grid - 1]
 
 
+def cell_windows(grid: int) -> int:
+    """Windows per image of images.CellWindows: one per cell, one more per border cell."""
+    return grid * grid + len(border_cells(grid))
+
+
 @torch.no_grad()
 def cell_concepts(cell_emb: torch.Tensor, text_emb: torch.Tensor, baseline: torch.Tensor,
                   chunk: int = 4096) -> torch.Tensor:
@@ -749,8 +754,7 @@ def cell_concepts(cell_emb: torch.Tensor, text_emb: torch.Tensor, baseline: torc
     the border cells after the g*g (cell_emb [b, g*g + len(border_cells(g)), d]), a border cell
     takes the concept of whichever of its two windows exceeds its baseline more. The baseline
     does what the patch method's contrast does: a concept close to every image ("photo") does
-    not win every cell.
-    It is the whole images' mean, known after the one pass, not the cells' own mean, which would
+    not win every cell. It is the whole images' mean, known after the one pass, not the cells' own mean, which would
     need every cell encoded before any is labelled; on the fast probe worlds the two agreed with
     the mask-IoU reference alike on the watermark and dot worlds, the images' mean better on the
     frame worlds."""
@@ -762,7 +766,7 @@ def cell_concepts(cell_emb: torch.Tensor, text_emb: torch.Tensor, baseline: torc
     for i in range(0, len(e), chunk):   # [chunk, c] at a time: 20,000 concepts stay small
         v, k = (e[i : i + chunk] @ t.T - baseline.float()).max(dim=1)
         out[i : i + chunk], val[i : i + chunk] = k.cpu(), v.float().cpu()
-    g = next(g for g in range(1, 257) if g * g == cells or g * g + len(border_cells(g)) == cells)
+    g = next(g for g in range(1, cells + 1) if cells in (g * g, cell_windows(g)))   # the layout fixes the grid
     out, val = out.view(b, cells), val.view(b, cells)
     lab = out[:, : g * g].clone()
     if cells > g * g:   # border cells: the window (repeated edge or shifted inside) with the higher best contrast

@@ -115,8 +115,8 @@ concept's peak on held-out images (`concept_peak`: a concept the probe images ne
 spread evenly over them, and candidates the world never draws were most of the headline's
 misses) and how many scorers put the concept in their top HEADLINE_RANKS; the headline is the
 candidate with the highest, reported with it (ties: AUPRC, then Pearson). The headline map is
-fitted regularised (the bench's HEADLINE_C and HEADLINE_C_ENCODER_IOU, which say why). No ground truth is used at dissect
-time, so the same choice runs on real models.
+fitted regularised (the bench's HEADLINE_C and HEADLINE_C_ENCODER_IOU, which say why). No ground
+truth is used at dissect time, so the same choice runs on real models.
 """
 
 from __future__ import annotations

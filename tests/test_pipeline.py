@@ -293,8 +293,9 @@ def test_top_images_runs_when_named_and_its_stored_scores_are_reproduced(probe_w
 
 def test_encoder_iou_runs_when_named_with_its_null_and_in_the_headline(probe_world, tmp_path):
     """The opt-in encoder_iou scorer: not in a default dissect; named, its pseudo-masks come from
-    28 windows per image through the encoder (counted: 16 centred, 12 border ones shifted inside), it is scored with its own streamed null
-    (stored with the run), its top 3 are headline candidates, and trust.assess keeps its null."""
+    28 windows per image through the encoder (counted: 16 centred, 12 border ones shifted
+    inside), it is scored with its own streamed null (stored with the run), its top 3 are
+    headline candidates, and trust.assess keeps its null."""
     from neurostore import trust
 
     assert "encoder_iou" not in DEFAULT_SCORERS
@@ -302,7 +303,7 @@ def test_encoder_iou_runs_when_named_with_its_null_and_in_the_headline(probe_wor
     d = dissect(store, f"probe:cnn@{probe_world.root}", world=probe_world, layers=["conv3"],
                 scorers=["top_images", "encoder_iou"], k=3, max_images=60, progress=False, log=lambda *a: None,
                 evaluate=False)
-    assert d["passes"]["encoded_cells"] == 60 * (S.CELL_GRID ** 2 + len(S.border_cells(S.CELL_GRID)))
+    assert d["passes"]["encoded_cells"] == 60 * S.cell_windows(S.CELL_GRID)
     r = store.sql("SELECT count(DISTINCT unit) AS n, min(score) AS lo, max(score) AS hi, max(confidence) AS c "
                   "FROM scores WHERE scorer = 'encoder_iou'").to_pylist()[0]
     assert r["n"] == d["units"] and 0 <= r["lo"] <= r["hi"] <= 1 and 0 <= r["c"] <= 1
@@ -316,7 +317,7 @@ def test_encoder_iou_runs_when_named_with_its_null_and_in_the_headline(probe_wor
     # the windows are kept in the store by image content: the same images again (another layer
     # beside conv3 here) encode none, and conv3's scores come out the same from the stored ones
     n = store.sql("SELECT count(*) AS n FROM embeddings WHERE kind = 'cell'").to_pylist()[0]["n"]
-    assert n == 60 * (S.CELL_GRID ** 2 + len(S.border_cells(S.CELL_GRID)))
+    assert n == 60 * S.cell_windows(S.CELL_GRID)
     q = "SELECT unit, rank, concept, score FROM scores WHERE scorer = 'encoder_iou' AND layer = 'conv3' ORDER BY unit, rank"
     first = store.df(q)
     d2 = dissect(store, f"probe:cnn@{probe_world.root}", world=probe_world, layers=["conv2", "conv3"],
