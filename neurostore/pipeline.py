@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ DEFAULT_SCORERS = tuple(s for s in S.SCORERS if not S.get_scorer(s).opt_in)
 # "Confidence and fidelity")
 DEMO_SCORERS = (*DEFAULT_SCORERS, "encoder_iou")
 DEFAULT_ENCODER_ONLINE = "open_clip:ViT-B-32/laion2b_s34b_b79k"
+EMBEDDING_CHUNK = 65_536   # vectors per embeddings write at commit (128 MB at dim 512)
 
 
 def _embedding_rows(encoder_id: str, kind: str, ids: Sequence[str], m: np.ndarray) -> pa.Table:
@@ -293,7 +295,9 @@ class _CellCache:
     target's crop) is in the key, so a target that sees another part of the image cuts its
     own. A second dissect of the same images (another model, other layers) encodes none.
     Stored windows are read PREFETCH images at a time in the pass's order (`order`: the image
-    hashes as the first pass met them), as one query each scans the table's cell rows."""
+    hashes as the first pass met them), as one query each scans the table's cell rows. Windows
+    this run encodes go to a temporary file, not memory (28 x dim float32 per image: 2.9 GB at
+    50,000 images, dim 512), and reach the store from there a chunk at a time (`vectors`)."""
 
     PREFETCH = 8192   # images (28 x dim float32 each: 470 MB at dim 512)
 
@@ -302,7 +306,9 @@ class _CellCache:
         self.store, self.encoder_id, self.windows = store, encoder_id, windows
         self.geometry, self.n = f"g{windows.grid}w2bc{cf}", S.cell_windows(windows.grid)
         self.order, self.at = list(order), {h: i for i, h in enumerate(order)}
-        self.new: dict[str, np.ndarray] = {}          # image hash -> [n, d] encoded by this run
+        self.new: dict[str, int] = {}                 # image hash -> its place in the spill (encoded by this run)
+        self.recent: dict[str, np.ndarray] = {}       # image hash -> [n, d] of the last batch encoded
+        self.spill, self.dim = tempfile.TemporaryFile(prefix="neurostore-windows-"), 0
         self.read: dict[str, np.ndarray] = {}         # image hash -> [n, d] stored (the current chunk)
         self.known = frozenset()
         if "embeddings" in store.tables():               # images whose every window is stored
@@ -315,8 +321,24 @@ class _CellCache:
     def ids(self, h: str) -> list[str]:
         return [f"{h}/{self.geometry}/{i}" for i in range(self.n)]
 
+    def add(self, hashes: Sequence[str], emb: np.ndarray) -> None:
+        """This run's windows [len(hashes), n, d] of new images, appended to the spill."""
+        emb = np.ascontiguousarray(emb, np.float32)
+        self.dim = emb.shape[-1]
+        self.spill.seek(0, os.SEEK_END)
+        self.spill.write(emb.tobytes())
+        self.new.update(zip(hashes, range(len(self.new), len(self.new) + len(hashes))))
+        self.recent = dict(zip(hashes, emb))
+
+    def _spilled(self) -> np.ndarray:
+        """[images, n, d] view of the spill (read from disk as it is indexed)."""
+        self.spill.flush()
+        return np.memmap(self.spill, np.float32, "r", shape=(len(self.new), self.n, self.dim))
+
     def lookup(self, hashes: Sequence[str]) -> np.ndarray:
         """[len(hashes), n, d]: this run's new windows, else the stored ones."""
+        older = [h for h in hashes if h in self.new and h not in self.recent]   # an image seen batches ago
+        spilled = self._spilled() if older else None
         miss = [h for h in hashes if h not in self.new and h not in self.read]
         if miss:
             start = min(self.at.get(h, len(self.order)) for h in miss)
@@ -325,13 +347,34 @@ class _CellCache:
                                                 if h in self.known] + miss) if h not in keep]
             got = cached_vectors(self.store, self.encoder_id, "cell", [i for h in chunk for i in self.ids(h)])
             self.read = {**keep, **{h: np.stack([got[i] for i in self.ids(h)]) for h in chunk}}
-        return np.stack([self.new[h] if h in self.new else self.read[h] for h in hashes])
+        return np.stack([self.recent[h] if h in self.recent else spilled[self.new[h]] if h in self.new
+                         else self.read[h] for h in hashes])
 
     def vectors(self) -> tuple[list[str], np.ndarray | None]:
-        """(ids, [rows, d]) of the windows this run encoded, for the store."""
+        """(ids, [rows, d]) of the windows this run encoded, for the store: a view of the spill,
+        which the commit writes a chunk at a time (_write_vectors)."""
         if not self.new:
             return [], None
-        return [i for h in self.new for i in self.ids(h)], np.concatenate(list(self.new.values()))
+        return _WindowIds(self, list(self.new)), self._spilled().reshape(-1, self.dim)
+
+
+class _WindowIds(Sequence):
+    """The window ids of `hashes` in order, made a slice at a time (1.4M strings at 50,000 images)."""
+
+    def __init__(self, cache: _CellCache, hashes: list[str]):
+        self.cache, self.hashes = cache, hashes
+
+    def __len__(self) -> int:
+        return len(self.hashes) * self.cache.n
+
+    def __getitem__(self, at):
+        if isinstance(at, int):
+            at = range(len(self))[at]
+            return self[at:at + 1][0]
+        lo, hi, _ = at.indices(len(self))
+        n = self.cache.n
+        ids = [i for h in self.hashes[lo // n:-(-hi // n)] for i in self.cache.ids(h)]
+        return ids[lo - lo // n * n:hi - lo // n * n]
 
 
 def _iou_scores(target: Target, layers: list[str], source: ImageSource, thresholds: dict[str, torch.Tensor],
@@ -368,7 +411,7 @@ def _iou_scores(target: Target, layers: list[str], source: ImageSource, threshol
                 w = b.also[0][rows]
                 emb = enc.encode_images(w.flatten(0, 1)).float().view(w.shape[0], w.shape[1], -1)
                 counts["cells"] += w.shape[0] * w.shape[1]
-                cache.new.update(zip(hs, emb.cpu().numpy()))
+                cache.add(hs, emb.cpu().numpy())
             emb = torch.from_numpy(cache.lookup(b.hashes)).to(text_emb.device)   # [b, n, d]
             given["encoder_iou"] = S.label_map(S.cell_concepts(emb, text_emb, baseline))
         for (k, l), a in acc.items():
@@ -676,9 +719,11 @@ def _commit(d: _Dissection, started: float):
         if ps.cuts:
             run.write("crops", ps.cuts_table(), key=f"crops:{_ids_key([':'.join(map(str, c[:5])) for c in ps.cuts])}")
         for encoder_id, kind, ids, m in d.new_vectors:
-            if ids:
-                run.write("embeddings", _embedding_rows(encoder_id, kind, ids, m),
-                          key=f"emb:{encoder_id}:{kind}:{_ids_key(ids)}")
+            # a chunk at a time: encoder_iou's windows are read from their spill file as they go
+            for at in range(0, len(ids), EMBEDDING_CHUNK):
+                part = ids[at:at + EMBEDDING_CHUNK]
+                run.write("embeddings", _embedding_rows(encoder_id, kind, part, np.asarray(m[at:at + EMBEDDING_CHUNK])),
+                          key=f"emb:{encoder_id}:{kind}:{_ids_key(part)}")
         run.write("vocabularies", vocabulary_table(vocab), key=f"vocab:{vocab.name}")
         run.write("concepts", concepts_table(vocab), key=f"vocab:{vocab.name}")
         for rows, expl in zip(d.score_tables, d.expl_tables):

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -291,13 +292,15 @@ def test_top_images_runs_when_named_and_its_stored_scores_are_reproduced(probe_w
     assert out["probe-cnn"]["probe"]["recomputed_max_diff"] < 1e-2
 
 
-def test_encoder_iou_runs_when_named_with_its_null_and_in_the_headline(probe_world, tmp_path):
+def test_encoder_iou_runs_when_named_with_its_null_and_in_the_headline(probe_world, tmp_path, monkeypatch):
     """The opt-in encoder_iou scorer: not in a default dissect; named, its pseudo-masks come from
     28 windows per image through the encoder (counted: 16 centred, 12 border ones shifted
     inside), it is scored with its own streamed null (stored with the run), its top 3 are
-    headline candidates, and trust.assess keeps its null."""
-    from neurostore import trust
+    headline candidates, and trust.assess keeps its null. The windows reach the store from
+    their spill file a chunk at a time (here 500 of the 1,680 rows per write)."""
+    from neurostore import pipeline, trust
 
+    monkeypatch.setattr(pipeline, "EMBEDDING_CHUNK", 500)
     assert "encoder_iou" not in DEFAULT_SCORERS
     store = Store.open(tmp_path / "s")
     d = dissect(store, f"probe:cnn@{probe_world.root}", world=probe_world, layers=["conv3"],
@@ -346,3 +349,26 @@ def test_encoder_iou_window_cache_keys_carry_the_geometry(tmp_path):
     keys = {_CellCache(store, "enc", CellWindows(None, g, cf)).ids("abc")[0]
             for g, cf in ((4, None), (4, 0.875), (8, None))}
     assert len(keys) == 3 and all(k.startswith("abc/") for k in keys)
+
+
+def test_encoder_iou_windows_spill_to_disk_and_read_back_exactly(tmp_path):
+    """This run's windows live in a temporary file, not in memory: the last batch is read as it
+    was encoded, an image met batches ago (the same content twice) from the file, and the
+    commit gets every window in order of encoding."""
+    from neurostore.images import CellWindows
+    from neurostore.pipeline import _CellCache
+
+    cache = _CellCache(Store.open(tmp_path / "s"), "enc", CellWindows(None, 4, None))
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((3, cache.n, 8)).astype(np.float32) for _ in range(3)]
+    for i, b in enumerate(batches):
+        cache.add([f"h{i}{j}" for j in range(3)], b)
+    assert len(cache.recent) == 3 and "h00" not in cache.recent
+    got = cache.lookup(["h21", "h00", "h12"])
+    assert np.array_equal(got, np.stack([batches[2][1], batches[0][0], batches[1][2]]))
+    ids, m = cache.vectors()
+    assert ids[:cache.n] == cache.ids("h00") and len(ids) == 9 * cache.n
+    every = [i for h in cache.new for i in cache.ids(h)]
+    assert [ids[a:a + 50] for a in range(0, len(ids), 50)] == [every[a:a + 50] for a in range(0, len(every), 50)]
+    assert ids[len(ids) - 1] == ids[-1] == every[-1] and ids[cache.n] == every[cache.n]
+    assert np.array_equal(np.asarray(m), np.concatenate(batches).reshape(-1, 8))
