@@ -350,9 +350,9 @@ class _CellCache:
         return np.stack([self.recent[h] if h in self.recent else spilled[self.new[h]] if h in self.new
                          else self.read[h] for h in hashes])
 
-    def vectors(self) -> tuple[list[str], np.ndarray | None]:
+    def vectors(self) -> tuple[Sequence[str], np.ndarray | None]:
         """(ids, [rows, d]) of the windows this run encoded, for the store: a view of the spill,
-        which the commit writes a chunk at a time (_write_vectors)."""
+        which _commit writes a chunk at a time."""
         if not self.new:
             return [], None
         return _WindowIds(self, list(self.new)), self._spilled().reshape(-1, self.dim)
@@ -722,7 +722,7 @@ def _commit(d: _Dissection, started: float):
             # a chunk at a time: encoder_iou's windows are read from their spill file as they go
             for at in range(0, len(ids), EMBEDDING_CHUNK):
                 part = ids[at:at + EMBEDDING_CHUNK]
-                run.write("embeddings", _embedding_rows(encoder_id, kind, part, np.asarray(m[at:at + EMBEDDING_CHUNK])),
+                run.write("embeddings", _embedding_rows(encoder_id, kind, part, m[at:at + EMBEDDING_CHUNK]),
                           key=f"emb:{encoder_id}:{kind}:{_ids_key(part)}")
         run.write("vocabularies", vocabulary_table(vocab), key=f"vocab:{vocab.name}")
         run.write("concepts", concepts_table(vocab), key=f"vocab:{vocab.name}")
