@@ -8,6 +8,7 @@ and exit code 1; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 import os
@@ -1131,6 +1132,19 @@ def serve_cmd(
 
     serve(store_path(store), host=host, port=port, timeout=timeout, max_rows=max_rows, max_bytes=max_bytes,
           allow_hosts=allow_host or (), on_ready=ready)
+
+
+def _reflow_help(t: typer.Typer) -> None:
+    """Each help paragraph as one line, which rich wraps to the terminal: the docstrings break
+    lines at the source's width, and rich kept those breaks (ragged help at 80 columns)."""
+    for c in t.registered_commands:
+        if c.help is None and c.callback is not None and c.callback.__doc__:
+            c.help = "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(c.callback.__doc__).split("\n\n"))
+    for g in t.registered_groups:
+        _reflow_help(g.typer_instance)
+
+
+_reflow_help(app)
 
 
 def _close_bars() -> None:

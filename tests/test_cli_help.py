@@ -59,3 +59,17 @@ def test_a_usage_error_is_clicks_message_not_a_traceback(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "unexpected extra argument" in r.stderr
+
+
+def test_help_paragraphs_are_reflowed_to_the_terminal():
+    """A docstring's line breaks are the source's, not the terminal's: each help paragraph is one
+    line that rich wraps, so `neurostore --help` at 80 columns has no half-empty lines."""
+    root = typer.main.get_command(app)
+    for path in COMMANDS:
+        cmd = root
+        for name in path:
+            cmd = cmd.commands[name]
+        assert cmd.help and all("\n" not in p for p in cmd.help.split("\n\n")), path
+    out = CliRunner().invoke(app, ["--help"], terminal_width=80).output
+    line = next(x for x in out.splitlines() if "which ones" in x)   # the source breaks the line after it
+    assert "which ones dissect records" in line, line
