@@ -219,7 +219,8 @@ class _Checkpoint:
         return True
 
     def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
+        for f in self.path.parent.glob(self.path.stem + ".*"):   # the checkpoint and the window spill
+            f.unlink(missing_ok=True)
 
 
 # ---- the single pass ----------------------------------------------------------------------------
@@ -296,20 +297,31 @@ class _CellCache:
     own. A second dissect of the same images (another model, other layers) encodes none.
     Stored windows are read PREFETCH images at a time in the pass's order (`order`: the image
     hashes as the first pass met them), as one query each scans the table's cell rows. Windows
-    this run encodes go to a temporary file, not memory (28 x dim float32 per image: 2.9 GB at
-    50,000 images, dim 512), and reach the store from there a chunk at a time (`vectors`)."""
+    this run encodes go to a file, not memory (28 x dim float32 per image: 2.9 GB at 50,000
+    images, dim 512), and reach the store from there a chunk at a time (`vectors`). With `spill`
+    (a path beside the dissect's checkpoint) the file outlives an interrupted run: the images its
+    index names (saved every `every` seconds, after the rows it names are synced) are not encoded
+    again by the same work resumed; without, it is a temporary file."""
 
     PREFETCH = 8192   # images (28 x dim float32 each: 470 MB at dim 512)
 
-    def __init__(self, store: Store, encoder_id: str, windows: CellWindows, order: Sequence[str] = ()):
+    def __init__(self, store: Store, encoder_id: str, windows: CellWindows, order: Sequence[str] = (),
+                 spill: Path | None = None, every: float = 120.0):
         cf = "full" if windows.crop_fraction is None else f"{windows.crop_fraction:g}"
         self.store, self.encoder_id, self.windows = store, encoder_id, windows
         self.geometry, self.n = f"g{windows.grid}w2bc{cf}", S.cell_windows(windows.grid)
         self.order, self.at = list(order), {h: i for i, h in enumerate(order)}
-        self.new: dict[str, int] = {}                 # image hash -> its place in the spill (encoded by this run)
+        self.new: dict[str, int] = {}                 # image hash -> its place in the spill (encoded by this work)
         self.recent: dict[str, np.ndarray] = {}       # image hash -> [n, d] of the last batch encoded
-        self.spill, self.dim = tempfile.TemporaryFile(prefix="neurostore-windows-"), 0
         self.read: dict[str, np.ndarray] = {}         # image hash -> [n, d] stored (the current chunk)
+        self.dim, self.index, self.every, self.saved = 0, None, every, time.time()
+        if spill is None:
+            self.spill = tempfile.TemporaryFile(prefix="neurostore-windows-")
+        else:
+            self.index = spill.with_name(spill.name + ".json")
+            spill.parent.mkdir(parents=True, exist_ok=True)
+            self.spill = open(spill, "a+b")
+            self._resume()
         self.known = frozenset()
         if "embeddings" in store.tables():               # images whose every window is stored
             t = store.sql("SELECT split_part(item_id, '/', 1) AS h FROM embeddings "
@@ -321,6 +333,21 @@ class _CellCache:
     def ids(self, h: str) -> list[str]:
         return [f"{h}/{self.geometry}/{i}" for i in range(self.n)]
 
+    def _resume(self) -> None:
+        """Take the windows an interrupted run of the same work spilled and indexed; rows past
+        the index (written after its last save) are cut off. An index of another geometry or
+        encoder, or a damaged one, costs the work, never the run."""
+        try:
+            ix = json.loads(self.index.read_text())
+            assert (ix["encoder"], ix["geometry"], ix["n"]) == (self.encoder_id, self.geometry, self.n)
+            hashes, dim = list(ix["hashes"]), int(ix["dim"])
+            size = len(hashes) * self.n * dim * 4
+            assert os.fstat(self.spill.fileno()).st_size >= size
+        except Exception:   # none, or not this work's
+            hashes, dim, size = [], 0, 0
+        self.spill.truncate(size)
+        self.dim, self.new = dim, {h: i for i, h in enumerate(hashes)}
+
     def add(self, hashes: Sequence[str], emb: np.ndarray) -> None:
         """This run's windows [len(hashes), n, d] of new images, appended to the spill."""
         emb = np.ascontiguousarray(emb, np.float32)
@@ -329,6 +356,19 @@ class _CellCache:
         self.spill.write(emb.tobytes())
         self.new.update(zip(hashes, range(len(self.new), len(self.new) + len(hashes))))
         self.recent = dict(zip(hashes, emb))
+        if self.index is not None and time.time() - self.saved >= self.every:
+            self.save_index()
+
+    def save_index(self) -> None:
+        """Name the spilled images a resumed run may take: the rows first reach the disk, then
+        the index replaces the old one atomically."""
+        self.spill.flush()
+        os.fsync(self.spill.fileno())
+        tmp = self.index.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"encoder": self.encoder_id, "geometry": self.geometry, "n": self.n,
+                                   "dim": self.dim, "hashes": list(self.new)}))
+        os.replace(tmp, self.index)
+        self.saved = time.time()
 
     def _spilled(self) -> np.ndarray:
         """[images, n, d] view of the spill (read from disk as it is indexed)."""
@@ -612,11 +652,13 @@ def _scores(d: _Dissection) -> None:
             mean_img = torch.nn.functional.normalize(image_emb.float(), dim=-1).mean(dim=0)
             baseline = torch.nn.functional.normalize(d.text_emb.float(), dim=-1) @ mean_img
             windows = CellWindows(d.enc.preprocess, S.CELL_GRID, getattr(d.target, "crop_fraction", None))
-            cache = _CellCache(d.store, d.enc.id, windows, d.hashes)
+            cache = _CellCache(d.store, d.enc.id, windows, d.hashes, spill=d.ckpt.path.with_suffix(".windows"),
+                               every=o["checkpoint_every"])
             cells = (d.enc, d.text_emb.to(d.device), baseline.to(d.device), cache)
         ious = _iou_scores(d.target, d.layers, d.source, d.thresholds, o["batch_size"], o["workers"], d.counts,
                            o["progress"], masks=masks, cells=cells)
         if cells is not None and cache.new:
+            cache.save_index()   # the pass's last windows too: a run that dies before its commit encodes none again
             d.new_vectors.append((d.enc.id, "cell", *cache.vectors()))
     cindex = {c: i for i, c in enumerate(d.vocab.concepts)}
     amount = None  # [n, c] mask area per probe image: the truth's fidelity

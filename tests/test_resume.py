@@ -29,22 +29,24 @@ def _tables(store: Store) -> dict:
     return out
 
 
-def _killed_after_a_checkpoint(spec: str, store_dir: Path, world_root: Path) -> Path:
-    """Start the dissect in a subprocess and SIGKILL it as soon as its first checkpoint exists."""
+def _killed_after_a_checkpoint(spec: str, store_dir: Path, world_root: Path, args: dict = ARGS,
+                               suffix: str = ".pt") -> Path:
+    """Start the dissect in a subprocess and SIGKILL it as soon as its first checkpoint exists
+    (`suffix` ".json": the first index of its spilled encoder_iou windows)."""
     code = ("import sys, json; from neurostore.pipeline import dissect; from neurostore.world import load_world; "
             f"dissect({str(store_dir)!r}, {spec!r}, world=load_world({str(world_root)!r}), "
             f"log=lambda *a: None, **json.loads(sys.argv[1]))")
-    p = subprocess.Popen([sys.executable, "-c", code, json.dumps(ARGS)], stderr=subprocess.PIPE)
+    p = subprocess.Popen([sys.executable, "-c", code, json.dumps(args)], stderr=subprocess.PIPE)
     ck = store_dir / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None:
-        if ck.exists() and any(f.suffix == ".pt" for f in ck.iterdir()):
+        if ck.exists() and any(f.suffix == suffix for f in ck.iterdir()):
             os.kill(p.pid, signal.SIGKILL)
             break
         time.sleep(0.02)
     p.wait()
     assert p.returncode == -signal.SIGKILL, p.stderr.read().decode()[-2000:]
-    return next(f for f in ck.iterdir() if f.suffix == ".pt")
+    return next(f for f in ck.iterdir() if f.suffix == suffix)
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +85,22 @@ def test_a_checkpoint_of_other_work_or_a_damaged_one_is_not_used(probe_world, tm
     a, b = ([r for r in rows["scores"] if r["layer"] == "fc"] for rows in (mine, uninterrupted))
     assert [r["concept"] for r in a] == [r["concept"] for r in b]
     assert max(abs(x["score"] - y["score"]) for x, y in zip(a, b)) < 1e-5
+
+
+def test_killed_in_the_window_pass_resumes_without_encoding_its_spilled_windows(probe_world, tmp_path):
+    """encoder_iou's windows (28 per image, the costly part of its pass) are spilled beside the
+    checkpoint: a run killed once their index names some images, then the same call, encodes
+    only the others and ends with exactly the tables of an uninterrupted run; the spill goes at
+    commit."""
+    spec, args = f"probe:cnn@{probe_world.root}", {**ARGS, "layers": ["conv2"], "scorers": ["patch", "encoder_iou"]}
+    whole = Store.open(tmp_path / "whole")
+    total = dissect(whole, spec, world=probe_world, log=lambda *a: None, **args)["passes"]["encoded_cells"]
+    assert total == 120 * 28
+    index = _killed_after_a_checkpoint(spec, tmp_path / "s", probe_world.root, args, suffix=".json")
+    spilled = len(json.loads(index.read_text())["hashes"])
+    assert spilled > 0
+    store = Store.open(tmp_path / "s")
+    s = dissect(store, spec, world=probe_world, log=lambda *a: None, **args)
+    assert s["passes"]["encoded_cells"] == total - 28 * spilled
+    assert not list((tmp_path / "s" / "checkpoints").iterdir())
+    assert _tables(store) == _tables(whole)
