@@ -372,3 +372,29 @@ def test_encoder_iou_windows_spill_to_disk_and_read_back_exactly(tmp_path):
     assert [ids[a:a + 50] for a in range(0, len(ids), 50)] == [every[a:a + 50] for a in range(0, len(every), 50)]
     assert ids[len(ids) - 1] == ids[-1] == every[-1] and ids[cache.n] == every[cache.n]
     assert np.array_equal(np.asarray(m), np.concatenate(batches).reshape(-1, 8))
+
+
+def test_encoder_iou_window_spill_resumes_only_what_its_index_names(tmp_path):
+    """A spill beside a checkpoint: a second cache of the same work takes the images its index
+    names (rows written after the last index are cut off); another encoder's index, or a
+    damaged one, is not taken."""
+    from neurostore.images import CellWindows
+    from neurostore.pipeline import _CellCache
+
+    store, spill = Store.open(tmp_path / "s"), tmp_path / "ck" / "dissect-x.windows"
+    first = _CellCache(store, "enc", CellWindows(None, 4, None), spill=spill, every=1e9)
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((2, first.n, 8)).astype(np.float32) for _ in range(2))
+    first.add(["a0", "a1"], a)
+    first.save_index()
+    first.add(["b0", "b1"], b)                     # not indexed: a kill here loses these
+    first.spill.close()
+    again = _CellCache(store, "enc", CellWindows(None, 4, None), spill=spill)
+    assert list(again.new) == ["a0", "a1"] and spill.stat().st_size == a.nbytes
+    assert np.array_equal(again.lookup(["a1", "a0"]), a[::-1])
+    again.spill.close()
+    other = _CellCache(store, "other-encoder", CellWindows(None, 4, None), spill=spill)
+    assert not other.new and spill.stat().st_size == 0
+    other.spill.close()
+    (tmp_path / "ck" / "dissect-x.windows.json").write_text("{not json")
+    assert not _CellCache(store, "enc", CellWindows(None, 4, None), spill=spill).new
