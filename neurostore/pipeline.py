@@ -339,11 +339,12 @@ class _CellCache:
         encoder, or a damaged one, costs the work, never the run."""
         try:
             ix = json.loads(self.index.read_text())
-            assert (ix["encoder"], ix["geometry"], ix["n"]) == (self.encoder_id, self.geometry, self.n)
             hashes, dim = list(ix["hashes"]), int(ix["dim"])
             size = len(hashes) * self.n * dim * 4
-            assert os.fstat(self.spill.fileno()).st_size >= size
-        except Exception:   # none, or not this work's
+            if ((ix["encoder"], ix["geometry"], ix["n"]) != (self.encoder_id, self.geometry, self.n)
+                    or os.fstat(self.spill.fileno()).st_size < size):
+                raise ValueError("not this work's windows")
+        except Exception:   # none, damaged, or not this work's
             hashes, dim, size = [], 0, 0
         self.spill.truncate(size)
         self.dim, self.new = dim, {h: i for i, h in enumerate(hashes)}
