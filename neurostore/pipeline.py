@@ -656,8 +656,13 @@ def _scores(d: _Dissection) -> None:
             cache = _CellCache(d.store, d.enc.id, windows, d.hashes, spill=d.ckpt.path.with_suffix(".windows"),
                                every=o["checkpoint_every"])
             cells = (d.enc, d.text_emb.to(d.device), baseline.to(d.device), cache)
-        ious = _iou_scores(d.target, d.layers, d.source, d.thresholds, o["batch_size"], o["workers"], d.counts,
-                           o["progress"], masks=masks, cells=cells)
+        try:
+            ious = _iou_scores(d.target, d.layers, d.source, d.thresholds, o["batch_size"], o["workers"], d.counts,
+                               o["progress"], masks=masks, cells=cells)
+        except KeyboardInterrupt:   # Ctrl-C: the windows encoded so far are kept for the same command
+            if cells is not None:
+                cache.save_index()
+            raise
         if cells is not None and cache.new:
             cache.save_index()   # the pass's last windows too: a run that dies before its commit encodes none again
             d.new_vectors.append((d.enc.id, "cell", *cache.vectors()))

@@ -104,3 +104,29 @@ def test_killed_in_the_window_pass_resumes_without_encoding_its_spilled_windows(
     assert s["passes"]["encoded_cells"] == total - 28 * spilled
     assert not list((tmp_path / "s" / "checkpoints").iterdir())
     assert _tables(store) == _tables(whole)
+
+
+def test_ctrl_c_in_the_window_pass_keeps_the_windows_encoded_so_far(probe_world, tmp_path, monkeypatch):
+    """Ctrl-C between checkpoints: the windows encoded so far are indexed on the way out (here
+    no checkpoint is due), so the same call encodes only the rest."""
+    from neurostore.pipeline import _CellCache
+
+    spec = f"probe:cnn@{probe_world.root}"
+    args = {**ARGS, "layers": ["conv2"], "scorers": ["patch", "encoder_iou"], "checkpoint_every": 1e9}
+    add, calls = _CellCache.add, []
+
+    def interrupted(self, hashes, emb):
+        calls.append(len(hashes))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        add(self, hashes, emb)
+
+    monkeypatch.setattr(_CellCache, "add", interrupted)
+    store = Store.open(tmp_path / "s")
+    with pytest.raises(KeyboardInterrupt):
+        dissect(store, spec, world=probe_world, log=lambda *a: None, **args)
+    monkeypatch.setattr(_CellCache, "add", add)
+    index = next((tmp_path / "s" / "checkpoints").glob("*.windows.json"))
+    assert len(json.loads(index.read_text())["hashes"]) == sum(calls[:2]) > 0
+    s = dissect(store, spec, world=probe_world, log=lambda *a: None, **args)
+    assert s["passes"]["encoded_cells"] == 28 * (120 - sum(calls[:2]))
