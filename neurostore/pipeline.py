@@ -49,7 +49,7 @@ from .patches import cut_before, extract_patches
 from .record import Recorder, activation_maps
 from .results import DemoResult, DissectResult, EvaluationResult
 from .schema import vector_column
-from .store import Store
+from .store import Store, _atomic_write
 from .vocab import Vocabulary, concepts_table, load_vocabulary, vocabulary_table
 
 # top_images and encoder_iou are asked for by name (Scorer.opt_in): top_images' labels' confidence is
@@ -365,10 +365,8 @@ class _CellCache:
         the index replaces the old one atomically."""
         self.spill.flush()
         os.fsync(self.spill.fileno())
-        tmp = self.index.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"encoder": self.encoder_id, "geometry": self.geometry, "n": self.n,
-                                   "dim": self.dim, "hashes": list(self.new)}))
-        os.replace(tmp, self.index)
+        _atomic_write(self.index, json.dumps({"encoder": self.encoder_id, "geometry": self.geometry, "n": self.n,
+                                              "dim": self.dim, "hashes": list(self.new)}))
         self.saved = time.time()
 
     def _spilled(self) -> np.ndarray:
@@ -659,12 +657,10 @@ def _scores(d: _Dissection) -> None:
         try:
             ious = _iou_scores(d.target, d.layers, d.source, d.thresholds, o["batch_size"], o["workers"], d.counts,
                                o["progress"], masks=masks, cells=cells)
-        except KeyboardInterrupt:   # Ctrl-C: the windows encoded so far are kept for the same command
+        finally:   # however the pass ends (done, Ctrl-C, an error), the same command encodes none of its windows again
             if cells is not None:
                 cache.save_index()
-            raise
         if cells is not None and cache.new:
-            cache.save_index()   # the pass's last windows too: a run that dies before its commit encodes none again
             d.new_vectors.append((d.enc.id, "cell", *cache.vectors()))
     cindex = {c: i for i, c in enumerate(d.vocab.concepts)}
     amount = None  # [n, c] mask area per probe image: the truth's fidelity

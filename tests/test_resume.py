@@ -106,9 +106,11 @@ def test_killed_in_the_window_pass_resumes_without_encoding_its_spilled_windows(
     assert _tables(store) == _tables(whole)
 
 
-def test_ctrl_c_in_the_window_pass_keeps_the_windows_encoded_so_far(probe_world, tmp_path, monkeypatch):
-    """Ctrl-C between checkpoints: the windows encoded so far are indexed on the way out (here
-    no checkpoint is due), so the same call encodes only the rest."""
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, MemoryError])
+def test_ctrl_c_in_the_window_pass_keeps_the_windows_encoded_so_far(probe_world, tmp_path, monkeypatch, stop):
+    """Ctrl-C (or an error, such as running out of memory) between checkpoints: the windows
+    encoded so far are indexed on the way out (here no checkpoint is due), so the same call
+    encodes only the rest."""
     from neurostore.pipeline import _CellCache
 
     spec = f"probe:cnn@{probe_world.root}"
@@ -118,12 +120,12 @@ def test_ctrl_c_in_the_window_pass_keeps_the_windows_encoded_so_far(probe_world,
     def interrupted(self, hashes, emb):
         calls.append(len(hashes))
         if len(calls) == 3:
-            raise KeyboardInterrupt
+            raise stop
         add(self, hashes, emb)
 
     monkeypatch.setattr(_CellCache, "add", interrupted)
     store = Store.open(tmp_path / "s")
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(stop):
         dissect(store, spec, world=probe_world, log=lambda *a: None, **args)
     monkeypatch.setattr(_CellCache, "add", add)
     index = next((tmp_path / "s" / "checkpoints").glob("*.windows.json"))

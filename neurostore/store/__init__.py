@@ -14,9 +14,10 @@ commit), views (reading), maintenance (gc, check, repair), export, core (the Sto
 from .commit import Run
 from .core import Store, check
 from .derived import DERIVED_TABLES
+from .files import _atomic_write  # pipeline.py: encoder_iou's window index beside a checkpoint
 from .files import _staging_is_dead  # world/build.py: a dead build folder is told by the same lock
 
 # `ns.open(path)`: the same call as Store.open.
 open = Store.open
 
-__all__ = ["DERIVED_TABLES", "Run", "Store", "check", "open", "_staging_is_dead"]
+__all__ = ["DERIVED_TABLES", "Run", "Store", "check", "open", "_atomic_write", "_staging_is_dead"]
