@@ -409,6 +409,33 @@ def test_a_live_build_folder_is_left_alone(tmp_path):
         os.close(fd)
 
 
+def test_a_second_build_of_the_same_world_waits_for_the_first_and_trains_nothing(tmp_path, probe_world):
+    """Two processes asking for one missing world (two demos, parallel test workers): the second
+    waits on the world's build lock and then reads what the first built."""
+    import fcntl
+
+    from neurostore.world.build import world_dir
+
+    final = world_dir(WorldConfig.fast(), tmp_path)
+    final.parent.mkdir(parents=True)
+    fd = os.open(final.parent / f".{final.name}.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # this test is the first builder
+    code = ("import sys; from neurostore.world import WorldConfig, build_world; "
+            "print(build_world(WorldConfig.fast(), cache=sys.argv[1]).id)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()  # blocks until the second builder says it waits
+        assert "another process is building" in line and final.name in line, line
+        final.symlink_to(probe_world.root)  # the first build is done ...
+    finally:
+        os.close(fd)                        # ... and lets go of the lock
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert out.strip() == probe_world.id and "train" not in err, err
+    assert not list(final.parent.glob(".building-*"))
+
+
 @pytest.mark.parametrize("kw, msg", [
     ({"cue_kind": "glow"}, "Unknown cue kind 'glow'. Valid: dot, frame, watermark."),
     ({"cue_class": "stars"}, "Unknown cue class 'stars'. Did you mean star, square?"),

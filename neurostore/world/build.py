@@ -27,6 +27,7 @@ import multiprocessing.connection
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -342,6 +343,30 @@ def build(config: WorldConfig | None = None, cache: str | Path | None = None, *,
     if (final / "world.json").exists() and not force:
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
+    with _one_builder(final, progress):
+        if (final / "world.json").exists() and not force:  # built by the process we waited for
+            return final
+        return _build_once(config, final, progress, force, device)
+
+
+@contextlib.contextmanager
+def _one_builder(final: Path, progress: bool):
+    """Hold the world's build lock: two processes asking for the same missing world (two demos,
+    parallel test workers) build it once, the second waiting for the first and then reading it."""
+    fd = os.open(final.parent / f".{final.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                print(f"world: another process is building {final.name}; waiting for it", file=sys.stderr)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _build_once(config: WorldConfig, final: Path, progress: bool, force: bool, device: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".building-{final.name}-", dir=final.parent))
     lock = os.open(tmp / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
