@@ -20,8 +20,10 @@ demo: $(STAMP)
 browser:
 	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium)
 
+# Two worker processes or more (one per core): each test file runs whole in one of them, so its
+# fixtures are made once; the demo store and the wheel are shared by all (tests/conftest.py).
 test: $(STAMP) browser
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto --dist loadfile
 
 bench: $(STAMP)
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done

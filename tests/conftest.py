@@ -56,24 +56,85 @@ def colour_world(probe_world_cache):
                        progress=False)
 
 
+def _once(tmp_path_factory, name: str, make) -> Path:
+    """The folder `make(folder)` fills, made once per test session, also across pytest-xdist's
+    worker processes: the first to take the lock makes it where every worker looks (their base
+    temp folders share a parent); the others wait, then read it."""
+    import fcntl
+    import shutil
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder = root / f"shared-{name}"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".done").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            (folder / ".done").touch()
+    return folder
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
 @pytest.fixture(scope="session")
-def demo_run(tmp_path_factory, probe_world, probe_world_cache):
-    """`neurostore demo --fast --json` once per session, in a subprocess as a user runs it: the
-    fast world's CNN and ViT dissected with every scorer and evaluated. Returns (summary, Store).
-    Tests that only read may share it; tests that write make their own store."""
-    import json
+def installed_wheel(tmp_path_factory) -> tuple[Path, Path]:
+    """(wheel, virtualenv): this checkout built as a wheel and installed into a fresh virtualenv,
+    as `pip install neurostore` does. The virtualenv gets the wheel itself; its dependencies
+    (torch & co., gigabytes) are borrowed from the test environment through a path entry rather
+    than downloaded again."""
     import subprocess
     import sys
 
+    def make(folder: Path) -> None:
+        # --no-build-isolation: setuptools is in the test environment; no index is needed.
+        r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(folder), str(REPO)], capture_output=True, text=True, timeout=300, cwd=folder)
+        assert r.returncode == 0, r.stderr[-2000:]
+        venv = folder / "venv"
+        r = subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        site = subprocess.run([str(venv / "bin" / "python"), "-c",
+                               "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        # The dependencies, from this environment's site-packages (a plain path entry: its .pth
+        # files, among them the editable install of the checkout, are not processed).
+        deps = [p for p in sys.path if p.endswith("site-packages")]
+        Path(site, "_deps.pth").write_text("\n".join(deps) + "\n")
+        (whl,) = folder.glob("neurostore-*.whl")
+        r = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+                            "--no-deps", "-q", str(whl)], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+
+    folder = _once(tmp_path_factory, "wheel", make)
+    (whl,) = folder.glob("neurostore-*.whl")
+    return whl, folder / "venv"
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, installed_wheel, probe_world, probe_world_cache):
+    """`neurostore demo --fast --json` once per session, in a subprocess as a user runs it, from the
+    installed wheel (outside the checkout): the fast world's CNN and ViT dissected with every
+    scorer and evaluated. Returns (summary, Store). Shared by every test (and test process):
+    read it, or copy it to write (`shutil.copytree(store.path, ...)`)."""
+    import json
+    import subprocess
+
     from neurostore.store import Store
 
-    store = tmp_path_factory.mktemp("demo") / "store"
-    env = dict(os.environ, NEUROSTORE_CACHE=str(probe_world_cache))
-    out = subprocess.run([sys.executable, "-m", "neurostore.cli", "demo", "--fast", "--json",
-                          "--store", str(store), "--cache", str(probe_world_cache)],
-                         capture_output=True, text=True, env=env, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout), Store.open(store)
+    def make(folder: Path) -> None:
+        env = dict(os.environ, NEUROSTORE_CACHE=str(probe_world_cache))
+        out = subprocess.run([str(installed_wheel[1] / "bin" / "python"), "-m", "neurostore.cli", "demo", "--fast",
+                              "--json", "--store", str(folder / "store"), "--cache", str(probe_world_cache)],
+                             capture_output=True, text=True, env=env, timeout=900, cwd=folder)
+        assert out.returncode == 0, out.stderr[-3000:]
+        (folder / "summary.json").write_text(out.stdout)
+
+    folder = _once(tmp_path_factory, "demo", make)
+    return json.loads((folder / "summary.json").read_text()), Store.open(folder / "store")
 
 
 @pytest.fixture

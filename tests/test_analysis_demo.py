@@ -1,9 +1,22 @@
 """The analysis questions answered on the demo store (the fast probe world's CNN and ViT,
 dissected by the real pipeline): find in all three modes, compare, ablate, audit."""
 
+import shutil
+
 import pytest
 
 from neurostore.analysis import ablate, audit, compare, find
+from neurostore.store import Store
+
+
+@pytest.fixture(scope="module")
+def written(demo_run, tmp_path_factory):
+    """(summary, a copy of the demo store) for the tests that write (ablate, audit): the shared
+    store stays as the demo left it for every other test."""
+    summary, store = demo_run
+    path = tmp_path_factory.mktemp("analysis") / "store"
+    shutil.copytree(store.path, path)
+    return summary, Store.open(path)
 
 
 def test_find_exact_semantic_and_open_vocabulary(demo_run):
@@ -35,8 +48,8 @@ def test_compare_cnn_and_vit(demo_run):
     assert stored.num_rows > 0
 
 
-def test_ablation_is_stored_per_class(demo_run):
-    summary, store = demo_run
+def test_ablation_is_stored_per_class(written):
+    summary, store = written
     res = ablate(store, "probe-cnn", ["conv4:0-7"], progress=False, max_images=300)
     a = res.ablations[0]
     classes = store.sql("SELECT classes FROM models WHERE model = 'probe-cnn'")["classes"][0].as_py()
@@ -48,8 +61,8 @@ def test_ablation_is_stored_per_class(demo_run):
         assert r["accuracy_change"] == pytest.approx(r["ablated"] - r["baseline"], abs=1e-6)  # FLOAT columns
 
 
-def test_audit_names_the_planted_cue_and_class(demo_run):
-    summary, store = demo_run
+def test_audit_names_the_planted_cue_and_class(written):
+    summary, store = written
     cfg = summary["world"]["config"]
     res = audit(store, "probe-cnn", progress=False, max_images=600)
     h = res.headlines[0]
