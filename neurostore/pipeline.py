@@ -190,8 +190,8 @@ def _work_id(target: Target, source: ImageSource, identity: dict) -> str:
 
 
 class _Checkpoint:
-    """The pass's state in one file under the store's `checkpoints/`, written atomically (temp
-    file, fsync, rename) every `every` seconds, read back by the same work, removed at commit."""
+    """The pass's state in one file under the store's `checkpoints/`, written atomically (the
+    store's _atomic_write) every `every` seconds, read back by the same work, removed at commit."""
 
     def __init__(self, store: Store, work_id: str, every: float):
         self.path = Path(store.path) / "checkpoints" / f"dissect-{work_id}.pt"
@@ -209,18 +209,16 @@ class _Checkpoint:
         if time.time() - self.last < self.every:
             return False
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            torch.save(state(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        data = state()
+        _atomic_write(self.path, lambda f: torch.save(data, f))
         self.last = time.time()
         return True
 
     def remove(self) -> None:
-        for f in self.path.parent.glob(self.path.stem + ".*"):   # the checkpoint and the window spill
-            f.unlink(missing_ok=True)
+        # the checkpoint, the window spill, and the temporary files of a write that was killed
+        for pattern in (f"{self.path.stem}.*", f".{self.path.stem}.*"):
+            for f in self.path.parent.glob(pattern):
+                f.unlink(missing_ok=True)
 
 
 # ---- the single pass ----------------------------------------------------------------------------

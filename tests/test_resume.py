@@ -63,9 +63,10 @@ def test_killed_dissect_resumes_to_the_tables_of_an_uninterrupted_run(probe_worl
     ckpt = _killed_after_a_checkpoint(spec, tmp_path / "s", probe_world.root)
     store = Store.open(tmp_path / "s")
     assert "activations" not in store.tables() or not store.table_counts().get("activations")  # nothing partial
+    (ckpt.parent / f".{ckpt.name}.999.abcdef.tmp").write_bytes(b"half")  # as a write killed midway leaves
     s = dissect(store, spec, world=probe_world, log=lambda *a: None, **ARGS)
     assert 0 < s["resumed_from"] < 120
-    assert not ckpt.exists()
+    assert not list(ckpt.parent.iterdir())  # the checkpoint and the killed write's temporary file
     assert _tables(store) == uninterrupted
 
 

@@ -14,7 +14,7 @@ import re
 import secrets
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import duckdb
 import pyarrow as pa
@@ -79,11 +79,15 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write, fsync, then os.replace: readers see the old file or the new one, never a mix."""
+def _atomic_write(path: Path, content: str | Callable[[BinaryIO], None]) -> None:
+    """Write, fsync, then os.replace: readers see the old file or the new one, never a mix.
+    `content`: text, or a function that writes the bytes to the open file (torch.save)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(3)}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        if isinstance(content, str):
+            f.write(content.encode())
+        else:
+            content(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
