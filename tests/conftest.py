@@ -8,10 +8,21 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.pop("ANTHROPIC_API_KEY", None)
 
+# pytest-xdist's worker processes share the cores: each takes its share of threads (at most 2),
+# and so do the processes it starts, instead of every worker spinning threads on every core.
+_THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+
 import tempfile
 from pathlib import Path
 
 import pytest
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(_THREADS)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -13,7 +13,6 @@ import torch
 from neurostore.devices import autocast, available_devices, resolve_device, resolve_precision
 from neurostore.errors import BadParameter
 
-torch.set_num_threads(2)
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 
 

@@ -12,7 +12,6 @@ from neurostore.errors import BadInput, UnknownLayer, UnknownModel
 from neurostore.models import (_torchvision_weights, default_layers, layers, layers_table_rows, list_layers,
                                load_target, resolve_layer)
 
-torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")

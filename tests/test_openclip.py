@@ -15,7 +15,6 @@ from neurostore.models import list_layers, load_target
 from neurostore.openclip import save_openclip
 from neurostore.record import activation_maps
 
-torch.set_num_threads(2)
 
 TINY = {"embed_dim": 32,
         "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},

@@ -13,7 +13,6 @@ from neurostore.patches import (boxes_for_maps, crop_id, embed_patches, extract_
                                 to_image_box)
 from neurostore.record import Recorder, record
 
-torch.set_num_threads(2)
 
 
 def test_box_follows_the_peak_and_has_a_minimum_size():

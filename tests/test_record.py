@@ -10,7 +10,6 @@ from neurostore.images import ImageFolder
 from neurostore.models import load_target
 from neurostore.record import Recorder, activation_maps, hooks, record, record_batches
 
-torch.set_num_threads(2)
 LAYERS = ["layer2", "layer4.1.conv2", "fc"]
 
 

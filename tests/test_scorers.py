@@ -10,7 +10,6 @@ import torch
 from neurostore import scorers as S
 from neurostore.errors import BadInput, BadParameter, UnknownScorer
 
-torch.set_num_threads(2)
 
 
 def _clip_inputs(n=300, c=40, u=12, d=32, seed=0):

@@ -15,7 +15,6 @@ from neurostore import trust as T
 from neurostore.errors import BadParameter
 from test_scorers import _planted_world
 
-torch.set_num_threads(2)
 
 
 def _confidence(name, inputs, m=200, seed=0):
