@@ -93,8 +93,12 @@ def create_openclip(rest: str, weights: bool = True, skeleton: bool = False):
     fetch = (downloading(f"OpenCLIP {rest}", f"open_clip:{model_name.split('/')[0]}/random or a local "
                          "checkpoint (open_clip:MODEL/PATH)", _source(model_name, pretrained))
              if remote else contextlib.nullcontext())
+    # /random is asked for by name and marked in the run: OpenCLIP's "No pretrained weights
+    # loaded ... initialized randomly" warning would only look like something went wrong.
+    quiet = logging_quiet() if pretrained is None and not model_name.startswith(("hf-hub:", "local-dir:")) \
+        else contextlib.nullcontext()
     try:
-        with fetch, seeded():  # /random: the same weights in every process
+        with fetch, seeded(), quiet:  # /random: the same weights in every process
             model, _, preprocess = open_clip.create_model_and_transforms(
                 model_name, pretrained=pretrained, **kwargs)
     except (RuntimeError, ValueError, FileNotFoundError, KeyError) as e:
