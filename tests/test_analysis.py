@@ -366,3 +366,23 @@ def test_logits_each_zeroed_equals_one_ablation_per_unit(probe_world, name, laye
     for j, (layer, u) in enumerate(units):
         np.testing.assert_allclose(got[j], all_logits(t, x, {layer: [u]}), atol=1e-4)
     assert not np.allclose(got[0], got[2], atol=1e-4)                # each row its own unit
+
+
+def test_loading_a_stored_model_leaves_torch_threads_alone(probe_world, tmp_path):
+    """ablate, audit and groups load the model behind a stored id; that must not cap the process's
+    torch threads (it set them to at most 2: on a 16-core machine every later forward ran on 2)."""
+    import torch
+
+    from neurostore.analysis._common import load_model
+    from neurostore.pipeline import dissect
+
+    store = Store.open(tmp_path / "store")
+    dissect(store, f"probe:cnn@{probe_world.root}", world=probe_world, layers=["fc"], scorers=["iou"],
+            max_images=20, progress=False, log=lambda *a: None, evaluate=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        assert load_model(store, "probe-cnn", device="cpu") is not None
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -101,9 +101,7 @@ def load_model(store: Store, model: str, device=None, precision: str | None = No
     if not spec:
         raise BadInput(f"Model '{model}' has no spec in the models table, so it cannot be re-loaded for "
                        "ablations or gradients. Dissect it again with 'neurostore dissect SPEC'.")
-    t = _load_target_cached(spec, device, precision)
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
-    return t
+    return _load_target_cached(spec, device, precision)
 
 
 def world_of(target) -> object | None:
