@@ -18,7 +18,7 @@ import pyarrow as pa
 import pytest
 
 from neurostore.analysis import ablate, audit, compare, find
-from neurostore.analysis._common import parse_units
+from neurostore.analysis._common import load_model, parse_units
 from neurostore.errors import BadParameter, NeurostoreError, UnknownModel
 from neurostore.store import Store
 
@@ -373,7 +373,6 @@ def test_loading_a_stored_model_leaves_torch_threads_alone(probe_world, tmp_path
     torch threads (it set them to at most 2: on a 16-core machine every later forward ran on 2)."""
     import torch
 
-    from neurostore.analysis._common import load_model
     from neurostore.pipeline import dissect
 
     store = Store.open(tmp_path / "store")
