@@ -75,12 +75,20 @@ class TextEmbedder:
         self._cache: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
 
-    def encode(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
+    def encode(self, texts: list[str], batch_size: int = 256, cached: bool = True) -> np.ndarray:
         """[n, dim] float32, rows of unit length. Each distinct string is encoded once per
         process: callers (SQL functions, evaluation, audits) ask for the same few concept
-        names over and over."""
+        names over and over. A string's vector differs in the last bits with the batch it was
+        first encoded in (padding changes the kernels' shapes), so what must be bit-identical in
+        any process (a probe world's training targets) asks `cached=False`: one call on exactly
+        these strings, the cache neither read nor filled."""
         if not texts:
             return np.zeros((0, self.dim), np.float32)
+        if not cached:
+            return self.model.encode(
+                list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
+                show_progress_bar=False,
+            ).astype(np.float32)
         with self._lock:
             missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
         if missing:

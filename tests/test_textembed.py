@@ -41,3 +41,18 @@ def test_bundled_model_loads_without_a_progress_bar():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "Loading weights" not in r.stderr and "it/s" not in r.stderr, r.stderr
+
+
+def test_uncached_vectors_do_not_depend_on_what_the_process_encoded_before():
+    """A probe world's encoder trains on its captions' vectors; the cache would hand it vectors
+    first encoded in another batch (last bits differ), so the same world built after other work in
+    a process trained differently. cached=False is one call on exactly the strings given."""
+    from neurostore.world.encoder import caption_set
+
+    captions = caption_set("watermark")
+    fresh = TextEmbedder().encode(captions, cached=False)
+    used = TextEmbedder()
+    used.encode(["a long phrase that pads the batch far beyond any caption's length"] + captions[:20])
+    # (here the cached vectors of the 20 captions seen in the longer batch differ in the last bits)
+    assert np.array_equal(used.encode(captions, cached=False), fresh)
+    assert np.array_equal(TextEmbedder().encode(captions), fresh)   # a first, cached call agrees

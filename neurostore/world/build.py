@@ -694,7 +694,8 @@ def _train_encoder(root: Path, world_id: str, config: WorldConfig, scenes: dict,
     t0, c0 = time.perf_counter(), time.process_time()
     S = config.size
     captions = enc.caption_set(config.cue_kind)
-    text = torch.from_numpy(get_text_embedder().encode(captions))  # [C, 384], frozen
+    # frozen [C, 384]; uncached, so the world's encoder is the same whatever this process encoded before
+    text = torch.from_numpy(get_text_embedder().encode(captions, cached=False))
     m = min(config.encoder_images, len(x_train))
     cue_masks = np.zeros((m, S, S), bool)
     cue_masks[has_cue["train"][:m]] = template
