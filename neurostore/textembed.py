@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import threading
 
 import numpy as np
@@ -56,15 +55,14 @@ class TextEmbedder:
         self.name = name
         self.id = MINILM_ID if name.lower() in _ALIASES else f"st:{name}"
         path = _resolve(name)
-        if name.lower() in _ALIASES:
-            # The bundled model is complete on disk; make sure no code path reaches for the hub.
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        bundled = name.lower() in _ALIASES
         try:
-            # the bundled model is small and local: a weight-loading bar is noise
-            quiet = _no_transformers_progress() if name.lower() in _ALIASES else contextlib.nullcontext()
+            # the bundled model is small and complete on disk: a weight-loading bar is noise, and
+            # no code path may reach for the hub (said to the loader, not in os.environ, which
+            # every later child process of the user's would inherit)
+            quiet = _no_transformers_progress() if bundled else contextlib.nullcontext()
             with quiet:
-                self.model = SentenceTransformer(path, device=device)
+                self.model = SentenceTransformer(path, device=device, local_files_only=bundled)
         except Exception as e:  # sentence-transformers raises many kinds; name the input once
             raise UnknownEncoder(
                 f"Could not load text model '{name}': {e}. Use 'minilm' (offline, bundled) or a "

@@ -1,5 +1,7 @@
 """The text embedder: the bundled MiniLM loads offline and behaves like a sentence model."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -37,10 +39,15 @@ def test_bundled_model_loads_without_a_progress_bar():
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-c", "from neurostore.textembed import TextEmbedder; TextEmbedder()"],
-                       capture_output=True, text=True, timeout=300)
+    # without the offline variables conftest sets: loading the bundled model must neither need
+    # them nor set them (a user's later child processes would inherit offline mode)
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    code = ("import os; from neurostore.textembed import TextEmbedder; TextEmbedder(); "
+            "print([k for k in ('HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE') if k in os.environ])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     assert "Loading weights" not in r.stderr and "it/s" not in r.stderr, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout
 
 
 def test_uncached_vectors_do_not_depend_on_what_the_process_encoded_before():
