@@ -83,23 +83,24 @@ class TextEmbedder:
         if not texts:
             return np.zeros((0, self.dim), np.float32)
         if not cached:
-            return self.model.encode(
-                list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
-                show_progress_bar=False,
-            ).astype(np.float32)
+            return self._encode_now(list(texts), batch_size)
         with self._lock:
             missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
         if missing:
-            vecs = self.model.encode(
-                missing, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
-                show_progress_bar=False,
-            ).astype(np.float32)
+            vecs = self._encode_now(missing, batch_size)
             with self._lock:
                 if len(self._cache) + len(missing) > CACHE_MAX:
                     self._cache.clear()
                 self._cache.update(zip(missing, vecs))
         with self._lock:
             return np.stack([self._cache[t] for t in texts])
+
+    def _encode_now(self, texts: list[str], batch_size: int) -> np.ndarray:
+        """One model call on exactly `texts`: [n, dim] float32 unit rows."""
+        return self.model.encode(
+            texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
+            show_progress_bar=False,
+        ).astype(np.float32)
 
     def similarity(self, a: list[str], b: list[str]) -> np.ndarray:
         """[len(a), len(b)] cosine similarities."""
