@@ -48,10 +48,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from neurostore.world.build import PORTABLE_KERNELS  # noqa: E402  (imports no torch)
+
+# The dissects here use the kernels every world builds with (neurostore/world/build.py): set before
+# torch loads, so the figures do not depend on whether this CPU has AVX-512.
+os.environ.update(PORTABLE_KERNELS)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from neurostore import trust  # noqa: E402
 from neurostore.evaluate import REFERENCE_MIN_IOU  # noqa: E402

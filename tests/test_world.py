@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -232,10 +233,20 @@ def test_load_world_by_folder_and_id(probe_world: World, probe_world_cache):
 # ---- cache, determinism, parameters ---------------------------------------------------------
 
 
-def test_tiny_builds_are_deterministic_and_cached(tmp_path):
+def test_tiny_builds_are_deterministic_and_cached(tmp_path, monkeypatch):
+    from neurostore.world.build import PORTABLE_KERNELS
+
+    for k in PORTABLE_KERNELS:
+        monkeypatch.delenv(k, raising=False)
     a = build_world(TINY, cache=tmp_path / "a", progress=False)
     b = build_world(TINY, cache=tmp_path / "b", progress=False)
     assert a.id == b.id
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        # trained with the kernels of every x86-64 CPU (AVX2), not this one's best (an AVX-512
+        # CPU's round differently and train another world), in a process of its own: this one's
+        # environment is as it was
+        assert a.summary["build"]["cpu_capability"] == "AVX2"
+        assert not set(PORTABLE_KERNELS) & set(os.environ)
     for f in ("images.parquet", "masks.parquet"):
         ta, tb = pq.read_table(a.root / f), pq.read_table(b.root / f)
         assert ta.equals(tb)
@@ -307,6 +318,7 @@ def test_an_interrupted_build_leaves_no_world(tmp_path, monkeypatch):
         raise KeyboardInterrupt  # as if the user pressed Ctrl-C while the encoder trains
 
     monkeypatch.setattr("neurostore.world.encoder.train_tower", boom)
+    monkeypatch.setattr(sys.modules["neurostore.world.build"], "PORTABLE_KERNELS", {})  # build here, where boom is
     with pytest.raises(KeyboardInterrupt):
         build_world(TINY, cache=tmp_path, progress=False)
     worlds = tmp_path / "worlds"

@@ -7,8 +7,15 @@ final one and is renamed into place at the end, so an interrupted build leaves n
 looks finished. The builder holds a lock on its temporary folder: a killed build's folder
 (nobody holds its lock) is removed by the next build, and its worker process exits with it.
 
-Worlds train on the CPU by default: one thread and deterministic kernels make the weights
-bit-identical on every machine. `device="cuda"` trains the target models on the GPU: faster, but
+Worlds train on the CPU by default: one thread, deterministic kernels and the same kernels on
+every x86-64 CPU make the weights bit-identical on every machine. torch, MKL and oneDNN choose
+their kernels by the CPU's instruction set (AVX-512 where it has it, else AVX2), the two round
+differently, and training amplifies the last bits into another world (measured: the default
+world's CNN at 0.963 clean accuracy and 0.756 cue flip rate built on an AVX-512 CPU, 0.965 and
+0.773 on an AVX2 one, and the calibration bench's figures moved with it). So a CPU build runs in
+a spawned process whose kernels are capped at AVX2 (PORTABLE_KERNELS, which says what is not
+capped: read once, when the libraries load, so they cannot be set in a process that already has
+torch). `device="cuda"` trains the target models on the GPU: faster, but
 not bit-identical, so it is a different world (its own key and folder).
 
 torch (and the modules that train with it: train, targets, encoder, neurostore.devices) is
@@ -25,6 +32,7 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import platform
 import shutil
 import signal
 import sys
@@ -52,6 +60,14 @@ TRAINER_VERSION = "4"
 # long and scaled by their per-image peaks on the probe images (1, unversioned: by all training cells).
 POLY_VERSION = "2"
 TARGET_NAMES = ["cnn", "vit", "control"]
+# The kernels every CPU build uses (module doc): at most AVX2, which every x86-64 CPU of the last
+# decade has, for torch's own kernels and oneDNN's (convolutions). Measured on an AVX-512 AMD EPYC:
+# so capped, it builds the worlds the README's figures were measured on, on an earlier machine
+# (the default world's CNN accuracies and the fast world's calibration figures equal to the last
+# digit). MKL (matrix products) is left to choose: capping it too (MKL_ENABLE_INSTRUCTIONS=AVX2,
+# or MKL_CBWR=AVX2, its reproducibility branch) trained another ViT there, so MKL's own choice
+# already agreed; an Intel CPU's MKL may still build other worlds.
+PORTABLE_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 # The probe ViT: timm VisionTransformer on an 8×8 token grid (8-px patches at 64 px) with a conv
 # patch stem. With plain linear patches it reached only 0.59–0.85 clean accuracy in 10 epochs,
@@ -371,8 +387,13 @@ def _build_once(config: WorldConfig, final: Path, progress: bool, force: bool, d
     lock = os.open(tmp / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # held while this process lives: the folder is not garbage
-        with _sigterm_exits(), _torch_settings(1, deterministic=config.train_device == "cpu"):
-            _build_into(tmp, config, progress, "cpu" if device == "cpu" else str(_resolve(device)))
+        kernels = _portable_kernels(config)
+        with _sigterm_exits():
+            if kernels:
+                _build_in_process_with(kernels, tmp, config, progress)
+            else:
+                with _torch_settings(1, deterministic=config.train_device == "cpu"):
+                    _build_into(tmp, config, progress, "cpu" if device == "cpu" else str(_resolve(device)))
         if force and final.exists():
             shutil.rmtree(final)
         os.unlink(tmp / ".lock")
@@ -388,6 +409,67 @@ def _build_once(config: WorldConfig, final: Path, progress: bool, force: bool, d
     finally:
         os.close(lock)
     return final
+
+
+def _portable_kernels(config: WorldConfig) -> dict[str, str]:
+    """The environment a build's process needs for the same kernels on every CPU: PORTABLE_KERNELS
+    for a CPU build on x86-64, nothing elsewhere (GPU builds are not bit-identical anyway; other
+    CPUs have no such choice of kernels to make)."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return dict(PORTABLE_KERNELS) if config.train_device == "cpu" and x86 else {}
+
+
+def _build_in_process_with(env: dict[str, str], tmp: Path, config: WorldConfig, progress: bool) -> None:
+    """_build_into in a spawned process whose environment adds `env` (read when its libraries
+    load); its errors are raised here. Leaving early (Ctrl-C, SIGTERM) stops it first, so the
+    caller can remove the folder it was writing."""
+    ctx = multiprocessing.get_context("spawn")
+    here, there = ctx.Pipe(duplex=False)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the child's environment is this one, as it is when it starts
+    try:
+        # not a daemon: a daemonic process may not start the ViT's worker
+        proc = ctx.Process(target=_build_main, args=(there, tmp, config, progress), name="neurostore-build-world")
+        proc.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    there.close()  # so that a child that dies shows as end-of-file here
+    answered = False
+    try:
+        try:
+            status, value = here.recv()
+        except EOFError:
+            proc.join()
+            raise RuntimeError(f"Building the probe world in its process failed (exit code {proc.exitcode}); "
+                               "rerun the build.") from None
+        answered = True
+        if status != "ok":
+            raise value
+    finally:
+        if not answered and proc.is_alive():
+            proc.terminate()  # SIGTERM: it stops its own worker and exits as on Ctrl-C
+        proc.join()
+        here.close()
+
+
+def _build_main(conn, tmp: Path, config: WorldConfig, progress: bool) -> None:
+    """Entry point of a build's process: build into `tmp`, send back "ok" or the error."""
+    _exit_with_parent()
+    try:
+        with _sigterm_exits(), _torch_settings(1, deterministic=True):
+            _build_into(tmp, config, progress, "cpu")
+        conn.send(("ok", None))
+    except BaseException as e:  # noqa: BLE001 - raised in the building process
+        try:
+            conn.send(("error", e))
+        except Exception:  # noqa: BLE001 - an error that does not pickle travels as its text
+            conn.send(("error", RuntimeError(f"Building the probe world failed: {type(e).__name__}: {e}")))
+    finally:
+        conn.close()
 
 
 def _resolve(device: str):
@@ -530,6 +612,10 @@ def _build_into(root: Path, config: WorldConfig, progress: bool, device: str) ->
     timings["cpus"] = os.cpu_count()
     timings["workers"] = len(background)
     timings["device"] = device
+    if device == "cpu":  # the kernels it trained with (module doc): AVX2 on every x86-64 CPU
+        import torch
+
+        timings["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     summary["build"] = timings
     meta = {
         "id": world_id,
