@@ -7,8 +7,8 @@ final one and is renamed into place at the end, so an interrupted build leaves n
 looks finished. The builder holds a lock on its temporary folder: a killed build's folder
 (nobody holds its lock) is removed by the next build, and its worker process exits with it.
 
-Worlds train on the CPU by default: one thread, deterministic kernels and the same kernels on
-every x86-64 CPU make the weights bit-identical on every machine. torch, MKL and oneDNN choose
+Worlds train on the CPU by default: one thread, deterministic kernels and the same kernels
+whatever the CPU offers make the weights bit-identical across machines. torch and oneDNN choose
 their kernels by the CPU's instruction set (AVX-512 where it has it, else AVX2), the two round
 differently, and training amplifies the last bits into another world (measured: the default
 world's CNN at 0.963 clean accuracy and 0.756 cue flip rate built on an AVX-512 CPU, 0.965 and
