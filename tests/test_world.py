@@ -328,6 +328,17 @@ def test_an_interrupted_build_leaves_no_world(tmp_path, monkeypatch):
     assert not (world_dir(TINY, tmp_path) / "world.json").exists()
 
 
+def test_an_error_in_the_build_process_is_raised_here_as_itself(tmp_path):
+    """A CPU build runs in a process of its own (PORTABLE_KERNELS): what fails there is raised in
+    the caller with its type and message, not as a dead process."""
+    from neurostore.world.build import PORTABLE_KERNELS, _build_in_process_with
+
+    (tmp_path / "w").mkdir()
+    # an unvalidated config (build() validates first), so that the failure happens over there
+    with pytest.raises(ValueError, match="^glow$"):
+        _build_in_process_with(PORTABLE_KERNELS, tmp_path / "w", replace(TINY, cue_kind="glow"), progress=False)
+
+
 # A killed build: the ViT worker dies with the builder, and the next build removes the folder.
 
 def _descendants(pid: int) -> list[int]:
