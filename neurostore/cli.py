@@ -369,8 +369,8 @@ def world_build_cmd(
     force: bool = typer.Option(False, "--force", help="Rebuild even if the world is cached."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder. Default: $NEUROSTORE_CACHE or ~/.cache/neurostore."),
     device: str = typer.Option("cpu", "--device", help="Where the target models train: cpu (default: weights "
-                               "bit-identical across machines, AVX2 kernels on any x86-64 CPU), auto, cuda, cuda:N or mps (faster, but not "
-                               "bit-identical: a world of its own in the cache)."),
+                               "bit-identical across machines, AVX2 kernels on any x86-64 CPU), auto, cuda, "
+                               "cuda:N or mps (faster, but not bit-identical: a world of its own in the cache)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Build the probe world, its target models and its encoder (cached; a rebuild is instant).

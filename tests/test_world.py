@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -234,14 +233,14 @@ def test_load_world_by_folder_and_id(probe_world: World, probe_world_cache):
 
 
 def test_tiny_builds_are_deterministic_and_cached(tmp_path, monkeypatch):
-    from neurostore.world.build import PORTABLE_KERNELS
+    from neurostore.world.build import PORTABLE_KERNELS, _portable_kernels
 
     for k in PORTABLE_KERNELS:
         monkeypatch.delenv(k, raising=False)
     a = build_world(TINY, cache=tmp_path / "a", progress=False)
     b = build_world(TINY, cache=tmp_path / "b", progress=False)
     assert a.id == b.id
-    if platform.machine().lower() in ("x86_64", "amd64"):
+    if _portable_kernels(TINY):  # x86-64
         # trained with the kernels of every x86-64 CPU (AVX2), not this one's best (an AVX-512
         # CPU's round differently and train another world), in a process of its own: this one's
         # environment is as it was

@@ -32,6 +32,7 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
 import platform
 import shutil
 import signal
@@ -272,13 +273,19 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="neurostore-watch-parent").start()
 
 
-def _worker_main(conn, counter, job: dict) -> None:
-    """Entry point of a worker process: train one target, send back its metrics or the error."""
+def _child_main(conn, fn, kwargs: dict) -> None:
+    """Entry point of a spawned process (a target's training, a whole build): fn(**kwargs), sent
+    back as ("ok", its result) or ("error", the exception; as text where it does not pickle). It
+    exits as soon as the process that started it is gone."""
     _exit_with_parent()
     try:
-        conn.send(("ok", _fit_target(counter=counter, **job)))
-    except BaseException as e:  # noqa: BLE001 - reported to the building process, which raises
-        conn.send(("error", f"{type(e).__name__}: {e}"))
+        conn.send(("ok", fn(**kwargs)))
+    except BaseException as e:  # noqa: BLE001 - reported to the starting process, which raises
+        try:
+            pickle.loads(pickle.dumps(e))  # it must unpickle over there too
+            conn.send(("error", e))
+        except Exception:  # noqa: BLE001 - an error that does not round-trip travels as its text
+            conn.send(("error", RuntimeError(f"{type(e).__name__}: {e}")))
     finally:
         conn.close()
 
@@ -300,7 +307,7 @@ class _Training:
             counter = ctx.RawValue("q", 0)
             here, there = ctx.Pipe(duplex=False)
             job = dict(self.jobs[name], path=self.folder / f"{name}.pt")
-            proc = ctx.Process(target=_worker_main, args=(there, counter, job), daemon=True,
+            proc = ctx.Process(target=_child_main, args=(there, _fit_target, dict(job, counter=counter)), daemon=True,
                                name=f"neurostore-train-{name}")
             proc.start()
             there.close()  # so that a worker that dies shows as end-of-file here
@@ -341,7 +348,8 @@ class _Training:
                 raise RuntimeError(f"Training the {name} target in a worker process failed (exit "
                                    f"code {proc.exitcode}); rerun the build.") from None
             if status != "ok":
-                raise RuntimeError(f"Training the {name} target failed in its worker process: {value}")
+                raise RuntimeError(f"Training the {name} target failed in its worker process: "
+                                   f"{type(value).__name__}: {value}")
             self.metrics[name] = value
         self.poll()
         return {name: self.metrics[name] for name in self.jobs}
@@ -429,7 +437,8 @@ def _build_in_process_with(env: dict[str, str], tmp: Path, config: WorldConfig, 
     os.environ.update(env)  # the child's environment is this one, as it is when it starts
     try:
         # not a daemon: a daemonic process may not start the ViT's worker
-        proc = ctx.Process(target=_build_main, args=(there, tmp, config, progress), name="neurostore-build-world")
+        proc = ctx.Process(target=_child_main, args=(there, _build_cpu, dict(tmp=tmp, config=config, progress=progress)),
+                           name="neurostore-build-world")
         proc.start()
     finally:
         for k, v in saved.items():
@@ -456,20 +465,10 @@ def _build_in_process_with(env: dict[str, str], tmp: Path, config: WorldConfig, 
         here.close()
 
 
-def _build_main(conn, tmp: Path, config: WorldConfig, progress: bool) -> None:
-    """Entry point of a build's process: build into `tmp`, send back "ok" or the error."""
-    _exit_with_parent()
-    try:
-        with _sigterm_exits(), _torch_settings(1, deterministic=True):
-            _build_into(tmp, config, progress, "cpu")
-        conn.send(("ok", None))
-    except BaseException as e:  # noqa: BLE001 - raised in the building process
-        try:
-            conn.send(("error", e))
-        except Exception:  # noqa: BLE001 - an error that does not pickle travels as its text
-            conn.send(("error", RuntimeError(f"Building the probe world failed: {type(e).__name__}: {e}")))
-    finally:
-        conn.close()
+def _build_cpu(tmp: Path, config: WorldConfig, progress: bool) -> None:
+    """A CPU build, in the process _build_in_process_with starts."""
+    with _sigterm_exits(), _torch_settings(1, deterministic=True):
+        _build_into(tmp, config, progress, "cpu")
 
 
 def _resolve(device: str):
