@@ -87,6 +87,7 @@ def version() -> None:
 
 QUERY_FORMATS = ("table", "csv", "json", "parquet")
 TABLE_MAX_ROWS = 200  # rich output is for reading; csv/json/parquet give every row
+TABLE_MAX_CELL = 160  # characters of one cell in a table: a run's params (every layer's nulls) fill pages
 
 
 def open_store_ro(store: Optional[Path]):
@@ -125,9 +126,15 @@ def emit_table(table, fmt: str = "table", output: Optional[Path] = None, title: 
         t = Table(title=title, show_lines=False, header_style="bold")
         for name in table.column_names:
             t.add_column(name, overflow="fold")
+        cut = False
         for row in table.slice(0, TABLE_MAX_ROWS).to_pylist():
-            t.add_row(*[_cell(v) for v in row.values()])
+            cells = [_cell(v) for v in row.values()]
+            cut |= any(len(c) > TABLE_MAX_CELL for c in cells)
+            t.add_row(*[c if len(c) <= TABLE_MAX_CELL else c[:TABLE_MAX_CELL - 1] + "…" for c in cells])
         console.print(t)
+        if cut:
+            err_console.print(f"Cells longer than {TABLE_MAX_CELL} characters were cut (…): "
+                              "--format json or csv gives them whole.", highlight=False)
         more = table.num_rows - TABLE_MAX_ROWS
         if more > 0:
             err_console.print(f"… {more} more rows (use --format csv or json for all)", highlight=False)

@@ -66,6 +66,17 @@ def test_env_store_and_table_output(store_dir, capsys, monkeypatch):
     assert code == 0 and "concept_neurons" in names
 
 
+def test_long_cells_are_cut_in_tables_and_whole_in_json(store_dir, capsys, monkeypatch):
+    long = "x" * (cli.TABLE_MAX_CELL + 50)
+    code, out, err = run_cli(capsys, monkeypatch, "sql", "SELECT $v AS v", "-p", f"v={long}", "--store", store_dir)
+    assert code == 0 and long not in out and "x" * (cli.TABLE_MAX_CELL - 1) + "…" in out.replace("│", "").replace(
+        "\n", "").replace(" ", "")
+    assert "were cut" in err and "--format json" in err
+    code, out, _ = run_cli(capsys, monkeypatch, "sql", "SELECT $v AS v", "-p", f"v={long}", "--store", store_dir,
+                           "-f", "json")
+    assert json.loads(out) == [{"v": long}]
+
+
 def test_injection_through_cli_is_data(store_dir, capsys, monkeypatch):
     evil = "x'; DROP TABLE runs; --"
     code, out, _ = run_cli(capsys, monkeypatch, "query", "concept_neurons", "-p", f"concept={evil}",
