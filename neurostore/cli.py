@@ -107,8 +107,10 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-def emit_table(table, fmt: str = "table", output: Optional[Path] = None, title: Optional[str] = None) -> None:
-    """Print an Arrow table as a rich table, CSV, JSON (an array of row objects) or Parquet (--output)."""
+def emit_table(table, fmt: str = "table", output: Optional[Path] = None, title: Optional[str] = None,
+               max_cell: Optional[int] = TABLE_MAX_CELL) -> None:
+    """Print an Arrow table as a rich table, CSV, JSON (an array of row objects) or Parquet (--output).
+    A table cuts the store's cells at `max_cell` characters; descriptions (None) stay whole."""
     if fmt not in QUERY_FORMATS:
         raise BadInput(unknown("format", fmt, QUERY_FORMATS, "Pass --format table, csv, json or parquet."))
     if fmt == "parquet":
@@ -129,11 +131,13 @@ def emit_table(table, fmt: str = "table", output: Optional[Path] = None, title: 
         cut = False
         for row in table.slice(0, TABLE_MAX_ROWS).to_pylist():
             cells = [_cell(v) for v in row.values()]
-            cut |= any(len(c) > TABLE_MAX_CELL for c in cells)
-            t.add_row(*[c if len(c) <= TABLE_MAX_CELL else c[:TABLE_MAX_CELL - 1] + "…" for c in cells])
+            if max_cell is not None:
+                cut |= any(len(c) > max_cell for c in cells)
+                cells = [c if len(c) <= max_cell else c[:max_cell - 1] + "…" for c in cells]
+            t.add_row(*cells)
         console.print(t)
         if cut:
-            err_console.print(f"Cells longer than {TABLE_MAX_CELL} characters were cut (…): "
+            err_console.print(f"Cells longer than {max_cell} characters were cut (…): "
                               "--format json or csv gives them whole.", highlight=False)
         more = table.num_rows - TABLE_MAX_ROWS
         if more > 0:
@@ -206,7 +210,7 @@ def query_cmd(
         if fmt == "json":
             print_json({"queries": qs})
         else:
-            emit_table(pa.Table.from_pylist(rows), fmt, output, title="Named queries")
+            emit_table(pa.Table.from_pylist(rows), fmt, output, title="Named queries", max_cell=None)
         return
     if name is None:
         raise BadParameter("Give a query name, e.g. 'neurostore query concept_neurons -p concept=striped', "
@@ -228,7 +232,7 @@ def tables_cmd(
     if as_json:
         print_json({"store": str(s.path), "tables": summary})
     else:
-        emit_table(pa.Table.from_pylist(summary), fmt, None, title=str(s.path))
+        emit_table(pa.Table.from_pylist(summary), fmt, None, title=str(s.path), max_cell=None)
 
 
 @app.command("schema")
@@ -248,7 +252,7 @@ def schema_cmd(
     title = f"{d['table']}: {d['description']} ({d['rows']} rows"
     title += f"; partitioned by {', '.join(d['partition'])}" if d["partition"] else ""
     title += f"; sorted by {', '.join(d['sort'])})" if d["sort"] else ")"
-    emit_table(pa.Table.from_pylist(d["columns"]), fmt, None, title=title)
+    emit_table(pa.Table.from_pylist(d["columns"]), fmt, None, title=title, max_cell=None)
 
 
 @app.command("export")

@@ -75,6 +75,8 @@ def test_long_cells_are_cut_in_tables_and_whole_in_json(store_dir, capsys, monke
     code, out, _ = run_cli(capsys, monkeypatch, "sql", "SELECT $v AS v", "-p", f"v={long}", "--store", store_dir,
                            "-f", "json")
     assert json.loads(out) == [{"v": long}]
+    code, out, err = run_cli(capsys, monkeypatch, "query", "--list")   # descriptions are not the store's cells
+    assert code == 0 and "were cut" not in err and "…" not in out
 
 
 def test_injection_through_cli_is_data(store_dir, capsys, monkeypatch):
