@@ -810,6 +810,111 @@ def assess(store, model: Optional[str] = None, *, null_units: int = NULL_UNITS, 
     return out
 
 
+def phrase_explanations(store, model: str, phrase: str, vector: np.ndarray, encoder_id: str,
+                        layers: Optional[Sequence[str]] = None, fraction: float = HELDOUT_FRACTION) -> "pd.DataFrame":  # noqa: F821
+    """Every unit of `model` explained by `phrase` as the `patch` scorer would have explained it
+    had the phrase been in the dissect's vocabulary, with the confidence that explanation would
+    have had: the score from the unit's stored top patches against the layer's own (`vector`: the
+    phrase's `encoder_id` text embedding), q against the layer's stored `patch` null (BH family:
+    the units' stored best scores), the margin over the unit's stored best other concept, and
+    held-out fidelity (zero-shot p over the vocabulary and the phrase, on the held-out probe
+    images whose files can still be read; none where they cannot: no evidence), then the shipped
+    map. A stored concept gets its stored score and confidence back. Layers whose dissect did not
+    run `patch` with this encoder are left out. Rows: layer, unit, score, confidence, null_q,
+    margin, auprc, cosine_pearson, concept_peak; `files_missing`: held-out images not readable."""
+    import pandas as pd
+
+    from .images import file_hash
+
+    have = store.df("""SELECT s.run_id, s.layer, s.vocabulary, max(r.started_at) AS t FROM scores s
+                       JOIN runs r USING (run_id)
+                       WHERE s.model = $m AND s.scorer = 'patch' AND s.encoder = $e GROUP BY ALL ORDER BY t DESC""",
+                    {"m": model, "e": encoder_id})
+    if layers:
+        have = have[have["layer"].isin(list(layers))]
+    have = have.drop_duplicates("layer")                      # the latest patch scores of each layer
+    vec = torch.tensor(np.asarray(vector, np.float32)).view(1, -1)
+    out, missing = [], 0
+    for (run_id, vocab), g in have.groupby(["run_id", "vocabulary"], sort=False):
+        params = dissect_params(store, run_id, model, vocab)
+        nulls = json.loads(store.df("SELECT params FROM runs WHERE run_id = $r", {"r": run_id})["params"].iloc[0])["nulls"]
+        nulls = nulls.get(f"{model}|{vocab}", nulls)          # a trust run keeps them per model and vocabulary
+        concepts = store.df("SELECT concept FROM concepts WHERE vocabulary = $v ORDER BY concept",
+                            {"v": vocab})["concept"].tolist()
+        text = cached_vectors(store, encoder_id, "concept", concepts)
+        names = [c for c in concepts if c in text and c != phrase] + [phrase]
+        text_emb = torch.from_numpy(np.stack([text[c] for c in names[:-1]] + [vec[0].numpy()]))   # [c + 1, d]
+        images = store.df("SELECT image_id, path FROM images WHERE dataset = $d ORDER BY image_id",
+                          {"d": params["dataset"]})
+        hold = images[heldout(images["image_id"].tolist(), fraction)]
+        hashes = {}
+        for i, path in zip(hold["image_id"], hold["path"]):
+            try:
+                hashes[i] = file_hash(path)
+            except OSError:
+                missing += 1
+        img = cached_vectors(store, encoder_id, "image", list(hashes.values()))
+        ids = [i for i in hashes if hashes[i] in img]
+        for layer in g["layer"]:
+            if "patch" not in nulls.get(layer, {}):
+                continue
+            null = Null(**nulls[layer]["patch"])
+            a = store.df("SELECT unit, rank, patch_id, act_value FROM activations WHERE model = $m AND layer = $l "
+                         "AND run_id = $r AND patch_id IS NOT NULL", {"m": model, "l": layer, "r": params["run_id"]})
+            if a.empty:
+                continue
+            pv = cached_vectors(store, encoder_id, "patch", a["patch_id"].unique().tolist())
+            a = a[a["patch_id"].isin(pv)]
+            pid = sorted(pv)
+            units = np.array(sorted(a["unit"].unique()), np.int64)
+            at = {u: j for j, u in enumerate(units)}
+            k = int(a["rank"].max()) + 1
+            up, uw = torch.full((len(units), k), -1, dtype=torch.long), torch.zeros(len(units), k)
+            ix = (torch.tensor(a["unit"].map(at).to_numpy(np.int64)), torch.tensor(a["rank"].to_numpy(np.int64)))
+            up[ix] = torch.tensor(a["patch_id"].map({q: j for j, q in enumerate(pid)}).to_numpy(np.int64))
+            uw[ix] = torch.tensor(np.nan_to_num(a["act_value"].to_numpy(np.float32)))
+            pe, up = S.own_patches(torch.from_numpy(np.stack([pv[q] for q in pid])), up)
+            sp = params.get("scorers", {}).get("patch", {})
+            score = S.patch_scores(pe, vec, up, uw, mode=sp.get("mode", "diff"))[:, 0].double()   # [u]
+            st = store.df("SELECT unit, rank, concept, score FROM scores WHERE model = $m AND layer = $l AND "
+                          "run_id = $r AND scorer = 'patch' AND rank < 2", {"m": model, "l": layer, "r": run_id})
+            top = st[st["rank"] == 0].set_index("unit")
+            second = st[st["rank"] == 1].set_index("unit")["score"]
+            fam = null.pvalues(torch.as_tensor(top["score"].to_numpy(np.float64)))
+            q = (1.0 - bh_confidence(score.view(-1, 1), null, fam).double().view(-1))
+            # the margin over the unit's best other concept: its rank 1 where the phrase is its rank 0
+            first = top["concept"].reindex(units).to_numpy()
+            other = np.where(first == phrase, second.reindex(units).to_numpy(np.float64),
+                             top["score"].reindex(units).to_numpy(np.float64))
+            other = np.where(np.isnan(other), score.numpy(), other)
+            margin = null.margin(score, torch.from_numpy(other))
+            rows = pd.DataFrame({"unit": units, "scorer": "patch", "concept": phrase, "rank": 0})
+            ap = pr = pk = None
+            if len(ids) >= 2:
+                pooled = store.sql("SELECT image_id, act_max FROM pooled WHERE model = $m AND layer = $l AND "
+                                   "dataset = $d AND list_contains($ids, image_id) ORDER BY image_id",
+                                   {"m": model, "l": layer, "d": params["dataset"], "ids": ids})
+                pid_img = pooled.column("image_id").to_pylist()
+                peak = torch.from_numpy(_matrix(pooled.column("act_max")))                  # [nh, all units]
+                emb = torch.from_numpy(np.stack([img[hashes[i]] for i in pid_img]))
+                sim = S.image_text_similarity(emb, text_emb)                                 # [nh, c + 1]
+                fid = explanation_fidelity(rows, peak, sim, pid_img, {c: j for j, c in enumerate(names)},
+                                           fraction=fraction)   # all of these are held out
+                enc = fid[fid["presence"] == "encoder"].pivot_table(index="unit", columns="metric", values="value",
+                                                                  dropna=False).reindex(units)
+                ap, pr, pk = (torch.tensor(enc[m].to_numpy(np.float64)) if m in enc else None
+                              for m in ("auprc", "cosine_pearson", "concept_peak"))
+            conf = calibration().explanation("patch", q, margin, ap, pr, pk)
+            col = lambda t: np.full(len(units), np.nan) if t is None else t.numpy()   # noqa: E731
+            out.append(pd.DataFrame({"layer": layer, "unit": units, "score": score.numpy(), "confidence": conf.numpy(),
+                                     "null_q": q.numpy(), "margin": margin.numpy(), "auprc": col(ap),
+                                     "cosine_pearson": col(pr), "concept_peak": col(pk)}))
+    res = pd.concat(out, ignore_index=True) if out else pd.DataFrame(
+        columns=["layer", "unit", "score", "confidence", "null_q", "margin", "auprc", "cosine_pearson", "concept_peak"])
+    res.attrs["files_missing"] = missing
+    return res
+
+
 def dissect_params(store, run_id: str, model: str, vocabulary: str) -> dict:
     """The parameters of the dissect that scored (model, vocabulary) in run `run_id`, with that
     dissect's run_id; a trust run that rewrote the scores keeps them under 'sources'."""

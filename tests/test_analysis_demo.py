@@ -36,6 +36,32 @@ def test_find_exact_semantic_and_open_vocabulary(demo_run):
     assert opn.profile.num_rows > 0  # depth profile
 
 
+def test_open_vocabulary_confidence_is_the_patch_scorers_own(demo_run):
+    """A phrase is scored and calibrated as the `patch` scorer would have had it been in the
+    vocabulary: a stored concept gets its stored score and confidence back, unit by unit (within
+    what boxes with the same pixels, stored once, move), and a phrase the probe world never draws
+    gets no confident unit (the old open-vocabulary confidence put every layer's best near 1)."""
+    import numpy as np
+
+    from neurostore import trust
+    from neurostore.encoding import cached_vectors
+
+    summary, store = demo_run
+    cue = summary["world"]["config"]["cue_kind"]
+    enc = summary["dissections"]["cnn"]["encoder"]
+    for model in ("probe-cnn", "probe-vit"):
+        got = trust.phrase_explanations(store, model, cue, cached_vectors(store, enc, "concept", [cue])[cue], enc)
+        stored = store.df("SELECT layer, unit, score, confidence FROM scores WHERE model = $m AND scorer = 'patch' "
+                          "AND concept = $c", {"m": model, "c": cue})
+        both = got.merge(stored, on=["layer", "unit"], suffixes=("", "_stored"))
+        assert len(both) == len(stored) > 0 and got.attrs["files_missing"] == 0
+        assert np.allclose(both["score"], both["score_stored"], atol=0.01)
+        assert np.allclose(both["confidence"], both["confidence_stored"], atol=0.03)
+        assert got["confidence"].max() > 0.5            # the planted cue is found
+    dog = find(store, "a photo of a dog", methods=("open",))
+    assert dog.units.num_rows > 0 and max(dog.profile.column("best_confidence").to_pylist()) < 0.2
+
+
 def test_compare_cnn_and_vit(demo_run):
     _, store = demo_run
     res = compare(store, "probe-cnn", "probe-vit")

@@ -14,14 +14,12 @@ semantic  stored concepts whose MiniLM similarity to the phrase is at least `min
           (default 0.6; the best `max_concepts`), and their units. `similarity` is kept on
           every row: it is the relatedness the match used.
 open      open vocabulary: for every encoder whose patch embeddings are stored, the phrase is
-          embedded with that encoder and each unit is scored exactly as the `patch` scorer would
-          have scored it had the phrase been in the vocabulary: the activation-weighted mean
-          cosine of the unit's top-k patches (activations.patch_id -> embeddings kind='patch')
-          minus the mean cosine over every patch of the model (the contrast that stops generic
-          phrases winning everywhere). `confidence` uses the scorers' calibration: the phrase's
-          score against a null of the same unit's scores over (up to 2000 of) the vocabulary's
-          concepts stored for that encoder, Phi(robust z) ** C; without stored concept vectors
-          the null is the phrase's scores over all units instead.
+          embedded with that encoder and each unit is scored and calibrated exactly as the
+          `patch` scorer would have done had the phrase been in the vocabulary
+          (`trust.phrase_explanations`): the activation-weighted mean cosine of the unit's top-k
+          patches minus the mean over the layer's patches, and the confidence every stored
+          explanation has (the layer's stored null, the margin over the unit's best concept,
+          held-out fidelity), so a phrase and a stored concept read on one scale.
 label     every method's explanation labels (imported ones such as clip-dissect, milan and
           netdissect, and neurostore's scorers): units whose label is the phrase or holds it as
           whole words (the `label_neurons` SQL macro). Each method is its own `label:<method>`
@@ -43,9 +41,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from .. import trust
 from ..encoders import load_encoder
 from ..errors import BadParameter, NeurostoreError, UnknownScorer, unknown
-from ..scorers import confidence as calibrate
 from ..sqlfuncs import MINILM_ID
 from ..store import Store
 from ..world import worlds_in_store
@@ -54,7 +52,6 @@ from ._common import check_models, matrix, minilm, open_store, resolve
 METHODS = ("exact", "semantic", "open", "label")
 MIN_SIMILARITY = 0.6
 MAX_CONCEPTS = 5
-NULL_CONCEPTS = 2000
 PROFILE_CONFIDENT = 0.5  # units counted as "confident" in the depth profile
 
 UNIT_COLUMNS = ("model", "layer", "unit", "depth_frac", "method", "concept", "similarity", "score", "confidence",
@@ -144,64 +141,21 @@ def _open_vocabulary(st: Store, phrase: str, encoder_id: str, models, layers, no
         return []
     with torch.no_grad():
         q = enc.encode_texts([phrase]).float().numpy()[0]
-    q = q / max(np.linalg.norm(q), 1e-12)
-    extra, p = _filters(models, layers, prefix="a.")
-    p["e"] = encoder_id
-    acts = st.sql(f"""SELECT a.model, a.layer, a.unit, a.patch_id, a.act_value
-                      FROM activations a
-                      WHERE a.patch_id IS NOT NULL AND a.patch_id <> ''{extra}
-                        AND a.patch_id IN (SELECT item_id FROM embeddings WHERE encoder = $e AND kind = 'patch')
-                      ORDER BY a.model, a.layer, a.unit, a.rank""", p)
-    if acts.num_rows == 0:
-        return []
-    pids = sorted(set(acts.column("patch_id").to_pylist()))
-    emb = st.sql("SELECT item_id, any_value(vector) AS vector FROM embeddings WHERE encoder = $e AND kind = 'patch' "
-                 "AND list_contains($ids, item_id) GROUP BY item_id", {"e": encoder_id, "ids": pids})
-    row = {pid: i for i, pid in enumerate(emb.column("item_id").to_pylist())}
-    P = matrix(emb.column("vector"))
-    P = P / np.clip(np.linalg.norm(P, axis=1, keepdims=True), 1e-12, None)  # [patches, d]
-    models_col = acts.column("model").to_pylist()
-    keys = list(zip(models_col, acts.column("layer").to_pylist(), acts.column("unit").to_pylist()))
-    prow = np.array([row[pid] for pid in acts.column("patch_id").to_pylist()])
-    w = np.nan_to_num(np.asarray(acts.column("act_value").to_numpy(zero_copy_only=False), np.float64), nan=0.0)
-    w = np.clip(w, 0, None)
-    # Group the rows (sorted by model, layer, unit) into units.
-    uniq, start = [], []
-    for i, k in enumerate(keys):
-        if not uniq or uniq[-1] != k:
-            uniq.append(k)
-            start.append(i)
-    start.append(len(keys))
-    U = np.zeros((len(uniq), P.shape[1]), np.float64)  # activation-weighted mean patch per unit
-    for j in range(len(uniq)):
-        a, b = start[j], start[j + 1]
-        ww = w[a:b] if w[a:b].sum() > 0 else np.ones(b - a)
-        U[j] = (ww[:, None] * P[prow[a:b]]).sum(0) / ww.sum()
-    # The contrast: every patch of the unit's model (the patches its dissection cut).
-    base = {}
-    for m in sorted(set(models_col)):
-        rows_m = np.unique(prow[np.array(models_col) == m])
-        base[m] = P[rows_m].mean(0)
-    B = np.stack([base[k[0]] for k in uniq])
-    D = (U - B).astype(np.float32)                     # [units, d]
-    scores = D @ q                                      # [units]
-    # Null: the same units' scores over the vocabulary's concepts stored for this encoder.
-    cv = st.sql("SELECT item_id, any_value(vector) AS vector FROM embeddings WHERE encoder = $e AND kind = 'concept' "
-                "AND item_id <> $phrase GROUP BY item_id ORDER BY item_id", {"e": encoder_id, "phrase": phrase})
-    if cv.num_rows >= 10:
-        C = matrix(cv.column("vector"))
-        if len(C) > NULL_CONCEPTS:
-            C = C[np.random.default_rng(0).choice(len(C), NULL_CONCEPTS, replace=False)]
-        C = C / np.clip(np.linalg.norm(C, axis=1, keepdims=True), 1e-12, None)
-        full = np.concatenate([D @ C.T, scores[:, None]], axis=1)
-        conf = calibrate(torch.from_numpy(full)).numpy()[:, -1]
-    else:
-        notes.append(f"open vocabulary: no concept vectors stored for '{encoder_id}'; confidence is calibrated "
-                     "across units instead of across the vocabulary")
-        conf = calibrate(torch.from_numpy(scores[None, :].astype(np.float32))).numpy()[0]
-    return [{"model": k[0], "layer": k[1], "unit": int(k[2]), "concept": phrase, "scorer": "patch",
-             "score": float(s), "confidence": float(c), "encoder": encoder_id, "similarity": None}
-            for k, s, c in zip(uniq, scores, conf)]
+    have = st.sql("SELECT DISTINCT model FROM scores WHERE scorer = 'patch' AND encoder = $e ORDER BY model",
+                  {"e": encoder_id}).column("model").to_pylist()
+    out, missing = [], 0
+    for model in have:
+        if models and model not in models:
+            continue
+        r = trust.phrase_explanations(st, model, phrase, q, encoder_id, layers)
+        missing = max(missing, r.attrs.get("files_missing", 0))
+        out += [{"model": model, "layer": x.layer, "unit": int(x.unit), "concept": phrase, "scorer": "patch",
+                 "score": float(x.score), "confidence": float(x.confidence), "encoder": encoder_id, "similarity": None}
+                for x in r.itertuples(index=False)]
+    if missing:
+        notes.append(f"open vocabulary: {missing} held-out probe images could not be read, so their fidelity is "
+                     "missing from the confidence (it counts as no evidence)")
+    return out
 
 
 def _label_rows(st: Store, phrase: str, scorer, models, layers) -> dict[str, list[dict]]:
