@@ -824,8 +824,10 @@ def find_cmd(
                                                        for c in res.concepts), highlight=False)
     if res.encoders:
         console.print("Open vocabulary via: " + ", ".join(res.encoders), highlight=False)
-    cols = ["method", "model", "layer", "unit", "depth_frac", "concept", "similarity", "score", "confidence", "scorer"]
-    console.print(_rows_table(res.units.to_pylist(), cols, title=f"Units for '{res.phrase}'"))
+    cols = ["method", "model", "layer", "unit", "depth_frac", "concept", "similarity", "score", "confidence", "scorer",
+            "headline"]
+    console.print(_rows_table([{**r, "headline": "yes" if r["headline"] else ""} for r in res.units.to_pylist()],
+                              cols, title=f"Units for '{res.phrase}'"))
     if res.profile.num_rows:
         _depth_plot(res.profile.to_pylist())
     for n in res.notes:

@@ -25,6 +25,9 @@ def test_find_exact_semantic_and_open_vocabulary(demo_run):
     exact = find(store, cue, methods=("exact",), top=5)
     assert exact.units.num_rows > 0
     assert set(exact.units.column("concept").to_pylist()) == {cue}
+    # units whose headline is the concept lead, as in concept_neurons
+    lead = exact.units.column("headline").to_pylist()
+    assert lead[0] and lead == sorted(lead, reverse=True)
     # 'zebra stripes' is in no vocabulary; MiniLM maps it to the stored concept 'striped'.
     sem = find(store, "zebra stripes", methods=("semantic",), top=5)
     assert "striped" in [c["concept"] for c in sem.concepts]

@@ -55,7 +55,7 @@ MAX_CONCEPTS = 5
 PROFILE_CONFIDENT = 0.5  # units counted as "confident" in the depth profile
 
 UNIT_COLUMNS = ("model", "layer", "unit", "depth_frac", "method", "concept", "similarity", "score", "confidence",
-                "scorer", "encoder", "rank")
+                "scorer", "encoder", "headline", "rank")
 
 
 @dataclass
@@ -93,7 +93,7 @@ def _concept_rows(st: Store, concepts: Sequence[str], scorer, models, layers) ->
     """Every stored unit of each concept: the concept_neurons macro (queries/_macros.sql)."""
     if not concepts:
         return []
-    return st.sql("""SELECT n.model, n.layer, n.unit, n.concept, n.scorer, n.score, n.confidence, n.encoder
+    return st.sql("""SELECT n.model, n.layer, n.unit, n.concept, n.scorer, n.score, n.confidence, n.encoder, n.headline
                      FROM unnest($concepts) AS c(name),
                           concept_neurons(c.name, top_n := NULL, scorer_name := $scorer, model_ids := $models,
                                           layer_names := $layers) n
@@ -174,9 +174,12 @@ def _label_rows(st: Store, phrase: str, scorer, models, layers) -> dict[str, lis
 
 
 def _rank(rows: list[dict], method: str, depths: dict, top: int) -> list[dict]:
+    # units whose headline (one answer per unit, neurostore.trust) is the concept lead, as in
+    # concept_neurons; then the calibrated confidence, weighed by how near the concept is
     def key(r):
         sim = 1.0 if r.get("similarity") is None else r["similarity"]
-        return (-(r["confidence"] or 0.0) * sim, -(r["score"] or 0.0), r["model"], r["layer"], r["unit"])
+        return (not r.get("headline"), -(r["confidence"] or 0.0) * sim, -(r["score"] or 0.0), r["model"], r["layer"],
+                r["unit"])
 
     best: dict[tuple, dict] = {}
     for r in sorted(rows, key=key):  # one row per unit and method: its best concept/scorer
@@ -186,7 +189,8 @@ def _rank(rows: list[dict], method: str, depths: dict, top: int) -> list[dict]:
         d = depths.get((r["model"], r["layer"]), (None, None))[1]
         out.append({"model": r["model"], "layer": r["layer"], "unit": r["unit"], "depth_frac": d, "method": method,
                     "concept": r["concept"], "similarity": r.get("similarity"), "score": r["score"],
-                    "confidence": r["confidence"], "scorer": r.get("scorer"), "encoder": r.get("encoder"), "rank": i})
+                    "confidence": r["confidence"], "scorer": r.get("scorer"), "encoder": r.get("encoder"),
+                    "headline": bool(r.get("headline")), "rank": i})
     return out
 
 
@@ -222,7 +226,8 @@ def _profile(all_rows: dict[str, list[dict]], depths: dict, models) -> list[dict
 _UNIT_SCHEMA = pa.schema([("model", pa.string()), ("layer", pa.string()), ("unit", pa.int32()),
                           ("depth_frac", pa.float32()), ("method", pa.string()), ("concept", pa.string()),
                           ("similarity", pa.float32()), ("score", pa.float32()), ("confidence", pa.float32()),
-                          ("scorer", pa.string()), ("encoder", pa.string()), ("rank", pa.int32())])
+                          ("scorer", pa.string()), ("encoder", pa.string()), ("headline", pa.bool_()),
+                          ("rank", pa.int32())])
 _PROFILE_SCHEMA = pa.schema([("model", pa.string()), ("layer", pa.string()), ("depth", pa.int32()),
                              ("depth_frac", pa.float32()), ("method", pa.string()), ("best_confidence", pa.float32()),
                              ("best_score", pa.float32()), ("best_unit", pa.int32()), ("concept", pa.string()),
