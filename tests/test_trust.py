@@ -148,17 +148,21 @@ def test_pearson_and_auprc_match_references():
 
 
 def test_fidelity_with_too_few_held_out_images_is_nan_not_a_crash():
-    """A tiny probe set (a user's 6 photos) may hold out 0 or 1 images: no evidence, NaN."""
+    """A small probe set (a user's 18 photos) holds out a handful of images, on which every Pearson
+    is +-1 and every AUPRC near 1 by chance: below MIN_HELDOUT no evidence, NaN; from it, values."""
     import pandas as pd
 
-    ids = [f"img{i}" for i in range(40)]
+    ids = [f"img{i}" for i in range(400)]
     hold = T.heldout(ids)
-    for keep in (0, 1):  # the probe set: every explained image, plus `keep` held-out ones
+    for keep in (0, 1, 2, T.MIN_HELDOUT - 1, T.MIN_HELDOUT):  # every explained image, plus `keep` held-out ones
         sub = [i for i, h in zip(ids, hold) if not h] + [i for i, h in zip(ids, hold) if h][:keep]
         assert T.heldout(sub).sum() == keep
         expl = pd.DataFrame({"unit": [0, 1], "scorer": "patch", "concept": ["a", "b"], "rank": 0})
-        out = T.explanation_fidelity(expl, torch.rand(len(sub), 2), torch.rand(len(sub), 2), sub, {"a": 0, "b": 1})
-        assert out["value"].isna().all() and len(out) == 8   # pearson, auprc, cosine_pearson, concept_peak
+        g = torch.Generator().manual_seed(keep)
+        out = T.explanation_fidelity(expl, torch.rand(len(sub), 2, generator=g), torch.rand(len(sub), 2, generator=g),
+                                     sub, {"a": 0, "b": 1})
+        assert len(out) == 8   # pearson, auprc, cosine_pearson, concept_peak
+        assert out["value"].isna().all() == (keep < T.MIN_HELDOUT)
     assert not T.encoder_presence(torch.rand(0, 3)).any()
 
 
@@ -477,3 +481,25 @@ def test_encoder_iou_first_marks_every_row_of_the_concept_encoder_iou_ranks_firs
     assert shipped.encoder_iou_headline_map.get("encoder_iou_first", 0) > 0
     p = shipped.headline(c)
     assert p[1] > p[2] and p[1] > p[0]       # unit 0: green (encoder_iou's first) over cyan
+
+
+def test_a_random_network_on_a_small_probe_set_gets_no_confident_label(probe_world, tmp_path):
+    """A few dozen probe images hold out a handful, where Pearson and AUPRC come out high by
+    chance: the probe CNN re-initialised got labels at >= 0.9 from that alone. Now such a probe
+    set gives no fidelity evidence (NaN rows) and the random network no confident label."""
+    from neurostore.pipeline import dissect
+    from neurostore.store import Store
+    from neurostore.weights import reinitialise
+
+    torch.manual_seed(0)
+    path = tmp_path / "cnn-random.pt"
+    torch.save(reinitialise(probe_world.load_target("cnn")), path)
+    store = Store.open(tmp_path / "s")
+    s = dissect(store, str(path), world=probe_world, vocabulary="probe", max_images=100, progress=False,
+                log=lambda *a: None, evaluate=False)
+    fid = store.df("SELECT value, n_images FROM explanation_scores WHERE run_id = $r AND presence = 'encoder'",
+                   {"r": s["run_id"]})
+    assert len(fid) and (fid["n_images"].between(2, T.MIN_HELDOUT - 1)).all() and fid["value"].isna().all()
+    conf = store.df("SELECT confidence FROM explanations WHERE run_id = $r AND list_contains($s, scorer)",
+                    {"r": s["run_id"], "s": list(T.HEADLINE_SCORERS)})["confidence"]
+    assert len(conf) and conf.max() < 0.9
