@@ -634,6 +634,11 @@ def _scores(d: _Dissection) -> None:
     """Every scorer on every layer from the inputs the scorers need, each with its calibrated
     confidence (from the layer's null); held-out fidelity and headlines per layer (trust)."""
     rec, o = d.rec, d.opts
+    held = int(trust.heldout(rec.image_ids).sum())
+    if held < trust.MIN_HELDOUT:
+        o["log"](f"note: {held} of {len(rec.image_ids)} probe images are held out for fidelity, which needs "
+                 f"{trust.MIN_HELDOUT} (about {round(trust.MIN_HELDOUT / trust.HELDOUT_FRACTION)} probe images): "
+                 "confidences rest on the null and the margin alone")
     sim = None
     if "similarity" in d.needs:
         vec = dict(d.new_images)

@@ -495,8 +495,10 @@ def test_a_random_network_on_a_small_probe_set_gets_no_confident_label(probe_wor
     path = tmp_path / "cnn-random.pt"
     torch.save(reinitialise(probe_world.load_target("cnn")), path)
     store = Store.open(tmp_path / "s")
+    said = []
     s = dissect(store, str(path), world=probe_world, vocabulary="probe", max_images=100, progress=False,
-                log=lambda *a: None, evaluate=False)
+                log=said.append, evaluate=False)
+    assert any("held out for fidelity, which needs 40" in m for m in said)   # the user is told
     fid = store.df("SELECT value, n_images FROM explanation_scores WHERE run_id = $r AND presence = 'encoder'",
                    {"r": s["run_id"]})
     assert len(fid) and (fid["n_images"].between(2, T.MIN_HELDOUT - 1)).all() and fid["value"].isna().all()
