@@ -1178,9 +1178,19 @@ def main() -> None:
         err_console.print(f"Error: {cli_message(e)}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        _close_bars()
-        err_console.print("Aborted.")
-        sys.exit(130)
+        _interrupted()
+    except SystemExit as e:
+        if e.code == 130:   # typer turns Ctrl-C into Exit(130) before it reaches the handler above
+            _interrupted()
+        raise
+
+
+def _interrupted() -> None:
+    _close_bars()
+    err_console.print("Aborted (Ctrl-C). The store holds what earlier commands committed, nothing of this one; "
+                      "run the same command again to resume (a dissect picks up its image pass from its last "
+                      "checkpoint, saved every 2 minutes).", highlight=False, soft_wrap=True)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

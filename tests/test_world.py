@@ -376,10 +376,12 @@ def _training(pid: int) -> bool:
         return False
 
 
-def _build_until_the_worker_trains(cache: Path) -> tuple[subprocess.Popen, list[int]]:
-    """`neurostore world build --fast` in a subprocess, once its ViT worker process trains."""
+def _build_until_the_worker_trains(cache: Path, session: bool = False) -> tuple[subprocess.Popen, list[int]]:
+    """`neurostore world build --fast` in a subprocess (`session`: in a session of its own, as a
+    terminal runs a command), once its ViT worker process trains."""
     proc = subprocess.Popen([sys.executable, "-m", "neurostore.cli", "world", "build", "--fast",
-                             "--cache", str(cache)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             "--cache", str(cache)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=session)
     deadline = time.time() + 120
     while True:
         if any(_training(p) for p in _descendants(proc.pid)):
@@ -413,6 +415,21 @@ def test_a_killed_build_leaves_no_worker_and_no_folder(sig, tmp_path, probe_worl
     (worlds / probe_world.root.name).symlink_to(probe_world.root)
     assert build_world(WorldConfig.fast(), cache=tmp_path, progress=False).id == probe_world.id
     assert not left[0].exists() and not list(worlds.glob(".building-*"))
+
+
+@needs_a_worker
+def test_ctrl_c_says_what_was_kept_and_leaves_nothing_running(tmp_path):
+    """Ctrl-C in a terminal signals the command's whole process group: the build and its
+    workers stop, the command exits 130 and says so (typer had turned it into a silent 130)."""
+    proc, children = _build_until_the_worker_trains(tmp_path, session=True)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Aborted (Ctrl-C)" in err and "run the same command again" in err
+    deadline = time.time() + 15
+    while any(_alive(p) for p in children):
+        assert time.time() < deadline, f"worker(s) still running: {[p for p in children if _alive(p)]}"
+        time.sleep(0.1)
+    assert not list((tmp_path / "worlds").glob(".building-*"))
 
 
 def test_a_live_build_folder_is_left_alone(tmp_path):
