@@ -827,8 +827,9 @@ def phrase_explanations(store, model: str, phrase: str, vector: np.ndarray, enco
     held-out fidelity (zero-shot p over the vocabulary and the phrase, on the held-out probe
     images whose files can still be read; none where they cannot: no evidence), then the shipped
     map. A stored concept gets its stored score and confidence back. Layers whose dissect did not
-    run `patch` with this encoder are left out. Rows: layer, unit, score, confidence, null_q,
-    margin, auprc, cosine_pearson, concept_peak; `files_missing`: held-out images not readable."""
+    run `patch` with this encoder are left out, and so are those of a store written before the
+    nulls (`layers_without_null`: `assess` computes them). Rows: layer, unit, score, confidence,
+    null_q, margin, auprc, cosine_pearson, concept_peak; `files_missing`: held-out images not readable."""
     import pandas as pd
 
     have = store.df("""SELECT s.run_id, s.layer, s.vocabulary, max(r.started_at) AS t FROM scores s
@@ -839,10 +840,11 @@ def phrase_explanations(store, model: str, phrase: str, vector: np.ndarray, enco
         have = have[have["layer"].isin(list(layers))]
     have = have.drop_duplicates("layer")                      # the latest patch scores of each layer
     vec = torch.tensor(np.asarray(vector, np.float32)).view(1, -1)
-    out, missing = [], 0
+    out, missing, no_null = [], 0, []
     for (run_id, vocab), g in have.groupby(["run_id", "vocabulary"], sort=False):
         params = dissect_params(store, run_id, model, vocab)
-        nulls = json.loads(store.df("SELECT params FROM runs WHERE run_id = $r", {"r": run_id})["params"].iloc[0])["nulls"]
+        nulls = json.loads(store.df("SELECT params FROM runs WHERE run_id = $r",
+                                    {"r": run_id})["params"].iloc[0]).get("nulls") or {}   # none before trust
         nulls = nulls.get(f"{model}|{vocab}", nulls)          # a trust run keeps them per model and vocabulary
         concepts = store.df("SELECT concept FROM concepts WHERE vocabulary = $v ORDER BY concept",
                             {"v": vocab})["concept"].tolist()
@@ -862,6 +864,7 @@ def phrase_explanations(store, model: str, phrase: str, vector: np.ndarray, enco
         ids = [i for i in hashes if hashes[i] in img]
         for layer in g["layer"]:
             if "patch" not in nulls.get(layer, {}):
+                no_null.append(layer)
                 continue
             null = Null(**nulls[layer]["patch"])
             a = store.df("SELECT unit, rank, patch_id, act_value FROM activations WHERE model = $m AND layer = $l "
@@ -916,7 +919,7 @@ def phrase_explanations(store, model: str, phrase: str, vector: np.ndarray, enco
                                      "cosine_pearson": col(pr), "concept_peak": col(pk)}))
     res = pd.concat(out, ignore_index=True) if out else pd.DataFrame(
         columns=["layer", "unit", "score", "confidence", "null_q", "margin", "auprc", "cosine_pearson", "concept_peak"])
-    res.attrs["files_missing"] = missing
+    res.attrs["files_missing"], res.attrs["layers_without_null"] = missing, no_null
     return res
 
 

@@ -149,6 +149,10 @@ def _open_vocabulary(st: Store, phrase: str, encoder_id: str, models, layers, no
             continue
         r = trust.phrase_explanations(st, model, phrase, q, encoder_id, layers)
         missing = max(missing, r.attrs.get("files_missing", 0))
+        if r.attrs.get("layers_without_null"):
+            notes.append(f"open vocabulary: {model}'s layers {', '.join(r.attrs['layers_without_null'])} have no "
+                         "stored null (a store written before confidences were calibrated), so they are left out; "
+                         "neurostore.trust.assess(store) computes it")
         out += [{"model": model, "layer": x.layer, "unit": int(x.unit), "concept": phrase, "scorer": "patch",
                  "score": float(x.score), "confidence": float(x.confidence), "encoder": encoder_id, "similarity": None}
                 for x in r.itertuples(index=False)]
