@@ -1188,8 +1188,8 @@ def main() -> None:
 def _interrupted() -> None:
     _close_bars()
     err_console.print("Aborted (Ctrl-C). The store holds what earlier commands committed, nothing of this one; "
-                      "run the same command again to resume (a dissect picks up its image pass from its last "
-                      "checkpoint, saved every 2 minutes).", highlight=False, soft_wrap=True)
+                      "run the same command again to resume (a dissect picks up its image pass from its checkpoint, "
+                      "saved every 2 minutes and once the pass has ended).", highlight=False, soft_wrap=True)
     sys.exit(130)
 
 

@@ -208,11 +208,14 @@ class _Checkpoint:
     def maybe_save(self, state) -> bool:
         if time.time() - self.last < self.every:
             return False
+        self.save(state)
+        return True
+
+    def save(self, state) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         data = state()
         _atomic_write(self.path, lambda f: torch.save(data, f))
         self.last = time.time()
-        return True
 
     def remove(self) -> None:
         # the checkpoint, the window spill, and the temporary files of a write that was killed
@@ -238,7 +241,7 @@ def _single_pass(target: Target, layer_names: list[str], source: ImageSource, en
     recorder (top-k, the maps of each unit's top images, pooled activations), the IoU thresholds
     and the encoder's whole-image embedding (its own preprocessing of the same decoded image).
     Returns (recorder, thresholds per layer or None, {image hash: new vector}, hashes in
-    recorder order, first item this process read)."""
+    recorder order, first item this process read, the pass's checkpoint state)."""
     infos = {li.layer: li for li in list_layers(target)}
     tq = {}
     if iou_fraction is not None:
@@ -285,7 +288,10 @@ def _single_pass(target: Target, layer_names: list[str], source: ImageSource, en
     # The images that were usable are known only now: the threshold is the ceil(fraction * values
     # seen)-th largest (TopQuantile kept at least that many, sized for every file of the source).
     thresholds = {l: q.top[:, max(1, math.ceil(iou_fraction * q.seen)) - 1].cpu() for l, q in tq.items()}
-    return rec, thresholds or None, new_images, hashes, start
+    # the pass as it ended: the source is read again later (the IoU pass), so its place is taken now
+    ended = {"position": source.position, "rejects": list(source.rejects), "sizes": dict(source.sizes),
+             "hashes": list(hashes), "new_images": dict(new_images)}
+    return rec, thresholds or None, new_images, hashes, start, lambda: {**state(), **ended}
 
 
 class _CellCache:
@@ -511,6 +517,7 @@ class _Dissection:
     hashes: list = field(default_factory=list)       # image hashes in recorder order
     resumed: int = 0
     ckpt: _Checkpoint | None = None
+    pass_state: object = None             # the ended image pass's checkpoint state (a callable)
     ps: object = None                     # the patch set (patches.extract_patches)
     stored_patches: frozenset = frozenset()
     patch_emb: torch.Tensor | None = None  # [boxes, d]
@@ -594,10 +601,11 @@ def _one_pass(d: _Dissection) -> None:
                 "device": d.device.type, "max_images": o["max_images"]}
     d.ckpt = _Checkpoint(d.store, _work_id(d.target, d.source, identity), o["checkpoint_every"])
     known_images = cached_ids(d.store, d.enc.id, "image") if image_emb else frozenset()
-    rec, d.thresholds, d.new_images, d.hashes, d.resumed = _single_pass(
+    rec, d.thresholds, d.new_images, d.hashes, d.resumed, state = _single_pass(
         d.target, d.layers, d.source, d.enc, k=o["k"], batch_size=o["batch_size"], workers=o["workers"],
         precision=d.dtype, image_emb=image_emb, iou_fraction=iou_fraction, known_images=known_images,
         ckpt=d.ckpt, counts=d.counts, progress=o["progress"])
+    d.pass_state = state   # the whole pass: what an interrupted later stage keeps (dissect)
     if d.resumed:
         o["log"](f"resumed from a checkpoint at image {d.resumed} of {len(d.source)}")
     d.rec = rec.result()
@@ -831,7 +839,13 @@ def dissect(store: Store | str | Path, model: str, *, images: str | Path | None 
     if evaluate and d.mask_world is not None:
         stages.append((_evaluation, "evaluate"))
     for stage, name in stages:
-        stage(d)
+        try:
+            stage(d)
+        except KeyboardInterrupt:
+            if d.pass_state is not None:   # the pass has ended: keep it whole, the same command resumes after it
+                log("interrupted: saving the image pass to the store's checkpoints/ first")
+                d.ckpt.save(d.pass_state)
+            raise
         lap(name)
     run = _commit(d, t0)
     lap("store")

@@ -133,3 +133,31 @@ def test_ctrl_c_in_the_window_pass_keeps_the_windows_encoded_so_far(probe_world,
     assert len(json.loads(index.read_text())["hashes"]) == sum(calls[:2]) > 0
     s = dissect(store, spec, world=probe_world, log=lambda *a: None, **args)
     assert s["passes"]["encoded_cells"] == 28 * (120 - sum(calls[:2]))
+
+
+def test_ctrl_c_after_the_image_pass_keeps_the_pass(probe_world, tmp_path, monkeypatch, uninterrupted):
+    """Ctrl-C while the patches are cut (here before any checkpoint was due): the ended image pass
+    is saved on the way out, so the same call decodes no image for it again and ends with the
+    tables of an uninterrupted run."""
+    import neurostore.pipeline as P
+
+    spec, args = f"probe:cnn@{probe_world.root}", {**ARGS, "checkpoint_every": 1e9}
+    real = P.extract_patches
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(P, "extract_patches", interrupted)
+    store = Store.open(tmp_path / "s")
+    said = []
+    with pytest.raises(KeyboardInterrupt):
+        dissect(store, spec, world=probe_world, log=said.append, **args)
+    assert any("saving the image pass" in m for m in said)
+    assert len(list((tmp_path / "s" / "checkpoints").glob("*.pt"))) == 1
+    monkeypatch.setattr(P, "extract_patches", real)
+    s = dissect(store, spec, world=probe_world, log=lambda *a: None, **args)
+    # the image pass is not run again: its 120 images are decoded once, by the IoU pass (iou), and
+    # their whole-image vectors come from the checkpoint
+    assert s["resumed_from"] == 120 and s["passes"]["decoded"] == 120 and s["passes"]["encoded_images"] == 0
+    assert not list((tmp_path / "s" / "checkpoints").iterdir())
+    assert _tables(store) == uninterrupted
