@@ -841,10 +841,13 @@ def dissect(store: Store | str | Path, model: str, *, images: str | Path | None 
     for stage, name in stages:
         try:
             stage(d)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Exception):
             if d.pass_state is not None:   # the pass has ended: keep it whole, the same command resumes after it
-                log("interrupted: saving the image pass to the store's checkpoints/ first")
-                d.ckpt.save(d.pass_state)
+                log("stopped: saving the image pass to the store's checkpoints/ first")
+                try:
+                    d.ckpt.save(d.pass_state)
+                except OSError as e:   # a full disk must not hide why the run stopped
+                    log(f"could not save the image pass: {e}")
             raise
         lap(name)
     run = _commit(d, t0)
