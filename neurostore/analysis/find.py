@@ -78,17 +78,6 @@ def _layer_depths(st: Store) -> dict[tuple[str, str], tuple[int, float]]:
     return {(r["model"], r["layer"]): (r["depth"], r["depth_frac"]) for r in rows}
 
 
-def _filters(models, layers, prefix: str = "") -> tuple[str, dict]:
-    where, p = [], {}
-    if models:
-        where.append(f"list_contains($models, {prefix}model)")
-        p["models"] = list(models)
-    if layers:
-        where.append(f"list_contains($layers, {prefix}layer)")
-        p["layers"] = list(layers)
-    return (" AND " + " AND ".join(where)) if where else "", p
-
-
 def _concept_rows(st: Store, concepts: Sequence[str], scorer, models, layers) -> list[dict]:
     """Every stored unit of each concept: the concept_neurons macro (queries/_macros.sql)."""
     if not concepts:
@@ -104,9 +93,9 @@ def _concept_rows(st: Store, concepts: Sequence[str], scorer, models, layers) ->
 
 def _semantic_concepts(st: Store, phrase: str, models, min_similarity: float, max_concepts: int) -> list[dict]:
     """Stored concepts nearest the phrase by MiniLM cosine (stored vectors when present)."""
-    extra, p = _filters(models, None)
-    names = st.sql(f"SELECT DISTINCT concept FROM concept_units WHERE concept IS NOT NULL{extra}", p or None) \
-        .column("concept").to_pylist()
+    names = st.sql("SELECT DISTINCT concept FROM concept_units WHERE concept IS NOT NULL "
+                   "AND ($models IS NULL OR list_contains($models, model))",
+                   {"models": list(models) if models else None}).column("concept").to_pylist()
     if not names:
         return []
     stored = st.sql("SELECT item_id, any_value(vector) AS vector FROM embeddings WHERE kind = 'concept' "
