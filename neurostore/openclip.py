@@ -64,6 +64,8 @@ def create_openclip(rest: str, weights: bool = True, skeleton: bool = False):
             raise UnknownEncoder(unknown("OpenCLIP model", name, valid,
                                         "Example: open_clip:ViT-B-32/laion2b_s34b_b79k."))
         tok, short, kwargs = name, name, {}
+        if not tag and not weights:   # the architecture alone (`neurostore layers`): no tag needed
+            tag = "random"
         if not tag:
             tags = open_clip.list_pretrained_tags_by_model(name)
             raise UnknownEncoder(f"OpenCLIP spec '{rest}' has no pretrained tag. Use "

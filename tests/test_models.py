@@ -169,6 +169,9 @@ def test_default_layers_openclip_visual_tower():
     t = load_target("open_clip:ViT-B-32/random")
     assert t.random_weights and t.id == "vit-b-32-random"
     assert default_layers(t) == [f"transformer.resblocks.{i}.mlp.c_fc" for i in range(12)]
+    # `neurostore layers` builds the architecture only, so it needs no pretrained tag
+    from neurostore.models import layers
+    assert [r["layer"] for r in layers("open_clip:ViT-B-32") if r["default"]] == default_layers(t)
 
 
 @pytest.mark.parametrize("spec, want", [
