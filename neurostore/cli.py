@@ -12,6 +12,7 @@ import inspect
 import io
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -1182,15 +1183,17 @@ def main() -> None:
     except SystemExit as e:
         if e.code == 130:   # typer turns Ctrl-C into Exit(130) before it reaches the handler above
             _interrupted()
+        if e.code == 128 + signal.SIGTERM:   # signals.sigterm_exits, where a command takes SIGTERM as Ctrl-C
+            _interrupted("SIGTERM", e.code)
         raise
 
 
-def _interrupted() -> None:
+def _interrupted(what: str = "Ctrl-C", code: int = 130) -> None:
     _close_bars()
-    err_console.print("Aborted (Ctrl-C). The store holds what earlier commands committed, nothing of this one; "
-                      "run the same command again to resume (a dissect picks up its image pass from its checkpoint, "
-                      "saved every 2 minutes and once the pass has ended).", highlight=False, soft_wrap=True)
-    sys.exit(130)
+    err_console.print(f"Aborted ({what}). The store holds what earlier commands committed, nothing of this one; "
+                      "run the same command again to resume (a dissect picks up its image pass where it stopped).",
+                      highlight=False, soft_wrap=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

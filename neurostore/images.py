@@ -37,6 +37,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .encoding import SplitPreprocess
 from .errors import BadInput, BadParameter
+from .progress import bar as progress_bar
 from .scorers import border_cells
 from .world.generate import rle_decode
 
@@ -247,12 +248,7 @@ class ImageSource:
             x = x.to(device, non_blocking=True)
             return p.finish(x) if isinstance(p, SplitPreprocess) else x
 
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(self.items), initial=start, desc=f"images {self.dataset}",
-                       unit="img", leave=False)
+        bar = progress_bar(len(self.items), f"images {self.dataset}", "img", progress, initial=start)
         try:
             for batch in loader:
                 for r in batch.rejects:
@@ -261,15 +257,13 @@ class ImageSource:
                 for iid, size in zip(batch.image_ids, batch.sizes):
                     self.sizes[iid] = size
                 self.position += len(batch.image_ids) + len(batch.rejects)
-                if bar is not None:
-                    bar.update(len(batch.image_ids) + len(batch.rejects))
+                bar.update(len(batch.image_ids) + len(batch.rejects))
                 if batch.image_ids:
                     batch.pixels = finish(pre, batch.pixels)
                     batch.also = [finish(p, x) for p, x in zip(more, batch.also)]
                     yield batch
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
 
     def rejects_table(self) -> pa.Table:
         """schema/rejects.sql minus run_id."""

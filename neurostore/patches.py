@@ -42,6 +42,7 @@ from PIL import Image
 
 from .encoding import SplitPreprocess
 from .models import Target
+from .progress import bar as progress_bar
 from .record import RecordResult, activation_maps
 
 THUMB = 96
@@ -351,11 +352,7 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
     emb_ids: dict[str, list] = {enc.id: [] for enc in encoders}
     emb_parts: dict[str, list] = {enc.id: [] for enc in encoders}
     sizes = getattr(source, "sizes", {})
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(order), desc="patches", unit="img", leave=False)
+    bar = progress_bar(len(order), "patches", "img", progress)
 
     # crops go to the encoder as uint8 and are normalised a batch at a time on its device, where
     # its preprocessing has the usual form (SplitPreprocess); else crop by crop
@@ -458,15 +455,13 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
                     ps.box_of.setdefault((l, u, r), len(ps.boxes) - 1)
                 flush()
             flush()
-            if bar is not None:
-                bar.update(len(idx))
+            bar.update(len(idx))
         flush(force=True)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
             _CUTTER.clear()
-    if bar is not None:
-        bar.close()
+    bar.close()
     for enc in encoders:
         parts = emb_parts[enc.id]
         ps.embeddings[enc.id] = (emb_ids[enc.id], torch.cat(parts).numpy() if parts

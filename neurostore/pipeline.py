@@ -46,9 +46,11 @@ from .encoding import cached_ids, cached_vectors
 from .images import CellWindows, ImageSource, ProbeMasks, probe_source
 from .models import Target, default_layers, layers_table_rows, list_layers, load_target, resolve_layer
 from .patches import cut_before, extract_patches
+from .progress import bar as progress_bar
 from .record import Recorder, activation_maps
 from .results import DemoResult, DissectResult, EvaluationResult
 from .schema import vector_column
+from .signals import StopAtBatchEnd, sigterm_exits
 from .store import Store, _atomic_write
 from .vocab import Vocabulary, concepts_table, load_vocabulary, vocabulary_table
 
@@ -129,7 +131,7 @@ def _text_embeddings(enc, store: Store, concepts: Sequence[str], counts: dict, p
     have = cached_vectors(store, enc.id, "concept", concepts)
     todo = [c for c in dict.fromkeys(concepts) if c not in have]
     new = []
-    bar = _bar(progress, len(todo), "texts", "text")
+    bar = progress_bar(len(todo), "texts", "text", progress and bool(todo))
     with torch.no_grad():
         for i in range(0, len(todo), chunk):
             new.append(enc.encode_texts(list(todo[i : i + chunk])).float().cpu().numpy())
@@ -139,23 +141,6 @@ def _text_embeddings(enc, store: Store, concepts: Sequence[str], counts: dict, p
     new_m = np.concatenate(new) if new else np.zeros((0, enc.dim), np.float32)
     have.update(zip(todo, new_m))
     return torch.from_numpy(np.stack([have[c] for c in concepts])), todo, new_m
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
-
-
-def _bar(progress: bool, total: int, desc: str, unit: str):
-    """A progress bar on stderr (stdout stays the command's one JSON object)."""
-    if not progress or not total:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, leave=False)
 
 
 # ---- resume -------------------------------------------------------------------------------------
@@ -236,7 +221,7 @@ def _unencoded(b, done: dict) -> tuple[list[str], list[int]]:
 
 def _single_pass(target: Target, layer_names: list[str], source: ImageSource, enc, *, k: int,
                  batch_size: int, workers: int, precision, image_emb: bool, iou_fraction: float | None,
-                 known_images: frozenset, ckpt: _Checkpoint, counts: dict, progress: bool):
+                 known_images: frozenset, ckpt: _Checkpoint, counts: dict, progress: bool, log=print):
     """Decode each probe image once and run it through the target once: the same batch feeds the
     recorder (top-k, the maps of each unit's top images, pooled activations), the IoU thresholds
     and the encoder's whole-image embedding (its own preprocessing of the same decoded image).
@@ -270,9 +255,18 @@ def _single_pass(target: Target, layer_names: list[str], source: ImageSource, en
 
     # the encoder's half of the batch: uint8 from the workers, normalised on the device
     also = ((enc.split_preprocess() or enc.preprocess),) if image_emb else ()
-    with rec, torch.no_grad():
-        for b in source.batches(target.preprocess, batch_size, num_workers=workers, progress=progress,
-                                start=start, also=also, skip_also=known_images, device=rec.device):
+    with rec, torch.no_grad(), StopAtBatchEnd() as stop:
+        batches = source.batches(target.preprocess, batch_size, num_workers=workers, progress=progress,
+                                 start=start, also=also, skip_also=known_images, device=rec.device)
+        while stop.asked is None:
+            try:
+                b = next(batches, None)
+            except Exception:
+                if stop.asked is None:
+                    raise
+                b = None   # the loader's workers took the Ctrl-C too: the state is the last whole batch's
+            if b is None:
+                break
             counts["decoded"] += len(b.image_ids) + len(b.rejects)
             rec.update(b.image_ids, b.pixels)
             hs, rows = _unencoded(b, new_images)
@@ -283,6 +277,12 @@ def _single_pass(target: Target, layer_names: list[str], source: ImageSource, en
             hashes += b.hashes
             if ckpt.maybe_save(state):
                 counts["checkpoints"] += 1
+        batches.close()
+        if stop.asked is not None:
+            log(f"stopped: saving the image pass at image {source.position} of {len(source)} "
+                "to the store's checkpoints/ first")
+            ckpt.save(state)
+            raise stop.stop()
     counts["target_passes"] += 1
     rec.rejects = list(source.rejects)
     # The images that were usable are known only now: the threshold is the ceil(fraction * values
@@ -604,7 +604,7 @@ def _one_pass(d: _Dissection) -> None:
     rec, d.thresholds, d.new_images, d.hashes, d.resumed, state = _single_pass(
         d.target, d.layers, d.source, d.enc, k=o["k"], batch_size=o["batch_size"], workers=o["workers"],
         precision=d.dtype, image_emb=image_emb, iou_fraction=iou_fraction, known_images=known_images,
-        ckpt=d.ckpt, counts=d.counts, progress=o["progress"])
+        ckpt=d.ckpt, counts=d.counts, progress=o["progress"], log=o["log"])
     d.pass_state = state   # the whole pass: what an interrupted later stage keeps (dissect)
     if d.resumed:
         o["log"](f"resumed from a checkpoint at image {d.resumed} of {len(d.source)}")
@@ -677,7 +677,7 @@ def _scores(d: _Dissection) -> None:
     amount = None  # [n, c] mask area per probe image: the truth's fidelity
     if d.mask_world is not None and sim is not None:
         amount = trust.mask_amount(d.mask_world.masks(), rec.image_ids, cindex)
-    bar = _bar(o["progress"], len(d.layers) * len(d.scorers), "scores", "scorer")
+    bar = progress_bar(len(d.layers) * len(d.scorers), "scores", "scorer", o["progress"])
     for name in d.layers:
         iou = lambda s: ious.get((s, name), (None, None))   # noqa: E731  (scores, null best) of an IoU scorer
         inputs = _layer_inputs(d, name, sim, iou("iou")[0], iou("encoder_iou")[0])
@@ -838,19 +838,20 @@ def dissect(store: Store | str | Path, model: str, *, images: str | Path | None 
     stages = [(_vocabulary, "vocabulary"), (_one_pass, "record"), (_patches, "patches"), (_scores, "scores")]
     if evaluate and d.mask_world is not None:
         stages.append((_evaluation, "evaluate"))
-    for stage, name in stages:
-        try:
-            stage(d)
-        except (KeyboardInterrupt, Exception):
-            if d.pass_state is not None:   # the pass has ended: keep it whole, the same command resumes after it
-                log("stopped: saving the image pass to the store's checkpoints/ first")
-                try:
-                    d.ckpt.save(d.pass_state)
-                except OSError as e:   # a full disk must not hide why the run stopped
-                    log(f"could not save the image pass: {e}")
-            raise
-        lap(name)
-    run = _commit(d, t0)
+    with sigterm_exits():
+        for stage, name in stages:
+            try:
+                stage(d)
+            except (KeyboardInterrupt, SystemExit, Exception):
+                if d.pass_state is not None:   # the pass has ended: keep it whole, the same command resumes after it
+                    log("stopped: saving the image pass to the store's checkpoints/ first")
+                    try:
+                        d.ckpt.save(d.pass_state)
+                    except OSError as e:   # a full disk must not hide why the run stopped
+                        log(f"could not save the image pass: {e}")
+                raise
+            lap(name)
+        run = _commit(d, t0)
     lap("store")
     rec, c = d.rec, d.counts
     return DissectResult(

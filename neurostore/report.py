@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from .errors import BadInput
+from .progress import bar as progress_bar
 from .web import data as D
 from .web.render import PATCH_ID_RE, Links, heatmap_key, render, stylesheet
 
@@ -73,11 +74,7 @@ def build_report(store, out, models: list[str] | None = None, max_units: int | N
 
     page("index.html", "index.html", ov, 0)
     work = [(m, l) for m in ov["models"] for l in m["layers"]]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(work), desc="report", unit="layer", leave=False)
+    bar = progress_bar(len(work), "report", "layer", progress)
     for m in ov["models"]:
         model = m["model"]
         profile = D.depth_profile(run, model)
@@ -150,10 +147,8 @@ def build_report(store, out, models: list[str] | None = None, max_units: int | N
                 for unit, card in cards.items():
                     page(f"neuron/{model}/{layer}/{unit}.html", "neuron.html", card, 3)
                     n_neurons += 1
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.update(1)
+    bar.close()
     for kind in ("audit", "compare"):
         page(f"{kind}.html", "findings.html", D.findings(run, kind), 0)
     return {"out": str(out), "index": str(out / "index.html"), "pages": pages, "images": len(written),

@@ -69,6 +69,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import BadInput, BadParameter, UnknownScorer, unknown
+from .progress import bar as progress_bar
 
 # --------------------------------------------------------------------------------------------
 # similarities
@@ -232,11 +233,7 @@ def _sum_log_factors(
 
     concept_block = max(concept_chunk, 1024)
     starts = list(range(0, n_concepts, concept_block))
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(starts), desc="scoring concepts", unit="block", leave=False)
+    bar = progress_bar(len(starts), "scoring concepts", "block", progress)
     # Parallelism: one Python thread per core, each scoring its own concept tiles with
     # single-threaded torch ops (torch releases the GIL inside ops). Intra-op threading would
     # put a barrier after every small op; on a busy shared machine one preempted thread then
@@ -250,17 +247,14 @@ def _sum_log_factors(
             torch.set_num_threads(1)
             with ThreadPoolExecutor(workers) as pool:
                 for _ in pool.map(score_block, starts):
-                    if bar is not None:
-                        bar.update(1)
+                    bar.update(1)
         else:
             for b0 in starts:
                 score_block(b0)
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
     finally:
         torch.set_num_threads(intra)
-        if bar is not None:
-            bar.close()
+        bar.close()
     out.add_(float(torch.log(cb).sum()))
     return out
 
@@ -284,21 +278,15 @@ def _sum_log_factors_on(device: torch.device, sim: "torch.Tensor | Similarity", 
     # per concept: the gathered factors (float32), their logs and the float64 copy
     block = min(n_concepts, chunk_rows(device, top_k * n_units * 16, fraction=0.25))
     starts = range(0, n_concepts, block)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(starts), desc="scoring concepts", unit="block", leave=False)
+    bar = progress_bar(len(starts), "scoring concepts", "block", progress)
     for c0 in starts:
         c1 = min(c0 + block, n_concepts)
         cols = similarity_columns(sim, c0, c1, on_device=True).to(device)              # [n, b]
         probs = torch.exp(a * cols - lse)                                              # [n, b]
         g = probs.index_select(0, inds).view(top_k, n_units, c1 - c0)                 # [top_k, u, b]
         out[:, c0:c1] = g.add_(kappa).log_().double().sum(0)                           # [u, b]
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+    bar.close()
     return out.add_(float(torch.log(cb).sum())).cpu()
 
 

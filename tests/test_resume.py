@@ -161,3 +161,33 @@ def test_ctrl_c_after_the_image_pass_keeps_the_pass(probe_world, tmp_path, monke
     assert s["resumed_from"] == 120 and s["passes"]["decoded"] == 120 and s["passes"]["encoded_images"] == 0
     assert not list((tmp_path / "s" / "checkpoints").iterdir())
     assert _tables(store) == uninterrupted
+
+
+@pytest.mark.parametrize("sig, stop", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, SystemExit)])
+def test_ctrl_c_or_sigterm_in_the_image_pass_keeps_it_to_the_batch(probe_world, tmp_path, monkeypatch, uninterrupted,
+                                                                   sig, stop):
+    """Ctrl-C (or SIGTERM, a scheduler's time limit) in the image pass, no checkpoint due: the batch
+    in hand is finished and the pass saved at its end, so the same call goes on from there and
+    ends with the tables of an uninterrupted run. A second signal stops at once."""
+    from neurostore.record import Recorder
+
+    spec, args = f"probe:cnn@{probe_world.root}", {**ARGS, "checkpoint_every": 1e9}
+    update, calls = Recorder.update, []
+
+    def signalled(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:             # in the third batch of 8
+            os.kill(os.getpid(), sig)   # delivered here, between two bytecodes of this batch
+        return update(self, *a, **k)
+
+    monkeypatch.setattr(Recorder, "update", signalled)
+    store, said = Store.open(tmp_path / "s"), []
+    with pytest.raises(stop):
+        dissect(store, spec, world=probe_world, log=said.append, **args)
+    assert any("saving the image pass at image 24 of 120" in m for m in said), said
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # the handlers are given back
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    monkeypatch.setattr(Recorder, "update", update)
+    s = dissect(store, spec, world=probe_world, log=lambda *a: None, **args)
+    assert s["resumed_from"] == 24 and s["passes"]["decoded"] == (120 - 24) + 120   # the rest, then the IoU pass
+    assert _tables(store) == uninterrupted

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
 
 from ..errors import BadParameter
+from ..progress import bar as progress_bar
 from ..store import Store
 from ._common import (TokenAblation, check_units, cue_flip_rate, intact_stats, load_model, neuron_names, open_store,
                       parse_units, per_class_accuracy, predict, probe_images, resolve, world_of)
@@ -141,7 +141,7 @@ def ablate(store: Store | str | Path, model: str, units: Sequence[str] | str, *,
         sets.extend(s for s in singles if s != sel)
     base = measure(target, probe, None, pairs)
     out, rows = [], []
-    for s in tqdm(sets, desc=f"ablate {model}", disable=not progress or len(sets) < 3, leave=False):
+    for s in progress_bar(len(sets), f"ablate {model}", "set", progress and len(sets) >= 3, items=sets):
         tok = None
         if tokens:
             tok = TokenAblation(target, s, stats)

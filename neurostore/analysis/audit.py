@@ -65,11 +65,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 from scipy.stats import rankdata
-from tqdm import tqdm
 
 from ..errors import BadInput, BadParameter, NeurostoreError, unknown
 from ..hooks import forward_hooks, keep
 from ..models import list_layers
+from ..progress import bar as progress_bar
 from ..schema import load_schemas
 from ..store import Store
 from ._common import (TokenAblation, all_logits, as_btc, batch_size, blocks_of, check_models, cue_flip_rate,
@@ -360,7 +360,7 @@ def audit_model(st: Store, model: str, classes: Sequence[str] | None, scorer: st
     R = relatedness(want, labels_sorted)               # [classes, labels] MiniLM cosine
     rel = {c: dict(zip(labels_sorted, R[i].tolist())) for i, c in enumerate(want)}
     unit_rows, finding_rows, effect_rows = [], [], []
-    for c in tqdm(want, desc=f"audit {model}", disable=not progress, leave=False):
+    for c in progress_bar(len(want), f"audit {model}", "class", progress, items=want):
         ci = ci_of[c]
         if c not in base:
             continue

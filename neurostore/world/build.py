@@ -35,7 +35,6 @@ import os
 import pickle
 import platform
 import shutil
-import signal
 import sys
 import tempfile
 import threading
@@ -47,9 +46,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ..errors import BadParameter, unknown
+from ..progress import bar as progress_bar
+from ..signals import sigterm_exits
 from ..store import _staging_is_dead
 from ..textembed import get_text_embedder
 from . import generate as gen
@@ -208,11 +208,6 @@ def _torch_settings(threads: int = 1, deterministic: bool = True):
         torch.use_deterministic_algorithms(old_det)
 
 
-def _bar(total: int, desc: str, enabled: bool):
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, unit="it",
-                dynamic_ncols=True)
-
-
 def cue_assignment(labels: np.ndarray, config: WorldConfig, rng: np.random.Generator,
                    correlated: bool = True) -> np.ndarray:
     """Who carries the cue. Correlated: a fraction cue_strength of the cue class, no one else.
@@ -311,7 +306,7 @@ class _Training:
                                name=f"neurostore-train-{name}")
             proc.start()
             there.close()  # so that a worker that dies shows as end-of-file here
-            bar = _bar(_steps(job), f"world: train {name}", self.progress)
+            bar = progress_bar(_steps(job), f"world: train {name}", enabled=self.progress)
             self.workers[name] = (proc, here, counter, bar)
         return self
 
@@ -330,7 +325,7 @@ class _Training:
 
     def train_here(self, name: str) -> None:
         job = dict(self.jobs[name], path=self.folder / f"{name}.pt")
-        with _bar(_steps(job), f"world: train {name}", self.progress) as bar:
+        with progress_bar(_steps(job), f"world: train {name}", enabled=self.progress) as bar:
             def step(k: int) -> None:
                 bar.update(k)
                 self.poll()
@@ -396,7 +391,7 @@ def _build_once(config: WorldConfig, final: Path, progress: bool, force: bool, d
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # held while this process lives: the folder is not garbage
         kernels = _portable_kernels(config)
-        with _sigterm_exits():
+        with sigterm_exits():
             if kernels:
                 _build_in_process_with(kernels, tmp, config, progress)
             else:
@@ -467,7 +462,7 @@ def _build_in_process_with(env: dict[str, str], tmp: Path, config: WorldConfig, 
 
 def _build_cpu(tmp: Path, config: WorldConfig, progress: bool) -> None:
     """A CPU build, in the process _build_in_process_with starts."""
-    with _sigterm_exits(), _torch_settings(1, deterministic=True):
+    with sigterm_exits(), _torch_settings(1, deterministic=True):
         _build_into(tmp, config, progress, "cpu")
 
 
@@ -491,25 +486,6 @@ def _remove_dead_builds(worlds: Path) -> None:
         for d in candidates:
             if _staging_is_dead(d):
                 shutil.rmtree(d, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _sigterm_exits():
-    """SIGTERM ends the build as Ctrl-C does (its temporary folder removed, workers stopped) instead
-    of killing the process on the spot. Only the main thread can set a handler; elsewhere the
-    next build removes what a killed one left."""
-    def stop(signum, frame):
-        raise SystemExit(128 + signum)
-
-    try:
-        previous = signal.signal(signal.SIGTERM, stop)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _split_seeds(seed: int) -> dict[str, np.random.Generator]:
@@ -734,7 +710,7 @@ def _write_images(root: Path, world_id: str, config: WorldConfig, scenes: dict, 
                                                    "label", "caption", "split", "has_cue")}
     mask_cols: dict[str, list] = {c: [] for c in ("dataset", "image_id", "concept", "category",
                                                     "height", "width", "rle", "area")}
-    with _bar(len(rows), "world: images and masks", progress) as bar:
+    with progress_bar(len(rows), "world: images and masks", enabled=progress) as bar:
         for n, (split, image_id, i, cue) in enumerate(rows, 1):
             rel = f"images/{image_id}.png"
             Image.fromarray((cued if cue else base)[split][i]).save(root / rel, compress_level=1)
@@ -788,8 +764,8 @@ def _train_encoder(root: Path, world_id: str, config: WorldConfig, scenes: dict,
     crops, target = enc.make_crops(x_train[:m], objmap["train"][:m], sc_enc, cue_masks,
                                    config.cue_kind, rngs["encoder"], captions)
     batch_size = 128
-    with _bar(n_steps(config.encoder_epochs, len(crops), batch_size), "world: train encoder",
-              progress) as bar:
+    with progress_bar(n_steps(config.encoder_epochs, len(crops), batch_size), "world: train encoder",
+                      enabled=progress) as bar:
         def step(k: int) -> None:
             bar.update(k)
             poll()
