@@ -5,7 +5,7 @@ skipping the ones that cannot be used, with the reason recorded.
     for batch in source.batches(target.preprocess, batch_size=64):
         batch.image_ids, batch.pixels               # list[str], [b, 3, S, S]
     source.rejects_table()                          # schema/rejects.sql minus run_id
-    source.images_table()                           # schema/images.sql minus run_id
+    source.images_table()                           # schema/images.sql minus run_id, content_hash
 
 Conversions (the run goes on): CMYK, palette, grayscale, YCbCr, LAB and HSV become RGB; RGBA,
 LA and palette-with-transparency are composited over white (transparent pixels hold arbitrary
@@ -274,7 +274,8 @@ class ImageSource:
         })
 
     def images_table(self) -> pa.Table:
-        """schema/images.sql minus run_id, for the images decoded so far (after `batches`)."""
+        """schema/images.sql minus run_id and content_hash (the dissect's pass adds it), for the
+        images decoded so far (after `batches`)."""
         ids = [iid for iid, _ in self.items if iid in self.sizes]
         return pa.table({
             "dataset": pa.array([self.dataset] * len(ids), pa.string()),

@@ -743,6 +743,14 @@ def _evaluation(d: _Dissection) -> None:
                                 pa.concat_tables(d.score_tables))
 
 
+def _with_content_hashes(images: pa.Table, image_ids: Sequence[str], hashes: Sequence[str]) -> pa.Table:
+    """The images table with each file's content hash, the key of its vectors in `embeddings`: a
+    later reader (find's open vocabulary, trust.assess) finds them without reading the files."""
+    of = dict(zip(image_ids, hashes))
+    return images.append_column("content_hash", pa.array([of.get(i) for i in images.column("image_id").to_pylist()],
+                                                        pa.string()))
+
+
 def _commit(d: _Dissection, started: float):
     """One run, one commit: every table of the dissect, its concept vectors and its evaluation.
     Write keys at the granularity of the work (module doc). Returns the committed run."""
@@ -759,11 +767,10 @@ def _commit(d: _Dissection, started: float):
         run.write("models", pa.Table.from_pylist([target.model_row()]), key=f"model:{target.id}")
         for row in layers_table_rows(target, d.layers):
             run.write("layers", pa.Table.from_pylist([row]), key=f"{record_key}:{row['layer']}")
+        images = d.mask_world.images() if d.mask_world is not None else source.images_table()
+        run.write("images", _with_content_hashes(images, rec.image_ids, d.hashes), key=f"images:{ds}")
         if d.mask_world is not None:
-            run.write("images", d.mask_world.images(), key=f"images:{ds}")
             run.write("masks", d.mask_world.masks(), key=f"images:{ds}")
-        else:
-            run.write("images", source.images_table(), key=f"images:{ds}")
         run.write("rejects", source.rejects_table(), key=f"images:{ds}")
         run.write("activations", ps.fill_activations(rec.activations_table()), key=record_key)
         run.write("units", rec.units_table(), key=record_key)

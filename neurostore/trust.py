@@ -851,15 +851,10 @@ def phrase_explanations(store, model: str, phrase: str, vector: np.ndarray, enco
         text = cached_vectors(store, encoder_id, "concept", concepts)
         names = [c for c in concepts if c in text and c != phrase] + [phrase]
         text_emb = torch.from_numpy(np.stack([text[c] for c in names[:-1]] + [vec[0].numpy()]))   # [c + 1, d]
-        images = store.df("SELECT image_id, path FROM images WHERE dataset = $d ORDER BY image_id",
+        images = store.df("SELECT image_id, path, content_hash FROM images WHERE dataset = $d ORDER BY image_id",
                           {"d": params["dataset"]})
-        hold = images[heldout(images["image_id"].tolist(), fraction)]
-        hashes = {}
-        for i, path in zip(hold["image_id"], hold["path"]):
-            try:
-                hashes[i] = _content_id(path)
-            except OSError:
-                missing += 1
+        hashes, unread = image_hashes(images[heldout(images["image_id"].tolist(), fraction)])
+        missing += unread
         img = cached_vectors(store, encoder_id, "image", list(hashes.values()))
         ids = [i for i in hashes if hashes[i] in img]
         for layer in g["layer"]:
@@ -937,6 +932,23 @@ def _content_id(path: str) -> str:
     return _file_content_id(str(path), st.st_size, st.st_mtime_ns)
 
 
+def image_hashes(images: "pd.DataFrame") -> tuple[dict[str, str], int]:  # noqa: F821
+    """image_id -> content hash (the key of the image's vectors in `embeddings`) of `images` rows
+    (image_id, path, content_hash): as the dissect stored it, else read from the file (stores
+    written before the column); and how many of those files could not be read."""
+    out, unread = {}, 0
+    stored = images["content_hash"] if "content_hash" in images else [None] * len(images)
+    for i, path, h in zip(images["image_id"], images["path"], stored):
+        if isinstance(h, str):
+            out[i] = h
+            continue
+        try:
+            out[i] = _content_id(path)
+        except OSError:
+            unread += 1
+    return out, unread
+
+
 def dissect_params(store, run_id: str, model: str, vocabulary: str) -> dict:
     """The parameters of the dissect that scored (model, vocabulary) in run `run_id`, with that
     dissect's run_id; a trust run that rewrote the scores keeps them under 'sources'."""
@@ -959,14 +971,12 @@ def _assess_run(store, model: str, run_id: str, params: dict, m: int, seed: int,
                 log) -> dict:
     import pandas as pd
 
-    from .images import file_hash
-
     ds, vocab, enc_id = params["dataset"], params["vocabulary"], params["encoder"]
     scorer_params = params.get("scorers", {})
     args = {"m": model, "r": run_id}
     scores = store.df("SELECT * FROM scores WHERE model = $m AND run_id = $r", args)
     expl = store.df("SELECT * FROM explanations WHERE model = $m AND run_id = $r", args)
-    images = store.df("SELECT image_id, path FROM images WHERE dataset = $d", {"d": ds})
+    images = store.df("SELECT image_id, path, content_hash FROM images WHERE dataset = $d", {"d": ds})
     concepts = store.df("SELECT concept FROM concepts WHERE vocabulary = $v ORDER BY concept",
                         {"v": vocab})["concept"].tolist()
     cindex = {c: i for i, c in enumerate(concepts)}
@@ -974,7 +984,10 @@ def _assess_run(store, model: str, run_id: str, params: dict, m: int, seed: int,
     if len(text) != len(concepts):
         raise BadInput(f"the store lacks {len(concepts) - len(text)} concept vectors of {enc_id}; re-run the dissect.")
     text_emb = torch.from_numpy(np.stack([text[c] for c in concepts]))       # [c, d]
-    path_of = dict(zip(images["image_id"], images["path"]))
+    hash_of, unread = image_hashes(images)
+    if unread:
+        raise BadInput(f"{unread} probe images of {ds} are neither hashed in the store nor readable (moved?); "
+                       "put them back where the images table says, or re-run the dissect.")
     masks = None
     if "masks" in store.tables():
         masks = store.df("SELECT image_id, concept, area, height, width FROM masks WHERE dataset = $d",
@@ -999,8 +1012,8 @@ def _assess_run(store, model: str, run_id: str, params: dict, m: int, seed: int,
         ids = pooled_t.column("image_id").to_pylist()
         pooled = torch.from_numpy(_matrix(pooled_t.column("act_mean")))   # [n, u] the scorers' input
         peak = torch.from_numpy(_matrix(pooled_t.column("act_max")))      # [n, u] fidelity's
-        img = cached_vectors(store, enc_id, "image", [file_hash(path_of[i]) for i in ids])
-        image_emb = torch.from_numpy(np.stack([img[file_hash(path_of[i])] for i in ids]))  # [n, d]
+        img = cached_vectors(store, enc_id, "image", [hash_of[i] for i in ids])
+        image_emb = torch.from_numpy(np.stack([img[hash_of[i]] for i in ids]))  # [n, d]
         sim = S.image_text_similarity(image_emb, text_emb)                 # [n, c]
         a = acts_rows[acts_rows["layer"] == layer]
         n_units = pooled.shape[1]

@@ -10,5 +10,6 @@ CREATE TABLE images (
     caption      VARCHAR,    -- caption when known
     split        VARCHAR,    -- 'train', 'test', 'probe', ...
     has_cue      BOOLEAN,    -- probe world: the spurious cue is drawn in this image
+    content_hash VARCHAR,    -- hash of the file's bytes as the run read it: its vectors' key in embeddings (NULL: stores before it)
     run_id       VARCHAR     -- run that wrote the row
 );

@@ -153,8 +153,8 @@ def build(store) -> dict:
                                         "n_images": 50, "dataset": DATASET})
     concepts = [{"vocabulary": "probe", "concept": c, "category": cat} for c, cat in CATEGORY.items()]
     with store.run("test fixture", {"fixture": "web"}) as run:
-        run.write("images", pa.Table.from_pylist([{k: v for k, v in im.items() if k not in ("shape", "colour", "texture")}
-                                                  for im in imgs]))
+        run.write("images", pa.Table.from_pylist([{**{k: v for k, v in im.items() if k not in ("shape", "colour", "texture")},
+                                                   "content_hash": None} for im in imgs]))
         run.write("patches", pa.Table.from_pylist(patches))
         run.write("models", pa.Table.from_pylist(models))
         run.write("layers", pa.Table.from_pylist(layers))

@@ -63,6 +63,12 @@ def test_open_vocabulary_confidence_is_the_patch_scorers_own(demo_run):
         assert got["confidence"].max() > 0.5            # the planted cue is found
     dog = find(store, "a photo of a dog", methods=("open",))
     assert dog.units.num_rows > 0 and max(dog.profile.column("best_confidence").to_pylist()) < 0.2
+    # the held-out images' vectors are found by the content hashes the dissect stored, not by
+    # reading the files again (10,000 of them at 50,000 probe images)
+    from neurostore.images import file_hash
+    images = store.df("SELECT image_id, path, content_hash FROM images WHERE image_id IN (SELECT image_id FROM pooled)")
+    assert len(images) > 0 and images["content_hash"].notna().all()   # every image the dissects read
+    assert all(h == file_hash(p) for p, h in zip(images["path"][:20], images["content_hash"][:20]))
 
 
 def test_compare_cnn_and_vit(demo_run):

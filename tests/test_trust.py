@@ -505,3 +505,20 @@ def test_a_random_network_on_a_small_probe_set_gets_no_confident_label(probe_wor
     conf = store.df("SELECT confidence FROM explanations WHERE run_id = $r AND list_contains($s, scorer)",
                     {"r": s["run_id"], "s": list(T.HEADLINE_SCORERS)})["confidence"]
     assert len(conf) and conf.max() < 0.9
+
+
+def test_image_hashes_come_from_the_store_and_from_files_only_for_older_rows(tmp_path):
+    """The stored content hash is used as is (the file may have moved); a row written before the
+    column existed is hashed from its file; one whose file is gone is counted, not raised."""
+    import pandas as pd
+
+    from neurostore.images import file_hash
+    from neurostore.trust import image_hashes
+
+    (tmp_path / "b.png").write_bytes(b"not really a png")
+    rows = pd.DataFrame({"image_id": ["a", "b", "c"],
+                         "path": [str(tmp_path / "moved.png"), str(tmp_path / "b.png"), str(tmp_path / "gone.png")],
+                         "content_hash": ["0123456789abcdef", None, None]})
+    hashes, unread = image_hashes(rows)
+    assert hashes == {"a": "0123456789abcdef", "b": file_hash(tmp_path / "b.png")} and unread == 1
+    assert image_hashes(rows.drop(columns="content_hash"))[1] == 2   # a frame without the column

@@ -62,7 +62,8 @@ class World:
     # ---- tables -------------------------------------------------------------------------------
 
     def images(self):
-        """Arrow table in the shape of schema/images.sql (minus run_id); absolute paths."""
+        """Arrow table in the shape of schema/images.sql (minus run_id and content_hash, which the
+        dissect adds as it reads the files); absolute paths."""
         t = pq.read_table(self.root / "images.parquet")
         absolute = pc.binary_join_element_wise(pa.scalar(str(self.root)), t["path"], "/")
         return t.set_column(t.schema.get_field_index("path"), "path", absolute)
