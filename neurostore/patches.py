@@ -317,7 +317,8 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
                     q: float = 0.95, min_frac: float = 0.25, dedup_iou: float = 0.8,
                     batch_size: int = 32, encoders: Sequence = (), known: dict | None = None,
                     stored: frozenset = frozenset(), hashes: Sequence[str] | None = None,
-                    cut: dict | None = None, progress: bool = True, workers: int = 0) -> PatchSet:
+                    cut: dict | None = None, progress: bool = True, workers: int = 0,
+                    encoded: dict | None = None) -> PatchSet:
     """Cut the receptive-field patch of every (layer, unit, top image) of `result`.
 
     Boxes come from the maps the recorder kept for each unit's top images (`keep_maps=True`);
@@ -334,7 +335,11 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
     table). A box found there is not cut and hashed again; an image all of whose boxes are found,
     stored and encoded is not decoded at all (its size comes from `source.sizes`). Boxes cut here
     are listed in `PatchSet.cuts` (the rows of schema/crops.sql). Keys are the file's content:
-    a changed file has another hash, and its crops are cut anew."""
+    a changed file has another hash, and its crops are cut anew.
+
+    `encoded`: {encoder id: ([patch ids], [[b, dim] vectors])}, extended a batch at a time as
+    crops are encoded (ids first: a reader keeps the rows both name), so that a caller keeps what
+    an interrupted cut encoded; what it holds on entry is part of the result's embeddings."""
     layers = list(layers or result.layers)
     known = known or {}
     cut = dict(cut or {})
@@ -348,9 +353,10 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
     order = sorted(jobs)
     ps = PatchSet(result.dataset)
     seen: set[str] = set()                                         # patch ids cut in this set
-    pending: dict[str, list] = {enc.id: [] for enc in encoders}
-    emb_ids: dict[str, list] = {enc.id: [] for enc in encoders}
-    emb_parts: dict[str, list] = {enc.id: [] for enc in encoders}
+    pending: dict[str, list] = {enc.id: [] for enc in encoders}    # (patch id, encoder input) to encode
+    encoded = encoded if encoded is not None else {}
+    for enc in encoders:
+        encoded.setdefault(enc.id, ([], []))
     sizes = getattr(source, "sizes", {})
     bar = progress_bar(len(order), "patches", "img", progress)
 
@@ -366,9 +372,13 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
             while buf and (force or len(buf) >= batch_size):
                 chunk, pending[enc.id] = buf[:batch_size], buf[batch_size:]
                 buf = pending[enc.id]
-                x = (split[enc.id].batch(chunk, getattr(enc, "device", "cpu")) if split[enc.id] is not None
-                     else torch.stack(chunk))                              # [b, 3, S, S]
-                emb_parts[enc.id].append(enc.encode_images(x).float())    # [b, dim]
+                xs = [x for _, x in chunk]
+                x = (split[enc.id].batch(xs, getattr(enc, "device", "cpu")) if split[enc.id] is not None
+                     else torch.stack(xs))                                 # [b, 3, S, S]
+                v = enc.encode_images(x).float().cpu()                    # [b, dim]
+                ids, parts = encoded[enc.id]
+                ids.extend(pid for pid, _ in chunk)
+                parts.append(v)
                 ps.n_encoded += len(chunk)
 
     S = target.input_size
@@ -449,8 +459,7 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
                                             "x0": ibox[0], "y0": ibox[1], "x1": ibox[2], "y1": ibox[3],
                                             "thumbnail": None if pid in stored else thumb})
                             for e, x in pre:  # the encoders that do not know this crop, its input
-                                pending[e].append(x)
-                                emb_ids[e].append(pid)
+                                pending[e].append((pid, x))
                     ps.assignment[(l, u, r)] = pid
                     ps.box_of.setdefault((l, u, r), len(ps.boxes) - 1)
                 flush()
@@ -463,8 +472,8 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
             _CUTTER.clear()
     bar.close()
     for enc in encoders:
-        parts = emb_parts[enc.id]
-        ps.embeddings[enc.id] = (emb_ids[enc.id], torch.cat(parts).numpy() if parts
+        ids, parts = encoded[enc.id]
+        ps.embeddings[enc.id] = (list(ids), torch.cat(parts).numpy() if parts
                                  else np.zeros((0, enc.dim), np.float32))
     return ps
 

@@ -181,14 +181,16 @@ class _Checkpoint:
     def __init__(self, store: Store, work_id: str, every: float):
         self.path = Path(store.path) / "checkpoints" / f"dissect-{work_id}.pt"
         self.every, self.last = every, time.time()
+        self.loaded: dict = {}   # what load() found (later stages read their part)
 
     def load(self) -> dict | None:
         if not self.path.exists():
             return None
         try:
-            return torch.load(self.path, map_location="cpu", weights_only=False)
+            self.loaded = torch.load(self.path, map_location="cpu", weights_only=False)
         except Exception:  # a damaged checkpoint costs the work done, never the run
             return None
+        return self.loaded
 
     def maybe_save(self, state) -> bool:
         if time.time() - self.last < self.every:
@@ -518,6 +520,7 @@ class _Dissection:
     resumed: int = 0
     ckpt: _Checkpoint | None = None
     pass_state: object = None             # the ended image pass's checkpoint state (a callable)
+    patch_vectors: dict = field(default_factory=dict)  # encoder -> ([patch ids], [[b, d]]) crops encoded so far
     ps: object = None                     # the patch set (patches.extract_patches)
     stored_patches: frozenset = frozenset()
     patch_emb: torch.Tensor | None = None  # [boxes, d]
@@ -622,11 +625,14 @@ def _patches(d: _Dissection) -> None:
     store's `crops` table holds (by image content) are neither cut nor hashed again."""
     enc = d.enc
     d.stored_patches = _stored_patch_ids(d.store)
+    # the crops an interrupted run of this work encoded (the checkpoint keeps them): not encoded again
+    ids, m = d.ckpt.loaded.get("patch_vectors", {}).get(enc.id, ([], None))
+    d.patch_vectors = {enc.id: (list(ids), [torch.from_numpy(m)] if len(ids) else [])}
     d.ps = ps = extract_patches(d.target, d.rec, d.source, encoders=[enc],
-                                known={enc.id: cached_ids(d.store, enc.id, "patch")},
+                                known={enc.id: cached_ids(d.store, enc.id, "patch") | frozenset(ids)},
                                 stored=d.stored_patches, hashes=d.hashes, cut=cut_before(d.store, d.hashes),
                                 batch_size=d.opts["batch_size"], progress=d.opts["progress"],
-                                workers=d.opts["workers"])
+                                workers=d.opts["workers"], encoded=d.patch_vectors)
     d.counts["crops"] += ps.n_encoded
     d.counts["decoded_for_crops"] = ps.n_decoded
     new_ids, new_m = ps.embeddings[enc.id]
@@ -743,6 +749,17 @@ def _evaluation(d: _Dissection) -> None:
                                 pa.concat_tables(d.score_tables))
 
 
+def _whole_rows(vectors: dict) -> dict:
+    """{encoder: (ids, [n, d] array)} of extract_patches' `encoded`, cut to the rows both lists
+    hold (an interruption can fall between extending one and the other)."""
+    out = {}
+    for e, (ids, parts) in vectors.items():
+        m = torch.cat(parts).numpy() if parts else np.zeros((0, 0), np.float32)
+        n = min(len(ids), len(m))
+        out[e] = (list(ids[:n]), m[:n])
+    return out
+
+
 def _with_content_hashes(images: pa.Table, image_ids: Sequence[str], hashes: Sequence[str]) -> pa.Table:
     """The images table with each file's content hash, the key of its vectors in `embeddings`: a
     later reader (find's open vocabulary, trust.assess) finds them without reading the files."""
@@ -851,9 +868,9 @@ def dissect(store: Store | str | Path, model: str, *, images: str | Path | None 
                 stage(d)
             except (KeyboardInterrupt, SystemExit, Exception):
                 if d.pass_state is not None:   # the pass has ended: keep it whole, the same command resumes after it
-                    log("stopped: saving the image pass to the store's checkpoints/ first")
+                    log("stopped: saving the image pass (and the crops encoded) to the store's checkpoints/ first")
                     try:
-                        d.ckpt.save(d.pass_state)
+                        d.ckpt.save(lambda: {**d.pass_state(), "patch_vectors": _whole_rows(d.patch_vectors)})
                     except OSError as e:   # a full disk must not hide why the run stopped
                         log(f"could not save the image pass: {e}")
                 raise

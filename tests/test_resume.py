@@ -191,3 +191,57 @@ def test_ctrl_c_or_sigterm_in_the_image_pass_keeps_it_to_the_batch(probe_world, 
     s = dissect(store, spec, world=probe_world, log=lambda *a: None, **args)
     assert s["resumed_from"] == 24 and s["passes"]["decoded"] == (120 - 24) + 120   # the rest, then the IoU pass
     assert _tables(store) == uninterrupted
+
+
+def test_ctrl_c_while_crops_are_encoded_keeps_the_crops_encoded(probe_world, tmp_path, monkeypatch, uninterrupted):
+    """Ctrl-C in the patch stage after some batches of crops were encoded (the costly part of a dissect
+    on a CPU): the checkpoint keeps those vectors with the pass, so the same call encodes only the
+    other crops, and ends with the tables of an uninterrupted run."""
+    import neurostore.pipeline as P
+
+    spec, args = f"probe:cnn@{probe_world.root}", {**ARGS, "checkpoint_every": 1e9}
+    whole = Store.open(tmp_path / "whole")
+    total = dissect(whole, spec, world=probe_world, log=lambda *a: None, **args)["passes"]["encoded_crops"]
+    real, done = P.extract_patches, []
+
+    def interrupted(*a, encoders, **k):
+        enc = encoders[0]
+        encode = enc.encode_images
+
+        def third_stops(x):
+            if len(done) == 2:
+                raise KeyboardInterrupt
+            done.append(len(x))
+            return encode(x)
+
+        monkeypatch.setattr(enc, "encode_images", third_stops)
+        return real(*a, encoders=encoders, **k)
+
+    monkeypatch.setattr(P, "extract_patches", interrupted)
+    store = Store.open(tmp_path / "s")
+    with pytest.raises(KeyboardInterrupt):
+        dissect(store, spec, world=probe_world, log=lambda *a: None, **args)
+    monkeypatch.setattr(P, "extract_patches", real)
+    s = dissect(store, spec, world=probe_world, log=lambda *a: None, **args)
+    assert s["resumed_from"] == 120 and s["passes"]["encoded_crops"] == total - sum(done) and sum(done) > 0
+    assert _tables(store) == uninterrupted
+
+
+def test_ctrl_c_after_the_crops_keeps_every_crop_vector(probe_world, tmp_path, monkeypatch, uninterrupted):
+    """Ctrl-C once the crops are all encoded (here in the scores): the same call encodes none."""
+    import neurostore.pipeline as P
+
+    spec, args = f"probe:cnn@{probe_world.root}", {**ARGS, "checkpoint_every": 1e9}
+    real = P._scores
+
+    def interrupted(d):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(P, "_scores", interrupted)
+    store = Store.open(tmp_path / "s")
+    with pytest.raises(KeyboardInterrupt):
+        dissect(store, spec, world=probe_world, log=lambda *a: None, **args)
+    monkeypatch.setattr(P, "_scores", real)
+    s = dissect(store, spec, world=probe_world, log=lambda *a: None, **args)
+    assert s["resumed_from"] == 120 and s["passes"]["encoded_crops"] == 0
+    assert _tables(store) == uninterrupted
