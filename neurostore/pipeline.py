@@ -609,6 +609,9 @@ def _one_pass(d: _Dissection) -> None:
         precision=d.dtype, image_emb=image_emb, iou_fraction=iou_fraction, known_images=known_images,
         ckpt=d.ckpt, counts=d.counts, progress=o["progress"], log=o["log"])
     d.pass_state = state   # the whole pass: what an interrupted later stage keeps (dissect)
+    # the crops an interrupted run of this work encoded (kept with its ended pass): not encoded again
+    ids, m = d.ckpt.loaded.get("patch_vectors", {}).get(d.enc.id, ([], None))
+    d.patch_vectors = {d.enc.id: (list(ids), [torch.from_numpy(m)] if len(ids) else [])}
     if d.resumed:
         o["log"](f"resumed from a checkpoint at image {d.resumed} of {len(d.source)}")
     d.rec = rec.result()
@@ -625,11 +628,9 @@ def _patches(d: _Dissection) -> None:
     store's `crops` table holds (by image content) are neither cut nor hashed again."""
     enc = d.enc
     d.stored_patches = _stored_patch_ids(d.store)
-    # the crops an interrupted run of this work encoded (the checkpoint keeps them): not encoded again
-    ids, m = d.ckpt.loaded.get("patch_vectors", {}).get(enc.id, ([], None))
-    d.patch_vectors = {enc.id: (list(ids), [torch.from_numpy(m)] if len(ids) else [])}
+    before = frozenset(d.patch_vectors[enc.id][0])   # encoded by an interrupted run of this work
     d.ps = ps = extract_patches(d.target, d.rec, d.source, encoders=[enc],
-                                known={enc.id: cached_ids(d.store, enc.id, "patch") | frozenset(ids)},
+                                known={enc.id: cached_ids(d.store, enc.id, "patch") | before},
                                 stored=d.stored_patches, hashes=d.hashes, cut=cut_before(d.store, d.hashes),
                                 batch_size=d.opts["batch_size"], progress=d.opts["progress"],
                                 workers=d.opts["workers"], encoded=d.patch_vectors)
