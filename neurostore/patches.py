@@ -30,7 +30,7 @@ import hashlib
 import io
 import multiprocessing
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -318,7 +318,7 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
                     batch_size: int = 32, encoders: Sequence = (), known: dict | None = None,
                     stored: frozenset = frozenset(), hashes: Sequence[str] | None = None,
                     cut: dict | None = None, progress: bool = True, workers: int = 0,
-                    encoded: dict | None = None) -> PatchSet:
+                    encoded: dict | None = None, on_chunk: Callable[[], object] | None = None) -> PatchSet:
     """Cut the receptive-field patch of every (layer, unit, top image) of `result`.
 
     Boxes come from the maps the recorder kept for each unit's top images (`keep_maps=True`);
@@ -339,7 +339,8 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
 
     `encoded`: {encoder id: ([patch ids], [[b, dim] vectors])}, extended a batch at a time as
     crops are encoded (ids first: a reader keeps the rows both name), so that a caller keeps what
-    an interrupted cut encoded; what it holds on entry is part of the result's embeddings."""
+    an interrupted cut encoded (`on_chunk`, called after each chunk of images, can save it); what
+    it holds on entry is part of the result's embeddings."""
     layers = list(layers or result.layers)
     known = known or {}
     cut = dict(cut or {})
@@ -465,6 +466,8 @@ def extract_patches(target: Target, result: RecordResult, source, layers: Sequen
                 flush()
             flush()
             bar.update(len(idx))
+            if on_chunk is not None:
+                on_chunk()
         flush(force=True)
     finally:
         if pool is not None:

@@ -629,11 +629,17 @@ def _patches(d: _Dissection) -> None:
     enc = d.enc
     d.stored_patches = _stored_patch_ids(d.store)
     before = frozenset(d.patch_vectors[enc.id][0])   # encoded by an interrupted run of this work
+
+    def checkpoint() -> None:   # as in the pass: a run killed outright keeps the crops of its last one
+        if d.ckpt.maybe_save(lambda: _kept(d)):
+            d.counts["checkpoints"] += 1
+
     d.ps = ps = extract_patches(d.target, d.rec, d.source, encoders=[enc],
                                 known={enc.id: cached_ids(d.store, enc.id, "patch") | before},
                                 stored=d.stored_patches, hashes=d.hashes, cut=cut_before(d.store, d.hashes),
                                 batch_size=d.opts["batch_size"], progress=d.opts["progress"],
-                                workers=d.opts["workers"], encoded=d.patch_vectors)
+                                workers=d.opts["workers"], encoded=d.patch_vectors,
+                                on_chunk=checkpoint)
     d.counts["crops"] += ps.n_encoded
     d.counts["decoded_for_crops"] = ps.n_decoded
     new_ids, new_m = ps.embeddings[enc.id]
@@ -748,6 +754,11 @@ def _evaluation(d: _Dissection) -> None:
     d.evaluation = evaluate_run(d.store, d.target.id, d.rec.dataset, d.target.model_row()["classes"],
                                 pa.concat_tables(d.expl_tables), layers_table_rows(d.target, d.layers),
                                 pa.concat_tables(d.score_tables))
+
+
+def _kept(d: _Dissection) -> dict:
+    """The checkpoint once the image pass has ended: the pass, and the crop vectors encoded so far."""
+    return {**d.pass_state(), "patch_vectors": _whole_rows(d.patch_vectors)}
 
 
 def _whole_rows(vectors: dict) -> dict:
@@ -871,7 +882,7 @@ def dissect(store: Store | str | Path, model: str, *, images: str | Path | None 
                 if d.pass_state is not None:   # the pass has ended: keep it whole, the same command resumes after it
                     log("stopped: saving the image pass (and the crops encoded) to the store's checkpoints/ first")
                     try:
-                        d.ckpt.save(lambda: {**d.pass_state(), "patch_vectors": _whole_rows(d.patch_vectors)})
+                        d.ckpt.save(lambda: _kept(d))
                     except OSError as e:   # a full disk must not hide why the run stopped
                         log(f"could not save the image pass: {e}")
                 raise

@@ -193,13 +193,20 @@ def test_ctrl_c_or_sigterm_in_the_image_pass_keeps_it_to_the_batch(probe_world, 
     assert _tables(store) == uninterrupted
 
 
-def test_ctrl_c_while_crops_are_encoded_keeps_the_crops_encoded(probe_world, tmp_path, monkeypatch, uninterrupted):
+class _Killed(BaseException):
+    """Stands for SIGKILL: no handler of the dissect's catches it, so only what was saved stays."""
+
+
+@pytest.mark.parametrize("stop, every, at", [(KeyboardInterrupt, 1e9, 3), (_Killed, 0.0, 30)])
+def test_ctrl_c_while_crops_are_encoded_keeps_the_crops_encoded(probe_world, tmp_path, monkeypatch, uninterrupted,
+                                                                stop, every, at):
     """Ctrl-C in the patch stage after some batches of crops were encoded (the costly part of a dissect
-    on a CPU): the checkpoint keeps those vectors with the pass, so the same call encodes only the
-    other crops, and ends with the tables of an uninterrupted run."""
+    on a CPU): the checkpoint saved on the way out keeps those vectors with the pass (a run killed
+    outright: its last checkpoint, saved every `checkpoint_every` seconds of the patch stage too), so
+    the same call encodes only the other crops, and ends with the tables of an uninterrupted run."""
     import neurostore.pipeline as P
 
-    spec, args = f"probe:cnn@{probe_world.root}", {**ARGS, "checkpoint_every": 1e9}
+    spec, args = f"probe:cnn@{probe_world.root}", {**ARGS, "checkpoint_every": every}
     whole = Store.open(tmp_path / "whole")
     total = dissect(whole, spec, world=probe_world, log=lambda *a: None, **args)["passes"]["encoded_crops"]
     real, done = P.extract_patches, []
@@ -208,22 +215,25 @@ def test_ctrl_c_while_crops_are_encoded_keeps_the_crops_encoded(probe_world, tmp
         enc = encoders[0]
         encode = enc.encode_images
 
-        def third_stops(x):
-            if len(done) == 2:
-                raise KeyboardInterrupt
+        def stops_at(x):   # the `at`-th batch of crops (of 43)
+            if len(done) == at - 1:
+                raise stop
             done.append(len(x))
             return encode(x)
 
-        monkeypatch.setattr(enc, "encode_images", third_stops)
+        monkeypatch.setattr(enc, "encode_images", stops_at)
         return real(*a, encoders=encoders, **k)
 
     monkeypatch.setattr(P, "extract_patches", interrupted)
     store = Store.open(tmp_path / "s")
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(stop):
         dissect(store, spec, world=probe_world, log=lambda *a: None, **args)
     monkeypatch.setattr(P, "extract_patches", real)
     s = dissect(store, spec, world=probe_world, log=lambda *a: None, **args)
-    assert s["resumed_from"] == 120 and s["passes"]["encoded_crops"] == total - sum(done) and sum(done) > 0
+    # killed: the checkpoint after the last whole chunk of images holds all but the crops after it
+    assert s["resumed_from"] == 120 and total - sum(done) <= s["passes"]["encoded_crops"] < total and sum(done) > 0
+    if stop is KeyboardInterrupt:
+        assert s["passes"]["encoded_crops"] == total - sum(done)
     assert _tables(store) == uninterrupted
 
 
