@@ -135,27 +135,44 @@ def test_ctrl_c_in_the_window_pass_keeps_the_windows_encoded_so_far(probe_world,
     assert s["passes"]["encoded_cells"] == 28 * (120 - sum(calls[:2]))
 
 
+def _stopped_then_resumed(probe_world, tmp_path, monkeypatch, stage: str, stopping, stop=KeyboardInterrupt,
+                          args: dict = ARGS, said: list | None = None) -> tuple[dict, Store]:
+    """A dissect whose pipeline function `stage` is replaced by `stopping(real)` raises `stop`; then
+    the same call with the real one. Returns the second call's summary and the store."""
+    import neurostore.pipeline as P
+
+    spec, real = f"probe:cnn@{probe_world.root}", getattr(P, stage)
+    monkeypatch.setattr(P, stage, stopping(real))
+    store = Store.open(tmp_path / "s")
+    with pytest.raises(stop):
+        dissect(store, spec, world=probe_world, log=(said if said is not None else []).append, **args)
+    monkeypatch.setattr(P, stage, real)
+    return dissect(store, spec, world=probe_world, log=lambda *a: None, **args), store
+
+
+def _raises(e):
+    def stopping(real):
+        def stopped(*a, **k):
+            raise e
+        return stopped
+    return stopping
+
+
 def test_ctrl_c_after_the_image_pass_keeps_the_pass(probe_world, tmp_path, monkeypatch, uninterrupted):
     """Ctrl-C while the patches are cut (here before any checkpoint was due): the ended image pass
     is saved on the way out, so the same call decodes no image for it again and ends with the
     tables of an uninterrupted run."""
-    import neurostore.pipeline as P
+    said, checkpoints = [], []
 
-    spec, args = f"probe:cnn@{probe_world.root}", {**ARGS, "checkpoint_every": 1e9}
-    real = P.extract_patches
+    def stopping(real):
+        def stopped(*a, **k):
+            checkpoints.extend((tmp_path / "s" / "checkpoints").glob("*.pt"))
+            raise KeyboardInterrupt
+        return stopped
 
-    def interrupted(*a, **k):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(P, "extract_patches", interrupted)
-    store = Store.open(tmp_path / "s")
-    said = []
-    with pytest.raises(KeyboardInterrupt):
-        dissect(store, spec, world=probe_world, log=said.append, **args)
-    assert any("saving the image pass" in m for m in said)
-    assert len(list((tmp_path / "s" / "checkpoints").glob("*.pt"))) == 1
-    monkeypatch.setattr(P, "extract_patches", real)
-    s = dissect(store, spec, world=probe_world, log=lambda *a: None, **args)
+    s, store = _stopped_then_resumed(probe_world, tmp_path, monkeypatch, "extract_patches", stopping,
+                                     args={**ARGS, "checkpoint_every": 1e9}, said=said)
+    assert any("saving the image pass" in m for m in said) and checkpoints == []   # none due before the stop
     # the image pass is not run again: its 120 images are decoded once, by the IoU pass (iou), and
     # their whole-image vectors come from the checkpoint
     assert s["resumed_from"] == 120 and s["passes"]["decoded"] == 120 and s["passes"]["encoded_images"] == 0
@@ -204,32 +221,26 @@ def test_ctrl_c_while_crops_are_encoded_keeps_the_crops_encoded(probe_world, tmp
     on a CPU): the checkpoint saved on the way out keeps those vectors with the pass (a run killed
     outright: its last checkpoint, saved every `checkpoint_every` seconds of the patch stage too), so
     the same call encodes only the other crops, and ends with the tables of an uninterrupted run."""
-    import neurostore.pipeline as P
-
-    spec, args = f"probe:cnn@{probe_world.root}", {**ARGS, "checkpoint_every": every}
+    args, done = {**ARGS, "checkpoint_every": every}, []
     whole = Store.open(tmp_path / "whole")
-    total = dissect(whole, spec, world=probe_world, log=lambda *a: None, **args)["passes"]["encoded_crops"]
-    real, done = P.extract_patches, []
+    total = dissect(whole, f"probe:cnn@{probe_world.root}", world=probe_world, log=lambda *a: None,
+                    **args)["passes"]["encoded_crops"]
 
-    def interrupted(*a, encoders, **k):
-        enc = encoders[0]
-        encode = enc.encode_images
+    def stopping(real):
+        def extract(*a, encoders, **k):
+            encode = encoders[0].encode_images
 
-        def stops_at(x):   # the `at`-th batch of crops (of 43)
-            if len(done) == at - 1:
-                raise stop
-            done.append(len(x))
-            return encode(x)
+            def stops_at(x):   # the `at`-th batch of crops (of 43)
+                if len(done) == at - 1:
+                    raise stop
+                done.append(len(x))
+                return encode(x)
 
-        monkeypatch.setattr(enc, "encode_images", stops_at)
-        return real(*a, encoders=encoders, **k)
+            monkeypatch.setattr(encoders[0], "encode_images", stops_at)
+            return real(*a, encoders=encoders, **k)
+        return extract
 
-    monkeypatch.setattr(P, "extract_patches", interrupted)
-    store = Store.open(tmp_path / "s")
-    with pytest.raises(stop):
-        dissect(store, spec, world=probe_world, log=lambda *a: None, **args)
-    monkeypatch.setattr(P, "extract_patches", real)
-    s = dissect(store, spec, world=probe_world, log=lambda *a: None, **args)
+    s, store = _stopped_then_resumed(probe_world, tmp_path, monkeypatch, "extract_patches", stopping, stop, args)
     # killed: the checkpoint after the last whole chunk of images holds all but the crops after it
     assert s["resumed_from"] == 120 and total - sum(done) <= s["passes"]["encoded_crops"] < total and sum(done) > 0
     if stop is KeyboardInterrupt:
@@ -239,19 +250,7 @@ def test_ctrl_c_while_crops_are_encoded_keeps_the_crops_encoded(probe_world, tmp
 
 def test_ctrl_c_after_the_crops_keeps_every_crop_vector(probe_world, tmp_path, monkeypatch, uninterrupted):
     """Ctrl-C once the crops are all encoded (here in the scores): the same call encodes none."""
-    import neurostore.pipeline as P
-
-    spec, args = f"probe:cnn@{probe_world.root}", {**ARGS, "checkpoint_every": 1e9}
-    real = P._scores
-
-    def interrupted(d):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(P, "_scores", interrupted)
-    store = Store.open(tmp_path / "s")
-    with pytest.raises(KeyboardInterrupt):
-        dissect(store, spec, world=probe_world, log=lambda *a: None, **args)
-    monkeypatch.setattr(P, "_scores", real)
-    s = dissect(store, spec, world=probe_world, log=lambda *a: None, **args)
+    s, store = _stopped_then_resumed(probe_world, tmp_path, monkeypatch, "_scores", _raises(KeyboardInterrupt),
+                                     args={**ARGS, "checkpoint_every": 1e9})
     assert s["resumed_from"] == 120 and s["passes"]["encoded_crops"] == 0
     assert _tables(store) == uninterrupted
