@@ -870,12 +870,7 @@ def phrase_explanations(store, model: str, phrase: str, vector: np.ndarray, enco
             a = a[a["patch_id"].isin(pv)]
             pid = sorted(pv)
             units = np.array(sorted(a["unit"].unique()), np.int64)
-            at = {u: j for j, u in enumerate(units)}
-            k = int(a["rank"].max()) + 1
-            up, uw = torch.full((len(units), k), -1, dtype=torch.long), torch.zeros(len(units), k)
-            ix = (torch.tensor(a["unit"].map(at).to_numpy(np.int64)), torch.tensor(a["rank"].to_numpy(np.int64)))
-            up[ix] = torch.tensor(a["patch_id"].map({q: j for j, q in enumerate(pid)}).to_numpy(np.int64))
-            uw[ix] = torch.tensor(np.nan_to_num(a["act_value"].to_numpy(np.float32)))
+            up, uw, _ = _unit_index(a, units, {q: j for j, q in enumerate(pid)})
             pe, up = S.own_patches(torch.from_numpy(np.stack([pv[q] for q in pid])), up)
             sp = params.get("scorers", {}).get("patch", {})
             score = S.patch_scores(pe, vec, up, uw, mode=sp.get("mode", "diff"))[:, 0].double()   # [u]
@@ -916,6 +911,26 @@ def phrase_explanations(store, model: str, phrase: str, vector: np.ndarray, enco
         columns=["layer", "unit", "score", "confidence", "null_q", "margin", "auprc", "cosine_pearson", "concept_peak"])
     res.attrs["files_missing"], res.attrs["layers_without_null"] = missing, no_null
     return res
+
+
+def _unit_index(a: "pd.DataFrame", units: "int | np.ndarray", patch_row: dict,  # noqa: F821
+                image_row: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[units, k] tables of a layer's `activations` rows (unit, rank, patch_id, act_value,
+    image_id), as the patch scorer takes them: each (unit, rank)'s patch row (`patch_row`), its
+    weight (the activation) and, with `image_row`, its image's row; -1 and 0 where a unit has
+    fewer. `units`: how many (the unit ids are the rows), or the unit ids in row order."""
+    rows = a["unit"] if isinstance(units, int) else a["unit"].map({u: j for j, u in enumerate(units)})
+    n = units if isinstance(units, int) else len(units)
+    k = int(a["rank"].max()) + 1 if len(a) else 1
+    up, ui, uw = torch.full((n, k), -1, dtype=torch.long), torch.full((n, k), -1, dtype=torch.long), torch.zeros(n, k)
+    if len(a):
+        # np.array copies: pandas hands out read-only views, which torch warns about
+        at = (torch.from_numpy(np.array(rows, np.int64)), torch.from_numpy(np.array(a["rank"], np.int64)))
+        up[at] = torch.from_numpy(np.array(a["patch_id"].map(patch_row), np.int64))
+        uw[at] = torch.from_numpy(np.nan_to_num(np.array(a["act_value"], np.float32)))
+        if image_row is not None:
+            ui[at] = torch.from_numpy(np.array(a["image_id"].map(image_row).fillna(-1), np.int64))
+    return up, uw, ui
 
 
 @functools.lru_cache(maxsize=1 << 17)
@@ -1015,18 +1030,8 @@ def _assess_run(store, model: str, run_id: str, params: dict, m: int, seed: int,
         img = cached_vectors(store, enc_id, "image", [hash_of[i] for i in ids])
         image_emb = torch.from_numpy(np.stack([img[hash_of[i]] for i in ids]))  # [n, d]
         sim = S.image_text_similarity(image_emb, text_emb)                 # [n, c]
-        a = acts_rows[acts_rows["layer"] == layer]
-        n_units = pooled.shape[1]
-        k = int(a["rank"].max()) + 1 if len(a) else 1
-        up = torch.full((n_units, k), -1, dtype=torch.long)
-        ui = torch.full((n_units, k), -1, dtype=torch.long)
-        uw = torch.zeros(n_units, k)
-        if len(a):
-            # np.array copies: pandas hands out read-only views, which torch warns about
-            at = (torch.from_numpy(np.array(a["unit"], np.int64)), torch.from_numpy(np.array(a["rank"], np.int64)))
-            up[at] = torch.from_numpy(np.array(a["patch_id"].map(prow), np.int64))
-            ui[at] = torch.from_numpy(np.array(a["image_id"].map({i: j for j, i in enumerate(ids)}).fillna(-1), np.int64))
-            uw[at] = torch.from_numpy(np.nan_to_num(np.array(a["act_value"], np.float32)))
+        up, uw, ui = _unit_index(acts_rows[acts_rows["layer"] == layer], pooled.shape[1], prow,
+                                 {i: j for j, i in enumerate(ids)})
         # the layer's own patches, as the dissect scored them
         pe, up = S.own_patches(patch_emb, up) if patch_emb is not None else (None, up)
         inputs = {"similarity": sim, "pooled": pooled, "peak": peak, "patch_emb": pe, "text_emb": text_emb,
