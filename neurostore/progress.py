@@ -7,7 +7,7 @@ with escape codes that a log shows as `[A` litter: there each bar keeps to its o
 from __future__ import annotations
 
 import sys
-from typing import Iterable
+from collections.abc import Iterable
 
 LOG_INTERVAL = 30.0   # seconds between a bar's updates in a log
 
