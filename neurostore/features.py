@@ -294,7 +294,8 @@ def fit_topk_sae(x: torch.Tensor, n_features: int, k: int, *, steps: int, seed: 
     kept_min = []  # batchtopk: the smallest kept pre-activation of each batch (last half of its training)
     topk_steps = steps // 2 if band is not None else steps       # BatchTopK's steps; JumpReLU's after
     theta = None                                                 # [features] JumpReLU's thresholds
-    # minutes on a CPU at real scale: 16,384 features of a ResNet-50 layer4 are ~100 GFLOP a step
+    # long on a CPU at real scale: 16,384 features of a ResNet-50 layer4 are ~400 GFLOP a step (dense
+    # encode and decode of 1,024 samples, forward and backward)
     for step in progress_bar(steps, f"fit {n_features} features", "step", progress, items=range(1, steps + 1)):
         xb = xn[torch.randint(0, n, (min(batch, n),), generator=gd, device=device)]  # [b, units]
         pre = (xb - b_dec) @ w_enc + b_enc                       # [b, features]
