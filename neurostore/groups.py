@@ -43,6 +43,7 @@ from .analysis._common import (BATCH, check_models, load_model, logits_of, model
 from .analysis.audit import contributions
 from .errors import BadInput, BadParameter, UnknownLayer, unknown
 from .hooks import forward_hooks, keep
+from .progress import bar as progress_bar
 from .record import to_map
 from .store import Store
 
@@ -78,16 +79,20 @@ UNIT_EDGE_IMAGES = 64  # images the unit -> unit attributions average over (modu
 TOP_EDGES = 8           # edges kept per unit in each direction, and classes per unit (module doc)
 
 
-def unit_edges(target, pixels: torch.Tensor, layers: list[str]) -> dict:
+def unit_edges(target, pixels: torch.Tensor, layers: list[str], progress: bool = False) -> dict:
     """{(up, down): [units_up, units_down]} mean attribution of each upstream unit to each unit of
     the next layer (module doc): one backward per downstream unit and batch. (A vmapped backward,
     is_grads_batched, was no faster on the CPU and needs memory per unit.)"""
     pairs = list(zip(layers, layers[1:]))
     sums: dict = {}
+    # a ResNet-50's layer3 -> layer4 alone is 2,048 backwards a batch; the count is known after the first
+    bar = progress_bar(None, "unit edges", "backward", progress and bool(pairs))
     for i in range(0, len(pixels), BATCH):
         outs = {}
         with forward_hooks(target.module, {n: keep(outs, n) for n in layers}), torch.enable_grad():
             logits_of(target, pixels[i : i + BATCH].clone().requires_grad_(True), exact=True)
+            if bar.total is None:
+                bar.total = -(-len(pixels) // BATCH) * sum(to_map(target, outs[d]).shape[1] for _, d in pairs)
             for up, down in pairs:
                 pooled = to_map(target, outs[down]).float().mean((2, 3))             # [b, units_down]
                 a = outs[up]
@@ -95,8 +100,10 @@ def unit_edges(target, pixels: torch.Tensor, layers: list[str]) -> dict:
                 for j in range(pooled.shape[1]):
                     g, = torch.autograd.grad(pooled[:, j].sum(), a, retain_graph=True)  # like a: [b, ...]
                     cols.append(to_map(target, (g * a).detach()).double().sum((2, 3)).sum(0))  # [units_up]
+                    bar.update(1)
                 s = torch.stack(cols, 1).cpu().numpy()                                # [units_up, units_down]
                 sums[(up, down)] = sums[(up, down)] + s if (up, down) in sums else s
+    bar.close()
     return {p: s / len(pixels) for p, s in sums.items()}
 
 
@@ -128,7 +135,7 @@ def _explain(expl, layer: str, units: np.ndarray) -> tuple[str | None, list[str]
 
 def groups(store: Store | str, model: str, *, layers: list[str] | None = None, n_groups: int | None = None,
            scorer: str = "patch", max_images: int = 1000, edge_images: int = UNIT_EDGE_IMAGES, seed: int = 0,
-           log=print) -> dict:
+           log=print, progress: bool = True) -> dict:
     """Cluster each dissected hidden layer of `model` into groups, explain them, and store the
     group circuit (module doc). n_groups per layer: default about sqrt(units), at least 2."""
     t0 = time.time()
@@ -186,7 +193,7 @@ def groups(store: Store | str, model: str, *, layers: list[str] | None = None, n
     # edges are their block sums.
     pick = np.unique(np.linspace(0, len(probe.image_ids) - 1, min(edge_images, len(probe.image_ids))).round().astype(int))
     log(f"groups {model}: unit edges on {len(pick)} images")
-    w_units = unit_edges(target, probe.pixels[pick], hidden)
+    w_units = unit_edges(target, probe.pixels[pick], hidden, progress)
     edges, links = [], []
     for (up, down), w in w_units.items():
         wg = block_sums(w, members[up], members[down])                   # [groups_up, groups_down]
