@@ -114,6 +114,19 @@ def test_find_semantic_matches_a_phrase_absent_from_the_vocabulary(synth):
     assert find(st, "zebra stripes", methods=("exact",)).units.num_rows == 0
 
 
+def test_find_says_which_models_had_untrained_weights(tmp_path):
+    """Rows of a model dissected with random weights (`@random`, `/random`) come with a note that
+    they are a baseline: its run's params say so."""
+    st, *_ = build_synthetic(tmp_path / "s")
+    with st.run("dissect", {"random_weights": {"target": True, "encoder": False}}) as run:
+        run.write("models", pa.Table.from_pylist([{"model": "mb", "spec": "x@random", "arch": "X", "n_params": 1,
+                                                   "input_size": 32, "classes": None, "crop_fraction": None}]))
+    res = find(st, "striped", methods=("exact",))
+    assert {"ma", "mb"} <= set(res.units.column("model").to_pylist())
+    said = [n for n in res.notes if "untrained" in n]
+    assert len(said) == 1 and said[0].startswith("mb was dissected with untrained (random) weights")
+
+
 def test_find_rejects_bad_input(synth):
     st = synth[0]
     with pytest.raises(UnknownModel, match="Unknown model 'nope'.*Valid: ma, mb"):

@@ -117,6 +117,16 @@ def _semantic_concepts(st: Store, phrase: str, models, min_similarity: float, ma
     return out
 
 
+def _untrained(st: Store, models: list[str]) -> list[str]:
+    """Those of `models` whose dissect ran on random weights (its run's params say so)."""
+    if not models:
+        return []
+    t = st.df("""SELECT DISTINCT m.model FROM models m JOIN runs r USING (run_id)
+                 WHERE list_contains($m, m.model)
+                   AND coalesce(json_extract(r.params, '$.random_weights.target')::BOOLEAN, false)""", {"m": models})
+    return sorted(t["model"])
+
+
 def _open_vocabulary(st: Store, phrase: str, encoder_id: str, models, layers, notes: list[str],
                      device=None, precision: str | None = None) -> list[dict]:
     """Every unit with stored patches, scored for the phrase with `encoder_id` (module doc)."""
@@ -294,6 +304,9 @@ def find(store: Store | str | Path, phrase: str, *, models: Sequence[str] | None
     if "label" in methods:
         found.update(_label_rows(st, phrase, scorer, models, layers))
     unit_rows = [r for m in found for r in _rank(found[m], m, depths, top)]
+    for m in _untrained(st, sorted({r["model"] for r in unit_rows})):
+        notes.append(f"{m} was dissected with untrained (random) weights: its units explain nothing, so its "
+                     "rows are a baseline to compare with, not findings")
     profile = _profile(found, depths, models)
     if not any(found.values()):
         notes.append(f"nothing found for '{phrase_in}': not a stored concept, no stored concept within "
