@@ -181,16 +181,19 @@ class _Checkpoint:
     def __init__(self, store: Store, work_id: str, every: float):
         self.path = Path(store.path) / "checkpoints" / f"dissect-{work_id}.pt"
         self.every, self.last = every, time.time()
-        self.loaded: dict = {}   # what load() found (later stages read their part)
+        # the crop vectors load() found (an ended pass's checkpoint holds them), for the patch stage;
+        # the rest of what it found goes to the pass, which need not keep it alive beside its own
+        self.patch_vectors: dict = {}
 
     def load(self) -> dict | None:
         if not self.path.exists():
             return None
         try:
-            self.loaded = torch.load(self.path, map_location="cpu", weights_only=False)
+            data = torch.load(self.path, map_location="cpu", weights_only=False)
         except Exception:  # a damaged checkpoint costs the work done, never the run
             return None
-        return self.loaded
+        self.patch_vectors = data.get("patch_vectors", {})
+        return data
 
     def maybe_save(self, state) -> bool:
         if time.time() - self.last < self.every:
@@ -610,7 +613,7 @@ def _one_pass(d: _Dissection) -> None:
         ckpt=d.ckpt, counts=d.counts, progress=o["progress"], log=o["log"])
     d.pass_state = state   # the whole pass: what an interrupted later stage keeps (dissect)
     # the crops an interrupted run of this work encoded (kept with its ended pass): not encoded again
-    ids, m = d.ckpt.loaded.get("patch_vectors", {}).get(d.enc.id, ([], None))
+    ids, m = d.ckpt.patch_vectors.get(d.enc.id, ([], None))
     d.patch_vectors = {d.enc.id: (list(ids), [torch.from_numpy(m)] if len(ids) else [])}
     if d.resumed:
         o["log"](f"resumed from a checkpoint at image {d.resumed} of {len(d.source)}")
