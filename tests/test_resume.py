@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from neurostore.pipeline import dissect
 from neurostore.store import Store
@@ -246,6 +247,46 @@ def test_ctrl_c_while_crops_are_encoded_keeps_the_crops_encoded(probe_world, tmp
     if stop is KeyboardInterrupt:
         assert s["passes"]["encoded_crops"] == total - sum(done)
     assert _tables(store) == uninterrupted
+
+
+def test_the_patch_stage_writes_the_pass_once_then_only_new_crops(probe_world, tmp_path, monkeypatch):
+    """Saved after every chunk of crops (checkpoint_every 0) and killed: in the patch stage the
+    ended pass was written once, and each save after that wrote only the crops no earlier lot
+    holds (rewriting the pass with each lot cost its whole size every time)."""
+    import neurostore.pipeline as P
+
+    writes, at, done = [], [], []
+    write = P._atomic_write
+    monkeypatch.setattr(P, "_atomic_write", lambda path, fn: (writes.append(Path(path).name), write(path, fn))[1])
+
+    def stopping(real):
+        def extract(*a, encoders, **k):
+            at.append(len(writes))   # the writes of the patch stage start here
+            encode = encoders[0].encode_images
+
+            def stops_at(x):
+                if len(done) == 29:
+                    raise _Killed
+                done.append(len(x))
+                return encode(x)
+
+            monkeypatch.setattr(encoders[0], "encode_images", stops_at)
+            return real(*a, encoders=encoders, **k)
+        return extract
+
+    spec, real = f"probe:cnn@{probe_world.root}", P.extract_patches
+    monkeypatch.setattr(P, "extract_patches", stopping(real))
+    store = Store.open(tmp_path / "s")
+    with pytest.raises(_Killed):
+        dissect(store, spec, world=probe_world, log=lambda *a: None, **{**ARGS, "checkpoint_every": 0.0})
+    stage = writes[at[0]:]
+    passes = [w for w in stage if w.startswith("dissect-") and w.endswith(".pt") and ".crops-" not in w]
+    lots = sorted(Path(store.path, "checkpoints").glob("dissect-*.crops-*.pt"))
+    assert len(passes) == 1 and len(lots) == len(stage) - 1 >= 2
+    ids = [i for f in lots for i, _ in torch.load(f, weights_only=False).values() for i in i]
+    assert len(ids) == len(set(ids)) and 0 < len(ids) <= sum(done)
+    ckpt = P._Checkpoint(store, passes[0][len("dissect-"):-len(".pt")], 1e9)
+    assert ckpt.load() is not None and sorted(ckpt.patch_vectors[next(iter(ckpt.patch_vectors))][0]) == sorted(ids)
 
 
 def test_ctrl_c_after_the_crops_keeps_every_crop_vector(probe_world, tmp_path, monkeypatch, uninterrupted):
