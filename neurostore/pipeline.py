@@ -62,6 +62,9 @@ DEFAULT_SCORERS = tuple(s for s in S.SCORERS if not S.get_scorer(s).opt_in)
 # "Confidence and fidelity")
 DEMO_SCORERS = (*DEFAULT_SCORERS, "encoder_iou")
 DEFAULT_ENCODER_ONLINE = "open_clip:ViT-B-32/laion2b_s34b_b79k"
+# a real model's default vocabulary: CLIP-Dissect's kind (common English words); the probe
+# vocabulary names only the probe world's shapes, colours and textures
+DEFAULT_VOCABULARY_ONLINE = "english"
 EMBEDDING_CHUNK = 65_536   # vectors per embeddings write at commit (128 MB at dim 512)
 
 
@@ -608,6 +611,8 @@ def _plan(store: Store, model: str, *, images, layers, vocabulary, scorers, enco
     fractions = {params[s]["top_fraction"] for s in names if S.get_scorer(s).needs_thresholds()}
     if len(fractions) > 1:   # one pass finds one threshold per unit
         raise BadParameter(f"iou and encoder_iou need the same top_fraction (given {sorted(fractions)}).")
+    if vocabulary is None:   # as the encoder: the probe world's for probe models, else the online default
+        vocabulary = "probe" if world is not None else DEFAULT_VOCABULARY_ONLINE
     vocab = resolve_vocabulary(vocabulary, store, world=mask_world)
     if encoder is None:
         enc = world.encoder() if world is not None else load_encoder(DEFAULT_ENCODER_ONLINE, device=dev,
@@ -881,7 +886,7 @@ def _random_weights(d: _Dissection) -> dict[str, bool]:
 
 
 def dissect(store: Store | str | Path, model: str, *, images: str | Path | None = None,
-            layers: Sequence[str] | None = None, vocabulary: str = "probe",
+            layers: Sequence[str] | None = None, vocabulary: str | None = None,
             scorers: Sequence[str] | None = None, encoder: str | None = None, k: int = 10,
             top_n: int = 5, batch_size: int = 64, scorer_params: dict | None = None,
             summarise_with: str | None = None, world=None, evaluate: bool = True,
@@ -892,6 +897,8 @@ def dissect(store: Store | str | Path, model: str, *, images: str | Path | None 
     and write every table of the run to `store` in one commit: scores, explanations, concept
     vectors and (probe world, `evaluate`) the evaluation. Returns a `DissectResult`.
 
+    vocabulary: a vocabulary spec (default: `probe` for probe models, else `english`, 10,000
+    common English words).
     scorers: names from `neurostore.scorers.SCORERS` (default: all that apply but the opt-in
     top_images and encoder_iou; `iou` needs per-pixel masks, which only the probe world has). encoder: an
     encoder spec (default: the probe world's encoder for probe models, also with `images`, else

@@ -48,6 +48,22 @@ def test_load_folder_by_path(saved):
     assert torch.allclose(imgs, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("pool", ["argmax", "last"])
+def test_texts_run_only_up_to_their_end_and_match_the_full_length(saved, pool):
+    """A causal tower read at the end-of-text token runs each group of texts only up to its
+    longest (10x fewer positions for single words): the library's own full-length embeddings, in
+    the order given. A tower pooled elsewhere ('last', as a bidirectional one) runs at full length."""
+    model, folder = saved
+    enc = load_encoder(f"open_clip:{folder}")
+    enc.model.text_pool_type = pool
+    texts = ["a striped red sports car on a wet road", "dog", "a cat", "x", "two green birds in a tree", "sky"] * 30
+    got = enc.encode_texts(texts)
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(enc.model.encode_text(enc.tokenizer(texts)), dim=-1)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert getattr(enc, "_prefix_ok", None) is (True if pool == "argmax" else None)
+
+
 def test_load_weights_file_beside_config(saved):
     _, folder = saved
     enc = load_encoder(f"open_clip:{folder / 'open_clip_model.safetensors'}")
