@@ -191,3 +191,17 @@ def test_patches_encoded_through_the_split_are_the_crops_embeddings(saved, tmp_p
     ids, emb = ps.embeddings[enc.id]
     assert ids == ps.patch_ids and len(ids) > 5
     np.testing.assert_allclose(emb, embed_patches(ps.crops(src), enc, batch_size=7), atol=1e-5)
+
+
+def test_a_real_model_is_explained_in_english_by_default(saved, tmp_path):
+    """Without a vocabulary a real model gets CLIP-Dissect's kind (common English words), not the
+    probe world's shapes and colours."""
+    from neurostore.pipeline import dissect
+
+    _, folder = saved
+    (tmp_path / "img").mkdir()
+    for i, im in enumerate(_images()):
+        im.save(tmp_path / "img" / f"{i}.png")
+    s = dissect(tmp_path / "s", "torchvision:resnet18@random", images=tmp_path / "img", layers=["layer4"],
+                encoder=f"open_clip:{folder}", scorers=["patch"], k=2, progress=False, log=lambda *a: None)
+    assert s["vocabulary"] == "english" and s["concepts"] == 10_000
