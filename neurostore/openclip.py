@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import threading
 from pathlib import Path
 
 import torch
@@ -264,13 +265,17 @@ class OpenClipEncoder(Encoder):
         if not texts:
             return torch.zeros(0, getattr(self, "dim", 0))
         tokens = self.tokenizer(list(texts))                                  # [n, ctx]
+        with _TEXT_LOCK:   # the cut attributes are the model's own: one caller at a time (the web server's threads)
+            return self._encode_tokens(tokens)
+
+    def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         ends = _pooled_positions(self.model, tokens)
         if ends is None or not self._prefix_is_exact(tokens):
             return self._run(self.model.encode_text, tokens)                  # [n, dim]
         # CLIP's text tower is causal and reads the end-of-text token: the positions after the
         # longest text of a group change nothing, so a group runs only up to it (a word is 3-6 of
         # the 77 positions: 10,000 words took 7.8 min on 2 CPU cores at full length)
-        out = torch.empty(len(texts), self.dim)
+        out = torch.empty(len(tokens), self.dim)
         order = torch.argsort(ends)
         for g in torch.split(order, self.TEXT_GROUP):
             n = int(ends[g].max()) + 1
@@ -289,6 +294,9 @@ class OpenClipEncoder(Encoder):
                 short = self._run(self.model.encode_text, few[:, :n])
             self._prefix_ok = bool((full * short).sum(-1).min() > 0.999)
         return self._prefix_ok
+
+
+_TEXT_LOCK = threading.Lock()
 
 
 def _pooled_positions(model, tokens: torch.Tensor) -> "torch.Tensor | None":
