@@ -205,3 +205,18 @@ def test_a_real_model_is_explained_in_english_by_default(saved, tmp_path):
     s = dissect(tmp_path / "s", "torchvision:resnet18@random", images=tmp_path / "img", layers=["layer4"],
                 encoder=f"open_clip:{folder}", scorers=["patch"], k=2, progress=False, log=lambda *a: None)
     assert s["vocabulary"] == "english" and s["concepts"] == 10_000
+
+
+def test_texts_encoded_from_several_threads_at_once(saved):
+    """The web server encodes search phrases in its request threads: the cut positions of one call
+    never reach another's forward, and the tower is whole again afterwards."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, folder = saved
+    enc = load_encoder(f"open_clip:{folder}")
+    calls = [["x"] * 3, ["a striped red sports car on a wet road"] * 3, ["dog", "two green birds"]] * 20
+    want = [enc.encode_texts(c) for c in calls]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(enc.encode_texts, calls))
+    assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(got, want))
+    assert enc.model.positional_embedding.shape[0] == TINY["text_cfg"]["context_length"]
