@@ -60,7 +60,8 @@ OutputOpt = typer.Option(None, "--output", "-o", help="File to write (required f
 DeviceOpt = typer.Option("auto", "--device", help="Where models run: auto (CUDA when present, then MPS, "
                          "else CPU), cpu, cuda, cuda:N or mps.")
 PrecisionOpt = typer.Option("auto", "--precision", help="auto (fp32 on the CPU, bf16/fp16 on a GPU), fp32, "
-                            "fp16 or bf16 (autocast for the model and the encoder).")
+                            "fp16 or bf16 (autocast for the model and the encoder; bf16 on a CPU with native bf16 "
+                            "encodes crops 2-2.5x faster, results differ slightly).")
 WorkersOpt = typer.Option(0, "--workers", help="Processes decoding images in parallel (0: in the main process).")
 # Commands that share options still list them in their own signatures (typer reads a command's
 # options from there), so dissect and demo end with the same lines on purpose.

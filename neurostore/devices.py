@@ -56,9 +56,10 @@ def resolve_device(spec: "str | torch.device | None" = "auto") -> torch.device:
 def resolve_precision(precision: str | None, device: torch.device) -> "torch.dtype | None":
     """The autocast dtype for `precision` on `device`; None means plain fp32.
 
-    `auto`: fp32 on the CPU and MPS (CPU autocast is slower than fp32 for convolutions, and exact
-    results matter more there), bf16 on a GPU that supports it (same range as fp32: no overflow in
-    activations), else fp16."""
+    `auto`: fp32 on the CPU and MPS (results that do not depend on the machine: a CPU that
+    computes bf16 natively runs ViT encoders 2-2.5x faster with `bf16`, and dissect says so,
+    cpu_bf16), bf16 on a GPU that supports it (same range as fp32: no overflow in activations),
+    else fp16."""
     p = (precision or "auto").strip().lower()
     if p == "auto":
         if device.type != "cuda":
@@ -71,6 +72,14 @@ def resolve_precision(precision: str | None, device: torch.device) -> "torch.dty
         raise BadParameter("Precision fp16 is not supported on the CPU. Use fp32 or bf16 there "
                            "(or --precision auto).")
     return dtype
+
+
+def cpu_bf16() -> bool:
+    """The CPU computes bf16 natively (AVX-512 BF16 or AMX), where CPU autocast to bf16 pays."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):   # a torch without the check
+        return False
 
 
 def precision_name(dtype: "torch.dtype | None") -> str:

@@ -584,7 +584,7 @@ class _Dissection:
 def _plan(store: Store, model: str, *, images, layers, vocabulary, scorers, encoder, scorer_params, world,
           device, precision, opts: dict) -> _Dissection:
     """Check the request and load what it names; bad input fails here, before any work."""
-    from .devices import describe, resolve_device, resolve_precision
+    from .devices import cpu_bf16, describe, resolve_device, resolve_precision
     from .encoders import load_encoder
     from .features import attach
 
@@ -625,6 +625,9 @@ def _plan(store: Store, model: str, *, images, layers, vocabulary, scorers, enco
     opts["log"](f"dissect {target.id}: {len(layer_names)} layers, {len(source)} images, vocabulary "
         f"{vocab.name} ({len(vocab)} concepts), scorers {', '.join(names)}, encoder {enc.id}, "
         f"device {describe(dev)}")
+    if world is None and dtype is None and dev.type == "cpu" and (precision or "auto") == "auto" and cpu_bf16():
+        opts["log"]("note: this CPU computes bf16 natively: --precision bf16 encodes crops 2-2.5x faster "
+                    "(auto keeps fp32 on a CPU, so results do not depend on the machine)")
     needs = frozenset().union(*(S.get_scorer(s).needs() for s in names))
     return _Dissection(store, target, layer_names, source, mask_world, vocab, enc, names, params, needs, dev,
                        dtype, opts)

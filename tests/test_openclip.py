@@ -193,18 +193,22 @@ def test_patches_encoded_through_the_split_are_the_crops_embeddings(saved, tmp_p
     np.testing.assert_allclose(emb, embed_patches(ps.crops(src), enc, batch_size=7), atol=1e-5)
 
 
-def test_a_real_model_is_explained_in_english_by_default(saved, tmp_path):
+def test_a_real_model_is_explained_in_english_at_fp32_by_default(saved, tmp_path):
     """Without a vocabulary a real model gets CLIP-Dissect's kind (common English words), not the
     probe world's shapes and colours."""
+    from neurostore.devices import cpu_bf16
     from neurostore.pipeline import dissect
 
     _, folder = saved
     (tmp_path / "img").mkdir()
     for i, im in enumerate(_images()):
         im.save(tmp_path / "img" / f"{i}.png")
+    said = []
     s = dissect(tmp_path / "s", "torchvision:resnet18@random", images=tmp_path / "img", layers=["layer4"],
-                encoder=f"open_clip:{folder}", scorers=["patch"], k=2, progress=False, log=lambda *a: None)
+                encoder=f"open_clip:{folder}", scorers=["patch"], k=2, progress=False, log=said.append)
     assert s["vocabulary"] == "english" and s["concepts"] == 10_000
+    # fp32 on a CPU by default; where the CPU has native bf16 the run says how to go faster
+    assert s["precision"] == "fp32" and any("--precision bf16" in line for line in said) == cpu_bf16()
 
 
 def test_texts_encoded_from_several_threads_at_once(saved):
