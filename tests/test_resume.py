@@ -215,6 +215,27 @@ class _Killed(BaseException):
     """Stands for SIGKILL: no handler of the dissect's catches it, so only what was saved stays."""
 
 
+def _crops_stop_at(monkeypatch, at: int, stop, done: list, started=lambda: None):
+    """A `stopping` for _stopped_then_resumed: extract_patches whose encoder raises `stop` at its
+    `at`-th batch of crops (of 43), having recorded the sizes of the batches before in `done`;
+    `started()` is called as the patch stage begins."""
+    def stopping(real):
+        def extract(*a, encoders, **k):
+            started()
+            encode = encoders[0].encode_images
+
+            def stops_at(x):
+                if len(done) == at - 1:
+                    raise stop
+                done.append(len(x))
+                return encode(x)
+
+            monkeypatch.setattr(encoders[0], "encode_images", stops_at)
+            return real(*a, encoders=encoders, **k)
+        return extract
+    return stopping
+
+
 @pytest.mark.parametrize("stop, every, at", [(KeyboardInterrupt, 1e9, 3), (_Killed, 0.0, 30)])
 def test_ctrl_c_while_crops_are_encoded_keeps_the_crops_encoded(probe_world, tmp_path, monkeypatch, uninterrupted,
                                                                 stop, every, at):
@@ -227,20 +248,7 @@ def test_ctrl_c_while_crops_are_encoded_keeps_the_crops_encoded(probe_world, tmp
     total = dissect(whole, f"probe:cnn@{probe_world.root}", world=probe_world, log=lambda *a: None,
                     **args)["passes"]["encoded_crops"]
 
-    def stopping(real):
-        def extract(*a, encoders, **k):
-            encode = encoders[0].encode_images
-
-            def stops_at(x):   # the `at`-th batch of crops (of 43)
-                if len(done) == at - 1:
-                    raise stop
-                done.append(len(x))
-                return encode(x)
-
-            monkeypatch.setattr(encoders[0], "encode_images", stops_at)
-            return real(*a, encoders=encoders, **k)
-        return extract
-
+    stopping = _crops_stop_at(monkeypatch, at, stop, done)
     s, store = _stopped_then_resumed(probe_world, tmp_path, monkeypatch, "extract_patches", stopping, stop, args)
     # killed: the checkpoint after the last whole chunk of images holds all but the crops after it
     assert s["resumed_from"] == 120 and total - sum(done) <= s["passes"]["encoded_crops"] < total and sum(done) > 0
@@ -259,21 +267,7 @@ def test_the_patch_stage_writes_the_pass_once_then_only_new_crops(probe_world, t
     write = P._atomic_write
     monkeypatch.setattr(P, "_atomic_write", lambda path, fn: (writes.append(Path(path).name), write(path, fn))[1])
 
-    def stopping(real):
-        def extract(*a, encoders, **k):
-            at.append(len(writes))   # the writes of the patch stage start here
-            encode = encoders[0].encode_images
-
-            def stops_at(x):
-                if len(done) == 29:
-                    raise _Killed
-                done.append(len(x))
-                return encode(x)
-
-            monkeypatch.setattr(encoders[0], "encode_images", stops_at)
-            return real(*a, encoders=encoders, **k)
-        return extract
-
+    stopping = _crops_stop_at(monkeypatch, 30, _Killed, done, started=lambda: at.append(len(writes)))
     spec, real = f"probe:cnn@{probe_world.root}", P.extract_patches
     monkeypatch.setattr(P, "extract_patches", stopping(real))
     store = Store.open(tmp_path / "s")
@@ -283,7 +277,7 @@ def test_the_patch_stage_writes_the_pass_once_then_only_new_crops(probe_world, t
     passes = [w for w in stage if w.startswith("dissect-") and w.endswith(".pt") and ".crops-" not in w]
     lots = sorted(Path(store.path, "checkpoints").glob("dissect-*.crops-*.pt"))
     assert len(passes) == 1 and len(lots) == len(stage) - 1 >= 2
-    ids = [i for f in lots for i, _ in torch.load(f, weights_only=False).values() for i in i]
+    ids = [i for f in lots for lot_ids, _ in torch.load(f, weights_only=False).values() for i in lot_ids]
     assert len(ids) == len(set(ids)) and 0 < len(ids) <= sum(done)
     ckpt = P._Checkpoint(store, passes[0][len("dissect-"):-len(".pt")], 1e9)
     assert ckpt.load() is not None and sorted(ckpt.patch_vectors[next(iter(ckpt.patch_vectors))][0]) == sorted(ids)
