@@ -289,3 +289,34 @@ def test_ctrl_c_after_the_crops_keeps_every_crop_vector(probe_world, tmp_path, m
                                      args={**ARGS, "checkpoint_every": 1e9})
     assert s["resumed_from"] == 120 and s["passes"]["encoded_crops"] == 0
     assert _tables(store) == uninterrupted
+
+
+def test_a_damaged_checkpoint_file_costs_only_what_it_held(tmp_path):
+    """The ended pass and each lot of crop vectors are files of their own: a damaged lot loses
+    its crops (encoded again), a damaged pass the pass (run again), never the other files."""
+    import numpy as np
+
+    from neurostore.pipeline import _Checkpoint
+
+    store = Store.open(tmp_path / "s")
+    ckpt = _Checkpoint(store, "w", every=0.0)
+    vec = {"enc": (["a", "b"], [torch.ones(2, 3)])}
+    ckpt.save_ended(lambda: {"position": 7}, vec)
+    vec["enc"][0].append("c")
+    vec["enc"][1].append(torch.full((1, 3), 2.0))
+    ckpt.save_ended(lambda: {"position": 8}, vec)   # the pass is not written again: it has ended
+    lots = sorted(Path(store.path, "checkpoints").glob("dissect-w.crops-*.pt"))
+    assert len(lots) == 2
+
+    again = _Checkpoint(store, "w", every=0.0)
+    assert again.load() == {"position": 7} and again.patch_vectors["enc"][0] == ["a", "b", "c"]
+    np.testing.assert_array_equal(again.patch_vectors["enc"][1], [[1, 1, 1], [1, 1, 1], [2, 2, 2]])
+
+    lots[0].write_bytes(b"not a checkpoint")
+    again = _Checkpoint(store, "w", every=0.0)
+    assert again.load() == {"position": 7} and again.patch_vectors["enc"][0] == ["c"]
+    again.path.write_bytes(b"")
+    again = _Checkpoint(store, "w", every=0.0)
+    assert again.load() is None and again.patch_vectors["enc"][0] == ["c"]
+    again.remove()
+    assert not list(Path(store.path, "checkpoints").iterdir())
