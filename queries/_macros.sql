@@ -26,6 +26,15 @@ CREATE OR REPLACE MACRO concept_neurons(concept_name, top_n := 50, scorer_name :
     ORDER BY rank
     LIMIT top_n;
 
+-- Models dissected with untrained (random) weights (their dissect's params say so): their units
+-- explain nothing, so their rows are a baseline to compare with, not findings. find, the web
+-- pages and the report say so beside them.
+CREATE OR REPLACE MACRO untrained_models() AS TABLE
+    SELECT DISTINCT m.model
+    FROM models m JOIN runs r USING (run_id)
+    WHERE coalesce(json_extract(r.params, '$.random_weights.target')::BOOLEAN, false)
+    ORDER BY m.model;
+
 -- Neuron -> its ranked concepts, per scorer.
 CREATE OR REPLACE MACRO neuron_concepts(model_id, layer_name, unit_index, scorer_name := NULL) AS TABLE
     SELECT model, layer, unit, scorer, rank, concept, score, confidence, vocabulary, encoder, run_id

@@ -127,6 +127,27 @@ def test_find_says_which_models_had_untrained_weights(tmp_path):
     assert len(said) == 1 and said[0].startswith("mb was dissected with untrained (random) weights")
 
 
+def test_every_page_of_an_untrained_model_says_so(tmp_path):
+    """The web app's and the report's index, model, layer and neuron pages of a model dissected
+    with random weights say its explanations are a baseline (the `untrained_models()` macro);
+    a trained model's pages do not."""
+    from neurostore.report import build_report
+
+    st, *_ = build_synthetic(tmp_path / "s")
+    with st.run("dissect", {"random_weights": {"target": True, "encoder": False}}) as run:
+        run.write("models", pa.Table.from_pylist([{"model": "mb", "spec": "x@random", "arch": "X", "n_params": 1,
+                                                   "input_size": 32, "classes": None, "crop_fraction": None}]))
+    assert st.df("SELECT * FROM untrained_models()")["model"].tolist() == ["mb"]
+    out = tmp_path / "report"
+    build_report(st, out, max_units=1, progress=False)
+    note = "was dissected with untrained (random) weights"
+    pages = {p.relative_to(out).as_posix(): p.read_text() for p in out.rglob("*.html")}
+    for m in ("ma", "mb"):
+        mine = [t for name, t in pages.items() if name.startswith((f"model/{m}.", f"layer/{m}/", f"neuron/{m}/"))]
+        assert len(mine) >= 3 and all((f"{m} {note}" in t) == (m == "mb") for t in mine), m
+    assert ">untrained</span>" in pages["index.html"]
+
+
 def test_find_rejects_bad_input(synth):
     st = synth[0]
     with pytest.raises(UnknownModel, match="Unknown model 'nope'.*Valid: ma, mb"):

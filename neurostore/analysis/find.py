@@ -121,9 +121,7 @@ def _untrained(st: Store, models: list[str]) -> list[str]:
     """Those of `models` whose dissect ran on random weights (its run's params say so)."""
     if not models:
         return []
-    t = st.df("""SELECT DISTINCT m.model FROM models m JOIN runs r USING (run_id)
-                 WHERE list_contains($m, m.model)
-                   AND coalesce(json_extract(r.params, '$.random_weights.target')::BOOLEAN, false)""", {"m": models})
+    t = st.df("SELECT model FROM untrained_models() WHERE list_contains($m, model)", {"m": models})
     return sorted(t["model"])
 
 

@@ -50,6 +50,14 @@ def _f(v):
 
 # ---- index, models, layers ----------------------------------------------------------------------
 
+def untrained(run: Run) -> set[str]:
+    """Models dissected with random weights (the untrained_models macro): every page of one says
+    its rows are a baseline, not findings."""
+    if not (has_table(run, "runs") and has_table(run, "models")):
+        return set()
+    return {r["model"] for r in rows(run, "SELECT model FROM untrained_models()")}
+
+
 def overview(run: Run) -> dict:
     """Models -> layers with unit counts and how many units have concepts / explanations."""
     models = {r["model"]: r for r in rows(run, """
@@ -72,10 +80,11 @@ def overview(run: Run) -> dict:
         LEFT JOIN s USING (model, layer) LEFT JOIN e USING (model, layer)
         ORDER BY k.model, l.depth NULLS LAST, k.layer""")
     out: dict[str, dict] = {}
+    random = untrained(run)
     for m in sorted(set(models) | {r["model"] for r in layer_rows}):
         info = models.get(m, {})
         out[m] = {"model": m, "spec": info.get("spec"), "arch": info.get("arch"), "n_params": info.get("n_params"),
-                  "input_size": info.get("input_size"), "layers": []}
+                  "input_size": info.get("input_size"), "untrained": m in random, "layers": []}
     for r in layer_rows:
         out[r["model"]]["layers"].append(r)
     for m in out.values():
@@ -171,7 +180,7 @@ def layer_page(run: Run, model: str, layer: str) -> dict:
     for r in concepts:
         by_scorer.setdefault(r["scorer"], []).append({"concept": r["concept"], "n_units": r["n_units"]})
     return {"model": model, "layer": layer, "info": info[0] if info else {}, "units": units,
-            "concept_counts": by_scorer, "profile": depth_profile(run, model)}
+            "concept_counts": by_scorer, "profile": depth_profile(run, model), "untrained": model in untrained(run)}
 
 
 # ---- neuron cards -------------------------------------------------------------------------------
@@ -227,10 +236,12 @@ def neuron_cards(run: Run, model: str, layer: str, unit: int | None = None, top_
     scorer, explanations with summaries, activation statistics and histogram, effects."""
     p = {"m": model, "l": layer, "u": unit}
     cards: dict[int, dict] = {}
+    random = model in untrained(run)
 
     def card(u: int) -> dict:
         if u not in cards:
-            cards[u] = {"id": f"{model}/{layer}/{u}", "model": model, "layer": layer, "unit": int(u), "stats": None,
+            cards[u] = {"id": f"{model}/{layer}/{u}", "model": model, "layer": layer, "unit": int(u),
+                        "untrained": random, "stats": None,
                         "patches": [], "scorers": {}, "summaries": [], "effects": [], "headline": None,
                         "classes": [], "prev": None, "next": None, "group": None,
                         "quantiles": [], "links": {}, "wiring": None}

@@ -219,7 +219,7 @@ def render(template: str, data: dict, links: Links, **extra) -> str:
     macros = env.get_template("macros.html").make_module({"L": links, **env.globals})
     ctx = {"data": data, "L": links, **{k: getattr(macros, k) for k in
                                         ("num", "conf", "patch_img", "patch_grid", "top_images", "where", "cell",
-                                         "rows_table")}, **extra}
+                                         "rows_table", "untrained_note")}, **extra}
     return tpl.render(ctx)
 
 
