@@ -15,10 +15,11 @@ def _main_thread() -> bool:
 
 
 @contextlib.contextmanager
-def sigterm_exits():
-    """SIGTERM raises SystemExit(143) where the work is, so `finally` blocks and handlers run."""
+def sigterm_exits(exception: "type[BaseException] | None" = None):
+    """SIGTERM raises SystemExit(143) where the work is, so `finally` blocks and handlers run; or
+    `exception()`, for a caller that ends on it as on Ctrl-C (the web server, with exit 0)."""
     def stop(signum, frame):
-        raise SystemExit(128 + signum)
+        raise exception() if exception is not None else SystemExit(128 + signum)
 
     if not _main_thread():
         yield

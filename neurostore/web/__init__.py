@@ -32,7 +32,6 @@ removed on SIGTERM as on Ctrl-C.
 from __future__ import annotations
 
 import re
-import signal
 import sys
 import threading
 import time
@@ -47,6 +46,7 @@ import pyarrow.compute as pc
 
 from ..errors import NeurostoreError, UnknownLayer, UnknownModel
 from ..guard import DEFAULT_MAX_ROWS, DEFAULT_TIMEOUT, ConsoleResult, QueryRefused, QueryTimeout, SafeDB
+from ..signals import sigterm_exits
 from . import data as D
 from .render import PATCH_ID_RE, Links, jsonable, render, stylesheet, to_json
 
@@ -586,30 +586,22 @@ def _once(fn):
     return call
 
 
-def _raise_terminated(signum, frame):
-    raise _Terminated()
-
-
 def serve(store_path, on_ready=None, **options) -> None:
     """Run the web app until Ctrl-C or SIGTERM; either way the snapshot is removed. `options` are
     make_server's (host, port, timeout, max_rows, max_bytes, allow_hosts, ...)."""
-    try:  # before the snapshot is made: SIGTERM while copying removes the copy too
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:  # not the main thread: SIGTERM keeps its default (atexit does not run then)
-        previous = None
     try:
-        server = make_server(store_path, **options)
-        try:
-            if on_ready:
-                on_ready(server)
-            server.serve_forever()
-        finally:
-            server.server_close()
+        # before the snapshot is made: SIGTERM while copying removes the copy too (off the main
+        # thread SIGTERM keeps its default, and atexit does not run then)
+        with sigterm_exits(_Terminated):
+            server = make_server(store_path, **options)
+            try:
+                if on_ready:
+                    on_ready(server)
+                server.serve_forever()
+            finally:
+                server.server_close()
     except (KeyboardInterrupt, _Terminated):
         pass
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 __all__ = ["App", "Server", "make_server", "serve", "jsonable"]
