@@ -28,3 +28,6 @@ run() {  # N LABEL [MORE ARGS]
 smoke() { [ "${1:-256}" = 0 ] || run "${1:-256}" smoke || { tail -c 4000 "$OUT/smoke.err"; return 1; }; }
 full() { run "${2:-50000}" full ${COLD_ONLY:+--cold-only} || tail -c 4000 "$OUT/full.err"; }
 if [ -n "${FULL_FIRST:-}" ]; then full "$@"; smoke "$@"; else smoke "$@" || exit 1; full "$@"; fi
+# the vocabulary's texts, run up to their end vs all 77 positions (seconds, on the same GPU)
+timeout 180 python3 bench/text_encoding.py --vocab file:.gpu/english-20k.txt --texts 20000 --device cuda \
+  2> "$OUT/text.err" | tee "$OUT/text.json" || tail -c 2000 "$OUT/text.err"

@@ -4,7 +4,8 @@
 
 The first `--texts` concepts of the vocabulary, encoded in the calls of 256 a dissect makes, both
 ways in one run (full length: the encoder's check turned off), each twice, alternating; the second
-of each is compared. Ends with one line of JSON (target: prefix faster, the same vectors).
+of each is compared. Ends with one line of JSON (target: prefix faster, the same vectors: cosine
+>= 0.999 between the two for every text; fp32 differs by ~1e-7).
 """
 
 import argparse
@@ -34,8 +35,9 @@ def main() -> None:
     ap.add_argument("--vocab", default="english")
     ap.add_argument("--texts", type=int, default=1000)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="auto", help="as dissect's (auto: fp32 on a CPU, bf16 on a GPU)")
     a = ap.parse_args()
-    enc = load_encoder(a.encoder, device=a.device)
+    enc = load_encoder(a.encoder, device=a.device, precision=a.precision)
     texts = load_vocabulary(a.vocab).concepts[: a.texts]
     enc.encode_texts(texts[:8])   # the weights built, off the clock
     times = {True: [], False: []}
@@ -48,11 +50,12 @@ def main() -> None:
             full = out
         print(f"{'prefix' if prefix else 'full  '} {s:.2f} s", file=sys.stderr)
     diff = float((fast - full).abs().max())
+    cos = float((fast * full).sum(-1).min())
     print(json.dumps({"bench": "text_encoding", "encoder": a.encoder, "vocabulary": a.vocab, "texts": len(texts),
-                      "device": describe(enc.device), "prefix_s": round(times[True][1], 2),
+                      "device": describe(enc.device), "precision": a.precision, "prefix_s": round(times[True][1], 2),
                       "full_s": round(times[False][1], 2), "speedup": round(times[False][1] / times[True][1], 2),
-                      "max_abs_diff": diff, "target": "speedup > 1 and max_abs_diff < 1e-5",
-                      "met": times[False][1] > times[True][1] and diff < 1e-5}))
+                      "max_abs_diff": diff, "min_cosine": cos, "target": "speedup > 1 and min_cosine >= 0.999",
+                      "met": times[False][1] > times[True][1] and cos >= 0.999}))
 
 
 if __name__ == "__main__":
