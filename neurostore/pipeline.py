@@ -754,7 +754,8 @@ def _scores(d: _Dissection) -> None:
         for s in d.scorers:
             # the scores and the null of pseudo-units of this layer (trust module doc); confidence
             # from q and margin until the layer's fidelity replaces it below
-            res, d.nulls.setdefault(name, {})[s] = trust.score(s, inputs, d.params[s], iou(s)[1], device=d.device)
+            res, d.nulls.setdefault(name, {})[s] = trust.score(s, inputs, d.params[s], iou(s)[1], device=d.device,
+                                                                 top=o["top_n"])
             tables.append(S.top_concepts(res, d.vocab.concepts, o["top_n"], vocabulary=d.vocab.name,
                                          encoder=d.enc.id if res.uses_encoder else None,
                                          model=d.target.id, layer=name))

@@ -707,12 +707,12 @@ def calibrated(rows: "pd.DataFrame", nulls: dict, enc: "pd.DataFrame") -> "pd.Da
 
 def score(scorer: str, inputs: dict[str, Any], params: Optional[dict[str, Any]] = None,
           iou_best: Optional[torch.Tensor] = None, m: int = NULL_UNITS, seed: int = 0,
-          device=None) -> tuple["S.ScoreResult", Null]:
+          device=None, top: Optional[int] = None) -> tuple["S.ScoreResult", Null]:
     """`S.run_scorer` then `scored_with_null`, with what they share computed once: soft_wpmi's and
     wpmi's log p(c | unit) of the real units gives both the scores and the null's p(c) (scoring
     the units twice was half of those scorers' time at 20,000 concepts)."""
     res, log_p = _scored(scorer, inputs, params)
-    return scored_with_null(res, inputs, iou_best, m, seed, device, log_p=log_p)
+    return scored_with_null(res, inputs, iou_best, m, seed, device, log_p=log_p, top=top)
 
 
 def _scored(scorer: str, inputs: dict[str, Any], params: Optional[dict[str, Any]]) -> tuple["S.ScoreResult", Optional[torch.Tensor]]:
@@ -727,24 +727,40 @@ def _scored(scorer: str, inputs: dict[str, Any], params: Optional[dict[str, Any]
 
 def scored_with_null(res: "S.ScoreResult", inputs: dict[str, Any], iou_best: Optional[torch.Tensor] = None,
                      m: int = NULL_UNITS, seed: int = 0, device=None,
-                     log_p: Optional[torch.Tensor] = None) -> tuple["S.ScoreResult", Null]:
+                     log_p: Optional[torch.Tensor] = None, top: Optional[int] = None) -> tuple["S.ScoreResult", Null]:
     """A scorer's result with the calibrated confidence of q and margin alone (no fidelity yet:
     the dissect replaces it with layer_trust's once the layer's fidelity exists) in place of the
     old one, and the null (its parameters go with the run). iou: pass `iou_best` from a NullIoU
     fed beside the real IoU. `device`: where the [u, c] arithmetic runs (a dissect's GPU: seconds
-    per layer on a CPU at 20,000 concepts); the confidence comes back on the CPU."""
+    per layer on a CPU at 20,000 concepts); the confidence comes back on the CPU.
+    `top`: only each unit's `top` best concepts (and any tied with the last) get a confidence,
+    the rest 0. Within a unit confidence grows with the score, so these are the concepts
+    S.top_concepts keeps; a dissect stores no other (half the scores stage at 10,000 concepts)."""
     from dataclasses import replace
 
     best = iou_best if res.scorer in STREAMED_NULLS else null_best(res.scorer, inputs, res.params, m, seed, log_p)
     null = fit_null(res.scorer, best, res.scores.shape[1], seed)
     scores = res.scores.to(device or "cpu")
-    q = 1.0 - bh_confidence(scores, null).double()                   # [u, c]
     s = torch.nan_to_num(scores.double(), nan=float("-inf"))
-    top2 = torch.topk(s, min(2, s.shape[1]), dim=1).values           # [u, 2]
-    first = s == top2[:, :1]
-    other = torch.where(first, top2[:, -1:], top2[:, :1])            # [u, c] best other concept
-    conf = calibration().explanation(res.scorer, q, null.margin(scores, other))
-    return replace(res, confidence=conf.float().cpu()), null
+    n_concepts = s.shape[1]
+    if top is None or top >= n_concepts:
+        q = 1.0 - bh_confidence(scores, null).double()               # [u, c]
+        top2 = torch.topk(s, min(2, n_concepts), dim=1).values       # [u, 2]
+        other = torch.where(s == top2[:, :1], top2[:, -1:], top2[:, :1])   # [u, c] best other concept
+        conf = calibration().explanation(res.scorer, q, null.margin(scores, other))
+        return replace(res, confidence=conf.float().cpu()), null
+    # kept: every concept at least the top-th best as S.top_concepts ranks them (float32, NaN
+    # last), ties too, so whichever of them it picks has its confidence
+    key = torch.nan_to_num(scores.float(), nan=float("-inf"))
+    rows, cols = torch.nonzero(key >= torch.topk(key, top, dim=1).values[:, -1:], as_tuple=True)
+    top2 = torch.topk(s, 2, dim=1).values                            # [u, 2]
+    level = null.pvalues(top2[:, 0])                                 # [u] each unit's best p: BH's family
+    q = 1.0 - bh_confidence(scores[rows, cols], null, level).double()
+    first, second = top2[rows, 0], top2[rows, 1]
+    other = torch.where(s[rows, cols] == first, second, first)
+    conf = torch.zeros(scores.shape, dtype=torch.float32, device=scores.device)
+    conf[rows, cols] = calibration().explanation(res.scorer, q, null.margin(scores[rows, cols], other)).float()
+    return replace(res, confidence=conf.cpu()), null
 
 
 def headlines(candidates: "pd.DataFrame") -> "pd.DataFrame":  # noqa: F821

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import shutil
 
+import dataclasses
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -303,6 +306,27 @@ def test_confidence_is_the_calibrated_probability_not_one_minus_q():
     q, margin = T.rows_q_margin(rows, null)
     again = T.calibration().explanation("cos_cubed", q, margin)
     np.testing.assert_allclose(again.numpy(), rows["confidence"].to_numpy(), atol=1e-5)
+
+
+def test_confidence_of_the_kept_concepts_only_is_the_same():
+    """A dissect stores each unit's top concepts only, so scored_with_null(top=n) gives only those
+    (and any tied with the n-th) a confidence: every row S.top_concepts keeps is the same as from
+    the whole matrix, with ties, NaN scores and a unit with no score at all."""
+    img, txt, sim, acts, planted = _planted_world(noise_units=40)
+    inputs = {"similarity": sim, "pooled": acts}
+    res = S.run_scorer("cos_cubed", inputs)
+    sc = res.scores.clone()
+    sc[0, 3:9] = sc[0].max()                      # six concepts tied at the top
+    sc[1, ::2] = float("nan")                     # half of a unit's scores missing
+    sc[2] = float("nan")                          # a unit with none
+    res = dataclasses.replace(res, scores=sc)
+    names = [f"c{i}" for i in range(sc.shape[1])]
+    whole, _ = T.scored_with_null(res, inputs, m=200)
+    for n in (1, 2, 5):
+        kept, _ = T.scored_with_null(res, inputs, m=200, top=n)
+        pd.testing.assert_frame_equal(S.top_concepts(kept, names, n).to_pandas(),
+                                      S.top_concepts(whole, names, n).to_pandas())   # NaN scores too
+        assert (kept.confidence > 0).sum(dim=1).min() >= n and (kept.confidence == 0).any()
 
 
 @pytest.mark.slow
