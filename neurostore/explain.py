@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -19,24 +20,25 @@ def explanations_table(scores: pa.Table, summaries: dict | None = None) -> pa.Ta
 
     `summaries` maps (unit, scorer) -> (sentence, by)."""
     summaries = summaries or {}
-    df = scores.to_pandas().sort_values(["scorer", "unit", "rank"], kind="stable")
-    keep = [c for c in ("vocabulary", "encoder", "model", "layer") if c in df.columns]
-    rows = []
-    for (scorer, unit), g in df.groupby(["scorer", "unit"], sort=True):
-        concepts = g["concept"].tolist()
-        confs = [float(x) for x in g["confidence"].tolist()]
-        sentence, by = summaries.get((int(unit), scorer), (None, None))
-        row = {"unit": int(unit), "scorer": scorer, "label": concepts[0], "confidence": confs[0],
-               "concepts": concepts, "confidences": confs, "summary": sentence, "summary_by": by}
-        for c in keep:  # constant per group; pandas turns a None constant into NaN
-            v = g[c].iloc[0]
-            row[c] = None if v is None or v != v else v
-        rows.append(row)
-    types = {"unit": pa.int32(), "scorer": pa.string(), "label": pa.string(),
-             "confidence": pa.float32(), "concepts": pa.list_(pa.string()),
-             "confidences": pa.list_(pa.float32()), "summary": pa.string(), "summary_by": pa.string()}
-    types.update({c: pa.string() for c in keep})
-    return pa.table({c: pa.array([r[c] for r in rows], t) for c, t in types.items()})
+    keep = [c for c in ("vocabulary", "encoder", "model", "layer") if c in scores.column_names]
+    # Columnar: a (scorer, unit) group is a run of the sorted rows, its lists slices of them (a
+    # pandas groupby took 0.7 s per layer and scorer at 1,536 units)
+    t = scores.sort_by([("scorer", "ascending"), ("unit", "ascending"), ("rank", "ascending")])
+    scorer = np.asarray(t["scorer"].to_pylist(), dtype=object)
+    unit = t["unit"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, (scorer[1:] != scorer[:-1]) | (unit[1:] != unit[:-1])]) if len(t) else \
+        np.zeros(0, np.int64)
+    offsets = pa.array(np.r_[starts, len(t)].astype(np.int32))
+    first = pa.array(starts, pa.int64())
+    said = [summaries.get((int(u), s), (None, None)) for u, s in zip(unit[starts], scorer[starts])]
+    cols = {"unit": t["unit"].take(first).cast(pa.int32()), "scorer": t["scorer"].take(first),
+            "label": t["concept"].take(first), "confidence": t["confidence"].take(first).cast(pa.float32()),
+            "concepts": pa.ListArray.from_arrays(offsets, t["concept"].combine_chunks()),
+            "confidences": pa.ListArray.from_arrays(offsets, t["confidence"].combine_chunks().cast(pa.float32())),
+            "summary": pa.array([x[0] for x in said], pa.string()),
+            "summary_by": pa.array([x[1] for x in said], pa.string())}
+    cols.update({c: t[c].take(first).cast(pa.string()) for c in keep})
+    return pa.table(cols)
 
 
 def summarise(scores: pa.Table, scorer: str, patch_pngs: Callable[[int], Sequence[bytes]] | None = None,
