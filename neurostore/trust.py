@@ -742,24 +742,21 @@ def scored_with_null(res: "S.ScoreResult", inputs: dict[str, Any], iou_best: Opt
     null = fit_null(res.scorer, best, res.scores.shape[1], seed)
     scores = res.scores.to(device or "cpu")
     s = torch.nan_to_num(scores.double(), nan=float("-inf"))
-    n_concepts = s.shape[1]
-    if top is None or top >= n_concepts:
-        q = 1.0 - bh_confidence(scores, null).double()               # [u, c]
-        top2 = torch.topk(s, min(2, n_concepts), dim=1).values       # [u, 2]
-        other = torch.where(s == top2[:, :1], top2[:, -1:], top2[:, :1])   # [u, c] best other concept
-        conf = calibration().explanation(res.scorer, q, null.margin(scores, other))
-        return replace(res, confidence=conf.float().cpu()), null
-    # kept: every concept at least the top-th best as S.top_concepts ranks them (float32, NaN
-    # last), ties too, so whichever of them it picks has its confidence
-    key = torch.nan_to_num(scores.float(), nan=float("-inf"))
-    rows, cols = torch.nonzero(key >= torch.topk(key, top, dim=1).values[:, -1:], as_tuple=True)
-    top2 = torch.topk(s, 2, dim=1).values                            # [u, 2]
+    top2 = torch.topk(s, min(2, s.shape[1]), dim=1).values          # [u, 2]
+    first, second = top2[:, :1], top2[:, -1:]                        # [u, 1]: a concept's best other is one of them
+    kept = None   # (rows, cols) of the concepts given a confidence; None: every one
+    if top is not None and top < s.shape[1]:
+        # every concept at least the top-th best as S.top_concepts ranks them (float32, NaN last),
+        # ties too, so whichever of them it keeps has its confidence
+        key = torch.nan_to_num(scores.float(), nan=float("-inf"))
+        kept = torch.nonzero(key >= torch.topk(key, top, dim=1).values[:, -1:], as_tuple=True)
+        scores, s, first, second = scores[kept], s[kept], first[kept[0], 0], second[kept[0], 0]
     level = null.pvalues(top2[:, 0])                                 # [u] each unit's best p: BH's family
-    q = 1.0 - bh_confidence(scores[rows, cols], null, level).double()
-    first, second = top2[rows, 0], top2[rows, 1]
-    other = torch.where(s[rows, cols] == first, second, first)
-    conf = torch.zeros(scores.shape, dtype=torch.float32, device=scores.device)
-    conf[rows, cols] = calibration().explanation(res.scorer, q, null.margin(scores[rows, cols], other)).float()
+    q = 1.0 - bh_confidence(scores, null, level).double()
+    other = torch.where(s == first, second, first)
+    conf = calibration().explanation(res.scorer, q, null.margin(scores, other)).float()
+    if kept is not None:   # the rest of the [u, c] matrix stays 0
+        conf = torch.zeros(res.scores.shape, dtype=torch.float32, device=conf.device).index_put_(kept, conf)
     return replace(res, confidence=conf.cpu()), null
 
 
