@@ -202,13 +202,9 @@ class _Checkpoint:
         vectors are keyed by crop content, so a pass begun again still uses them)."""
         ids: dict = {}
         parts: dict = {}
-        data = None
-        if self.path.exists():
-            try:
-                data = torch.load(self.path, map_location="cpu", weights_only=False)
-            except Exception:  # a damaged checkpoint costs the work done, never the run
-                data = None
-        for lot in [(data or {}).get("patch_vectors", {}), *map(_load_lot, self._lots())]:   # a damaged lot is {}
+        data = _read(self.path) if self.path.exists() else None
+        # (a checkpoint of the version before the lots holds its crops in the pass file)
+        for lot in [(data or {}).get("patch_vectors", {}), *(_read(f) or {} for f in self._lots())]:
             for e, (i, m) in lot.items():
                 ids.setdefault(e, []).extend(i)
                 parts.setdefault(e, []).append(np.asarray(m))
@@ -254,11 +250,13 @@ class _Checkpoint:
                 f.unlink(missing_ok=True)
 
 
-def _load_lot(path: Path) -> dict:
+def _read(path: Path) -> dict | None:
+    """A checkpoint file, or None where it is damaged: that costs the work it held (a pass run
+    again, a lot's crops encoded again), never the run."""
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:   # a damaged lot costs its crops, which are encoded again
-        return {}
+    except Exception:
+        return None
 
 
 # ---- the single pass ----------------------------------------------------------------------------
@@ -625,7 +623,8 @@ def _plan(store: Store, model: str, *, images, layers, vocabulary, scorers, enco
     opts["log"](f"dissect {target.id}: {len(layer_names)} layers, {len(source)} images, vocabulary "
         f"{vocab.name} ({len(vocab)} concepts), scorers {', '.join(names)}, encoder {enc.id}, "
         f"device {describe(dev)}")
-    if world is None and dtype is None and dev.type == "cpu" and (precision or "auto") == "auto" and cpu_bf16():
+    auto = (precision or "auto").strip().lower() == "auto"   # read as resolve_precision reads it
+    if world is None and auto and dtype is None and dev.type == "cpu" and cpu_bf16():
         opts["log"]("note: this CPU computes bf16 natively: --precision bf16 encodes crops 2-2.5x faster "
                     "(auto keeps fp32 on a CPU, so results do not depend on the machine)")
     needs = frozenset().union(*(S.get_scorer(s).needs() for s in names))
