@@ -114,13 +114,19 @@ def test_find_semantic_matches_a_phrase_absent_from_the_vocabulary(synth):
     assert find(st, "zebra stripes", methods=("exact",)).units.num_rows == 0
 
 
-def test_find_says_which_models_had_untrained_weights(tmp_path):
-    """Rows of a model dissected with random weights (`@random`, `/random`) come with a note that
-    they are a baseline: its run's params say so."""
-    st, *_ = build_synthetic(tmp_path / "s")
+def _with_mb_untrained(path):
+    """The synthetic store with model mb written again by a dissect that ran on random weights."""
+    st, *_ = build_synthetic(path)
     with st.run("dissect", {"random_weights": {"target": True, "encoder": False}}) as run:
         run.write("models", pa.Table.from_pylist([{"model": "mb", "spec": "x@random", "arch": "X", "n_params": 1,
                                                    "input_size": 32, "classes": None, "crop_fraction": None}]))
+    return st
+
+
+def test_find_says_which_models_had_untrained_weights(tmp_path):
+    """Rows of a model dissected with random weights (`@random`, `/random`) come with a note that
+    they are a baseline: its run's params say so."""
+    st = _with_mb_untrained(tmp_path / "s")
     res = find(st, "striped", methods=("exact",))
     assert {"ma", "mb"} <= set(res.units.column("model").to_pylist())
     said = [n for n in res.notes if "untrained" in n]
@@ -133,10 +139,7 @@ def test_every_page_of_an_untrained_model_says_so(tmp_path):
     a trained model's pages do not."""
     from neurostore.report import build_report
 
-    st, *_ = build_synthetic(tmp_path / "s")
-    with st.run("dissect", {"random_weights": {"target": True, "encoder": False}}) as run:
-        run.write("models", pa.Table.from_pylist([{"model": "mb", "spec": "x@random", "arch": "X", "n_params": 1,
-                                                   "input_size": 32, "classes": None, "crop_fraction": None}]))
+    st = _with_mb_untrained(tmp_path / "s")
     assert st.df("SELECT * FROM untrained_models()")["model"].tolist() == ["mb"]
     out = tmp_path / "report"
     build_report(st, out, max_units=1, progress=False)

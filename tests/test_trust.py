@@ -4,9 +4,8 @@ and vocabulary size), BH, held-out split, Pearson/AUPRC against references, the 
 
 from __future__ import annotations
 
-import shutil
-
 import dataclasses
+import shutil
 
 import numpy as np
 import pandas as pd
