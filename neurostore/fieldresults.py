@@ -36,6 +36,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from .classnames import normalise
 from .errors import BadInput, BadParameter, UnknownLayer
 from .store import Store
 
@@ -74,9 +75,7 @@ def normalise_label(text: str | None, format: str | None = None) -> str:
     s = (text or "").strip()
     if format == "netdissect" and re.search(r"-[sc]$", s):
         s = s[:-2]
-    s = s.strip().strip("\"'").strip()
-    s = re.sub(r"[_\-]+", " ", s.lower())
-    return " ".join(s.split()).rstrip(".").strip()
+    return normalise(s.strip().strip("\"'").strip()).rstrip(".").strip()
 
 
 def parse_columns(spec: str | dict | None) -> dict[str, str]:

@@ -294,7 +294,9 @@ class ImageFolder(ImageSource):
     """Every file under `root`, recursively, in sorted order; image_id = the relative path with
     '/' separators. Hidden files and folders (starting with '.') are ignored; every other file is
     a candidate, and PIL decides by content, not extension, whether it is an image (a README in
-    the folder is reported as 'not an image')."""
+    the folder is reported as 'not an image'). A file in a subfolder is labelled with the
+    top-level subfolder's name (torchvision's ImageFolder layout, `photos/goldfish/1.jpg`):
+    audits read it as a class (`classnames.class_map`)."""
 
     def __init__(self, root: str | os.PathLike, dataset: str | None = None, **kw):
         root = Path(root)
@@ -306,7 +308,8 @@ class ImageFolder(ImageSource):
         if not files:
             raise BadInput(f"Image folder '{root}' has no files. Put images (jpg, png, ...) in it.")
         items = [(rel, str(self.root / rel)) for rel in files]
-        super().__init__(dataset or folder_dataset_id(self.root, files), items, **kw)
+        labels = {rel: rel.split("/", 1)[0] for rel in files if "/" in rel}
+        super().__init__(dataset or folder_dataset_id(self.root, files), items, labels=labels, **kw)
 
 
 def _walk(root: Path) -> Iterable[str]:

@@ -239,7 +239,12 @@ def _timm(rest: str, spec: str, input_size: int | None, load_weights: bool = Tru
     size = input_size or int(cfg["input_size"][-1])
     crop_pct = float(cfg.get("crop_pct") or 1.0)
     preprocess = simple_preprocess(size, round(size / crop_pct), tuple(cfg["mean"]), tuple(cfg["std"]))
-    t = Target(module, model_id(name if pretrained else f"{name}-random"), spec, preprocess, None, size,
+    classes = None
+    if pretrained and load_weights and timm.data.infer_imagenet_subset(module) == "imagenet-1k":
+        import torchvision  # its ImageNet-1k names, so a timm and a torchvision model share classes
+
+        classes = list(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+    t = Target(module, model_id(name if pretrained else f"{name}-random"), spec, preprocess, classes, size,
                crop_fraction=crop_pct, random_weights=not (pretrained and load_weights))
     _token_info_timm(module, t)
     return t

@@ -6,7 +6,7 @@ CREATE TABLE images (
     path         VARCHAR,    -- absolute path of the image file
     width        INTEGER,    -- pixels
     height       INTEGER,    -- pixels
-    label        VARCHAR,    -- class name when known (probe world: main object's shape)
+    label        VARCHAR,    -- class when known (probe world: main object's shape; an image folder: the top-level subfolder the file is in)
     caption      VARCHAR,    -- caption when known
     split        VARCHAR,    -- 'train', 'test', 'probe', ...
     has_cue      BOOLEAN,    -- probe world: the spurious cue is drawn in this image

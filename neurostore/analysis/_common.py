@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from .. import devices
+from ..classnames import class_map
 from ..errors import BadInput, BadParameter, UnknownLayer, UnknownModel, unknown
 from ..hooks import forward_hooks, keep
 from ..models import list_layers, load_target
@@ -420,20 +421,23 @@ def probe_images(store: Store, model: str, target, max_images: int = 2000, split
     """The labelled images of the probe set `model` was dissected on, preprocessed for it.
 
     Which images: the model's dataset (units table), rows of the images table with a label that
-    is one of the model's classes; of split `split` when given, else the 'probe' split when the
+    names one of the model's classes (`classnames.class_map`: an image folder's subfolder names
+    classes its own way); of split `split` when given, else the 'probe' split when the
     dataset has one (what was dissected), else every split. At most `max_images`, drawn evenly
     per class with a fixed seed so re-runs see the same images."""
     classes = list(target.classes or [])
     if not classes:
         raise BadInput(f"Model '{model}' has no class names (models.classes is empty), so per-class "
-                       "accuracy cannot be measured. Give a model with a classifier head and known classes.")
+                       "accuracy cannot be measured. Give a model with a classifier head and known classes "
+                       "(pretrained torchvision or timm ImageNet weights, or a checkpoint dict with 'classes').")
     dataset = model_dataset(store, model)
     if dataset is None:
         raise BadInput(f"Model '{model}' has no recorded activations in this store. Dissect it first: "
                        "'neurostore dissect SPEC'.")
     rows = store.sql("SELECT image_id, path, label, split FROM images WHERE dataset = $d AND label IS NOT NULL "
                      "ORDER BY image_id", {"d": dataset}).to_pylist()
-    rows = [r for r in rows if r["label"] in classes]
+    named = class_map({r["label"] for r in rows}, classes)   # a folder's 'great_white_shark', 'n01484850'
+    rows = [dict(r, label=named[r["label"]]) for r in rows if r["label"] in named]
     splits = {r["split"] for r in rows}
     want = split if split is not None else ("probe" if "probe" in splits else None)
     if want is not None:
@@ -442,7 +446,9 @@ def probe_images(store: Store, model: str, target, max_images: int = 2000, split
         rows = [r for r in rows if r["split"] == want]
     if not rows:
         raise BadInput(f"Dataset '{dataset}' of model '{model}' has no images labelled with the model's classes "
-                       f"({', '.join(classes[:6])}…). Ablations and audits need labelled probe images.")
+                       f"({', '.join(classes[:6])}…). Ablations and audits need labelled probe images: put each "
+                       "class's images in a subfolder named for the class (or its ImageNet synset id) and dissect "
+                       "that folder.")
     if len(rows) > max_images:
         rng = np.random.default_rng(seed)
         by_class: dict[str, list[int]] = {}
