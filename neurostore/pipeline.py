@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from . import scorers as S
@@ -831,6 +832,16 @@ def _with_content_hashes(images: pa.Table, image_ids: Sequence[str], hashes: Seq
                                                         pa.string()))
 
 
+def _merged(store: Store, table: str, dataset: str, rows: pa.Table, by: str) -> pa.Table:
+    """`rows` of `dataset` and the committed rows of it they do not replace (matched on `by`): a
+    write under the dataset's key replaces all of its rows, and a dissect of the first 8 images of
+    a folder must not take away the rows of the 12 an earlier one saw, which its activations name."""
+    cols = ", ".join(rows.column_names)
+    old = store.sql(f"SELECT {cols} FROM {table} WHERE dataset = $d", {"d": dataset})
+    keep = pc.invert(pc.is_in(old[by], value_set=rows[by]))
+    return pa.concat_tables([old.filter(keep).cast(rows.schema), rows])
+
+
 def _commit(d: _Dissection, started: float):
     """One run, one commit: every table of the dissect, its concept vectors and its evaluation.
     Write keys at the granularity of the work (module doc). Returns the committed run."""
@@ -847,11 +858,14 @@ def _commit(d: _Dissection, started: float):
         run.write("models", pa.Table.from_pylist([target.model_row()]), key=f"model:{target.id}")
         for row in layers_table_rows(target, d.layers):
             run.write("layers", pa.Table.from_pylist([row]), key=f"{record_key}:{row['layer']}")
-        images = d.mask_world.images() if d.mask_world is not None else source.images_table()
-        run.write("images", _with_content_hashes(images, rec.image_ids, d.hashes), key=f"images:{ds}")
-        if d.mask_world is not None:
+        if d.mask_world is not None:  # the world's every image and mask, the same each time
+            run.write("images", _with_content_hashes(d.mask_world.images(), rec.image_ids, d.hashes), key=f"images:{ds}")
             run.write("masks", d.mask_world.masks(), key=f"images:{ds}")
-        run.write("rejects", source.rejects_table(), key=f"images:{ds}")
+            run.write("rejects", source.rejects_table(), key=f"images:{ds}")
+        else:  # a folder's images seen by earlier dissects (another --max-images) stay beside this one's
+            images = _with_content_hashes(source.images_table(), rec.image_ids, d.hashes)
+            run.write("images", _merged(d.store, "images", ds, images, "image_id"), key=f"images:{ds}")
+            run.write("rejects", _merged(d.store, "rejects", ds, source.rejects_table(), "path"), key=f"images:{ds}")
         run.write("activations", ps.fill_activations(rec.activations_table()), key=record_key)
         run.write("units", rec.units_table(), key=record_key)
         run.write("pooled", rec.pooled_table(), key=record_key)

@@ -398,3 +398,26 @@ def test_encoder_iou_window_spill_resumes_only_what_its_index_names(tmp_path):
     other.spill.close()
     (tmp_path / "ck" / "dissect-x.windows.json").write_text("{not json")
     assert not _CellCache(store, "enc", CellWindows(None, 4, None), spill=spill).new
+
+
+def test_a_dissect_of_fewer_images_of_a_folder_keeps_the_images_others_saw(probe_world, tmp_path):
+    """Two dissects of one folder (the same dataset id) with different --max-images: the images
+    and rejects rows of the first stay, so every activation still names a stored image."""
+    import shutil
+
+    paths = probe_world.images().column("path").to_pylist()
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(6):
+        shutil.copy(paths[i], folder / f"{i:02d}.png")
+    (folder / "00-notes.txt").write_text("not an image")
+    kw = dict(scorers=["patch"], k=2, progress=False, log=lambda *a: None)
+    spec = f"probe:cnn@{probe_world.root}"
+    store = Store.open(tmp_path / "s")
+    dissect(store, spec, images=folder, layers=["conv2"], **kw)
+    dissect(store, spec, images=folder, layers=["conv3"], max_images=3, **kw)
+    ids = store.sql("SELECT image_id FROM images ORDER BY image_id")["image_id"].to_pylist()
+    assert ids == [f"{i:02d}.png" for i in range(6)]
+    assert store.sql("SELECT count(*) AS n FROM rejects")["n"].to_pylist() == [1]
+    orphans = store.sql("SELECT count(*) AS n FROM activations a ANTI JOIN images i USING (dataset, image_id)")
+    assert orphans["n"].to_pylist() == [0]
