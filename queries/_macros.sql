@@ -1,6 +1,8 @@
 -- Macros for the core questions, created on every store connection (neurostore.sqlfuncs).
 -- This file is not a named query (its name starts with '_'). Macro parameters are named so they
--- never shadow a column (concept_name, not concept).
+-- never shadow a column (concept_name, not concept), and the macros' own table aliases end in '_':
+-- DuckDB substitutes an argument as an expression, so a caller's `c.concept` would otherwise name
+-- the macro's own `c`.
 
 -- Concept -> the units that fit it best, across every model and layer. Reads concept_units (the
 -- store keeps the top units per model, concept and scorer there, sorted by concept). THE concept
@@ -10,14 +12,14 @@
 CREATE OR REPLACE MACRO concept_neurons(concept_name, top_n := 50, scorer_name := NULL, model_ids := NULL,
                                         layer_names := NULL) AS TABLE
     WITH hits AS (
-        SELECT c.model, c.layer, c.unit, c.concept, c.scorer, c.score, c.confidence, c.rank AS rank_in_model,
-               EXISTS (SELECT 1 FROM headlines h WHERE h.model = c.model AND h.layer = c.layer
-                       AND h.unit = c.unit AND h.concept = c.concept AND h.vocabulary = c.vocabulary) AS headline,
-               c.vocabulary, c.encoder, c.run_id
-        FROM concept_units c
-        WHERE c.concept = concept_name AND (scorer_name IS NULL OR c.scorer = scorer_name)
-          AND (model_ids IS NULL OR list_contains(model_ids, c.model))
-          AND (layer_names IS NULL OR list_contains(layer_names, c.layer)))
+        SELECT cu_.model, cu_.layer, cu_.unit, cu_.concept, cu_.scorer, cu_.score, cu_.confidence, cu_.rank AS rank_in_model,
+               EXISTS (SELECT 1 FROM headlines hl_ WHERE hl_.model = cu_.model AND hl_.layer = cu_.layer
+                       AND hl_.unit = cu_.unit AND hl_.concept = cu_.concept AND hl_.vocabulary = cu_.vocabulary) AS headline,
+               cu_.vocabulary, cu_.encoder, cu_.run_id
+        FROM concept_units cu_
+        WHERE cu_.concept = concept_name AND (scorer_name IS NULL OR cu_.scorer = scorer_name)
+          AND (model_ids IS NULL OR list_contains(model_ids, cu_.model))
+          AND (layer_names IS NULL OR list_contains(layer_names, cu_.layer)))
     -- Units whose headline (one answer per unit, neurostore.trust) is the concept lead; then the
     -- confidence (neurostore.trust: the calibrated chance the label is right), which means the
     -- same for every scorer (raw scores do not: soft_wpmi is unbounded). `rank` is the row's place in this answer (0 first), to order joined answers by.
@@ -30,10 +32,10 @@ CREATE OR REPLACE MACRO concept_neurons(concept_name, top_n := 50, scorer_name :
 -- explain nothing, so their rows are a baseline to compare with, not findings. find, the web
 -- pages and the report say so beside them.
 CREATE OR REPLACE MACRO untrained_models() AS TABLE
-    SELECT DISTINCT m.model
-    FROM models m JOIN runs r USING (run_id)
-    WHERE coalesce(json_extract(r.params, '$.random_weights.target')::BOOLEAN, false)
-    ORDER BY m.model;
+    SELECT DISTINCT um_.model
+    FROM models um_ JOIN runs ur_ USING (run_id)
+    WHERE coalesce(json_extract(ur_.params, '$.random_weights.target')::BOOLEAN, false)
+    ORDER BY um_.model;
 
 -- Neuron -> its ranked concepts, per scorer.
 CREATE OR REPLACE MACRO neuron_concepts(model_id, layer_name, unit_index, scorer_name := NULL) AS TABLE
@@ -67,14 +69,14 @@ CREATE OR REPLACE MACRO similar_concepts(phrase, k := 10) AS TABLE
 -- when it is the concept or holds it as whole words (plural 's'/'es' too): 'dog' finds 'dog',
 -- 'dogs' faces' and 'hot dog', not 'dogwood'. `exact` marks labels that are the concept.
 CREATE OR REPLACE MACRO label_neurons(concept_name, model_id := NULL, method_name := NULL) AS TABLE
-    WITH c AS (SELECT trim(array_to_string(string_split_regex(lower(concept_name), '[^a-z0-9]+'), ' ')) AS words),
-         l AS (SELECT model, layer, min(depth) AS depth, min(depth_frac) AS depth_frac FROM layers GROUP BY ALL)
-    SELECT e.model, e.layer, l.depth, l.depth_frac, e.unit, e.scorer AS method, e.label,
-           e.label = c.words OR lower(e.label) = lower(concept_name) AS exact
-    FROM explanations e CROSS JOIN c LEFT JOIN l ON l.model = e.model AND l.layer = e.layer
-    WHERE (model_id IS NULL OR e.model = model_id) AND (method_name IS NULL OR e.scorer = method_name)
-      AND c.words <> ''
-      AND (SELECT bool_or(contains(' ' || array_to_string(string_split_regex(lower(e.label), '[^a-z0-9]+'), ' ') || ' ',
-                                   ' ' || c.words || suffix || ' '))
-           FROM (VALUES (''), ('s'), ('es')) AS v(suffix))
-    ORDER BY exact DESC, e.model, l.depth, e.layer, e.unit, method;
+    WITH lw_ AS (SELECT trim(array_to_string(string_split_regex(lower(concept_name), '[^a-z0-9]+'), ' ')) AS words),
+         ld_ AS (SELECT model, layer, min(depth) AS depth, min(depth_frac) AS depth_frac FROM layers GROUP BY ALL)
+    SELECT le_.model, le_.layer, ld_.depth, ld_.depth_frac, le_.unit, le_.scorer AS method, le_.label,
+           le_.label = lw_.words OR lower(le_.label) = lower(concept_name) AS exact
+    FROM explanations le_ CROSS JOIN lw_ LEFT JOIN ld_ ON ld_.model = le_.model AND ld_.layer = le_.layer
+    WHERE (model_id IS NULL OR le_.model = model_id) AND (method_name IS NULL OR le_.scorer = method_name)
+      AND lw_.words <> ''
+      AND (SELECT bool_or(contains(' ' || array_to_string(string_split_regex(lower(le_.label), '[^a-z0-9]+'), ' ') || ' ',
+                                   ' ' || lw_.words || suffix || ' '))
+           FROM (VALUES (''), ('s'), ('es')) AS sv_(suffix))
+    ORDER BY exact DESC, le_.model, ld_.depth, le_.layer, le_.unit, method;

@@ -80,6 +80,11 @@ def test_concept_neurons_is_the_one_concept_search(store):
     both = store.sql("""SELECT n.* FROM unnest(['c3', 'c1']) AS c(name), concept_neurons(c.name, top_n := 3) n
                         ORDER BY n.concept, n.rank""").to_pylist()
     assert [r["concept"] for r in both] == ["c1"] * 3 + ["c3"] * 3 and [r["rank"] for r in both] == [0, 1, 2] * 2
+    # a caller's alias named as the macro's own tables were (c, h) is the caller's, not the macro's
+    for alias in ("c", "h", "hits"):
+        same = store.sql(f"""SELECT n.* FROM unnest(['c3', 'c1']) AS {alias}(concept),
+                             concept_neurons({alias}.concept, top_n := 3) n ORDER BY n.concept, n.rank""").to_pylist()
+        assert same == both, alias
     first = store.query("concept_neurons", {"concept": "c3", "top": 5}).column_names
     assert first[:12] == ["model", "layer", "unit", "concept", "scorer", "score", "confidence", "rank_in_model",
                           "headline", "vocabulary", "encoder", "run_id"]  # existing queries keep working

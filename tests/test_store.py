@@ -409,6 +409,14 @@ def test_export_is_plain_parquet_with_load_sql(store, tmp_path):
         con.close()
     with pytest.raises(BadInput, match="is not empty"):
         store.export(tmp_path / "exp")
+    # the export is the user's to edit: rewriting its files in place leaves the store intact
+    for f in (tmp_path / "exp" / "tables").rglob("*.parquet"):
+        f.write_bytes(b"edited")
+    assert store.table_counts()["scores"] == 50 and not store.damaged_files(
+        e for entries in store.manifest()["tables"].values() for e in entries)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(BadInput, match="is a file"):
+        store.export(tmp_path / "afile")
 
 
 def test_run_records_when_the_work_began(tmp_path):

@@ -34,6 +34,8 @@ class Export:
         to = Path(to).expanduser().resolve()
         if to == self.path or self.path in to.parents:
             raise BadInput(f"Cannot export into the store itself ('{to}'). Pick a folder outside it.")
+        if to.exists() and not to.is_dir():
+            raise BadInput(f"Export folder '{to}' is a file. Give a folder path (it is created if missing).")
         if to.exists() and any(to.iterdir()) and not overwrite:
             raise BadInput(f"Export folder '{to}' is not empty. Pick an empty folder or pass overwrite=True.")
         man = self.manifest()
@@ -62,10 +64,9 @@ class Export:
                 src = self.path / e["path"]
                 dest = to / e["path"]
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                try:  # committed files are immutable, so a hard link is a faithful, instant copy
-                    os.link(src, dest)
-                except OSError:
-                    shutil.copy2(src, dest)
+                # a copy, never a hard link: an export is the user's to edit, and an edit in place
+                # through a link would rewrite the store's committed file
+                shutil.copy2(src, dest)
                 out_man["tables"][name].append(e)
                 n_files += 1
             counts[name] = sum(e.get("rows", 0) for e in entries)
