@@ -23,6 +23,7 @@ and no re-run drops a row other work refers to.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -79,7 +80,7 @@ def _embedding_rows(encoder_id: str, kind: str, ids: Sequence[str], m: np.ndarra
 # ---- inputs -----------------------------------------------------------------------------------
 
 
-def resolve_vocabulary(spec: str, store: Store, world=None, **llm) -> Vocabulary:
+def resolve_vocabulary(spec: str, store: Store, world=None, log=None, **llm) -> Vocabulary:
     """A vocabulary by spec. LLM vocabularies are cached in the store: the same model, domain
     and size are read back from the concepts table instead of asking the LLM again."""
     if spec.startswith("llm:"):
@@ -101,7 +102,26 @@ def resolve_vocabulary(spec: str, store: Store, world=None, **llm) -> Vocabulary
                                   concepts=[r["concept"] for r in rows],
                                   categories=[r["category"] for r in rows])
         return load_vocabulary(spec, world=world, **llm)
-    return load_vocabulary(spec, world=world)
+    vocab = load_vocabulary(spec, world=world)
+    if spec.startswith("file:"):
+        named = _own_file_name(vocab, store)
+        if named.name != vocab.name and log is not None:
+            log(f"note: the store's vocabulary {vocab.name} holds other concepts (another file of that name, or "
+                f"this one before an edit); this file's are stored as {named.name}")
+        vocab = named
+    return vocab
+
+
+def _own_file_name(vocab: Vocabulary, store: Store) -> Vocabulary:
+    """A file vocabulary is named for its file ('file:animals'); where the store already holds
+    that name with other concepts (another animals.txt, or this one edited), the name gets a hash
+    of the concepts ('file:animals-3f9a1c'), so a run never replaces another file's concepts,
+    scores and explanations under the same name."""
+    held = store.sql("SELECT concept FROM concepts WHERE vocabulary = $v", {"v": vocab.name})["concept"].to_pylist()
+    if not held or set(held) == set(vocab.concepts):
+        return vocab
+    digest = hashlib.sha1("\n".join(sorted(vocab.concepts)).encode()).hexdigest()[:6]
+    return dataclasses.replace(vocab, name=f"{vocab.name}-{digest}")
 
 
 # ---- embeddings: computed once per (encoder, kind, item), reused across runs ---------------------
@@ -612,7 +632,7 @@ def _plan(store: Store, model: str, *, images, layers, vocabulary, scorers, enco
         raise BadParameter(f"iou and encoder_iou need the same top_fraction (given {sorted(fractions)}).")
     if vocabulary is None:   # as the encoder: the probe world's for probe models, else the online default
         vocabulary = "probe" if world is not None else DEFAULT_VOCABULARY_ONLINE
-    vocab = resolve_vocabulary(vocabulary, store, world=mask_world)
+    vocab = resolve_vocabulary(vocabulary, store, world=mask_world, log=opts["log"])
     if encoder is None:
         enc = world.encoder() if world is not None else load_encoder(DEFAULT_ENCODER_ONLINE, device=dev,
                                                                        precision=precision)

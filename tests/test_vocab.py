@@ -90,6 +90,35 @@ def test_file_vocabulary(tmp_path):
     assert v.source == f"file:{f.resolve()}" and v.name == "file:mine"
 
 
+def test_a_file_saved_with_a_bom_and_crlf_reads_its_first_concept_whole(tmp_path):
+    f = tmp_path / "win.txt"
+    f.write_bytes("\ufeffdog\r\ncat\r\n".encode("utf-8"))
+    assert vocab.load_vocabulary(f"file:{f}").concepts == ["dog", "cat"]
+
+
+def test_two_files_of_one_name_never_share_a_vocabulary(tmp_path):
+    """file:animals from another folder (or the same file edited) holds other concepts: it is
+    stored under a name of its own, so the first file's concepts and explanations stay."""
+    from neurostore.pipeline import resolve_vocabulary
+    from neurostore.store import Store
+
+    store = Store.open(tmp_path / "s")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "animals.txt").write_text("dog\ncat\n")
+    (tmp_path / "b" / "animals.txt").write_text("dog\nhorse\n")
+    first = resolve_vocabulary(f"file:{tmp_path / 'a' / 'animals.txt'}", store)
+    assert first.name == "file:animals"
+    with store.run("vocab", {}) as run:
+        run.write("concepts", vocab.concepts_table(first))
+    said = []
+    again = resolve_vocabulary(f"file:{tmp_path / 'a' / 'animals.txt'}", store, log=said.append)
+    other = resolve_vocabulary(f"file:{tmp_path / 'b' / 'animals.txt'}", store, log=said.append)
+    assert again.name == "file:animals" and other.concepts == ["dog", "horse"]
+    assert other.name.startswith("file:animals-") and len(other.name) == len("file:animals-") + 6
+    assert len(said) == 1 and other.name in said[0]
+
+
 def test_file_vocabulary_errors(tmp_path):
     with pytest.raises(BadInput, match="does not exist"):
         vocab.load_vocabulary(f"file:{tmp_path / 'missing.txt'}")
