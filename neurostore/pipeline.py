@@ -683,16 +683,19 @@ def _one_pass(d: _Dissection) -> None:
         d.target, d.layers, d.source, d.enc, k=o["k"], batch_size=o["batch_size"], workers=o["workers"],
         precision=d.dtype, image_emb=image_emb, iou_fraction=iou_fraction, known_images=known_images,
         ckpt=d.ckpt, counts=d.counts, progress=o["progress"], log=o["log"])
+    d.rec = rec.result()
+    if d.rec.n_images == 0:   # nothing to keep or resume: the same files would be rejected again
+        d.ckpt.remove()
+        why = "; ".join(f"{Path(r['path']).name}: {r['reason']}" for r in d.source.rejects[:3])
+        raise BadInput(f"No usable images in '{o['images'] or d.source.dataset}': all {len(d.source.rejects)} "
+                       f"files were rejected ({why}{'; ...' if len(d.source.rejects) > 3 else ''}). "
+                       "Give a folder of JPEG, PNG or other images PIL can read.")
     d.pass_state = state   # the whole pass: what an interrupted later stage keeps (dissect)
     # the crops an interrupted run of this work encoded (lots beside its ended pass): not encoded again
     ids, m = d.ckpt.patch_vectors.get(d.enc.id, ([], None))
     d.patch_vectors = {d.enc.id: (list(ids), [torch.from_numpy(m)] if len(ids) else [])}
     if d.resumed:
         o["log"](f"resumed from a checkpoint at image {d.resumed} of {len(d.source)}")
-    d.rec = rec.result()
-    if d.rec.n_images == 0:
-        raise BadInput(f"No usable images in '{o['images'] or d.source.dataset}': all {len(d.source.rejects)} "
-                       "files were rejected (see the reasons with --json).")
     d.params = {s: S.get_scorer(s).prepared(p, d.rec.n_images) for s, p in d.params.items()}
     if d.new_images:
         d.new_vectors.append((d.enc.id, "image", list(d.new_images), np.stack(list(d.new_images.values()))))

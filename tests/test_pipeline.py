@@ -421,3 +421,17 @@ def test_a_dissect_of_fewer_images_of_a_folder_keeps_the_images_others_saw(probe
     assert store.sql("SELECT count(*) AS n FROM rejects")["n"].to_pylist() == [1]
     orphans = store.sql("SELECT count(*) AS n FROM activations a ANTI JOIN images i USING (dataset, image_id)")
     assert orphans["n"].to_pylist() == [0]
+
+
+def test_a_folder_of_only_bad_files_says_why_and_leaves_no_checkpoint(probe_world, tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image")
+    said = []
+    with pytest.raises(BadInput, match=r"all 2 files were rejected \(notes.txt: not an image; zero.jpg: zero bytes\)"):
+        dissect(tmp_path / "s", f"probe:cnn@{probe_world.root}", images=folder, layers=["conv2"], progress=False,
+                log=said.append)
+    assert not any("saving the image pass" in line for line in said)
+    ckpt = tmp_path / "s" / "checkpoints"
+    assert not ckpt.exists() or not any(ckpt.iterdir())
