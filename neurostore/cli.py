@@ -179,7 +179,7 @@ def sql_cmd(
 ) -> None:
     """Run SQL over the store; values passed with --param are bound to $key, never pasted in.
 
-    Example: neurostore sql "SELECT layer, count(*) AS n FROM scores WHERE model = $m GROUP BY layer" -p m=resnet50
+    Example: neurostore sql 'SELECT layer, count(*) AS n FROM scores WHERE model = $m GROUP BY layer' -p m=resnet50
     """
     from .queries import parse_sql_params
 
@@ -493,6 +493,9 @@ def _dissect_summary_table(s: dict) -> None:
         v = s[k]
         t.add_row(k, ", ".join(map(str, v)) if isinstance(v, list) else str(v))
     console.print(t)
+    if s["rejects"]:  # which files, and where the reasons are
+        console.print(f"{s['rejects']} files skipped; why: neurostore sql \"SELECT path, reason FROM rejects WHERE "
+                      f"dataset = '{s['dataset']}'\"", markup=False, highlight=False)
     rw = [w for w in ("target", "encoder") if s.get("random_weights", {}).get(w)]
     if rw:  # untrained weights: the explanations mean nothing, say so beside them
         console.print(f"[yellow]random weights: {' and '.join(rw)} (untrained; explanations are a baseline)[/yellow]")

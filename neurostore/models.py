@@ -48,7 +48,7 @@ from PIL import Image
 from torch import nn
 
 from .devices import resolve_device, resolve_precision
-from .errors import BadInput, UnknownLayer, UnknownModel, did_you_mean, unknown
+from .errors import BadInput, BadParameter, UnknownLayer, UnknownModel, did_you_mean, unknown
 from .hooks import forward_hooks
 from .openclip import create_openclip
 from .weights import downloading, hub_url, seeded
@@ -129,6 +129,8 @@ def load_target(spec: str, *, input_size: int | None = None, id: str | None = No
     weights=False builds torchvision/timm/OpenCLIP architectures without their weights (never
     touches the network; enough to list layers). The target is on the CPU: `.to(device)`."""
     spec = str(spec).strip()
+    if input_size is not None and input_size < 1:  # 0 would read as 'the default' below
+        raise BadParameter(f"--input-size {input_size}: give the input's side in pixels, e.g. 224.")
     kind, sep, rest = spec.partition(":")
     if kind == "torchvision" and sep:
         t = _torchvision(rest, spec, input_size, weights)
@@ -424,7 +426,11 @@ def list_layers(target: Target) -> list[LayerInfo]:
         return hook
 
     with torch.no_grad(), forward_hooks(target.module, {n: make_hook(n) for n in modules if n}, whole=True):
-        final = target.module(_dummy_input(target))
+        try:
+            final = target.module(_dummy_input(target))
+        except RuntimeError as e:   # an input too small for the architecture's kernels or patches
+            raise BadParameter(f"{target.spec} does not run on a {target.input_size}-pixel input "
+                               f"({str(e).splitlines()[0][:160]}). Give a larger --input-size, e.g. 224.") from None
     infos = []
     for i, name in enumerate(order):
         shape = shapes[name]

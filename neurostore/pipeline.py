@@ -690,6 +690,11 @@ def _one_pass(d: _Dissection) -> None:
         raise BadInput(f"No usable images in '{o['images'] or d.source.dataset}': all {len(d.source.rejects)} "
                        f"files were rejected ({why}{'; ...' if len(d.source.rejects) > 3 else ''}). "
                        "Give a folder of JPEG, PNG or other images PIL can read.")
+    if d.rec.n_images < 2:   # a unit's contrast over images (every scorer's null) needs two at least
+        d.ckpt.remove()
+        raise BadInput(f"Only one usable image in '{o['images'] or d.source.dataset}' "
+                       f"({len(d.source.rejects)} files rejected): a dissect compares images, so it needs two "
+                       "at least (hundreds for explanations worth reading).")
     d.pass_state = state   # the whole pass: what an interrupted later stage keeps (dissect)
     # the crops an interrupted run of this work encoded (lots beside its ended pass): not encoded again
     ids, m = d.ckpt.patch_vectors.get(d.enc.id, ([], None))

@@ -19,7 +19,7 @@ import pytest
 
 from neurostore.analysis import ablate, audit, compare, find
 from neurostore.analysis._common import load_model, parse_units
-from neurostore.errors import BadParameter, NeurostoreError, UnknownModel
+from neurostore.errors import BadParameter, NeurostoreError, UnknownLayer, UnknownModel
 from neurostore.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,6 +159,9 @@ def test_find_rejects_bad_input(synth):
         find(st, "   ")
     with pytest.raises(BadParameter, match="Unknown method 'fuzzy'"):
         find(st, "striped", methods=("fuzzy",))
+    layers = sorted(st.sql("SELECT DISTINCT layer FROM layers").column("layer").to_pylist())
+    with pytest.raises(UnknownLayer, match=f"Unknown dissected layer 'layer9'.*Valid: {', '.join(layers)}"):
+        find(st, "striped", layers=["layer9"])  # said 'nothing found for striped' before
 
 
 # ---- compare ------------------------------------------------------------------------------------

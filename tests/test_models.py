@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from neurostore.errors import BadInput, UnknownLayer, UnknownModel
+from neurostore.errors import BadInput, BadParameter, UnknownLayer, UnknownModel
 from neurostore.models import (_torchvision_weights, default_layers, layers, layers_table_rows, list_layers,
                                load_target, resolve_layer)
 
@@ -140,6 +140,10 @@ def test_cli_layers_json_and_error():
                        capture_output=True, text=True)
     assert p.returncode == 1
     assert p.stderr.startswith("Error: Unknown torchvision model 'resnet1'. Did you mean resnet18")
+    for size, says in (("0", "--input-size 0: give the input's side"), ("-5", "--input-size -5: give"),
+                       ("8", "does not run on a 8-pixel input (")):   # were a traceback, or 224 for 0
+        r = CliRunner().invoke(app, ["layers", "timm:vit_tiny_patch16_224@random", f"--input-size={size}"])
+        assert isinstance(r.exception, BadParameter) and says in str(r.exception), r.exception  # a one-line error
 
 
 # ---- default layers, one test per family (random weights, small inputs) ---------------------------

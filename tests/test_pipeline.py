@@ -151,6 +151,12 @@ def test_cli_dissect_on_a_folder_with_a_bad_file(probe_world, tmp_path):
     assert s["images"] == 12 and s["rejects"] == 1
     rej = Store.open(tmp_path / "s").sql("SELECT path, reason FROM rejects").to_pylist()
     assert len(rej) == 1 and rej[0]["path"].endswith("notes.txt")
+    # without --json the summary says where the reasons are, as a command to paste
+    res = CliRunner().invoke(app, ["dissect", f"probe:cnn@{probe_world.root}", "--images", str(folder),
+                                   "--layer", "conv2", "--scorer", "patch", "--scorer", "cos_cubed",
+                                   "--encoder", f"probe:{probe_world.root}", "--k", "3", "--store", str(tmp_path / "s")])
+    assert res.exit_code == 0 and (f"1 files skipped; why: neurostore sql \"SELECT path, reason FROM rejects WHERE "
+                                   f"dataset = '{s['dataset']}'\"") in " ".join(res.stdout.split()), res.stdout
 
 
 def test_probe_model_on_a_folder_uses_its_world_encoder_and_shows_progress_with_json(probe_world, tmp_path):
@@ -424,6 +430,8 @@ def test_a_dissect_of_fewer_images_of_a_folder_keeps_the_images_others_saw(probe
 
 
 def test_a_folder_of_only_bad_files_says_why_and_leaves_no_checkpoint(probe_world, tmp_path):
+    from PIL import Image
+
     folder = tmp_path / "bad"
     folder.mkdir()
     (folder / "zero.jpg").write_bytes(b"")
@@ -433,5 +441,9 @@ def test_a_folder_of_only_bad_files_says_why_and_leaves_no_checkpoint(probe_worl
         dissect(tmp_path / "s", f"probe:cnn@{probe_world.root}", images=folder, layers=["conv2"], progress=False,
                 log=said.append)
     assert not any("saving the image pass" in line for line in said)
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(folder / "one.png")
+    with pytest.raises(BadInput, match=r"Only one usable image in .* \(2 files rejected\): a dissect compares"):
+        dissect(tmp_path / "s", f"probe:cnn@{probe_world.root}", images=folder, layers=["conv2"], progress=False,
+                log=said.append)   # was 'the cos_cubed null has 0 usable pseudo-units'
     ckpt = tmp_path / "s" / "checkpoints"
     assert not ckpt.exists() or not any(ckpt.iterdir())

@@ -43,7 +43,7 @@ import torch
 
 from .. import trust
 from ..encoders import load_encoder
-from ..errors import BadParameter, NeurostoreError, UnknownScorer, unknown
+from ..errors import BadParameter, NeurostoreError, UnknownLayer, UnknownScorer, unknown
 from ..sqlfuncs import MINILM_ID
 from ..store import Store
 from ..world import worlds_in_store
@@ -257,6 +257,13 @@ def find(store: Store | str | Path, phrase: str, *, models: Sequence[str] | None
     st = open_store(store, read_only=True)
     if models:
         check_models(st, models)
+    if layers:  # a layer no model has would otherwise read as 'nothing found for the phrase'
+        have = st.sql("SELECT DISTINCT layer FROM layers" + (" WHERE list_contains($m, model)" if models else ""),
+                      {"m": list(models)} if models else None).column("layer").to_pylist()
+        for layer in layers:
+            if layer not in have:
+                raise UnknownLayer(unknown(f"dissected layer{' of ' + ', '.join(models) if models else ''}",
+                                           layer, sorted(have)))
     if scorer:
         have = st.sql("SELECT DISTINCT scorer FROM scores UNION SELECT DISTINCT scorer FROM explanations") \
             .column("scorer").to_pylist()
