@@ -1194,9 +1194,14 @@ def main() -> None:
 
 def _interrupted(what: str = "Ctrl-C", code: int = 130) -> None:
     _close_bars()
-    err_console.print(f"Aborted ({what}). The store holds what earlier commands committed, nothing of this one; "
-                      "run the same command again to resume (a dissect picks up its image pass where it stopped).",
-                      highlight=False, soft_wrap=True)
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+    if command == "report":   # it writes a folder, not the store
+        said = ("The store is unchanged; the report folder is incomplete (it has no index.html until the end): "
+                "run the same command again.")
+    else:
+        said = ("The store holds what earlier commands committed, nothing of this one; run the same command again "
+                "to resume (a dissect picks up its image pass where it stopped).")
+    err_console.print(f"Aborted ({what}). {said}", highlight=False, soft_wrap=True)
     sys.exit(code)
 
 

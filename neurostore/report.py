@@ -72,7 +72,8 @@ def build_report(store, out, models: list[str] | None = None, max_units: int | N
         _write(out / rel, render(template, data, Links(static=True, depth=depth), store_path=str(st.path)))
         pages += 1
 
-    page("index.html", "index.html", ov, 0)
+    # index.html is written last, so a report stopped half-way has none and does not look finished
+    (out / "index.html").unlink(missing_ok=True)
     work = [(m, l) for m in ov["models"] for l in m["layers"]]
     bar = progress_bar(len(work), "report", "layer", progress)
     for m in ov["models"]:
@@ -151,6 +152,7 @@ def build_report(store, out, models: list[str] | None = None, max_units: int | N
     bar.close()
     for kind in ("audit", "compare"):
         page(f"{kind}.html", "findings.html", D.findings(run, kind), 0)
+    page("index.html", "index.html", ov, 0)
     return {"out": str(out), "index": str(out / "index.html"), "pages": pages, "images": len(written),
             "heatmaps": n_heatmaps,
             "models": len(ov["models"]), "layers": n_layers, "neurons": n_neurons,

@@ -177,3 +177,24 @@ def test_cards_show_the_wiring_or_the_command_that_computes_it(report, tmp_path_
     fed = (out2 / "neuron/toy-cnn/layer1.0.conv2/0.html").read_text()  # unit 0 of the next layer has no edge in
     assert "none stored for this unit" in fed and "none: the last layer with edges" in fed
     assert "none: the first layer with edges" in page
+
+
+def test_a_report_stopped_half_way_has_no_index(tmp_path_factory, tmp_path, monkeypatch):
+    """Ctrl-C in the middle of the neuron pages: the folder holds no index.html (a complete
+    report's is removed first and written last), so it cannot pass for a finished one."""
+    from neurostore.web import data as D
+
+    path, _ = shared_store(tmp_path_factory)
+    dest = tmp_path / "r"
+    dest.mkdir()
+    (dest / "index.html").write_text("an older, complete report's index")
+    calls = []
+
+    def stop(*a, **k):
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(D, "neuron_cards", stop)
+    with pytest.raises(KeyboardInterrupt):
+        build_report(path, dest, progress=False)
+    assert calls and not (dest / "index.html").exists() and (dest / "style.css").exists()
