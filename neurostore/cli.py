@@ -899,8 +899,12 @@ def compare_cmd(
     console.print(_rows_table([{"figure": k, "value": s[k]} for k in keys], ["figure", "value"], title="Matching"))
     top = sorted([r for r in res.matches.to_pylist() if r["model"] == model_a and r["method"] == "activation"],
                  key=lambda r: -r["score"])[:15]
-    console.print(_rows_table(top, ["layer", "unit", "other_layer", "other_unit", "corr", "label", "other_label", "agree"],
-                              title="Best activation matches"))
+    top = [{**r, "explanation_match_too": r["agree"]} for r in top]
+    console.print(_rows_table(top, ["layer", "unit", "other_layer", "other_unit", "corr", "label", "other_label",
+                                    "explanation_match_too"], title="Best activation matches"))
+    console.print("explanation_match_too: the unit's best match by explanation is the same other unit", highlight=False)
+    for note in res.notes:
+        err_console.print(f"note: {note}", highlight=False)
     err_console.print(f"run {res.run_id}: neurostore query compare_models -p model_a={model_a} -p model_b={model_b}",
                       highlight=False)
 

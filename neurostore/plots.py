@@ -3,7 +3,7 @@ fetched from the network), so a page opened from disk shows them as they are.
 
     histogram_svg(edges, counts)                         -> "<svg ...>"  activation histogram
     depth_profile_svg(series, layers, highlight=None)    -> "<svg ...>"  concept share by layer depth
-    heatmap_png(image, cells)                            -> PNG bytes    a unit's map over an image
+    heatmap_jpeg(image, cells)                           -> JPEG bytes   a unit's map over an image
     heat_legend_svg()                                    -> "<svg ...>"  the heatmap's colour scale
 
 The heatmap is a PNG made here, not drawn in the page: the web app's CSP forbids inline styles and
@@ -174,12 +174,14 @@ def _heat_lut() -> np.ndarray:
 # zlib level of the PNGs a report writes by the thousand (heatmaps, whole images): lossless at any
 # level; 1 encodes several times faster than the default 6 for somewhat larger files.
 PNG_LEVEL = 1
+HEAT_QUALITY = 85         # JPEG quality of the heatmaps
 
 
-def heatmap_png(image, cells: Sequence[Sequence[int]], side: int = HEAT_SIDE) -> bytes:
+def heatmap_jpeg(image, cells: Sequence[Sequence[int]], side: int = HEAT_SIDE) -> bytes:
     """`image` (PIL, the region the unit saw) scaled so its longer side is `side` px, with the
     unit's map `cells` (rows of 0..100, see schema/activations.sql act_map) bilinear-upsampled
-    over it as a translucent heatmap (HEAT_STOPS, HEAT_ALPHA). Returns PNG bytes."""
+    over it as a translucent heatmap (HEAT_STOPS, HEAT_ALPHA). Returns JPEG bytes: a photo under a
+    blurred map, where a PNG was ten times the size (a report holds one per unit and top image)."""
     from PIL import Image
 
     W, H = image.size
@@ -190,7 +192,7 @@ def heatmap_png(image, cells: Sequence[Sequence[int]], side: int = HEAT_SIDE) ->
     up = Image.fromarray(m.round().astype(np.uint8), "L").resize(size, Image.Resampling.BILINEAR)
     heat = Image.fromarray(_heat_lut()[np.asarray(up)], "RGBA")                   # [H', W', 4]
     buf = io.BytesIO()
-    Image.alpha_composite(base, heat).convert("RGB").save(buf, format="PNG", compress_level=PNG_LEVEL)
+    Image.alpha_composite(base, heat).convert("RGB").save(buf, format="JPEG", quality=HEAT_QUALITY)
     return buf.getvalue()
 
 

@@ -12,7 +12,7 @@ Layout of DIR:
     audit.html, compare.html            findings
     patches/<patch_id>.png              every patch image, written once and referenced
     images/<key>.png                    the whole images of the cards' top activations (when their files exist)
-    heatmaps/<key>.png                  those top images with the unit's activation map over them
+    heatmaps/<key>.jpg                  those top images with the unit's activation map over them
     style.css
 Pages and images are written through a temporary file and renamed, so a reader never sees half a page.
 """
@@ -137,11 +137,11 @@ def build_report(store, out, models: list[str] | None = None, max_units: int | N
                         key = p["image_key"]
                         if key in paths and key not in opened:
                             opened[key] = D.open_image(run, key, paths[key])
-                        png = D.heatmap_png(run, p, opened.get(key))
-                        if png:
-                            _write(out / "heatmaps" / f"{heatmap_key(model, layer, unit, p['rank'])}.png", png)
+                        jpeg = D.heatmap_jpeg(run, p, opened.get(key))
+                        if jpeg:
+                            _write(out / "heatmaps" / f"{heatmap_key(model, layer, unit, p['rank'])}.jpg", jpeg)
                             n_heatmaps += 1
-                        p["has_map"] = png is not None
+                        p["has_map"] = jpeg is not None
                 if n_pooled * len(cards) <= D.MAX_QUANTILE_CELLS:
                     for u, links in D.coactivation(run, model, layer, sorted(cards)).items():
                         cards[u]["links"] = links

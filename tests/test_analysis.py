@@ -131,6 +131,10 @@ def test_find_says_which_models_had_untrained_weights(tmp_path):
     assert {"ma", "mb"} <= set(res.units.column("model").to_pylist())
     said = [n for n in res.notes if "untrained" in n]
     assert len(said) == 1 and said[0].startswith("mb was dissected with untrained (random) weights")
+    # compare says so too, and that its correlations rest on few images
+    notes = compare(st, "ma", "mb", write=False).notes
+    assert [n.split(":")[0] for n in notes] == ["mb was dissected with untrained (random) weights",
+                                                 "the activation correlations are over 60 images; a few hundred make them stable"]
 
 
 def test_every_page_of_an_untrained_model_says_so(tmp_path):

@@ -136,8 +136,8 @@ def test_cards_carry_heatmaps_and_co_activated_units(report):
     """Every conv top image gets its heatmap file (the fixture's conv layers: 12 units x 6 images),
     referenced from its card; linear units none. Co-activated units link to their cards."""
     out, s, _ = report
-    files = sorted((out / "heatmaps").glob("*.png"))
-    assert s["heatmaps"] == len(files) == 12 * 6
+    files = sorted((out / "heatmaps").glob("*.jpg"))
+    assert s["heatmaps"] == len(files) == 12 * 6 and all(f.read_bytes()[:3] == b"\xff\xd8\xff" for f in files)
     page = (out / "neuron/toy-cnn/conv1/0.html").read_text()
     heat = re.findall(r'<image class="heat" href="([^"]+)"', page)
     assert len(heat) == 6 and all(h.startswith("../../../heatmaps/") for h in heat)

@@ -438,7 +438,7 @@ def test_quantile_examples_span_the_activation_range(tmp_path):
     assert "19" not in [i["image_id"] for b in q for i in b["images"]]  # its file is gone: left out
 
 
-def _png_pixels(body):
+def _png_pixels(body):  # any format PIL reads
     import io
 
     import numpy as np
@@ -449,23 +449,23 @@ def _png_pixels(body):
 
 def test_card_draws_the_activation_map_over_each_top_image(server):
     """Conv units carry a map per top image (the fixture's blob peaks at grid cell (3, 4)): the
-    card draws each as a heatmap PNG over the image, hottest where the map peaks; a linear unit
+    card draws each as a heatmap JPEG over the image, hottest where the map peaks; a linear unit
     (1x1 map) keeps the image and box alone."""
     status, _, body = get(server, "/neuron/toy-cnn/conv1/0")
     html = body.decode()
-    heat = re.findall(r'<image class="heat" href="(/heatmap/toy-cnn/conv1/0/(\d+)\.png)"', html)
+    heat = re.findall(r'<image class="heat" href="(/heatmap/toy-cnn/conv1/0/(\d+)\.jpg)"', html)
     assert [int(r) for _, r in heat] == list(range(6)) and "heatmap: the unit" in html
-    status, ctype, png = get(server, heat[0][0])
-    assert status == 200 and ctype == "image/png"
-    px = _png_pixels(png)
+    status, ctype, jpeg = get(server, heat[0][0])
+    assert status == 200 and ctype == "image/jpeg" and jpeg[:3] == b"\xff\xd8\xff"
+    px = _png_pixels(jpeg)
     assert px.shape[:2] == (192, 192) and px.std() > 20
     # Heat is yellow (high R and G): the peak's region (rows 3-4 of 8, columns 4-5) against a corner.
     warm = (px[..., 0] + px[..., 1]) / 2 - px[..., 2]
     assert warm[72:120, 96:144].mean() > warm[:24, :24].mean() + 40
     status, _, body = get(server, "/neuron/toy-cnn/fc/0")
     assert status == 200 and b'class="heat"' not in body and b'class="box"' in body
-    assert get(server, "/heatmap/toy-cnn/fc/0/0.png")[0] == 404
-    assert get(server, "/heatmap/toy-cnn/conv1/0/99.png")[0] == 404
+    assert get(server, "/heatmap/toy-cnn/fc/0/0.jpg")[0] == 404
+    assert get(server, "/heatmap/toy-cnn/conv1/0/99.jpg")[0] == 404
 
 
 def test_card_links_the_co_activated_units_of_adjacent_layers(server):

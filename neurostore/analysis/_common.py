@@ -63,6 +63,14 @@ def check_models(store: Store, models: Iterable[str]) -> list[str]:
     return out
 
 
+def untrained(store: Store, models: Iterable[str]) -> list[str]:
+    """Those of `models` whose dissect ran on random weights (its run's params say so)."""
+    models = sorted(models)
+    if not models:
+        return []
+    return sorted(store.df("SELECT model FROM untrained_models() WHERE list_contains($m, model)", {"m": models})["model"])
+
+
 def model_row(store: Store, model: str) -> dict:
     check_models(store, [model])
     rows = store.sql("SELECT * FROM models WHERE model = $m ORDER BY run_id DESC LIMIT 1", {"m": model}).to_pylist()

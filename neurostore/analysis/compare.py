@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +42,11 @@ from scipy.optimize import linear_sum_assignment
 
 from ..errors import BadInput, BadParameter, UnknownScorer, unknown
 from ..store import Store
-from ._common import check_models, matrix, minilm, model_layers, open_store
+from ._common import check_models, matrix, minilm, model_layers, open_store, untrained
 
 MIN_CONFIDENCE = 0.9
 MAX_UNITS = 4096
+FEW_IMAGES = 200   # below it the notes say the correlations are not yet stable
 TOP_CONCEPTS = 3
 # patch first (the audits were measured with its labels), then the best by agreement with the probe
 # world's truth on hidden units (README, "Confidence and fidelity")
@@ -64,10 +65,11 @@ class CompareResult:
     matches: pa.Table
     table: pa.Table
     run_id: str | None = None
+    notes: list[str] = field(default_factory=list)   # what a reader should know before trusting the figures
 
     def to_dict(self) -> dict:
         return {"model_a": self.model_a, "model_b": self.model_b, "scorer": self.scorer,
-                "min_confidence": self.min_confidence, "run_id": self.run_id, "summary": self.summary,
+                "min_confidence": self.min_confidence, "run_id": self.run_id, "notes": self.notes, "summary": self.summary,
                 "coverage": self.coverage, "concepts": self.concepts,
                 "matches": [r for r in self.matches.to_pylist() if r["model"] == self.model_a]}
 
@@ -352,6 +354,10 @@ def compare(store: Store | str | Path, model_a: str, model_b: str, *, scorer: st
     table = pa.Table.from_pylist(comp_rows)
     res = CompareResult(model_a, model_b, scorer, min_confidence, summary, coverage, concepts, matches, table)
     res.summary["layer_correspondence"] = [r for r in layer_rows if r["model"] == model_a]
+    res.notes = [f"{m} was dissected with untrained (random) weights: its matches are a baseline, not findings"
+                 for m in untrained(st, [model_a, model_b])]
+    if len(images) < FEW_IMAGES:
+        res.notes.append(f"the activation correlations are over {len(images)} images; a few hundred make them stable")
     if write:
         params = {"model_a": model_a, "model_b": model_b, "scorer": scorer, "min_confidence": min_confidence,
                   "dataset": dataset, "n_images": len(images), "layers_a": layers_a, "layers_b": layers_b,

@@ -47,7 +47,7 @@ from ..errors import BadParameter, NeurostoreError, UnknownLayer, UnknownScorer,
 from ..sqlfuncs import MINILM_ID
 from ..store import Store
 from ..world import worlds_in_store
-from ._common import check_models, matrix, minilm, open_store, resolve
+from ._common import check_models, matrix, minilm, open_store, resolve, untrained
 
 METHODS = ("exact", "semantic", "open", "label")
 MIN_SIMILARITY = 0.6
@@ -115,14 +115,6 @@ def _semantic_concepts(st: Store, phrase: str, models, min_similarity: float, ma
         if names[i] != phrase:
             out.append({"concept": names[i], "similarity": float(sims[i]), "method": "semantic"})
     return out
-
-
-def _untrained(st: Store, models: list[str]) -> list[str]:
-    """Those of `models` whose dissect ran on random weights (its run's params say so)."""
-    if not models:
-        return []
-    t = st.df("SELECT model FROM untrained_models() WHERE list_contains($m, model)", {"m": models})
-    return sorted(t["model"])
 
 
 def _open_vocabulary(st: Store, phrase: str, encoder_id: str, models, layers, notes: list[str],
@@ -309,7 +301,7 @@ def find(store: Store | str | Path, phrase: str, *, models: Sequence[str] | None
     if "label" in methods:
         found.update(_label_rows(st, phrase, scorer, models, layers))
     unit_rows = [r for m in found for r in _rank(found[m], m, depths, top)]
-    for m in _untrained(st, sorted({r["model"] for r in unit_rows})):
+    for m in untrained(st, sorted({r["model"] for r in unit_rows})):
         notes.append(f"{m} was dissected with untrained (random) weights: its units explain nothing, so its "
                      "rows are a baseline to compare with, not findings")
     profile = _profile(found, depths, models)

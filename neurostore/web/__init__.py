@@ -13,7 +13,7 @@ Pages (each also as JSON: the same path with `.json` added, e.g. /neuron/m/l/3.j
     /neuron/<model>/<layer>/<unit>        a neuron card (patches, concepts, summary, histogram)
     /patch/<patch_id>.png                 a patch thumbnail
     /image/<key>.png                      a whole probe image, read from the file `images.path` names
-    /heatmap/<model>/<layer>/<unit>/<rank>.png   the unit's activation map over its top image `rank`
+    /heatmap/<model>/<layer>/<unit>/<rank>.jpg   the unit's activation map over its top image `rank`
     /search?q=...&mode=all|exact|semantic|open   (all: every mode merged, the default)
     /compare, /audit                      findings tables
     /sql?q=...&name=value                 the SQL console (one SELECT/EXPLAIN, bound $name values)
@@ -211,10 +211,10 @@ class App:
         if m:
             png = D.image_png(self.q, m.group(1))
             return (200, "image/png", png) if png else (404, "text/plain; charset=utf-8", b"no such image")
-        m = re.match(r"^/heatmap/([^/]+)/([^/]+)/(\d{1,9})/(\d{1,4})\.png$", path)
+        m = re.match(r"^/heatmap/([^/]+)/([^/]+)/(\d{1,9})/(\d{1,4})\.jpg$", path)
         if m:
-            png = D.heatmap_of(self.q, unquote(m.group(1)), unquote(m.group(2)), int(m.group(3)), int(m.group(4)))
-            return (200, "image/png", png) if png else (404, "text/plain; charset=utf-8", b"no such heatmap")
+            jpeg = D.heatmap_of(self.q, unquote(m.group(1)), unquote(m.group(2)), int(m.group(3)), int(m.group(4)))
+            return (200, "image/jpeg", jpeg) if jpeg else (404, "text/plain; charset=utf-8", b"no such heatmap")
         m = re.match(r"^/sql\.(csv|parquet)$", path)
         if m:
             return self.download(query, m.group(1))

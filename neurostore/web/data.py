@@ -483,9 +483,9 @@ def image_png(run: Run, key: str, side: int = 320, path: str | None = None) -> b
     return buf.getvalue()
 
 
-def heatmap_png(run: Run, top: dict, image=None) -> bytes | None:
+def heatmap_jpeg(run: Run, top: dict, image=None) -> bytes | None:
     """A top image of a card (a `top_activations` row) with the unit's map over it as a heatmap
-    (plots.heatmap_png); None where it has no map worth drawing. The map is stretched over the
+    (plots.heatmap_jpeg); None where it has no map worth drawing. The map is stretched over the
     region of the image the model saw (`seen`: all of it, or a centre crop's square), as the max cell is.
     Without the image file, the crop stands in its box on the frame's grey, as the card draws it.
     `image`: the image already open (`open_image`), for a caller drawing many maps on it."""
@@ -505,13 +505,13 @@ def heatmap_png(run: Run, top: dict, image=None) -> bytes | None:
             x0, y0, x1, y1 = top["x0"], top["y0"], top["x1"], top["y1"]
             with Image.open(io.BytesIO(bytes(thumb[0]["thumbnail"]))) as crop:
                 im.paste(crop.convert("RGB").resize((max(1, x1 - x0), max(1, y1 - y0))), (x0, y0))
-    return plots.heatmap_png(im.crop(top.get("seen") or (0, 0, *im.size)), top["act_map"])
+    return plots.heatmap_jpeg(im.crop(top.get("seen") or (0, 0, *im.size)), top["act_map"])
 
 
 def heatmap_of(run: Run, model: str, layer: str, unit: int, rank: int) -> bytes | None:
-    """`heatmap_png` of one unit's top image `rank` (the web app's /heatmap route)."""
+    """`heatmap_jpeg` of one unit's top image `rank` (the web app's /heatmap route)."""
     top = top_activations(run, model, layer, unit, k=rank + 1, rank=rank)
-    return heatmap_png(run, top[0]) if top else None
+    return heatmap_jpeg(run, top[0]) if top else None
 
 
 N_LINKED = 5  # co-activated units shown per side

@@ -59,11 +59,11 @@ class Links:
         return f"{self.prefix}image{'s' if self.static else ''}/{self._q(key)}.png"
 
     def heatmap(self, m, l, u, rank) -> str:
-        """A unit's map over its top image `rank` (data.heatmap_png); the report names the file by
+        """A unit's map over its top image `rank` (data.heatmap_jpeg); the report names the file by
         heatmap_key, as model and layer names need not be file names."""
         if self.static:
-            return f"{self.prefix}heatmaps/{heatmap_key(m, l, u, rank)}.png"
-        return f"{self.prefix}heatmap/{self._q(m)}/{self._q(l)}/{int(u)}/{int(rank)}.png"
+            return f"{self.prefix}heatmaps/{heatmap_key(m, l, u, rank)}.jpg"
+        return f"{self.prefix}heatmap/{self._q(m)}/{self._q(l)}/{int(u)}/{int(rank)}.jpg"
 
     def findings(self, kind: str) -> str:
         return f"{self.prefix}{kind}" + (".html" if self.static else "")
