@@ -310,6 +310,11 @@ def check_cmd(
         for g in r["garbage"]:
             console.print(f"{g['path']}: garbage, {g['reason']}" + ("; deleted" if r["repaired"] else ""),
                           highlight=False)
+        if r["checkpoints"]:
+            mb = sum(c["bytes"] for c in r["checkpoints"]) / 1e6
+            console.print(f"checkpoints/: {len(r['checkpoints'])} files, {mb:.1f} MB of interrupted commands (the "
+                          f"oldest {max(c['age_hours'] for c in r['checkpoints'])} h old); the same command resumes "
+                          "from them, or delete them to free the space", highlight=False)
         if r["repaired"]:
             lost = ", ".join(f"{n} rows of {t}" for t, n in r["rows_dropped"].items()) or "no rows"
             console.print(f"Repaired {r['store']}: {r['files']} files, {r['rows']} rows kept; dropped "

@@ -102,9 +102,13 @@ def test_killed_in_the_window_pass_resumes_without_encoding_its_spilled_windows(
     spilled = len(json.loads(index.read_text())["hashes"])
     assert spilled > 0
     store = Store.open(tmp_path / "s")
+    # `check` shows what the killed run left (not the store's data: the store stays clean)
+    left = store.check()
+    assert left["clean"] and index.name in {Path(c["path"]).name for c in left["checkpoints"]}
+    assert all(c["bytes"] > 0 for c in left["checkpoints"])
     s = dissect(store, spec, world=probe_world, log=lambda *a: None, **args)
     assert s["passes"]["encoded_cells"] == total - 28 * spilled
-    assert not list((tmp_path / "s" / "checkpoints").iterdir())
+    assert not list((tmp_path / "s" / "checkpoints").iterdir()) and store.check()["checkpoints"] == []
     assert _tables(store) == _tables(whole)
 
 

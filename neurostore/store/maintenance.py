@@ -154,7 +154,7 @@ class Maintenance:
         report = {"store": str(self.path), "clean": not problems, "manifest": manifest_state,
                   "files": len(entries), "rows": sum(e.get("rows", 0) for e in entries), "problems": problems,
                   "garbage": [{"path": self._rel(f), "reason": why} for f, why in garbage],
-                  "repaired": False}
+                  "checkpoints": self._checkpoints(now), "repaired": False}
         if not repair or (not problems and not garbage):
             return report
         if set_aside:
@@ -190,6 +190,19 @@ class Maintenance:
             rows_dropped[p["table"]] = rows_dropped.get(p["table"], 0) + (p["rows"] or 0)
         report.update(repaired=True, dropped=dropped, rows_dropped=rows_dropped)
         return report
+
+    def _checkpoints(self, now: float) -> list[dict]:
+        """The files of interrupted commands in checkpoints/ (the same command resumes from them and
+        removes them at its commit; one never run again leaves them): not the store's data, never
+        touched by a check, but space a user should see."""
+        out = []
+        for f in sorted((self.path / "checkpoints").glob("*")):
+            try:
+                st = f.stat()
+            except OSError:
+                continue
+            out.append({"path": self._rel(f), "bytes": st.st_size, "age_hours": round((now - st.st_mtime) / 3600, 1)})
+        return out
 
     def _rel(self, p: Path) -> str:
         return p.relative_to(self.path).as_posix()
