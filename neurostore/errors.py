@@ -103,6 +103,10 @@ _ARG_AS_FLAG = [
     (re.compile(r"\boverwrite=True\b"), "--overwrite"),
     (re.compile(r"\bunits='([^']*)'"), r"--units \1"),
     (re.compile(r"\bmax_images=(-?\d+)"), r"--max-images \1"),
+    (re.compile(r"\bk=(-?\d+)"), r"--k \1"),
+    (re.compile(r"\btop_n=(-?\d+)"), r"--top \1"),
+    (re.compile(r"\bbatch_size=(-?\d+)"), r"--batch-size \1"),
+    (re.compile(r"\bworkers=(-?\d+)"), r"--workers \1"),
 ]
 
 

@@ -607,9 +607,9 @@ def _plan(store: Store, model: str, *, images, layers, vocabulary, scorers, enco
     from .encoders import load_encoder
     from .features import attach
 
-    if min(opts["k"], opts["top_n"], opts["batch_size"]) < 1 or opts["workers"] < 0:
-        raise BadParameter(f"k={opts['k']}, top_n={opts['top_n']} and batch_size={opts['batch_size']} must all "
-                           f"be at least 1, workers={opts['workers']} at least 0.")
+    for key, least in (("k", 1), ("top_n", 1), ("batch_size", 1), ("workers", 0)):
+        if opts[key] < least:   # one at a time, so the CLI can name its flag (errors.cli_message)
+            raise BadParameter(f"{key}={opts[key]} must be at least {least}.")
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
     target = load_target(model).to(dev, precision)

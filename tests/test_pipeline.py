@@ -205,6 +205,10 @@ def test_max_images_limits_the_probe_set(probe_world, tmp_path):
     with pytest.raises(BadParameter, match="max_images=0 must be at least 1") as e:
         dissect(store, f"probe:cnn@{probe_world.root}", max_images=0, **kw)
     assert cli_message(e.value) == "--max-images 0 must be at least 1."  # the CLI names its flag
+    for arg, flag in (("k", "--k"), ("top_n", "--top"), ("batch_size", "--batch-size")):
+        with pytest.raises(BadParameter, match=f"{arg}=0 must be at least 1") as e:
+            dissect(store, f"probe:cnn@{probe_world.root}", **{**kw, arg: 0})
+        assert cli_message(e.value) == f"{flag} 0 must be at least 1."
 
 
 def test_warm_rerun_reuses_stored_patches_and_their_thumbnails(probe_world, tmp_path, monkeypatch):
