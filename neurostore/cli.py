@@ -523,7 +523,7 @@ def dissect_cmd(
     model: str = typer.Argument(..., help="Model spec, e.g. torchvision:resnet50@IMAGENET1K_V2, timm:vit_small_patch16_224, probe:cnn."),
     images: Optional[Path] = typer.Option(None, "--images", "-i", help="Folder of probe images (searched recursively). Probe-world models default to the world's probe images."),
     layers: Optional[list[str]] = typer.Option(None, "--layer", "--layers", "-l", help="Layer module path (repeatable; see 'neurostore layers MODEL'). Default: the layers 'neurostore layers' marks: a ResNet's conv1, layer1-layer4 and fc; every transformer block's MLP hidden layer and the head; else up to 6 layers over the depth."),
-    vocab: Optional[str] = typer.Option(None, "--vocab", help="Vocabulary: english, english-20k, imagenet, probe, file:PATH or llm:DOMAIN. Default: probe for probe-world models, else english (10,000 common words)."),
+    vocab: Optional[str] = typer.Option(None, "--vocab", help="Vocabulary: english, english-<N>k or english-<N> (100 to 50k words, e.g. english-20k), imagenet, probe, file:PATH or llm:DOMAIN. Default: probe for probe-world models, else english (10,000 common words)."),
     scorers: Optional[list[str]] = typer.Option(None, "--scorer", help="Scorer (repeatable): patch, soft_wpmi, wpmi, cos_cubed, iou; top_images and encoder_iou (28 encoder windows per image, kept in the store for the next dissect of the same images) only when named. Default: all that apply."),
     encoder: Optional[str] = typer.Option(None, "--encoder", help="Encoder spec: open_clip:MODEL/TAG, open_clip:/path/ckpt, probe. Default: probe for probe models, else open_clip:ViT-B-32/laion2b_s34b_b79k."),
     k: int = typer.Option(10, "--k", help="Top images (and patches) kept per unit."),
@@ -724,7 +724,7 @@ def vocab_list_cmd(as_json: bool = JsonOpt) -> None:
 
 @vocab_app.command("show")
 def vocab_show_cmd(
-    name: str = typer.Argument(..., help="Vocabulary: english, english-3k, imagenet, probe, file:PATH or llm:DOMAIN."),
+    name: str = typer.Argument(..., help="Vocabulary: english, english-<N>k or english-<N> (100 to 50k words), imagenet, probe, file:PATH or llm:DOMAIN."),
     limit: Optional[int] = typer.Option(30, "--limit", "-n", help="Concepts to show (0 = all)."),
     as_json: bool = JsonOpt,
 ) -> None:

@@ -742,7 +742,8 @@ def _scores(d: _Dissection) -> None:
     held = int(trust.heldout(rec.image_ids).sum())
     if held < trust.MIN_HELDOUT:
         o["log"](f"note: {held} of {len(rec.image_ids)} probe images are held out for fidelity, which needs "
-                 f"{trust.MIN_HELDOUT} (about {round(trust.MIN_HELDOUT / trust.HELDOUT_FRACTION)} probe images): "
+                 f"{trust.MIN_HELDOUT} (a hash picks a fifth of the images: about {round(1.25 * trust.MIN_HELDOUT / trust.HELDOUT_FRACTION)} "
+                 "probe images): "
                  "confidences rest on the null and the margin alone")
     sim = None
     if "similarity" in d.needs:

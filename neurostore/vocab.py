@@ -273,8 +273,8 @@ class BuiltinVocabulary:
 
 BUILTINS: dict[str, BuiltinVocabulary] = {
     "english": BuiltinVocabulary(
-        "english", "commonest English content words (wordfreq); english-3k .. english-20k for "
-        "other sizes (default 10k)", english),
+        "english", "commonest English content words (wordfreq); english-<N>k or english-<N> for "
+        "other sizes, 100 to 50k (default 10k)", english),
     "imagenet": BuiltinVocabulary("imagenet", "ImageNet-1k class names (torchvision metadata)",
                                   imagenet),
     "probe": BuiltinVocabulary("probe", "probe world concepts plus distractors", probe),
