@@ -251,6 +251,8 @@ def from_file(path: str | Path) -> Vocabulary:
         words.append(word)
         cats.append(cat.strip().lower() or None)
     has_cats = any(c is not None for c in cats)
+    if len(words) == 1 and "," in words[0]:   # 'dog, cat, tree' would be one concept
+        raise BadInput(f"Vocabulary file '{path}' is one line of commas. Put one concept per line.")
     words, cats2 = normalise_concepts(words, cats if has_cats else None)
     if not words:
         raise BadInput(f"Vocabulary file '{path}' has no concepts (only blank lines or "
@@ -317,6 +319,8 @@ def load_vocabulary(spec: str, world: Any = None, **llm_options: Any) -> Vocabul
         return probe(world)
     if spec in BUILTINS:
         return BUILTINS[spec].factory()
+    if Path(spec).expanduser().is_file() or spec.endswith((".txt", ".csv", ".tsv")):
+        raise UnknownVocabulary(f"Unknown vocabulary '{spec}'. A vocabulary file is given as file:{spec}.")
     raise UnknownVocabulary(unknown(
         "vocabulary", spec, SPEC_FORMS, hint="See 'neurostore vocab list'."))
 

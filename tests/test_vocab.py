@@ -122,6 +122,12 @@ def test_two_files_of_one_name_never_share_a_vocabulary(tmp_path):
 def test_file_vocabulary_errors(tmp_path):
     with pytest.raises(BadInput, match="does not exist"):
         vocab.load_vocabulary(f"file:{tmp_path / 'missing.txt'}")
+    listed = tmp_path / "listed.txt"
+    listed.write_text("dog, cat, tree\n")
+    with pytest.raises(BadInput, match="is one line of commas. Put one concept per line"):
+        vocab.load_vocabulary(f"file:{listed}")
+    with pytest.raises(UnknownVocabulary, match=f"A vocabulary file is given as file:{listed}"):
+        vocab.load_vocabulary(str(listed))   # the path without file:
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing here\n\n")
     with pytest.raises(BadInput, match="no concepts"):
