@@ -247,11 +247,15 @@ def schema_cmd(
     """Show a table's columns, types and comments (from schema/TABLE.sql).  Example: neurostore schema scores"""
     import pyarrow as pa
 
-    d = open_store_ro(store).describe(table)
+    from .store.core import describe_schema
+
+    path = store_path(store)
+    # no store yet: what the table will hold (rows unknown); a store that is there but unreadable still says so
+    d = open_store_ro(store).describe(table) if path.exists() else describe_schema(table)
     if as_json:
         print_json(d)
         return
-    title = f"{d['table']}: {d['description']} ({d['rows']} rows"
+    title = f"{d['table']}: {d['description']} (" + (f"{d['rows']} rows" if d["rows"] is not None else f"no store at {path}")
     title += f"; partitioned by {', '.join(d['partition'])}" if d["partition"] else ""
     title += f"; sorted by {', '.join(d['sort'])})" if d["sort"] else ")"
     emit_table(pa.Table.from_pylist(d["columns"]), fmt, None, title=title, max_cell=None)

@@ -59,6 +59,10 @@ def test_env_store_and_table_output(store_dir, capsys, monkeypatch):
     assert {t["table"]: t["rows"] for t in got["tables"]}["scores"] == 100
     code, out, _ = run_cli(capsys, monkeypatch, "schema", "scores")
     assert code == 0 and "channel / neuron index" in out and "INTEGER" in out
+    # before any store exists, a table's schema is still there to read (and none is created)
+    code, out, _ = run_cli(capsys, monkeypatch, "schema", "scores", "--json", "--store", str(store_dir / "none"))
+    assert code == 0 and json.loads(out)["rows"] is None and not (store_dir / "none").exists()
+    assert {c["column"] for c in json.loads(out)["columns"]} >= {"model", "layer", "unit", "concept"}
     code, out, _ = run_cli(capsys, monkeypatch, "runs", "-f", "json")
     assert code == 0 and json.loads(out)[0]["status"] == "committed"
     code, out, _ = run_cli(capsys, monkeypatch, "query", "--list", "-f", "json")

@@ -167,9 +167,7 @@ class Store(Views, Commits, Maintenance, Export):
         return out
 
     def _table(self, table: str) -> TableSchema:
-        if table not in self.schemas:
-            raise UnknownTable(unknown("table", table, self.schemas, "See 'neurostore tables'."))
-        return self.schemas[table]
+        return table_schema(table, self.schemas)
 
     def schema(self, table: str) -> list[tuple[str, str, str]]:
         """(column, type, comment) for each column of `table`."""
@@ -177,15 +175,27 @@ class Store(Views, Commits, Maintenance, Export):
 
     def describe(self, table: str) -> dict:
         """Everything about a table: description, partition and sort columns, rows, columns."""
-        ts = self._table(table)
-        return {"table": ts.name, "description": ts.description, "partition": list(ts.partition),
-                "sort": list(ts.sort), "rows": self.table_counts()[table],
-                "derived": table in DERIVED_TABLES,
-                "columns": [{"column": c.name, "type": c.type, "comment": c.comment} for c in ts.columns]}
+        return {**describe_schema(table, self.schemas), "rows": self.table_counts()[table]}
 
     def runs(self) -> pa.Table:
         """Every recorded run, newest first."""
         return self.sql("SELECT * FROM runs ORDER BY started_at DESC")
+
+
+def table_schema(table: str, schemas: dict[str, TableSchema] | None = None) -> TableSchema:
+    """A table's schema (schema/<table>.sql), or a one-line error naming the tables."""
+    schemas = schemas if schemas is not None else load_schemas()
+    if table not in schemas:
+        raise UnknownTable(unknown("table", table, schemas, "See 'neurostore tables'."))
+    return schemas[table]
+
+
+def describe_schema(table: str, schemas: dict[str, TableSchema] | None = None) -> dict:
+    """A table as schema/<table>.sql describes it, with no store (rows None): `Store.describe`."""
+    ts = table_schema(table, schemas)
+    return {"table": ts.name, "description": ts.description, "partition": list(ts.partition),
+            "sort": list(ts.sort), "rows": None, "derived": table in DERIVED_TABLES,
+            "columns": [{"column": c.name, "type": c.type, "comment": c.comment} for c in ts.columns]}
 
 
 def check(path: str | os.PathLike, repair: bool = False) -> dict:
