@@ -50,6 +50,10 @@ def test_missing_store_read_only_is_not_created(tmp_path):
     with pytest.raises(StoreNotFound, match=r"No neurostore store at '.*nope'\. Create one with"):
         Store.open(tmp_path / "nope", read_only=True)
     assert not (tmp_path / "nope").exists()
+    (tmp_path / "afile").write_text("x")   # a file: said so, not 'create one with neurostore demo --store afile'
+    for ro in (True, False):
+        with pytest.raises(BadInput, match=r"'.*afile' is a file, not a store folder"):
+            Store.open(tmp_path / "afile", read_only=ro)
 
 
 def test_create_layout_and_version(tmp_path):

@@ -72,13 +72,13 @@ class Store(Views, Commits, Maintenance, Export):
             raise StoreDamaged(f"Store '{path}' has no store.json (its manifest or tables are there). "
                                f"Run 'neurostore check --repair --store {path}' to rewrite it.")
         if not info_path.exists():
+            if path.exists() and not path.is_dir():
+                raise BadInput(f"'{path}' is a file, not a store folder. Pass store=PATH, a folder.")
             if not create or read_only:
                 raise StoreNotFound(
                     f"No neurostore store at '{path}'. Create one with 'neurostore demo --store {path}' "
                     "(or any command that writes), or pass store=PATH / set $NEUROSTORE_STORE."
                 )
-            if path.exists() and not path.is_dir():
-                raise BadInput(f"'{path}' is a file, not a store folder. Pass store=PATH, a folder.")
             if path.exists() and any(p.name != ".lock" for p in path.iterdir()):
                 raise BadInput(
                     f"'{path}' exists and is not a neurostore store (no store.json). Pass an empty or new folder."
