@@ -59,6 +59,9 @@ def _udf_text_similarity(a, b) -> pa.Array:
     return pa.array(out, pa.float64())
 
 
+PYTHON_UDFS = ("text_embedding", "text_similarity")   # registered by prepare_connection: not in plain DuckDB
+
+
 def macro_statements(path: Path = MACROS_FILE) -> list[str]:
     """The CREATE MACRO statements of queries/_macros.sql."""
     return [s.query for s in duckdb.extract_statements(path.read_text())]

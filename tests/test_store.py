@@ -408,6 +408,10 @@ def test_export_is_plain_parquet_with_load_sql(store, tmp_path):
         assert con.execute("SELECT count(*) FROM scores").fetchone()[0] == 50
         assert con.execute("SELECT count(*) FROM concept_units").fetchone()[0] == store.table_counts()["concept_units"]
         assert con.execute("SELECT count(*) FROM images").fetchone()[0] == 0
+        # the macros plain DuckDB can run come with it (similar_concepts needs neurostore's MiniLM)
+        assert con.execute("SELECT count(*) FROM concept_neurons('red')").fetchone()[0] >= 0
+        assert con.execute("SELECT count(*) FROM neuron_concepts('m1', 'layer1', 0)").fetchone()[0] == 5
+        assert "not: similar_concepts" in (tmp_path / "exp/load.sql").read_text()
     finally:
         os.chdir(cwd)
         con.close()

@@ -4,6 +4,7 @@ and the load.sql every commit leaves in the store, so plain duckdb reads either 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,14 @@ class Export:
         for name in self.tables():
             lines.append(f"-- {self.schemas[name].description}")
             lines.append(f'CREATE OR REPLACE VIEW "{name}" AS {self.view_sql(name, man, root=root)};')
+        from ..sqlfuncs import PYTHON_UDFS, macro_statements
+
+        plain, python = [], []
+        for m in macro_statements():
+            (python if any(f in m for f in PYTHON_UDFS) else plain).append(m.strip() + ";")
+        skipped = ", ".join(re.search(r"MACRO\s+(\w+)", m).group(1) for m in python) or "none"
+        lines += ["", "-- The macros of queries/_macros.sql that plain DuckDB runs (not: " + skipped + ", which "
+                  "need neurostore's Python functions).", *plain]
         return "\n".join(lines) + "\n"
 
     # ---- export ----------------------------------------------------------------------------
