@@ -25,7 +25,7 @@ Per dissected hidden layer (in depth order; logits and feature layers left out):
    units and in the summed downstream activations); a group's class edge sums its members'.
 
 One run writes `groups`, `group_edges` and `unit_edges`; re-running for the same model replaces
-them. `unit_edges` keeps only the strongest edges (dense matrices grow as units squared): per
+them, but for the layers it leaves out: their groups and the edges among them are kept. `unit_edges` keeps only the strongest edges (dense matrices grow as units squared): per
 unit its `TOP_EDGES` (8) largest |weight| edges in and out, and its 8 classes of largest |weight|.
 """
 
@@ -133,6 +133,17 @@ def _explain(expl, layer: str, units: np.ndarray) -> tuple[str | None, list[str]
     return order[0], order, [counts[c] for c in order]
 
 
+def _other_layers(store: Store, table: str, model: str, layers: list[str]) -> list[dict]:
+    """The stored rows of `model` in `table` that touch none of `layers` (rows without run_id)."""
+    if table not in store.tables():
+        return []
+    touch = "layer" if table == "groups" else "src_layer"
+    where = f"NOT list_contains($l, {touch})" + ("" if table == "groups" else
+                                                " AND (dst_layer IS NULL OR NOT list_contains($l, dst_layer))")
+    return store.sql(f"SELECT * EXCLUDE (run_id) FROM {table} WHERE model = $m AND {where}",
+                     {"m": model, "l": layers}).to_pylist()
+
+
 def groups(store: Store | str, model: str, *, layers: list[str] | None = None, n_groups: int | None = None,
            scorer: str = "patch", max_images: int = 1000, edge_images: int = UNIT_EDGE_IMAGES, seed: int = 0,
            log=print, progress: bool = True) -> dict:
@@ -212,11 +223,19 @@ def groups(store: Store | str, model: str, *, layers: list[str] | None = None, n
                   for ci, u in np.argwhere(_ranks(attr[layer], 0) < TOP_EDGES)]
     for e in edges + links:
         e.update(dataset=dataset, model=model)
+    # The model's groups are one piece of work (its key), rewritten whole: the other layers' groups
+    # and the edges among them, from earlier runs, are carried over; edges to a regrouped layer are not
+    # (its group ids changed), so a note says how to recompute them.
+    kept = {t: _other_layers(store, t, model, hidden) for t in ("groups", "group_edges", "unit_edges")}
+    if kept["groups"]:
+        others = sorted({r["layer"] for r in kept["groups"]})
+        log(f"groups {model}: kept the groups of {', '.join(others)} from earlier runs; edges between them and "
+            f"{', '.join(hidden)} need them grouped together: neurostore groups {model}")
     with store.run("groups", {"model": model, "layers": hidden, "n_groups": n_groups, "scorer": scorer,
                               "max_images": max_images, "edge_images": edge_images, "seed": seed}, work_key=f"groups:{model}") as run:
-        run.write("groups", pa.Table.from_pylist(rows), key=f"groups:{model}")
-        run.write("group_edges", pa.Table.from_pylist(edges), key=f"groups:{model}")
-        run.write("unit_edges", pa.Table.from_pylist(links), key=f"groups:{model}")
+        run.write("groups", pa.Table.from_pylist(rows + kept["groups"]), key=f"groups:{model}")
+        run.write("group_edges", pa.Table.from_pylist(edges + kept["group_edges"]), key=f"groups:{model}")
+        run.write("unit_edges", pa.Table.from_pylist(links + kept["unit_edges"]), key=f"groups:{model}")
     return {"run_id": run.run_id, "model": model, "layers": hidden, "images": len(probe.image_ids),
             "groups": {l: len(members[l]) for l in hidden}, "edges": len(edges),
             "unit_edges": len(links), "edge_images": len(pick), "scorer": scorer,

@@ -202,7 +202,13 @@ def test_cli_groups_query_and_errors(grouped, capsys, monkeypatch):
     assert s["unit_edges"] > 0 and s["edge_images"] == 64
     code, out, _ = run_cli(capsys, monkeypatch, "query", "class_circuit", "-p", "model=probe-cnn", "-p", "class=star",
                            "--store", store.path, "--format", "json")
-    assert code == 0 and {r["layer"] for r in json.loads(out)} == {"conv3", "conv4"}
+    # conv3 and conv4 regrouped; conv1 and conv2 keep their groups (and the edge between them) from before
+    assert code == 0 and {r["layer"] for r in json.loads(out)} == {"conv1", "conv2", "conv3", "conv4"}
+    n = store.df("SELECT layer, count(*) AS n FROM groups WHERE model = 'probe-cnn' GROUP BY layer")
+    assert dict(zip(n["layer"], n["n"])) == {"conv3": 3, "conv4": 3, **{l: g for l, g in
+                                             grouped[1]["probe-cnn"]["groups"].items() if l in ("conv1", "conv2")}}
+    kinds = store.df("SELECT src_layer, dst_layer FROM group_edges WHERE model = 'probe-cnn' AND kind = 'group'")
+    assert set(zip(kinds["src_layer"], kinds["dst_layer"])) == {("conv1", "conv2"), ("conv3", "conv4")}
     for args, line in [
         (["probe-cnn", "--groups", "0"], "Error: --groups must be at least 1, got 0."),
         (["probe-cnn", "--edge-images", "0"], "Error: --edge-images must be at least 1, got 0."),
