@@ -632,6 +632,8 @@ def import_cmd(
                               title=f"{res.method} → {res.model} (run {res.run_id})"))
     for r in res.rejects:
         err_console.print(f"rejected: {r['path']} {r['reason']}", highlight=False)
+    for layer, n in res.replaced.items():
+        console.print(f"replaced the {n} units {res.method} had in {layer} before", highlight=False)
 
 
 @app.command("demo")

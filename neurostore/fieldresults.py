@@ -62,10 +62,11 @@ class ImportResult:
     files: list[dict]                       # path, sha256, layers, lines, rows, rejects
     rows: dict[str, int]                    # rows written per table
     rejects: list[dict] = field(default_factory=list)  # path, reason (first 20)
+    replaced: dict[str, int] = field(default_factory=dict)  # layer -> this method's earlier units there, now replaced
 
     def to_dict(self) -> dict:
         return {"format": self.format, "method": self.method, "model": self.model, "run_id": self.run_id,
-                "files": self.files, "rows": self.rows, "rejects": self.rejects}
+                "files": self.files, "rows": self.rows, "rejects": self.rejects, "replaced": self.replaced}
 
 
 def normalise_label(text: str | None, format: str | None = None) -> str:
@@ -162,6 +163,7 @@ def _csv_rows(path: Path, lines: list[str], need: Sequence[str], fmt: str):
                        + (f"it looks like a {like} file." if like else f"is this a {fmt} file?"))
     rows = []
     while True:
+        start = reader.line_num + 1
         try:
             vals = next(reader)
         except StopIteration:
@@ -171,6 +173,12 @@ def _csv_rows(path: Path, lines: list[str], need: Sequence[str], fmt: str):
             continue
         line = reader.line_num  # the last physical line of the record (a quoted field may span lines)
         if not vals or not any(v.strip() for v in vals):
+            continue
+        # A quoted field may span lines ("Dogs,\nin grass"); one that holds whole records is a quote
+        # never closed, and every line it swallowed is lost: each is a reject of its own.
+        if line > start and any(len(part.split(",")) >= len(header) for v in vals for part in v.split("\n")[1:]):
+            rows += [(n, _Bad(f"inside a quote opened on line {start} and not closed until line {line}"))
+                     for n in range(start, line + 1)]
             continue
         if len(vals) != len(header):
             rows.append((line, _Bad(f"{len(vals)} fields, the header has {len(header)}")))
@@ -277,11 +285,14 @@ def _architecture(spec: str, model: str):
 
 class _Layers:
     """Layers and unit counts of the model: from its torchvision architecture (random weights,
-    nothing downloaded) when the model id names one or `spec` is given; else from the data."""
+    nothing downloaded) when the model id names one or `spec` is given; else, for a model the
+    store holds from a dissect, its stored layers (`dissected`: {layer: units}); else from the data."""
 
-    def __init__(self, model: str, spec: str | None):
+    def __init__(self, model: str, spec: str | None, dissected: dict[str, int] | None = None):
         self.target = None
         self.spec = spec
+        self.units: dict[str, int] | None = None
+        self.name = model
         if spec is None:
             import torchvision
 
@@ -289,21 +300,28 @@ class _Layers:
                 self.spec = f"torchvision:{model}@random"
         if self.spec is not None:
             self.target, self.units = _architecture(self.spec, model)
+            self.name = self.target.id
+        elif dissected:
+            self.units = dissected
 
     def check_layer(self, name: str) -> None:
-        if self.target is not None and name not in self.units:
-            from .models import resolve_layer
+        if self.units is not None and name not in self.units:
+            if self.target is not None:
+                from .models import resolve_layer
 
-            resolve_layer(self.target, name)  # raises UnknownLayer with the close matches
-            raise UnknownLayer(f"Layer '{name}' of {self.target.id} has no unit outputs to explain.")
+                resolve_layer(self.target, name)  # raises UnknownLayer with the close matches
+                raise UnknownLayer(f"Layer '{name}' of {self.name} has no unit outputs to explain.")
+            from .errors import unknown
+
+            raise UnknownLayer(unknown(f"dissected layer of {self.name}", name, self.units))
 
     def problem(self, rec: _Record) -> str | None:
-        if self.target is None:
+        if self.units is None:
             return None
         if rec.layer not in self.units:
-            return f"layer '{rec.layer}' is not a layer of {self.target.id}"
+            return f"layer '{rec.layer}' is not a layer of {self.name}"
         if rec.unit >= self.units[rec.layer]:
-            return f"unit {rec.unit} is out of range: {self.target.id} {rec.layer} has {self.units[rec.layer]} units"
+            return f"unit {rec.unit} is out of range: {self.name} {rec.layer} has {self.units[rec.layer]} units"
         return None
 
     def rows(self, model: str, layers: list[str], max_unit: dict[str, int]) -> list[dict]:
@@ -314,6 +332,18 @@ class _Layers:
         n = max(len(layers) - 1, 1)  # order of first appearance in the files
         return [{"layer": name, "kind": None, "n_units": max_unit[name] + 1, "grid_h": None, "grid_w": None,
                  "depth": i, "depth_frac": i / n, "model": model} for i, name in enumerate(layers)]
+
+
+def _dissected_layers(store: Store | str | Path, model: str) -> dict[str, int]:
+    """{layer: units} of `model` where the store holds it from a dissect (its spec and layer kinds
+    are known); {} for a model only imported, or no store yet."""
+    if not isinstance(store, Store):
+        if not (Path(store).expanduser() / "store.json").exists():
+            return {}
+        store = Store.open(store, read_only=True)
+    t = store.sql("SELECT l.layer, max(l.n_units) AS n FROM layers l JOIN models m USING (model) WHERE "
+                  "l.model = $m AND m.spec IS NOT NULL AND l.kind IS NOT NULL GROUP BY l.layer", {"m": model})
+    return dict(zip(t["layer"].to_pylist(), t["n"].to_pylist()))
 
 
 def _layer_from_name(path: Path) -> str:
@@ -368,7 +398,7 @@ def import_results(store: Store | str | Path, format: str, paths: Sequence[str |
         raise BadParameter(f"--unit-base is for the csv and jsonl formats; {format} files number units their own "
                            "way (Network Dissection from 1, the others from 0).")
     paths = [Path(p) for p in paths]
-    arch = _Layers(model, spec)
+    arch = _Layers(model, spec, _dissected_layers(store, model))
     if layer is not None:
         arch.check_layer(layer)
 
@@ -379,7 +409,7 @@ def import_results(store: Store | str | Path, format: str, paths: Sequence[str |
         file_layer = layer
         if format == "netdissect" and file_layer is None:
             file_layer = _layer_from_name(path)
-            if arch.target is not None and file_layer not in arch.units:
+            if arch.units is not None and file_layer not in arch.units:
                 raise BadInput(f"{path}: Network Dissection files hold one layer; the file name does not end in a "
                                f"layer of {model} ('{file_layer}'). Pass --layer, e.g. --layer layer4.")
         parsed = _read(path, format, file_layer, cols, 1 if format == "netdissect" else unit_base)
@@ -435,6 +465,11 @@ def import_results(store: Store | str | Path, format: str, paths: Sequence[str |
     have_layers = set(st.sql("SELECT DISTINCT layer FROM layers WHERE model = $m", {"m": model}).column("layer").to_pylist())
     have_model = st.sql("SELECT count(*) AS n FROM models WHERE model = $m", {"m": model}).column("n")[0].as_py() > 0
     key = f"import:{method}:{model}"
+    # a re-import replaces the method's rows of each layer it holds: say how many (a truncated file
+    # would otherwise silently take a layer's 1,000 units down to 9)
+    replaced = {r["layer"]: r["n"] for r in st.sql(
+        "SELECT layer, count(*) AS n FROM explanations WHERE model = $m AND scorer = $s AND list_contains($l, layer) "
+        "GROUP BY layer ORDER BY layer", {"m": model, "s": method, "l": order}).to_pylist()}
     params = {"format": format, "method": method, "model": model, "layer": layer, "columns": cols or None,
               "unit_base": unit_base, "spec": arch.spec, "files": files}
     with st.run("import", params, work_key=key) as run:
@@ -457,7 +492,7 @@ def import_results(store: Store | str | Path, format: str, paths: Sequence[str |
                 "random_weights": False}]), key=f"model:{model}")  # published results: trained weights
     rows = {k: v for k, v in run.rows.items()}
     return ImportResult(format, method, model, run.run_id, files, rows,
-                        [{"path": r["path"], "reason": r["reason"]} for r in rejects[:20]])
+                        [{"path": r["path"], "reason": r["reason"]} for r in rejects[:20]], replaced)
 
 
 # ---- comparing methods on one model ---------------------------------------------------------

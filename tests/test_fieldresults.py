@@ -120,7 +120,8 @@ def test_bad_lines_are_rejects_and_reimport_replaces(tmp_path):
     g = small_csv(tmp_path, "g.csv", ["neuron", "text"], [(u, "dog") for u in range(1, 4)])
     import_results(st_path, "csv", [g], model="resnet50", layer="layer4", columns="unit=neuron,label=text",
                    method="falcon", unit_base=1)
-    import_results(st_path, "milan", [f], model="resnet50")
+    again = import_results(st_path, "milan", [f], model="resnet50")
+    assert again.replaced == {"layer4": 8} and res.replaced == {}   # said, not silent
     assert counts(st) == {"milan": 8, "falcon": 3}
     assert st.sql("SELECT count(*) AS n FROM rejects").column("n")[0].as_py() == 4
     assert st.sql("SELECT list(unit ORDER BY unit) AS u FROM explanations WHERE scorer = 'falcon'").column("u")[0].as_py() == [0, 1, 2]
@@ -248,6 +249,35 @@ def test_compare_methods_per_layer_and_disagreements(tmp_path, capsys, monkeypat
     assert (res["disagreements"][0]["unit"], res["disagreements"][0]["label_b"]) == (2, "keyboard")  # sky vs keyboard
     code, _, err = run_cli(capsys, monkeypatch, "compare", "resnet50", "--methods", "a,c", "--store", s)
     assert code == 1 and err.startswith("Error: Unknown method with explanations of resnet50 'c'.")
+
+
+def test_a_quote_never_closed_costs_its_lines_as_rejects_not_silently(tmp_path):
+    """An unclosed quote swallows the records after it into one field: each lost line is a reject
+    (they vanished before, and the field became one unit's label)."""
+    f = tmp_path / "milan.csv"
+    f.write_text("layer,unit,description\n" + "".join(f"layer4,{u},label {u}\n" for u in range(10))
+                 + 'layer4,10,"broken\nlayer4,11,x\nlayer4,12,y\n')
+    res = import_results(tmp_path / "s", "milan", [f], model="resnet50")
+    assert res.rows["explanations"] == 10 and res.files[0]["rejects"] == 3
+    assert [r["reason"] for r in res.rejects] == [f"line {n}: inside a quote opened on line 12 and not closed until "
+                                                 "line 14" for n in (12, 13, 14)]
+
+
+def test_a_dissected_model_takes_only_its_own_layers_and_units(demo_run, tmp_path):
+    """Results imported for a model the store holds from a dissect are checked against its layers
+    and unit counts (they made up layers and units before)."""
+    import shutil
+
+    _, demo = demo_run
+    shutil.copytree(demo.path, tmp_path / "s")
+    rows = [("conv4", u, f"label {u}") for u in range(10)] + [("conv4", 64, "too far"), ("layer9", 0, "no layer")]
+    f = small_csv(tmp_path, "x.csv", ["layer", "unit", "text"], rows)
+    res = import_results(tmp_path / "s", "csv", [f], model="probe-cnn", method="falcon",
+                         columns="layer=layer,unit=unit,label=text")
+    assert res.rows["explanations"] == 10 and [r["reason"] for r in res.rejects] == [
+        "line 12: unit 64 is out of range: probe-cnn conv4 has 64 units", "line 13: layer 'layer9' is not a layer of probe-cnn"]
+    layers = Store.open(tmp_path / "s").sql("SELECT DISTINCT layer FROM layers WHERE model = 'probe-cnn'")["layer"]
+    assert "layer9" not in layers.to_pylist()
 
 
 def test_quoted_free_text_over_two_lines_and_physical_line_numbers(tmp_path):
