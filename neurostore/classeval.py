@@ -107,6 +107,15 @@ def evaluate_classes(store: Store | str | Path, model: str | None, layer: str | 
     if text_model is not None and not Path(text_model).is_dir():
         raise BadInput(f"--text-model '{text_model}': no such folder. Pass a local sentence-transformers model "
                        "folder (e.g. all-mpnet-base-v2), or leave it out for the bundled MiniLM.")
+    # the layer as the store knows it (a dissect or an import with the architecture): its kind and width
+    known = st.sql("SELECT any_value(kind) AS kind, max(n_units) AS n FROM layers WHERE model = $m AND layer = $l",
+                   {"m": model, "l": layer}).to_pylist()[0]
+    if known["kind"] is not None and known["kind"] != "logits":
+        raise BadInput(f"{model} {layer} is a {known['kind']} layer, not the class logits: class evaluation needs "
+                       "the layer whose units are the classes, e.g. --layer fc.")
+    if known["kind"] == "logits" and known["n"] != len(names):
+        raise BadInput(f"{model} {layer} has {known['n']} units but the class list '{class_id}' has {len(names)} "
+                       "classes: pass the model's own class list (a file, one class per line).")
     rows = st.sql("SELECT scorer, unit, label FROM explanations WHERE model = $m AND layer = $l AND label IS NOT NULL "
                   "ORDER BY scorer, unit", {"m": model, "l": layer}).to_pylist()
     top_unit = max(r["unit"] for r in rows)

@@ -137,3 +137,13 @@ def test_published_class_similarity_in_mpnet(tmp_path):
     by = {m["method"]: m["class_cosine"] for m in res.methods}
     assert by["netdissect"] == pytest.approx(0.2952, abs=0.01)
     assert by["milan"] == pytest.approx(0.2788, abs=0.01)
+
+
+def test_only_the_class_logits_are_evaluated_against_a_class_list(tmp_path):
+    """A hidden layer, or logits of another width than the class list, are refused by what the
+    store knows of the layer (they were scored against tench, goldfish, ... before)."""
+    f = write_csv(tmp_path / "l4.csv", [(0, "dog"), (1, "tench")])
+    import_results(tmp_path / "s", "csv", [f], model="resnet50", layer="layer4", columns="unit=unit,label=label",
+                   method="l4")
+    with pytest.raises(NeurostoreError, match="resnet50 layer4 is a .* layer, not the class logits"):
+        evaluate_classes(tmp_path / "s", "resnet50", "layer4", "imagenet")
