@@ -383,7 +383,9 @@ def quality(enc: FeatureEncoder, fit_x: torch.Tensor, held_x: torch.Tensor, chun
             "dead_features": dead, "dead_fraction": dead / enc.n_features}
 
 
-def _check_args(method: str, width: int, k: int | None) -> None:
+def _check_args(method: str, width: int, k: int | None, steps: int | None = None) -> None:
+    if steps is not None and steps < 1:   # 0 would read as the default, a negative as no training at all
+        raise BadParameter(f"--steps must be at least 1; got {steps}. Leave it out for the default.")
     if method not in METHODS:
         raise BadParameter(unknown("feature method", method, METHODS, "Example: --method topk-sae."))
     if not isinstance(width, int) or width < 1:
@@ -404,7 +406,7 @@ def fit(store: Store | str, model: str, layer: str, method: str = "topk-sae", wi
     band: jumprelu-sae's range for each feature's fraction of active positions."""
 
     t0 = time.time()
-    _check_args(method, width, k)
+    _check_args(method, width, k, steps)
     if max_samples < 1:
         raise BadParameter(f"--max-samples must be at least 1, got {max_samples}.")
     active = ACTIVE_FRACTION if active is None else active
@@ -432,7 +434,10 @@ def fit(store: Store | str, model: str, layer: str, method: str = "topk-sae", wi
     world = target.extra.get("world")
     source = probe_source(images, None if images is not None else world, max_images)
     n_features = width * info.n_units
-    k = min(k, n_features) if method in SAES else None
+    if method in SAES and k > n_features:
+        raise BadParameter(f"--k {k} active features per sample is more than the dictionary's {n_features} "
+                           f"({width} per unit x {info.n_units} units); give --k {n_features} or less, or a larger --width.")
+    k = k if method in SAES else None
     need = max(MIN_SAMPLES, SAMPLES_PER_FEATURE * n_features)   # samples fitted on
     need_all = math.ceil(need / active)                          # samples streamed, `active` of them fitted
     of_them = f" ({active} of them fitted, --active)" if active < 1 else ""

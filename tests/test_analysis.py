@@ -240,6 +240,8 @@ def test_cli_errors_are_one_line(synth):
     assert p.stderr.strip().splitlines()[-1].startswith("Error: Unknown model 'zz'. Valid: ma, mb.")
     p = cli("ablate", "ma", "--units", "conv4", "--store", synth[0].path, check_rc=1)
     assert "Error: Cannot read unit selection 'conv4'" in p.stderr
+    p = cli("find", "striped", "--min-similarity", "5", "--store", synth[0].path, check_rc=1)
+    assert "Error: --min-similarity is a cosine similarity, from -1 to 1; got 5.0." in p.stderr
 
 
 def test_cli_help_has_examples():

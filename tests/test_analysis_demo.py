@@ -94,6 +94,12 @@ def test_ablation_is_stored_per_class(written):
     assert len(rows) == len(classes)
     for r in rows:
         assert r["accuracy_change"] == pytest.approx(r["ablated"] - r["baseline"], abs=1e-6)  # FLOAT columns
+    from neurostore.errors import BadParameter, cli_message
+
+    for n in (0, -5):   # ran on 6 images and stored the effects before
+        with pytest.raises(BadParameter) as e:
+            ablate(store, "probe-cnn", ["conv4:0-7"], progress=False, max_images=n)
+        assert cli_message(e.value) == f"--max-images {n} must be at least 1."
 
 
 def test_audit_names_the_planted_cue_and_class(written):

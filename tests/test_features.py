@@ -245,6 +245,10 @@ def test_cli_fit_ls_and_errors(tmp_path, probe_world, capsys, monkeypatch):
                             "topk-sae. Example: --method topk-sae.",
         ("--width", "0"): "Error: --width must be a whole number of features per unit, at least 1; got 0. "
                           "Example: --width 8 (8 features per unit of the layer).",
+        ("--steps", "0"): "Error: --steps must be at least 1; got 0. Leave it out for the default.",
+        ("--steps", "-5"): "Error: --steps must be at least 1; got -5. Leave it out for the default.",
+        ("--k", "1000"): "Error: --k 1000 active features per sample is more than the dictionary's 512 (8 per unit x "
+                         "64 units); give --k 512 or less, or a larger --width.",
         ("--max-images", "5"): "Error: Layer 'conv4' of probe-cnn gives too few samples for 512 features: 5 images "
                                "x 64 positions = 320; it needs at least 8192 (0.25 of them fitted, --active). Use more "
                                "images, a smaller --width, or a layer with a spatial map or tokens.",

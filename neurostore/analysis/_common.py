@@ -433,6 +433,8 @@ def probe_images(store: Store, model: str, target, max_images: int = 2000, split
     classes its own way); of split `split` when given, else the 'probe' split when the
     dataset has one (what was dissected), else every split. At most `max_images`, drawn evenly
     per class with a fixed seed so re-runs see the same images."""
+    if max_images < 1:
+        raise BadParameter(f"max_images={max_images} must be at least 1.")
     classes = list(target.classes or [])
     if not classes:
         raise BadInput(f"Model '{model}' has no class names (models.classes is empty), so per-class "

@@ -244,6 +244,8 @@ def find(store: Store | str | Path, phrase: str, *, models: Sequence[str] | None
         raise BadParameter(unknown("method", bad[0], METHODS, "Pass e.g. --method exact --method open."))
     if top < 1:
         raise BadParameter(f"--top must be at least 1, got {top}.")
+    if not -1 <= min_similarity <= 1:
+        raise BadParameter(f"--min-similarity is a cosine similarity, from -1 to 1; got {min_similarity}.")
     if "open" in methods:
         device, precision = resolve(device, precision)
     st = open_store(store, read_only=True)
