@@ -166,6 +166,11 @@ def test_find_rejects_bad_input(synth):
     layers = sorted(st.sql("SELECT DISTINCT layer FROM layers").column("layer").to_pylist())
     with pytest.raises(UnknownLayer, match=f"Unknown dissected layer 'layer9'.*Valid: {', '.join(layers)}"):
         find(st, "striped", layers=["layer9"])  # said 'nothing found for striped' before
+    # nothing found: the reasons of the methods that ran, and only those
+    res = find(st, "qqqq zzzz", methods=("semantic",))
+    assert res.notes == ["nothing found for 'qqqq zzzz': no stored concept within MiniLM similarity 0.6"]
+    res = find(st, "qqqq", methods=("exact", "label"))
+    assert res.notes == ["nothing found for 'qqqq': not a stored concept and no explanation's label names it"]
 
 
 # ---- compare ------------------------------------------------------------------------------------

@@ -307,8 +307,20 @@ def find(store: Store | str | Path, phrase: str, *, models: Sequence[str] | None
         notes.append(f"{m} was dissected with untrained (random) weights: its units explain nothing, so its "
                      "rows are a baseline to compare with, not findings")
     profile = _profile(found, depths, models)
-    if not any(found.values()):
-        notes.append(f"nothing found for '{phrase_in}': not a stored concept, no stored concept within "
-                     f"MiniLM similarity {min_similarity}, and no patch embeddings to search")
+    if not any(found.values()):   # why, method by method: only those that ran
+        why = []
+        if "exact" in methods:
+            stored = st.sql("SELECT count(*) AS n FROM concepts WHERE concept = $c", {"c": phrase})["n"][0].as_py()
+            why.append("no unit of the models, layers or scorer asked has the stored concept" if stored
+                       else "not a stored concept")
+        if "semantic" in methods:
+            why.append(f"no stored concept within MiniLM similarity {min_similarity}")
+        if "open" in methods:
+            why.append("no patch embeddings to search" if not pick else
+                       "no unit of the models or layers asked in the open vocabulary")
+        if "label" in methods:
+            why.append("no explanation's label names it")
+        notes.append(f"nothing found for '{phrase_in}': " + ", ".join(why[:-1]) + (" and " if len(why) > 1 else "")
+                     + why[-1])
     return FindResult(phrase, pa.Table.from_pylist(unit_rows, schema=_UNIT_SCHEMA),
                       pa.Table.from_pylist(profile, schema=_PROFILE_SCHEMA), concepts, used, notes)
