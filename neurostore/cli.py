@@ -984,6 +984,7 @@ def ablate_cmd(
     """Zero units and measure per-class accuracy on the probe images; stored in effects (kind 'ablation').
 
     Example: neurostore ablate probe-cnn --units conv4:3,7 --individually
+
     Example: neurostore ablate probe-vit --units blocks.1.mlp.fc1:5,9 --tokens
     """
     from .analysis import ablate
