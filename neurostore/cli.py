@@ -594,6 +594,9 @@ def eval_cmd(
         return
     from .evaluate import evaluate
 
+    if layer is not None:   # it chose the class layer; without --classes it would be ignored
+        raise BadParameter("--layer goes with --classes (the class layer to evaluate against class names); "
+                           "without --classes every layer is measured against the probe world's truth.")
     ev = evaluate(Store.open(store_path(store), create=False), model=model).to_dict()
     print_json(ev) if as_json else _evaluation_table(ev)
 

@@ -86,6 +86,10 @@ def evaluate(store: Store | str, model: str | None = None, dataset: str | None =
             figures[m].setdefault(layer, {}).setdefault(scorer, {}).update(res["figures"])
             rows += [{"layer": layer, "scorer": scorer, "metric": k, "value": v, "n": res["n"],
                       "dataset": ds, "model": m} for k, v in res["figures"].items()]
+    if model is not None and not rows:
+        raise BadInput(f"{model} has no truth to measure its explanations against here (no probe-world masks, no "
+                       "class units it knows). For a classifier's class layer give the class names: neurostore eval "
+                       f"--model {model} --layer fc --classes imagenet.")
     result = EvaluationResult(figures, rows)
     if write and rows:
         with store.run("eval", {"models": models, "dataset": dataset, "sets": SET_PARAMS}) as run:

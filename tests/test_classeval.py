@@ -147,3 +147,15 @@ def test_only_the_class_logits_are_evaluated_against_a_class_list(tmp_path):
                    method="l4")
     with pytest.raises(NeurostoreError, match="resnet50 layer4 is a .* layer, not the class logits"):
         evaluate_classes(tmp_path / "s", "resnet50", "layer4", "imagenet")
+
+
+def test_eval_without_classes_on_imported_results_says_what_to_do(fc_store, capsys, monkeypatch):
+    """Imported results have no probe-world truth: eval said nothing useful (an empty table), and
+    --layer without --classes was ignored."""
+    from _cli import run_cli
+
+    code, out, err = run_cli(capsys, monkeypatch, "eval", "--model", "resnet50", "--store", fc_store)
+    assert code == 1 and out == "" and "resnet50 has no truth to measure its explanations against here" in err
+    assert "neurostore eval --model resnet50 --layer fc --classes imagenet" in " ".join(err.split())
+    code, out, err = run_cli(capsys, monkeypatch, "eval", "--model", "resnet50", "--layer", "fc", "--store", fc_store)
+    assert code == 1 and "--layer goes with --classes" in err
