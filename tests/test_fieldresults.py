@@ -207,6 +207,7 @@ def test_find_answers_from_every_methods_labels(field_store):
     assert hits[("clip-dissect", "layer3", 91)]["similarity"] == 1.0
     assert hits[("netdissect", "layer2", 428)]["concept"] == "dog"
     assert all("dog" in u["concept"] for u in units)  # 'dogs', 'hot dog', never 'dogwood'-like partial words
+    assert all(u["confidence"] is None for u in units)  # a published label has no calibrated confidence (read 1.0)
     prof = {(p["method"], p["layer"]): p["n_confident"] for p in res.profile.to_pylist()}
     assert prof[("label:netdissect", "layer4")] > prof[("label:netdissect", "layer1")] == 0
 
@@ -221,6 +222,9 @@ def test_neuron_page_shows_every_methods_label_side_by_side(field_store):
     assert [s["scorer"] for s in card["summaries"]] == ["milan", "netdissect"]
     html = render("neuron.html", card, Links(static=True, depth=3), store_path=str(st.path))
     assert "Labels by method" in html and html.count('class="card method"') == 2
+    # a model only imported: no neurostore explanation, and no command offered that cannot run on it
+    assert "resnet50 was not dissected here" in html and "No explanation for this unit yet" not in html
+    assert "neurostore groups resnet50" not in html and "run <code>neurostore audit</code>" not in html
     assert "aquatic theater" in html and "<code>aquatic_theater-s</code>" in html  # normalised beside raw
     # Network Dissection's runners-up from line 4: object 'water' (IoU 0.0839), texture 'smeared'
     assert "runner-up" in html and "<td>water</td>" in html and "<td>smeared</td>" in html

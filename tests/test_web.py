@@ -405,6 +405,7 @@ def test_card_shows_the_units_it_feeds_and_is_fed_by_and_the_classes_it_pushes()
                     ("neg", "33.3", "11.7")]
     assert "style=" not in html.split('class="card wiring"')[1].split("</div>\n</div>")[0]
     card["wiring"] = None  # a model without edges: the card names the command that computes them
+    card["dissected"] = True   # (a model only imported cannot be grouped)
     assert "run <code>neurostore groups m</code>" in render("neuron.html", card, Links())
     fc = {0: {"unit": 0}}
     D.wiring(run, "m", "fc", fc)  # a layer groups left out (logits): said so, not 'run groups'

@@ -162,7 +162,7 @@ def _label_rows(st: Store, phrase: str, scorer, models, layers) -> dict[str, lis
         s = 1.0 if r["exact"] else float(sim[r["label"]])
         out.setdefault(f"label:{r['method']}", []).append(
             {"model": r["model"], "layer": r["layer"], "unit": r["unit"], "concept": r["label"], "similarity": s,
-             "score": s, "confidence": s, "scorer": r["method"], "encoder": None})
+             "score": s, "confidence": None, "scorer": r["method"], "encoder": None})   # a label has no calibrated confidence
     return dict(sorted(out.items()))
 
 
@@ -196,7 +196,8 @@ def _profile(all_rows: dict[str, list[dict]], depths: dict, models) -> list[dict
         for r in rows:
             a = agg.setdefault((r["model"], r["layer"]), {"best_confidence": -1.0, "best_score": None, "best_unit": None,
                                                           "n_confident": 0, "units": set()})
-            conf = r["confidence"] or 0.0
+            # a label match has no confidence: its profile reads how near the label is to the phrase
+            conf = r["confidence"] if r["confidence"] is not None else (r.get("similarity") or 0.0)
             if conf > a["best_confidence"]:
                 a.update(best_confidence=conf, best_score=r["score"], best_unit=r["unit"], concept=r["concept"])
             if conf >= PROFILE_CONFIDENT and r["unit"] not in a["units"]:

@@ -237,11 +237,13 @@ def neuron_cards(run: Run, model: str, layer: str, unit: int | None = None, top_
     p = {"m": model, "l": layer, "u": unit}
     cards: dict[int, dict] = {}
     random = model in untrained(run)
+    # recorded here (not only imported): groups, audits and ablations can run on it
+    dissected = bool(rows(run, "SELECT 1 FROM units WHERE model = $m LIMIT 1", {"m": model})) if has_table(run, "units") else False
 
     def card(u: int) -> dict:
         if u not in cards:
             cards[u] = {"id": f"{model}/{layer}/{u}", "model": model, "layer": layer, "unit": int(u),
-                        "untrained": random, "stats": None,
+                        "untrained": random, "dissected": dissected, "stats": None,
                         "patches": [], "scorers": {}, "summaries": [], "effects": [], "headline": None,
                         "classes": [], "prev": None, "next": None, "group": None,
                         "quantiles": [], "links": {}, "wiring": None}
