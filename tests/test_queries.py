@@ -113,6 +113,8 @@ def test_parameter_errors(store):
         store.query("concept_neurons", {})
     with pytest.raises(BadParameter, match=r"^Parameter 'top' of query 'concept_neurons' must be INTEGER, got 'many'"):
         store.query("concept_neurons", {"concept": "c1", "top": "many"})
+    with pytest.raises(QueryError, match=r"^A count \(top, k, limit\) is negative; give 0 or more\.$"):
+        store.query("concept_neurons", {"concept": "c1", "top": -3})   # DuckDB's binder error, with a wrong hint
     with pytest.raises(BadParameter, match=r"^Query 'concept_neurons' has no parameter 'concpt'\. Did you mean concept"):
         store.query("concept_neurons", {"concpt": "c1"})
     with pytest.raises(BadParameter, match="is not key=value"):

@@ -146,6 +146,8 @@ class Views:
             return UnknownTable(unknown("table", m.group(1), self.schemas, "See 'neurostore tables'."))
         if "Parameter" in msg and ("missing" in msg.lower() or "not found" in msg.lower()):
             return QueryError(f"{msg} Give every $name the SQL uses a value in params.")
+        if "LIMIT/OFFSET cannot be negative" in msg:   # a named query's top/k/limit below 0
+            return QueryError("A count (top, k, limit) is negative; give 0 or more.")
         return QueryError(f"{msg} See 'neurostore tables' and 'neurostore schema TABLE'.")
 
     def query(self, name: str, params: dict | None = None) -> pa.Table:
