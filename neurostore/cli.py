@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .errors import BadInput, BadParameter, NeurostoreError, cli_message, unknown
+from .errors import BadInput, BadParameter, NeurostoreError, cli_message, did_you_mean, unknown
 
 # The API (and with it torch, DuckDB, pyarrow) is imported inside each command: `neurostore --help`
 # and a command that needs none of it start in a fraction of a second.
@@ -217,7 +217,29 @@ def query_cmd(
     if name is None:
         raise BadParameter("Give a query name, e.g. 'neurostore query concept_neurons -p concept=striped', "
                            "or list them with 'neurostore query --list'.")
-    emit_table(open_store_ro(store).query(name, parse_param_pairs(param)), fmt, output)
+    st = open_store_ro(store)
+    given = parse_param_pairs(param)
+    res = st.query(name, given)
+    emit_table(res, fmt, output)
+    if res.num_rows == 0:   # say which given name the store does not hold, when one is why
+        for note in _unknown_names(st, given):
+            err_console.print(f"note: {note}", highlight=False)
+
+
+def _unknown_names(st, given: dict) -> list[str]:
+    """Notes on the model and method names in `given` that no stored row has."""
+    kinds = {"model": "SELECT DISTINCT model AS v FROM models",
+             "method": "SELECT DISTINCT scorer AS v FROM explanations UNION SELECT DISTINCT scorer FROM scores"}
+    out = []
+    for key, value in given.items():
+        kind = "model" if key.startswith("model") else "method" if key.startswith(("method", "scorer")) else None
+        if kind is None:
+            continue
+        have = [v for v in st.sql(kinds[kind])["v"].to_pylist() if v]
+        if value not in have:
+            out.append(f"no {kind} '{value}' in this store." + (f"{did_you_mean(value, have)} Stored: "
+                                                                 f"{', '.join(sorted(have))}." if have else ""))
+    return out
 
 
 @app.command("tables")

@@ -51,6 +51,14 @@ def test_query_csv_json_parquet(store_dir, capsys, monkeypatch, tmp_path):
     assert code == 0 and pq.read_table(dest).num_rows == 50
 
 
+def test_a_query_with_no_rows_names_the_model_or_method_the_store_lacks(store_dir, capsys, monkeypatch):
+    scorer = Store.open(store_dir, read_only=True).sql("SELECT any_value(scorer) AS s FROM scores")["s"][0].as_py()
+    code, out, err = run_cli(capsys, monkeypatch, "query", "concept_neurons", "-p", "concept=c3", "-p",
+                             f"scorer={scorer}x", "--store", store_dir)
+    assert code == 0 and "0 rows" in out + err
+    assert f"note: no method '{scorer}x' in this store. Did you mean {scorer}?" in " ".join(err.split())
+
+
 def test_env_store_and_table_output(store_dir, capsys, monkeypatch):
     monkeypatch.setenv("NEUROSTORE_STORE", str(store_dir))
     code, out, _ = run_cli(capsys, monkeypatch, "tables", "--json")
