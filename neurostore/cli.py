@@ -310,7 +310,15 @@ def runs_cmd(
     output: Optional[Path] = OutputOpt,
 ) -> None:
     """Show recent runs: command, status, rows written, time taken.  Example: neurostore runs -n 5"""
-    emit_table(open_store_ro(store).query("runs", {"limit": limit}), fmt, output)
+    t = open_store_ro(store).query("runs", {"limit": limit})
+    if fmt == "json" and output is None:   # the JSON the store keeps as text, as JSON (not strings in strings)
+        rows = t.to_pylist()
+        for r in rows:
+            for k in ("rows_written", "params"):
+                r[k] = json.loads(r[k]) if r[k] else r[k]
+        print_json(rows)
+        return
+    emit_table(t, fmt, output)
 
 
 @app.command("check")

@@ -73,6 +73,7 @@ def test_env_store_and_table_output(store_dir, capsys, monkeypatch):
     assert {c["column"] for c in json.loads(out)["columns"]} >= {"model", "layer", "unit", "concept"}
     code, out, _ = run_cli(capsys, monkeypatch, "runs", "-f", "json")
     assert code == 0 and json.loads(out)[0]["status"] == "committed"
+    assert json.loads(out)[0]["params"] == {"m": 1} and json.loads(out)[0]["rows_written"]["scores"] == 100
     code, out, _ = run_cli(capsys, monkeypatch, "query", "--list", "-f", "json")
     names = [q["name"] for q in json.loads(out)["queries"]]
     assert code == 0 and "concept_neurons" in names
