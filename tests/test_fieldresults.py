@@ -228,6 +228,9 @@ def test_neuron_page_shows_every_methods_label_side_by_side(field_store):
     assert "aquatic theater" in html and "<code>aquatic_theater-s</code>" in html  # normalised beside raw
     # Network Dissection's runners-up from line 4: object 'water' (IoU 0.0839), texture 'smeared'
     assert "runner-up" in html and "<td>water</td>" in html and "<td>smeared</td>" in html
+    # the index and model page count imported units as explained, with their methods (they read 0 before)
+    fc = next(l for m in D.overview(st.sql)["models"] if m["model"] == "resnet50" for l in m["layers"] if l["layer"] == "fc")
+    assert fc["n_scored"] == 1000 and fc["scorers"] == ["milan", "netdissect"]
     # the layer page lists imported-only units (with each method's label) so the report writes their pages
     page = D.layer_page(st.sql, "resnet50", "layer4")
     assert len(page["units"]) == 2048

@@ -68,8 +68,10 @@ def overview(run: Run) -> dict:
         WITH l AS (SELECT model, layer, any_value(kind) AS kind, max(n_units) AS n_units, min(depth) AS depth,
                           min(depth_frac) AS depth_frac FROM layers GROUP BY model, layer),
              u AS (SELECT model, layer, count(DISTINCT unit) AS n_recorded FROM units GROUP BY model, layer),
+             -- units explained, by neurostore's scorers or by imported methods (explanations only)
              s AS (SELECT model, layer, count(DISTINCT unit) AS n_scored, list(DISTINCT scorer ORDER BY scorer) AS scorers
-                   FROM scores WHERE rank = 0 GROUP BY model, layer),
+                   FROM (SELECT model, layer, unit, scorer FROM scores WHERE rank = 0
+                         UNION ALL SELECT model, layer, unit, scorer FROM explanations) GROUP BY model, layer),
              e AS (SELECT model, layer, count(DISTINCT unit) FILTER (WHERE summary IS NOT NULL) AS n_summaries
                    FROM explanations GROUP BY model, layer),
              keys AS (SELECT model, layer FROM l UNION SELECT model, layer FROM u UNION SELECT model, layer FROM s)
