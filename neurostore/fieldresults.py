@@ -37,7 +37,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from .classnames import normalise
-from .errors import BadInput, BadParameter, UnknownLayer
+from .errors import BadInput, BadParameter, UnknownLayer, UnknownModel, UnknownScorer, unknown
 from .store import Store
 
 FORMATS = ("clip-dissect", "milan", "netdissect", "csv", "jsonl")
@@ -311,8 +311,6 @@ class _Layers:
 
                 resolve_layer(self.target, name)  # raises UnknownLayer with the close matches
                 raise UnknownLayer(f"Layer '{name}' of {self.name} has no unit outputs to explain.")
-            from .errors import unknown
-
             raise UnknownLayer(unknown(f"dissected layer of {self.name}", name, self.units))
 
     def problem(self, rec: _Record) -> str | None:
@@ -337,12 +335,15 @@ class _Layers:
 def _dissected_layers(store: Store | str | Path, model: str) -> dict[str, int]:
     """{layer: units} of `model` where the store holds it from a dissect (its spec and layer kinds
     are known); {} for a model only imported, or no store yet."""
-    if not isinstance(store, Store):
-        if not (Path(store).expanduser() / "store.json").exists():
-            return {}
-        store = Store.open(store, read_only=True)
-    t = store.sql("SELECT l.layer, max(l.n_units) AS n FROM layers l JOIN models m USING (model) WHERE "
-                  "l.model = $m AND m.spec IS NOT NULL AND l.kind IS NOT NULL GROUP BY l.layer", {"m": model})
+    q = ("SELECT l.layer, max(l.n_units) AS n FROM layers l JOIN models m USING (model) WHERE "
+         "l.model = $m AND m.spec IS NOT NULL AND l.kind IS NOT NULL GROUP BY l.layer")
+    if isinstance(store, Store):
+        t = store.sql(q, {"m": model})
+    elif (Path(store).expanduser() / "store.json").exists():
+        with Store.open(store, read_only=True) as st:   # closed here: the import opens it for writing
+            t = st.sql(q, {"m": model})
+    else:
+        return {}
     return dict(zip(t["layer"].to_pylist(), t["n"].to_pylist()))
 
 
@@ -368,8 +369,6 @@ def import_results(store: Store | str | Path, format: str, paths: Sequence[str |
     """Import result files of one method for one model as one run (module doc). Returns what was
     written; raises BadInput/BadParameter/UnknownLayer (nothing written) for a bad file or option."""
     if format not in FORMATS:
-        from .errors import unknown
-
         raise BadParameter(unknown("format", format, FORMATS, "Use csv or jsonl with --columns for other tools."))
     if not paths:
         raise BadParameter("No files given. Example: neurostore import milan milan-base_resnet50_imagenet.csv --model resnet50")
@@ -515,8 +514,6 @@ def compare_methods(store: Store | str | Path, model: str, method_a: str, method
     """Two explanation methods (imported or neurostore's scorers) on one model: per layer how often
     they give the same label and how alike their labels are (MiniLM), and where they disagree most.
     The named queries method_agreement and method_disagreements answer it; this checks the names."""
-    from .errors import UnknownModel, UnknownScorer, unknown
-
     if not method_a or not method_b:
         raise BadParameter("Compare two methods, e.g. --methods clip-dissect,netdissect.")
     st = store if isinstance(store, Store) else Store.open(store, read_only=True, create=False)
