@@ -204,6 +204,10 @@ class ImageSource:
     def __len__(self) -> int:
         return len(self.items)
 
+    def take(self, n: int) -> None:
+        """Keep at most `n` items: the first `n` (a probe world's order is already a random draw)."""
+        self.items = self.items[:n]
+
     @classmethod
     def from_table(cls, dataset: str, table: pa.Table, **kw) -> "ImageSource":
         """From an images table (schema/images.sql): the probe world's `world.images()`."""
@@ -311,6 +315,24 @@ class ImageFolder(ImageSource):
         labels = {rel: rel.split("/", 1)[0] for rel in files if "/" in rel}
         super().__init__(dataset or folder_dataset_id(self.root, files), items, labels=labels, **kw)
 
+    def take(self, n: int) -> None:
+        """Keep at most `n` files, spread evenly over the top-level subfolders (loose files are one
+        more group): each group's first files in sorted order, a file from every group in turn, so
+        `--max-images 5000` of ImageNet's val/ (1,000 class folders of 50) sees 5 of every class,
+        not the first 100 classes. A larger `n` keeps every file a smaller one took."""
+        if n >= len(self.items):
+            return
+        groups: dict[str, list[int]] = {}
+        for i, (rel, _) in enumerate(self.items):
+            groups.setdefault(self.labels.get(rel, ""), []).append(i)
+        chosen: list[int] = []
+        for rank in range(max(map(len, groups.values()))):
+            chosen += [g[rank] for g in groups.values() if rank < len(g)]
+            if len(chosen) >= n:
+                break
+        # the last round is cut in sorted group order; the items stay in sorted (disk) order
+        self.items = [self.items[i] for i in sorted(chosen[:n])]
+
 
 def _walk(root: Path) -> Iterable[str]:
     for dirpath, dirnames, filenames in os.walk(root):
@@ -337,13 +359,14 @@ def folder_dataset_id(root: Path, files: list[str]) -> str:
 # ---- the probe set of a dissect ----------------------------------------------------------------
 
 def probe_source(images, world, max_images: int | None = None) -> ImageSource:
-    """The probe images: a folder, or the world's probe split; the first `max_images` of them
-    (in sorted order) when given. The subset is recorded in the run's parameters."""
+    """The probe images: a folder, or the world's probe split; at most `max_images` of them when
+    given (`ImageSource.take`: a folder's spread over its subfolders). The subset is recorded in the
+    run's parameters."""
     source = _full_source(images, world)
     if max_images is not None:
         if max_images < 1:
             raise BadParameter(f"max_images={max_images} must be at least 1.")
-        source.items = source.items[:max_images]
+        source.take(max_images)
     return source
 
 

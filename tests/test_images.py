@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from neurostore.errors import BadInput
-from neurostore.images import CellWindows, ImageFolder, ImageSource, RejectedImage, load_image
+from neurostore.images import CellWindows, ImageFolder, ImageSource, RejectedImage, load_image, probe_source
 
 
 def _to_tensor(im):
@@ -102,6 +102,29 @@ def test_missing_or_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(BadInput, match="no files"):
         ImageFolder(tmp_path / "empty")
+
+
+def test_max_images_spreads_over_class_folders_and_grows_as_a_superset(tmp_path):
+    # ImageNet's val/ layout: before, --max-images took the first classes' files only
+    for cls, n in (("a_cls", 6), ("b_cls", 2), ("c_cls", 4)):
+        (tmp_path / cls).mkdir()
+        for i in range(n):
+            (tmp_path / cls / f"{i}.jpg").write_bytes(b"x")
+    (tmp_path / "loose.jpg").write_bytes(b"x")
+    ids = lambda n: [iid for iid, _ in probe_source(tmp_path, None, n).items]
+    assert ids(7) == ["a_cls/0.jpg", "a_cls/1.jpg", "b_cls/0.jpg", "b_cls/1.jpg",
+                      "c_cls/0.jpg", "c_cls/1.jpg", "loose.jpg"]   # loose files are a group of their own
+    assert ids(3) == ["a_cls/0.jpg", "b_cls/0.jpg", "c_cls/0.jpg"]
+    for small, big in ((1, 3), (3, 7), (7, 10), (10, 13)):
+        assert set(ids(small)) <= set(ids(big)) and len(ids(small)) == small
+    assert len(ids(13)) == len(ids(100)) == 13
+    assert ids(13) == sorted(ids(13))   # read in disk order
+    # a flat folder, and a probe world's table, keep their first files
+    flat = tmp_path / "c_cls"
+    assert [iid for iid, _ in probe_source(flat, None, 2).items] == ["0.jpg", "1.jpg"]
+    src = ImageSource("w", [(f"i{k}", f"/p{k}") for k in range(5)], labels={f"i{k}": "x" for k in range(5)})
+    src.take(2)
+    assert [i for i, _ in src.items] == ["i0", "i1"]
 
 
 def test_dataset_id_is_stable_and_changes_with_content(zoo):
