@@ -1230,6 +1230,7 @@ def main() -> None:
     except NeurostoreError as e:  # the API's argument names, as this CLI's flags
         _close_bars()
         err_console.print(f"Error: {cli_message(e)}", markup=False, highlight=False, soft_wrap=True)
+        _json_failure(cli_message(e), type(e).__name__)
         sys.exit(1)
     except KeyboardInterrupt:
         _interrupted()
@@ -1239,6 +1240,14 @@ def main() -> None:
         if e.code == 128 + signal.SIGTERM:   # signals.sigterm_exits, where a command takes SIGTERM as Ctrl-C
             _interrupted("SIGTERM", e.code)
         raise
+
+
+def _json_failure(message: str, kind: str) -> None:
+    """Under --json a failed command still prints one JSON object on stdout (`{"error": ...}`), so a
+    script that parses stdout reads why instead of meeting empty input; the line on stderr stays."""
+    if "--json" in sys.argv[1:]:
+        sys.stdout.write(json.dumps({"error": message, "kind": kind}) + "\n")
+        sys.stdout.flush()
 
 
 def _interrupted(what: str = "Ctrl-C", code: int = 130) -> None:
@@ -1251,6 +1260,7 @@ def _interrupted(what: str = "Ctrl-C", code: int = 130) -> None:
         said = ("The store holds what earlier commands committed, nothing of this one; run the same command again "
                 "to resume (a dissect picks up its image pass where it stopped).")
     err_console.print(f"Aborted ({what}). {said}", highlight=False, soft_wrap=True)
+    _json_failure(f"Aborted ({what}). {said}", "Interrupted")
     sys.exit(code)
 
 

@@ -137,6 +137,15 @@ def test_error_lines(store_dir, tmp_path, capsys, monkeypatch, args, line):
     assert not missing.exists()  # a reading command never creates a store
 
 
+def test_a_failed_command_under_json_prints_its_error_as_json(tmp_path, capsys, monkeypatch):
+    """A script parsing stdout meets the reason as one JSON object, not empty input."""
+    missing = tmp_path / "no-store"
+    code, out, err = run_cli(capsys, monkeypatch, "find", "dog", "--store", missing, "--json")
+    assert code == 1 and err.startswith("Error: No neurostore store at")
+    said = json.loads(out)
+    assert said == {"error": err.strip()[len("Error: "):], "kind": "StoreNotFound"}
+
+
 def test_every_store_command_has_an_example():
     import typer.main
 
