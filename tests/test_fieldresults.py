@@ -231,6 +231,18 @@ def test_neuron_page_shows_every_methods_label_side_by_side(field_store):
     # the index and model page count imported units as explained, with their methods (they read 0 before)
     fc = next(l for m in D.overview(st.sql)["models"] if m["model"] == "resnet50" for l in m["layers"] if l["layer"] == "fc")
     assert fc["n_scored"] == 1000 and fc["scorers"] == ["milan", "netdissect"]
+    # the web search finds imported-only units by their published labels (exact, semantic and open cannot)
+    found = D.search(st.sql, "dog")
+    labelled = [u for u in found["units"] if u["found_by"] == "label"]
+    assert found["counts"]["label"] == len(labelled) > 0 and found["counts"]["exact"] == 0
+    assert {u["scorer"] for u in labelled} <= {"clip-dissect", "milan", "netdissect"}
+    assert ("clip-dissect", "layer3", 91) in {(u["scorer"], u["layer"], u["unit"]) for u in labelled}
+    sims = [u["similarity"] for u in labelled]
+    assert sims == sorted(sims, key=lambda v: v is None) and sims[0] == 1.0   # labels that are 'dog' first
+    only = D.search(st.sql, "dog", "label", k=500)
+    assert all(u["exact"] >= v["exact"] for u, v in zip(only["units"], only["units"][1:]))   # 'dog' before 'hot dog'
+    html = render("search.html", found, Links(static=True, depth=1), store_path=str(st.path))
+    assert "published label" in html and "clip-dissect" in html
     # the layer page lists imported-only units (with each method's label) so the report writes their pages
     page = D.layer_page(st.sql, "resnet50", "layer4")
     assert len(page["units"]) == 2048

@@ -14,7 +14,7 @@ Pages (each also as JSON: the same path with `.json` added, e.g. /neuron/m/l/3.j
     /patch/<patch_id>.png                 a patch thumbnail
     /image/<key>.png                      a whole probe image, read from the file `images.path` names
     /heatmap/<model>/<layer>/<unit>/<rank>.jpg   the unit's activation map over its top image `rank`
-    /search?q=...&mode=all|exact|semantic|open   (all: every mode merged, the default)
+    /search?q=...&mode=all|exact|label|semantic|open   (all: every mode merged, the default)
     /compare, /audit                      findings tables
     /sql?q=...&name=value                 the SQL console (one SELECT/EXPLAIN, bound $name values)
     /sql.csv?q=..., /sql.parquet?q=...    its result as a file, under the same limits

@@ -582,8 +582,8 @@ def neuron_card(run: Run, model: str, layer: str, unit: int, **kw) -> dict:
 
 # ---- search -------------------------------------------------------------------------------------
 
-SEARCH_MODES = ("all", "exact", "semantic", "open")
-FOUND_BY = ("exact", "semantic", "open")  # the merged answer's order: surest first
+SEARCH_MODES = ("all", "exact", "label", "semantic", "open")
+FOUND_BY = ("exact", "label", "semantic", "open")  # the merged answer's order: surest first
 # Merged search keeps semantic neighbours at least this similar, and within SPREAD of the nearest.
 SEMANTIC_FLOOR, SEMANTIC_SPREAD = 0.3, 0.2
 
@@ -612,6 +612,18 @@ def search_exact(run: Run, phrase: str, k: int = 50) -> dict:
     if not hits:
         out["did_you_mean"] = difflib.get_close_matches(c, all_concepts(run), n=5, cutoff=0.6)
     return out
+
+
+def search_label(run: Run, phrase: str, k: int = 50) -> dict:
+    """Units whose label from an imported method (field results: clip-dissect, milan, netdissect,
+    ...) is the phrase or holds it as whole words (the label_neurons macro); labels that are the
+    phrase first. A model only imported has no concept scores, so the other modes cannot find it."""
+    hits = rows(run, """
+        SELECT model, layer, unit, method AS scorer, label AS concept, exact
+        FROM label_neurons($p)
+        WHERE method IN (SELECT DISTINCT method FROM explanation_candidates)
+        ORDER BY exact DESC, model, depth, layer, unit, method LIMIT $k""", {"p": phrase.strip(), "k": k}) if has_table(run, "explanation_candidates") else []
+    return {"mode": "label", "q": phrase, "units": hits}
 
 
 def search_semantic(run: Run, phrase: str, k: int = 10, per_concept: int = 5) -> dict:
@@ -661,6 +673,10 @@ def search_all(run: Run, phrase: str, k: int = 50, find_store=None, device=None,
     ex = search_exact(run, phrase, k)
     for u in ex["units"]:
         found.append({**u, "found_by": "exact", "similarity": 1.0})
+    for u in search_label(run, phrase, k)["units"]:   # published labels carry no calibrated confidence
+        exact = u.pop("exact")
+        found.append({**u, "found_by": "label", "similarity": 1.0 if exact else None, "score": None,
+                      "confidence": None})
     sem = search_semantic(run, phrase, 8, per_concept=k)
     notes += [sem["note"]] if sem.get("note") else []
     # Only concepts near the nearest one: far ones (0.4 for 'green' vs 0.77 for 'striped') are noise here.
@@ -700,7 +716,7 @@ def search_all(run: Run, phrase: str, k: int = 50, find_store=None, device=None,
 def search(run: Run, phrase: str, mode: str = "all", k: int | None = None, find_store=None, device=None,
            precision=None) -> dict:
     if mode not in SEARCH_MODES:
-        raise BadParameter(unknown("search mode", mode, SEARCH_MODES, "Use mode=all, exact, semantic or open."))
+        raise BadParameter(unknown("search mode", mode, SEARCH_MODES, "Use mode=all, exact, label, semantic or open."))
     if not phrase or not phrase.strip():
         return {"mode": mode, "q": phrase or "", "empty": True}
     if mode == "all":
@@ -709,6 +725,8 @@ def search(run: Run, phrase: str, mode: str = "all", k: int | None = None, find_
         return search_exact(run, phrase, k or 50)
     if mode == "semantic":
         return search_semantic(run, phrase, k or 10)
+    if mode == "label":
+        return search_label(run, phrase, k or 50)
     if find_store is None:
         raise BadParameter("Open-vocabulary search needs the snapshot store (see snapshot_store).")
     return search_open_find(run, find_store, phrase, k or 30, device, precision)
