@@ -243,6 +243,13 @@ def test_neuron_page_shows_every_methods_label_side_by_side(field_store):
     assert all(u["exact"] >= v["exact"] for u, v in zip(only["units"], only["units"][1:]))   # 'dog' before 'hot dog'
     html = render("search.html", found, Links(static=True, depth=1), store_path=str(st.path))
     assert "published label" in html and "clip-dissect" in html
+    # the model page's concepts-by-depth plot, empty before for a model only imported, is Network
+    # Dissection's own figure: textures early, objects late (its paper's finding, in its published labels)
+    prof = D.depth_profile(st.sql, "resnet50")
+    assert prof["imported"] and prof["scorer"] == "netdissect" and prof["by"] == "category"
+    assert prof["layers"] == ["conv1", "layer1", "layer2", "layer3", "layer4"]   # not the logits
+    tex, obj = prof["series"]["texture"], prof["series"]["object"]
+    assert tex[0] is None and tex[1] > 0.7 > 0.3 > tex[4] and obj[1] < 0.05 < 0.4 < obj[4]
     # the layer page lists imported-only units (with each method's label) so the report writes their pages
     page = D.layer_page(st.sql, "resnet50", "layer4")
     assert len(page["units"]) == 2048

@@ -110,17 +110,32 @@ def preferred_scorer(run: Run, model: str) -> str | None:
 
 def depth_profile(run: Run, model: str, scorer: str | None = None, top: int = 6) -> dict:
     """Share of a model's units whose best concept falls in each concept category (or, without
-    categories, is each of the most common concepts), per layer in depth order."""
+    categories, is each of the most common concepts), per layer in depth order. A model with no
+    scores (only imported from field results) is profiled by an imported method's labels, Network
+    Dissection's Broden categories first (its paper's figure)."""
     scorer = scorer or preferred_scorer(run, model)
     layer_rows = rows(run, """
-        SELECT layer, min(depth) AS depth, min(depth_frac) AS depth_frac FROM layers WHERE model = $m
-        GROUP BY layer ORDER BY depth NULLS LAST, layer""", {"m": model})
-    counts = rows(run, """
-        SELECT s.layer, s.concept, c.category, count(*) AS n
-        FROM scores s
-        LEFT JOIN (SELECT concept, any_value(category) AS category FROM concepts GROUP BY concept) c USING (concept)
-        WHERE s.model = $m AND s.scorer = $s AND s.rank = 0
-        GROUP BY ALL""", {"m": model, "s": scorer})
+        SELECT layer, min(depth) AS depth, min(depth_frac) AS depth_frac, any_value(kind) AS kind FROM layers
+        WHERE model = $m GROUP BY layer ORDER BY depth NULLS LAST, layer""", {"m": model})
+    method = None
+    if scorer is None and has_table(run, "explanation_candidates"):
+        method = next(iter(rows(run, """
+            SELECT method FROM explanation_candidates WHERE model = $m AND rank = 0
+            GROUP BY method ORDER BY count(category) DESC, count(*) DESC, method LIMIT 1""", {"m": model})),
+            {}).get("method")
+    if method is not None:   # the hidden layers: a method's labels of the class logits are the classes
+        layer_rows = [r for r in layer_rows if r["kind"] != "logits"]
+        counts = rows(run, """
+            SELECT layer, label AS concept, category, count(*) AS n FROM explanation_candidates
+            WHERE model = $m AND method = $s AND rank = 0 AND list_contains($l, layer) GROUP BY ALL""",
+            {"m": model, "s": method, "l": [r["layer"] for r in layer_rows]})
+    else:
+        counts = rows(run, """
+            SELECT s.layer, s.concept, c.category, count(*) AS n
+            FROM scores s
+            LEFT JOIN (SELECT concept, any_value(category) AS category FROM concepts GROUP BY concept) c USING (concept)
+            WHERE s.model = $m AND s.scorer = $s AND s.rank = 0
+            GROUP BY ALL""", {"m": model, "s": scorer})
     layers = [r["layer"] for r in layer_rows]
     for r in counts:  # layers with scores but missing from the layers table still get a point
         if r["layer"] not in layers:
@@ -138,7 +153,8 @@ def depth_profile(run: Run, model: str, scorer: str | None = None, top: int = 6)
         agg[key][r["layer"]] += r["n"]
     keys = sorted(agg, key=lambda k: -sum(agg[k].values()))[:top]
     series = {k: [(agg[k].get(l, 0) / total[l]) if total[l] else None for l in layers] for k in keys}
-    return {"model": model, "scorer": scorer, "by": by, "layers": layers, "depths": depths, "series": series}
+    return {"model": model, "scorer": method or scorer, "imported": method is not None, "by": by, "layers": layers,
+            "depths": depths, "series": series}
 
 
 def layer_page(run: Run, model: str, layer: str) -> dict:
