@@ -37,12 +37,20 @@ CREATE OR REPLACE MACRO untrained_models() AS TABLE
     WHERE coalesce(json_extract(ur_.params, '$.random_weights.target')::BOOLEAN, false)
     ORDER BY um_.model;
 
--- Neuron -> its ranked concepts, per scorer.
+-- Neuron -> its ranked concepts, per scorer, and imported methods' labels of it.
 CREATE OR REPLACE MACRO neuron_concepts(model_id, layer_name, unit_index, scorer_name := NULL) AS TABLE
     SELECT model, layer, unit, scorer, rank, concept, score, confidence, vocabulary, encoder, run_id
     FROM scores
     WHERE model = model_id AND layer = layer_name AND unit = unit_index
       AND (scorer_name IS NULL OR scorer = scorer_name)
+    UNION ALL   -- imported methods' labels (field results): the method as the scorer, no calibrated confidence
+    SELECT nc_.model, nc_.layer, nc_.unit, nc_.method, nc_.rank, nc_.label, nc_.score, NULL, ne_.vocabulary, NULL,
+           nc_.run_id
+    FROM explanation_candidates nc_
+    LEFT JOIN explanations ne_ ON ne_.model = nc_.model AND ne_.layer = nc_.layer AND ne_.unit = nc_.unit
+                              AND ne_.scorer = nc_.method
+    WHERE nc_.model = model_id AND nc_.layer = layer_name AND nc_.unit = unit_index
+      AND (scorer_name IS NULL OR nc_.method = scorer_name)
     ORDER BY scorer, rank;
 
 -- Per layer: how many units have each concept as their best (rank 0) concept. Reads layer_concepts

@@ -243,6 +243,12 @@ def test_neuron_page_shows_every_methods_label_side_by_side(field_store):
     assert all(u["exact"] >= v["exact"] for u, v in zip(only["units"], only["units"][1:]))   # 'dog' before 'hot dog'
     html = render("search.html", found, Links(static=True, depth=1), store_path=str(st.path))
     assert "published label" in html and "clip-dissect" in html
+    # neuron -> concepts answers with every method's labels (it read 0 rows for a unit only imported);
+    # by hand: clip-dissect line 925 'layer3,91,dog'
+    got = st.query("neuron_concepts", {"model": "resnet50", "layer": "layer3", "unit": 91}).to_pylist()
+    assert {r["scorer"] for r in got} == {"clip-dissect", "milan", "netdissect"}
+    cd = next(r for r in got if r["scorer"] == "clip-dissect")
+    assert (cd["rank"], cd["concept"], cd["confidence"], cd["vocabulary"]) == (0, "dog", None, "clip-dissect:20k")
     # the model page's concepts-by-depth plot, empty before for a model only imported, is Network
     # Dissection's own figure: textures early, objects late (its paper's finding, in its published labels)
     prof = D.depth_profile(st.sql, "resnet50")
