@@ -60,7 +60,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from neurostore import trust  # noqa: E402
-from neurostore.evaluate import REFERENCE_MIN_IOU  # noqa: E402
+from neurostore.evaluation import REFERENCE_MIN_IOU  # noqa: E402
 from neurostore.pipeline import DEFAULT_SCORERS, DEMO_MAX_IMAGES, dissect  # noqa: E402
 from neurostore.store import Store  # noqa: E402
 from neurostore.weights import reinitialise  # noqa: E402

@@ -9,7 +9,7 @@ compares, per layer, neurons with features, for each rule of what a unit's expla
 (RULES: the product's headline, the `headlines` table, first; then each scorer's top concept):
 
     agree        fraction of units whose explanation (no ground truth) equals the per-pixel truth
-                 (the `iou` scorer's top concept, with IoU >= evaluate.REFERENCE_MIN_IOU)
+                 (the `iou` scorer's top concept, with IoU >= evaluation.REFERENCE_MIN_IOU)
     agree_fid    the same, counting only units whose fidelity is >= --fidelity: Pearson
                  correlation, on held-out images (every 5th image), between the unit's pooled
                  max activation and the explained concept's mask area
@@ -46,7 +46,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from neurostore import features  # noqa: E402
-from neurostore.evaluate import REFERENCE_MIN_IOU  # noqa: E402
+from neurostore.evaluation import REFERENCE_MIN_IOU  # noqa: E402
 from neurostore.pipeline import dissect  # noqa: E402
 from neurostore.store import Store  # noqa: E402
 

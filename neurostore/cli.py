@@ -622,7 +622,7 @@ def eval_cmd(
             console.print(_rows_table(res.methods, ["method", "n", "top1", "class_cosine"],
                                       title=f"{res.model} {res.layer} vs {res.classes} class names ({res.text_model})"))
         return
-    from .evaluate import evaluate
+    from .evaluation import evaluate
 
     if layer is not None:   # it chose the class layer; without --classes it would be ignored
         raise BadParameter("--layer goes with --classes (the class layer to evaluate against class names); "
@@ -1040,7 +1040,7 @@ def ablate_cmd(
     err_console.print(f"run {res.run_id}: neurostore query ablation_effects -p model={model}", highlight=False)
 
 
-# ---- features and groups: units beyond neurons (features.py, groups.py) ------------------------
+# ---- features and groups: units beyond neurons (features.py, grouping.py) ------------------------
 
 features_app = typer.Typer(
     help="Dictionary features (TopK sparse autoencoder, NMF) of a layer: units you dissect and query like neurons.",
@@ -1134,7 +1134,7 @@ def groups_cmd(
 
     Example: neurostore groups probe-cnn --groups 8
     """
-    from .groups import groups
+    from .grouping import groups
 
     s = groups(store_path(store), model, layers=layers, n_groups=n_groups, scorer=scorer,
                max_images=max_images, edge_images=edge_images, seed=seed, log=_log(False))

@@ -13,7 +13,7 @@ the same work replaces its rows and different work sits beside it:
     images, masks, rejects          images:<dataset>
     vocabularies, concepts          vocab:<vocabulary>
     scores, explanations            score:<dataset>:<scorer>:<vocabulary>:<encoder>  (per layer)
-    evaluations                     eval:<dataset>:<layer>      (evaluate.py)
+    evaluations                     eval:<dataset>:<layer>      (evaluation.py)
 
 Patches, crops (image content + box -> patch) and embeddings (text, image, crop vectors) are
 content-addressed: only ids the store does not hold yet are written, under a key made of those ids
@@ -42,7 +42,7 @@ import torch
 from . import scorers as S
 from . import trust
 from .errors import BadInput, BadParameter
-from .evaluate import evaluate_run, write_rows
+from .evaluation import evaluate_run, write_rows
 from .explain import explanations_table, summarise
 from .encoding import cached_ids, cached_vectors
 from .images import CellWindows, ImageSource, ProbeMasks, probe_source

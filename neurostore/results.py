@@ -18,7 +18,7 @@ class _Result:
 
 @dataclass
 class EvaluationResult(_Result):
-    """Figures of stored explanations against the probe world's truth (evaluate.py's metrics).
+    """Figures of stored explanations against the probe world's truth (evaluation.py's metrics).
 
     figures: {model: {layer: {scorer: {metric: value}}}}; rows: the `evaluations` rows (metric,
     value, n per model, layer and scorer); run_id: the run that wrote them (None: not written)."""

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from neurostore.analysis._common import logits_of
-from neurostore.groups import TOP_EDGES, block_sums, groups, unit_edges
+from neurostore.grouping import TOP_EDGES, block_sums, groups, unit_edges
 from neurostore.hooks import forward_hooks, keep
 from neurostore.record import to_map
 from neurostore.models import Target

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from neurostore.evaluate import evaluate
+from neurostore.evaluation import evaluate
 from neurostore.pipeline import dissect
 from neurostore.store import Store
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from neurostore.errors import BadParameter
-from neurostore.evaluate import evaluate, explanation_sets, names_class, truth_sets
+from neurostore.evaluation import evaluate, explanation_sets, names_class, truth_sets
 from neurostore.pipeline import dissect
 from neurostore.scorers import cover_sets, greedy_cover
 from neurostore.store import Store
