@@ -43,7 +43,7 @@ def main() -> None:
 
     # The most confident explanations of layer4.
     print(store.sql("""
-        SELECT unit, label, round(confidence, 3) AS confidence, concepts[1:3] AS runners_up
+        SELECT unit, label, round(confidence, 3) AS confidence, concepts[2:3] AS runners_up
         FROM explanations WHERE model = $m AND layer = 'layer4' AND scorer = 'soft_wpmi'
         ORDER BY confidence DESC LIMIT 15""", {"m": hidden["model"]}).to_pandas())
 

@@ -8,6 +8,7 @@ turns them into the CLI's flags, so `Error:` lines name what the user types."""
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from collections.abc import Iterable
 
@@ -94,6 +95,24 @@ def unknown(kind: str, name: str, valid: Iterable[str], hint: str = "") -> str:
     msg = f"Unknown {kind} '{name}'.{did_you_mean(name, valid)}"
     msg += f" Valid: {shown}." if valid else f" There are no {kind}s yet."
     return msg + (f" {hint}" if hint else "")
+
+
+def listed(value, name: str) -> list | None:
+    """An API argument that takes several names (layers, models, scorers, files): None stays None
+    (the default); one name, path or number is a list of one (a bare string was read a character
+    at a time: "layer4" as layers 'l', 'a', ...); an empty list is refused (it silently meant
+    every one)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes, os.PathLike, int)):
+        return [value]
+    try:
+        out = list(value)
+    except TypeError:
+        raise BadParameter(f"{name}={value!r} must be a name or a list of names.") from None
+    if not out:
+        raise BadParameter(f"{name}=[] is empty: give at least one, or leave {name} out for the default.")
+    return out
 
 
 # An argument as the API's messages write it -> the flag the CLI takes for it.

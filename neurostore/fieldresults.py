@@ -37,7 +37,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from .classnames import normalise
-from .errors import BadInput, BadParameter, UnknownLayer, UnknownModel, UnknownScorer, unknown
+from .errors import BadInput, BadParameter, UnknownLayer, UnknownModel, UnknownScorer, listed, unknown
 from .store import Store
 
 FORMATS = ("clip-dissect", "milan", "netdissect", "csv", "jsonl")
@@ -370,6 +370,7 @@ def import_results(store: Store | str | Path, format: str, paths: Sequence[str |
     written; raises BadInput/BadParameter/UnknownLayer (nothing written) for a bad file or option."""
     if format not in FORMATS:
         raise BadParameter(unknown("format", format, FORMATS, "Use csv or jsonl with --columns for other tools."))
+    paths = listed(paths, "paths") or []
     if not paths:
         raise BadParameter("No files given. Example: neurostore import milan milan-base_resnet50_imagenet.csv --model resnet50")
     if not MODEL_ID.fullmatch(model or ""):

@@ -41,7 +41,7 @@ import torch
 from .analysis._common import (BATCH, check_models, load_model, logits_of, model_dataset, model_layers,
                                open_store, probe_images)
 from .analysis.audit import contributions
-from .errors import BadInput, BadParameter, UnknownLayer, unknown
+from .errors import BadInput, BadParameter, UnknownLayer, listed, unknown
 from .hooks import forward_hooks, keep
 from .progress import bar as progress_bar
 from .record import to_map
@@ -150,6 +150,7 @@ def groups(store: Store | str, model: str, *, layers: list[str] | None = None, n
     """Cluster each dissected hidden layer of `model` into groups, explain them, and store the
     group circuit (module doc). n_groups per layer: default about sqrt(units), at least 2."""
     t0 = time.time()
+    layers = listed(layers, "layers")
     store = open_store(store)
     if n_groups is not None and n_groups < 1:
         raise BadParameter(f"--groups must be at least 1, got {n_groups}.")

@@ -41,7 +41,7 @@ import torch
 
 from . import scorers as S
 from . import trust
-from .errors import BadInput, BadParameter
+from .errors import BadInput, BadParameter, listed
 from .evaluation import evaluate_run, write_rows
 from .explain import explanations_table, summarise
 from .encoding import cached_ids, cached_vectors
@@ -959,6 +959,7 @@ def dissect(store: Store | str | Path, model: str, *, images: str | Path | None 
     from .devices import describe, precision_name
 
     t0 = time.time()
+    layers, scorers = listed(layers, "layers"), listed(scorers, "scorers")   # before a store is created
     if not isinstance(store, Store):
         store = Store.open(store)
     d = _plan(store, model, images=images, layers=layers, vocabulary=vocabulary, scorers=scorers,

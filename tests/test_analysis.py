@@ -166,6 +166,14 @@ def test_find_rejects_bad_input(synth):
     layers = sorted(st.sql("SELECT DISTINCT layer FROM layers").column("layer").to_pylist())
     with pytest.raises(UnknownLayer, match=f"Unknown dissected layer 'layer9'.*Valid: {', '.join(layers)}"):
         find(st, "striped", layers=["layer9"])  # said 'nothing found for striped' before
+    # one name for a list argument is a list of one (it was read a character at a time: model 'm');
+    # an empty list is refused (it silently meant every model); a phrase must be text
+    one = find(st, "striped", models="ma", methods="exact").units.to_pylist()
+    assert one == find(st, "striped", models=["ma"], methods=["exact"]).units.to_pylist() and one
+    with pytest.raises(BadParameter, match=r"models=\[\] is empty: give at least one, or leave models out"):
+        find(st, "striped", models=[])
+    with pytest.raises(BadParameter, match="phrase=None must be a word or phrase"):
+        find(st, None)
     # nothing found: the reasons of the methods that ran, and only those
     res = find(st, "qqqq zzzz", methods=("semantic",))
     assert res.notes == ["nothing found for 'qqqq zzzz': no stored concept within MiniLM similarity 0.6"]
@@ -209,6 +217,9 @@ def test_compare_errors(synth):
         compare(st, "ma", "ma", write=False)
     with pytest.raises(NeurostoreError, match="bounded to 4 per model"):
         compare(st, "ma", "mb", max_units=4, write=False)
+    # a layer typo is named as one (it said 'no pooled activations for the chosen layers')
+    with pytest.raises(UnknownLayer, match="Unknown layer of ma 'l9'.*Valid: l1, l2"):
+        compare(st, "ma", "mb", layers_a=["l9"], write=False)
 
 
 def test_concept_depth_profile_query(synth):
@@ -229,6 +240,11 @@ def test_parse_units():
         parse_units(["conv4"])
     with pytest.raises(BadParameter, match="Bad unit range '7-3'"):
         parse_units(["conv4:7-3"])
+    # numbers, as the docstring allows with `layer` (an AttributeError on int.strip before)
+    assert parse_units([7, 3], layer="conv4") == {"conv4": [3, 7]}
+    assert parse_units(3, layer="conv4") == {"conv4": [3]}
+    with pytest.raises(BadParameter, match="No units given"):
+        parse_units(None)
 
 
 # ---- CLI --------------------------------------------------------------------------------------------

@@ -204,6 +204,10 @@ def test_max_images_limits_the_probe_set(probe_world, tmp_path):
     assert '"max_images": 20' in params
     with pytest.raises(BadParameter, match="max_images=0 must be at least 1") as e:
         dissect(store, f"probe:cnn@{probe_world.root}", max_images=0, **kw)
+    # an empty list of layers is refused before a store is made (it ran every default layer)
+    with pytest.raises(BadParameter, match=r"layers=\[\] is empty"):
+        dissect(tmp_path / "none", f"probe:cnn@{probe_world.root}", max_images=20, **{**kw, "layers": []})
+    assert not (tmp_path / "none").exists()
     assert cli_message(e.value) == "--max-images 0 must be at least 1."  # the CLI names its flag
     for arg, flag in (("k", "--k"), ("top_n", "--top"), ("batch_size", "--batch-size")):
         with pytest.raises(BadParameter, match=f"{arg}=0 must be at least 1") as e:

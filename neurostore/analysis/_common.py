@@ -21,7 +21,7 @@ from PIL import Image
 
 from .. import devices
 from ..classnames import class_map
-from ..errors import BadInput, BadParameter, UnknownLayer, UnknownModel, unknown
+from ..errors import BadInput, BadParameter, UnknownLayer, UnknownModel, listed, unknown
 from ..hooks import forward_hooks, keep
 from ..models import list_layers, load_target
 from ..store import Store
@@ -126,11 +126,9 @@ _NEURON_RE = re.compile(r"^(?:(?P<model>[a-z0-9][a-z0-9_.\-]*)/)?(?P<layer>[A-Za
 def parse_units(specs: Sequence[str] | str, layer: str | None = None) -> dict[str, list[int]]:
     """Unit selections -> {layer: [units]}.  Accepts 'conv4:3', 'conv4/3', 'conv4:3,7,9',
     'conv4:0-7' (a range), or bare unit numbers when `layer` is given."""
-    if isinstance(specs, str):
-        specs = [specs]
     out: dict[str, list[int]] = {}
-    for raw in specs:
-        for part in [p for p in re.split(r"\s+(?=[A-Za-z_])", raw.strip()) if p]:
+    for raw in listed(specs, "units") or []:   # numbers too: units=[3, 7] with layer
+        for part in [p for p in re.split(r"\s+(?=[A-Za-z_])", str(raw).strip()) if p]:
             m = _NEURON_RE.match(part.strip())
             if m:
                 lay, units = m.group("layer"), m.group("units")

@@ -66,7 +66,7 @@ import pyarrow as pa
 import torch
 from scipy.stats import rankdata
 
-from ..errors import BadInput, BadParameter, NeurostoreError, unknown
+from ..errors import BadInput, BadParameter, NeurostoreError, listed, unknown
 from ..hooks import forward_hooks, keep
 from ..models import list_layers
 from ..progress import bar as progress_bar
@@ -506,14 +506,13 @@ def audit(store: Store | str | Path, model: str | Sequence[str] | None = None, c
     if not -1.0 <= threshold <= 1.0:
         raise BadParameter(f"--threshold is a cosine similarity in [-1, 1], got {threshold}.")
     st = open_store(store, read_only=not write)
-    if isinstance(classes, str):
-        classes = [classes]
+    classes = listed(classes, "classes")
     if model is None:
         models = stored_models(st)
         if not models:
             raise BadInput(f"Store '{st.path}' holds no dissected models. Dissect one first: 'neurostore dissect MODEL'.")
     else:
-        models = check_models(st, [model] if isinstance(model, str) else list(model))
+        models = check_models(st, listed(model, "model"))
     notes, results = [], []
     for m in models:
         try:

@@ -10,9 +10,9 @@ unit matching across the two models by activations and by explanations.
 Definitions (all stored with the rows, so a query later reads exactly what was computed):
 
 coverage      per layer: units whose explanation (the chosen scorer's top concept) has
-              confidence >= `min_confidence` (default 0.9: the label beats the best of the
-              vocabulary's null concepts with probability 0.9, see scorers.confidence; a
-              unit with no signal averages 0.5), and the number of distinct labels among them.
+              confidence >= `min_confidence` (default 0.9: the calibrated chance that the
+              label is right, see trust.py; a random network's units stay near 0), and the
+              number of distinct labels among them.
 concepts      the labels (confidence >= min_confidence, any layer) of A that no unit of B has,
               of B that A lacks, and shared ones, with unit counts.
 activation    Pearson correlation of every unit of A with every unit of B over the probe images
@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 from scipy.optimize import linear_sum_assignment
 
-from ..errors import BadInput, BadParameter, UnknownScorer, unknown
+from ..errors import BadInput, BadParameter, UnknownLayer, UnknownScorer, listed, unknown
 from ..store import Store
 from ._common import check_models, matrix, minilm, model_layers, open_store, untrained
 
@@ -187,8 +187,14 @@ def compare(store: Store | str | Path, model_a: str, model_b: str, *, scorer: st
         raise BadParameter(f"Compare two different models; got '{model_a}' twice.")
     if not 0.0 <= min_confidence <= 1.0:
         raise BadParameter(f"--min-confidence must be in [0, 1], got {min_confidence}.")
+    layers_a, layers_b = listed(layers_a, "layers_a"), listed(layers_b, "layers_b")
     st = open_store(store, read_only=not write)
     check_models(st, [model_a, model_b])
+    for m, chosen in ((model_a, layers_a), (model_b, layers_b)):   # a typo, not 'no pooled activations'
+        have = [r["layer"] for r in model_layers(st, m)]
+        for layer in chosen or ():
+            if layer not in have:
+                raise UnknownLayer(unknown(f"layer of {m}", layer, have))
     scorer = pick_scorer(st, [model_a, model_b], scorer)
     lay = {m: model_layers(st, m) for m in (model_a, model_b)}
     depth = {m: {r["layer"]: r["depth_frac"] for r in lay[m]} for m in lay}

@@ -43,7 +43,7 @@ import torch
 
 from .. import trust
 from ..encoders import load_encoder
-from ..errors import BadParameter, NeurostoreError, UnknownLayer, UnknownScorer, unknown
+from ..errors import BadParameter, NeurostoreError, UnknownLayer, UnknownScorer, listed, unknown
 from ..sqlfuncs import MINILM_ID
 from ..store import Store
 from ..world import worlds_in_store
@@ -236,10 +236,14 @@ def find(store: Store | str | Path, phrase: str, *, models: Sequence[str] | None
     """Units that detect `phrase`, by exact concept, semantic match and open vocabulary (module
     doc), best `top` per method, and the depth profile. Reads the store only. The open-vocabulary
     encoder runs on `device` (default auto: CUDA when present) at `precision` (default auto)."""
+    if not isinstance(phrase, str):   # None read as the phrase 'none'
+        raise BadParameter(f"phrase={phrase!r} must be a word or phrase, e.g. find(store, 'striped').")
     phrase_in = phrase
     phrase = " ".join(str(phrase).lower().split())
     if not phrase:
         raise BadParameter("The phrase is empty. Pass a word or phrase, e.g. neurostore find striped.")
+    models, layers, encoders = listed(models, "models"), listed(layers, "layers"), listed(encoders, "encoders")
+    methods = listed(methods, "methods") or METHODS
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise BadParameter(unknown("method", bad[0], METHODS, "Pass e.g. --method exact --method open."))
