@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from .devices import describe, resolve_device
-from .errors import BadInput, BadParameter, unknown
+from .errors import BadInput, BadParameter, UnknownModel, unknown
 from .images import probe_source
 from .models import Target, list_layers, load_target, resolve_layer
 from .progress import bar as progress_bar
@@ -420,7 +420,15 @@ def fit(store: Store | str, model: str, layer: str, method: str = "topk-sae", wi
     if not isinstance(store, Store):
         store = Store.open(store)
     dev = resolve_device(device)
-    target = target or load_target(model)
+    try:
+        target = target or load_target(model)
+    except UnknownModel:   # a stored model id where the spec is wanted: name the spec it was dissected as
+        spec = next(iter(store.sql("SELECT any_value(spec) AS spec FROM models WHERE model = $m",
+                                   {"m": model}).column("spec").to_pylist()), None)
+        if spec is None:
+            raise
+        raise UnknownModel(f"'{model}' is a stored model's id; fitting features runs the model, so give its "
+                           f"spec: '{spec}'.") from None
     target.to(dev)
     attach(target, store)  # so a feature layer given as `layer` is recognised (and refused)
     layer = resolve_layer(target, layer)

@@ -220,6 +220,11 @@ def test_compare_errors(synth):
     # a layer typo is named as one (it said 'no pooled activations for the chosen layers')
     with pytest.raises(UnknownLayer, match="Unknown layer of ma 'l9'.*Valid: l1, l2"):
         compare(st, "ma", "mb", layers_a=["l9"], write=False)
+    # a store opened read-only is refused before the work (after it, at the write, before)
+    ro = Store.open(st.path, read_only=True)
+    with pytest.raises(NeurostoreError, match="opened read-only, and this writes its results.*write=False"):
+        compare(ro, "ma", "mb")
+    assert compare(ro, "ma", "mb", write=False).run_id is None
 
 
 def test_concept_depth_profile_query(synth):

@@ -258,6 +258,10 @@ def test_cli_fit_ls_and_errors(tmp_path, probe_world, capsys, monkeypatch):
                                  "--store", st)
         assert code == 1 and out == ""
         assert " ".join(err.split()) == line
+    # the store's model id where the spec is wanted (every other command takes the id)
+    code, out, err = run_cli(capsys, monkeypatch, "features", "fit", "probe-cnn", "--layer", "conv4", "--store", st)
+    assert code == 1 and " ".join(err.split()).startswith(
+        "Error: 'probe-cnn' is a stored model's id; fitting features runs the model, so give its spec: 'probe:cnn")
     for val in ("0", "1.5"):
         code, out, err = run_cli(capsys, monkeypatch, "features", "fit", spec, "--layer", "conv2", "--active", val,
                                  "--store", st)

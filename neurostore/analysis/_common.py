@@ -43,6 +43,9 @@ def open_store(store: Store | str | Path, read_only: bool = False) -> Store:
     """A Store from a Store or a path (analysis commands never create a store: it must hold a
     dissection already)."""
     if isinstance(store, Store):
+        if store.read_only and not read_only:   # say so before the work, not at its write
+            raise BadInput(f"Store '{store.path}' was opened read-only, and this writes its results: open it "
+                           "with read_only=False, or pass write=False where the function takes it.")
         return store
     return Store.open(store, read_only=read_only, create=False)
 
@@ -435,8 +438,8 @@ def probe_images(store: Store, model: str, target, max_images: int = 2000, split
         raise BadParameter(f"max_images={max_images} must be at least 1.")
     classes = list(target.classes or [])
     if not classes:
-        raise BadInput(f"Model '{model}' has no class names (models.classes is empty), so per-class "
-                       "accuracy cannot be measured. Give a model with a classifier head and known classes "
+        raise BadInput(f"Model '{model}' has no class names (models.classes is empty), so its probe images "
+                       "cannot be labelled by class (ablate, audit and groups measure per class). Give a model with a classifier head and known classes "
                        "(pretrained torchvision or timm ImageNet weights, or a checkpoint dict with 'classes').")
     dataset = model_dataset(store, model)
     if dataset is None:
