@@ -41,6 +41,8 @@ PLACES_LINE = re.compile(r"/[a-z]/(\S+)\s+(\d+)")
 
 @dataclass
 class ClassEvalResult:
+    """What `evaluate_classes` returned: per method, top-1 against the class names and the mean
+    label/class cosine; to_dict() is `neurostore eval --classes ... --json`."""
     model: str
     layer: str
     classes: str                      # 'imagenet', 'places365' or the file's path

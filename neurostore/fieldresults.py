@@ -55,6 +55,8 @@ MAX_BAD_FRACTION = 0.5  # a file with more bad lines than this is the wrong file
 
 @dataclass
 class ImportResult:
+    """What `import_results` wrote: the files read (with hashes), rows per table, rejected lines
+    and the units of earlier imports it replaced; to_dict() is `neurostore import --json`."""
     format: str
     method: str
     model: str

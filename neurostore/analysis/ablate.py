@@ -54,6 +54,8 @@ class Ablation:
 
 @dataclass
 class AblationResult:
+    """What `ablate` returned: per-class accuracy before and after each ablation, and the effects
+    rows written (pyarrow); to_dict() is `neurostore ablate --json`."""
     model: str
     dataset: str
     n_images: int

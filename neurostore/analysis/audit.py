@@ -92,6 +92,8 @@ PRESENT = 0.9           # a concept's images: where its units' mean peak rank is
 
 @dataclass
 class AuditResult:
+    """What `audit` returned: each model's headline finding, the findings and the units that
+    drive each class (pyarrow), notes and the runs written; to_dict() is `neurostore audit --json`."""
     models: list[str]
     threshold: float
     units: pa.Table

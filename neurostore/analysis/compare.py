@@ -55,6 +55,8 @@ SCORER_PREFERENCE = ("patch", "encoder_iou", "top_images", "iou", "soft_wpmi", "
 
 @dataclass
 class CompareResult:
+    """What `compare` returned: per-layer coverage, concepts one model has and the other lacks,
+    the unit matches (pyarrow) and the layer correspondence table; to_dict() is `compare --json`."""
     model_a: str
     model_b: str
     scorer: str

@@ -60,6 +60,9 @@ UNIT_COLUMNS = ("model", "layer", "unit", "depth_frac", "method", "concept", "si
 
 @dataclass
 class FindResult:
+    """What `find` returned: the units that detect the phrase per method (pyarrow), the depth
+    profile per model and layer, the concepts matched, and notes on what to trust; to_dict() is
+    `neurostore find --json`."""
     phrase: str
     units: pa.Table                      # top units per method (UNIT_COLUMNS)
     profile: pa.Table                    # model, layer, depth_frac, method, best_score, best_confidence, ...

@@ -128,6 +128,8 @@ class Store(Views, Commits, Maintenance, Export):
             _atomic_write(path / "store.json", json.dumps(info, indent=1))
 
     def close(self) -> None:
+        """Close the DuckDB connection (its memory and file handles). The store stays usable: the
+        next query opens a fresh connection, so closing is never an error."""
         with self._mutex:
             if self._con is not None:
                 self._con.close()
@@ -149,6 +151,7 @@ class Store(Views, Commits, Maintenance, Export):
         return f"Store({str(self.path)!r}, read_only={self.read_only})"
 
     def tables(self) -> list[str]:
+        """The store's table names (every table of the schema, empty ones included)."""
         return sorted(self.schemas)
 
     def table_counts(self) -> dict[str, int]:
