@@ -227,17 +227,22 @@ def query_cmd(
 
 
 def _unknown_names(st, given: dict) -> list[str]:
-    """Notes on the model and method names in `given` that no stored row has."""
-    kinds = {"model": "SELECT DISTINCT model AS v FROM models",
+    """Notes on the model, layer and method names in `given` that no stored row has (a layer among
+    the given model's, when a model is given and stored)."""
+    kinds = {"model": "SELECT model AS v FROM models UNION SELECT model FROM scores UNION SELECT model FROM explanations",
+             "layer": "SELECT layer AS v FROM (SELECT model, layer FROM layers UNION SELECT model, layer FROM scores "
+                      "UNION SELECT model, layer FROM explanations) WHERE $m IS NULL OR model = $m",
              "method": "SELECT DISTINCT scorer AS v FROM explanations UNION SELECT DISTINCT scorer FROM scores"}
     out = []
     for key, value in given.items():
-        kind = "model" if key.startswith("model") else "method" if key.startswith(("method", "scorer")) else None
+        kind = ("model" if key.startswith("model") else "layer" if key == "layer"
+                else "method" if key.startswith(("method", "scorer")) else None)
         if kind is None:
             continue
-        have = [v for v in st.sql(kinds[kind])["v"].to_pylist() if v]
+        have = [v for v in st.sql(kinds[kind], {"m": given.get("model")} if kind == "layer" else None)["v"].to_pylist() if v]
         if value not in have:
-            out.append(f"no {kind} '{value}' in this store." + (f"{did_you_mean(value, have)} Stored: "
+            where = f"of model '{given['model']}'" if kind == "layer" and given.get("model") else "in this store"
+            out.append(f"no {kind} '{value}' {where}." + (f"{did_you_mean(value, have)} Stored: "
                                                                  f"{', '.join(sorted(have))}." if have else ""))
     return out
 

@@ -57,6 +57,9 @@ def test_a_query_with_no_rows_names_the_model_or_method_the_store_lacks(store_di
                              f"scorer={scorer}x", "--store", store_dir)
     assert code == 0 and "0 rows" in out + err
     assert f"note: no method '{scorer}x' in this store. Did you mean {scorer}?" in " ".join(err.split())
+    code, out, err = run_cli(capsys, monkeypatch, "query", "neuron_concepts", "-p", "model=m1", "-p", "layer=layer9",
+                             "-p", "unit=0", "--store", store_dir)
+    assert code == 0 and "note: no layer 'layer9' of model 'm1'. Did you mean layer1" in " ".join(err.split())
 
 
 def test_env_store_and_table_output(store_dir, capsys, monkeypatch):
