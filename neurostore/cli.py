@@ -1257,8 +1257,13 @@ def _json_failure(message: str, kind: str) -> None:
 
 def _interrupted(what: str = "Ctrl-C", code: int = 130) -> None:
     _close_bars()
+    from .signals import COMMITTED_WHILE_STOPPING
+
     command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
-    if command == "report":   # it writes a folder, not the store
+    if COMMITTED_WHILE_STOPPING:   # the stop came during a commit, which finished first
+        said = (f"Stopped after committing run {', '.join(COMMITTED_WHILE_STOPPING)}: its rows are in the store "
+                "(see 'neurostore runs'); anything this command had left to do after it was not done.")
+    elif command == "report":   # it writes a folder, not the store
         said = ("The store is unchanged; the report folder is incomplete (it has no index.html until the end): "
                 "run the same command again.")
     else:

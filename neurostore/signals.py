@@ -64,3 +64,40 @@ class StopAtBatchEnd:
     def __exit__(self, *exc) -> None:
         for s, handler in self.old.items():
             signal.signal(s, handler)
+
+
+# Runs that committed while a stop signal was held (`held`): the CLI's last words name them, since
+# "nothing of this command was kept" would then be untrue.
+COMMITTED_WHILE_STOPPING: list[str] = []
+
+
+@contextlib.contextmanager
+def held():
+    """Ctrl-C and SIGTERM wait for the end of the block, then stop as they would have (a store's
+    commit: stopped between its manifest swap and its end, a run was committed yet reported and
+    recorded as failed). A second signal stops at once. A signal the process ignores (a job
+    started with `&` ignores Ctrl-C) stays ignored. Yields the list of signals held."""
+    got: list[int] = []
+    if not _main_thread():
+        yield got
+        return
+
+    def hold(signum, frame):
+        if got:
+            raise StopAtBatchEnd._exception(signum)
+        got.append(signum)
+
+    old = {}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(s) is not signal.SIG_IGN:
+            old[s] = signal.signal(s, hold)
+    try:
+        yield got
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    if got:
+        previous = old[got[0]]
+        if callable(previous):   # the handler the signal would have met (e.g. sigterm_exits')
+            previous(got[0], None)
+        raise StopAtBatchEnd._exception(got[0])

@@ -290,6 +290,37 @@ def test_rebuild_deletes_no_file_of_a_run_whose_runs_row_is_damaged(st, runs_dam
     assert len(held) > 2 and all((st / p).exists() or (aside / p).exists() for p in held)
 
 
+def test_a_same_size_file_with_a_damaged_footer_fails_only_its_table(st):
+    """Bytes overwritten up to the footer's end, size unchanged: the size check passes and DuckDB
+    cannot bind the table's view; that failed every query of the store (even SELECT 1) with a
+    traceback. Now only that table's queries fail, naming `check`, which finds the file."""
+    e = entry(st, "scores", "model=m2/layer=layer1")
+    f = st / e["path"]
+    b = f.read_bytes()
+    f.write_bytes(b[:100] + b"A" * (len(b) - 108) + b[-8:])   # keep the footer length and magic
+    with Store.open(st, read_only=True) as s:
+        assert s.sql("SELECT 1 AS x").column("x")[0].as_py() == 1
+        assert s.sql("SELECT count(*) AS n FROM concepts").column("n")[0].as_py() > 0
+        with pytest.raises(StoreDamaged, match=r"^A file of the store cannot be read \(.*\)\. Run 'neurostore check"):
+            s.sql("SELECT count(*) FROM scores")
+    assert e["path"] in [p["path"] for p in check(st)["problems"]]
+
+
+def test_a_view_duckdb_cannot_bind_fails_only_its_table(st, monkeypatch):
+    """A damaged footer DuckDB reads when it binds a view (at connect) failed the whole connection."""
+    from neurostore.store.views import Views
+
+    view_sql = Views.view_sql
+    monkeypatch.setattr(Views, "view_sql", lambda self, name, man, **kw: (
+        f"SELECT * FROM read_parquet('{st}/tables/scores/no-such.parquet')" if name == "scores"
+        else view_sql(self, name, man, **kw)))
+    with Store.open(st, read_only=True) as s:
+        assert s.sql("SELECT 1 AS x").column("x")[0].as_py() == 1
+        assert s.sql("SELECT count(*) AS n FROM concepts").column("n")[0].as_py() > 0
+        with pytest.raises(StoreDamaged, match=r"^Table 'scores' cannot be read: .*Run 'neurostore check"):
+            s.sql("SELECT count(*) FROM scores")
+
+
 # (a same-size bit flip is found only by 'neurostore check', which compares content hashes)
 @pytest.mark.parametrize("damage", [c for c in FILE_CASES if c is not parquet_bit_flip], ids=lambda f: f.__name__)
 def test_reads_fail_only_where_they_touch_the_damaged_file(st, damage):
@@ -352,16 +383,68 @@ def test_gc_keeps_unlisted_files_it_cannot_prove_are_garbage(st):
 
 
 def test_orphans_of_a_run_that_never_committed_are_collected(st):
-    """A run killed after moving a file into tables/ but before its runs row: provably garbage."""
+    """A run killed after moving a file into tables/ but before its runs row (its staging folder,
+    whose lock no process holds, is still there): provably garbage. The same file with no trace of
+    its run in this store was copied in from elsewhere: kept (the next writer deleted it before)."""
     src = st / entry(st, "scores", "model=m2")["path"]
-    orphan = src.with_name("20260101T000000Z-deadbeef-0.parquet")
-    shutil.copyfile(src, orphan)  # its footer names another run; the name names a run with no runs row
-    pq.write_table(pq.read_table(src).replace_schema_metadata(
-        {"neurostore": json.dumps({"run_id": "20260101T000000Z-deadbeef"})}), orphan)
-    assert "never committed" in {g["path"]: g["reason"] for g in check(st)["garbage"]}[str(orphan.relative_to(st))]
-    with Store.open(st) as s:
-        s.write("concepts", concepts("x"))
-    assert not orphan.exists()
+    for run_id, killed_here in (("20260101T000000Z-deadbeef", True), ("20260101T000000Z-c0ffee00", False)):
+        orphan = src.with_name(f"{run_id}-0.parquet")
+        pq.write_table(pq.read_table(src).replace_schema_metadata(
+            {"neurostore": json.dumps({"run_id": run_id})}), orphan)
+        if killed_here:
+            (st / "staging" / run_id).mkdir(parents=True)
+            (st / "staging" / run_id / ".lock").write_text("")
+        garbage = {g["path"]: g["reason"] for g in check(st)["garbage"]}
+        assert ("killed before its commit" in garbage[str(orphan.relative_to(st))]) if killed_here \
+            else str(orphan.relative_to(st)) not in garbage
+        with Store.open(st) as s:
+            s.write("concepts", concepts("x"))
+        assert orphan.exists() is not killed_here
+
+
+def test_a_stop_during_a_commit_waits_for_it_and_says_the_run_committed(st, monkeypatch):
+    """Ctrl-C between the manifest swap and the end of the commit (writing load.sql) had recorded
+    the committed run as failed over its own runs file: runs unreadable, the store refused to
+    writers, a repair dropping the run. Now the stop waits for the commit, which stands."""
+    import signal
+
+    from neurostore import signals
+    from neurostore.store.export import Export
+
+    write_load_sql = Export._write_load_sql
+
+    def interrupted(self, man):
+        os.kill(os.getpid(), signal.SIGINT)   # held: it stops the command once the commit is done
+        write_load_sql(self, man)
+
+    monkeypatch.setattr(Export, "_write_load_sql", interrupted)
+    monkeypatch.setattr(signals, "COMMITTED_WHILE_STOPPING", [])
+    monkeypatch.setattr("neurostore.store.commit.COMMITTED_WHILE_STOPPING", signals.COMMITTED_WHILE_STOPPING)
+    with Store.open(st) as s, pytest.raises(KeyboardInterrupt):
+        with s.run("import", {"x": 1}) as run:
+            run.write("concepts", concepts("kept"))
+            run_id = run.run_id
+    assert signals.COMMITTED_WHILE_STOPPING == [run_id]
+    assert check(st)["clean"]
+    with Store.open(st, read_only=True) as s:
+        assert s.sql("SELECT status FROM runs WHERE run_id = $r", {"r": run_id})["status"].to_pylist() == ["committed"]
+        assert "kept" in s.sql("SELECT concept FROM concepts")["concept"].to_pylist()
+
+    # a second stop inside the commit, after the swap, stops at once: the run still stands
+    def stopped(self, man):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Export, "_write_load_sql", stopped)
+    with Store.open(st) as s, pytest.raises(KeyboardInterrupt):
+        s.write("concepts", concepts("also kept"))
+    report = check(st)
+    assert [p["problem"] for p in report["problems"]] == [report["problems"][0]["problem"]] \
+        and "load.sql" in report["problems"][0]["path"]   # stale, and named
+    with Store.open(st, read_only=True) as s:
+        assert "also kept" in s.sql("SELECT concept FROM concepts")["concept"].to_pylist()
+        assert set(s.sql("SELECT status FROM runs")["status"].to_pylist()) <= {"committed", "failed"}
+    monkeypatch.undo()
+    assert check(st, repair=True)["problems"] and check(st)["clean"]   # the repair rewrites load.sql
 
 
 def test_committed_files_record_hash_and_manifest_entry(st):

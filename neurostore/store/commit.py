@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from .. import __version__
 from ..errors import BadInput, StoreDamaged
 from ..schema import conform
+from ..signals import COMMITTED_WHILE_STOPPING, held
 from .derived import DERIVED_TABLES, derived_select
 from .files import (DEFAULT_ROW_GROUP, ROW_GROUP_ROWS, _atomic_write, _file_slices, _fsync, _kv_arrow, _kv_sql, _locked,
                     _parquet_options, _part_dir, _reason, _sha256, _split_partitions, _sql_str, _utcnow, _work_connection)
@@ -221,7 +222,11 @@ class Commits:
             man["generation"] = int(man.get("generation", 0)) + 1
             man["updated_at"] = _utcnow().isoformat() + "Z"
             _atomic_write(self.path / "manifest.json", json.dumps(man, separators=(",", ":")))
-            self._write_load_sql(man)
+            run.state = status   # visible now: nothing after this may record the run as failed
+            try:
+                self._write_load_sql(man)
+            except Exception:   # e.g. a full disk: the run stands; `check` names the stale load.sql
+                pass
         return row
 
     def _record_run(self, man: dict, run: "Run", row: dict, files: list[str], retired: list[str]) -> None:
@@ -444,8 +449,10 @@ class Run:
             raise BadInput(f"Run {self.run_id} is already {self.state}.")
         try:
             sealed = self._seal()
-            self.summary = self.store._commit(self, sealed, "committed", None)
-            self.state = "committed"
+            with held() as stops:   # a stop waits for the commit's end: once the manifest is swapped the run is in
+                self.summary = self.store._commit(self, sealed, "committed", None)
+                if stops:
+                    COMMITTED_WHILE_STOPPING.append(self.run_id)
         except BaseException as e:
             if self.state == "open":
                 self.fail(e)

@@ -8,6 +8,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -74,10 +75,11 @@ class Maintenance:
     def _garbage_reason(self, man: dict, status: dict[str, str], f: Path) -> str | None:
         """Why an unlisted file is garbage, or None when that cannot be proven (keep it). Runs move
         files into tables/ only under the lock, just before their runs row and the manifest swap, so
-        an unlisted file is garbage when its run (from its footer or its name) failed, never wrote
-        its runs row, or wrote it for the commit right after this manifest and was killed before
-        the swap. A file of a committed run, or of no known run, is never garbage. `status`: each
-        run's status in the manifest."""
+        an unlisted file is garbage when its run (from its footer or its name) failed, was killed
+        before its runs row (its staging folder is still here), or wrote it for the commit right
+        after this manifest and was killed before the swap. A file of a committed run, or of no
+        run this store knows (copied in), is never garbage. `status`: each run's status in the
+        manifest."""
         run_id = _file_run_id(f)
         if run_id is None:
             return None
@@ -86,8 +88,11 @@ class Maintenance:
         if run_id in status:
             return None
         runs_file = self.path / "tables/runs" / f"{run_id}.parquet"
-        if not runs_file.exists():
-            return f"written by run {run_id}, which never committed (no runs row)"
+        if not runs_file.exists():   # killed before its runs row, if its staging folder says it ran here
+            if (self.path / "staging" / run_id).is_dir():
+                return f"written by run {run_id}, killed before its commit (no runs row)"
+            return None   # no trace of the run in this store: a file copied in from elsewhere
+
         facts = _file_facts(runs_file) or {}
         if facts.get("generation") == int(man.get("generation", 0)) + 1:
             return f"written by run {run_id}, killed before its commit"
@@ -136,6 +141,8 @@ class Maintenance:
         # dropped: the committed files left out of the new manifest
         new, dropped, found, set_aside = self._verified_manifest(man) if man is not None else self._rebuilt_manifest(now)
         problems += found
+        if man is not None and (stale_sql := self._load_sql_lags(man)):
+            problems.append({"path": "load.sql", "table": None, "rows": None, "problem": stale_sql})
         # The derived tables of a model whose scores lost a file are recomputed by its views from the
         # remaining scores (exact) until its next commit, so retire the stale derived files.
         models = {p["path"].split("/")[2][len("model="):] for p in dropped
@@ -190,6 +197,20 @@ class Maintenance:
             rows_dropped[p["table"]] = rows_dropped.get(p["table"], 0) + (p["rows"] or 0)
         report.update(repaired=True, dropped=dropped, rows_dropped=rows_dropped)
         return report
+
+    def _load_sql_lags(self, man: dict) -> str | None:
+        """Why load.sql does not read this manifest's files (a command stopped between its commit
+        and the rewrite of load.sql), or None. Only the files are compared: the macros it carries
+        change with neurostore's version, which is no damage."""
+        files = re.compile(r"'(tables/[^']+\.parquet)'")
+        want = set(files.findall(self._load_sql(man, root="")))
+        try:
+            have = set(files.findall((self.path / "load.sql").read_text()))
+        except OSError:   # a store nothing has committed to yet has none, and needs none
+            return "missing: plain DuckDB has no views to load ('check --repair' writes it)" if want else None
+        if have != want:
+            return "stale: it reads another snapshot's files than the manifest's ('check --repair' rewrites it)"
+        return None
 
     def _checkpoints(self, now: float) -> list[dict]:
         """The files of interrupted commands in checkpoints/ (the same command resumes from them and

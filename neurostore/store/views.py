@@ -52,7 +52,7 @@ class Views:
         hive = f", hive_partitioning=true, hive_types={hive_types(ts.partition)}" if ts.partition else ", hive_partitioning=false"
         # Files written before a column was added to schema/ lack it: read them by name and
         # give the column NULL where no file has it, so an older store stays readable.
-        per_file = [self._file_columns(e) for e in manifest["tables"][table]]
+        per_file = [self._file_columns(e) or frozenset(c.name for c in ts.columns) for e in manifest["tables"][table]]
         have = set().union(*per_file) | set(ts.partition)
         if any(f != per_file[0] for f in per_file) or any(c.name not in have for c in ts.columns):
             hive += ", union_by_name=true"
@@ -79,19 +79,30 @@ class Views:
                          for c in self.schemas[table].columns)
         return f"SELECT {cols} FROM ({derived_select(table, src, 'CAST(NULL AS VARCHAR)')})"
 
-    def _file_columns(self, entry: dict) -> frozenset:
+    def _file_columns(self, entry: dict) -> frozenset | None:
         """The columns a committed file holds (from the manifest, or its footer for manifests
-        written before columns were recorded); files are immutable, so this is cached."""
+        written before columns were recorded); files are immutable, so this is cached. None for
+        a file whose footer cannot be read (missing or damaged: the queries that read it fail, and
+        `check` names it), which a view then reads as holding every column."""
         if "columns" in entry:
             return frozenset(entry["columns"])
         path = entry["path"]
         if path not in self._columns_cache:
-            self._columns_cache[path] = frozenset(pq.read_schema(self.path / path).names)
+            try:
+                self._columns_cache[path] = frozenset(pq.read_schema(self.path / path).names)
+            except (OSError, pa.ArrowException):
+                return None
         return self._columns_cache[path]
 
     def _create_views(self, con, manifest: dict) -> None:
         for name in self.schemas:
-            con.execute(f'CREATE OR REPLACE VIEW "{name}" AS {self.view_sql(name, manifest)}')
+            try:
+                con.execute(f'CREATE OR REPLACE VIEW "{name}" AS {self.view_sql(name, manifest)}')
+            except duckdb.Error as e:   # a damaged file the size check cannot see (same size, bad bytes)
+                msg = (f"Table '{name}' cannot be read: {str(e).splitlines()[0]} "
+                       f"Run 'neurostore check --store {self.path}' (--repair drops the damaged files).")
+                cols = ", ".join(f"CAST(NULL AS {c.type}) AS {c.name}" for c in self.schemas[name].columns)
+                con.execute(f'CREATE OR REPLACE VIEW "{name}" AS SELECT {cols} WHERE error({_sql_str(msg)})')
 
     def connect(self) -> duckdb.DuckDBPyConnection:
         """A new in-memory DuckDB connection with the committed tables as views, the macros and the
@@ -141,6 +152,12 @@ class Views:
             # A file damaged after this connection's views were built.
             return StoreDamaged(f"A file of the store cannot be read: {msg} "
                                 f"Run 'neurostore check --store {self.path}'.")
+        if type(e) is duckdb.Error or re.search(r"TProtocolException|Invalid Parquet|No magic bytes|"
+                                                r"Could not read enough bytes", msg, re.IGNORECASE):
+            # bytes of a file overwritten in place, size unchanged: the Parquet reader's own error (the
+            # bare duckdb.Error; SQL mistakes have their own classes), and it names no file
+            return StoreDamaged(f"A file of the store cannot be read ({msg}). Run 'neurostore check --store "
+                                f"{self.path}' to find it (--repair drops it).")
         m = re.search(r"Table with name (\w+) does not exist", msg)
         if m:
             return UnknownTable(unknown("table", m.group(1), self.schemas, "See 'neurostore tables'."))
@@ -148,7 +165,7 @@ class Views:
             return QueryError(f"{msg} Give every $name the SQL uses a value in params.")
         if "LIMIT/OFFSET cannot be negative" in msg:   # a named query's top/k/limit below 0
             return QueryError("A count (top, k, limit) is negative; give 0 or more.")
-        return QueryError(f"{msg} See 'neurostore tables' and 'neurostore schema TABLE'.")
+        return QueryError(f"{msg.rstrip('.')}. See 'neurostore tables' and 'neurostore schema TABLE'.")
 
     def query(self, name: str, params: dict | None = None) -> pa.Table:
         """Run the named query `queries/<name>.sql` with typed, bound parameters."""
