@@ -425,6 +425,20 @@ def test_export_is_plain_parquet_with_load_sql(store, tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(BadInput, match="is a file"):
         store.export(tmp_path / "afile")
+    # overwrite=True replaces an earlier export only: it deleted another store's tables/ (its
+    # committed files gone for good), and would have any folder's 'tables'
+    assert store.export(tmp_path / "exp", overwrite=True)["tables"]["scores"] == 50
+    other = Store.open(tmp_path / "other")
+    other.write("concepts", {"vocabulary": ["v"], "concept": ["blue"], "category": [None]})
+    mine = tmp_path / "mine"
+    (mine / "tables").mkdir(parents=True)
+    (mine / "tables" / "notes.txt").write_text("keep me")
+    for target, why in ((other.path, "is a neurostore store; an export never replaces one"),
+                        (mine, r"holds other files and no earlier export \(no load.sql\)")):
+        with pytest.raises(BadInput, match=why):
+            store.export(target, overwrite=True)
+    assert other.check()["clean"] and other.table_counts()["concepts"] == 1
+    assert (mine / "tables" / "notes.txt").read_text() == "keep me"
 
 
 def test_run_records_when_the_work_began(tmp_path):

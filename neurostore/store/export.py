@@ -45,8 +45,16 @@ class Export:
             raise BadInput(f"Cannot export into the store itself ('{to}'). Pick a folder outside it.")
         if to.exists() and not to.is_dir():
             raise BadInput(f"Export folder '{to}' is a file. Give a folder path (it is created if missing).")
-        if to.exists() and any(to.iterdir()) and not overwrite:
-            raise BadInput(f"Export folder '{to}' is not empty. Pick an empty folder or pass overwrite=True.")
+        if to.exists() and any(to.iterdir()):
+            # overwrite=True replaces an earlier export's tables/, never another store's or a folder of other files
+            if (to / "store.json").exists() or (to / "manifest.json").exists():
+                raise BadInput(f"Export folder '{to}' is a neurostore store; an export never replaces one. "
+                               "Pick an empty folder.")
+            if not overwrite:
+                raise BadInput(f"Export folder '{to}' is not empty. Pick an empty folder or pass overwrite=True.")
+            if not (to / "load.sql").is_file():
+                raise BadInput(f"Export folder '{to}' holds other files and no earlier export (no load.sql); "
+                               "overwrite=True replaces only an export. Pick an empty folder.")
         man = self.manifest()
         bad = self.damaged_files(e for entries in man["tables"].values() for e in entries)
         if bad:
