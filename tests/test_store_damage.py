@@ -109,6 +109,21 @@ def manifest_number(p):
     (p / "manifest.json").write_text("42")
 
 
+def manifest_generation_text(p):
+    man = json.loads((p / "manifest.json").read_text())
+    (p / "manifest.json").write_text(json.dumps({**man, "generation": "abc"}))   # a repair crashed on int()
+
+
+def manifest_path_outside(p):
+    """An entry naming a file outside the store: the repair moved it into damaged/ (outside it too)."""
+    (p.parent / "outside").mkdir(exist_ok=True)
+    (p.parent / "outside" / "victim.parquet").write_text("precious")
+    man = json.loads((p / "manifest.json").read_text())
+    man["tables"]["models"] = [{**entry(p, "concepts", "tables/concepts"), "path": "../outside/victim.parquet",
+                                "partition": {}}]
+    (p / "manifest.json").write_text(json.dumps(man))
+
+
 def store_json_garbage(p):
     (p / "store.json").write_bytes(b"\xff\xfe{not json")
 
@@ -182,7 +197,8 @@ def manifest_missing_and_stray_file(p):
     manifest_missing(p)
 
 
-MANIFEST_CASES = [manifest_missing, manifest_truncated, manifest_garbage, manifest_list, manifest_number]
+MANIFEST_CASES = [manifest_missing, manifest_truncated, manifest_garbage, manifest_list, manifest_number,
+                  manifest_generation_text, manifest_path_outside]
 FILE_CASES = [parquet_deleted, parquet_truncated, parquet_bit_flip, parquet_other_table, runs_file_deleted]
 LEFTOVER_CASES = [stray_file, partial_staging, manifest_tmp_leftover]
 ALL_CASES = MANIFEST_CASES + [store_json_garbage, store_json_missing] + FILE_CASES + [manifest_missing_and_parquet_truncated,
@@ -222,6 +238,8 @@ def test_damage_is_found_and_repair_loses_only_the_damaged_file(st, damage):
                         USING (model, layer, unit, concept, scorer)""").column("n")[0].as_py() == 0
         assert s.sql("SELECT sum(n_units) n FROM layer_concepts").column("n")[0].as_py() == \
             s.sql("SELECT count(*) n FROM scores WHERE rank = 0").column("n")[0].as_py()
+    if damage is manifest_path_outside:
+        assert (st.parent / "outside" / "victim.parquet").read_text() == "precious"
     # nothing of the damage is left in tables/, and the store takes writes again
     if lost[2]:
         assert not (st / lost[2]).exists()

@@ -78,14 +78,28 @@ def _manifest_problem(man) -> str | None:
     if man.get("format") != "neurostore-manifest" or not isinstance(man.get("tables"), dict) \
             or not isinstance(man.get("retired", []), list):
         return "not a neurostore manifest: no format, tables or retired list"
+    if not isinstance(man.get("generation", 0), int):
+        return f"generation {man.get('generation')!r} is not a whole number"
     for table, entries in man["tables"].items():
         if not isinstance(entries, list) or not all(
                 isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("partition"), dict)
                 for e in entries):
             return f"table '{table}' has malformed entries"
+        outside = next((e["path"] for e in entries if not _inside(e["path"])), None)
+        if outside:   # a repair would move it, a reader read it: never a file outside the store
+            return f"table '{table}' lists '{outside}', a path outside the store's tables/"
     if not all(isinstance(r, dict) and isinstance(r.get("path"), str) for r in man.get("retired", [])):
         return "malformed retired list"
+    outside = next((r["path"] for r in man.get("retired", []) if not _inside(r["path"])), None)
+    if outside:   # the garbage collector would delete it
+        return f"the retired list names '{outside}', a path outside the store's tables/"
     return None
+
+
+def _inside(path: str) -> bool:
+    """A manifest path that stays in the store's tables/ (relative, no '..')."""
+    parts = Path(path).parts
+    return bool(parts) and parts[0] == "tables" and ".." not in parts and not Path(path).is_absolute()
 
 
 def _empty_manifest() -> dict:
