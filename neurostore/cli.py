@@ -8,6 +8,7 @@ and exit code 1; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import csv
+import errno
 import inspect
 import io
 import json
@@ -1239,12 +1240,34 @@ def main() -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         _interrupted()
+    except OSError as e:
+        if e.errno not in _DISK_ERRORS:   # anything else is a bug: keep its traceback
+            raise
+        _close_bars()
+        where = f" ('{e.filename}')" if e.filename else ""
+        msg = f"{e.strerror or e}{where}. {_DISK_ERRORS[e.errno]}"
+        err_console.print(f"Error: {msg}", markup=False, highlight=False, soft_wrap=True)
+        _json_failure(msg, type(e).__name__)
+        sys.exit(1)
     except SystemExit as e:
         if e.code == 130:   # typer turns Ctrl-C into Exit(130) before it reaches the handler above
             _interrupted()
         if e.code == 128 + signal.SIGTERM:   # signals.sigterm_exits, where a command takes SIGTERM as Ctrl-C
             _interrupted("SIGTERM", e.code)
         raise
+
+
+# Failures of the disk, not of neurostore: one line with what to do, not a traceback. A commit
+# that fails so leaves the store as it was (a stop or error before the manifest swap commits nothing).
+_DISK_ERRORS = {
+    errno.ENOSPC: "The disk is full: free space there (or give another --store / TMPDIR) and run the same command "
+                  "again; a dissect resumes from its checkpoint.",
+    errno.EDQUOT: "Your disk quota is used up: free space (or give another --store / TMPDIR) and run the same "
+                  "command again.",
+    errno.EROFS: "That file system is read-only: give a writable --store or output folder (reading commands such "
+                 "as sql, find and serve work on a read-only store).",
+    errno.EACCES: "Permission denied: give a folder you can write to, or ask its owner for write access.",
+}
 
 
 def _json_failure(message: str, kind: str) -> None:
