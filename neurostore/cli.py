@@ -672,7 +672,11 @@ def import_cmd(
     for r in res.rejects:
         err_console.print(f"rejected: {r['path']} {r['reason']}", highlight=False)
     for layer, n in res.replaced.items():
-        console.print(f"replaced the {n} units {res.method} had in {layer} before", highlight=False)
+        gone = res.dropped.get(layer)
+        console.print(f"replaced the {n} units {res.method} had in {layer} before"
+                      + (f"; {gone} of them are in none of these files and are gone (a method's results split "
+                         "over several files import together: give every file in one command)" if gone else ""),
+                      highlight=False)
 
 
 @app.command("demo")

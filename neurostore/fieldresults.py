@@ -65,10 +65,12 @@ class ImportResult:
     rows: dict[str, int]                    # rows written per table
     rejects: list[dict] = field(default_factory=list)  # path, reason (first 20)
     replaced: dict[str, int] = field(default_factory=dict)  # layer -> this method's earlier units there, now replaced
+    dropped: dict[str, int] = field(default_factory=dict)   # layer -> of those, units these files do not describe
 
     def to_dict(self) -> dict:
         return {"format": self.format, "method": self.method, "model": self.model, "run_id": self.run_id,
-                "files": self.files, "rows": self.rows, "rejects": self.rejects, "replaced": self.replaced}
+                "files": self.files, "rows": self.rows, "rejects": self.rejects, "replaced": self.replaced,
+                "dropped": self.dropped}
 
 
 def normalise_label(text: str | None, format: str | None = None) -> str:
@@ -469,9 +471,15 @@ def import_results(store: Store | str | Path, format: str, paths: Sequence[str |
     key = f"import:{method}:{model}"
     # a re-import replaces the method's rows of each layer it holds: say how many (a truncated file
     # would otherwise silently take a layer's 1,000 units down to 9)
-    replaced = {r["layer"]: r["n"] for r in st.sql(
-        "SELECT layer, count(*) AS n FROM explanations WHERE model = $m AND scorer = $s AND list_contains($l, layer) "
-        "GROUP BY layer ORDER BY layer", {"m": model, "s": method, "l": order}).to_pylist()}
+    earlier = st.sql("SELECT layer, list(unit) AS units FROM explanations WHERE model = $m AND scorer = $s "
+                     "AND list_contains($l, layer) GROUP BY layer ORDER BY layer",
+                     {"m": model, "s": method, "l": order}).to_pylist()
+    replaced = {r["layer"]: len(r["units"]) for r in earlier}
+    new_units: dict[str, set[int]] = {}
+    for _, r in records:
+        new_units.setdefault(r.layer, set()).add(r.unit)
+    # units these files do not describe again: a results file split in two and imported in two commands
+    dropped = {r["layer"]: n for r in earlier if (n := len(set(r["units"]) - new_units.get(r["layer"], set())))}
     params = {"format": format, "method": method, "model": model, "layer": layer, "columns": cols or None,
               "unit_base": unit_base, "spec": arch.spec, "files": files}
     with st.run("import", params, work_key=key) as run:
@@ -494,7 +502,7 @@ def import_results(store: Store | str | Path, format: str, paths: Sequence[str |
                 "random_weights": False}]), key=f"model:{model}")  # published results: trained weights
     rows = {k: v for k, v in run.rows.items()}
     return ImportResult(format, method, model, run.run_id, files, rows,
-                        [{"path": r["path"], "reason": r["reason"]} for r in rejects[:20]], replaced)
+                        [{"path": r["path"], "reason": r["reason"]} for r in rejects[:20]], replaced, dropped)
 
 
 # ---- comparing methods on one model ---------------------------------------------------------

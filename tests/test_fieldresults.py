@@ -122,6 +122,12 @@ def test_bad_lines_are_rejects_and_reimport_replaces(tmp_path):
                    method="falcon", unit_base=1)
     again = import_results(st_path, "milan", [f], model="resnet50")
     assert again.replaced == {"layer4": 8} and res.replaced == {}   # said, not silent
+    assert again.dropped == {}   # the same units described again
+    # the second half of a split file, imported alone: the first half's units are said to be gone
+    half = small_csv(tmp_path, "half.csv", ["layer", "unit", "description"], [("layer4", u, "x") for u in range(5, 8)])
+    split = import_results(st_path, "milan", [half], model="resnet50")
+    assert split.replaced == {"layer4": 8} and split.dropped == {"layer4": 5}
+    again = import_results(st_path, "milan", [f], model="resnet50")
     assert counts(st) == {"milan": 8, "falcon": 3}
     assert st.sql("SELECT count(*) AS n FROM rejects").column("n")[0].as_py() == 4
     assert st.sql("SELECT list(unit ORDER BY unit) AS u FROM explanations WHERE scorer = 'falcon'").column("u")[0].as_py() == [0, 1, 2]
