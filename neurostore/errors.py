@@ -126,6 +126,10 @@ _ARG_AS_FLAG = [
     (re.compile(r"\btop_n=(-?\d+)"), r"--top \1"),
     (re.compile(r"\bbatch_size=(-?\d+)"), r"--batch-size \1"),
     (re.compile(r"\bworkers=(-?\d+)"), r"--workers \1"),
+    (re.compile(r"\btop=(-?\d+)"), r"--top \1"),
+    (re.compile(r"\b(min_similarity|min_confidence|top_units|verify_top|threshold)=(-?[\d.e+-]+)"),
+     lambda m: f"--{m.group(1).replace('_', '-')} {m.group(2)}"),
+    (re.compile(r"methods=\['(\w+)', '(\w+)'\]"), r"--method \1 --method \2"),
 ]
 
 

@@ -267,7 +267,9 @@ def test_cli_errors_are_one_line(synth):
     p = cli("ablate", "ma", "--units", "conv4", "--store", synth[0].path, check_rc=1)
     assert "Error: Cannot read unit selection 'conv4'" in p.stderr
     p = cli("find", "striped", "--min-similarity", "5", "--store", synth[0].path, check_rc=1)
-    assert "Error: --min-similarity is a cosine similarity, from -1 to 1; got 5.0." in p.stderr
+    assert "Error: --min-similarity 5.0 is a cosine similarity: give one from -1 to 1." in p.stderr
+    with pytest.raises(BadParameter, match=r"^min_similarity=5.0 is a cosine similarity"):   # the API's own words
+        find(synth[0], "striped", min_similarity=5.0)
 
 
 def test_cli_help_has_examples():

@@ -504,9 +504,9 @@ def audit(store: Store | str | Path, model: str | Sequence[str] | None = None, c
     t0 = time.time()  # the runs row records when the audit began, not when it wrote
     device, precision = resolve(device, precision)  # a missing device fails before any work
     if top_units < 1 or verify_top < 0:
-        raise BadParameter(f"--top-units must be at least 1 and --verify-top at least 0 (got {top_units}, {verify_top}).")
+        raise BadParameter(f"top_units={top_units} must be at least 1 and verify_top={verify_top} at least 0.")
     if not -1.0 <= threshold <= 1.0:
-        raise BadParameter(f"--threshold is a cosine similarity in [-1, 1], got {threshold}.")
+        raise BadParameter(f"threshold={threshold} is a cosine similarity: give one from -1 to 1.")
     st = open_store(store, read_only=not write)
     classes = listed(classes, "classes")
     if model is None:

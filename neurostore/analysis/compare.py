@@ -188,7 +188,7 @@ def compare(store: Store | str | Path, model_a: str, model_b: str, *, scorer: st
     if model_a == model_b:
         raise BadParameter(f"Compare two different models; got '{model_a}' twice.")
     if not 0.0 <= min_confidence <= 1.0:
-        raise BadParameter(f"--min-confidence must be in [0, 1], got {min_confidence}.")
+        raise BadParameter(f"min_confidence={min_confidence} is a probability: give one from 0 to 1.")
     layers_a, layers_b = listed(layers_a, "layers_a"), listed(layers_b, "layers_b")
     st = open_store(store, read_only=not write)
     check_models(st, [model_a, model_b])

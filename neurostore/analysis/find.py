@@ -249,11 +249,11 @@ def find(store: Store | str | Path, phrase: str, *, models: Sequence[str] | None
     methods = listed(methods, "methods") or METHODS
     bad = [m for m in methods if m not in METHODS]
     if bad:
-        raise BadParameter(unknown("method", bad[0], METHODS, "Pass e.g. --method exact --method open."))
+        raise BadParameter(unknown("method", bad[0], METHODS, "Pass e.g. methods=['exact', 'open']."))
     if top < 1:
-        raise BadParameter(f"--top must be at least 1, got {top}.")
+        raise BadParameter(f"top={top} must be at least 1.")
     if not -1 <= min_similarity <= 1:
-        raise BadParameter(f"--min-similarity is a cosine similarity, from -1 to 1; got {min_similarity}.")
+        raise BadParameter(f"min_similarity={min_similarity} is a cosine similarity: give one from -1 to 1.")
     if "open" in methods:
         device, precision = resolve(device, precision)
     st = open_store(store, read_only=True)
