@@ -84,39 +84,39 @@ def resolve_vocabulary(spec: str, store: Store, world=None, log=None, **llm) -> 
     """A vocabulary by spec. LLM vocabularies are cached in the store: the same model, domain
     and size are read back from the concepts table instead of asking the LLM again."""
     if spec.startswith("llm:"):
-        from .vocab import llm_cache_key
         from .llm import default_model
+        from .vocab import llm_cache_key, llm_vocabulary_name
 
         domain = spec[4:].strip()
         n = int(llm.get("n", 200))
         model = llm.get("model") or default_model()
-        key = llm_cache_key(model, domain, n)
-        names = store.sql("SELECT vocabulary, source, description FROM vocabularies "
-                          "WHERE vocabulary LIKE $p", {"p": f"llm:%{key}%"}).to_pylist()
-        if names:
-            v = names[0]
-            rows = store.sql("SELECT concept, category FROM concepts WHERE vocabulary = $v ORDER BY concept",
-                             {"v": v["vocabulary"]}).to_pylist()
-            if rows:
-                return Vocabulary(name=v["vocabulary"], source=v["source"], description=v["description"],
-                                  concepts=[r["concept"] for r in rows],
-                                  categories=[r["category"] for r in rows])
-        return load_vocabulary(spec, world=world, **llm)
-    vocab = load_vocabulary(spec, world=world)
-    if spec.startswith("file:"):
-        named = _own_file_name(vocab, store)
+        name = llm_vocabulary_name(model, domain, n)
+        # the same request's list, read back (its name was never matched before: every dissect asked again)
+        held = store.sql("SELECT v.description, list(c.concept ORDER BY c.concept) AS concepts, "
+                         "list(c.category ORDER BY c.concept) AS categories FROM vocabularies v "
+                         "JOIN concepts c USING (vocabulary) WHERE v.vocabulary = $v AND v.source = $s "
+                         "GROUP BY v.description", {"v": name, "s": f"llm:{model}"}).to_pylist()
+        if held:
+            return Vocabulary(name=name, source=f"llm:{model}", description=held[0]["description"],
+                              concepts=held[0]["concepts"], categories=held[0]["categories"],
+                              cache_key=llm_cache_key(model, domain, n), meta={"cached": True, "model": model})
+        vocab = load_vocabulary(spec, world=world, **llm)
+    else:
+        vocab = load_vocabulary(spec, world=world)
+    if spec.startswith(("file:", "llm:")):
+        named = _own_name(vocab, store)
         if named.name != vocab.name and log is not None:
-            log(f"note: the store's vocabulary {vocab.name} holds other concepts (another file of that name, or "
-                f"this one before an edit); this file's are stored as {named.name}")
+            log(f"note: the store's vocabulary {vocab.name} holds other concepts (another file of that name, this "
+                f"one before an edit, or another reply of the LLM); these are stored as {named.name}")
         vocab = named
     return vocab
 
 
-def _own_file_name(vocab: Vocabulary, store: Store) -> Vocabulary:
+def _own_name(vocab: Vocabulary, store: Store) -> Vocabulary:
     """A file vocabulary is named for its file ('file:animals'); where the store already holds
     that name with other concepts (another animals.txt, or this one edited), the name gets a hash
     of the concepts ('file:animals-3f9a1c'), so a run never replaces another file's concepts,
-    scores and explanations under the same name."""
+    scores and explanations under the same name. The same for an LLM's list."""
     held = store.sql("SELECT concept FROM concepts WHERE vocabulary = $v", {"v": vocab.name})["concept"].to_pylist()
     if not held or set(held) == set(vocab.concepts):
         return vocab

@@ -335,6 +335,11 @@ def llm_cache_key(model: str, domain: str, n: int) -> str:
     return hashlib.sha256(f"{model}\n{norm}\n{n}".encode()).hexdigest()[:16]
 
 
+def llm_vocabulary_name(model: str, domain: str, n: int) -> str:
+    """The name an LLM vocabulary is stored under: 'llm:<domain slug>-<4 hex of the request key>'."""
+    return f"llm:{_slug(domain)}-{llm_cache_key(model, domain, n)[:4]}"
+
+
 def _slug(text: str, max_len: int = 24) -> str:
     s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
     return s[:max_len].rstrip("-") or "domain"
@@ -382,7 +387,7 @@ def generate_vocabulary(
         raise BadInput(f"LLM vocabulary size {n} is out of range; use n from 1 to 5000 (e.g. 200).")
     model = model or llm.default_model()
     key = llm_cache_key(model, domain, n)
-    name = f"llm:{_slug(domain)}-{key[:4]}"
+    name = llm_vocabulary_name(model, domain, n)
     if cache is not None and key in cache:
         words, _ = normalise_concepts(list(cache[key]))
         return Vocabulary(name, f"llm:{model}", domain, words, cache_key=key,

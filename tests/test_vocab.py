@@ -3,6 +3,7 @@ fallback without a key, store rows, and the `neurostore vocab` commands."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -152,6 +153,36 @@ def test_llm_vocabulary_and_cache():
     assert again.concepts == v.concepts and again.meta["cached"]
     assert vocab.llm_cache_key("claude-test", "garden birds", 5) != v.cache_key
     assert vocab.llm_cache_key("other-model", "garden birds", 4) != v.cache_key
+
+
+def test_an_llm_vocabulary_in_the_store_is_read_back_and_never_replaced(tmp_path):
+    """The store's list of the same request is used, not a new reply (the lookup never matched the
+    stored name, so each dissect asked again and the second reply replaced the first's concepts
+    under the same name, orphaning its scores); a different list under that name gets its own."""
+    from neurostore.pipeline import resolve_vocabulary
+    from neurostore.store import Store
+
+    store = Store.open(tmp_path / "s")
+
+    def stored(v, store=store):
+        with store.run("dissect", {"v": v.name}) as run:
+            run.write("vocabularies", vocab.vocabulary_table(v), key=f"vocab:{v.name}")
+            run.write("concepts", vocab.concepts_table(v), key=f"vocab:{v.name}")
+
+    with MessagesServer([ok('["feather", "beak", "nest"]'), ok('["wing", "egg", "perch"]')]) as srv:
+        kw = {"model": "claude-test", "n": 3, "api_key": "sk-test", "base_url": srv.url, "policy": FAST}
+        first = resolve_vocabulary("llm:garden birds", store, **kw)
+        stored(first)
+        again = resolve_vocabulary("llm:garden birds", store, **kw)
+        assert len(srv.requests) == 1 and again.name == first.name and again.meta["cached"]
+        assert sorted(again.concepts) == sorted(first.concepts)
+        # a store holding that name with other concepts from elsewhere (an older neurostore's reply)
+        older = Store.open(tmp_path / "older")
+        stored(dataclasses.replace(first, source="llm:older", concepts=["x", "y", "z"]), older)
+        said = []
+        other = resolve_vocabulary("llm:garden birds", older, log=said.append, **kw)
+    assert other.name.startswith(first.name + "-") and other.concepts == ["wing", "egg", "perch"]
+    assert "these are stored as" in said[0]
 
 
 def test_llm_vocabulary_without_key_falls_back(monkeypatch):
