@@ -633,6 +633,17 @@ def _plan(store: Store, model: str, *, images, layers, vocabulary, scorers, enco
     if vocabulary is None:   # as the encoder: the probe world's for probe models, else the online default
         vocabulary = "probe" if world is not None else DEFAULT_VOCABULARY_ONLINE
     vocab = resolve_vocabulary(vocabulary, store, world=mask_world, log=opts["log"])
+    drawn = {c for cs in mask_world.concepts.values() for c in cs} if mask_world is not None else set()
+    if mask_world is not None and not drawn & set(vocab.concepts) and (masked := [
+            s for s in names if S.get_scorer(s).needs_masks()]):
+        # a mask scorer has no concept to find in the world's masks (its null then had no units)
+        if scorers:
+            raise BadInput(f"Scorer {', '.join(masked)} reads the probe world's masks, and vocabulary {vocab.name} has "
+                           f"none of the concepts the world draws (e.g. {', '.join(sorted(drawn)[:5])}). Use "
+                           "--vocab probe, or leave it out.")
+        names = [s for s in names if s not in masked]
+        opts["log"](f"note: {', '.join(masked)} left out: vocabulary {vocab.name} has none of the concepts the probe "
+                    "world draws, so its masks hold nothing to score")
     if encoder is None:
         enc = world.encoder() if world is not None else load_encoder(DEFAULT_ENCODER_ONLINE, device=dev,
                                                                        precision=precision)

@@ -568,6 +568,8 @@ def mask_amount(masks, image_ids: Sequence[str], concept_index: dict) -> torch.T
     at = {i: j for j, i in enumerate(image_ids)}
     mk = masks[masks["image_id"].isin(at) & masks["concept"].isin(concept_index)]
     out = torch.zeros(len(image_ids), len(concept_index))
+    if mk.empty:   # a vocabulary none of whose concepts the world draws (empty columns come back as objects)
+        return out
     out[torch.tensor(mk["image_id"].map(at).to_numpy()), torch.tensor(mk["concept"].map(concept_index).to_numpy())] = \
         torch.tensor((mk["area"] / (mk["height"] * mk["width"])).to_numpy(np.float32))
     return out

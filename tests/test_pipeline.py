@@ -414,6 +414,21 @@ def test_encoder_iou_window_spill_resumes_only_what_its_index_names(tmp_path):
     assert not _CellCache(store, "enc", CellWindows(None, 4, None), spill=spill).new
 
 
+def test_a_vocabulary_the_probe_world_never_draws_dissects_without_the_mask_scorers(probe_world, tmp_path):
+    """No concept of the vocabulary in the world's masks: the mask metrics were an empty frame
+    (a TypeError traceback) and iou's null had no units; now iou is left out with a note, or
+    refused in one line when asked for by name."""
+    words = tmp_path / "fruit.txt"
+    words.write_text("apple\nbanana\ncar\nhouse\n")
+    said = []
+    kw = dict(world=probe_world, layers=["conv4"], k=3, max_images=20, progress=False, log=said.append,
+              vocabulary=f"file:{words}")
+    s = dissect(tmp_path / "s", f"probe:cnn@{probe_world.root}", **kw)
+    assert "iou" not in s["scorers"] and any("iou left out" in m for m in said)
+    with pytest.raises(BadInput, match="Scorer iou reads the probe world's masks, and vocabulary file:fruit has none"):
+        dissect(tmp_path / "s", f"probe:cnn@{probe_world.root}", scorers=["patch", "iou"], **kw)
+
+
 def test_a_dissect_of_fewer_images_of_a_folder_keeps_the_images_others_saw(probe_world, tmp_path):
     """Two dissects of one folder (the same dataset id) with different --max-images: the images
     and rejects rows of the first stay, so every activation still names a stored image."""
