@@ -144,11 +144,6 @@ def call(
             message = client.with_options(timeout=min(policy.timeout, remaining)).messages.create(
                 **request)
             text = _reply_text(message)
-            try:
-                return parse(text)
-            except ValueError as e:
-                snippet = " ".join(text.split())[:120]
-                last = f"malformed reply ({e}): {snippet!r}"
         except anthropic.APIStatusError as e:
             status = getattr(e, "status_code", None)
             last = f"HTTP {status}: {_short(e)}"
@@ -160,8 +155,19 @@ def call(
             last = f"timed out after {min(policy.timeout, remaining):.1f}s"
         except anthropic.APIConnectionError as e:
             last = f"connection failed: {_short(e)}"
+        except (ValueError, anthropic.APIResponseValidationError) as e:   # a 200 whose body is not the API's JSON
+            last = f"unreadable reply body ({_short(e)})"
+        else:
+            try:
+                return parse(text)
+            except ValueError as e:
+                snippet = " ".join(text.split())[:120]
+                last = f"malformed reply ({e}): {snippet!r}"
         if attempt == policy.max_attempts:
             break
+        if wait is not None and time.monotonic() - start + wait >= policy.deadline:
+            last += f"; the server asks to wait {wait:.0f}s, past the {policy.deadline:.0f}s deadline"
+            break   # its Retry-After: retrying sooner only asks to be refused again
         if wait is None:
             wait = policy.backoff * (2 ** (attempt - 1)) * (0.5 + random.random() / 2)
         wait = min(wait, policy.max_backoff)
@@ -169,10 +175,11 @@ def call(
             last += f"; the next retry (in {wait:.1f}s) would pass the {policy.deadline:.0f}s deadline"
             break
         sleep(wait)
+    url = base_url or os.environ.get("ANTHROPIC_BASE_URL")
     raise LLMError(
         f"The Anthropic API did not give a usable reply after {attempt} attempt(s) in "
-        f"{time.monotonic() - start:.1f}s; last: {last}. Try again later, or raise the "
-        "timeout/attempts."
+        f"{time.monotonic() - start:.1f}s; last: {last.rstrip('.')}. Try again later"
+        + (f" (requests went to {url}, from ANTHROPIC_BASE_URL or base_url)." if url else ".")
     )
 
 

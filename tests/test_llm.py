@@ -129,6 +129,25 @@ def test_malformed_reply_then_good():
     assert len(srv.requests) == 2
 
 
+def test_a_body_that_is_not_json_is_retried_then_one_error():
+    """HTTP 200 with a broken JSON body (a proxy's page, a cut connection) was a JSONDecodeError
+    traceback on the first try."""
+    with MessagesServer([(200, '{"content": [{"type": "text", "text": "x"', None, 0.0),
+                         ok('["fur", "whisker"]')]) as srv:
+        assert llm.generate_concepts("cats", n=2, **opts(srv)) == ["fur", "whisker"]
+    with MessagesServer([(200, "<html>gateway</html>", None, 0.0)]) as srv:
+        with pytest.raises(LLMError, match=r"unreadable reply body .*Try again later \(requests went to http"):
+            llm.generate_concepts("cats", n=2, **opts(srv))
+    assert len(srv.requests) == FAST.max_attempts
+
+
+def test_a_retry_after_past_the_deadline_stops_at_once():
+    with MessagesServer([(429, error("rate_limit_error", "slow down"), {"retry-after": "3600"}, 0.0)]) as srv:
+        with pytest.raises(LLMError, match="the server asks to wait 3600s, past the"):
+            llm.generate_concepts("cats", n=2, sleep=lambda s: pytest.fail("slept"), **opts(srv))
+    assert len(srv.requests) == 1
+
+
 def test_rate_limit_respects_retry_after():
     waits: list[float] = []
     script = [(429, error("rate_limit_error", "slow down"), {"retry-after": "0.15"}, 0.0),
