@@ -130,6 +130,7 @@ _ARG_AS_FLAG = [
     (re.compile(r"\b(min_similarity|min_confidence|top_units|verify_top|threshold)=(-?[\d.e+-]+)"),
      lambda m: f"--{m.group(1).replace('_', '-')} {m.group(2)}"),
     (re.compile(r"methods=\['(\w+)', '(\w+)'\]"), r"--method \1 --method \2"),
+    (re.compile(r"\bsummarise_with names\b"), "--summarise names"),
 ]
 
 

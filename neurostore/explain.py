@@ -13,6 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .errors import LLMError
+
 
 def explanations_table(scores: pa.Table, summaries: dict | None = None) -> pa.Table:
     """scores rows (one scorer or several, any units) -> explanation rows, one per (unit, scorer)
@@ -42,17 +44,30 @@ def explanations_table(scores: pa.Table, summaries: dict | None = None) -> pa.Ta
 
 
 def summarise(scores: pa.Table, scorer: str, patch_pngs: Callable[[int], Sequence[bytes]] | None = None,
-              model: str | None = None, top: int = 5) -> dict:
+              model: str | None = None, top: int = 5, log: Callable[[str], None] | None = None) -> dict:
     """One LLM sentence per unit from its top concepts of `scorer` (and its top patches when
     `patch_pngs(unit)` is given). Without ANTHROPIC_API_KEY the LLM module warns once and
-    returns template sentences, marked summary_by='template'. Returns {(unit, scorer): (s, by)}."""
-    from .llm import summarise_unit
+    returns template sentences, marked summary_by='template'. When the API fails for a unit
+    (after its retries), that unit and the rest get template sentences too, with a note to
+    `log`: the summaries are optional, the dissect under them is not. Returns
+    {(unit, scorer): (s, by)}."""
+    from .llm import summarise_unit, template_summary
 
     t = scores.filter(pc.equal(scores["scorer"], scorer))
     out = {}
+    failed = None
     df = t.to_pandas().sort_values(["unit", "rank"])
     for unit, g in df.groupby("unit", sort=True):
         items = list(zip(g["concept"].head(top), g["score"].head(top), g["confidence"].head(top)))
-        pngs = patch_pngs(int(unit)) if patch_pngs else None
-        out[(int(unit), scorer)] = summarise_unit(items, pngs, model=model, return_source=True)
+        if failed is None:
+            try:
+                pngs = patch_pngs(int(unit)) if patch_pngs else None
+                out[(int(unit), scorer)] = summarise_unit(items, pngs, model=model, return_source=True)
+                continue
+            except LLMError as e:
+                failed = e
+                if log is not None:
+                    log(f"note: the LLM summaries stopped at unit {int(unit)} ({e}); it and the units after it "
+                        "get template sentences (summary_by 'template'), the rest of the dissect is unchanged")
+        out[(int(unit), scorer)] = (template_summary(items), "template")
     return out

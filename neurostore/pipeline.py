@@ -41,7 +41,7 @@ import torch
 
 from . import scorers as S
 from . import trust
-from .errors import BadInput, BadParameter, listed
+from .errors import BadInput, BadParameter, listed, unknown
 from .evaluation import evaluate_run, write_rows
 from .explain import explanations_table, summarise
 from .encoding import cached_ids, cached_vectors
@@ -630,6 +630,9 @@ def _plan(store: Store, model: str, *, images, layers, vocabulary, scorers, enco
     fractions = {params[s]["top_fraction"] for s in names if S.get_scorer(s).needs_thresholds()}
     if len(fractions) > 1:   # one pass finds one threshold per unit
         raise BadParameter(f"iou and encoder_iou need the same top_fraction (given {sorted(fractions)}).")
+    if opts.get("summarise_with") and opts["summarise_with"] not in names:   # it was ignored silently
+        raise BadParameter(unknown("scorer to summarise", opts["summarise_with"], names,
+                                   "summarise_with names one of this dissect's scorers."))
     if vocabulary is None:   # as the encoder: the probe world's for probe models, else the online default
         vocabulary = "probe" if world is not None else DEFAULT_VOCABULARY_ONLINE
     vocab = resolve_vocabulary(vocabulary, store, world=mask_world, log=opts["log"])
@@ -843,7 +846,8 @@ def _summaries(d: _Dissection, layer: str, rows: pa.Table) -> dict:
         if l == layer:
             by_unit.setdefault(u, []).append((r, ps.rows[row_of[pid]]["thumbnail"], pid))
     thumbs = _thumbnails(d.store, [p for p in ps.patch_ids if p in d.stored_patches])  # rows cut warm have none
-    return summarise(rows, scorer, lambda u: [png or thumbs[pid] for _, png, pid in sorted(by_unit.get(u, []))])
+    return summarise(rows, scorer, lambda u: [png or thumbs[pid] for _, png, pid in sorted(by_unit.get(u, []))],
+                     log=d.opts["log"])
 
 
 def _evaluation(d: _Dissection) -> None:

@@ -234,6 +234,24 @@ def test_summarise_unit_sends_image_blocks():
     assert "circle" in text and "0.98" in text
 
 
+def test_a_failing_api_turns_the_summaries_into_templates_not_a_failed_dissect(monkeypatch):
+    """One unit's LLMError aborted the whole dissect (no scores, no explanations committed)."""
+    import pyarrow as pa
+
+    from neurostore.explain import summarise
+
+    scores = pa.table({"unit": [0, 0, 1], "rank": [0, 1, 0], "scorer": ["patch"] * 3,
+                       "concept": ["circle", "red", "star"], "score": [1.0, 0.5, 0.9], "confidence": [0.9, 0.2, 0.8]})
+    said = []
+    with MessagesServer([ok("Fires on red circles."), (401, error("authentication_error", "bad key"), None, 0.0)]) as srv:
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", srv.url)
+        out = summarise(scores, "patch", model="claude-test", log=said.append)
+    assert out[(0, "patch")] == ("Fires on red circles.", "claude-test")
+    assert out[(1, "patch")][1] == "template" and "star" in out[(1, "patch")][0]
+    assert len(said) == 1 and "summaries stopped at unit 1" in said[0] and "401" in said[0]
+
+
 def test_summarise_unit_retries_empty_reply():
     with MessagesServer([ok(""), ok("Fires on star shapes.")]) as srv:
         assert llm.summarise_unit(["star"], **opts(srv)) == "Fires on star shapes."

@@ -427,6 +427,10 @@ def test_a_vocabulary_the_probe_world_never_draws_dissects_without_the_mask_scor
     assert "iou" not in s["scorers"] and any("iou left out" in m for m in said)
     with pytest.raises(BadInput, match="Scorer iou reads the probe world's masks, and vocabulary file:fruit has none"):
         dissect(tmp_path / "s", f"probe:cnn@{probe_world.root}", scorers=["patch", "iou"], **kw)
+    # a scorer to summarise that the dissect does not run was ignored silently
+    with pytest.raises(BadParameter, match="Unknown scorer to summarise 'patchh'. Did you mean patch") as e:
+        dissect(tmp_path / "s", f"probe:cnn@{probe_world.root}", summarise_with="patchh", **kw)
+    assert "--summarise names one of" in cli_message(e.value)
 
 
 def test_a_dissect_of_fewer_images_of_a_folder_keeps_the_images_others_saw(probe_world, tmp_path):
