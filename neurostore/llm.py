@@ -192,7 +192,8 @@ def _short(e: Exception) -> str:
 
 _FENCE = re.compile(r"```[a-zA-Z0-9_-]*\s*\n?(.*?)```", re.S)
 _BULLET = re.compile(r"^\s*(?:[-*•·+>]+|\(?\d{1,5}[.):\]]|\(?[a-zA-Z][.)])\s+")
-_ALLOWED = re.compile(r"^[a-z0-9][a-z0-9 '&/-]*[a-z0-9)]$|^[a-z0-9]$")
+_L = "a-z0-9\u00df-\u00f6\u00f8-\u024f"   # lowercase Latin letters with accents too ('café', 'jalapeño')
+_ALLOWED = re.compile(rf"^[{_L}][{_L} '&/-]*[{_L})]$|^[{_L}]$")
 MAX_CONCEPT_WORDS = 5
 MAX_CONCEPT_CHARS = 60
 
@@ -212,7 +213,7 @@ def _clean_item(item: Any) -> Optional[str]:
     s = " ".join(s.split())
     if not s or len(s) > MAX_CONCEPT_CHARS or len(s.split()) > MAX_CONCEPT_WORDS:
         return None
-    if not _ALLOWED.match(s) or not re.search(r"[a-z]", s):
+    if not _ALLOWED.match(s) or not re.search(rf"[{_L.replace('0-9', '')}]", s):
         return None
     return s
 

@@ -284,6 +284,7 @@ def test_no_key_warns_and_falls_back(monkeypatch):
     ('[{"concept": "fur"}, {"name": "tail"}]', ["fur", "tail"]),
     ('{"concepts": ["fur", "tail"]}', ["fur", "tail"]),
     ('["fur", "tail", "pa', ["fur", "tail", "pa"]),            # truncated reply keeps whole items
+    ('["Café au lait", "jalapeño", "crème brûlée", "× sign"]', ["café au lait", "jalapeño", "crème brûlée"]),
 ])
 def test_parse_concepts_tolerates_formats(text, expected):
     assert llm.parse_concepts(text) == expected
