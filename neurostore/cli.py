@@ -570,7 +570,7 @@ def dissect_cmd(
     top: int = typer.Option(5, "--top", help="Concepts kept per unit and scorer."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass (bounds memory)."),
     max_images: Optional[int] = typer.Option(None, "--max-images", help="Use at most N images, a folder's spread evenly over its class subfolders."),
-    summarise: Optional[str] = typer.Option(None, "--summarise", help="Scorer whose top concepts an LLM turns into one sentence per unit (needs ANTHROPIC_API_KEY)."),
+    summarise: Optional[str] = typer.Option(None, "--summarise", help="Scorer whose top concepts an LLM turns into one sentence per unit (with ANTHROPIC_API_KEY; without it, or after an API failure, a template sentence)."),
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
     workers: int = WorkersOpt,
