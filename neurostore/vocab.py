@@ -385,6 +385,8 @@ def generate_vocabulary(
 
     if n < 1 or n > 5000:
         raise BadInput(f"LLM vocabulary size {n} is out of range; use n from 1 to 5000 (e.g. 200).")
+    if not domain or not domain.strip():   # it was sent, and named 'llm:domain-<hash>'
+        raise BadInput("The vocabulary's domain is empty: describe what the concepts are about, e.g. 'garden birds'.")
     model = model or llm.default_model()
     key = llm_cache_key(model, domain, n)
     name = llm_vocabulary_name(model, domain, n)

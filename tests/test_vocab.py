@@ -185,6 +185,11 @@ def test_an_llm_vocabulary_in_the_store_is_read_back_and_never_replaced(tmp_path
     assert "these are stored as" in said[0]
 
 
+def test_an_empty_domain_is_refused_before_any_request():
+    with pytest.raises(BadInput, match="domain is empty"):
+        vocab.generate_vocabulary("   ", n=3, api_key="sk-test", base_url="http://127.0.0.1:9")
+
+
 def test_llm_vocabulary_without_key_falls_back(monkeypatch):
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     monkeypatch.setattr(vocab, "FALLBACK_POOL", 300)            # a smaller pool: quicker test
