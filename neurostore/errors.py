@@ -126,8 +126,8 @@ _ARG_AS_FLAG = [
     (re.compile(r"\btop_n=(-?\d+)"), r"--top \1"),
     (re.compile(r"\bbatch_size=(-?\d+)"), r"--batch-size \1"),
     (re.compile(r"\bworkers=(-?\d+)"), r"--workers \1"),
-    (re.compile(r"\btop=(-?\d+)"), r"--top \1"),
-    (re.compile(r"\b(min_similarity|min_confidence|top_units|verify_top|threshold)=(-?[\d.e+-]+)"),
+    (re.compile(r"(?<!--param )\btop=(-?\d+)"), r"--top \1"),   # (a named query's --param top=50 stays)
+    (re.compile(r"(?<!--param )\b(min_similarity|min_confidence|top_units|verify_top|threshold)=(-?[\d.e+-]+)"),
      lambda m: f"--{m.group(1).replace('_', '-')} {m.group(2)}"),
     (re.compile(r"methods=\['(\w+)', '(\w+)'\]"), r"--method \1 --method \2"),
     (re.compile(r"\bsummarise_with names\b"), "--summarise names"),
