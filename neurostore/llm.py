@@ -219,9 +219,10 @@ def _clean_item(item: Any) -> Optional[str]:
 
 
 def _is_prose(line: str) -> bool:
-    """A sentence rather than a list item: many words and sentence punctuation at the end."""
+    """A sentence rather than a list item: three words or more and sentence punctuation at the
+    end ('Hope that helps!', 'I cannot help with that.'), or more words than a concept has."""
     words = _BULLET.sub("", line.strip()).split()
-    return len(words) > MAX_CONCEPT_WORDS and line.strip()[-1:] in ".!?"
+    return line.strip()[-1:] in ".!?" and (len(words) >= 3 or len(words) > MAX_CONCEPT_WORDS)
 
 
 def parse_concepts(text: str, n: Optional[int] = None) -> list[str]:

@@ -285,6 +285,7 @@ def test_no_key_warns_and_falls_back(monkeypatch):
     ('{"concepts": ["fur", "tail"]}', ["fur", "tail"]),
     ('["fur", "tail", "pa', ["fur", "tail", "pa"]),            # truncated reply keeps whole items
     ('["Café au lait", "jalapeño", "crème brûlée", "× sign"]', ["café au lait", "jalapeño", "crème brûlée"]),
+    ("- feather\n- beak\n- tree branch\nHope that helps!", ["feather", "beak", "tree branch"]),   # the sign-off was a concept
 ])
 def test_parse_concepts_tolerates_formats(text, expected):
     assert llm.parse_concepts(text) == expected
