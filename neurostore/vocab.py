@@ -18,7 +18,9 @@ schema/concepts.sql (minus `run_id`, which the store fills in).
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -231,7 +233,8 @@ def probe(world: Any = None, distractors: bool = True) -> Vocabulary:
 
 def from_file(path: str | Path) -> Vocabulary:
     """A user's text file: one concept per line, '#' comments, blank lines ignored, lowercased,
-    duplicates dropped. An optional TAB-separated second column is the concept's category."""
+    duplicates dropped. An optional TAB-separated second column is the concept's category; a
+    `.csv` file (a spreadsheet's export) has `concept[,category]` rows, a header row allowed."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise BadInput(f"Vocabulary file '{path}' does not exist or is not a file. "
@@ -243,7 +246,13 @@ def from_file(path: str | Path) -> Vocabulary:
                        "one concept per line.") from None
     words: list[str] = []
     cats: list[Optional[str]] = []
-    for ln in text.splitlines():
+    if p.suffix.lower() == ".csv":   # 'dog,animal' was one concept with a comma in it
+        rows = [r for r in csv.reader(io.StringIO(text)) if r and r[0].strip() and not r[0].lstrip().startswith("#")]
+        if rows and rows[0][0].strip().lower() in ("concept", "concepts", "word", "label", "name"):
+            rows = rows[1:]   # a header
+        words = [r[0].strip() for r in rows]
+        cats = [(r[1].strip().lower() or None) if len(r) > 1 else None for r in rows]
+    for ln in text.splitlines() if p.suffix.lower() != ".csv" else ():
         ln = ln.split("#", 1)[0].strip()
         if not ln:
             continue

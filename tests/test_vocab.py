@@ -129,6 +129,10 @@ def test_file_vocabulary_errors(tmp_path):
         vocab.load_vocabulary(f"file:{listed}")
     with pytest.raises(UnknownVocabulary, match=f"A vocabulary file is given as file:{listed}"):
         vocab.load_vocabulary(str(listed))   # the path without file:
+    sheet = tmp_path / "animals.csv"   # a spreadsheet's export: 'dog,animal' was one concept
+    sheet.write_text('concept,category\ndog,animal\n"hot dog",food\ntree\n')
+    v = vocab.load_vocabulary(f"file:{sheet}")
+    assert v.concepts == ["dog", "hot dog", "tree"] and v.categories == ["animal", "food", None]
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing here\n\n")
     with pytest.raises(BadInput, match="no concepts"):
