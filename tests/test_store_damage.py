@@ -324,6 +324,14 @@ def test_a_same_size_file_with_a_damaged_footer_fails_only_its_table(st):
     assert e["path"] in [p["path"] for p in check(st)["problems"]]
 
 
+def test_a_dropped_store_view_comes_back(st):
+    """DROP VIEW through Store.sql left the session saying "Unknown table 'scores'. Did you mean scores?"."""
+    with Store.open(st, read_only=True) as s:
+        n = s.sql("SELECT count(*) AS n FROM scores").column("n")[0].as_py()
+        s.sql("DROP VIEW scores")
+        assert s.sql("SELECT count(*) AS n FROM scores").column("n")[0].as_py() == n
+
+
 def test_a_view_duckdb_cannot_bind_fails_only_its_table(st, monkeypatch):
     """A damaged footer DuckDB reads when it binds a view (at connect) failed the whole connection."""
     from neurostore.store.views import Views

@@ -133,8 +133,21 @@ class Views:
             return self._reader(query, params or None)
         with self._mutex:
             con = self._connection()
+
+            def run():
+                return con.sql(query, params=params) if params else con.sql(query)
+
             try:
-                rel = con.sql(query, params=params) if params else con.sql(query)
+                try:
+                    rel = run()
+                except duckdb.CatalogException as e:
+                    gone = re.search(r"with name (\w+) does not exist", str(e))
+                    if not (gone and gone.group(1) in self.schemas):
+                        raise
+                    # an earlier statement dropped a store view ('Unknown table scores. Did you mean
+                    # scores?'): put the store's views back and ask again
+                    self._create_views(con, self.manifest())
+                    rel = run()
                 return rel.to_arrow_table() if rel is not None else pa.table({})
             except duckdb.Error as e:
                 raise self._query_error(e) from None
