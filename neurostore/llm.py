@@ -192,7 +192,8 @@ def _short(e: Exception) -> str:
 
 _FENCE = re.compile(r"```[a-zA-Z0-9_-]*\s*\n?(.*?)```", re.S)
 _BULLET = re.compile(r"^\s*(?:[-*•·+>]+|\(?\d{1,5}[.):\]]|\(?[a-zA-Z][.)])\s+")
-_L = "a-z0-9\u00df-\u00f6\u00f8-\u024f"   # lowercase Latin letters with accents too ('café', 'jalapeño')
+_LETTERS = "a-z\u00df-\u00f6\u00f8-\u024f"   # lowercase Latin letters, accented too ('café', 'jalapeño')
+_L = _LETTERS + "0-9"
 _ALLOWED = re.compile(rf"^[{_L}][{_L} '&/-]*[{_L})]$|^[{_L}]$")
 MAX_CONCEPT_WORDS = 5
 MAX_CONCEPT_CHARS = 60
@@ -213,16 +214,16 @@ def _clean_item(item: Any) -> Optional[str]:
     s = " ".join(s.split())
     if not s or len(s) > MAX_CONCEPT_CHARS or len(s.split()) > MAX_CONCEPT_WORDS:
         return None
-    if not _ALLOWED.match(s) or not re.search(rf"[{_L.replace('0-9', '')}]", s):
+    if not _ALLOWED.match(s) or not re.search(rf"[{_LETTERS}]", s):
         return None
     return s
 
 
 def _is_prose(line: str) -> bool:
     """A sentence rather than a list item: three words or more and sentence punctuation at the
-    end ('Hope that helps!', 'I cannot help with that.'), or more words than a concept has."""
+    end ('Hope that helps!', 'I cannot help with that.')."""
     words = _BULLET.sub("", line.strip()).split()
-    return line.strip()[-1:] in ".!?" and (len(words) >= 3 or len(words) > MAX_CONCEPT_WORDS)
+    return line.strip()[-1:] in ".!?" and len(words) >= 3
 
 
 def parse_concepts(text: str, n: Optional[int] = None) -> list[str]:

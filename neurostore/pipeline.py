@@ -92,13 +92,13 @@ def resolve_vocabulary(spec: str, store: Store, world=None, log=None, **llm) -> 
         model = llm.get("model") or default_model()
         name = llm_vocabulary_name(model, domain, n)
         # the same request's list, read back (its name was never matched before: every dissect asked again)
-        held = store.sql("SELECT v.description, list(c.concept ORDER BY c.concept) AS concepts, "
+        stored = store.sql("SELECT v.description, list(c.concept ORDER BY c.concept) AS concepts, "
                          "list(c.category ORDER BY c.concept) AS categories FROM vocabularies v "
                          "JOIN concepts c USING (vocabulary) WHERE v.vocabulary = $v AND v.source = $s "
                          "GROUP BY v.description", {"v": name, "s": f"llm:{model}"}).to_pylist()
-        if held:
-            return Vocabulary(name=name, source=f"llm:{model}", description=held[0]["description"],
-                              concepts=held[0]["concepts"], categories=held[0]["categories"],
+        if stored:
+            return Vocabulary(name=name, source=f"llm:{model}", description=stored[0]["description"],
+                              concepts=stored[0]["concepts"], categories=stored[0]["categories"],
                               cache_key=llm_cache_key(model, domain, n), meta={"cached": True, "model": model})
         vocab = load_vocabulary(spec, world=world, **llm)
     else:
@@ -636,15 +636,15 @@ def _plan(store: Store, model: str, *, images, layers, vocabulary, scorers, enco
     if vocabulary is None:   # as the encoder: the probe world's for probe models, else the online default
         vocabulary = "probe" if world is not None else DEFAULT_VOCABULARY_ONLINE
     vocab = resolve_vocabulary(vocabulary, store, world=mask_world, log=opts["log"])
-    drawn = {c for cs in mask_world.concepts.values() for c in cs} if mask_world is not None else set()
-    if mask_world is not None and not drawn & set(vocab.concepts) and (masked := [
-            s for s in names if S.get_scorer(s).needs_masks()]):
+    drawn = {c for cs in mask_world.concepts.values() for c in cs} if masked else set()
+    if masked and not drawn & set(vocab.concepts):
         # a mask scorer has no concept to find in the world's masks (its null then had no units)
         if scorers:
             raise BadInput(f"Scorer {', '.join(masked)} reads the probe world's masks, and vocabulary {vocab.name} has "
                            f"none of the concepts the world draws (e.g. {', '.join(sorted(drawn)[:5])}). Use "
                            "--vocab probe, or leave it out.")
         names = [s for s in names if s not in masked]
+        params = {s: params[s] for s in names}
         opts["log"](f"note: {', '.join(masked)} left out: vocabulary {vocab.name} has none of the concepts the probe "
                     "world draws, so its masks hold nothing to score")
     if encoder is None:

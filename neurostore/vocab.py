@@ -244,21 +244,16 @@ def from_file(path: str | Path) -> Vocabulary:
     except UnicodeDecodeError:
         raise BadInput(f"Vocabulary file '{path}' is not UTF-8 text. Save it as UTF-8, "
                        "one concept per line.") from None
-    words: list[str] = []
-    cats: list[Optional[str]] = []
     if p.suffix.lower() == ".csv":   # 'dog,animal' was one concept with a comma in it
         rows = [r for r in csv.reader(io.StringIO(text)) if r and r[0].strip() and not r[0].lstrip().startswith("#")]
         if rows and rows[0][0].strip().lower() in ("concept", "concepts", "word", "label", "name"):
             rows = rows[1:]   # a header
-        words = [r[0].strip() for r in rows]
-        cats = [(r[1].strip().lower() or None) if len(r) > 1 else None for r in rows]
-    for ln in text.splitlines() if p.suffix.lower() != ".csv" else ():
-        ln = ln.split("#", 1)[0].strip()
-        if not ln:
-            continue
-        word, _, cat = ln.partition("\t")
-        words.append(word)
-        cats.append(cat.strip().lower() or None)
+        pairs = [(r[0].strip(), r[1] if len(r) > 1 else "") for r in rows]
+    else:
+        lines = (ln.split("#", 1)[0].strip() for ln in text.splitlines())
+        pairs = [(word, cat) for word, _, cat in (ln.partition("\t") for ln in lines if ln)]
+    words = [w for w, _ in pairs]
+    cats: list[Optional[str]] = [c.strip().lower() or None for _, c in pairs]
     has_cats = any(c is not None for c in cats)
     if len(words) == 1 and "," in words[0]:   # 'dog, cat, tree' would be one concept
         raise BadInput(f"Vocabulary file '{path}' is one line of commas. Put one concept per line.")

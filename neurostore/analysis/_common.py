@@ -439,8 +439,9 @@ def probe_images(store: Store, model: str, target, max_images: int = 2000, split
     classes = list(target.classes or [])
     if not classes:
         raise BadInput(f"Model '{model}' has no class names (models.classes is empty), so its probe images "
-                       "cannot be labelled by class (ablate, audit and groups measure per class). Give a model with a classifier head and known classes "
-                       "(pretrained torchvision or timm ImageNet weights, or a checkpoint dict with 'classes').")
+                       "cannot be labelled by class (ablate, audit and groups measure per class). Give a model "
+                       "with a classifier head and known classes (pretrained torchvision or timm ImageNet "
+                       "weights, or a checkpoint dict with 'classes').")
     dataset = model_dataset(store, model)
     if dataset is None:
         raise BadInput(f"Model '{model}' has no recorded activations in this store. Dissect it first: "

@@ -192,13 +192,13 @@ def compare(store: Store | str | Path, model_a: str, model_b: str, *, scorer: st
     layers_a, layers_b = listed(layers_a, "layers_a"), listed(layers_b, "layers_b")
     st = open_store(store, read_only=not write)
     check_models(st, [model_a, model_b])
+    lay = {m: model_layers(st, m) for m in (model_a, model_b)}
     for m, chosen in ((model_a, layers_a), (model_b, layers_b)):   # a typo, not 'no pooled activations'
-        have = [r["layer"] for r in model_layers(st, m)]
+        have = [r["layer"] for r in lay[m]]
         for layer in chosen or ():
             if layer not in have:
                 raise UnknownLayer(unknown(f"layer of {m}", layer, have))
     scorer = pick_scorer(st, [model_a, model_b], scorer)
-    lay = {m: model_layers(st, m) for m in (model_a, model_b)}
     depth = {m: {r["layer"]: r["depth_frac"] for r in lay[m]} for m in lay}
     expl = {m: explanations(st, m, scorer) for m in (model_a, model_b)}
 

@@ -39,15 +39,12 @@ class Views:
             bad = self.damaged_files(entries)
             if bad:
                 more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-                msg = (f"Table '{table}' cannot be read: {bad[0]}{more}. "
-                       f"Run 'neurostore check --store {self.path}' (--repair drops the damaged files).")
-                return ("SELECT " + ", ".join(f"CAST(NULL AS {c.type}) AS {c.name}" for c in ts.columns)
-                        + f" WHERE error({_sql_str(msg)})")
+                return self._error_view(table, f"{bad[0]}{more}.")
         computed = [self._derived_view(table, model, score_files, root) for model, score_files in legacy.items()]
         if not files:
             if computed:
                 return " UNION ALL ".join(computed)
-            return "SELECT " + ", ".join(f"CAST(NULL AS {c.type}) AS {c.name}" for c in ts.columns) + " LIMIT 0"
+            return f"{self._null_row(table)} LIMIT 0"
         paths = "[" + ", ".join(_sql_str(os.path.join(root, f) if root else f) for f in files) + "]"
         hive = f", hive_partitioning=true, hive_types={hive_types(ts.partition)}" if ts.partition else ", hive_partitioning=false"
         # Files written before a column was added to schema/ lack it: read them by name and
@@ -79,6 +76,16 @@ class Views:
                          for c in self.schemas[table].columns)
         return f"SELECT {cols} FROM ({derived_select(table, src, 'CAST(NULL AS VARCHAR)')})"
 
+    def _null_row(self, table: str) -> str:
+        """SELECT of one row of NULLs typed as the table's columns (for views with no file to read)."""
+        return "SELECT " + ", ".join(f"CAST(NULL AS {c.type}) AS {c.name}" for c in self.schemas[table].columns)
+
+    def _error_view(self, table: str, why: str) -> str:
+        """A view whose every read fails with one line naming `why` and the check that finds it."""
+        msg = (f"Table '{table}' cannot be read: {why} "
+               f"Run 'neurostore check --store {self.path}' (--repair drops the damaged files).")
+        return f"{self._null_row(table)} WHERE error({_sql_str(msg)})"
+
     def _file_columns(self, entry: dict) -> frozenset | None:
         """The columns a committed file holds (from the manifest, or its footer for manifests
         written before columns were recorded); files are immutable, so this is cached. None for
@@ -99,10 +106,7 @@ class Views:
             try:
                 con.execute(f'CREATE OR REPLACE VIEW "{name}" AS {self.view_sql(name, manifest)}')
             except duckdb.Error as e:   # a damaged file the size check cannot see (same size, bad bytes)
-                msg = (f"Table '{name}' cannot be read: {str(e).splitlines()[0]} "
-                       f"Run 'neurostore check --store {self.path}' (--repair drops the damaged files).")
-                cols = ", ".join(f"CAST(NULL AS {c.type}) AS {c.name}" for c in self.schemas[name].columns)
-                con.execute(f'CREATE OR REPLACE VIEW "{name}" AS SELECT {cols} WHERE error({_sql_str(msg)})')
+                con.execute(f'CREATE OR REPLACE VIEW "{name}" AS {self._error_view(name, str(e).splitlines()[0])}')
 
     def connect(self) -> duckdb.DuckDBPyConnection:
         """A new in-memory DuckDB connection with the committed tables as views, the macros and the

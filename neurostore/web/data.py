@@ -638,7 +638,8 @@ def search_label(run: Run, phrase: str, k: int = 50) -> dict:
         SELECT model, layer, unit, method AS scorer, label AS concept, exact
         FROM label_neurons($p)
         WHERE method IN (SELECT DISTINCT method FROM explanation_candidates)
-        ORDER BY exact DESC, model, depth, layer, unit, method LIMIT $k""", {"p": phrase.strip(), "k": k}) if has_table(run, "explanation_candidates") else []
+        ORDER BY exact DESC, model, depth, layer, unit, method LIMIT $k""", {"p": phrase.strip(), "k": k}) \
+        if has_table(run, "explanation_candidates") else []
     return {"mode": "label", "q": phrase, "units": hits}
 
 
